@@ -1,0 +1,503 @@
+//! How a VM is made, as one linear recipe: open KVM, create the VM, map memory, load the
+//! kernel, initrd and command line, attach devices, write the firmware tables and boot
+//! parameters, create the vCPUs. `build_vm` reads top to bottom in that order.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, KernelLoader};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::boot::{BootProtocol, InitrdRegion};
+use crate::arch::{self, layout};
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::console::InputSource;
+use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::control::{BootCompletePort, Control, ControlPage, ExitPort};
+use crate::devices::legacy::acpi_pm::AcpiSleep;
+use crate::devices::legacy::cmos::Cmos;
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::{InputSpace, SerialDevice, SocketSink, StdoutSink};
+use crate::exit::ExitSignal;
+use crate::vmm::{ConsoleSetup, Vmm};
+use crate::vstate::kvm::{KvmContext, KvmError};
+use crate::vstate::memory::{create_guest_memory, GuestMemory, MemoryError};
+use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Offset of the 64-bit entry point (startup_64) in a bzImage's protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// ELF identification: 64-bit class, x86-64 machine.
+const ELFCLASS64: u8 = 2;
+const EM_X86_64: u16 = 62;
+/// Linux boot protocol: "HdrS" at 0x202.
+const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
+const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("cannot load kernel \"{path}\"")]
+    Kernel {
+        path: PathBuf,
+        #[source]
+        source: KernelError,
+    },
+    #[error("cannot load initrd \"{path}\"")]
+    Initrd {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot write the kernel command line to guest memory")]
+    Cmdline(#[source] linux_loader::loader::Error),
+    #[error("kernel command line is {len} bytes, longer than the {max} bytes this kernel accepts")]
+    CmdlineTooLongForKernel { len: usize, max: usize },
+    #[error("cannot set up device {name}")]
+    Device {
+        name: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot place device {name} on its bus")]
+    Bus {
+        name: &'static str,
+        #[source]
+        source: BusError,
+    },
+    #[error("cannot write the MP table")]
+    Mptable(#[source] arch::mptable::MptableError),
+    #[error("cannot write the ACPI tables")]
+    Acpi(#[source] arch::acpi::AcpiError),
+    #[error("cannot write the boot parameters")]
+    BootParams(#[source] arch::boot::BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    #[error("not an ELF or bzImage image")]
+    UnknownFormat,
+    #[error("ELF image is not 64-bit")]
+    ElfClass,
+    #[error("ELF image is for machine {0}, not x86-64 (62)")]
+    ElfMachine(u16),
+    #[error("invalid or truncated ELF image")]
+    Elf(#[source] linux_loader::loader::Error),
+    #[error("invalid or truncated bzImage")]
+    BzImage(#[source] linux_loader::loader::Error),
+}
+
+/// A kernel in guest memory.
+struct LoadedKernel {
+    boot: BootEntry,
+    /// First byte after the kernel image.
+    end: GuestAddress,
+    /// The bzImage's setup header, to be copied into boot_params.
+    setup_header: Option<setup_header>,
+}
+
+/// Builds a ready-to-run VM from validated configuration.
+pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
+    let kvm = KvmContext::open()?;
+    kvm.check_vcpu_count(config.vcpu_count)?;
+    log::info!(
+        "CPU profile: {:?}{}",
+        config.cpu_profile,
+        if crate::vstate::pvm::host_is_pvm() {
+            " (host KVM is nested PVM)"
+        } else {
+            ""
+        }
+    );
+
+    let vm = Vm::new(&kvm)?;
+    let mem = create_guest_memory(config.mem_size)?;
+    vm.register_memory(&mem)?;
+
+    let kernel = load_kernel(&mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(&mem, path, &kernel)?),
+        None => None,
+    };
+    let cmdline_size = load_kernel_cmdline(&mem, config, &kernel)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device {
+        name: "exit eventfd",
+        source: Box::new(e),
+    })?);
+    let mut io_bus = Bus::new();
+    let mut mmio_bus = Bus::new();
+    let console = attach_serial(&vm, &mut io_bus, config)?;
+    attach_legacy_devices(&mut io_bus, exit.clone())?;
+    let control = attach_control_device(&mut io_bus, &mut mmio_bus, config, exit.clone(), start)?;
+
+    arch::mptable::setup_mptable(&mem, config.vcpu_count).map_err(BuildError::Mptable)?;
+    let rsdp =
+        arch::acpi::create_acpi_tables(&mem, config.vcpu_count, &[]).map_err(BuildError::Acpi)?;
+    match kernel.boot.protocol {
+        BootProtocol::Linux64 => arch::boot::configure_linux_boot(
+            &mem,
+            GuestAddress(layout::CMDLINE_START),
+            cmdline_size,
+            initrd.as_ref(),
+            kernel.setup_header,
+            Some(rsdp),
+        ),
+        BootProtocol::Pvh => arch::boot::configure_pvh_boot(
+            &mem,
+            GuestAddress(layout::CMDLINE_START),
+            initrd.as_ref(),
+            Some(rsdp),
+        ),
+    }
+    .map_err(BuildError::BootParams)?;
+
+    let io_bus = Arc::new(io_bus);
+    let mmio_bus = Arc::new(mmio_bus);
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpu_count));
+    for index in 0..config.vcpu_count {
+        let vcpu = Vcpu::new(
+            &vm,
+            index,
+            io_bus.clone(),
+            mmio_bus.clone(),
+            exit.clone(),
+            mem.clone(),
+            config.cpu_profile,
+        )?;
+        vcpu.configure(&kvm, config.vcpu_count, (index == 0).then_some(kernel.boot))?;
+        vcpus.push(vcpu);
+    }
+
+    Ok(Vmm::new(
+        kvm,
+        vm,
+        mem,
+        vcpus,
+        exit,
+        console,
+        control,
+        config.cpu_profile,
+    ))
+}
+
+/// Loads an ELF vmlinux (PVH entry preferred when the image has one) or a bzImage.
+fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, BuildError> {
+    let fail = |source| BuildError::Kernel {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(|e| fail(KernelError::Read(e)))?;
+    let mut head = [0u8; 0x210];
+    let head_len = read_prefix(&mut file, &mut head).map_err(|e| fail(KernelError::Read(e)))?;
+    let head = &head[..head_len];
+    let highmem = Some(GuestAddress(layout::HIMEM_START));
+
+    if head.starts_with(b"\x7fELF") {
+        check_elf_identity(head).map_err(fail)?;
+        let loaded =
+            Elf::load(mem, None, &mut file, highmem).map_err(|e| fail(KernelError::Elf(e)))?;
+        let boot = match loaded.pvh_boot_cap {
+            PvhBootCapability::PvhEntryPresent(entry) => BootEntry {
+                entry,
+                protocol: BootProtocol::Pvh,
+            },
+            _ => BootEntry {
+                entry: loaded.kernel_load,
+                protocol: BootProtocol::Linux64,
+            },
+        };
+        log::info!(
+            "kernel: ELF, {:?} entry {:#x}, ends at {:#x}",
+            boot.protocol,
+            boot.entry.0,
+            loaded.kernel_end
+        );
+        return Ok(LoadedKernel {
+            boot,
+            end: GuestAddress(loaded.kernel_end),
+            setup_header: None,
+        });
+    }
+
+    if head.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(BZIMAGE_MAGIC) {
+        let loaded = BzImage::load(mem, None, &mut file, highmem)
+            .map_err(|e| fail(KernelError::BzImage(e)))?;
+        let entry = GuestAddress(loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET);
+        log::info!(
+            "kernel: bzImage, 64-bit entry {:#x}, ends at {:#x}",
+            entry.0,
+            loaded.kernel_end
+        );
+        return Ok(LoadedKernel {
+            boot: BootEntry {
+                entry,
+                protocol: BootProtocol::Linux64,
+            },
+            end: GuestAddress(loaded.kernel_end),
+            setup_header: loaded.setup_header,
+        });
+    }
+
+    Err(fail(KernelError::UnknownFormat))
+}
+
+/// Reads as much of the file's start as there is, up to `buf.len()`.
+fn read_prefix(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(filled)
+}
+
+/// linux-loader checks the ELF magic and layout but not the class and machine.
+fn check_elf_identity(head: &[u8]) -> Result<(), KernelError> {
+    // e_ident[EI_CLASS] is byte 4, e_machine the u16 at 18.
+    if head.len() < 20 {
+        return Err(KernelError::Elf(linux_loader::loader::Error::Elf(
+            linux_loader::loader::elf::Error::ReadElfHeader,
+        )));
+    }
+    if head[4] != ELFCLASS64 {
+        return Err(KernelError::ElfClass);
+    }
+    let machine = u16::from_le_bytes([head[18], head[19]]);
+    if machine != EM_X86_64 {
+        return Err(KernelError::ElfMachine(machine));
+    }
+    Ok(())
+}
+
+/// Copies the initrd high into low RAM, above the kernel.
+fn load_initrd(
+    mem: &GuestMemory,
+    path: &Path,
+    kernel: &LoadedKernel,
+) -> Result<InitrdRegion, BuildError> {
+    let fail = |source: Box<dyn std::error::Error + Send + Sync>| BuildError::Initrd {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(|e| fail(Box::new(e)))?;
+    let size = file.metadata().map_err(|e| fail(Box::new(e)))?.len() as usize;
+    let max_address = kernel
+        .setup_header
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|&max| max != 0)
+        .unwrap_or(layout::INITRD_ADDR_MAX_DEFAULT);
+    let address = arch::boot::initrd_load_address(mem, kernel.end, size, max_address)
+        .map_err(|e| fail(Box::new(e)))?;
+    mem.read_exact_volatile_from(address, &mut file, size)
+        .map_err(|e| fail(Box::new(e)))?;
+    log::info!("initrd: {size} bytes at {:#x}", address.0);
+    Ok(InitrdRegion { address, size })
+}
+
+/// Writes the command line; returns its size including the NUL.
+fn load_kernel_cmdline(
+    mem: &GuestMemory,
+    config: &VmConfig,
+    kernel: &LoadedKernel,
+) -> Result<usize, BuildError> {
+    let cmdline = config.kernel_cmdline()?;
+    let text = cmdline
+        .as_cstring()
+        .map_err(|e| ConfigError::CmdlineInvalid(e.to_string()))?;
+    let size = text.as_bytes_with_nul().len();
+    // A bzImage states its own limit (boot protocol 2.06+); it excludes the NUL.
+    if let Some(header) = kernel.setup_header.filter(|h| h.version >= 0x0206) {
+        let max = header.cmdline_size as usize;
+        if max != 0 && size - 1 > max {
+            return Err(BuildError::CmdlineTooLongForKernel { len: size - 1, max });
+        }
+    }
+    load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &cmdline)
+        .map_err(BuildError::Cmdline)?;
+    log::info!("kernel command line: {}", text.to_string_lossy());
+    Ok(size)
+}
+
+fn insert(
+    bus: &mut Bus,
+    name: &'static str,
+    device: SharedDevice,
+    base: u64,
+    len: u64,
+) -> Result<(), BuildError> {
+    bus.insert(device, base, len)
+        .map_err(|source| BuildError::Bus { name, source })
+}
+
+/// COM1, its interrupt routed with an irqfd, and its console backend.
+fn attach_serial(vm: &Vm, io_bus: &mut Bus, config: &VmConfig) -> Result<ConsoleSetup, BuildError> {
+    let device_err = |e: std::io::Error| BuildError::Device {
+        name: "serial",
+        source: Box::new(e),
+    };
+    let interrupt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(device_err)?;
+    vm.register_irqfd(&interrupt, layout::SERIAL_IRQ)?;
+    let space = Arc::new(InputSpace::new().map_err(device_err)?);
+
+    let (out, input): (Box<dyn std::io::Write + Send>, Option<InputSource>) = match &config.serial {
+        SerialConfig::Stdio => (
+            Box::new(StdoutSink),
+            Some(InputSource::Stdin {
+                // SAFETY: isatty only inspects the descriptor.
+                interactive: unsafe { libc::isatty(libc::STDIN_FILENO) } == 1,
+            }),
+        ),
+        SerialConfig::None => (Box::new(std::io::sink()), None),
+        SerialConfig::File(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| BuildError::Device {
+                    name: "serial",
+                    source: format!("cannot open \"{}\": {e}", path.display()).into(),
+                })?;
+            (Box::new(file), None)
+        }
+        SerialConfig::Unix(path) => {
+            // A stale socket from an earlier run is replaced; any other file is not.
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                use std::os::unix::fs::FileTypeExt;
+                if meta.file_type().is_socket() {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            let listener =
+                std::os::unix::net::UnixListener::bind(path).map_err(|e| BuildError::Device {
+                    name: "serial",
+                    source: format!("cannot listen on \"{}\": {e}", path.display()).into(),
+                })?;
+            let sink = SocketSink::default();
+            (
+                Box::new(sink.clone()),
+                Some(InputSource::Socket {
+                    listener,
+                    client: None,
+                    sink,
+                }),
+            )
+        }
+    };
+    let serial = Arc::new(Mutex::new(SerialDevice::new(interrupt, space.clone(), out)));
+    insert(
+        io_bus,
+        "serial",
+        serial.clone(),
+        layout::SERIAL_PORT_BASE,
+        layout::SERIAL_PORT_SIZE,
+    )?;
+    Ok(ConsoleSetup {
+        serial,
+        space,
+        input,
+        socket_path: match &config.serial {
+            SerialConfig::Unix(path) => Some(path.clone()),
+            _ => None,
+        },
+    })
+}
+
+/// i8042 (reset), the CMOS clock and the ACPI sleep registers (power-off).
+fn attach_legacy_devices(io_bus: &mut Bus, exit: Arc<ExitSignal>) -> Result<(), BuildError> {
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+    let ports = layout::I8042_COMMAND_PORT - layout::I8042_DATA_PORT + 1;
+    insert(io_bus, "i8042", i8042, layout::I8042_DATA_PORT, ports)?;
+    insert(
+        io_bus,
+        "cmos",
+        Arc::new(Mutex::new(Cmos::new())),
+        layout::CMOS_PORT_BASE,
+        layout::CMOS_PORT_SIZE,
+    )?;
+    insert(
+        io_bus,
+        "acpi sleep registers",
+        Arc::new(Mutex::new(AcpiSleep::new(exit))),
+        layout::ACPI_SLEEP_CONTROL_PORT,
+        layout::ACPI_SLEEP_STATUS_PORT - layout::ACPI_SLEEP_CONTROL_PORT + 1,
+    )
+}
+
+/// The control page and its two port forms.
+fn attach_control_device(
+    io_bus: &mut Bus,
+    mmio_bus: &mut Bus,
+    config: &VmConfig,
+    exit: Arc<ExitSignal>,
+    start: Instant,
+) -> Result<Arc<Control>, BuildError> {
+    let control = Arc::new(Control::new(exit, start, config.boot_timer));
+    insert(
+        mmio_bus,
+        "control page",
+        Arc::new(Mutex::new(ControlPage(control.clone()))),
+        layout::CONTROL_PAGE_START,
+        layout::CONTROL_PAGE_SIZE,
+    )?;
+    insert(
+        io_bus,
+        "boot-complete port",
+        Arc::new(Mutex::new(BootCompletePort(control.clone()))),
+        layout::BOOT_COMPLETE_PORT,
+        1,
+    )?;
+    insert(
+        io_bus,
+        "exit port",
+        Arc::new(Mutex::new(ExitPort(control.clone()))),
+        layout::EXIT_PORT,
+        1,
+    )?;
+    Ok(control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elf_identity_checks() {
+        let mut head = [0u8; 64];
+        head[..4].copy_from_slice(b"\x7fELF");
+        head[4] = ELFCLASS64;
+        head[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        assert!(check_elf_identity(&head).is_ok());
+        head[18] = 0xb7;
+        assert!(matches!(
+            check_elf_identity(&head),
+            Err(KernelError::ElfMachine(0xb7))
+        ));
+        head[4] = 1;
+        assert!(matches!(
+            check_elf_identity(&head),
+            Err(KernelError::ElfClass)
+        ));
+        assert!(check_elf_identity(&head[..10]).is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! Emulated devices and the buses that reach them.
+
+pub mod bus;
+pub mod control;
+pub mod legacy;

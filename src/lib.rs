@@ -1,0 +1,101 @@
+//! hearth: a lightweight KVM microVM monitor built on the rust-vmm crates.
+//!
+//! The binary (`src/main.rs`) is a thin shell around [`run_cli`]; everything that builds
+//! and runs a VM lives in this library so that tests and benchmarks drive the same code.
+
+pub mod arch;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod devices;
+pub mod exit;
+pub mod logger;
+pub mod terminal;
+pub mod vmm;
+pub mod vstate;
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use crate::cli::{Cli, Command};
+use crate::config::VmConfig;
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// Records the moment the process started; the boot timer measures from here. Call it
+/// first thing in `main`.
+pub fn mark_process_start() {
+    PROCESS_START.get_or_init(Instant::now);
+}
+
+/// When the process started (or, if `mark_process_start` was never called, first asked).
+pub fn process_start() -> Instant {
+    *PROCESS_START.get_or_init(Instant::now)
+}
+
+/// Everything that can stop hearth before or while running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Build(#[from] builder::BuildError),
+    #[error(transparent)]
+    Vmm(#[from] vmm::VmmError),
+}
+
+/// Runs a parsed command line; returns the process exit status.
+pub fn run_cli(cli: Cli) -> Result<u8, Error> {
+    logger::init(cli.log_level.into());
+    match cli.command {
+        Command::Run(args) => {
+            let config = VmConfig::from_args(&args)?;
+            run_vm(&config)
+        }
+    }
+}
+
+/// Boots the configured VM and runs it to the end. An abnormal end (triple fault,
+/// emulation failure, signal) is reported on stderr in one line.
+pub fn run_vm(config: &VmConfig) -> Result<u8, Error> {
+    let vmm = builder::build_vm(config, process_start())?;
+    let reason = vmm.run()?;
+    if reason.is_orderly() {
+        log::info!("{reason}");
+    } else {
+        eprintln!("hearth: {reason}");
+    }
+    Ok(reason.status())
+}
+
+/// "outer: inner: innermost", the way errors are shown to the user.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Transparent wrappers repeat their inner message; show it once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn chain_is_one_line() {
+        let err = Outer(std::io::Error::new(std::io::ErrorKind::NotFound, "inner"));
+        assert_eq!(error_chain(&err), "outer: inner");
+    }
+}

@@ -1,0 +1,276 @@
+//! The running VM: starts the vCPU threads, runs the event loop on the calling thread
+//! (console input, terminating signals, exit requests), and tears everything down in order:
+//! stop and join every vCPU, then restore the terminal.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+
+use crate::config::CpuProfile;
+use crate::console::{ConsoleInput, InputSource};
+use crate::devices::control::Control;
+use crate::devices::legacy::serial::{InputSpace, SerialDevice};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::terminal::RawTerminal;
+use crate::vstate::kvm::KvmContext;
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuHandle};
+use crate::vstate::vm::Vm;
+
+/// Signals that end the VM in an orderly way.
+const TERMINATING_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// How often vCPUs are kicked so the compat layer can arm its SYSCALL trap even in a guest
+/// that makes few exits.
+const COMPAT_POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How long teardown waits for vCPU threads before giving up on joining them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot set up signal handling")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot create the event loop")]
+    EventManager(#[source] event_manager::Error),
+    #[error("event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+/// The serial console's pieces the event loop needs.
+pub struct ConsoleSetup {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub space: Arc<InputSpace>,
+    pub input: Option<InputSource>,
+    pub socket_path: Option<PathBuf>,
+}
+
+pub struct Vmm {
+    // Kept alive for the VM's lifetime: the VM fd needs the KVM fd, the vCPUs the VM fd and
+    // guest memory.
+    _kvm: KvmContext,
+    _vm: Vm,
+    _mem: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    exit: Arc<ExitSignal>,
+    console: ConsoleSetup,
+    control: Arc<Control>,
+    profile: CpuProfile,
+}
+
+impl Vmm {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        kvm: KvmContext,
+        vm: Vm,
+        mem: GuestMemory,
+        vcpus: Vec<Vcpu>,
+        exit: Arc<ExitSignal>,
+        console: ConsoleSetup,
+        control: Arc<Control>,
+        profile: CpuProfile,
+    ) -> Self {
+        Self {
+            _kvm: kvm,
+            _vm: vm,
+            _mem: mem,
+            vcpus,
+            exit,
+            console,
+            control,
+            profile,
+        }
+    }
+
+    /// Runs the guest until something ends it; returns why.
+    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+        // Terminating signals are blocked in every thread (vCPU threads inherit the mask)
+        // and read from a signalfd by the event loop, so teardown always runs.
+        let signals = SignalWatcher::new(self.exit.clone()).map_err(VmmError::Signals)?;
+        install_kick_handler()?;
+
+        let mut manager: EventManager<Box<dyn MutEventSubscriber>> =
+            EventManager::new().map_err(VmmError::EventManager)?;
+        manager.add_subscriber(Box::new(ExitWatcher(self.exit.clone())));
+        manager.add_subscriber(Box::new(signals));
+
+        let interactive = matches!(
+            self.console.input,
+            Some(InputSource::Stdin { interactive: true })
+        );
+        let raw_terminal = if interactive {
+            RawTerminal::enable(libc::STDIN_FILENO)
+        } else {
+            None
+        };
+        if let Some(input) = self.console.input.take() {
+            manager.add_subscriber(Box::new(ConsoleInput::new(
+                self.console.serial.clone(),
+                self.console.space.clone(),
+                input,
+                self.exit.clone(),
+            )));
+        }
+
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        let mut start_error = None;
+        for vcpu in self.vcpus.drain(..) {
+            match vcpu.start() {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    start_error = Some(e);
+                    break;
+                }
+            }
+        }
+
+        let loop_result = if start_error.is_none() {
+            self.event_loop(&mut manager, &handles)
+        } else {
+            Ok(())
+        };
+
+        // Whatever happened, stop the vCPUs before leaving.
+        if !self.exit.is_requested() {
+            self.exit.request(ExitReason::VcpuFailure {
+                vcpu: 0,
+                detail: "VMM stopped".into(),
+            });
+        }
+        stop_vcpus(handles);
+        drop(raw_terminal);
+        if let Some(path) = &self.console.socket_path {
+            let _ = std::fs::remove_file(path);
+        }
+        if let Some(e) = start_error {
+            return Err(e.into());
+        }
+        loop_result?;
+        if let Some(boot) = self.control.boot_time() {
+            log::debug!("boot complete was signalled after {boot:?}");
+        }
+        Ok(self
+            .exit
+            .reason()
+            .expect("an exit reason is always set before teardown"))
+    }
+
+    fn event_loop(
+        &self,
+        manager: &mut EventManager<Box<dyn MutEventSubscriber>>,
+        handles: &[VcpuHandle],
+    ) -> Result<(), VmmError> {
+        let compat = self.profile == CpuProfile::Compat;
+        let timeout_ms = if compat {
+            COMPAT_POLL_INTERVAL.as_millis() as i32
+        } else {
+            -1
+        };
+        let mut last_poll = Instant::now();
+        while !self.exit.is_requested() {
+            manager
+                .run_with_timeout(timeout_ms)
+                .map_err(VmmError::EventLoop)?;
+            if compat && last_poll.elapsed() >= COMPAT_POLL_INTERVAL {
+                last_poll = Instant::now();
+                handles.iter().for_each(VcpuHandle::kick);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Kicks every vCPU until its thread has seen the stop request, then joins it.
+fn stop_vcpus(handles: Vec<VcpuHandle>) {
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        handles
+            .iter()
+            .filter(|h| !h.is_finished())
+            .for_each(VcpuHandle::kick);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for handle in handles {
+        if handle.is_finished() {
+            handle.join();
+        } else {
+            log::error!("a vCPU thread did not stop; leaving it behind");
+        }
+    }
+}
+
+/// Wakes the event loop when any thread requests an exit.
+struct ExitWatcher(Arc<ExitSignal>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.eventfd(), EventSet::IN)) {
+            log::error!("cannot watch the exit eventfd: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.eventfd().read();
+    }
+}
+
+/// Turns SIGINT, SIGTERM and SIGHUP into exit requests.
+struct SignalWatcher {
+    fd: OwnedFd,
+    exit: Arc<ExitSignal>,
+}
+
+impl SignalWatcher {
+    fn new(exit: Arc<ExitSignal>) -> std::io::Result<Self> {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset_t owned by this frame.
+        unsafe { libc::sigemptyset(&mut set) };
+        for signo in TERMINATING_SIGNALS {
+            // SAFETY: as above; `signo` is a valid signal number.
+            unsafe { libc::sigaddset(&mut set, signo) };
+        }
+        // SAFETY: `set` is initialised; the old mask is not needed.
+        let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        if ret != 0 {
+            return Err(std::io::Error::from_raw_os_error(ret));
+        }
+        // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: signalfd returned a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd, exit })
+    }
+}
+
+impl MutEventSubscriber for SignalWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("cannot watch the signalfd: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // SAFETY: signalfd_siginfo is plain data; read fills it or fails.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading at most `size` bytes into `info`.
+        let n = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
+        };
+        if n as usize == size {
+            log::info!("received signal {}", info.ssi_signo);
+            self.exit.request(ExitReason::Signal(info.ssi_signo as i32));
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! KVM state: the device, the VM, guest memory and the vCPUs.
+
+pub mod kvm;
+pub mod memory;
+pub mod pvm;
+pub mod vcpu;
+pub mod vm;

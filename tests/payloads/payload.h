@@ -1,0 +1,40 @@
+/*
+ * Guest ABI constants shared by the test payloads (see src/arch/x86_64/layout.rs and the
+ * README's guest ABI). Included by every payload source through gcc's preprocessor.
+ */
+#ifndef HEARTH_PAYLOAD_H
+#define HEARTH_PAYLOAD_H
+
+/* COM1 16550: transmit holding register and line status register (bit 5: THR empty). */
+#define SERIAL_THR              0x3f8
+#define SERIAL_LSR              0x3fd
+#define SERIAL_LSR_THR_EMPTY    0x20
+/* Give up waiting for THR-empty after this many polls and write anyway. */
+#define SERIAL_POLL_LIMIT       100000
+
+/* hearth's control page: boot-complete and exit registers, and their port forms. */
+#define CONTROL_BOOT_COMPLETE   0xc0000000
+#define CONTROL_EXIT            0xc0000008
+#define BOOT_COMPLETE_PORT      0x3f0
+#define BOOT_COMPLETE_VALUE     123
+#define EXIT_PORT               0xf4
+
+/* i8042: command port and the pulse-reset-line command. */
+#define I8042_COMMAND_PORT      0x64
+#define I8042_CMD_RESET         0xfe
+
+/* Local APIC (xAPIC MMIO) registers. */
+#define LAPIC_BASE              0xfee00000
+#define LAPIC_SVR               0xf0
+#define LAPIC_ICR_LOW           0x300
+#define LAPIC_ICR_HIGH          0x310
+#define LAPIC_ICR_BUSY          (1 << 12)
+/* ICR: destination shorthand "all excluding self", level assert, INIT / STARTUP. */
+#define LAPIC_ICR_INIT_OTHERS   0x000c4500
+#define LAPIC_ICR_SIPI_OTHERS   0x000c4600
+
+/* PVH: magic at the start of hvm_start_info, and the ELF note that carries the entry. */
+#define XEN_HVM_START_MAGIC     0x336ec578
+#define XEN_ELFNOTE_PHYS32_ENTRY 18
+
+#endif

@@ -1,0 +1,253 @@
+//! hearth against tiny freestanding guests (tests/payloads/): boot protocols, serial
+//! output, exit paths, the boot-complete signal, and the instructions the nested PVM host
+//! cannot run without the VMM's help. Each test skips when /dev/kvm is unavailable.
+
+mod common;
+
+use std::fs;
+use std::process::Output;
+
+use common::{
+    assert_exit_code, describe, kvm_available, payload, run_payload, stderr_of, stdout_of, Format,
+    TempDir, HELLO,
+};
+
+/// Boots payload `name` in `format` with the default serial (stdio) plus `extra` flags.
+fn boot(name: &str, format: Format, extra: &[&str]) -> Output {
+    run_payload(&payload(name, format), extra)
+}
+
+#[track_caller]
+fn assert_stdout_contains(out: &Output, expected: &str) {
+    assert!(
+        stdout_of(out).contains(expected),
+        "expected {expected:?} on stdout\n{}",
+        describe(out)
+    );
+}
+
+#[track_caller]
+fn assert_hello(format: Format) {
+    let out = boot("hello", format, &[]);
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(&out, HELLO);
+}
+
+#[test]
+fn hello_elf64_prints_on_serial() {
+    if !kvm_available() {
+        return;
+    }
+    assert_hello(Format::Elf64);
+}
+
+#[test]
+fn hello_pvh_prints_on_serial() {
+    if !kvm_available() {
+        return;
+    }
+    assert_hello(Format::Pvh);
+}
+
+#[test]
+fn hello_bzimage_prints_on_serial() {
+    if !kvm_available() {
+        return;
+    }
+    assert_hello(Format::BzImage);
+}
+
+#[track_caller]
+fn assert_payload_exits_with(name: &str, code: i32) {
+    let out = boot(name, Format::Elf64, &[]);
+    assert_exit_code(&out, code);
+    assert!(
+        !stdout_of(&out).contains("exit request ignored"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn exit_status_0_via_mmio() {
+    if !kvm_available() {
+        return;
+    }
+    assert_payload_exits_with("exit_0", 0);
+}
+
+#[test]
+fn exit_status_7_via_mmio() {
+    if !kvm_available() {
+        return;
+    }
+    assert_payload_exits_with("exit_7", 7);
+}
+
+#[test]
+fn exit_status_255_via_mmio() {
+    if !kvm_available() {
+        return;
+    }
+    assert_payload_exits_with("exit_255", 255);
+}
+
+#[test]
+fn exit_status_42_via_port() {
+    if !kvm_available() {
+        return;
+    }
+    assert_payload_exits_with("exit_port_42", 42);
+}
+
+#[track_caller]
+fn assert_boot_timer(name: &str) {
+    let out = boot(name, Format::Elf64, &["--boot-timer"]);
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(&out, "booted\n");
+    assert!(
+        stderr_of(&out).contains("boot-timer:"),
+        "expected a boot-timer: line on stderr\n{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn boot_timer_reports_mmio_boot_signal() {
+    if !kvm_available() {
+        return;
+    }
+    assert_boot_timer("boot_signal_mmio");
+}
+
+#[test]
+fn boot_timer_reports_port_boot_signal() {
+    if !kvm_available() {
+        return;
+    }
+    assert_boot_timer("boot_signal_port");
+}
+
+#[test]
+fn boot_signal_is_silent_without_boot_timer() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("boot_signal_mmio", Format::Elf64, &[]);
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(&out, "booted\n");
+    assert!(
+        !stderr_of(&out).contains("boot-timer:"),
+        "boot-timer line without --boot-timer\n{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn i8042_reset_exits_0() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("reset", Format::Elf64, &[]);
+    assert_exit_code(&out, 0);
+    assert!(
+        !stdout_of(&out).contains("reset ignored"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn triple_fault_exits_100() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("triple_fault", Format::Elf64, &[]);
+    assert_exit_code(&out, 100);
+    let stderr = stderr_of(&out).to_lowercase();
+    assert!(
+        stderr.contains("triple fault") || stderr.contains("shutdown"),
+        "expected stderr to mention the triple fault / shutdown\n{}",
+        describe(&out)
+    );
+}
+
+/// On the nested PVM host the emulator cannot run int3: hearth must step over it and
+/// inject #BP so the guest's own handler runs.
+#[test]
+fn int3_reaches_guest_handler() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("int3", Format::Elf64, &[]);
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(&out, "int3 handled\nafter int3\n");
+}
+
+/// On the nested PVM host the emulator cannot run fwait: hearth must complete it.
+#[test]
+fn fwait_completes() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("fwait", Format::Elf64, &[]);
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(&out, "fwait ok\n");
+}
+
+/// The BSP starts the second vCPU with INIT-SIPI-SIPI; the AP runs a real-mode trampoline
+/// that bumps a counter (tests/payloads/smp.S). hearth must create the AP in the
+/// wait-for-SIPI state and keep running it (KVM_RUN on an AP may return EAGAIN once).
+#[test]
+fn smp_second_cpu_starts() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("smp", Format::Elf64, &["--cpus", "2"]);
+    assert!(
+        out.status.code() == Some(0) && stdout_of(&out).contains("smp: 2 cpus up\n"),
+        "the AP did not come up. Exit 1 with \"smp: timeout\" means the AP never incremented \
+         the counter (INIT/SIPI not delivered, AP vCPU not run, or its real-mode trampoline \
+         not executed); exit 101 means the AP's code hit a KVM emulation error (real mode on \
+         a PVM host)\n{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn serial_file_receives_guest_output() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("serial-file");
+    let log = dir.join("serial.log");
+    let serial = format!("file={}", log.display());
+    let out = boot("hello", Format::Elf64, &["--serial", &serial]);
+    assert_exit_code(&out, 0);
+    let written = fs::read_to_string(&log)
+        .unwrap_or_else(|e| panic!("read {}: {e}\n{}", log.display(), describe(&out)));
+    assert!(
+        written.contains(HELLO),
+        "serial file holds {written:?}\n{}",
+        describe(&out)
+    );
+    assert!(
+        !stdout_of(&out).contains("Hello"),
+        "guest output leaked to stdout\n{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn serial_none_discards_guest_output() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("hello", Format::Elf64, &["--serial", "none"]);
+    assert_exit_code(&out, 0);
+    assert!(
+        out.stdout.is_empty(),
+        "expected no stdout\n{}",
+        describe(&out)
+    );
+}
