@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# quickstart.sh - set up everything on a fresh Debian 12 machine and boot a real Linux
+# guest under hearth, which prints its `uname -a` and exits.
+#
+#   resources/quickstart.sh [COMMAND...]     (default command: uname -a)
+#
+# Steps: build hearth (release), build or reuse the minimal guest kernel (about 5-15
+# minutes the first time, cached under ~/.cache/hearth), build the busybox test
+# initramfs, then `hearth run` it. Missing Debian packages are installed when run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command=("$@")
+[ ${#command[@]} -gt 0 ] || command=(uname -a)
+
+echo "quickstart: building hearth" >&2
+cargo build --release --quiet
+echo "quickstart: building (or reusing) the minimal guest kernel" >&2
+kernel=$(resources/build-guest-kernel.sh | tail -n1)
+initrd="${HEARTH_CACHE:-$HOME/.cache/hearth}/quickstart-initramfs.cpio"
+mkdir -p "$(dirname "$initrd")"
+resources/build-initramfs.sh "$initrd" >/dev/null
+echo "quickstart: booting $kernel (this takes 30-60 s on a nested-PVM host)" >&2
+exec target/release/hearth run \
+    --kernel "$kernel" \
+    --initrd "$initrd" \
+    --memory 128M \
+    --boot-timer \
+    --cmdline "console=ttyS0 reboot=k panic=1 quiet -- ${command[*]}"
