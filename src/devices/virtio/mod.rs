@@ -1,0 +1,115 @@
+//! virtio devices over the virtio-mmio transport (virtio 1.x, split virtqueues through the
+//! `virtio-queue` crate).
+//!
+//! The pieces:
+//! - [`VirtioDevice`]: what a device (block, net, ...) implements. Its configuration space
+//!   and feature bits are reached from vCPU threads through the transport; its queues are
+//!   processed on the event-loop thread once the driver has set DRIVER_OK.
+//! - `mmio::MmioTransport`: the register window on the MMIO bus.
+//! - [`Interrupt`]: the device's interrupt status register and its irqfd.
+//!
+//! Each device lives in its own folder: device state and queue processing, its event-loop
+//! subscriber, and the parsing of what the guest controls (kept small and fuzzable).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vstate::memory::GuestMemory;
+
+/// Interrupt status bit: a used buffer was added to a queue.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
+/// Interrupt status bit: the device configuration changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
+
+/// The device side of virtio-mmio's interrupt: the status the guest reads (and acks) at
+/// InterruptStatus/InterruptACK, and the irqfd that raises the device's IOAPIC pin.
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    pub fn new(irqfd: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
+    }
+
+    /// Tells the driver that queues have new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.signal(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// Tells the driver the configuration space changed.
+    pub fn signal_config_change(&self) {
+        self.signal(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    fn signal(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::warn!("virtio interrupt not delivered: {e}");
+        }
+    }
+
+    /// InterruptStatus.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears everything (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A queue handed to a device at activation, with the eventfd KVM signals when the
+/// driver notifies that queue (an ioeventfd on QueueNotify). The eventfd is a duplicate of
+/// the transport's, which stays registered with KVM across resets.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub notify: EventFd,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver accepted no usable queue configuration: {0}")]
+    BadQueues(String),
+    #[error("cannot start the device's backend")]
+    Backend(#[source] std::io::Error),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (2 = block, 1 = net, ...).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver (VIRTIO_F_VERSION_1 included).
+    fn avail_features(&self) -> u64;
+    /// Reads the device-specific configuration space. Out-of-range parts read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space. Read-only parts ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// DRIVER_OK: start serving `queues` with the negotiated `features`. Called on a vCPU
+    /// thread; the device hands the work to the event loop.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: std::sync::Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+        features: u64,
+    ) -> Result<(), ActivateError>;
+    /// The driver reset the device (wrote 0 to Status): stop using the queues and the
+    /// guest memory. Called on a vCPU thread; the device's event-loop side must unregister
+    /// the queue eventfds before it closes them. A later `activate` must work again.
+    fn reset(&mut self);
+}
