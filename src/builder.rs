@@ -18,6 +18,7 @@ use crate::arch::boot::{BootProtocol, InitrdRegion};
 use crate::arch::{self, layout};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::console::InputSource;
+use crate::device_manager::{EventLoop, MmioDeviceManager};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::control::{BootCompletePort, Control, ControlPage, ExitPort};
 use crate::devices::legacy::acpi_pm::AcpiSleep;
@@ -86,6 +87,10 @@ pub enum BuildError {
     BootParams(#[source] arch::boot::BootError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("cannot create the event loop")]
+    EventLoop(#[source] event_manager::Error),
+    #[error(transparent)]
+    DeviceManager(crate::device_manager::DeviceManagerError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,21 +141,23 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         Some(path) => Some(load_initrd(&mem, path, &kernel)?),
         None => None,
     };
-    let cmdline_size = load_kernel_cmdline(&mem, config, &kernel)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device {
         name: "exit eventfd",
         source: Box::new(e),
     })?);
+    let mut event_loop = EventLoop::new().map_err(BuildError::EventLoop)?;
     let mut io_bus = Bus::new();
     let mut mmio_bus = Bus::new();
+    let mut mmio_devices = MmioDeviceManager::new();
     let console = attach_serial(&vm, &mut io_bus, config)?;
     attach_legacy_devices(&mut io_bus, exit.clone())?;
     let control = attach_control_device(&mut io_bus, &mut mmio_bus, config, exit.clone(), start)?;
 
+    let cmdline_size = load_kernel_cmdline(&mem, config, &kernel, &mmio_devices)?;
     arch::mptable::setup_mptable(&mem, config.vcpu_count).map_err(BuildError::Mptable)?;
-    let rsdp =
-        arch::acpi::create_acpi_tables(&mem, config.vcpu_count, &[]).map_err(BuildError::Acpi)?;
+    let rsdp = arch::acpi::create_acpi_tables(&mem, config.vcpu_count, &mmio_devices.acpi_devices())
+        .map_err(BuildError::Acpi)?;
     match kernel.boot.protocol {
         BootProtocol::Linux64 => arch::boot::configure_linux_boot(
             &mem,
@@ -192,6 +199,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         mem,
         vcpus,
         exit,
+        event_loop,
         console,
         control,
         config.cpu_profile,
@@ -320,8 +328,12 @@ fn load_kernel_cmdline(
     mem: &GuestMemory,
     config: &VmConfig,
     kernel: &LoadedKernel,
+    mmio_devices: &MmioDeviceManager,
 ) -> Result<usize, BuildError> {
-    let cmdline = config.kernel_cmdline()?;
+    let mut cmdline = config.kernel_cmdline()?;
+    mmio_devices
+        .add_to_cmdline(&mut cmdline)
+        .map_err(BuildError::DeviceManager)?;
     let text = cmdline
         .as_cstring()
         .map_err(|e| ConfigError::CmdlineInvalid(e.to_string()))?;

@@ -8,6 +8,7 @@ pub mod builder;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod logger;

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
 use crate::config::CpuProfile;
 use crate::console::{ConsoleInput, InputSource};
+use crate::device_manager::EventLoop;
 use crate::devices::control::Control;
 use crate::devices::legacy::serial::{InputSpace, SerialDevice};
 use crate::exit::{ExitReason, ExitSignal};
@@ -56,6 +57,7 @@ pub struct Vmm {
     _mem: GuestMemory,
     vcpus: Vec<Vcpu>,
     exit: Arc<ExitSignal>,
+    event_loop: EventLoop,
     console: ConsoleSetup,
     control: Arc<Control>,
     profile: CpuProfile,
@@ -69,6 +71,7 @@ impl Vmm {
         mem: GuestMemory,
         vcpus: Vec<Vcpu>,
         exit: Arc<ExitSignal>,
+        event_loop: EventLoop,
         console: ConsoleSetup,
         control: Arc<Control>,
         profile: CpuProfile,
@@ -79,6 +82,7 @@ impl Vmm {
             _mem: mem,
             vcpus,
             exit,
+            event_loop,
             console,
             control,
             profile,
@@ -92,8 +96,10 @@ impl Vmm {
         let signals = SignalWatcher::new(self.exit.clone()).map_err(VmmError::Signals)?;
         install_kick_handler()?;
 
-        let mut manager: EventManager<Box<dyn MutEventSubscriber>> =
-            EventManager::new().map_err(VmmError::EventManager)?;
+        let mut manager = std::mem::replace(
+            &mut self.event_loop,
+            EventLoop::new().map_err(VmmError::EventManager)?,
+        );
         manager.add_subscriber(Box::new(ExitWatcher(self.exit.clone())));
         manager.add_subscriber(Box::new(signals));
 
@@ -160,7 +166,7 @@ impl Vmm {
 
     fn event_loop(
         &self,
-        manager: &mut EventManager<Box<dyn MutEventSubscriber>>,
+        manager: &mut EventLoop,
         handles: &[VcpuHandle],
     ) -> Result<(), VmmError> {
         let compat = self.profile == CpuProfile::Compat;

@@ -18,6 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
 
+pub mod mmio;
+
 /// Interrupt status bit: a used buffer was added to a queue.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
 /// Interrupt status bit: the device configuration changed.

@@ -1,0 +1,579 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x): one 4 KiB register window per device
+//! on the MMIO bus. Everything here runs on vCPU threads; the guest controls every value
+//! written, so each register access is bounded and checked.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::{lock, BusDevice};
+use crate::devices::virtio::{ActiveQueue, Interrupt, VirtioDevice};
+use crate::vstate::memory::GuestMemory;
+
+/// "virt", little-endian.
+const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// virtio-mmio version 2: the virtio 1.x register layout.
+const MMIO_VERSION: u32 = 2;
+/// Vendor ID reported to the driver ("HRTH").
+const VENDOR_ID: u32 = 0x4854_5248;
+
+const REG_MAGIC_VALUE: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+/// QueueNotify: KVM normally completes these writes through an ioeventfd.
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_SHM_LEN_LOW: u64 = 0x0b0;
+const REG_SHM_LEN_HIGH: u64 = 0x0b4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+/// Device-specific configuration space starts here.
+const CONFIG_SPACE_START: u64 = 0x100;
+/// Size of the register window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    #[error("cannot create queue {index} of size {size}")]
+    Queue {
+        index: usize,
+        size: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+}
+
+/// A virtio device behind its register window.
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemory,
+    interrupt: Arc<Interrupt>,
+    queues: Vec<Queue>,
+    /// One per queue; registered with KVM as ioeventfds on QueueNotify.
+    queue_evts: Vec<EventFd>,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    /// `queue_evts` must hold one eventfd per queue of `device`.
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<Self, MmioError> {
+        let sizes: Vec<u16> = lock(&device).queue_max_sizes().to_vec();
+        let queues = sizes
+            .iter()
+            .enumerate()
+            .map(|(index, &size)| {
+                Queue::new(size).map_err(|source| MmioError::Queue {
+                    index,
+                    size,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        debug_assert_eq!(queues.len(), queue_evts.len());
+        Ok(Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            queue_evts,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            config_generation: 0,
+            activated: false,
+        })
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Queue registers may only change between FEATURES_OK and DRIVER_OK.
+    fn queue_config_allowed(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0
+            && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0
+            && self.status & VIRTIO_CONFIG_S_FAILED == 0
+    }
+
+    fn update_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if !self.queue_config_allowed() {
+            log::debug!("virtio-mmio: queue register written outside FEATURES_OK");
+            return;
+        }
+        if let Some(queue) = self.selected_queue() {
+            f(queue);
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC_VALUE => MMIO_MAGIC_VALUE,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => lock(&self.device).device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => {
+                let features = lock(&self.device).avail_features();
+                match self.device_features_sel {
+                    0 => features as u32,
+                    1 => (features >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            REG_QUEUE_NUM_MAX => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status,
+            // No shared memory regions: length -1 means "none".
+            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            REG_DRIVER_FEATURES => {
+                // Features are fixed once FEATURES_OK was accepted.
+                if self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NUM => self.update_queue(|q| q.set_size(value as u16)),
+            REG_QUEUE_READY => self.update_queue(|q| q.set_ready(value == 1)),
+            REG_QUEUE_DESC_LOW => self.update_queue(|q| q.set_desc_table_address(Some(value), None)),
+            REG_QUEUE_DESC_HIGH => {
+                self.update_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            REG_QUEUE_DRIVER_LOW => {
+                self.update_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            REG_QUEUE_DRIVER_HIGH => {
+                self.update_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            REG_QUEUE_DEVICE_LOW => {
+                self.update_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            REG_QUEUE_DEVICE_HIGH => {
+                self.update_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
+            REG_QUEUE_NOTIFY => {
+                // Only reached when the ioeventfd did not catch the write.
+                if let Some(evt) = self.queue_evts.get(value as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            REG_INTERRUPT_ACK => self.interrupt.ack(value),
+            REG_STATUS => self.set_status(value),
+            _ => log::debug!("virtio-mmio: write of unknown register {offset:#x}"),
+        }
+    }
+
+    /// The device status state machine (virtio 1.x, 3.1.1).
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // Bits are only ever added, never cleared, except by a reset.
+        if value & self.status != self.status {
+            log::debug!(
+                "virtio-mmio: driver cleared status bits ({:#x} -> {value:#x})",
+                self.status
+            );
+            return;
+        }
+        let added = value & !self.status;
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 && !self.features_acceptable() {
+            // Leave FEATURES_OK unset: the driver reads it back and gives up.
+            self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
+            return;
+        }
+        self.status = value;
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.activated {
+            self.activate();
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = lock(&self.device).avail_features();
+        let required = 1u64 << VIRTIO_F_VERSION_1;
+        self.driver_features & !offered == 0 && self.driver_features & required != 0
+    }
+
+    fn activate(&mut self) {
+        let wanted = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        if self.status & wanted != wanted {
+            self.fail("DRIVER_OK without the preceding status bits".into());
+            return;
+        }
+        if let Some((index, _)) = self
+            .queues
+            .iter()
+            .enumerate()
+            .find(|(_, q)| q.ready() && !q.is_valid(&self.mem))
+        {
+            self.fail(format!("queue {index} is not valid"));
+            return;
+        }
+        let mut active = Vec::with_capacity(self.queues.len());
+        for (queue, evt) in self.queues.iter().zip(&self.queue_evts) {
+            let notify = match evt.try_clone() {
+                Ok(evt) => evt,
+                Err(e) => {
+                    self.fail(format!("cannot duplicate a queue eventfd: {e}"));
+                    return;
+                }
+            };
+            // The device gets its own copy of the negotiated queue; the transport keeps its
+            // configuration for the guest to read back.
+            let queue = match Queue::try_from(queue.state()) {
+                Ok(queue) => queue,
+                Err(e) => {
+                    self.fail(format!("queue configuration rejected: {e}"));
+                    return;
+                }
+            };
+            active.push(ActiveQueue { queue, notify });
+        }
+        let result = lock(&self.device).activate(
+            self.mem.clone(),
+            self.interrupt.clone(),
+            active,
+            self.driver_features,
+        );
+        match result {
+            Ok(()) => self.activated = true,
+            Err(e) => self.fail(crate::error_chain(&e)),
+        }
+    }
+
+    /// Tells the driver the device cannot go on until it is reset.
+    fn fail(&mut self, why: String) {
+        log::warn!("virtio-mmio: device activation failed: {why}");
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.interrupt.signal_config_change();
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            lock(&self.device).reset();
+            self.activated = false;
+        }
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        self.interrupt.reset();
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE_START {
+            data.fill(0);
+            lock(&self.device).read_config(offset - CONFIG_SPACE_START, data);
+            return;
+        }
+        // Registers are 32 bits wide and naturally aligned; anything else reads as zero.
+        if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE_START {
+            lock(&self.device).write_config(offset - CONFIG_SPACE_START, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::ActivateError;
+    use crate::vstate::memory::create_guest_memory;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[derive(Default)]
+    struct FakeDevice {
+        config: [u8; 8],
+        activations: u32,
+        resets: u32,
+        last_features: u64,
+        queues_seen: usize,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn avail_features(&self) -> u64 {
+            (1 << VIRTIO_F_VERSION_1) | 0b101
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, byte) in data.iter_mut().enumerate() {
+                *byte = self.config.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            if let Some(dst) = self.config.get_mut(offset as usize..offset as usize + data.len()) {
+                dst.copy_from_slice(data);
+            }
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemory,
+            _interrupt: Arc<Interrupt>,
+            queues: Vec<ActiveQueue>,
+            features: u64,
+        ) -> Result<(), ActivateError> {
+            self.activations += 1;
+            self.last_features = features;
+            self.queues_seen = queues.len();
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    struct Harness {
+        transport: MmioTransport,
+        device: Arc<Mutex<FakeDevice>>,
+        irq: EventFd,
+    }
+
+    fn harness() -> Harness {
+        let device = Arc::new(Mutex::new(FakeDevice::default()));
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let evts = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let mem = create_guest_memory(4 << 20).unwrap();
+        let transport = MmioTransport::new(device.clone(), mem, interrupt, evts).unwrap();
+        Harness {
+            transport,
+            device,
+            irq,
+        }
+    }
+
+    impl Harness {
+        fn read(&mut self, offset: u64) -> u32 {
+            let mut data = [0u8; 4];
+            self.transport.read(offset, &mut data);
+            u32::from_le_bytes(data)
+        }
+        fn write(&mut self, offset: u64, value: u32) {
+            self.transport.write(offset, &value.to_le_bytes());
+        }
+        /// Negotiates features and sets up both queues in valid guest memory.
+        fn bring_up(&mut self, features_high: u32) {
+            self.write(REG_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+            self.write(REG_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+            self.write(REG_DRIVER_FEATURES_SEL, 1);
+            self.write(REG_DRIVER_FEATURES, features_high);
+            self.write(REG_DRIVER_FEATURES_SEL, 0);
+            self.write(REG_DRIVER_FEATURES, 0b1);
+            let s = VIRTIO_CONFIG_S_ACKNOWLEDGE
+                | VIRTIO_CONFIG_S_DRIVER
+                | VIRTIO_CONFIG_S_FEATURES_OK;
+            self.write(REG_STATUS, s);
+            for q in 0..2u32 {
+                let base = 0x10000 * (q + 1);
+                self.write(REG_QUEUE_SEL, q);
+                self.write(REG_QUEUE_NUM, 16);
+                self.write(REG_QUEUE_DESC_LOW, base);
+                self.write(REG_QUEUE_DRIVER_LOW, base + 0x1000);
+                self.write(REG_QUEUE_DEVICE_LOW, base + 0x2000);
+                self.write(REG_QUEUE_READY, 1);
+            }
+        }
+        fn driver_ok(&mut self) {
+            let s = self.read(REG_STATUS);
+            self.write(REG_STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
+        }
+    }
+
+    #[test]
+    fn identification_registers() {
+        let mut h = harness();
+        assert_eq!(h.read(REG_MAGIC_VALUE), MMIO_MAGIC_VALUE);
+        assert_eq!(h.read(REG_VERSION), 2);
+        assert_eq!(h.read(REG_DEVICE_ID), 2);
+        h.write(REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(h.read(REG_DEVICE_FEATURES), 1 << (VIRTIO_F_VERSION_1 - 32));
+        h.write(REG_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(h.read(REG_DEVICE_FEATURES), 0b101);
+        h.write(REG_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(h.read(REG_DEVICE_FEATURES), 0);
+        h.write(REG_QUEUE_SEL, 1);
+        assert_eq!(h.read(REG_QUEUE_NUM_MAX), 16);
+        h.write(REG_QUEUE_SEL, 2);
+        assert_eq!(h.read(REG_QUEUE_NUM_MAX), 0);
+        assert_eq!(h.read(REG_SHM_LEN_LOW), u32::MAX);
+    }
+
+    #[test]
+    fn activation_and_reset() {
+        let mut h = harness();
+        h.bring_up(1 << (VIRTIO_F_VERSION_1 - 32));
+        assert_ne!(h.read(REG_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        h.driver_ok();
+        {
+            let dev = h.device.lock().unwrap();
+            assert_eq!(dev.activations, 1);
+            assert_eq!(dev.queues_seen, 2);
+            assert_eq!(dev.last_features, (1 << VIRTIO_F_VERSION_1) | 1);
+        }
+        // DRIVER_OK again does not re-activate.
+        h.driver_ok();
+        assert_eq!(h.device.lock().unwrap().activations, 1);
+        h.write(REG_STATUS, 0);
+        assert_eq!(h.read(REG_STATUS), 0);
+        assert_eq!(h.device.lock().unwrap().resets, 1);
+        // The device comes up again after a reset.
+        h.bring_up(1 << (VIRTIO_F_VERSION_1 - 32));
+        h.driver_ok();
+        assert_eq!(h.device.lock().unwrap().activations, 2);
+    }
+
+    #[test]
+    fn features_without_version_1_or_unoffered_are_refused() {
+        let mut h = harness();
+        h.bring_up(0);
+        assert_eq!(h.read(REG_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        let mut h = harness();
+        h.bring_up((1 << (VIRTIO_F_VERSION_1 - 32)) | 0x8000);
+        assert_eq!(h.read(REG_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+        h.driver_ok();
+        assert_eq!(h.device.lock().unwrap().activations, 0);
+    }
+
+    #[test]
+    fn invalid_queue_is_not_activated() {
+        let mut h = harness();
+        h.bring_up(1 << (VIRTIO_F_VERSION_1 - 32));
+        // Put queue 0's rings outside guest memory.
+        h.write(REG_QUEUE_SEL, 0);
+        h.write(REG_QUEUE_DESC_HIGH, 0x10);
+        h.driver_ok();
+        assert_eq!(h.device.lock().unwrap().activations, 0);
+        assert_ne!(h.read(REG_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_eq!(h.irq.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn queue_registers_ignored_outside_setup() {
+        let mut h = harness();
+        h.write(REG_QUEUE_SEL, 0);
+        h.write(REG_QUEUE_READY, 1);
+        assert_eq!(h.read(REG_QUEUE_READY), 0);
+        // Out-of-range queue selection is harmless.
+        h.bring_up(1 << (VIRTIO_F_VERSION_1 - 32));
+        h.write(REG_QUEUE_SEL, 99);
+        h.write(REG_QUEUE_READY, 1);
+        h.write(REG_QUEUE_NOTIFY, 99);
+        assert_eq!(h.read(REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn interrupt_ack_and_config_space() {
+        let mut h = harness();
+        h.transport.interrupt.signal_used_queue();
+        assert_eq!(h.read(REG_INTERRUPT_STATUS), 1);
+        h.write(REG_INTERRUPT_ACK, 1);
+        assert_eq!(h.read(REG_INTERRUPT_STATUS), 0);
+
+        h.transport.write(CONFIG_SPACE_START + 2, &[0xab, 0xcd]);
+        let mut data = [0u8; 4];
+        h.transport.read(CONFIG_SPACE_START, &mut data);
+        assert_eq!(data, [0, 0, 0xab, 0xcd]);
+        // Past the end of the device's config: zeros, no panic.
+        let mut far = [0xffu8; 8];
+        h.transport.read(MMIO_WINDOW_SIZE - 4, &mut far[..4]);
+        assert_eq!(far[..4], [0; 4]);
+        h.transport.write(CONFIG_SPACE_START + 7, &[1, 2, 3]);
+        assert_eq!(h.read(REG_CONFIG_GENERATION), 2);
+        // Misaligned or narrow register accesses are ignored.
+        let mut narrow = [0xffu8; 2];
+        h.transport.read(REG_MAGIC_VALUE, &mut narrow);
+        assert_eq!(narrow, [0, 0]);
+        h.transport.write(REG_STATUS + 1, &[1, 0, 0, 0]);
+        assert_eq!(h.read(REG_STATUS), 0);
+    }
+}
