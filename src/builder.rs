@@ -146,18 +146,19 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         name: "exit eventfd",
         source: Box::new(e),
     })?);
-    let mut event_loop = EventLoop::new().map_err(BuildError::EventLoop)?;
+    let event_loop = EventLoop::new().map_err(BuildError::EventLoop)?;
     let mut io_bus = Bus::new();
     let mut mmio_bus = Bus::new();
-    let mut mmio_devices = MmioDeviceManager::new();
+    let mmio_devices = MmioDeviceManager::new();
     let console = attach_serial(&vm, &mut io_bus, config)?;
     attach_legacy_devices(&mut io_bus, exit.clone())?;
     let control = attach_control_device(&mut io_bus, &mut mmio_bus, config, exit.clone(), start)?;
 
     let cmdline_size = load_kernel_cmdline(&mem, config, &kernel, &mmio_devices)?;
     arch::mptable::setup_mptable(&mem, config.vcpu_count).map_err(BuildError::Mptable)?;
-    let rsdp = arch::acpi::create_acpi_tables(&mem, config.vcpu_count, &mmio_devices.acpi_devices())
-        .map_err(BuildError::Acpi)?;
+    let rsdp =
+        arch::acpi::create_acpi_tables(&mem, config.vcpu_count, &mmio_devices.acpi_devices())
+            .map_err(BuildError::Acpi)?;
     match kernel.boot.protocol {
         BootProtocol::Linux64 => arch::boot::configure_linux_boot(
             &mem,

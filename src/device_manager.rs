@@ -125,7 +125,12 @@ impl MmioDeviceManager {
     pub fn add_to_cmdline(&self, cmdline: &mut Cmdline) -> Result<(), DeviceManagerError> {
         for slot in &self.slots {
             cmdline
-                .add_virtio_mmio_device(MMIO_WINDOW_SIZE, vm_memory::GuestAddress(slot.base), slot.irq, None)
+                .add_virtio_mmio_device(
+                    MMIO_WINDOW_SIZE,
+                    vm_memory::GuestAddress(slot.base),
+                    slot.irq,
+                    None,
+                )
                 .map_err(DeviceManagerError::Cmdline)?;
         }
         Ok(())
@@ -157,7 +162,7 @@ mod tests {
             match manager.allocate() {
                 Ok((base, irq)) => {
                     assert!(base >= layout::VIRTIO_MMIO_START);
-                    assert!(irq >= layout::IRQ_VIRTIO_BASE && irq <= layout::IRQ_MAX);
+                    assert!((layout::IRQ_VIRTIO_BASE..=layout::IRQ_MAX).contains(&irq));
                     assert!(!seen.contains(&(base, irq)));
                     seen.push((base, irq));
                     manager.slots.push(MmioSlot {

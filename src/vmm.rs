@@ -90,103 +90,102 @@ impl Vmm {
     }
 
     /// Runs the guest until something ends it; returns why.
-    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+    pub fn run(self) -> Result<ExitReason, VmmError> {
+        let Vmm {
+            _kvm,
+            _vm,
+            _mem,
+            vcpus,
+            exit,
+            event_loop: mut manager,
+            console,
+            control,
+            profile,
+        } = self;
         // Terminating signals are blocked in every thread (vCPU threads inherit the mask)
         // and read from a signalfd by the event loop, so teardown always runs.
-        let signals = SignalWatcher::new(self.exit.clone()).map_err(VmmError::Signals)?;
+        let signals = SignalWatcher::new(exit.clone()).map_err(VmmError::Signals)?;
         install_kick_handler()?;
-
-        let mut manager = std::mem::replace(
-            &mut self.event_loop,
-            EventLoop::new().map_err(VmmError::EventManager)?,
-        );
-        manager.add_subscriber(Box::new(ExitWatcher(self.exit.clone())));
+        manager.add_subscriber(Box::new(ExitWatcher(exit.clone())));
         manager.add_subscriber(Box::new(signals));
 
-        let interactive = matches!(
-            self.console.input,
-            Some(InputSource::Stdin { interactive: true })
-        );
-        let raw_terminal = if interactive {
-            RawTerminal::enable(libc::STDIN_FILENO)
-        } else {
-            None
+        let raw_terminal = match console.input {
+            Some(InputSource::Stdin { interactive: true }) => {
+                RawTerminal::enable(libc::STDIN_FILENO)
+            }
+            _ => None,
         };
-        if let Some(input) = self.console.input.take() {
+        if let Some(input) = console.input {
             manager.add_subscriber(Box::new(ConsoleInput::new(
-                self.console.serial.clone(),
-                self.console.space.clone(),
+                console.serial.clone(),
+                console.space.clone(),
                 input,
-                self.exit.clone(),
+                exit.clone(),
             )));
         }
 
-        let mut handles = Vec::with_capacity(self.vcpus.len());
-        let mut start_error = None;
-        for vcpu in self.vcpus.drain(..) {
+        let mut handles = Vec::with_capacity(vcpus.len());
+        let mut result = Ok(());
+        for vcpu in vcpus {
             match vcpu.start() {
                 Ok(handle) => handles.push(handle),
                 Err(e) => {
-                    start_error = Some(e);
+                    result = Err(e.into());
                     break;
                 }
             }
         }
-
-        let loop_result = if start_error.is_none() {
-            self.event_loop(&mut manager, &handles)
-        } else {
-            Ok(())
-        };
+        if result.is_ok() {
+            result = run_event_loop(&mut manager, &handles, &exit, profile);
+        }
 
         // Whatever happened, stop the vCPUs before leaving.
-        if !self.exit.is_requested() {
-            self.exit.request(ExitReason::VcpuFailure {
+        if !exit.is_requested() {
+            exit.request(ExitReason::VcpuFailure {
                 vcpu: 0,
                 detail: "VMM stopped".into(),
             });
         }
         stop_vcpus(handles);
         drop(raw_terminal);
-        if let Some(path) = &self.console.socket_path {
+        if let Some(path) = &console.socket_path {
             let _ = std::fs::remove_file(path);
         }
-        if let Some(e) = start_error {
-            return Err(e.into());
-        }
-        loop_result?;
-        if let Some(boot) = self.control.boot_time() {
+        result?;
+        if let Some(boot) = control.boot_time() {
             log::debug!("boot complete was signalled after {boot:?}");
         }
-        Ok(self
-            .exit
+        Ok(exit
             .reason()
             .expect("an exit reason is always set before teardown"))
     }
+}
 
-    fn event_loop(
-        &self,
-        manager: &mut EventLoop,
-        handles: &[VcpuHandle],
-    ) -> Result<(), VmmError> {
-        let compat = self.profile == CpuProfile::Compat;
-        let timeout_ms = if compat {
-            COMPAT_POLL_INTERVAL.as_millis() as i32
-        } else {
-            -1
-        };
-        let mut last_poll = Instant::now();
-        while !self.exit.is_requested() {
-            manager
-                .run_with_timeout(timeout_ms)
-                .map_err(VmmError::EventLoop)?;
-            if compat && last_poll.elapsed() >= COMPAT_POLL_INTERVAL {
-                last_poll = Instant::now();
-                handles.iter().for_each(VcpuHandle::kick);
-            }
+/// Dispatches events until an exit is requested. In the compat profile the vCPUs are
+/// kicked periodically so the PVM layer can arm its SYSCALL trap in quiet guests.
+fn run_event_loop(
+    manager: &mut EventLoop,
+    handles: &[VcpuHandle],
+    exit: &ExitSignal,
+    profile: CpuProfile,
+) -> Result<(), VmmError> {
+    let compat = profile == CpuProfile::Compat;
+    let timeout_ms = if compat {
+        COMPAT_POLL_INTERVAL.as_millis() as i32
+    } else {
+        -1
+    };
+    let mut last_poll = Instant::now();
+    while !exit.is_requested() {
+        manager
+            .run_with_timeout(timeout_ms)
+            .map_err(VmmError::EventLoop)?;
+        if compat && last_poll.elapsed() >= COMPAT_POLL_INTERVAL {
+            last_poll = Instant::now();
+            handles.iter().for_each(VcpuHandle::kick);
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Kicks every vCPU until its thread has seen the stop request, then joins it.

@@ -1,6 +1,7 @@
 //! hearth against tiny freestanding guests (tests/payloads/): boot protocols, serial
-//! output, exit paths, the boot-complete signal, and the instructions the nested PVM host
-//! cannot run without the VMM's help. Each test skips when /dev/kvm is unavailable.
+//! output, exit paths, the boot-complete signal, the instructions the nested PVM host
+//! cannot run without the VMM's help, vCPU start-up and RAM around the 32-bit MMIO hole.
+//! Console input is in tests/console.rs. Each test skips when /dev/kvm is unavailable.
 
 mod common;
 
@@ -8,22 +9,13 @@ use std::fs;
 use std::process::Output;
 
 use common::{
-    assert_exit_code, describe, kvm_available, payload, run_payload, stderr_of, stdout_of, Format,
-    TempDir, HELLO,
+    assert_exit_code, assert_stdout_contains, describe, kvm_available, payload, run_payload,
+    stderr_of, stdout_of, Format, TempDir, HELLO, MEMTOUCH_MEMORY,
 };
 
 /// Boots payload `name` in `format` with the default serial (stdio) plus `extra` flags.
 fn boot(name: &str, format: Format, extra: &[&str]) -> Output {
     run_payload(&payload(name, format), extra)
-}
-
-#[track_caller]
-fn assert_stdout_contains(out: &Output, expected: &str) {
-    assert!(
-        stdout_of(out).contains(expected),
-        "expected {expected:?} on stdout\n{}",
-        describe(out)
-    );
 }
 
 #[track_caller]
@@ -212,6 +204,30 @@ fn smp_second_cpu_starts() {
          a PVM host)\n{}",
         describe(&out)
     );
+}
+
+/// Many vCPUs are created and run; the APs wait for a SIPI that never comes while the BSP
+/// prints and exits.
+#[test]
+fn many_vcpus_are_created() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("hello", Format::Elf64, &["--cpus", "64"]);
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(&out, HELLO);
+}
+
+/// With more than 3 GiB, RAM stops at the 32-bit MMIO hole and continues at 4 GiB: the
+/// payload writes and reads back just below the hole and above 4 GiB, up to the last MiB.
+#[test]
+fn memory_above_the_mmio_hole_is_usable() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("memtouch", Format::Elf64, &["--memory", MEMTOUCH_MEMORY]);
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(&out, "memtouch ok\n");
 }
 
 #[test]

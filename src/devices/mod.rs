@@ -2,5 +2,5 @@
 
 pub mod bus;
 pub mod control;
-pub mod virtio;
 pub mod legacy;
+pub mod virtio;

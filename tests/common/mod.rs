@@ -1,6 +1,6 @@
 //! Shared helpers for hearth's integration tests: building the tiny guest payloads in
-//! `tests/payloads/`, running the hearth binary with a timeout, and skipping KVM tests on
-//! machines without `/dev/kvm`.
+//! `tests/payloads/`, running the hearth binary with a timeout (or talking to it while it
+//! runs), and skipping KVM tests on machines without `/dev/kvm`.
 
 // Each test crate includes this module and uses a different part of it.
 #![allow(dead_code)]
@@ -8,9 +8,9 @@
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
@@ -25,6 +25,18 @@ pub const PAYLOAD_MEMORY: &str = "32M";
 
 /// The greeting the `hello` payloads print.
 pub const HELLO: &str = "Hello from hearth payload\n";
+
+/// Guest RAM the `memtouch` payload is built for, in MiB: 3 GiB below the MMIO hole and
+/// 1.5 GiB above 4 GiB. A macro so that the payload's define and [`MEMTOUCH_MEMORY`] are
+/// spelt from the same literal.
+macro_rules! memtouch_memory_mib {
+    () => {
+        "4608"
+    };
+}
+
+/// The `--memory` to run the `memtouch` payload with.
+pub const MEMTOUCH_MEMORY: &str = concat!(memtouch_memory_mib!(), "M");
 
 const PAYLOAD_SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/payloads");
 const PAYLOAD_OUTPUT: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/payloads");
@@ -115,6 +127,13 @@ const PAYLOADS: &[PayloadSpec] = &[
     spec("int3", Format::Elf64, "int3.S", &[]),
     spec("fwait", Format::Elf64, "fwait.S", &[]),
     spec("smp", Format::Elf64, "smp.S", &["NCPUS=2"]),
+    spec("echo", Format::Elf64, "echo.S", &[]),
+    spec(
+        "memtouch",
+        Format::Elf64,
+        "memtouch.S",
+        &[concat!("MEMORY_MIB=", memtouch_memory_mib!())],
+    ),
 ];
 
 /// The path of a built payload, building all of them on first use in this process.
@@ -273,9 +292,12 @@ pub fn bzimage(code: &[u8]) -> Vec<u8> {
     image
 }
 
+/// The hearth binary under test.
+pub const HEARTH: &str = env!("CARGO_BIN_EXE_hearth");
+
 /// A `Command` for the hearth binary under test.
 pub fn hearth() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hearth"))
+    Command::new(HEARTH)
 }
 
 /// Runs `hearth ARGS...`, killing it after `timeout`; see [`run_with_timeout`].
@@ -289,60 +311,143 @@ where
     run_with_timeout(cmd, timeout)
 }
 
-/// Runs `hearth run --kernel KERNEL EXTRA...` with [`RUN_TIMEOUT`], adding
-/// `--memory` [`PAYLOAD_MEMORY`] unless `extra` sets the memory itself.
-pub fn run_payload(kernel: &Path, extra: &[&str]) -> Output {
+/// `hearth run --kernel KERNEL EXTRA...`, adding `--memory` [`PAYLOAD_MEMORY`] unless
+/// `extra` sets the memory itself.
+pub fn payload_command(kernel: &Path, extra: &[&str]) -> Command {
     let mut cmd = hearth();
     cmd.arg("run").arg("--kernel").arg(kernel).args(extra);
     if !extra.contains(&"--memory") {
         cmd.args(["--memory", PAYLOAD_MEMORY]);
     }
-    run_with_timeout(cmd, RUN_TIMEOUT)
+    cmd
+}
+
+/// Runs [`payload_command`] with [`RUN_TIMEOUT`].
+pub fn run_payload(kernel: &Path, extra: &[&str]) -> Output {
+    run_with_timeout(payload_command(kernel, extra), RUN_TIMEOUT)
 }
 
 /// Runs `cmd` with stdin closed and stdout/stderr captured. If it outlives `timeout`, kills
 /// it and panics with what it printed so far, so a hung VM fails its test instead of
 /// hanging the suite.
-pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let stdout = Capture::start(child.stdout.take().expect("piped stdout"));
-    let stderr = Capture::start(child.stderr.take().expect("piped stderr"));
-
-    let deadline = Instant::now() + timeout;
-    let (status, timed_out) = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break (status, false),
-            Ok(None) if Instant::now() >= deadline => {
-                // The child may exit between try_wait and kill; either way wait reaps it.
-                let _ = child.kill();
-                break (child.wait().expect("wait for killed child"), true);
-            }
-            Ok(None) => thread::sleep(Duration::from_millis(10)),
-            Err(e) => panic!("waiting for {cmd:?}: {e}"),
-        }
-    };
-    let eof_deadline = Instant::now() + Capture::EOF_GRACE;
-    let output = Output {
-        status,
-        stdout: stdout.finish(eof_deadline),
-        stderr: stderr.finish(eof_deadline),
-    };
-    assert!(
-        !timed_out,
-        "{cmd:?} did not finish within {timeout:?}; killed it\n{}",
-        describe(&output)
-    );
-    output
+pub fn run_with_timeout(cmd: Command, timeout: Duration) -> Output {
+    Running::start(cmd, Stdio::null()).finish(timeout)
 }
 
-/// A child's output pipe, read on its own thread so that neither pipe can fill up and stall
-/// the child while we wait for it.
-struct Capture {
+/// A child process with captured stdout and stderr, for tests that talk to it while it
+/// runs. Dropping it kills the child if it is still running, so a failing test never
+/// leaves a VM behind.
+pub struct Running {
+    command: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Capture,
+    stderr: Capture,
+}
+
+impl Running {
+    /// Starts `cmd` with `stdin` (piped for [`Running::send`]) and stdout and stderr
+    /// captured.
+    pub fn start(mut cmd: Command, stdin: Stdio) -> Self {
+        let command = format!("{cmd:?}");
+        let mut child = cmd
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
+        let stdout = Capture::start(child.stdout.take().expect("piped stdout"));
+        let stderr = Capture::start(child.stderr.take().expect("piped stderr"));
+        let stdin = child.stdin.take();
+        Running {
+            command,
+            child,
+            stdin,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Writes `bytes` to the child's stdin at once.
+    #[track_caller]
+    pub fn send(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("child started with stdin piped");
+        if let Err(e) = stdin.write_all(bytes).and_then(|()| stdin.flush()) {
+            panic!(
+                "cannot write {bytes:?} to {}: {e}\n{}",
+                self.command,
+                self.describe_so_far()
+            );
+        }
+    }
+
+    /// Waits (up to [`RUN_TIMEOUT`]) until the child's stdout contains `expected`; panics
+    /// with everything it printed if it does not, or if it ends first.
+    #[track_caller]
+    pub fn expect_stdout(&self, expected: &[u8]) {
+        assert!(
+            self.stdout.wait_for(expected, RUN_TIMEOUT),
+            "{} did not print {:?} within {RUN_TIMEOUT:?}\n{}",
+            self.command,
+            String::from_utf8_lossy(expected),
+            self.describe_so_far()
+        );
+    }
+
+    /// What the child has printed so far, for failure messages.
+    pub fn describe_so_far(&self) -> String {
+        format!(
+            "--- stdout so far ---\n{}\n--- stderr so far ---\n{}",
+            String::from_utf8_lossy(&self.stdout.contents()),
+            String::from_utf8_lossy(&self.stderr.contents())
+        )
+    }
+
+    /// Waits for the child to end, with stdin still open, and returns its status and
+    /// everything it printed. If it outlives `timeout`, kills it and panics with its output.
+    pub fn finish(mut self, timeout: Duration) -> Output {
+        let deadline = Instant::now() + timeout;
+        let (status, timed_out) = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break (status, false),
+                Ok(None) if Instant::now() >= deadline => {
+                    // The child may exit between try_wait and kill; either way wait reaps it.
+                    let _ = self.child.kill();
+                    break (self.child.wait().expect("wait for killed child"), true);
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(10)),
+                Err(e) => panic!("waiting for {}: {e}", self.command),
+            }
+        };
+        self.stdin = None;
+        let eof_deadline = Instant::now() + Capture::EOF_GRACE;
+        let output = Output {
+            status,
+            stdout: self.stdout.finish(eof_deadline),
+            stderr: self.stderr.finish(eof_deadline),
+        };
+        assert!(
+            !timed_out,
+            "{} did not finish within {timeout:?}; killed it\n{}",
+            self.command,
+            describe(&output)
+        );
+        output
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A byte stream (a child's output pipe, a socket) read on its own thread, so that the
+/// writer never stalls on a full pipe while the test waits for something else.
+pub struct Capture {
     bytes: Arc<Mutex<Vec<u8>>>,
     reader: thread::JoinHandle<()>,
 }
@@ -352,13 +457,14 @@ impl Capture {
     /// else (a grandchild) still holds the pipe open, and then we stop waiting.
     const EOF_GRACE: Duration = Duration::from_secs(2);
 
-    fn start(mut pipe: impl Read + Send + 'static) -> Self {
+    /// Starts reading `source` until end-of-file or a read error.
+    pub fn start(mut source: impl Read + Send + 'static) -> Self {
         let bytes = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&bytes);
         let reader = thread::spawn(move || {
             let mut chunk = [0u8; 4096];
             // A read error just ends the capture; what was read so far is kept.
-            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+            while let Ok(n @ 1..) = source.read(&mut chunk) {
                 sink.lock()
                     .expect("capture lock")
                     .extend_from_slice(&chunk[..n]);
@@ -367,14 +473,40 @@ impl Capture {
         Capture { bytes, reader }
     }
 
-    /// What was read, once the pipe reached end-of-file or at `deadline`.
-    fn finish(self, deadline: Instant) -> Vec<u8> {
+    /// Everything read so far.
+    pub fn contents(&self) -> Vec<u8> {
+        self.bytes.lock().expect("capture lock").clone()
+    }
+
+    /// Whether `expected` shows up within `timeout`; false as soon as the stream ends
+    /// without it.
+    pub fn wait_for(&self, expected: &[u8], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Checked before the contents, so that bytes read just before the end count.
+            let ended = self.reader.is_finished();
+            if contains(&self.contents(), expected) {
+                return true;
+            }
+            if ended || Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// What was read, once the stream reached end-of-file or at `deadline`.
+    pub fn finish(&self, deadline: Instant) -> Vec<u8> {
         while !self.reader.is_finished() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
-        let bytes = self.bytes.lock().expect("capture lock");
-        bytes.clone()
+        self.contents()
     }
+}
+
+/// Whether `haystack` contains `needle` as a contiguous byte string.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Exit status, stdout and stderr of a run, for assertion messages.
@@ -400,6 +532,15 @@ pub fn stdout_of(out: &Output) -> String {
 
 pub fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[track_caller]
+pub fn assert_stdout_contains(out: &Output, expected: &str) {
+    assert!(
+        stdout_of(out).contains(expected),
+        "expected {expected:?} on stdout\n{}",
+        describe(out)
+    );
 }
 
 /// Asserts that hearth exited with `code` (not killed by a signal).

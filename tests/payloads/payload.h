@@ -5,9 +5,14 @@
 #ifndef HEARTH_PAYLOAD_H
 #define HEARTH_PAYLOAD_H
 
-/* COM1 16550: transmit holding register and line status register (bit 5: THR empty). */
+/*
+ * COM1 16550: transmit holding / receive buffer register (the same port) and line status
+ * register (bit 0: data ready, bit 5: THR empty).
+ */
 #define SERIAL_THR              0x3f8
+#define SERIAL_RBR              0x3f8
 #define SERIAL_LSR              0x3fd
+#define SERIAL_LSR_DATA_READY   0x01
 #define SERIAL_LSR_THR_EMPTY    0x20
 /* Give up waiting for THR-empty after this many polls and write anyway. */
 #define SERIAL_POLL_LIMIT       100000

@@ -198,7 +198,9 @@ impl MmioTransport {
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_QUEUE_NUM => self.update_queue(|q| q.set_size(value as u16)),
             REG_QUEUE_READY => self.update_queue(|q| q.set_ready(value == 1)),
-            REG_QUEUE_DESC_LOW => self.update_queue(|q| q.set_desc_table_address(Some(value), None)),
+            REG_QUEUE_DESC_LOW => {
+                self.update_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
             REG_QUEUE_DESC_HIGH => {
                 self.update_queue(|q| q.set_desc_table_address(None, Some(value)))
             }
@@ -340,7 +342,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers are 32 bits wide and naturally aligned; anything else reads as zero.
-        if data.len() == 4 && offset % 4 == 0 {
+        if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -353,7 +355,7 @@ impl BusDevice for MmioTransport {
             self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
-        if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset % 4 == 0) {
+        if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
     }
@@ -391,7 +393,10 @@ mod tests {
             }
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
-            if let Some(dst) = self.config.get_mut(offset as usize..offset as usize + data.len()) {
+            if let Some(dst) = self
+                .config
+                .get_mut(offset as usize..offset as usize + data.len())
+            {
                 dst.copy_from_slice(data);
             }
         }
@@ -422,7 +427,9 @@ mod tests {
         let device = Arc::new(Mutex::new(FakeDevice::default()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
-        let evts = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let evts = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
         let mem = create_guest_memory(4 << 20).unwrap();
         let transport = MmioTransport::new(device.clone(), mem, interrupt, evts).unwrap();
         Harness {
@@ -444,14 +451,16 @@ mod tests {
         /// Negotiates features and sets up both queues in valid guest memory.
         fn bring_up(&mut self, features_high: u32) {
             self.write(REG_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-            self.write(REG_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+            self.write(
+                REG_STATUS,
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+            );
             self.write(REG_DRIVER_FEATURES_SEL, 1);
             self.write(REG_DRIVER_FEATURES, features_high);
             self.write(REG_DRIVER_FEATURES_SEL, 0);
             self.write(REG_DRIVER_FEATURES, 0b1);
-            let s = VIRTIO_CONFIG_S_ACKNOWLEDGE
-                | VIRTIO_CONFIG_S_DRIVER
-                | VIRTIO_CONFIG_S_FEATURES_OK;
+            let s =
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
             self.write(REG_STATUS, s);
             for q in 0..2u32 {
                 let base = 0x10000 * (q + 1);

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::vstate::memory::GuestMemory;
 
 pub mod mmio;
+pub mod net;
 
 /// Interrupt status bit: a used buffer was added to a queue.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;

@@ -1,0 +1,723 @@
+//! The virtio-blk device: feature bits, configuration space, activation and reset, and
+//! the request queue loop.
+//!
+//! Activation and reset happen on vCPU threads; they only swap state and wake the event
+//! loop through `activate_evt`. The event loop (`event_handler.rs`) then watches or
+//! unwatches the queue's notify eventfd and runs [`Block::process_queue`].
+
+use std::mem::{offset_of, size_of};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::disk::DiskFile;
+use super::request::{
+    self, DiskParams, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SEG_MAX, SIZE_MAX,
+};
+use super::{BlockConfig, BlockError, ID_BYTES, SECTOR_SIZE};
+use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::vstate::memory::GuestMemory;
+
+/// One request queue.
+pub const QUEUE_SIZES: [u16; 1] = [256];
+/// Discard granularity the guest is told about, in sectors (4 KiB, a filesystem block).
+const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+
+/// What the device holds while the driver has it running.
+pub(super) struct ActiveState {
+    pub(super) mem: GuestMemory,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) queue: Queue,
+    pub(super) params: DiskParams,
+}
+
+/// A virtio-blk device backed by a raw image.
+pub struct Block {
+    pub(super) disk: DiskFile,
+    id: [u8; ID_BYTES],
+    avail_features: u64,
+    config_space: Vec<u8>,
+    /// Written on activate and reset to wake the event loop.
+    pub(super) activate_evt: EventFd,
+    pub(super) active: Option<ActiveState>,
+    /// The notify eventfd of the latest activation, not yet watched by the event loop.
+    pub(super) pending_notify: Option<EventFd>,
+    /// The notify eventfd the event loop watches; it is closed only after it is unwatched.
+    pub(super) watched_notify: Option<EventFd>,
+}
+
+impl Block {
+    /// Opens and locks the image; validates the id.
+    pub fn new(config: &BlockConfig) -> Result<Self, BlockError> {
+        let mut id = [0u8; ID_BYTES];
+        if let Some(text) = &config.id {
+            let bytes = text.as_bytes();
+            if bytes.len() > ID_BYTES {
+                return Err(BlockError::IdTooLong {
+                    id: text.clone(),
+                    len: bytes.len(),
+                });
+            }
+            id[..bytes.len()].copy_from_slice(bytes);
+        }
+        let disk = DiskFile::open(&config.path, config.read_only)?;
+        let activate_evt = EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?;
+        let read_only = disk.read_only();
+        Ok(Self {
+            avail_features: features(read_only),
+            config_space: config_space(disk.capacity(), read_only),
+            disk,
+            id,
+            activate_evt,
+            active: None,
+            pending_notify: None,
+            watched_notify: None,
+        })
+    }
+
+    /// Disk size in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.disk.read_only()
+    }
+
+    /// True between activate and reset.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Serves every available request, then re-enables notifications; signals the guest
+    /// when the queue says it wants to hear about the used buffers. Does nothing while the
+    /// device is not active.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mut used = false;
+        loop {
+            if let Err(e) = active.queue.disable_notification(&active.mem) {
+                log::warn!("virtio-blk: cannot disable queue notifications: {e}");
+                break;
+            }
+            let mut popped = false;
+            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
+                popped = true;
+                let head = chain.head_index();
+                let len =
+                    request::process_chain(chain, &active.mem, &mut self.disk, &active.params);
+                match active.queue.add_used(&active.mem, head, len) {
+                    Ok(()) => used = true,
+                    Err(e) => log::warn!("virtio-blk: cannot return descriptor {head}: {e}"),
+                }
+            }
+            match active.queue.enable_notification(&active.mem) {
+                Ok(true) if popped => {}
+                // The available index claims buffers that cannot be popped: a broken
+                // ring. Wait for the next notification rather than spin.
+                Ok(true) => {
+                    log::debug!("virtio-blk: available ring is inconsistent");
+                    break;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("virtio-blk: cannot enable queue notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if used {
+            match active.queue.needs_notification(&active.mem) {
+                Ok(true) => active.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(e) => {
+                    // Better a spurious interrupt than a driver waiting forever.
+                    log::warn!("virtio-blk: cannot read the used event index: {e}");
+                    active.interrupt.signal_used_queue();
+                }
+            }
+        }
+    }
+}
+
+/// The feature bits offered.
+fn features(read_only: bool) -> u64 {
+    let mut bits = [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_SIZE_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+    ]
+    .iter()
+    .fold(0u64, |acc, bit| acc | 1 << bit);
+    if read_only {
+        bits |= 1 << VIRTIO_BLK_F_RO;
+    } else {
+        bits |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+    }
+    bits
+}
+
+/// `struct virtio_blk_config`, little-endian. Fields of features not offered stay zero.
+fn config_space(capacity: u64, read_only: bool) -> Vec<u8> {
+    fn put(space: &mut [u8], offset: usize, bytes: &[u8]) {
+        space[offset..offset + bytes.len()].copy_from_slice(bytes);
+    }
+    let mut space = vec![0u8; size_of::<virtio_blk_config>()];
+    put(
+        &mut space,
+        offset_of!(virtio_blk_config, capacity),
+        &capacity.to_le_bytes(),
+    );
+    put(
+        &mut space,
+        offset_of!(virtio_blk_config, size_max),
+        &SIZE_MAX.to_le_bytes(),
+    );
+    put(
+        &mut space,
+        offset_of!(virtio_blk_config, seg_max),
+        &SEG_MAX.to_le_bytes(),
+    );
+    let blk_size = SECTOR_SIZE as u32;
+    put(
+        &mut space,
+        offset_of!(virtio_blk_config, blk_size),
+        &blk_size.to_le_bytes(),
+    );
+    if !read_only {
+        let sectors = MAX_DISCARD_SECTORS.to_le_bytes();
+        let segments = MAX_DISCARD_SEGMENTS.to_le_bytes();
+        put(
+            &mut space,
+            offset_of!(virtio_blk_config, max_discard_sectors),
+            &sectors,
+        );
+        put(
+            &mut space,
+            offset_of!(virtio_blk_config, max_discard_seg),
+            &segments,
+        );
+        put(
+            &mut space,
+            offset_of!(virtio_blk_config, discard_sector_alignment),
+            &DISCARD_SECTOR_ALIGNMENT.to_le_bytes(),
+        );
+        put(
+            &mut space,
+            offset_of!(virtio_blk_config, max_write_zeroes_sectors),
+            &sectors,
+        );
+        put(
+            &mut space,
+            offset_of!(virtio_blk_config, max_write_zeroes_seg),
+            &segments,
+        );
+        put(
+            &mut space,
+            offset_of!(virtio_blk_config, write_zeroes_may_unmap),
+            &[1],
+        );
+    }
+    space
+}
+
+/// Copies what overlaps `[offset, offset + data.len())` of `space`; the rest reads as zero.
+fn read_bounded(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(available) = space.get(start..) {
+        let n = available.len().min(data.len());
+        data[..n].copy_from_slice(&available[..n]);
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_bounded(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Nothing is writable: `writeback` needs VIRTIO_BLK_F_CONFIG_WCE, not offered.
+        log::debug!(
+            "virtio-blk: ignored {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+        features: u64,
+    ) -> Result<(), ActivateError> {
+        let count = queues.len();
+        let Some(ActiveQueue { mut queue, notify }) =
+            queues.into_iter().next().filter(|_| count == 1)
+        else {
+            return Err(ActivateError::BadQueues(format!(
+                "virtio-blk has 1 queue, got {count}"
+            )));
+        };
+        let features = features & self.avail_features;
+        queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
+        if !queue.is_valid(&mem) {
+            return Err(ActivateError::BadQueues(
+                "virtio-blk request queue is not in guest memory".into(),
+            ));
+        }
+        self.activate_evt.write(1).map_err(ActivateError::Backend)?;
+        let read_only = self.disk.read_only();
+        let params = DiskParams {
+            capacity: self.disk.capacity(),
+            read_only,
+            id: self.id,
+            discard: !read_only && features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: !read_only && features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+        };
+        self.active = Some(ActiveState {
+            mem,
+            interrupt,
+            queue,
+            params,
+        });
+        self.pending_notify = Some(notify);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        // Never watched, so it can be closed here; a watched one waits for the event loop.
+        self.pending_notify = None;
+        if let Err(e) = self.activate_evt.write(1) {
+            log::warn!("virtio-blk: cannot wake the event loop for reset: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+        VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    use super::*;
+    use crate::devices::virtio::block::test_util::{guest_memory, pattern, TempImage};
+    use crate::devices::virtio::VIRTIO_MMIO_INT_VRING;
+
+    pub const IMAGE_SIZE: usize = 64 << 10;
+    const HEADERS: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUSES: u64 = 0x30_0000;
+
+    pub fn new_block(image: &TempImage, read_only: bool) -> Block {
+        Block::new(&BlockConfig {
+            path: image.path().to_owned(),
+            read_only,
+            id: Some("disk0".into()),
+        })
+        .unwrap()
+    }
+
+    /// The driver's view of one queue, at guest address 0.
+    pub struct Driver<'a> {
+        pub queue: MockSplitQueue<'a, GuestMemory>,
+        mem: &'a GuestMemory,
+        next_desc: u16,
+        requests: u64,
+    }
+
+    impl<'a> Driver<'a> {
+        pub fn new(mem: &'a GuestMemory) -> Self {
+            Self {
+                queue: MockSplitQueue::new(mem, QUEUE_SIZES[0]),
+                mem,
+                next_desc: 0,
+                requests: 0,
+            }
+        }
+
+        /// An interrupt whose irqfd the test can read.
+        pub fn interrupt() -> (Arc<Interrupt>, EventFd) {
+            let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+            let observer = irqfd.try_clone().unwrap();
+            (Arc::new(Interrupt::new(irqfd)), observer)
+        }
+
+        pub fn active_queue(&self, notify: EventFd) -> Vec<ActiveQueue> {
+            vec![ActiveQueue {
+                queue: self.queue.create_queue().unwrap(),
+                notify,
+            }]
+        }
+
+        /// Makes a request available: header, `data` descriptors, status. Returns the
+        /// address of its status byte.
+        pub fn submit(&mut self, request_type: u32, sector: u64, data: &[Descriptor]) -> u64 {
+            let header_addr = HEADERS + self.requests * 16;
+            let status_addr = STATUSES + self.requests;
+            self.requests += 1;
+            let mut raw = [0u8; 16];
+            raw[..4].copy_from_slice(&request_type.to_le_bytes());
+            raw[8..].copy_from_slice(&sector.to_le_bytes());
+            self.mem
+                .write_slice(&raw, GuestAddress(header_addr))
+                .unwrap();
+            self.mem
+                .write_obj(0xeeu8, GuestAddress(status_addr))
+                .unwrap();
+            let mut descs = vec![Descriptor::new(header_addr, 16, 0, 0)];
+            descs.extend_from_slice(data);
+            descs.push(Descriptor::new(
+                status_addr,
+                1,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            ));
+            let first = self.next_desc;
+            let count = descs.len() as u16;
+            let raw: Vec<RawDescriptor> = descs
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let i = i as u16;
+                    let (flags, next) = if i + 1 < count {
+                        (d.flags() | VRING_DESC_F_NEXT as u16, first + i + 1)
+                    } else {
+                        (d.flags(), 0)
+                    };
+                    RawDescriptor::from(Descriptor::new(d.addr().raw_value(), d.len(), flags, next))
+                })
+                .collect();
+            self.queue.add_desc_chains(&raw, first).unwrap();
+            self.next_desc += count;
+            status_addr
+        }
+
+        /// (descriptor head, length) of every used entry so far.
+        pub fn used(&self) -> Vec<(u32, u32)> {
+            let count = self.queue.used().idx().load();
+            (0..count)
+                .map(|i| {
+                    let elem = self.queue.used().ring().ref_at(i as usize).unwrap().load();
+                    (elem.id(), elem.len())
+                })
+                .collect()
+        }
+
+        pub fn status(&self, addr: u64) -> u8 {
+            self.mem.read_obj(GuestAddress(addr)).unwrap()
+        }
+
+        /// Sets `used_event` (the avail ring's trailing field) for VIRTIO_RING_F_EVENT_IDX.
+        fn set_used_event(&self, value: u16) {
+            let addr = self.queue.avail_addr().0 + 4 + 2 * u64::from(QUEUE_SIZES[0]);
+            self.mem.write_obj(value, GuestAddress(addr)).unwrap();
+        }
+    }
+
+    fn writable(addr: u64, len: u32) -> Descriptor {
+        Descriptor::new(addr, len, VRING_DESC_F_WRITE as u16, 0)
+    }
+
+    fn readable(addr: u64, len: u32) -> Descriptor {
+        Descriptor::new(addr, len, 0, 0)
+    }
+
+    fn config(block: &Block, offset: u64, len: usize) -> Vec<u8> {
+        let mut data = vec![0xffu8; len];
+        block.read_config(offset, &mut data);
+        data
+    }
+
+    #[test]
+    fn features_follow_read_only() {
+        let image = TempImage::new(IMAGE_SIZE);
+        let bit = |b: u32| 1u64 << b;
+        let common = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_SIZE_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE);
+        let block = new_block(&image, false);
+        assert_eq!(block.device_type(), 2);
+        assert_eq!(block.queue_max_sizes(), [256]);
+        assert_eq!(
+            block.avail_features(),
+            common | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)
+        );
+        drop(block);
+        let block = new_block(&image, true);
+        assert_eq!(block.avail_features(), common | bit(VIRTIO_BLK_F_RO));
+    }
+
+    #[test]
+    fn config_space_reads_are_bounded() {
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, false);
+        let le32 = |v: u32| v.to_le_bytes().to_vec();
+        assert_eq!(config(&block, 0, 8), 128u64.to_le_bytes());
+        assert_eq!(config(&block, 8, 4), le32(SIZE_MAX));
+        assert_eq!(config(&block, 12, 4), le32(254));
+        assert_eq!(config(&block, 20, 4), le32(512));
+        assert_eq!(config(&block, 36, 4), le32(MAX_DISCARD_SECTORS));
+        assert_eq!(config(&block, 40, 4), le32(MAX_DISCARD_SEGMENTS));
+        assert_eq!(config(&block, 44, 4), le32(DISCARD_SECTOR_ALIGNMENT));
+        assert_eq!(config(&block, 48, 4), le32(MAX_DISCARD_SECTORS));
+        assert_eq!(config(&block, 52, 4), le32(MAX_DISCARD_SEGMENTS));
+        assert_eq!(config(&block, 56, 1), [1]);
+        // Odd offsets and sizes see the same little-endian bytes.
+        assert_eq!(config(&block, 1, 3), [0, 0, 0]);
+        assert_eq!(config(&block, 0, 1), [128]);
+        assert_eq!(config(&block, 21, 2), [2, 0]);
+        // Past the end: zeroes, whatever the offset.
+        let len = size_of::<virtio_blk_config>() as u64;
+        assert_eq!(config(&block, len - 2, 4), [0, 0, 0, 0]);
+        assert_eq!(config(&block, len, 8), [0; 8]);
+        assert_eq!(config(&block, u64::MAX, 8), [0; 8]);
+        assert_eq!(config(&block, 1 << 40, 0), Vec::<u8>::new());
+        // Writes change nothing.
+        block.write_config(0, &[9; 8]);
+        assert_eq!(config(&block, 0, 8), 128u64.to_le_bytes());
+        drop(block);
+
+        let block = new_block(&image, true);
+        assert_eq!(config(&block, 0, 8), 128u64.to_le_bytes());
+        assert_eq!(config(&block, 36, 24), [0; 24]);
+    }
+
+    #[test]
+    fn id_is_at_most_20_bytes() {
+        let image = TempImage::new(IMAGE_SIZE);
+        let config = |id: &str| BlockConfig {
+            path: image.path().to_owned(),
+            read_only: true,
+            id: Some(id.into()),
+        };
+        let err = Block::new(&config("abcdefghijklmnopqrstu")).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "disk id \"abcdefghijklmnopqrstu\" is 21 bytes, longer than 20"
+        );
+        Block::new(&config("abcdefghijklmnopqrst")).unwrap();
+    }
+
+    #[test]
+    fn requests_through_the_queue() {
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, false);
+        let mut driver = Driver::new(&mem);
+        let (interrupt, irq) = Driver::interrupt();
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        block
+            .activate(
+                mem.clone(),
+                interrupt.clone(),
+                driver.active_queue(notify),
+                block.avail_features(),
+            )
+            .unwrap();
+
+        let payload: Vec<u8> = (0..1024u32).map(|i| (i * 13) as u8).collect();
+        mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
+        let write = driver.submit(VIRTIO_BLK_T_OUT, 4, &[readable(DATA, 1024)]);
+        let read = driver.submit(VIRTIO_BLK_T_IN, 4, &[writable(DATA + 0x1000, 1024)]);
+        let flush = driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        let get_id = driver.submit(VIRTIO_BLK_T_GET_ID, 0, &[writable(DATA + 0x2000, 20)]);
+        block.process_queue();
+
+        assert_eq!(driver.used(), [(0, 1), (3, 1025), (6, 1), (8, 21)]);
+        for status in [write, read, flush, get_id] {
+            assert_eq!(driver.status(status), VIRTIO_BLK_S_OK as u8);
+        }
+        let contents = image.contents();
+        assert_eq!(contents[2048..3072], payload[..]);
+        assert_eq!(
+            contents[..2048],
+            (0..2048).map(pattern).collect::<Vec<_>>()[..]
+        );
+        let mut read_back = vec![0u8; 1024];
+        mem.read_slice(&mut read_back, GuestAddress(DATA + 0x1000))
+            .unwrap();
+        assert_eq!(read_back, payload);
+        let mut id = [0xffu8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA + 0x2000))
+            .unwrap();
+        assert_eq!(&id[..5], b"disk0");
+        assert_eq!(id[5..], [0; 15]);
+
+        // One interrupt for the whole batch.
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_VRING);
+    }
+
+    #[test]
+    fn read_only_disk_through_the_queue() {
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, true);
+        let mut driver = Driver::new(&mem);
+        let (interrupt, _irq) = Driver::interrupt();
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        block
+            .activate(
+                mem.clone(),
+                interrupt,
+                driver.active_queue(notify),
+                u64::MAX,
+            )
+            .unwrap();
+        mem.write_slice(&[0u8; 512], GuestAddress(DATA)).unwrap();
+        let write = driver.submit(VIRTIO_BLK_T_OUT, 0, &[readable(DATA, 512)]);
+        let read = driver.submit(VIRTIO_BLK_T_IN, 0, &[writable(DATA, 512)]);
+        block.process_queue();
+        assert_eq!(driver.used(), [(0, 1), (3, 513)]);
+        assert_eq!(driver.status(write), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(driver.status(read), VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            image.contents(),
+            (0..IMAGE_SIZE).map(pattern).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts() {
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, false);
+        let mut driver = Driver::new(&mem);
+        let (interrupt, irq) = Driver::interrupt();
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        let features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
+        block
+            .activate(
+                mem.clone(),
+                interrupt,
+                driver.active_queue(notify),
+                features,
+            )
+            .unwrap();
+
+        // used_event 0: the driver wants to hear when entry 0 is used.
+        driver.set_used_event(0);
+        driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        block.process_queue();
+        assert_eq!(irq.read().unwrap(), 1);
+        // Still 0: the second completion needs no interrupt.
+        driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        block.process_queue();
+        assert!(irq.read().is_err());
+        // The driver caught up and asks again.
+        driver.set_used_event(2);
+        driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        block.process_queue();
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(driver.used().len(), 3);
+    }
+
+    #[test]
+    fn activation_checks_the_queues() {
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, false);
+        let driver = Driver::new(&mem);
+        let (interrupt, _irq) = Driver::interrupt();
+        let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
+
+        let none = block.activate(mem.clone(), interrupt.clone(), Vec::new(), 0);
+        assert!(matches!(none, Err(ActivateError::BadQueues(_))));
+        let mut two = driver.active_queue(evt());
+        two.extend(driver.active_queue(evt()));
+        let two = block.activate(mem.clone(), interrupt.clone(), two, 0);
+        assert!(matches!(two, Err(ActivateError::BadQueues(_))));
+        let mut not_ready = driver.active_queue(evt());
+        not_ready[0].queue.set_ready(false);
+        let not_ready = block.activate(mem.clone(), interrupt.clone(), not_ready, 0);
+        assert!(matches!(not_ready, Err(ActivateError::BadQueues(_))));
+        assert!(!block.is_active());
+
+        block
+            .activate(mem.clone(), interrupt, driver.active_queue(evt()), 0)
+            .unwrap();
+        assert!(block.is_active());
+    }
+
+    /// A guest that scribbles on its available ring gets no service, but the loop ends.
+    #[test]
+    fn broken_available_ring_does_not_spin() {
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, false);
+        let mut driver = Driver::new(&mem);
+        let (interrupt, _irq) = Driver::interrupt();
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        block
+            .activate(mem.clone(), interrupt, driver.active_queue(notify), 0)
+            .unwrap();
+
+        // A head index past the queue: an empty chain, returned to nobody.
+        driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        driver.queue.avail().ring().ref_at(0).unwrap().store(300);
+        block.process_queue();
+        assert!(driver.used().is_empty());
+
+        // An available index more than a queue's worth ahead.
+        driver.queue.avail().idx().store(1000);
+        block.process_queue();
+        assert!(driver.used().is_empty());
+    }
+
+    #[test]
+    fn reset_device_leaves_the_queue_alone() {
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, false);
+        let mut driver = Driver::new(&mem);
+        let (interrupt, irq) = Driver::interrupt();
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        block
+            .activate(mem.clone(), interrupt, driver.active_queue(notify), 0)
+            .unwrap();
+        block.reset();
+        assert!(!block.is_active());
+        driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        block.process_queue();
+        assert!(driver.used().is_empty());
+        assert!(irq.read().is_err());
+    }
+}

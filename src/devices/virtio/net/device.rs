@@ -1,0 +1,857 @@
+//! The virtio-net device: features, configuration space, activation and reset, and the
+//! RX/TX queue processing the event loop drives.
+//!
+//! TX: every chain the driver posts is copied into a bounce buffer, checked, written to the
+//! tap and returned (length 0), valid or not. RX: one frame at a time is read from the tap
+//! into a bounce buffer and copied into the driver's buffers (several with
+//! VIRTIO_NET_F_MRG_RXBUF). When the driver has not posted room for it, the frame stays
+//! pending, the tap is no longer read and the device waits for the driver's next RX
+//! notification: frames are never dropped because the guest is slow.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::header::{
+    bit, finish_rx_header, parse_rx_buffer, prepare_tx_frame, read_tx_frame, RxBuffer,
+    MAX_BUFFER_LEN, VNET_HDR_LEN,
+};
+use super::tap::Tap;
+use super::{random_mac, NetConfig, NetError};
+use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::vstate::memory::GuestMemory;
+
+/// Maximum size of the RX and TX queues.
+pub const QUEUE_MAX_SIZE: u16 = 256;
+const QUEUE_MAX_SIZES: [u16; 2] = [QUEUE_MAX_SIZE, QUEUE_MAX_SIZE];
+
+/// Frames (or chains) handled per event before yielding to the rest of the event loop.
+const BUDGET: usize = 256;
+
+const AVAIL_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
+    | bit(VIRTIO_RING_F_EVENT_IDX)
+    | bit(VIRTIO_NET_F_MAC)
+    | bit(VIRTIO_NET_F_STATUS)
+    | bit(VIRTIO_NET_F_MRG_RXBUF)
+    | bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6)
+    | bit(VIRTIO_NET_F_HOST_ECN)
+    | bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_ECN);
+
+/// `struct virtio_net_config` up to `max_virtqueue_pairs`: mac, status, one queue pair.
+const CONFIG_LEN: usize = 10;
+
+/// The configuration space for `mac`, link up.
+fn config_space(mac: [u8; 6]) -> [u8; CONFIG_LEN] {
+    let mut config = [0u8; CONFIG_LEN];
+    config[..6].copy_from_slice(&mac);
+    config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    config[8..10].copy_from_slice(&1u16.to_le_bytes());
+    config
+}
+
+/// Copies `config[offset..]` into `data`; whatever lies outside reads as zero.
+fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(available) = config.get(start..) {
+        let len = available.len().min(data.len());
+        data[..len].copy_from_slice(&available[..len]);
+    }
+}
+
+/// The tap offloads (`TUN_F_*`) matching what the driver accepts on receive. The kernel
+/// and the virtio spec both tie TSO to checksum offload, and ECN to TSO.
+pub(super) fn tap_offloads(features: u64) -> libc::c_uint {
+    let mut flags = 0;
+    if features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0 {
+        flags |= libc::TUN_F_CSUM;
+        if features & bit(VIRTIO_NET_F_GUEST_TSO4) != 0 {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if features & bit(VIRTIO_NET_F_GUEST_TSO6) != 0 {
+            flags |= libc::TUN_F_TSO6;
+        }
+        if flags & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0
+            && features & bit(VIRTIO_NET_F_GUEST_ECN) != 0
+        {
+            flags |= libc::TUN_F_TSO_ECN;
+        }
+    }
+    flags
+}
+
+fn return_chain(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
+    if let Err(e) = queue.add_used(mem, head, len) {
+        log::warn!("virtio-net: cannot return a descriptor chain: {e}");
+    }
+}
+
+/// Raises the queue interrupt unless the driver suppressed it.
+fn signal_used(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
+    match queue.needs_notification(mem) {
+        Ok(false) => {}
+        Ok(true) => interrupt.signal_used_queue(),
+        Err(e) => {
+            log::warn!("virtio-net: cannot read the driver's notification index: {e}");
+            interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// Sends every chain on the TX queue through `send`; returns whether any chain was used
+/// and whether work was left for later (the budget ran out).
+pub(super) fn process_tx_queue(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    features: u64,
+    buffer: &mut [u8],
+    mut send: impl FnMut(&[u8]),
+) -> (bool, bool) {
+    let mut used = 0;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            log::warn!("virtio-net: cannot disable TX notifications: {e}");
+        }
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let frame = read_tx_frame(mem, chain, buffer)
+                .and_then(|len| prepare_tx_frame(&mut buffer[..len], features).map(|()| len));
+            match frame {
+                Ok(len) => send(&buffer[..len]),
+                Err(e) => log::debug!("virtio-net: dropped a TX frame: {e}"),
+            }
+            return_chain(queue, mem, head, 0);
+            used += 1;
+            if used >= BUDGET {
+                return (true, true);
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                log::warn!("virtio-net: cannot enable TX notifications: {e}");
+                break;
+            }
+        }
+    }
+    (used > 0, false)
+}
+
+enum Delivery {
+    Delivered,
+    Dropped,
+    NoRoom,
+}
+
+/// Receive side: the RX buffers taken from the ring but not used yet, and the frame read
+/// from the tap but not delivered yet.
+pub(super) struct RxState {
+    buffers: VecDeque<RxBuffer>,
+    frame: Vec<u8>,
+    pending: Option<usize>,
+}
+
+impl RxState {
+    pub(super) fn new() -> Self {
+        Self {
+            buffers: VecDeque::new(),
+            frame: vec![0; MAX_BUFFER_LEN],
+            pending: None,
+        }
+    }
+
+    /// A frame is waiting for RX buffers (so the tap should not be read).
+    pub(super) fn has_pending_frame(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Device reset: buffers belong to the old queue, and the frame goes with them.
+    pub(super) fn reset(&mut self) {
+        self.buffers.clear();
+        self.pending = None;
+    }
+
+    /// How many of the buffers held, from the front, the pending frame of `len` needs.
+    fn buffers_needed(&self, len: usize, mergeable: bool) -> Option<usize> {
+        if !mergeable {
+            return self
+                .buffers
+                .front()
+                .filter(|b| b.capacity() >= len)
+                .map(|_| 1);
+        }
+        let mut total = 0usize;
+        for (index, buffer) in self.buffers.iter().enumerate() {
+            total = total.saturating_add(buffer.capacity());
+            if total >= len {
+                return Some(index + 1);
+            }
+        }
+        None
+    }
+
+    /// Copies the pending frame into the driver's buffers, taking more from the ring as
+    /// needed. Unusable chains are returned empty on the way.
+    fn deliver(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+        features: u64,
+        used: &mut bool,
+    ) -> Delivery {
+        let Some(len) = self.pending else {
+            return Delivery::Delivered;
+        };
+        let mergeable = features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0;
+        let count = loop {
+            if let Some(count) = self.buffers_needed(len, mergeable) {
+                break count;
+            }
+            let too_big = if mergeable {
+                // The ring is full of buffers and they still do not hold the frame.
+                self.buffers.len() >= usize::from(queue.size())
+            } else {
+                !self.buffers.is_empty()
+            };
+            if too_big {
+                log::debug!("virtio-net: dropped a {len}-byte RX frame larger than the buffers");
+                self.pending = None;
+                return Delivery::Dropped;
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Delivery::NoRoom;
+            };
+            let head = chain.head_index();
+            match parse_rx_buffer(mem, head, chain) {
+                Ok(buffer) => self.buffers.push_back(buffer),
+                Err(e) => {
+                    log::debug!("virtio-net: unusable RX buffer: {e}");
+                    return_chain(queue, mem, head, 0);
+                    *used = true;
+                }
+            }
+        };
+
+        if let Some(header) = self.frame.first_chunk_mut::<VNET_HDR_LEN>() {
+            // `count` is at most the queue size, a u16.
+            finish_rx_header(header, count as u16, features);
+        }
+        let mut offset = 0;
+        for buffer in self.buffers.drain(..count) {
+            let written = buffer.write(mem, &self.frame[offset..len]);
+            offset += written;
+            return_chain(queue, mem, buffer.head(), written as u32);
+        }
+        *used = true;
+        self.pending = None;
+        Delivery::Delivered
+    }
+
+    /// Moves frames from `receive` (the tap) into the guest until there is none left, no
+    /// room for the next, or the budget is spent. Returns whether any chain was used, and
+    /// the error that stopped `receive` other than `WouldBlock`.
+    pub(super) fn process(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+        features: u64,
+        mut receive: impl FnMut(&mut [u8]) -> io::Result<usize>,
+    ) -> (bool, Option<io::Error>) {
+        let mut used = false;
+        // RX notifications are only wanted while a frame waits for room.
+        if let Err(e) = queue.disable_notification(mem) {
+            log::warn!("virtio-net: cannot disable RX notifications: {e}");
+        }
+        let mut frames = 0;
+        while frames < BUDGET {
+            if self.pending.is_none() {
+                match receive(&mut self.frame) {
+                    Ok(n) if n >= VNET_HDR_LEN => self.pending = Some(n),
+                    Ok(n) => {
+                        log::debug!("virtio-net: ignored a {n}-byte read from the tap");
+                        frames += 1;
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return (used, Some(e)),
+                }
+            }
+            match self.deliver(queue, mem, features, &mut used) {
+                Delivery::Delivered | Delivery::Dropped => frames += 1,
+                Delivery::NoRoom => match queue.enable_notification(mem) {
+                    // Buffers came in while notifications were off: use them. Each turn
+                    // takes at least one chain off the ring, so this ends.
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        log::warn!("virtio-net: cannot enable RX notifications: {e}");
+                        break;
+                    }
+                },
+            }
+        }
+        (used, None)
+    }
+}
+
+/// What the device uses while the driver has it running.
+pub(super) struct Active {
+    pub(super) mem: GuestMemory,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) rx: ActiveQueue,
+    pub(super) tx: ActiveQueue,
+    pub(super) features: u64,
+}
+
+/// A virtio-net device on a tap interface.
+pub struct Net {
+    pub(super) tap: Tap,
+    mac: [u8; 6],
+    config: [u8; CONFIG_LEN],
+    /// Written by the vCPU side on activate and reset, so the event loop updates what it
+    /// watches.
+    pub(super) wake: EventFd,
+    pub(super) active: Option<Active>,
+    pub(super) rx: RxState,
+    tx_buffer: Vec<u8>,
+    /// Queue eventfds of a previous activation, kept open until the event loop has
+    /// removed them from epoll (a closed fd cannot be removed, and its registration would
+    /// live on through the transport's duplicate).
+    pub(super) retired: Vec<EventFd>,
+    /// Event-loop bookkeeping: the queue eventfds registered with epoll, and the tap.
+    pub(super) registered_queues: Option<(i32, i32)>,
+    pub(super) tap_watched: bool,
+    pub(super) tap_failed: bool,
+    tx_failures: u64,
+}
+
+impl Net {
+    /// Opens the tap named in `config` and picks the MAC address.
+    pub fn new(config: &NetConfig) -> Result<Self, NetError> {
+        let tap = Tap::open(&config.tap)?;
+        let mac = match config.mac {
+            Some(mac) => mac,
+            None => random_mac()?,
+        };
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd)?;
+        Ok(Self {
+            tap,
+            mac,
+            config: config_space(mac),
+            wake,
+            active: None,
+            rx: RxState::new(),
+            tx_buffer: vec![0; MAX_BUFFER_LEN],
+            retired: Vec::new(),
+            registered_queues: None,
+            tap_watched: false,
+            tap_failed: false,
+            tx_failures: 0,
+        })
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The host tap interface.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    fn wake_event_loop(&self) {
+        if let Err(e) = self.wake.write(1) {
+            log::warn!("virtio-net: cannot wake the event loop: {e}");
+        }
+    }
+
+    /// Stops using the current queues; their eventfds wait in `retired` for the event loop.
+    fn retire(&mut self) {
+        if let Some(active) = self.active.take() {
+            self.retired.push(active.rx.notify);
+            self.retired.push(active.tx.notify);
+        }
+        self.rx.reset();
+    }
+
+    /// Should the event loop watch the tap for frames?
+    pub(super) fn wants_tap(&self) -> bool {
+        self.active.is_some() && !self.rx.has_pending_frame() && !self.tap_failed
+    }
+
+    /// Moves frames from the tap to the guest.
+    pub(super) fn process_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let tap = &self.tap;
+        let (used, error) =
+            self.rx
+                .process(&mut active.rx.queue, &active.mem, active.features, |buf| {
+                    tap.read(buf)
+                });
+        if used {
+            signal_used(&mut active.rx.queue, &active.mem, &active.interrupt);
+        }
+        if let Some(e) = error {
+            log::error!(
+                "virtio-net: cannot read from tap device \"{}\", the guest receives no more: {e}",
+                self.tap.name()
+            );
+            self.tap_failed = true;
+        }
+    }
+
+    /// Sends the guest's frames to the tap.
+    pub(super) fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let tap = &self.tap;
+        let failures = &mut self.tx_failures;
+        let (used, more) = process_tx_queue(
+            &mut active.tx.queue,
+            &active.mem,
+            active.features,
+            &mut self.tx_buffer,
+            |frame| {
+                if let Err(e) = tap.write(frame) {
+                    // Once loudly; a tap that is down or gone fails every frame.
+                    if *failures == 0 {
+                        log::warn!(
+                            "virtio-net: cannot send to tap device \"{}\": {e}",
+                            tap.name()
+                        );
+                    } else {
+                        log::debug!("virtio-net: cannot send to the tap: {e}");
+                    }
+                    *failures += 1;
+                }
+            },
+        );
+        if used {
+            signal_used(&mut active.tx.queue, &active.mem, &active.interrupt);
+        }
+        if more {
+            // Come back after the rest of the event loop had its turn.
+            if let Err(e) = active.tx.notify.write(1) {
+                log::warn!("virtio-net: cannot requeue TX work: {e}");
+            }
+        }
+    }
+}
+
+/// Makes a queue eventfd non-blocking, so reading one that a stale wake-up reported can
+/// never stall the event loop. Only the event loop reads these fds.
+fn set_nonblocking(fd: &EventFd) -> io::Result<()> {
+    // SAFETY: F_GETFL on an fd we own; no memory is involved.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on an fd we own; no memory is involved.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_MAX_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        AVAIL_FEATURES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is only writable in legacy virtio; nothing else is writable at all.
+        log::debug!(
+            "virtio-net: ignored a {}-byte configuration write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        queues: Vec<ActiveQueue>,
+        features: u64,
+    ) -> Result<(), ActivateError> {
+        let count = queues.len();
+        let [mut rx, mut tx]: [ActiveQueue; 2] = queues
+            .try_into()
+            .map_err(|_| ActivateError::BadQueues(format!("2 queues expected, {count} given")))?;
+        let event_idx = features & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
+        for (name, active) in [("RX", &mut rx), ("TX", &mut tx)] {
+            if !active.queue.is_valid(&mem) {
+                return Err(ActivateError::BadQueues(format!(
+                    "the {name} queue is not valid"
+                )));
+            }
+            active.queue.set_event_idx(event_idx);
+            set_nonblocking(&active.notify).map_err(ActivateError::Backend)?;
+        }
+        self.tap
+            .set_offload(tap_offloads(features))
+            .map_err(|e| ActivateError::Backend(io::Error::other(e)))?;
+
+        self.retire();
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            rx,
+            tx,
+            features,
+        });
+        self.wake_event_loop();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.retire();
+        if let Err(e) = self.tap.set_offload(0) {
+            log::warn!("virtio-net: {e}");
+        }
+        self.wake_event_loop();
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::devices::virtio::net::header::{VirtioNetHdr, ETH_HLEN};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    pub(crate) const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    pub(crate) const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+    pub(crate) fn memory() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    /// Adds one chain of `(address, length, flags)` descriptors at table index `first`.
+    pub(crate) fn add_chain(
+        mock: &MockSplitQueue<GuestMemory>,
+        first: u16,
+        descs: &[(u64, u32, u16)],
+    ) {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let index = first + i as u16;
+                let last = i + 1 == descs.len();
+                let flags = if last { flags & !NEXT } else { flags | NEXT };
+                RawDescriptor::from(Descriptor::new(addr, len, flags, index + 1))
+            })
+            .collect();
+        mock.add_desc_chains(&raw, first).unwrap();
+    }
+
+    /// The used ring's entries as (head, length).
+    pub(crate) fn used_entries(mock: &MockSplitQueue<GuestMemory>) -> Vec<(u32, u32)> {
+        let count = mock.used().idx().load();
+        (0..count)
+            .map(|i| {
+                let elem = mock.used().ring().ref_at(i as usize).unwrap().load();
+                (elem.id(), elem.len())
+            })
+            .collect()
+    }
+
+    fn tx_frame(payload_len: usize) -> Vec<u8> {
+        let mut frame = VirtioNetHdr::default().to_bytes().to_vec();
+        frame.extend((0..payload_len).map(|i| (i % 251) as u8));
+        frame
+    }
+
+    const ALL: u64 = AVAIL_FEATURES;
+
+    #[test]
+    fn config_space_reads() {
+        let config = config_space([2, 1, 2, 3, 4, 5]);
+        let mut data = [0xaa; 4];
+        read_config_bytes(&config, 0, &mut data);
+        assert_eq!(data, [2, 1, 2, 3]);
+        read_config_bytes(&config, 6, &mut data);
+        assert_eq!(data, [1, 0, 1, 0]); // link up, one queue pair
+        let mut data = [0xaa; 4];
+        read_config_bytes(&config, 8, &mut data);
+        assert_eq!(data, [1, 0, 0, 0]);
+        let mut data = [0xaa; 4];
+        read_config_bytes(&config, 100, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn offloads_follow_receive_features() {
+        assert_eq!(tap_offloads(0), 0);
+        // TSO without checksum offload is meaningless to the tap.
+        assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
+        assert_eq!(
+            tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_ECN)),
+            libc::TUN_F_CSUM
+        );
+        assert_eq!(
+            tap_offloads(ALL),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN
+        );
+    }
+
+    #[test]
+    fn tx_sends_valid_frames_and_returns_every_chain() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let good = tx_frame(60);
+        mem.write_slice(&good[..5], GuestAddress(0x10_0000))
+            .unwrap();
+        mem.write_slice(&good[5..], GuestAddress(0x11_0000))
+            .unwrap();
+        // 0: header split across two descriptors, payload in the second.
+        add_chain(&mock, 0, &[(0x10_0000, 5, 0), (0x11_0000, 67, 0)]);
+        // 2: shorter than a header.
+        add_chain(&mock, 2, &[(0x10_0000, 8, 0)]);
+        // 3: a device-writable descriptor.
+        add_chain(&mock, 3, &[(0x10_0000, 5, 0), (0x11_0000, 67, WRITE)]);
+        // 5: longer than any frame.
+        add_chain(&mock, 5, &[(0x10_0000, 0x2_0000, 0)]);
+        // 6: outside guest memory.
+        add_chain(&mock, 6, &[(0x1_0000_0000, 100, 0)]);
+        // 7: the good frame again, in one descriptor.
+        mem.write_slice(&good, GuestAddress(0x12_0000)).unwrap();
+        add_chain(&mock, 7, &[(0x12_0000, good.len() as u32, 0)]);
+
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut buffer = vec![0; MAX_BUFFER_LEN];
+        let mut sent = Vec::new();
+        let (used, more) = process_tx_queue(&mut queue, &mem, ALL, &mut buffer, |frame| {
+            sent.push(frame.to_vec())
+        });
+        assert!(used && !more);
+        assert_eq!(sent, [good.clone(), good]);
+        assert_eq!(
+            used_entries(&mock),
+            [(0, 0), (2, 0), (3, 0), (5, 0), (6, 0), (7, 0)]
+        );
+    }
+
+    fn rx_frame(state: &mut RxState, payload_len: usize, tag: u8) -> Vec<u8> {
+        let mut frame = VirtioNetHdr {
+            num_buffers: 0xeeee,
+            ..VirtioNetHdr::default()
+        }
+        .to_bytes()
+        .to_vec();
+        frame.extend((0..payload_len).map(|i| tag.wrapping_add(i as u8)));
+        state.frame[..frame.len()].copy_from_slice(&frame);
+        state.pending = Some(frame.len());
+        frame
+    }
+
+    fn read_back(mem: &GuestMemory, addr: u64, len: usize) -> Vec<u8> {
+        let mut data = vec![0; len];
+        mem.read_slice(&mut data, GuestAddress(addr)).unwrap();
+        data
+    }
+
+    fn no_more_frames(_: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    #[test]
+    fn rx_frame_in_one_buffer() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        add_chain(&mock, 0, &[(0x10_0000, 2048, WRITE)]);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut state = RxState::new();
+        let frame = rx_frame(&mut state, 100, 7);
+
+        let (used, error) = state.process(&mut queue, &mem, ALL, no_more_frames);
+        assert!(used && error.is_none());
+        assert!(!state.has_pending_frame());
+        assert_eq!(used_entries(&mock), [(0, frame.len() as u32)]);
+        let delivered = read_back(&mem, 0x10_0000, frame.len());
+        assert_eq!(
+            VirtioNetHdr::from_bytes(delivered.first_chunk().unwrap()).num_buffers,
+            1
+        );
+        assert_eq!(delivered[VNET_HDR_LEN..], frame[VNET_HDR_LEN..]);
+    }
+
+    #[test]
+    fn rx_frame_across_mergeable_buffers() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        // Three buffers of 64 bytes (the second split in two descriptors), then one more.
+        add_chain(&mock, 0, &[(0x10_0000, 64, WRITE)]);
+        add_chain(&mock, 1, &[(0x11_0000, 30, WRITE), (0x11_1000, 34, WRITE)]);
+        add_chain(&mock, 3, &[(0x12_0000, 64, WRITE)]);
+        add_chain(&mock, 4, &[(0x13_0000, 64, WRITE)]);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut state = RxState::new();
+        let frame = rx_frame(&mut state, 150, 1); // 162 bytes: 64 + 64 + 34
+
+        let (used, _) = state.process(&mut queue, &mem, ALL, no_more_frames);
+        assert!(used);
+        assert_eq!(used_entries(&mock), [(0, 64), (1, 64), (3, 34)]);
+        let mut delivered = read_back(&mem, 0x10_0000, 64);
+        delivered.extend(read_back(&mem, 0x11_0000, 30));
+        delivered.extend(read_back(&mem, 0x11_1000, 34));
+        delivered.extend(read_back(&mem, 0x12_0000, 34));
+        let header = VirtioNetHdr::from_bytes(delivered.first_chunk().unwrap());
+        assert_eq!(header.num_buffers, 3);
+        assert_eq!(delivered[VNET_HDR_LEN..], frame[VNET_HDR_LEN..]);
+
+        // The fourth buffer stays with the device for the next frame.
+        let frame = rx_frame(&mut state, 20, 9);
+        state.process(&mut queue, &mem, ALL, no_more_frames);
+        assert_eq!(used_entries(&mock)[3], (4, frame.len() as u32));
+    }
+
+    #[test]
+    fn rx_keeps_the_frame_until_buffers_arrive() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut state = RxState::new();
+        let frame = rx_frame(&mut state, 1000, 3);
+        let mut reads = 0;
+        let mut count_reads = |_: &mut [u8]| -> io::Result<usize> {
+            reads += 1;
+            Err(io::ErrorKind::WouldBlock.into())
+        };
+
+        // No buffers: the frame waits and the tap is not read.
+        let (used, _) = state.process(&mut queue, &mem, ALL, &mut count_reads);
+        assert!(!used && state.has_pending_frame());
+        // Too little room in a first buffer: still waiting, nothing returned yet.
+        add_chain(&mock, 0, &[(0x10_0000, 512, WRITE)]);
+        let (used, _) = state.process(&mut queue, &mem, ALL, &mut count_reads);
+        assert!(!used && state.has_pending_frame());
+        assert!(used_entries(&mock).is_empty());
+        // Enough room: delivered in two buffers, then the tap is read again.
+        add_chain(&mock, 1, &[(0x11_0000, 1024, WRITE)]);
+        let (used, _) = state.process(&mut queue, &mem, ALL, &mut count_reads);
+        assert!(used && !state.has_pending_frame());
+        assert_eq!(reads, 1);
+        assert_eq!(
+            used_entries(&mock),
+            [(0, 512), (1, frame.len() as u32 - 512)]
+        );
+    }
+
+    #[test]
+    fn rx_returns_unusable_buffers_empty() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        add_chain(&mock, 0, &[(0x10_0000, 64, 0)]); // device-readable
+        add_chain(&mock, 1, &[(0x10_0000, 4, WRITE)]); // smaller than a header
+        add_chain(&mock, 2, &[(0x10_0000, 2048, WRITE)]);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut state = RxState::new();
+        let frame = rx_frame(&mut state, 60, 0);
+        state.process(&mut queue, &mem, ALL, no_more_frames);
+        assert_eq!(
+            used_entries(&mock),
+            [(0, 0), (1, 0), (2, frame.len() as u32)]
+        );
+    }
+
+    #[test]
+    fn rx_without_mergeable_buffers_uses_one_buffer() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        add_chain(&mock, 0, &[(0x10_0000, 64, WRITE)]);
+        add_chain(&mock, 1, &[(0x11_0000, 2048, WRITE)]);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let features = ALL & !bit(VIRTIO_NET_F_MRG_RXBUF);
+        let mut state = RxState::new();
+
+        // Too big for the buffer at the head of the ring: dropped, the buffer kept.
+        rx_frame(&mut state, 100, 0);
+        let (used, _) = state.process(&mut queue, &mem, features, no_more_frames);
+        assert!(!used && !state.has_pending_frame());
+        let frame = rx_frame(&mut state, 40, 0);
+        state.process(&mut queue, &mem, features, no_more_frames);
+        assert_eq!(used_entries(&mock), [(0, frame.len() as u32)]);
+        let delivered = read_back(&mem, 0x10_0000, VNET_HDR_LEN);
+        assert_eq!(
+            VirtioNetHdr::from_bytes(delivered.first_chunk().unwrap()).num_buffers,
+            1
+        );
+    }
+
+    #[test]
+    fn rx_reads_frames_from_the_tap_until_it_is_empty() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        for i in 0..4 {
+            add_chain(
+                &mock,
+                i,
+                &[(0x10_0000 + u64::from(i) * 0x1_0000, 2048, WRITE)],
+            );
+        }
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut state = RxState::new();
+        let mut queued: VecDeque<Vec<u8>> = (0..3u8)
+            .map(|tag| {
+                let mut frame = vec![0; VNET_HDR_LEN];
+                frame.extend(std::iter::repeat_n(tag, ETH_HLEN + tag as usize));
+                frame
+            })
+            .collect();
+        let (used, error) = state.process(&mut queue, &mem, ALL, |buf| match queued.pop_front() {
+            Some(frame) => {
+                buf[..frame.len()].copy_from_slice(&frame);
+                Ok(frame.len())
+            }
+            None => Err(io::ErrorKind::WouldBlock.into()),
+        });
+        assert!(used && error.is_none());
+        assert_eq!(used_entries(&mock), [(0, 26), (1, 27), (2, 28)]);
+        assert_eq!(
+            read_back(&mem, 0x12_0000 + VNET_HDR_LEN as u64, 16),
+            [2; 16]
+        );
+    }
+}
