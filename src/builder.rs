@@ -25,6 +25,9 @@ use crate::devices::legacy::acpi_pm::AcpiSleep;
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{InputSpace, SerialDevice, SocketSink, StdoutSink};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::VirtioDevice;
 use crate::exit::ExitSignal;
 use crate::vmm::{ConsoleSetup, Vmm};
 use crate::vstate::kvm::{KvmContext, KvmError};
@@ -146,13 +149,22 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         name: "exit eventfd",
         source: Box::new(e),
     })?);
-    let event_loop = EventLoop::new().map_err(BuildError::EventLoop)?;
+    let mut event_loop = EventLoop::new().map_err(BuildError::EventLoop)?;
     let mut io_bus = Bus::new();
     let mut mmio_bus = Bus::new();
-    let mmio_devices = MmioDeviceManager::new();
+    let mut mmio_devices = MmioDeviceManager::new();
     let console = attach_serial(&vm, &mut io_bus, config)?;
     attach_legacy_devices(&mut io_bus, exit.clone())?;
     let control = attach_control_device(&mut io_bus, &mut mmio_bus, config, exit.clone(), start)?;
+    let mut virtio = VirtioAttach {
+        vm: &vm,
+        mem: &mem,
+        mmio_bus: &mut mmio_bus,
+        event_loop: &mut event_loop,
+        manager: &mut mmio_devices,
+    };
+    attach_disks(&mut virtio, config)?;
+    attach_nets(&mut virtio, config)?;
 
     let cmdline_size = load_kernel_cmdline(&mem, config, &kernel, &mmio_devices)?;
     arch::mptable::setup_mptable(&mem, config.vcpu_count).map_err(BuildError::Mptable)?;
@@ -434,6 +446,58 @@ fn attach_serial(vm: &Vm, io_bus: &mut Bus, config: &VmConfig) -> Result<Console
             _ => None,
         },
     })
+}
+
+/// What attaching a virtio device touches.
+struct VirtioAttach<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemory,
+    mmio_bus: &'a mut Bus,
+    event_loop: &'a mut EventLoop,
+    manager: &'a mut MmioDeviceManager,
+}
+
+impl VirtioAttach<'_> {
+    fn attach<D>(&mut self, name: &str, device: D) -> Result<(), BuildError>
+    where
+        D: VirtioDevice + event_manager::MutEventSubscriber + 'static,
+    {
+        self.manager
+            .attach_virtio(
+                name,
+                Arc::new(Mutex::new(device)),
+                self.vm,
+                self.mem,
+                self.mmio_bus,
+                self.event_loop,
+            )
+            .map(|_| ())
+            .map_err(BuildError::DeviceManager)
+    }
+}
+
+/// One virtio-blk device per `--disk`, in order (the guest sees vda, vdb, ...).
+fn attach_disks(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildError> {
+    for (index, disk) in config.disks.iter().enumerate() {
+        let block = Block::new(disk).map_err(|e| BuildError::Device {
+            name: "virtio-blk",
+            source: Box::new(e),
+        })?;
+        virtio.attach(&format!("disk{index}"), block)?;
+    }
+    Ok(())
+}
+
+/// One virtio-net device per `--net`, in order (eth0, eth1, ...).
+fn attach_nets(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildError> {
+    for (index, net) in config.nets.iter().enumerate() {
+        let device = Net::new(net).map_err(|e| BuildError::Device {
+            name: "virtio-net",
+            source: Box::new(e),
+        })?;
+        virtio.attach(&format!("net{index}"), device)?;
+    }
+    Ok(())
 }
 
 /// i8042 (reset), the CMOS clock and the ACPI sleep registers (power-off).

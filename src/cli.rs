@@ -53,6 +53,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC", default_value = "stdio")]
     pub serial: String,
 
+    /// A virtio-blk disk backed by a raw image: path=FILE[,ro=on][,id=NAME]. Repeatable.
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+
+    /// A virtio-net interface on an existing tap device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX].
+    /// Repeatable.
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<String>,
+
     /// Print the time from process start to the guest's boot-complete signal on stderr.
     #[arg(long)]
     pub boot_timer: bool,

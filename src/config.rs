@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use crate::arch::layout;
 use crate::cli::{CpuProfileChoice, RunArgs};
+use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net::{parse_mac, NetConfig};
 use crate::vstate::pvm;
 
 /// Command line used when the user gives none.
@@ -57,6 +59,12 @@ pub enum ConfigError {
     },
     #[error("kernel command line is invalid: {0}")]
     CmdlineInvalid(String),
+    #[error("invalid {flag} \"{spec}\": {reason}")]
+    DeviceSpec {
+        flag: &'static str,
+        spec: String,
+        reason: String,
+    },
 }
 
 /// Where the guest's serial console is connected.
@@ -119,6 +127,8 @@ pub struct VmConfig {
     pub vcpu_count: u8,
     pub mem_size: u64,
     pub serial: SerialConfig,
+    pub disks: Vec<BlockConfig>,
+    pub nets: Vec<NetConfig>,
     pub boot_timer: bool,
     pub cpu_profile: CpuProfile,
 }
@@ -154,6 +164,16 @@ impl VmConfig {
                 });
             }
         }
+        let disks = args
+            .disks
+            .iter()
+            .map(|spec| parse_disk(spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nets = args
+            .nets
+            .iter()
+            .map(|spec| parse_net(spec))
+            .collect::<Result<Vec<_>, _>>()?;
         let cpu_profile = CpuProfile::resolve(args.cpu_profile);
         let (boot_args, init_args) = split_cmdline(&args.cmdline);
         let config = VmConfig {
@@ -164,6 +184,8 @@ impl VmConfig {
             vcpu_count: args.cpus as u8,
             mem_size,
             serial,
+            disks,
+            nets,
             boot_timer: args.boot_timer,
             cpu_profile,
         };
@@ -210,6 +232,117 @@ impl VmConfig {
         }
         Ok(cmdline)
     }
+}
+
+/// Parses `key=value,key=value` device options; only `allowed` keys, each at most once.
+fn parse_options(
+    flag: &'static str,
+    spec: &str,
+    allowed: &[&str],
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let bad = |reason: String| ConfigError::DeviceSpec {
+        flag,
+        spec: spec.to_string(),
+        reason,
+    };
+    let mut options: Vec<(String, String)> = Vec::new();
+    for part in spec.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("\"{part}\" is not key=value")))?;
+        if !allowed.contains(&key) {
+            return Err(bad(format!(
+                "unknown option \"{key}\" (expected {})",
+                allowed.join(", ")
+            )));
+        }
+        if options.iter().any(|(k, _)| k == key) {
+            return Err(bad(format!("option \"{key}\" given twice")));
+        }
+        options.push((key.to_string(), value.to_string()));
+    }
+    Ok(options)
+}
+
+/// `on`/`off` (also `true`/`false`, `yes`/`no`).
+fn parse_switch(
+    flag: &'static str,
+    spec: &str,
+    key: &str,
+    value: &str,
+) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(ConfigError::DeviceSpec {
+            flag,
+            spec: spec.to_string(),
+            reason: format!("{key} must be on or off"),
+        }),
+    }
+}
+
+/// `--disk path=FILE[,ro=on][,id=NAME]`; the image must be a readable file.
+fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
+    const FLAG: &str = "--disk";
+    let mut path = None;
+    let mut read_only = false;
+    let mut id = None;
+    for (key, value) in parse_options(FLAG, spec, &["path", "ro", "id"])? {
+        match key.as_str() {
+            "path" => path = Some(PathBuf::from(value)),
+            "ro" => read_only = parse_switch(FLAG, spec, &key, &value)?,
+            _ => id = Some(value),
+        }
+    }
+    let path =
+        path.filter(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| ConfigError::DeviceSpec {
+                flag: FLAG,
+                spec: spec.to_string(),
+                reason: "path=FILE is required".into(),
+            })?;
+    if let Some(id) = &id {
+        if id.len() > crate::devices::virtio::block::ID_BYTES {
+            return Err(ConfigError::DeviceSpec {
+                flag: FLAG,
+                spec: spec.to_string(),
+                reason: format!(
+                    "id is longer than {} bytes",
+                    crate::devices::virtio::block::ID_BYTES
+                ),
+            });
+        }
+    }
+    check_readable_file("disk image", &path)?;
+    Ok(BlockConfig {
+        path,
+        read_only,
+        id,
+    })
+}
+
+/// `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`. Whether the tap exists is checked when the
+/// device opens it.
+fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
+    const FLAG: &str = "--net";
+    let bad = |reason: String| ConfigError::DeviceSpec {
+        flag: FLAG,
+        spec: spec.to_string(),
+        reason,
+    };
+    let mut tap = None;
+    let mut mac = None;
+    for (key, value) in parse_options(FLAG, spec, &["tap", "mac"])? {
+        match key.as_str() {
+            "tap" => tap = Some(value),
+            _ => mac = Some(parse_mac(&value).map_err(|e| bad(e.to_string()))?),
+        }
+    }
+    let tap = tap
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad("tap=NAME is required".into()))?;
+    Ok(NetConfig { tap, mac })
 }
 
 /// Splits "boot args -- init args" at the first standalone `--`.
@@ -308,6 +441,8 @@ mod tests {
             cpus: 1,
             memory: "128M".to_string(),
             serial: "stdio".to_string(),
+            disks: Vec::new(),
+            nets: Vec::new(),
             boot_timer: false,
             cpu_profile: CpuProfileChoice::Host,
         }
@@ -358,6 +493,53 @@ mod tests {
         );
         for bad in ["", "file=", "tcp=1", "pty"] {
             assert!(SerialConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn disk_specs() {
+        let image = temp_file("disk.img", 1 << 20);
+        let spec = format!("path={},ro=on,id=data", image.display());
+        let disk = parse_disk(&spec).unwrap();
+        assert_eq!(disk.path, image);
+        assert!(disk.read_only);
+        assert_eq!(disk.id.as_deref(), Some("data"));
+        let plain = parse_disk(&format!("path={}", image.display())).unwrap();
+        assert!(!plain.read_only && plain.id.is_none());
+
+        let image = image.display();
+        for bad in [
+            "ro=on".to_string(),
+            format!("path={image},ro=maybe"),
+            format!("path={image},size=1G"),
+            format!("path={image},path={image}"),
+            format!("path={image},id=abcdefghijklmnopqrstuvwxyz"),
+            format!("{image}"),
+            "path=/nonexistent/disk.img".to_string(),
+        ] {
+            let err = parse_disk(&bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--disk") || err.contains("/nonexistent"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn net_specs() {
+        let net = parse_net("tap=tap0,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(net.tap, "tap0");
+        assert_eq!(net.mac, Some([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]));
+        assert_eq!(parse_net("tap=t1").unwrap().mac, None);
+        for bad in [
+            "mac=52:54:00:12:34:56",
+            "tap=",
+            "tap=t,mac=zz",
+            "tap=t,queues=2",
+            "t0",
+        ] {
+            let err = parse_net(bad).unwrap_err().to_string();
+            assert!(err.starts_with("invalid --net"), "{bad}: {err}");
         }
     }
 

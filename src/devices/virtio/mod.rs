@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
 
+pub mod block;
 pub mod mmio;
 pub mod net;
 
@@ -102,8 +103,9 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific configuration space. Read-only parts ignore writes.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// DRIVER_OK: start serving `queues` with the negotiated `features`. Called on a vCPU
-    /// thread; the device hands the work to the event loop.
+    /// DRIVER_OK: start serving `queues` with the negotiated `features` (the device turns
+    /// on VIRTIO_RING_F_EVENT_IDX in its queues when negotiated). Called on a vCPU thread;
+    /// the device hands the work to the event loop.
     fn activate(
         &mut self,
         mem: GuestMemory,

@@ -29,7 +29,7 @@ use super::header::{
     MAX_BUFFER_LEN, VNET_HDR_LEN,
 };
 use super::tap::Tap;
-use super::{random_mac, NetConfig, NetError};
+use super::{format_mac, random_mac, NetConfig, NetError};
 use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
 
@@ -127,10 +127,12 @@ pub(super) fn process_tx_queue(
     mut send: impl FnMut(&[u8]),
 ) -> (bool, bool) {
     let mut used = 0;
+    let mut retried = false;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             log::warn!("virtio-net: cannot disable TX notifications: {e}");
         }
+        let before = used;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let frame = read_tx_frame(mem, chain, buffer)
@@ -145,8 +147,13 @@ pub(super) fn process_tx_queue(
                 return (true, true);
             }
         }
+        if used == before && retried {
+            // The ring claims chains it cannot give (a bad available index): stop here
+            // rather than spin; the next notification tries again.
+            break;
+        }
         match queue.enable_notification(mem) {
-            Ok(true) => continue,
+            Ok(true) => retried = true,
             Ok(false) => break,
             Err(e) => {
                 log::warn!("virtio-net: cannot enable TX notifications: {e}");
@@ -283,11 +290,15 @@ impl RxState {
             log::warn!("virtio-net: cannot disable RX notifications: {e}");
         }
         let mut frames = 0;
+        let mut last_no_room = None;
         while frames < BUDGET {
             if self.pending.is_none() {
                 match receive(&mut self.frame) {
-                    Ok(n) if n >= VNET_HDR_LEN => self.pending = Some(n),
+                    Ok(n) if (VNET_HDR_LEN..=self.frame.len()).contains(&n) => {
+                        self.pending = Some(n)
+                    }
                     Ok(n) => {
+                        // Shorter than a header, or longer than the buffer (truncated).
                         log::debug!("virtio-net: ignored a {n}-byte read from the tap");
                         frames += 1;
                         continue;
@@ -299,16 +310,24 @@ impl RxState {
             }
             match self.deliver(queue, mem, features, &mut used) {
                 Delivery::Delivered | Delivery::Dropped => frames += 1,
-                Delivery::NoRoom => match queue.enable_notification(mem) {
-                    // Buffers came in while notifications were off: use them. Each turn
-                    // takes at least one chain off the ring, so this ends.
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => {
-                        log::warn!("virtio-net: cannot enable RX notifications: {e}");
+                Delivery::NoRoom => {
+                    // No chain taken since the last try: the ring claims chains it cannot
+                    // give (a bad available index). Wait for the next notification.
+                    let position = queue.next_avail();
+                    if last_no_room == Some(position) {
                         break;
                     }
-                },
+                    last_no_room = Some(position);
+                    match queue.enable_notification(mem) {
+                        // Buffers came in while notifications were off: use them.
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            log::warn!("virtio-net: cannot enable RX notifications: {e}");
+                            break;
+                        }
+                    }
+                }
             }
         }
         (used, None)
@@ -355,6 +374,11 @@ impl Net {
             None => random_mac()?,
         };
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd)?;
+        log::info!(
+            "virtio-net: tap device \"{}\", guest MAC {}",
+            config.tap,
+            format_mac(&mac)
+        );
         Ok(Self {
             tap,
             mac,
@@ -853,5 +877,40 @@ pub(super) mod tests {
             read_back(&mem, 0x12_0000 + VNET_HDR_LEN as u64, 16),
             [2; 16]
         );
+    }
+
+    #[test]
+    fn rx_ignores_impossible_reads() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        add_chain(&mock, 0, &[(0x10_0000, 2048, WRITE)]);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut state = RxState::new();
+        let mut reads = [4, MAX_BUFFER_LEN + 1].into_iter();
+        let (used, error) = state.process(&mut queue, &mem, ALL, |_| {
+            reads.next().ok_or_else(|| io::ErrorKind::WouldBlock.into())
+        });
+        assert!(!used && error.is_none() && !state.has_pending_frame());
+        let (_, error) = state.process(&mut queue, &mem, ALL, |_| {
+            Err(io::Error::from_raw_os_error(libc::EBADFD))
+        });
+        assert_eq!(error.unwrap().raw_os_error(), Some(libc::EBADFD));
+    }
+
+    #[test]
+    fn a_bad_available_index_does_not_hang() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        // More chains claimed than the ring holds: virtio-queue refuses to iterate.
+        mock.avail().idx().store(100);
+        let mut buffer = vec![0; MAX_BUFFER_LEN];
+        let (used, _) = process_tx_queue(&mut queue, &mem, ALL, &mut buffer, |_| {});
+        assert!(!used);
+
+        let mut state = RxState::new();
+        rx_frame(&mut state, 60, 0);
+        let (used, _) = state.process(&mut queue, &mem, ALL, no_more_frames);
+        assert!(!used && state.has_pending_frame());
     }
 }

@@ -1,0 +1,236 @@
+//! Helpers for tests that boot real Linux guests: where the kernels and the test
+//! initramfs come from, the command line they get, and checks on what /init printed.
+//!
+//! Artifacts come from resources/ (the README's test command builds them first):
+//! - `$HEARTH_GUEST_KERNEL`, default `$HEARTH_CACHE/kernel/current/vmlinux` (minimal kernel)
+//! - `$HEARTH_STOCK_KERNEL`, default `$HEARTH_CACHE/stock/current/vmlinux` (Debian's)
+//! - the initramfs is built here by resources/build-initramfs.sh (with the stock kernel's
+//!   virtio modules for the stock variant).
+//!
+//! `$HEARTH_CACHE` defaults to `~/.cache/hearth`.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::{describe, run_hearth, stderr_of, stdout_of};
+
+/// Minimal kernel: ~30-50 s to init on a nested-PVM host, far less on VMX/SVM.
+pub const MINIMAL_TIMEOUT: Duration = Duration::from_secs(600);
+/// Debian's stock kernel: several minutes on a nested-PVM host.
+pub const STOCK_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// Boot options every test passes.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// Options that spare a stock distro kernel minutes of emulated self-checks on a nested host
+/// (see the README's nested-PVM notes). Harmless elsewhere.
+pub const STOCK_SPEEDUPS: &str = "nokaslr mitigations=off init_on_alloc=0 nowatchdog \
+    cryptomgr.notests lpj=4000000 tsc=reliable no_timer_check \
+    initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,tracer_init_tracefs,\
+kfunc_init,bpf_key_sig_kfuncs_init,bpf_rstat_kfunc_init,bpf_prog_test_run_init,\
+bpf_tcp_ca_kfunc_init,cubictcp_register";
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("HEARTH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            Path::new(&home).join(".cache/hearth")
+        })
+}
+
+/// An artifact from `$env` or the cache; a missing one fails the test with the fix.
+pub fn artifact(env: &str, cache_relative: &str, how: &str) -> PathBuf {
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join(cache_relative));
+    assert!(
+        path.is_file(),
+        "guest artifact {} is missing: run {how} (or set {env})",
+        path.display()
+    );
+    path
+}
+
+pub fn minimal_kernel() -> PathBuf {
+    artifact(
+        "HEARTH_GUEST_KERNEL",
+        "kernel/current/vmlinux",
+        "resources/build-guest-kernel.sh",
+    )
+}
+
+pub fn stock_kernel() -> PathBuf {
+    artifact(
+        "HEARTH_STOCK_KERNEL",
+        "stock/current/vmlinux",
+        "resources/fetch-stock-kernel.sh",
+    )
+}
+
+/// Which test initramfs: plain, or with the stock kernel's virtio modules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Initramfs {
+    Plain,
+    StockModules,
+}
+
+/// The test initramfs, built once per test process.
+pub fn initramfs(kind: Initramfs) -> &'static Path {
+    static PLAIN: OnceLock<PathBuf> = OnceLock::new();
+    static STOCK: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match kind {
+        Initramfs::Plain => &PLAIN,
+        Initramfs::StockModules => &STOCK,
+    };
+    cell.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "test-initramfs-{kind:?}-{}.cpio",
+            std::process::id()
+        ));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/build-initramfs.sh");
+        let mut cmd = std::process::Command::new("bash");
+        cmd.arg(&script).arg(&out);
+        if kind == Initramfs::StockModules {
+            let modules = stock_kernel().with_file_name("modules");
+            cmd.arg("--modules").arg(modules);
+        }
+        let status = cmd
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run resources/build-initramfs.sh");
+        assert!(status.success(), "building the test initramfs failed");
+        out
+    })
+}
+
+/// A kernel and the initramfs that goes with it.
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initramfs: Initramfs,
+    /// Boot options on top of `BASE_CMDLINE`.
+    pub boot_args: &'static str,
+    pub timeout: Duration,
+}
+
+/// The minimal kernel from resources/.
+pub fn minimal_guest() -> Guest {
+    Guest {
+        kernel: minimal_kernel(),
+        initramfs: Initramfs::Plain,
+        boot_args: "",
+        timeout: MINIMAL_TIMEOUT,
+    }
+}
+
+/// Debian's stock cloud kernel, which needs its virtio modules from the initramfs and
+/// finds virtio-mmio devices only through ACPI.
+pub fn stock_guest() -> Guest {
+    Guest {
+        kernel: stock_kernel(),
+        initramfs: Initramfs::StockModules,
+        boot_args: STOCK_SPEEDUPS,
+        timeout: STOCK_TIMEOUT,
+    }
+}
+
+/// Boots `guest` and runs `command` in it (`extra` are more hearth flags).
+pub fn boot_linux(guest: &Guest, command: &str, extra: &[&str]) -> Output {
+    boot_kernel(
+        &guest.kernel,
+        initramfs(guest.initramfs),
+        guest.boot_args,
+        command,
+        extra,
+        guest.timeout,
+    )
+}
+
+/// Boots `kernel` with `initrd` and runs `command` in the guest.
+fn boot_kernel(
+    kernel: &Path,
+    initrd: &Path,
+    boot_args: &str,
+    command: &str,
+    extra: &[&str],
+    timeout: Duration,
+) -> Output {
+    let cmdline = format!("{BASE_CMDLINE} {boot_args} -- {command}");
+    let mut args = vec![
+        "run".to_string(),
+        "--kernel".into(),
+        kernel.display().to_string(),
+        "--initrd".into(),
+        initrd.display().to_string(),
+        "--cmdline".into(),
+        cmdline,
+        "--boot-timer".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run_hearth(&args, timeout)
+}
+
+#[track_caller]
+pub fn assert_booted(out: &Output) {
+    assert!(
+        stderr_of(out).contains("boot-timer:"),
+        "the guest never signalled boot complete\n{}",
+        describe(out)
+    );
+    assert!(
+        stdout_of(out).contains("HEARTH-RUN"),
+        "the test init never ran the command\n{}",
+        describe(out)
+    );
+}
+
+/// The line printed right after the marker line `marker` (the command echoes markers so
+/// its output can be told apart from kernel messages).
+pub fn line_after<'a>(stdout: &'a str, marker: &str) -> Option<&'a str> {
+    let mut lines = stdout.lines().map(|l| l.trim_end_matches('\r'));
+    lines.find(|l| l.trim() == marker)?;
+    lines.next()
+}
+
+/// An ext4 image of `size_mib` MiB holding `files` (name, contents), made with
+/// `mkfs.ext4 -d` (e2fsprogs) in `dir`.
+pub fn make_ext4_image(dir: &Path, name: &str, size_mib: u64, files: &[(&str, &str)]) -> PathBuf {
+    let root = dir.join(format!("{name}.root"));
+    std::fs::create_dir_all(&root).expect("create image root");
+    for (file, contents) in files {
+        std::fs::write(root.join(file), contents).expect("write image file");
+    }
+    let image = dir.join(format!("{name}.img"));
+    let file = std::fs::File::create(&image).expect("create image");
+    file.set_len(size_mib << 20).expect("size image");
+    let status = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&image)
+        .status()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(status.success(), "mkfs.ext4 failed");
+    image
+}
+
+/// A file's contents inside an ext4 image, read on the host with debugfs; None if absent.
+pub fn read_from_ext4_image(image: &Path, path: &str) -> Option<String> {
+    let out = std::process::Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(image)
+        .output()
+        .expect("run debugfs (e2fsprogs)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let missing = String::from_utf8_lossy(&out.stderr).contains("File not found");
+    (out.status.success() && !missing).then_some(text)
+}
+
+/// A cheap content fingerprint of a whole file (FNV-1a), to show it did not change.
+pub fn fingerprint(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).expect("read file to fingerprint");
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
