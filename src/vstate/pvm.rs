@@ -104,7 +104,6 @@ pub struct PvmFixups {
     vcpu: u8,
     trap: Option<SyscallTrap>,
     trap_disabled: bool,
-    exits: u64,
     pub stats: FixupStats,
 }
 
@@ -114,7 +113,6 @@ impl PvmFixups {
             vcpu,
             trap: None,
             trap_disabled: false,
-            exits: 0,
             stats: FixupStats::default(),
         }
     }
@@ -124,17 +122,17 @@ impl PvmFixups {
         self.trap.is_some() || self.trap_disabled
     }
 
-    /// Called after exits and kicks: arms the SYSCALL trap once the guest kernel has
-    /// installed its IDT and LSTAR. Cheap enough to run every few exits.
-    pub fn poll(&mut self, fd: &VcpuFd, mem: &GuestMemory, forced: bool) {
-        self.exits += 1;
-        if self.trap_settled() || (!forced && self.exits % 16 != 1) {
+    /// Called after every exit and kick until the SYSCALL trap is armed: arms it as soon as
+    /// the guest kernel has installed its IDT and LSTAR. Checking on every exit (one
+    /// KVM_GET_MSRS while LSTAR is still zero) keeps the window between the guest setting
+    /// LSTAR and its first user-mode SYSCALL as small as the guest's exits allow; the
+    /// event loop's periodic kicks cover guests that make no exits at all.
+    pub fn poll(&mut self, fd: &VcpuFd, mem: &GuestMemory) {
+        if self.trap_settled() {
             return;
         }
-        match self.try_arm(fd, mem) {
-            Ok(true) => {}
-            Ok(false) => {}
-            Err(e) => log::debug!("vCPU {}: SYSCALL trap not armed yet: {e}", self.vcpu),
+        if let Err(e) = self.try_arm(fd, mem) {
+            log::debug!("vCPU {}: SYSCALL trap not armed yet: {e}", self.vcpu);
         }
     }
 

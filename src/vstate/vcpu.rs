@@ -204,9 +204,10 @@ impl Vcpu {
             Ok(VcpuExit::FailEntry(reason, _)) => {
                 Outcome::Fatal(format!("VM entry failed, hardware reason {reason:#x}"))
             }
-            Ok(VcpuExit::Intr) => Outcome::Kicked,
+            // A kick: the loop re-checks for a stop request.
+            Ok(VcpuExit::Intr) => Outcome::Handled,
             Ok(other) => Outcome::Fatal(format!("unexpected exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR => Outcome::Kicked,
+            Err(e) if e.errno() == libc::EINTR => Outcome::Handled,
             // An AP that just got INIT/SIPI can report EAGAIN once on this host: run again.
             Err(e) if e.errno() == libc::EAGAIN => Outcome::Handled,
             Err(e) => Outcome::Fatal(format!("KVM_RUN failed: {e}")),
@@ -215,13 +216,7 @@ impl Vcpu {
         match outcome {
             Outcome::Handled => {
                 if let Some(pvm) = self.pvm.as_mut() {
-                    pvm.poll(&self.fd, &self.mem, false);
-                }
-                Ok(())
-            }
-            Outcome::Kicked => {
-                if let Some(pvm) = self.pvm.as_mut() {
-                    pvm.poll(&self.fd, &self.mem, true);
+                    pvm.poll(&self.fd, &self.mem);
                 }
                 Ok(())
             }
@@ -293,7 +288,6 @@ impl Vcpu {
 
 enum Outcome {
     Handled,
-    Kicked,
     TripleFault,
     InternalError,
     Debug(u64),
