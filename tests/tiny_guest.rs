@@ -6,11 +6,12 @@
 mod common;
 
 use std::fs;
+use std::path::Path;
 use std::process::Output;
 
 use common::{
-    assert_exit_code, assert_stdout_contains, describe, kvm_available, payload, run_payload,
-    stderr_of, stdout_of, Format, TempDir, HELLO, MEMTOUCH_MEMORY,
+    announce_skip, assert_exit_code, assert_stdout_contains, describe, kvm_available, payload,
+    run_payload, stderr_of, stdout_of, Format, TempDir, HELLO, MEMTOUCH_MEMORY,
 };
 
 /// Boots payload `name` in `format` with the default serial (stdio) plus `extra` flags.
@@ -264,6 +265,65 @@ fn serial_none_discards_guest_output() {
     assert!(
         out.stdout.is_empty(),
         "expected no stdout\n{}",
+        describe(&out)
+    );
+}
+
+/// User-mode SYSCALL/SYSRETQ end to end (tests/payloads/syscall.S): a kernel-like payload
+/// with an upper-half #PF handler and SYSCALL entry drops to CPL 3, where SYSCALL (once,
+/// then 100 times in a loop) must reach the entry at CPL 0 with GS swapped, and SYSRETQ
+/// must return with RFLAGS and RSP intact. On the nested PVM host the CPU leaves a user
+/// SYSCALL at CPL 3 and the fetch at LSTAR page-faults: hearth's compat layer completes it.
+#[test]
+fn syscall_from_user_mode_completes() {
+    if !kvm_available() {
+        return;
+    }
+    assert_syscall_payload_passes("syscall");
+}
+
+/// The same with a #PF handler that opens with `endbr64` (a kernel built with IBT), the
+/// other prologue hearth steps over for an ordinary page fault (the payload's user-mode
+/// read of a supervisor page).
+#[test]
+fn syscall_from_user_mode_completes_with_endbr64_pf_entry() {
+    if !kvm_available() {
+        return;
+    }
+    assert_syscall_payload_passes("syscall_endbr64");
+}
+
+#[track_caller]
+fn assert_syscall_payload_passes(name: &str) {
+    let out = boot(name, Format::Elf64, &[]);
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(&out, "syscall 1 from rip 0x");
+    assert_stdout_contains(&out, ": user mode\n");
+    assert_stdout_contains(&out, ": syscall ok\n");
+}
+
+/// Without the compat layer (`--cpu-profile host`) the nested PVM host does not complete
+/// a user-mode SYSCALL: the payload's #PF handler sees the fault at LSTAR and exits 1. This
+/// shows it is hearth that makes `syscall_from_user_mode_completes` pass there. Elsewhere
+/// (VMX/SVM) SYSCALL works natively, so the test only runs on a PVM host.
+#[test]
+fn syscall_from_user_mode_needs_compat_on_pvm() {
+    if !kvm_available() {
+        return;
+    }
+    if !Path::new("/sys/module/kvm_pvm").exists() {
+        announce_skip("not a nested PVM host (no /sys/module/kvm_pvm)");
+        return;
+    }
+    let out = boot("syscall", Format::Elf64, &["--cpu-profile", "host"]);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0),
+        "expected a non-zero exit status without the compat layer\n{}",
+        describe(&out)
+    );
+    assert!(
+        !stdout_of(&out).contains("syscall ok"),
+        "user-mode SYSCALL completed without the compat layer\n{}",
         describe(&out)
     );
 }
