@@ -147,6 +147,18 @@ pub fn boot_linux(guest: &Guest, command: &str, extra: &[&str]) -> Output {
     )
 }
 
+/// The hearth arguments ([`boot_linux`]'s) that boot `guest` and run `command` in it, for
+/// tests that start hearth themselves (e.g. with [`super::Running`] and piped stdin).
+pub fn linux_args(guest: &Guest, command: &str, extra: &[&str]) -> Vec<String> {
+    hearth_args(
+        &guest.kernel,
+        initramfs(guest.initramfs),
+        guest.boot_args,
+        command,
+        extra,
+    )
+}
+
 /// Boots `kernel` with `initrd` and runs `command` in the guest.
 fn boot_kernel(
     kernel: &Path,
@@ -156,6 +168,17 @@ fn boot_kernel(
     extra: &[&str],
     timeout: Duration,
 ) -> Output {
+    let args = hearth_args(kernel, initrd, boot_args, command, extra);
+    run_hearth(&args, timeout)
+}
+
+fn hearth_args(
+    kernel: &Path,
+    initrd: &Path,
+    boot_args: &str,
+    command: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let cmdline = format!("{BASE_CMDLINE} {boot_args} -- {command}");
     let mut args = vec![
         "run".to_string(),
@@ -168,7 +191,7 @@ fn boot_kernel(
         "--boot-timer".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    run_hearth(&args, timeout)
+    args
 }
 
 #[track_caller]

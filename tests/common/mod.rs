@@ -40,6 +40,17 @@ macro_rules! memtouch_memory_mib {
 /// The `--memory` to run the `memtouch` payload with.
 pub const MEMTOUCH_MEMORY: &str = concat!(memtouch_memory_mib!(), "M");
 
+/// Guest RAM the `virtio_evil` payload is built for, in MiB: it points descriptors just
+/// past the end of RAM. A macro for the same reason as `memtouch_memory_mib`.
+macro_rules! virtio_evil_memory_mib {
+    () => {
+        "64"
+    };
+}
+
+/// The `--memory` to run the `virtio_evil` payload with.
+pub const VIRTIO_EVIL_MEMORY: &str = concat!(virtio_evil_memory_mib!(), "M");
+
 const PAYLOAD_SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/payloads");
 const PAYLOAD_OUTPUT: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/payloads");
 
@@ -128,6 +139,13 @@ const PAYLOADS: &[PayloadSpec] = &[
     spec("triple_fault", Format::Elf64, "triple_fault.S", &[]),
     spec("int3", Format::Elf64, "int3.S", &[]),
     spec("fwait", Format::Elf64, "fwait.S", &[]),
+    spec("syscall", Format::Elf64, "syscall.S", &[]),
+    spec(
+        "syscall_endbr64",
+        Format::Elf64,
+        "syscall.S",
+        &["PF_ENTRY_ENDBR64"],
+    ),
     spec("smp", Format::Elf64, "smp.S", &["NCPUS=2"]),
     spec("echo", Format::Elf64, "echo.S", &[]),
     spec(
@@ -135,6 +153,12 @@ const PAYLOADS: &[PayloadSpec] = &[
         Format::Elf64,
         "memtouch.S",
         &[concat!("MEMORY_MIB=", memtouch_memory_mib!())],
+    ),
+    spec(
+        "virtio_evil",
+        Format::Elf64,
+        "virtio_evil.c",
+        &[concat!("GUEST_MEMORY_MIB=", virtio_evil_memory_mib!())],
     ),
 ];
 
@@ -394,6 +418,24 @@ impl Running {
             String::from_utf8_lossy(expected),
             self.describe_so_far()
         );
+    }
+
+    /// Like [`Running::expect_stdout`], with its own `timeout` (for Linux guests, which
+    /// take far longer than [`RUN_TIMEOUT`] on a nested-PVM host).
+    #[track_caller]
+    pub fn expect_stdout_within(&self, expected: &[u8], timeout: Duration) {
+        assert!(
+            self.stdout.wait_for(expected, timeout),
+            "{} did not print {:?} within {timeout:?}\n{}",
+            self.command,
+            String::from_utf8_lossy(expected),
+            self.describe_so_far()
+        );
+    }
+
+    /// Everything the child has written to stdout so far.
+    pub fn stdout_so_far(&self) -> Vec<u8> {
+        self.stdout.contents()
     }
 
     /// What the child has printed so far, for failure messages.
