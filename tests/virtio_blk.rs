@@ -15,7 +15,7 @@ use common::{
     Format, Running, TempDir,
 };
 
-/// One boot covers a writable disk, a read-only disk, and both ids.
+/// One boot covers a writable disk, a read-only disk, both ids, and a device reset.
 #[test]
 fn minimal_kernel_reads_writes_and_respects_read_only_disks() {
     if !kvm_available() {
@@ -30,6 +30,11 @@ fn minimal_kernel_reads_writes_and_respects_read_only_disks() {
         r#"sh -c "mkdir -p /mnt/d /mnt/f; "#,
         r#"mount -t ext4 /dev/vda /mnt/d && cat /mnt/d/greeting.txt && "#,
         r#"echo written-by-guest > /mnt/d/new.txt && umount /mnt/d; "#,
+        // Driver unbind/bind resets the device (status 0) and sets it up again.
+        r#"D=\$(basename \$(readlink /sys/block/vda/device)); "#,
+        r#"echo \$D > /sys/bus/virtio/drivers/virtio_blk/unbind; "#,
+        r#"echo \$D > /sys/bus/virtio/drivers/virtio_blk/bind; echo REBOUND; "#,
+        r#"mount -t ext4 /dev/vda /mnt/d && cat /mnt/d/new.txt && umount /mnt/d; "#,
         r#"echo SERIALS; cat /sys/block/vda/serial; echo; cat /sys/block/vdb/serial; echo; "#,
         r#"if dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>/dev/null; "#,
         r#"then echo RO-WRITE-SUCCEEDED; else echo RO-WRITE-REFUSED; fi; "#,
