@@ -244,8 +244,9 @@ impl MmioTransport {
         }
         let added = value & !self.status;
         if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 && !self.features_acceptable() {
-            // Leave FEATURES_OK unset: the driver reads it back and gives up.
-            self.status = value & !VIRTIO_CONFIG_S_FEATURES_OK;
+            // Leave FEATURES_OK unset: the driver reads it back and gives up. A DRIVER_OK
+            // in the same write cannot stand without it.
+            self.status = value & !(VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK);
             return;
         }
         self.status = value;
@@ -530,6 +531,22 @@ mod tests {
         h.bring_up((1 << (VIRTIO_F_VERSION_1 - 32)) | 0x8000);
         assert_eq!(h.read(REG_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK, 0);
         h.driver_ok();
+        assert_eq!(h.device.lock().unwrap().activations, 0);
+    }
+
+    #[test]
+    fn refused_features_with_driver_ok_in_one_write_do_not_stick() {
+        let mut h = harness();
+        let all = VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK;
+        // No VERSION_1 negotiated.
+        h.write(REG_STATUS, all);
+        assert_eq!(
+            h.read(REG_STATUS),
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+        );
         assert_eq!(h.device.lock().unwrap().activations, 0);
     }
 
