@@ -41,7 +41,9 @@ struct Window {
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     /// Print it, after a note about `suppressed` earlier lines when non-zero.
-    Print { suppressed: u64 },
+    Print {
+        suppressed: u64,
+    },
     Drop,
 }
 
@@ -163,7 +165,10 @@ mod tests {
 
     #[test]
     fn guest_driven_crates_are_demoted() {
-        assert_eq!(effective_level(Level::Error, "virtio_queue::queue"), Level::Debug);
+        assert_eq!(
+            effective_level(Level::Error, "virtio_queue::queue"),
+            Level::Debug
+        );
         assert_eq!(effective_level(Level::Error, "virtio_queue"), Level::Debug);
         assert_eq!(effective_level(Level::Trace, "virtio_queue"), Level::Trace);
         assert_eq!(effective_level(Level::Error, "hearth::vmm"), Level::Error);
