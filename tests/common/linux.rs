@@ -69,6 +69,9 @@ pub fn stock_kernel() -> PathBuf {
     )
 }
 
+/// The stock kernel's modules the tests need (their dependencies come along).
+pub const STOCK_TEST_MODULES: &str = "virtio_mmio virtio_blk";
+
 /// Which test initramfs: plain, or with the stock kernel's virtio modules.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Initramfs {
@@ -95,6 +98,9 @@ pub fn initramfs(kind: Initramfs) -> &'static Path {
         if kind == Initramfs::StockModules {
             let modules = stock_kernel().with_file_name("modules");
             cmd.arg("--modules").arg(modules);
+            // Only what the stock-kernel tests use: each module costs the emulated guest
+            // kernel seconds to load on a nested-PVM host.
+            cmd.env("HEARTH_INITRAMFS_MODULES", STOCK_TEST_MODULES);
         }
         let status = cmd
             .stdout(std::process::Stdio::null())
