@@ -75,6 +75,19 @@ impl Interrupt {
     }
 }
 
+/// Reads `data.len()` bytes at `offset` of a device's configuration space `space`; what
+/// lies outside it reads as zero. The guest chooses offset and length.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(available) = space.get(start..) {
+        let len = available.len().min(data.len());
+        data[..len].copy_from_slice(&available[..len]);
+    }
+}
+
 /// A queue handed to a device at activation, with the eventfd KVM signals when the
 /// driver notifies that queue (an ioeventfd on QueueNotify). The eventfd is a duplicate of
 /// the transport's, which stays registered with KVM across resets.
@@ -117,4 +130,21 @@ pub trait VirtioDevice: Send {
     /// guest memory. Called on a vCPU thread; the device's event-loop side must unregister
     /// the queue eventfds before it closes them. A later `activate` must work again.
     fn reset(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_reads_are_bounded() {
+        let space = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 3];
+        read_config_space(&space, 2, &mut data);
+        assert_eq!(data, [3, 4, 0]);
+        read_config_space(&space, 4, &mut data);
+        assert_eq!(data, [0, 0, 0]);
+        read_config_space(&space, u64::MAX, &mut data);
+        assert_eq!(data, [0, 0, 0]);
+    }
 }

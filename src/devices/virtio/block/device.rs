@@ -23,7 +23,9 @@ use super::request::{
     self, DiskParams, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SEG_MAX, SIZE_MAX,
 };
 use super::{BlockConfig, BlockError, ID_BYTES, SECTOR_SIZE};
-use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
+};
 use crate::vstate::memory::GuestMemory;
 
 /// One request queue.
@@ -234,18 +236,6 @@ fn config_space(capacity: u64, read_only: bool) -> Vec<u8> {
     space
 }
 
-/// Copies what overlaps `[offset, offset + data.len())` of `space`; the rest reads as zero.
-fn read_bounded(space: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(start) = usize::try_from(offset) else {
-        return;
-    };
-    if let Some(available) = space.get(start..) {
-        let n = available.len().min(data.len());
-        data[..n].copy_from_slice(&available[..n]);
-    }
-}
-
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
@@ -260,7 +250,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_bounded(&self.config_space, offset, data);
+        read_config_space(&self.config_space, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -30,7 +30,9 @@ use super::header::{
 };
 use super::tap::Tap;
 use super::{format_mac, random_mac, NetConfig, NetError};
-use crate::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
+};
 use crate::vstate::memory::GuestMemory;
 
 /// Maximum size of the RX and TX queues.
@@ -64,18 +66,6 @@ fn config_space(mac: [u8; 6]) -> [u8; CONFIG_LEN] {
     config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
     config[8..10].copy_from_slice(&1u16.to_le_bytes());
     config
-}
-
-/// Copies `config[offset..]` into `data`; whatever lies outside reads as zero.
-fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(start) = usize::try_from(offset) else {
-        return;
-    };
-    if let Some(available) = config.get(start..) {
-        let len = available.len().min(data.len());
-        data[..len].copy_from_slice(&available[..len]);
-    }
 }
 
 /// The tap offloads (`TUN_F_*`) matching what the driver accepts on receive. The kernel
@@ -516,7 +506,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        read_config_space(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -631,17 +621,17 @@ pub(super) mod tests {
     fn config_space_reads() {
         let config = config_space([2, 1, 2, 3, 4, 5]);
         let mut data = [0xaa; 4];
-        read_config_bytes(&config, 0, &mut data);
+        read_config_space(&config, 0, &mut data);
         assert_eq!(data, [2, 1, 2, 3]);
-        read_config_bytes(&config, 6, &mut data);
+        read_config_space(&config, 6, &mut data);
         assert_eq!(data, [1, 0, 1, 0]); // link up, one queue pair
         let mut data = [0xaa; 4];
-        read_config_bytes(&config, 8, &mut data);
+        read_config_space(&config, 8, &mut data);
         assert_eq!(data, [1, 0, 0, 0]);
         let mut data = [0xaa; 4];
-        read_config_bytes(&config, 100, &mut data);
+        read_config_space(&config, 100, &mut data);
         assert_eq!(data, [0; 4]);
-        read_config_bytes(&config, u64::MAX, &mut data);
+        read_config_space(&config, u64::MAX, &mut data);
         assert_eq!(data, [0; 4]);
     }
 
