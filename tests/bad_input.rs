@@ -336,3 +336,36 @@ fn unknown_flag_is_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert_mentions(&out, &["--no-such-flag"]);
 }
+
+#[test]
+fn disk_image_size_not_a_multiple_of_512() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("odd-disk");
+    let image = dir.join("odd.img");
+    fs::write(&image, vec![0u8; 1000]).expect("write odd-sized image");
+    let out = run_payload(&hello_elf(), &["--disk", &format!("path={}", text(&image))]);
+    assert_input_error(&out, &[text(&image)]);
+}
+
+#[test]
+fn missing_disk_image() {
+    let dir = TempDir::new("missing-disk");
+    let image = dir.join("no-such-disk.img");
+    let out = run_payload(&hello_elf(), &["--disk", &format!("path={}", text(&image))]);
+    assert_input_error(&out, &[text(&image)]);
+}
+
+#[test]
+fn malformed_device_specs() {
+    for (flag, spec) in [
+        ("--disk", "ro=on"),
+        ("--disk", "path=/dev/null,color=blue"),
+        ("--net", "mac=52:54:00:12:34:56"),
+        ("--net", "tap=tap0,mac=not-a-mac"),
+    ] {
+        let out = run_payload(&hello_elf(), &[flag, spec]);
+        assert_input_error(&out, &[flag]);
+    }
+}

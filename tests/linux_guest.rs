@@ -6,8 +6,8 @@
 mod common;
 
 use common::linux::{
-    assert_booted, boot_linux, line_after, make_ext4_image, minimal_guest, read_from_ext4_image,
-    stock_guest,
+    assert_booted, assert_powered_off, boot_linux, line_after, make_ext4_image, minimal_guest,
+    read_from_ext4_image, stock_guest,
 };
 use common::{assert_exit_code, describe, kvm_available, stdout_of, TempDir};
 
@@ -72,14 +72,15 @@ fn stock_debian_kernel_boots_and_finds_a_disk_through_acpi() {
     let dir = TempDir::new("stock-disk");
     let image = make_ext4_image(dir.path(), "data", 32, &[("greeting.txt", "hello stock\n")]);
     let disk = format!("path={}", image.display());
-    let command = r#"sh -c "uname -a; mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && cat /mnt/d/greeting.txt && echo from-stock > /mnt/d/new.txt && umount /mnt/d && sync""#;
+    let command = r#"sh -c "uname -a; mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && cat /mnt/d/greeting.txt && echo from-stock > /mnt/d/new.txt && umount /mnt/d && sync; poweroff -f; exit 9""#;
     let out = boot_linux(
         &stock_guest(),
         command,
-        &["--memory", "256M", "--disk", &disk],
+        &["--log-level", "info", "--memory", "256M", "--disk", &disk],
     );
     assert_exit_code(&out, 0);
     assert_booted(&out);
+    assert_powered_off(&out);
     let stdout = stdout_of(&out);
     assert!(
         stdout

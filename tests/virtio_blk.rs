@@ -8,7 +8,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::linux::{
-    assert_booted, boot_linux, fingerprint, make_ext4_image, minimal_guest, read_from_ext4_image,
+    assert_booted, assert_powered_off, boot_linux, fingerprint, make_ext4_image, minimal_guest,
+    read_from_ext4_image,
 };
 use common::{
     assert_exit_code, describe, kvm_available, payload, payload_command, stderr_of, stdout_of,
@@ -38,7 +39,8 @@ fn minimal_kernel_reads_writes_and_respects_read_only_disks() {
         r#"echo SERIALS; cat /sys/block/vda/serial; echo; cat /sys/block/vdb/serial; echo; "#,
         r#"if dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>/dev/null; "#,
         r#"then echo RO-WRITE-SUCCEEDED; else echo RO-WRITE-REFUSED; fi; "#,
-        r#"mount -t ext4 -o ro /dev/vdb /mnt/f && cat /mnt/f/keep.txt; sync""#
+        // ACPI power-off ends the VM with status 0; 9 would mean it did not work.
+        r#"mount -t ext4 -o ro /dev/vdb /mnt/f && cat /mnt/f/keep.txt; sync; poweroff -f; exit 9""#
     );
     let data_spec = format!("path={},id=data-disk", data.display());
     let frozen_spec = format!("path={},ro=on,id=frozen-disk", frozen.display());
@@ -46,6 +48,8 @@ fn minimal_kernel_reads_writes_and_respects_read_only_disks() {
         &minimal_guest(),
         command,
         &[
+            "--log-level",
+            "info",
             "--memory",
             "128M",
             "--disk",
@@ -56,6 +60,7 @@ fn minimal_kernel_reads_writes_and_respects_read_only_disks() {
     );
     assert_exit_code(&out, 0);
     assert_booted(&out);
+    assert_powered_off(&out);
     let stdout = stdout_of(&out);
     assert!(
         stdout.contains("hello disk"),

@@ -214,6 +214,17 @@ pub fn assert_booted(out: &Output) {
     );
 }
 
+/// The guest ended the VM through ACPI S5 (`poweroff`); needs `--log-level info`, at which
+/// hearth logs why the VM stopped.
+#[track_caller]
+pub fn assert_powered_off(out: &Output) {
+    assert!(
+        stderr_of(out).contains("guest powered off"),
+        "the guest did not power off through ACPI\n{}",
+        describe(out)
+    );
+}
+
 /// The line printed right after the marker line `marker` (the command echoes markers so
 /// its output can be told apart from kernel messages).
 pub fn line_after<'a>(stdout: &'a str, marker: &str) -> Option<&'a str> {
