@@ -433,6 +433,11 @@ impl Running {
         );
     }
 
+    /// Whether the child is still running (not yet exited).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Everything the child has written to stdout so far.
     pub fn stdout_so_far(&self) -> Vec<u8> {
         self.stdout.contents()
