@@ -15,11 +15,12 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
+use common::netns::{net_tests_possible, NetNs};
 use common::{
-    announce_skip, assert_exit_code, assert_stdout_contains, describe, kvm_available, payload,
-    run_with_timeout, stderr_of, Format, TempDir, HEARTH, RUN_TIMEOUT, VIRTIO_EVIL_MEMORY,
+    assert_exit_code, assert_stdout_contains, describe, payload, run_with_timeout, stderr_of,
+    Format, TempDir, HEARTH, RUN_TIMEOUT, VIRTIO_EVIL_MEMORY,
 };
 
 const TAP: &str = "tap0";
@@ -27,77 +28,6 @@ const TAP: &str = "tap0";
 const HOST_ADDR: &str = "169.254.77.1/24";
 const SECTOR: usize = 512;
 const IMAGE_SIZE: usize = 1 << 20;
-
-/// A network namespace `hearth-evil-<pid>`, deleted (with its tap) on drop, also when the
-/// test panics. Nothing in the caller's namespace is touched.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new() -> Self {
-        let name = format!("hearth-evil-{}", std::process::id());
-        // A leftover from an earlier process with the same pid is stale.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
-        NetNs { name }
-    }
-
-    /// `ip -n NS ARGS...`, which must succeed.
-    fn ip(&self, args: &[&str]) {
-        run_ok(Command::new("ip").args(["-n", &self.name]).args(args));
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["-n", &self.name, "link", "del", TAP])
-            .stderr(Stdio::null())
-            .status();
-        let status = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        if !matches!(status, Ok(s) if s.success()) {
-            eprintln!("warning: could not delete network namespace {}", self.name);
-        }
-    }
-}
-
-#[track_caller]
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed\n{}", describe(&out));
-    out
-}
-
-/// KVM, root (namespaces and taps) and iproute2's `ip`; announces a skip loudly otherwise.
-fn possible() -> bool {
-    if !kvm_available() {
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        announce_skip("not root (network namespaces and tap devices need it)");
-        return false;
-    }
-    let ip_works = Command::new("ip")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ip_works {
-        announce_skip("`ip` (iproute2) not found");
-        return false;
-    }
-    true
-}
 
 /// The image before the run: sector 0 all 'A' (the payload reads it back), every other
 /// byte position-dependent, so that a stray write anywhere shows.
@@ -138,7 +68,7 @@ fn check_image(path: &Path, original: &[u8], out: &Output) {
 
 #[test]
 fn malformed_descriptor_chains_are_returned_and_hearth_survives() {
-    if !possible() {
+    if !net_tests_possible() {
         return;
     }
     let dir = TempDir::new("virtio-evil");
@@ -146,20 +76,20 @@ fn malformed_descriptor_chains_are_returned_and_hearth_survives() {
     let original = original_image();
     fs::write(&image, &original).expect("write the disk image");
 
-    let ns = NetNs::new();
-    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"]);
-    ns.ip(&["addr", "add", HOST_ADDR, "dev", TAP]);
-    ns.ip(&["link", "set", TAP, "up"]);
+    // `hearth-evil-<pid>`, deleted with its tap when the test ends, also on panic.
+    let ns = NetNs::new("hearth-evil-");
+    ns.add_tap(TAP, HOST_ADDR);
 
     let disk = format!("path={}", image.display());
     let net = format!("tap={TAP}");
     let kernel = payload("virtio_evil", Format::Elf64);
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &ns.name, HEARTH, "run", "--kernel"])
+    let mut hearth = Command::new(HEARTH);
+    hearth
+        .args(["run", "--kernel"])
         .arg(&kernel)
         .args(["--memory", VIRTIO_EVIL_MEMORY])
         .args(["--disk", &disk, "--net", &net]);
-    let out = run_with_timeout(cmd, RUN_TIMEOUT);
+    let out = run_with_timeout(ns.exec(&hearth), RUN_TIMEOUT);
 
     assert_stdout_contains(&out, "blk ok\n");
     assert_stdout_contains(&out, "net ok\n");

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod linux;
+pub mod netns;
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
