@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{
     announce_skip, assert_exit_code, assert_stdout_contains, describe, kvm_available, payload,
-    payload_command, stdout_of, Capture, Format, Running, TempDir, HEARTH, PAYLOAD_MEMORY,
-    RUN_TIMEOUT,
+    payload_command, stderr_of, stdout_of, Capture, Format, Running, TempDir, HEARTH,
+    PAYLOAD_MEMORY, RUN_TIMEOUT,
 };
 
 /// How long hearth may take to create its serial socket.
@@ -39,6 +39,31 @@ fn stdin_is_forwarded_to_the_guest() {
     let out = vm.finish(RUN_TIMEOUT);
     assert_exit_code(&out, 0);
     assert_stdout_contains(&out, "echo ready\nhello\nbye\n");
+}
+
+/// SIGTERM, SIGINT and SIGHUP end the VM through the event loop: the vCPUs are stopped and
+/// joined, and hearth exits with 128 + the signal number.
+#[test]
+fn terminating_signals_stop_the_vm_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    for (signal, status) in [
+        (libc::SIGTERM, 143),
+        (libc::SIGINT, 130),
+        (libc::SIGHUP, 129),
+    ] {
+        let vm = Running::start(payload_command(&echo_payload(), &[]), Stdio::piped());
+        vm.expect_stdout(b"echo ready");
+        vm.signal(signal);
+        let out = vm.finish(RUN_TIMEOUT);
+        assert_exit_code(&out, status);
+        assert!(
+            stderr_of(&out).contains(&format!("stopped by signal {signal}")),
+            "expected the signal to be reported\n{}",
+            describe(&out)
+        );
+    }
 }
 
 /// `--serial unix=PATH`: hearth replaces a stale socket at PATH, listens, sends the guest's

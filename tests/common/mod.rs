@@ -395,6 +395,14 @@ impl Running {
         }
     }
 
+    /// Sends `signal` to the child (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill only sends a signal to our own, still-unreaped child process.
+        let ret = unsafe { libc::kill(pid, signal) };
+        assert_eq!(ret, 0, "cannot signal {}", self.command);
+    }
+
     /// Writes `bytes` to the child's stdin at once.
     #[track_caller]
     pub fn send(&mut self, bytes: &[u8]) {
