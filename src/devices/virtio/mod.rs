@@ -21,6 +21,7 @@ use crate::vstate::memory::GuestMemory;
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 
 /// Interrupt status bit: a used buffer was added to a queue.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;

@@ -1,0 +1,71 @@
+//! virtio-vsock (device ID 19) with Firecracker's host side over AF_UNIX.
+//!
+//! - `device.rs`: [`Vsock`], features, configuration space (the guest CID), activation and
+//!   reset, and moving packets between the queues and the muxer.
+//! - `event_handler.rs`: the event-loop side (activation hand-off, queue notifications,
+//!   the listening socket and every host stream).
+//! - `packet.rs`: what the guest controls (headers, TX chains, RX buffers), pure functions a
+//!   fuzz target can drive.
+//! - `muxer.rs` and `connection.rs`: host connections and their state machine.
+//!
+//! Host processes connect to `uds_path` and write `CONNECT <port>\n` to reach guest port
+//! `port`; they read `OK <hostport>\n` once the guest accepts. A guest connecting to host
+//! port P reaches whatever listens on `<uds_path>_<P>`.
+//!
+//! Create one with [`Vsock::new`], share it as `Arc<Mutex<Vsock>>` between the transport
+//! and the event manager (it is a `MutEventSubscriber`).
+
+mod connection;
+mod device;
+mod event_handler;
+mod muxer;
+pub mod packet;
+
+use std::path::PathBuf;
+
+pub use device::Vsock;
+pub use muxer::port_path;
+
+/// The host's CID, the only destination the guest can reach.
+pub const VSOCK_HOST_CID: u64 = 2;
+/// The lowest CID a guest can have (0-2 are reserved).
+pub const MIN_GUEST_CID: u64 = 3;
+
+/// A vsock device as configured: inert data, validated when the device is built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    /// Where host processes connect; guest connections to host port P go to
+    /// `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("guest CID {0} is invalid: it must be between 3 and 4294967294")]
+    InvalidCid(u64),
+    #[error("\"{path}\" exists and is not a socket")]
+    NotASocket { path: PathBuf },
+    #[error("\"{path}\" is in use by another process")]
+    InUse { path: PathBuf },
+    #[error("cannot inspect \"{path}\"")]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove stale socket \"{path}\"")]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on \"{path}\"")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the vsock device's event fd")]
+    EventFd(#[source] std::io::Error),
+}
