@@ -27,6 +27,7 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{InputSpace, SerialDevice, SocketSink, StdoutSink};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::ExitSignal;
 use crate::vmm::{ConsoleSetup, Vmm};
@@ -165,6 +166,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     };
     attach_disks(&mut virtio, config)?;
     attach_nets(&mut virtio, config)?;
+    attach_vsock(&mut virtio, config)?;
 
     let cmdline_size = load_kernel_cmdline(&mem, config, &kernel, &mmio_devices)?;
     arch::mptable::setup_mptable(&mem, config.vcpu_count).map_err(BuildError::Mptable)?;
@@ -496,6 +498,18 @@ fn attach_nets(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), Build
             source: Box::new(e),
         })?;
         virtio.attach(&format!("net{index}"), device)?;
+    }
+    Ok(())
+}
+
+/// The virtio-vsock device, when `--vsock` is given.
+fn attach_vsock(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildError> {
+    if let Some(vsock) = &config.vsock {
+        let device = Vsock::new(vsock).map_err(|e| BuildError::Device {
+            name: "virtio-vsock",
+            source: Box::new(e),
+        })?;
+        virtio.attach("vsock0", device)?;
     }
     Ok(())
 }

@@ -62,6 +62,12 @@ pub struct RunArgs {
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
 
+    /// A virtio-vsock device: cid=N,socket=PATH. Host programs connect to PATH and send
+    /// "CONNECT <port>\n" to reach a guest listener; guest connections to host port P go
+    /// to the Unix socket PATH_P.
+    #[arg(long, value_name = "SPEC")]
+    pub vsock: Option<String>,
+
     /// Print the time from process start to the guest's boot-complete signal on stderr.
     #[arg(long)]
     pub boot_timer: bool,

@@ -9,6 +9,7 @@ use crate::arch::layout;
 use crate::cli::{CpuProfileChoice, RunArgs};
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::{parse_mac, NetConfig};
+use crate::devices::virtio::vsock::VsockConfig;
 use crate::vstate::pvm;
 
 /// Command line used when the user gives none.
@@ -129,6 +130,7 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     pub disks: Vec<BlockConfig>,
     pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
     pub boot_timer: bool,
     pub cpu_profile: CpuProfile,
 }
@@ -174,6 +176,7 @@ impl VmConfig {
             .iter()
             .map(|spec| parse_net(spec))
             .collect::<Result<Vec<_>, _>>()?;
+        let vsock = args.vsock.as_deref().map(parse_vsock).transpose()?;
         let cpu_profile = CpuProfile::resolve(args.cpu_profile);
         let (boot_args, init_args) = split_cmdline(&args.cmdline);
         let config = VmConfig {
@@ -186,6 +189,7 @@ impl VmConfig {
             serial,
             disks,
             nets,
+            vsock,
             boot_timer: args.boot_timer,
             cpu_profile,
         };
@@ -345,6 +349,38 @@ fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     Ok(NetConfig { tap, mac })
 }
 
+/// `--vsock cid=N,socket=PATH`: guest CIDs 0-2 are reserved (hypervisor, local, host).
+fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
+    const FLAG: &str = "--vsock";
+    let bad = |reason: String| ConfigError::DeviceSpec {
+        flag: FLAG,
+        spec: spec.to_string(),
+        reason,
+    };
+    let mut cid = None;
+    let mut socket = None;
+    for (key, value) in parse_options(FLAG, spec, &["cid", "socket"])? {
+        match key.as_str() {
+            "cid" => {
+                let n: u64 = value
+                    .parse()
+                    .map_err(|_| bad(format!("cid \"{value}\" is not a number")))?;
+                if !(3..u64::from(u32::MAX)).contains(&n) {
+                    return Err(bad(format!("cid {n} is reserved or too large")));
+                }
+                cid = Some(n);
+            }
+            _ => socket = Some(PathBuf::from(value)),
+        }
+    }
+    Ok(VsockConfig {
+        guest_cid: cid.ok_or_else(|| bad("cid=N is required".into()))?,
+        uds_path: socket
+            .filter(|p| !p.as_os_str().is_empty())
+            .ok_or_else(|| bad("socket=PATH is required".into()))?,
+    })
+}
+
 /// Splits "boot args -- init args" at the first standalone `--`.
 fn split_cmdline(cmdline: &str) -> (String, Option<String>) {
     let mut boot = Vec::new();
@@ -443,6 +479,7 @@ mod tests {
             serial: "stdio".to_string(),
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             boot_timer: false,
             cpu_profile: CpuProfileChoice::Host,
         }
@@ -540,6 +577,23 @@ mod tests {
         ] {
             let err = parse_net(bad).unwrap_err().to_string();
             assert!(err.starts_with("invalid --net"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn vsock_specs() {
+        let vsock = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
+        assert_eq!(vsock.guest_cid, 3);
+        assert_eq!(vsock.uds_path, PathBuf::from("/tmp/v.sock"));
+        for bad in [
+            "cid=2,socket=/s",
+            "cid=x,socket=/s",
+            "socket=/s",
+            "cid=3",
+            "cid=3,socket=",
+        ] {
+            let err = parse_vsock(bad).unwrap_err().to_string();
+            assert!(err.starts_with("invalid --vsock"), "{bad}: {err}");
         }
     }
 
