@@ -156,6 +156,14 @@ impl Connection {
         !self.send_rst && !self.to_host.is_empty()
     }
 
+    /// Waiting for the guest's RESPONSE: the host stream is watched, with no interest,
+    /// for the hang-up and error epoll always reports, so a host that gives up frees the
+    /// connection. Not EPOLLRDHUP: a host that only shuts down its writing side may still
+    /// read the `OK` line and the guest's data.
+    pub fn wants_hang_up(&self) -> bool {
+        !self.send_rst && self.state == State::LocalInit
+    }
+
     /// True once the connection is to be reset; it goes away after the RST is sent.
     #[cfg(test)]
     pub fn is_resetting(&self) -> bool {

@@ -1,7 +1,8 @@
 //! The event-loop side of virtio-vsock. The vCPU side (activate, reset) only swaps the
 //! device state and writes the activation eventfd; here the watch list follows the device
 //! and the muxer: the RX and TX queue eventfds while active, the listening socket, and each
-//! host stream for reading (when the guest can take data) and writing (when bytes wait).
+//! host stream for reading (when the guest can take data), writing (when bytes wait), or
+//! nothing but hang-up (while a host-initiated connection waits for the guest's RESPONSE).
 //! Host streams and queue eventfds are closed only after they are unwatched.
 
 use std::os::fd::AsRawFd;

@@ -119,7 +119,9 @@ impl Muxer {
             if conn.wants_write() {
                 set |= EventSet::OUT;
             }
-            if !set.is_empty() {
+            if !set.is_empty() || conn.wants_hang_up() {
+                // An empty set still reports EPOLLHUP and EPOLLERR: a host waiting for
+                // the guest's RESPONSE is watched for giving up, never for its data.
                 watches.insert(*fd, set);
             }
         }
@@ -150,13 +152,15 @@ impl Muxer {
             if events.intersects(EventSet::OUT) {
                 conn.flush();
             }
-            if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                if conn.state == State::LocalInit {
-                    // The host gave up before the guest answered.
+            if conn.state == State::LocalInit {
+                // Watched for hang-up only: the host gave up before the guest answered.
+                // Its stream is not read (bytes after the CONNECT line wait for the
+                // RESPONSE); the RST tears down the guest's side and frees the slot.
+                if events.intersects(EventSet::HANG_UP | EventSet::ERROR) {
                     conn.reset();
-                } else {
-                    conn.data_ready = true;
                 }
+            } else if events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                conn.data_ready = true;
             }
             self.schedule(key);
         }

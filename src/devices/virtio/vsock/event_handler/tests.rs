@@ -289,3 +289,52 @@ fn malformed_tx_through_the_loop() {
     assert_eq!(driver.tx.used().len(), 3);
     settle(&mut manager);
 }
+
+/// A host that hangs up while the guest has not answered its REQUEST frees the connection
+/// and resets the guest's side; one that sent data with its CONNECT line gets it through
+/// once the guest answers.
+#[test]
+fn host_hang_up_and_early_data_before_the_response() {
+    let mem = memory();
+    let (_dir, uds, vsock) = new_vsock();
+    let vsock = Arc::new(Mutex::new(vsock));
+    let mut manager = Loop::new().unwrap();
+    manager.add_subscriber(vsock.clone());
+    let mut driver = Driver::new(&mem, 0);
+    driver.post_rx(8);
+    driver.activate(&mut lock(&vsock), VERSION_1);
+    manager.run_with_timeout(1000).unwrap();
+
+    let host = host_connect(&uds, 5000);
+    let request = receive(&mut manager, &mut driver, 1)[0].0;
+    assert_eq!(request.op, OP_REQUEST);
+    settle(&mut manager);
+    assert_eq!(lock(&vsock).connection_count(), 1);
+    drop(host);
+    let packets = receive(&mut manager, &mut driver, 1);
+    assert_eq!(ops(&packets), [OP_RST]);
+    assert_eq!(
+        (packets[0].0.src_port, packets[0].0.dst_port),
+        (request.src_port, 5000)
+    );
+    assert_eq!(lock(&vsock).connection_count(), 0);
+    settle(&mut manager);
+    assert_eq!(lock(&vsock).watched_host.len(), 1);
+
+    // Bytes right after the CONNECT line stay in the stream until the RESPONSE.
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host.write_all(b"CONNECT 5001\nearly bytes").unwrap();
+    let request = receive(&mut manager, &mut driver, 1)[0].0;
+    settle(&mut manager);
+    assert!(driver.received().is_empty());
+    let local = accept(&mut manager, &mut driver, &mut host, &request);
+    let packets = receive(&mut manager, &mut driver, 1);
+    assert_eq!(ops(&packets), [OP_RW]);
+    assert_eq!(packets[0].1, b"early bytes");
+    assert_eq!(
+        (packets[0].0.src_port, packets[0].0.dst_port),
+        (local, 5001)
+    );
+    settle(&mut manager);
+}

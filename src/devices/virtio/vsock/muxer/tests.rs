@@ -59,6 +59,48 @@ impl Harness {
         }
     }
 
+    /// Real readiness from poll(2), which like epoll always reports hang-up and error,
+    /// even on an fd watched for nothing.
+    fn poll_os(&mut self) {
+        let watches: Vec<(RawFd, EventSet)> = self.muxer.watches().into_iter().collect();
+        let mut fds: Vec<libc::pollfd> = watches
+            .iter()
+            .map(|&(fd, set)| {
+                let mut events = 0;
+                if set.contains(EventSet::IN) {
+                    events |= libc::POLLIN;
+                }
+                if set.contains(EventSet::OUT) {
+                    events |= libc::POLLOUT;
+                }
+                libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                }
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+        assert!(ready >= 0, "{}", std::io::Error::last_os_error());
+        for pollfd in fds {
+            let mut set = EventSet::empty();
+            for (bit, event) in [
+                (libc::POLLIN, EventSet::IN),
+                (libc::POLLOUT, EventSet::OUT),
+                (libc::POLLHUP, EventSet::HANG_UP),
+                (libc::POLLERR, EventSet::ERROR),
+            ] {
+                if pollfd.revents & bit != 0 {
+                    set |= event;
+                }
+            }
+            if !set.is_empty() {
+                self.muxer.host_ready(pollfd.fd, set);
+            }
+        }
+    }
+
     /// Everything the muxer has for the guest, with RX buffers of `max` payload bytes.
     fn drain(&mut self, max: usize) -> Vec<(VsockHeader, Vec<u8>)> {
         let mut buf = vec![0u8; max];
@@ -413,4 +455,83 @@ fn guest_reset_drops_every_connection() {
     assert_closed(&mut first);
     assert_closed(&mut second);
     assert!(!h.muxer.has_rx());
+}
+
+#[test]
+fn host_giving_up_before_the_guest_answers_resets_the_guest() {
+    let mut h = Harness::new();
+    let (host, local) = h.host_connect(52);
+    // Watched for hang-up only while the guest has not answered.
+    let watched: Vec<EventSet> = h
+        .muxer
+        .watches()
+        .into_iter()
+        .filter(|&(fd, _)| fd != h.muxer.listener.as_raw_fd())
+        .map(|(_, set)| set)
+        .collect();
+    assert_eq!(watched, [EventSet::empty()]);
+    h.poll_os();
+    assert!(h.drain(4096).is_empty(), "nothing happened yet");
+    assert_eq!(h.muxer.connection_count(), 1);
+
+    drop(host);
+    h.poll_os();
+    let packets = h.drain(4096);
+    assert_eq!(ops(&packets), [OP_RST]);
+    assert_eq!((packets[0].0.src_port, packets[0].0.dst_port), (local, 52));
+    assert_eq!(packets[0].0.dst_cid, GUEST_CID);
+    assert_eq!(h.muxer.connection_count(), 0);
+    assert_eq!(h.muxer.watches().len(), 1, "only the listener is left");
+    assert_eq!(h.muxer.take_retired().len(), 1);
+    // The guest's late answer is refused.
+    h.guest(OP_RESPONSE, 52, local, b"");
+    assert_eq!(ops(&h.drain(4096)), [OP_RST]);
+}
+
+#[test]
+fn host_half_close_before_the_guest_answers_is_not_giving_up() {
+    let mut h = Harness::new();
+    let (mut host, local) = h.host_connect(53);
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    h.poll_os();
+    assert!(h.drain(4096).is_empty());
+    assert_eq!(h.muxer.connection_count(), 1);
+    h.guest(OP_RESPONSE, 53, local, b"");
+    assert_eq!(read_exact(&mut host, 8), b"OK 1024\n");
+    h.poll_os();
+    assert_eq!(ops(&h.drain(4096)), [OP_SHUTDOWN]);
+    h.guest(OP_RW, 53, local, b"still heard");
+    assert_eq!(read_exact(&mut host, 11), b"still heard");
+}
+
+#[test]
+fn host_data_sent_with_the_connect_line_waits_for_the_response() {
+    let mut h = Harness::new();
+    let mut host = UnixStream::connect(&h.uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host.write_all(b"CONNECT 54\nearly bytes").unwrap();
+    h.poll_os();
+    h.poll_os();
+    let packets = h.drain(4096);
+    assert_eq!(ops(&packets), [OP_REQUEST]);
+    let local = packets[0].0.src_port;
+    host.write_all(b", and more").unwrap();
+    for _ in 0..3 {
+        h.poll_os();
+        h.poll();
+    }
+    assert!(h.drain(4096).is_empty(), "no data before the RESPONSE");
+
+    h.guest(OP_RESPONSE, 54, local, b"");
+    assert_eq!(read_exact(&mut host, 8), b"OK 1024\n");
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        h.poll_os();
+        for (header, payload) in h.drain(4) {
+            assert_eq!(header.op, OP_RW);
+            assert_eq!((header.src_port, header.dst_port), (local, 54));
+            received.extend(payload);
+        }
+    }
+    assert_eq!(received, b"early bytes, and more");
 }
