@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::vstate::memory::GuestMemory;
 
 pub mod block;
+pub mod buffer;
 pub mod mmio;
 pub mod net;
 pub mod vsock;

@@ -14,7 +14,9 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestMemory};
+
+use crate::devices::virtio::buffer::{parse_writable_chain, ChainError, WritableChain};
 
 /// Size of `virtio_net_hdr_v1` (with `num_buffers`): the header of every frame once
 /// VIRTIO_F_VERSION_1 is negotiated, and the vnet header size the tap is set to.
@@ -187,8 +189,7 @@ pub fn prepare_tx_frame(frame: &mut [u8], features: u64) -> Result<(), FrameErro
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RxBuffer {
     head: u16,
-    segments: Vec<(GuestAddress, u32)>,
-    capacity: usize,
+    chain: WritableChain,
 }
 
 impl RxBuffer {
@@ -199,28 +200,27 @@ impl RxBuffer {
 
     /// Total bytes the buffer holds.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.chain.capacity()
     }
 
     /// Copies the start of `data` into the buffer; returns how many bytes went in.
     pub fn write<M: GuestMemory + ?Sized>(&self, mem: &M, data: &[u8]) -> usize {
-        let mut written = 0;
-        for &(addr, len) in &self.segments {
-            if written == data.len() {
-                break;
-            }
-            let chunk = (len as usize).min(data.len() - written);
-            if mem
-                .write_slice(&data[written..written + chunk], addr)
-                .is_err()
-            {
-                // Checked when parsed; guest memory does not shrink while a device runs.
-                log::warn!("virtio-net: RX buffer no longer in guest memory");
-                break;
-            }
-            written += chunk;
+        self.chain.write(mem, &[data]).unwrap_or_else(|written| {
+            // Checked when parsed; guest memory does not shrink while a device runs.
+            log::warn!("virtio-net: RX buffer no longer in guest memory");
+            written
+        })
+    }
+}
+
+impl From<ChainError> for FrameError {
+    fn from(e: ChainError) -> Self {
+        match e {
+            ChainError::ReadableDescriptor => FrameError::ReadableDescriptor,
+            ChainError::BrokenChain => FrameError::BrokenChain,
+            ChainError::BadAddress => FrameError::BadAddress,
+            ChainError::TooSmall => FrameError::BufferTooSmall,
         }
-        written
     }
 }
 
@@ -231,34 +231,8 @@ where
     M: GuestMemory + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
-    let mut segments = Vec::new();
-    let mut capacity = 0usize;
-    let mut last_has_next = false;
-    for desc in descriptors {
-        last_has_next = desc.has_next();
-        if !desc.is_write_only() {
-            return Err(FrameError::ReadableDescriptor);
-        }
-        if desc.len() == 0 {
-            continue;
-        }
-        if !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write) {
-            return Err(FrameError::BadAddress);
-        }
-        segments.push((desc.addr(), desc.len()));
-        capacity = capacity.saturating_add(desc.len() as usize);
-    }
-    if last_has_next {
-        return Err(FrameError::BrokenChain);
-    }
-    if capacity < VNET_HDR_LEN {
-        return Err(FrameError::BufferTooSmall);
-    }
-    Ok(RxBuffer {
-        head,
-        segments,
-        capacity,
-    })
+    let chain = parse_writable_chain(mem, descriptors, VNET_HDR_LEN)?;
+    Ok(RxBuffer { head, chain })
 }
 
 /// Completes the header the tap put in front of an RX frame: `num_buffers` (the number of
@@ -277,7 +251,7 @@ pub fn finish_rx_header(header: &mut [u8; VNET_HDR_LEN], num_buffers: u16, featu
 mod tests {
     use super::*;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
     const WRITE: u16 = VRING_DESC_F_WRITE as u16;

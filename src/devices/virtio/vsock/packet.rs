@@ -7,7 +7,9 @@
 //! [`RxBuffer::write_packet`] directly. Nothing here panics on guest input.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestMemory};
+
+use crate::devices::virtio::buffer::{parse_writable_chain, ChainError, WritableChain};
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HDR_LEN: usize = 44;
@@ -161,19 +163,18 @@ where
 /// together holding at least a header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RxBuffer {
-    segments: Vec<(GuestAddress, u32)>,
-    capacity: usize,
+    chain: WritableChain,
 }
 
 impl RxBuffer {
     /// Total bytes the buffer holds.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.chain.capacity()
     }
 
     /// The longest payload that fits after the header.
     pub fn max_payload(&self) -> usize {
-        (self.capacity - HDR_LEN).min(MAX_PAYLOAD_LEN)
+        (self.capacity() - HDR_LEN).min(MAX_PAYLOAD_LEN)
     }
 
     /// Writes `header` (with `len` set to the payload's length) and `payload`; returns the
@@ -190,27 +191,24 @@ impl RxBuffer {
             ..*header
         };
         let header_bytes = header.to_bytes();
-        let mut sources = [&header_bytes[..], payload];
-        let mut written = 0;
-        for &(addr, len) in &self.segments {
-            let mut offset = 0usize;
-            while offset < len as usize {
-                let Some(source) = sources.iter_mut().find(|s| !s.is_empty()) else {
-                    return written;
-                };
-                let chunk = (len as usize - offset).min(source.len());
-                let target = addr.unchecked_add(offset as u64);
-                if mem.write_slice(&source[..chunk], target).is_err() {
-                    // Checked when parsed; guest memory does not shrink while a device runs.
-                    log::warn!("virtio-vsock: RX buffer no longer in guest memory");
-                    return written;
-                }
-                *source = &source[chunk..];
-                offset += chunk;
-                written += chunk;
-            }
+        self.chain
+            .write(mem, &[&header_bytes, payload])
+            .unwrap_or_else(|written| {
+                // Checked when parsed; guest memory does not shrink while a device runs.
+                log::warn!("virtio-vsock: RX buffer no longer in guest memory");
+                written
+            })
+    }
+}
+
+impl From<ChainError> for PacketError {
+    fn from(e: ChainError) -> Self {
+        match e {
+            ChainError::ReadableDescriptor => PacketError::ReadableDescriptor,
+            ChainError::BrokenChain => PacketError::BrokenChain,
+            ChainError::BadAddress => PacketError::BadAddress,
+            ChainError::TooSmall => PacketError::BufferTooSmall,
         }
-        written
     }
 }
 
@@ -221,30 +219,8 @@ where
     M: GuestMemory + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
-    let mut segments = Vec::new();
-    let mut capacity = 0usize;
-    let mut last_has_next = false;
-    for desc in descriptors {
-        last_has_next = desc.has_next();
-        if !desc.is_write_only() {
-            return Err(PacketError::ReadableDescriptor);
-        }
-        if desc.len() == 0 {
-            continue;
-        }
-        if !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write) {
-            return Err(PacketError::BadAddress);
-        }
-        segments.push((desc.addr(), desc.len()));
-        capacity = capacity.saturating_add(desc.len() as usize);
-    }
-    if last_has_next {
-        return Err(PacketError::BrokenChain);
-    }
-    if capacity < HDR_LEN {
-        return Err(PacketError::BufferTooSmall);
-    }
-    Ok(RxBuffer { segments, capacity })
+    let chain = parse_writable_chain(mem, descriptors, HDR_LEN)?;
+    Ok(RxBuffer { chain })
 }
 
 #[cfg(test)]
@@ -254,7 +230,7 @@ mod tests {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
     const WRITE: u16 = VRING_DESC_F_WRITE as u16;
