@@ -21,7 +21,7 @@ initrd="${HEARTH_CACHE:-$HOME/.cache/hearth}/quickstart-initramfs.cpio"
 mkdir -p "$(dirname "$initrd")"
 resources/build-initramfs.sh "$initrd" >/dev/null
 echo "quickstart: booting $kernel (this takes 30-60 s on a nested-PVM host)" >&2
-exec target/release/hearth run \
+exec target/x86_64-unknown-linux-gnu/release/hearth run \
     --kernel "$kernel" \
     --initrd "$initrd" \
     --memory 128M \
