@@ -3,6 +3,7 @@
 //! The binary (`src/main.rs`) is a thin shell around [`run_cli`]; everything that builds
 //! and runs a VM lives in this library so that tests and benchmarks drive the same code.
 
+pub mod agent;
 pub mod arch;
 pub mod builder;
 pub mod cli;

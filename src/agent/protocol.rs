@@ -1,0 +1,599 @@
+//! The host <-> guest-agent protocol, version 1.
+//!
+//! `hearth-init` (the guest agent, PID 1 of container VMs) and the host side of
+//! `hearth container run` / `hearth machine` talk over one vsock stream per session.
+//!
+//! # Transport
+//! * **Container VM** (one container per microVM): the host listens on the Unix socket
+//!   `<vsock socket>_1024` before the VM starts; the agent, once ready, connects to host
+//!   CID 2, port [`AGENT_PORT`] (which the vsock device forwards to that socket).
+//! * **Machine** (long-lived VM): the agent listens on guest port [`AGENT_PORT`]; every
+//!   host client connects to the machine's vsock socket, writes `CONNECT 1024\n`, reads
+//!   `OK <port>\n`, and then speaks this protocol. Sessions run concurrently.
+//!
+//! # Framing
+//! Every message is one frame: an 8-byte header — payload length (u32, little endian),
+//! message kind (u8), three zero bytes — followed by the payload. A payload is at most
+//! [`MAX_PAYLOAD`] bytes; a longer length, a non-zero reserved byte or an unknown kind is a
+//! protocol error and ends the session. Structured payloads are JSON; stream data is raw.
+//!
+//! # A session
+//! 1. Both sides send [`Message::Hello`] first and check the peer's version is
+//!    [`VERSION`] (the agent answers a mismatch with [`Message::Error`] and hangs up).
+//! 2. Machine only, optional: [`Message::ImageQuery`] → [`Message::ImageStatus`]; if the
+//!    image is absent the host sends [`Message::ImageLoad`], the root filesystem as a tar
+//!    stream in [`Message::ImageData`] frames and [`Message::ImageEnd`]; the agent answers
+//!    [`Message::ImageStatus`] (present) or [`Message::Error`].
+//! 3. The host sends one request: [`Message::Run`] or [`Message::Shutdown`].
+//! 4. For `Run`: the agent answers [`Message::Started`] (or `Error`), then streams
+//!    [`Message::Stdout`] / [`Message::Stderr`] while the host streams [`Message::Stdin`],
+//!    [`Message::StdinEof`], [`Message::Signal`] and [`Message::Resize`]; the session ends
+//!    with [`Message::Exit`] after the process has exited and its output was sent.
+//! 5. For `Shutdown` (machine): the agent stops every container, answers `Exit { status: 0 }`,
+//!    syncs and powers the VM off.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version; both sides must agree exactly.
+pub const VERSION: u32 = 1;
+
+/// The vsock port of the agent: guest-listening in a machine, host-listening for a
+/// container VM.
+pub const AGENT_PORT: u32 = 1024;
+
+/// Largest payload of one frame.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Size of the frame header.
+pub const HEADER_LEN: usize = 8;
+
+/// What the agent runs as, given on the kernel command line as `hearth.mode=`.
+pub const MODE_CONTAINER: &str = "container";
+/// See [`MODE_CONTAINER`].
+pub const MODE_MACHINE: &str = "machine";
+
+/// Where a process's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Rootfs {
+    /// No sandbox: run in the VM's own root, namespaces and cgroup (`hearth machine run`).
+    Host,
+    /// A read-only block device holding the image (`/dev/vda`), under a tmpfs overlay.
+    Device { path: String, fstype: String },
+    /// An image previously loaded into the machine with `ImageLoad`, under a tmpfs overlay.
+    Image { digest: String },
+    /// Join the namespaces and cgroup of the running container with this name.
+    Container { name: String },
+}
+
+/// What the container does with the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    /// Share the VM's network namespace (lo, and eth0 when the VM has a NIC).
+    Vm,
+    /// A network namespace of its own with only lo.
+    None,
+}
+
+/// A host directory or image shared into the container as a virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    /// Guest block device, e.g. `/dev/vdb`.
+    pub device: String,
+    /// Absolute path inside the container.
+    pub target: String,
+    pub readonly: bool,
+}
+
+/// Static IPv4 configuration of the VM's eth0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// `A.B.C.D/PREFIX`.
+    pub address: String,
+    pub gateway: Option<String>,
+}
+
+/// Everything the agent needs to start a process. Built by the host from the image
+/// config and the command line (docker's precedence); the agent only applies it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSpec {
+    /// Program and arguments (entrypoint + cmd already merged). Never empty.
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` environment, final.
+    pub env: Vec<String>,
+    /// Working directory inside the container (created if missing, as docker does).
+    pub cwd: String,
+    /// `uid[:gid]` or `name[:group]`, resolved in the container's /etc/passwd and
+    /// /etc/group; `None` is root.
+    pub user: Option<String>,
+    pub hostname: Option<String>,
+    /// Give the process a pseudo-terminal (stdout and stderr merge, as with `docker -t`).
+    pub tty: bool,
+    /// Forward the host's stdin; without it the process reads /dev/null.
+    pub stdin: bool,
+    pub rootfs: Rootfs,
+    pub volumes: Vec<Volume>,
+    /// cgroup memory.max, bytes.
+    pub memory_limit: Option<u64>,
+    /// cgroup cpu.max as a number of CPUs (1.5 = 150000/100000).
+    pub cpus: Option<f64>,
+    pub network: Network,
+    /// Configure eth0 of the VM before starting (container VMs with a NIC).
+    pub net: Option<NetConfig>,
+    /// Container name, unique within a machine (for `Rootfs::Container`).
+    pub name: Option<String>,
+    /// Initial terminal size (rows, cols) when `tty`.
+    pub term_size: Option<(u16, u16)>,
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    Hello {
+        version: u32,
+    },
+    Run(Box<RunSpec>),
+    Shutdown,
+    Stdin(Vec<u8>),
+    StdinEof,
+    Signal(i32),
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
+    ImageQuery {
+        digest: String,
+    },
+    ImageLoad {
+        digest: String,
+    },
+    ImageData(Vec<u8>),
+    ImageEnd,
+    ImageStatus {
+        digest: String,
+        present: bool,
+    },
+    Started {
+        pid: i32,
+    },
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// Exit status as a shell reports it: the code, or 128 + signal number.
+    Exit {
+        status: i32,
+    },
+    Error(String),
+}
+
+mod kind {
+    pub const HELLO: u8 = 1;
+    pub const RUN: u8 = 2;
+    pub const SHUTDOWN: u8 = 3;
+    pub const STDIN: u8 = 4;
+    pub const STDIN_EOF: u8 = 5;
+    pub const SIGNAL: u8 = 6;
+    pub const RESIZE: u8 = 7;
+    pub const IMAGE_QUERY: u8 = 8;
+    pub const IMAGE_LOAD: u8 = 9;
+    pub const IMAGE_DATA: u8 = 10;
+    pub const IMAGE_END: u8 = 11;
+    pub const IMAGE_STATUS: u8 = 12;
+    pub const STARTED: u8 = 32;
+    pub const STDOUT: u8 = 33;
+    pub const STDERR: u8 = 34;
+    pub const EXIT: u8 = 35;
+    pub const ERROR: u8 = 36;
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("agent connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("agent connection closed in the middle of a frame")]
+    Truncated,
+    #[error("frame of {0} bytes is larger than the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(usize),
+    #[error("frame header has non-zero reserved bytes")]
+    Reserved,
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed {kind} message: {reason}")]
+    Malformed { kind: &'static str, reason: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct HelloBody {
+    version: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct DigestBody {
+    digest: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StatusBody {
+    digest: String,
+    present: bool,
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs to a Vec cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(
+    kind: &'static str,
+    payload: &[u8],
+) -> Result<T, ProtocolError> {
+    serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed {
+        kind,
+        reason: e.to_string(),
+    })
+}
+
+fn fixed<const N: usize>(kind: &'static str, payload: &[u8]) -> Result<[u8; N], ProtocolError> {
+    payload.try_into().map_err(|_| ProtocolError::Malformed {
+        kind,
+        reason: format!("{} bytes, expected {N}", payload.len()),
+    })
+}
+
+impl Message {
+    /// The frame kind and payload of this message.
+    pub fn encode(&self) -> (u8, Vec<u8>) {
+        match self {
+            Message::Hello { version } => (kind::HELLO, json(&HelloBody { version: *version })),
+            Message::Run(spec) => (kind::RUN, json(spec)),
+            Message::Shutdown => (kind::SHUTDOWN, Vec::new()),
+            Message::Stdin(data) => (kind::STDIN, data.clone()),
+            Message::StdinEof => (kind::STDIN_EOF, Vec::new()),
+            Message::Signal(sig) => (kind::SIGNAL, sig.to_le_bytes().to_vec()),
+            Message::Resize { rows, cols } => {
+                let mut body = rows.to_le_bytes().to_vec();
+                body.extend_from_slice(&cols.to_le_bytes());
+                (kind::RESIZE, body)
+            }
+            Message::ImageQuery { digest } => (
+                kind::IMAGE_QUERY,
+                json(&DigestBody {
+                    digest: digest.clone(),
+                }),
+            ),
+            Message::ImageLoad { digest } => (
+                kind::IMAGE_LOAD,
+                json(&DigestBody {
+                    digest: digest.clone(),
+                }),
+            ),
+            Message::ImageData(data) => (kind::IMAGE_DATA, data.clone()),
+            Message::ImageEnd => (kind::IMAGE_END, Vec::new()),
+            Message::ImageStatus { digest, present } => (
+                kind::IMAGE_STATUS,
+                json(&StatusBody {
+                    digest: digest.clone(),
+                    present: *present,
+                }),
+            ),
+            Message::Started { pid } => (kind::STARTED, pid.to_le_bytes().to_vec()),
+            Message::Stdout(data) => (kind::STDOUT, data.clone()),
+            Message::Stderr(data) => (kind::STDERR, data.clone()),
+            Message::Exit { status } => (kind::EXIT, status.to_le_bytes().to_vec()),
+            Message::Error(text) => (kind::ERROR, text.as_bytes().to_vec()),
+        }
+    }
+
+    /// Parses one frame's kind and payload.
+    pub fn decode(kind: u8, payload: &[u8]) -> Result<Message, ProtocolError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge(payload.len()));
+        }
+        Ok(match kind {
+            kind::HELLO => Message::Hello {
+                version: from_json::<HelloBody>("hello", payload)?.version,
+            },
+            kind::RUN => {
+                let spec: RunSpec = from_json("run", payload)?;
+                if spec.argv.is_empty() && !matches!(spec.rootfs, Rootfs::Container { .. }) {
+                    return Err(ProtocolError::Malformed {
+                        kind: "run",
+                        reason: "empty argv".into(),
+                    });
+                }
+                Message::Run(Box::new(spec))
+            }
+            kind::SHUTDOWN => Message::Shutdown,
+            kind::STDIN => Message::Stdin(payload.to_vec()),
+            kind::STDIN_EOF => Message::StdinEof,
+            kind::SIGNAL => Message::Signal(i32::from_le_bytes(fixed("signal", payload)?)),
+            kind::RESIZE => {
+                let b: [u8; 4] = fixed("resize", payload)?;
+                Message::Resize {
+                    rows: u16::from_le_bytes([b[0], b[1]]),
+                    cols: u16::from_le_bytes([b[2], b[3]]),
+                }
+            }
+            kind::IMAGE_QUERY => Message::ImageQuery {
+                digest: from_json::<DigestBody>("image query", payload)?.digest,
+            },
+            kind::IMAGE_LOAD => Message::ImageLoad {
+                digest: from_json::<DigestBody>("image load", payload)?.digest,
+            },
+            kind::IMAGE_DATA => Message::ImageData(payload.to_vec()),
+            kind::IMAGE_END => Message::ImageEnd,
+            kind::IMAGE_STATUS => {
+                let body: StatusBody = from_json("image status", payload)?;
+                Message::ImageStatus {
+                    digest: body.digest,
+                    present: body.present,
+                }
+            }
+            kind::STARTED => Message::Started {
+                pid: i32::from_le_bytes(fixed("started", payload)?),
+            },
+            kind::STDOUT => Message::Stdout(payload.to_vec()),
+            kind::STDERR => Message::Stderr(payload.to_vec()),
+            kind::EXIT => Message::Exit {
+                status: i32::from_le_bytes(fixed("exit", payload)?),
+            },
+            kind::ERROR => Message::Error(String::from_utf8_lossy(payload).into_owned()),
+            other => return Err(ProtocolError::UnknownKind(other)),
+        })
+    }
+}
+
+/// Writes one message as a single frame. Stream data longer than [`MAX_PAYLOAD`] must be
+/// split by the caller (see [`write_data`]).
+pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> Result<(), ProtocolError> {
+    let (kind, payload) = msg.encode();
+    if payload.len() > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(payload.len()));
+    }
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&[kind, 0, 0, 0]);
+    frame.extend_from_slice(&payload);
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Writes stream data as as many frames as needed, built by `wrap` (e.g. `Message::Stdout`).
+pub fn write_data<W: Write>(
+    w: &mut W,
+    data: &[u8],
+    wrap: fn(Vec<u8>) -> Message,
+) -> Result<(), ProtocolError> {
+    for chunk in data.chunks(MAX_PAYLOAD) {
+        write_message(w, &wrap(chunk.to_vec()))?;
+    }
+    Ok(())
+}
+
+/// Reads one frame. `Ok(None)` is a clean end of stream between frames.
+pub fn read_message<R: Read>(r: &mut R) -> Result<Option<Message>, ProtocolError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(ProtocolError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    if header[5..] != [0, 0, 0] {
+        return Err(ProtocolError::Reserved);
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtocolError::Truncated
+        } else {
+            ProtocolError::Io(e)
+        }
+    })?;
+    Message::decode(header[4], &payload).map(Some)
+}
+
+/// Incremental frame parser for non-blocking readers: feed bytes, take whole messages.
+#[derive(Debug, Default)]
+pub struct FrameBuffer {
+    buf: Vec<u8>,
+}
+
+impl FrameBuffer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes received from the peer.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete message, if one has arrived.
+    pub fn next_message(&mut self) -> Result<Option<Message>, ProtocolError> {
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge(len));
+        }
+        if self.buf[5..HEADER_LEN] != [0, 0, 0] {
+            return Err(ProtocolError::Reserved);
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let msg = Message::decode(self.buf[4], &self.buf[HEADER_LEN..HEADER_LEN + len]);
+        self.buf.drain(..HEADER_LEN + len);
+        msg.map(Some)
+    }
+
+    /// Bytes of an incomplete frame still buffered.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            argv: vec!["sh".into(), "-c".into(), "exit 7".into()],
+            env: vec!["PATH=/bin".into()],
+            cwd: "/".into(),
+            user: Some("1000:1000".into()),
+            hostname: Some("box".into()),
+            tty: false,
+            stdin: true,
+            rootfs: Rootfs::Device {
+                path: "/dev/vda".into(),
+                fstype: "ext4".into(),
+            },
+            volumes: vec![Volume {
+                device: "/dev/vdb".into(),
+                target: "/data".into(),
+                readonly: true,
+            }],
+            memory_limit: Some(64 << 20),
+            cpus: Some(0.5),
+            network: Network::None,
+            net: None,
+            name: Some("c1".into()),
+            term_size: None,
+        }
+    }
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::Hello { version: VERSION },
+            Message::Run(Box::new(spec())),
+            Message::Shutdown,
+            Message::Stdin(b"abc".to_vec()),
+            Message::StdinEof,
+            Message::Signal(15),
+            Message::Resize { rows: 24, cols: 80 },
+            Message::ImageQuery {
+                digest: "sha256:00".into(),
+            },
+            Message::ImageLoad {
+                digest: "sha256:00".into(),
+            },
+            Message::ImageData(vec![0; 10]),
+            Message::ImageEnd,
+            Message::ImageStatus {
+                digest: "sha256:00".into(),
+                present: true,
+            },
+            Message::Started { pid: 42 },
+            Message::Stdout(b"out".to_vec()),
+            Message::Stderr(Vec::new()),
+            Message::Exit { status: 137 },
+            Message::Error("no such file".into()),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let mut wire = Vec::new();
+        for msg in all_messages() {
+            write_message(&mut wire, &msg).unwrap();
+        }
+        let mut reader = &wire[..];
+        for msg in all_messages() {
+            assert_eq!(read_message(&mut reader).unwrap(), Some(msg));
+        }
+        assert_eq!(read_message(&mut reader).unwrap(), None);
+    }
+
+    #[test]
+    fn frame_buffer_reassembles_byte_by_byte() {
+        let mut wire = Vec::new();
+        for msg in all_messages() {
+            write_message(&mut wire, &msg).unwrap();
+        }
+        let mut fb = FrameBuffer::new();
+        let mut got = Vec::new();
+        for byte in wire {
+            fb.extend(&[byte]);
+            while let Some(msg) = fb.next_message().unwrap() {
+                got.push(msg);
+            }
+        }
+        assert_eq!(got, all_messages());
+        assert_eq!(fb.pending(), 0);
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_reading_payload() {
+        let mut wire = ((MAX_PAYLOAD + 1) as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(&[kind::STDOUT, 0, 0, 0]);
+        assert!(matches!(
+            read_message(&mut &wire[..]),
+            Err(ProtocolError::TooLarge(_))
+        ));
+        let mut fb = FrameBuffer::new();
+        fb.extend(&wire);
+        assert!(matches!(fb.next_message(), Err(ProtocolError::TooLarge(_))));
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        // Unknown kind.
+        let wire = [0, 0, 0, 0, 200, 0, 0, 0];
+        assert!(matches!(
+            read_message(&mut &wire[..]),
+            Err(ProtocolError::UnknownKind(200))
+        ));
+        // Reserved bytes set.
+        let wire = [0, 0, 0, 0, kind::SHUTDOWN, 1, 0, 0];
+        assert!(matches!(
+            read_message(&mut &wire[..]),
+            Err(ProtocolError::Reserved)
+        ));
+        // Truncated header and payload.
+        assert!(matches!(
+            read_message(&mut &[1u8, 0][..]),
+            Err(ProtocolError::Truncated)
+        ));
+        let wire = [4, 0, 0, 0, kind::EXIT, 0, 0, 0, 1];
+        assert!(matches!(
+            read_message(&mut &wire[..]),
+            Err(ProtocolError::Truncated)
+        ));
+        // Wrong fixed size, bad JSON, empty argv.
+        assert!(Message::decode(kind::EXIT, &[1, 2]).is_err());
+        assert!(Message::decode(kind::RUN, b"{").is_err());
+        let mut s = spec();
+        s.argv.clear();
+        assert!(Message::decode(kind::RUN, &json(&s)).is_err());
+    }
+
+    #[test]
+    fn long_data_is_split_into_bounded_frames() {
+        let data = vec![7u8; MAX_PAYLOAD * 2 + 5];
+        let mut wire = Vec::new();
+        write_data(&mut wire, &data, Message::Stdout).unwrap();
+        let mut reader = &wire[..];
+        let mut total = 0;
+        while let Some(Message::Stdout(chunk)) = read_message(&mut reader).unwrap() {
+            assert!(chunk.len() <= MAX_PAYLOAD);
+            total += chunk.len();
+        }
+        assert_eq!(total, data.len());
+    }
+}
