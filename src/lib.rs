@@ -12,6 +12,7 @@ pub mod console;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
+pub mod image;
 pub mod logger;
 pub mod terminal;
 pub mod vmm;
