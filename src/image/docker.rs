@@ -85,12 +85,7 @@ pub(crate) fn resolve(store: &dyn Store, reference: Option<&str>) -> Result<Reso
                 reason: "lists no images".into(),
             })
         }
-        _ => {
-            return Err(ImageError::Ambiguous {
-                source_name: "the archive".into(),
-                names: all_tags(),
-            })
-        }
+        _ => return Err(ImageError::Ambiguous { names: all_tags() }),
     };
     let bytes = store.read_small(&entry.config)?;
     let hex = sha256_hex(&bytes);
@@ -111,7 +106,8 @@ pub(crate) fn unpack(
 ) -> Result<ImageConfig, ImageError> {
     let layers = &resolved.entry.layers;
     let diff_ids = resolved.config.rootfs().diff_ids();
-    let progress = Progress::new(0, "unpacking".into());
+    let total = layers.iter().filter_map(|l| store.size(l)).sum();
+    let progress = Progress::new(total, "unpacking".into());
     for (i, (name, diff_id)) in layers.iter().zip(diff_ids).enumerate() {
         let label = format!("layer {name}");
         let diff_hex = digest_hex(diff_id, &format!("config: diff_id {}", i + 1))?;

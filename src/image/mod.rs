@@ -109,8 +109,8 @@ pub enum ImageError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("{source_name} holds several images ({names}); choose one with {source_name}:REF")]
-    Ambiguous { source_name: String, names: String },
+    #[error("several images ({names}); choose one by appending :REF to the image path")]
+    Ambiguous { names: String },
     #[error("{source_name} has no image named {reference:?} (it has {names})")]
     NoSuchReference {
         source_name: String,

@@ -111,7 +111,6 @@ pub(crate) fn resolve(
             _ => {
                 let shown: Vec<Descriptor> = candidates.iter().map(|d| (*d).clone()).collect();
                 return Err(ImageError::Ambiguous {
-                    source_name: "the image".into(),
                     names: list_names(&shown),
                 });
             }

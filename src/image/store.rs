@@ -140,6 +140,9 @@ pub(crate) trait Store {
     fn open(&self, name: &str) -> Result<Box<dyn Read + '_>, ImageError>;
     fn exists(&self, name: &str) -> bool;
 
+    /// The size of a file, when cheaply known (for progress bars).
+    fn size(&self, name: &str) -> Option<u64>;
+
     /// Reads a small file whole (at most [`MAX_METADATA`] bytes).
     fn read_small(&self, name: &str) -> Result<Vec<u8>, ImageError> {
         let mut data = Vec::new();
@@ -201,6 +204,12 @@ impl Store for DirStore {
 
     fn exists(&self, name: &str) -> bool {
         self.path(name).is_ok_and(|p| p.is_file())
+    }
+
+    fn size(&self, name: &str) -> Option<u64> {
+        std::fs::metadata(self.path(name).ok()?)
+            .ok()
+            .map(|m| m.len())
     }
 }
 
@@ -377,6 +386,14 @@ impl Store for TarStore {
 
     fn exists(&self, name: &str) -> bool {
         self.locate(name).is_some()
+    }
+
+    fn size(&self, name: &str) -> Option<u64> {
+        match self.locate(name)? {
+            TarLoc::At { size, .. } => Some(*size),
+            TarLoc::Mem(data) => Some(data.len() as u64),
+            _ => None,
+        }
     }
 }
 
