@@ -246,6 +246,12 @@ impl TarStore {
             source: e,
         };
         let file = File::open(path).map_err(err)?;
+        if file.metadata().map_err(err)?.len() < 512 {
+            return Err(ImageError::Invalid {
+                what: shown,
+                reason: "not a directory, tar or tar.gz archive (too short)".into(),
+            });
+        }
         let mut archive = tar::Archive::new(file);
         let mut entries = HashMap::new();
         for entry in archive.entries_with_seek().map_err(err)? {
@@ -274,7 +280,10 @@ impl TarStore {
         for entry in archive.entries().map_err(err)? {
             let mut entry = entry.map_err(err)?;
             let size = entry.size();
-            let keep = size <= QUICK_SCAN_LIMIT && size <= budget;
+            // Only image metadata matters: top-level files and blobs.
+            let name = normalize_name(&String::from_utf8_lossy(&entry.path_bytes()));
+            let metadata = name.is_some_and(|n| !n.contains('/') || n.starts_with("blobs/"));
+            let keep = metadata && size <= QUICK_SCAN_LIMIT && size <= budget;
             let loc = if keep {
                 let mut data = Vec::new();
                 (&mut entry)

@@ -525,3 +525,42 @@ fn default_location_and_missing_sources() {
         "{err}"
     );
 }
+
+#[test]
+fn oci_index_wins_over_docker_manifest() {
+    if !have_busybox() || !have_mkfs() {
+        return;
+    }
+    // docker 25+ saves hold both; the OCI index must be used.
+    let s = Scratch::new("both");
+    let layout = s.path("layout");
+    sample::busybox_oci_layout(&layout, &[]).unwrap();
+    let docker_manifest = r#"[{"Config":"missing.json","RepoTags":["x:latest"],"Layers":[]}]"#;
+    fs::write(layout.join("manifest.json"), docker_manifest).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let image = prepare(&layout, &s.cache()).unwrap();
+    assert_eq!(
+        image.digest,
+        index["manifests"][0]["digest"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn non_archives_are_refused() {
+    let s = Scratch::new("junk");
+    let junk = s.path("junk");
+    fs::write(&junk, b"not an image").unwrap();
+    let text = error_chain(&prepare(&junk, &s.cache()).unwrap_err());
+    assert!(
+        text.contains("not a directory, tar or tar.gz archive"),
+        "{text}"
+    );
+    let zstd = s.path("image.tar.zst");
+    fs::write(&zstd, [0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0]).unwrap();
+    let text = error_chain(&prepare(&zstd, &s.cache()).unwrap_err());
+    assert!(
+        text.contains("unsupported zstd-compressed archive"),
+        "{text}"
+    );
+}
