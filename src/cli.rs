@@ -23,6 +23,170 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel and run it until it exits.
     Run(RunArgs),
+    /// Run OCI container images in microVMs.
+    #[command(subcommand)]
+    Container(ContainerCommand),
+    /// Long-lived Linux VMs that host several containers.
+    #[command(subcommand)]
+    Machine(MachineCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContainerCommand {
+    /// Run a command in a new container: in a fresh microVM, or in a running machine
+    /// with --machine. Exits with the command's exit status (125 when hearth fails).
+    Run(ContainerRunArgs),
+}
+
+/// Options of a process started in a container or a machine, as docker spells them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ProcessArgs {
+    /// Set an environment variable (KEY=VALUE, or KEY to pass ours). Repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+
+    /// User to run as: UID[:GID] or NAME[:GROUP].
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Keep stdin open and forward it.
+    #[arg(short = 'i', long = "interactive")]
+    pub interactive: bool,
+
+    /// Allocate a pseudo-terminal.
+    #[arg(short = 't', long = "tty")]
+    pub tty: bool,
+}
+
+/// `hearth container run` options.
+#[derive(Debug, clap::Args)]
+pub struct ContainerRunArgs {
+    #[command(flatten)]
+    pub process: ProcessArgs,
+
+    /// Share a host directory (or an ext4 image file): HOSTPATH:GUESTDIR[:ro]. A directory
+    /// is copied into a disk image for this run; writes to it are not copied back.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    pub volumes: Vec<String>,
+
+    /// Memory limit of the container; a fresh microVM gets this much plus 64 MiB.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+
+    /// CPU limit (e.g. 1.5); a fresh microVM gets this many vCPUs, rounded up.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
+
+    /// none, or tap=NAME[,ip=A.B.C.D/N][,gw=A.B.C.D] (fresh microVM only).
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    pub network: String,
+
+    /// Override the image's entrypoint ("" clears it).
+    #[arg(long, value_name = "CMD")]
+    pub entrypoint: Option<String>,
+
+    /// Container hostname.
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+
+    /// Container name (unique in a machine; `hearth machine exec` uses it).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Run inside this running machine instead of a fresh microVM.
+    #[arg(long, value_name = "NAME")]
+    pub machine: Option<String>,
+
+    /// Guest kernel (default: resources' minimal kernel from the cache).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Give up if the guest agent has not connected after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub boot_timeout: u64,
+
+    /// The image: an OCI layout directory, an OCI archive, a `docker save` tarball, or a
+    /// root filesystem directory or tarball.
+    #[arg(value_name = "IMAGE")]
+    pub image: PathBuf,
+
+    /// Command and arguments (default: the image's entrypoint and cmd).
+    #[arg(
+        value_name = "CMD",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    /// Boot a named machine in the background and wait until its agent answers.
+    Start(MachineStartArgs),
+    /// Stop a machine's containers and power it off.
+    Stop {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    /// List machines.
+    List,
+    /// Run a command in the machine itself (not in a container).
+    Run {
+        #[command(flatten)]
+        process: ProcessArgs,
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(
+            value_name = "CMD",
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true
+        )]
+        command: Vec<String>,
+    },
+    /// Run a command inside a running container of the machine.
+    Exec {
+        #[command(flatten)]
+        process: ProcessArgs,
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "CONTAINER")]
+        container: String,
+        #[arg(
+            value_name = "CMD",
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            required = true
+        )]
+        command: Vec<String>,
+    },
+}
+
+/// `hearth machine start` options.
+#[derive(Debug, clap::Args)]
+pub struct MachineStartArgs {
+    #[arg(value_name = "NAME")]
+    pub name: String,
+
+    /// vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u64,
+
+    /// Guest RAM (containers' overlays and loaded images live in it).
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    pub memory: String,
+
+    /// Guest kernel (default: resources' minimal kernel from the cache).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+
+    /// Give up if the agent has not answered after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub boot_timeout: u64,
 }
 
 /// `hearth run` options. Values are checked in `config::VmConfig::from_args`, before
@@ -115,13 +279,56 @@ mod tests {
     #[test]
     fn run_defaults() {
         let cli = Cli::try_parse_from(["hearth", "run", "--kernel", "k"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("expected run");
+        };
         assert_eq!(args.cpus, 1);
         assert_eq!(args.memory, "256M");
         assert_eq!(args.serial, "stdio");
         assert_eq!(args.cmdline, DEFAULT_CMDLINE);
         assert_eq!(args.cpu_profile, CpuProfileChoice::Auto);
         assert_eq!(cli.log_level, LogLevel::Warn);
+    }
+
+    #[test]
+    fn container_run_takes_the_command_verbatim() {
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "container",
+            "run",
+            "-i",
+            "-e",
+            "A=1",
+            "-w",
+            "/tmp",
+            "img",
+            "sh",
+            "-c",
+            "exit 7",
+            "-e",
+        ])
+        .unwrap();
+        let Command::Container(ContainerCommand::Run(args)) = cli.command else {
+            panic!("expected container run");
+        };
+        assert!(args.process.interactive);
+        assert_eq!(args.process.env, ["A=1"]);
+        assert_eq!(args.process.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(args.image, PathBuf::from("img"));
+        assert_eq!(args.command, ["sh", "-c", "exit 7", "-e"]);
+        assert_eq!(args.network, "none");
+    }
+
+    #[test]
+    fn machine_run_needs_a_command() {
+        assert!(Cli::try_parse_from(["hearth", "machine", "run", "dev"]).is_err());
+        let cli =
+            Cli::try_parse_from(["hearth", "machine", "run", "dev", "--", "uname", "-s"]).unwrap();
+        let Command::Machine(MachineCommand::Run { name, command, .. }) = cli.command else {
+            panic!("expected machine run");
+        };
+        assert_eq!(name, "dev");
+        assert_eq!(command, ["uname", "-s"]);
     }
 
     #[test]

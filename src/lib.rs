@@ -9,6 +9,7 @@ pub mod builder;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod container;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
@@ -56,6 +57,17 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             let config = VmConfig::from_args(&args)?;
             run_vm(&config)
         }
+        // Like docker, failures of hearth itself (as opposed to the container's own exit
+        // status) exit 125.
+        Command::Container(cli::ContainerCommand::Run(args)) => Ok(container::run::run(&args)
+            .unwrap_or_else(|err| {
+                eprintln!("hearth: {}", error_chain(&err));
+                125
+            })),
+        Command::Machine(cmd) => Ok(container::machine::command(&cmd).unwrap_or_else(|err| {
+            eprintln!("hearth: {}", error_chain(&err));
+            125
+        })),
     }
 }
 

@@ -416,6 +416,11 @@ impl Running {
         }
     }
 
+    /// Closes the child's stdin (it reads end of file).
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
     /// Waits (up to [`RUN_TIMEOUT`]) until the child's stdout contains `expected`; panics
     /// with everything it printed if it does not, or if it ends first.
     #[track_caller]

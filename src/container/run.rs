@@ -1,0 +1,490 @@
+//! `hearth container run`: one container, in a fresh microVM or in a running machine.
+//!
+//! Fresh microVM, in order: prepare the image (cached ext4), build or reuse the agent
+//! initramfs, listen on the vsock socket's port-1024 path, start the VMM, wait for the
+//! agent to connect, run the process, wait for the VM to power off, clean up.
+
+use std::fs;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use super::session::{self, Signals};
+use super::vm::{self, VmSpec};
+use super::{ContainerError, ProcessSpec};
+use crate::agent::protocol::{
+    NetConfig, Network, Rootfs, RunSpec, Volume, AGENT_PORT, MODE_CONTAINER,
+};
+use crate::cli::ContainerRunArgs;
+use crate::config::parse_memory_size;
+use crate::image::{self, ImageCache};
+
+/// Guest RAM on top of the container's memory limit (kernel, agent, tmpfs overlay).
+const VM_OVERHEAD_MIB: u64 = 64;
+/// Guest RAM of a fresh microVM without a memory limit.
+const DEFAULT_VM_MIB: u64 = 256;
+/// Free space in a disk image built from a writable directory volume.
+const VOLUME_FREE_BYTES: u64 = 64 << 20;
+/// How long a VM may take to power off after its process exited.
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A volume as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeArg {
+    pub host: PathBuf,
+    pub guest: String,
+    pub readonly: bool,
+}
+
+/// Parses `HOST:GUEST[:ro|:rw]`.
+pub fn parse_volume(spec: &str) -> Result<VolumeArg, ContainerError> {
+    let bad = |why: &str| ContainerError::Usage(format!("-v {spec}: {why}"));
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (host, guest, readonly) = match parts.as_slice() {
+        [h, g] => (*h, *g, false),
+        [h, g, "ro"] => (*h, *g, true),
+        [h, g, "rw"] => (*h, *g, false),
+        [_, _, mode] => return Err(bad(&format!("unknown mode {mode:?} (use ro or rw)"))),
+        _ => return Err(bad("expected HOSTPATH:GUESTDIR[:ro]")),
+    };
+    if host.is_empty() || !Path::new(host).exists() {
+        return Err(bad(&format!("host path {host:?} does not exist")));
+    }
+    if !guest.starts_with('/') || guest == "/" || guest.split('/').any(|c| c == "..") {
+        return Err(bad(
+            "the container path must be absolute, not /, without ..",
+        ));
+    }
+    Ok(VolumeArg {
+        host: PathBuf::from(host),
+        guest: guest.to_string(),
+        readonly,
+    })
+}
+
+/// `--network`: the VM's NIC (tap name) and eth0's address, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetworkArg {
+    pub tap: Option<String>,
+    pub net: Option<NetConfig>,
+}
+
+pub fn parse_network(spec: &str) -> Result<NetworkArg, ContainerError> {
+    if spec == "none" {
+        return Ok(NetworkArg::default());
+    }
+    let bad = |why: String| ContainerError::Usage(format!("--network {spec}: {why}"));
+    let mut tap = None;
+    let mut address = None;
+    let mut gateway = None;
+    for item in spec.split(',') {
+        match item.split_once('=') {
+            Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+            Some(("ip", v)) => {
+                let (ip, prefix) = v
+                    .split_once('/')
+                    .ok_or_else(|| bad(format!("ip={v}: expected A.B.C.D/PREFIX")))?;
+                ip.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| bad(format!("ip={v}: not an IPv4 address")))?;
+                match prefix.parse::<u8>() {
+                    Ok(p) if p <= 32 => {}
+                    _ => return Err(bad(format!("ip={v}: prefix must be 0-32"))),
+                }
+                address = Some(v.to_string());
+            }
+            Some(("gw", v)) => {
+                v.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| bad(format!("gw={v}: not an IPv4 address")))?;
+                gateway = Some(v.to_string());
+            }
+            _ => {
+                return Err(bad(format!(
+                    "unknown item {item:?} (none, or tap=NAME[,ip=..][,gw=..])"
+                )))
+            }
+        }
+    }
+    let Some(tap) = tap else {
+        return Err(bad("tap=NAME is required".into()));
+    };
+    if gateway.is_some() && address.is_none() {
+        return Err(bad("gw= needs ip=".into()));
+    }
+    Ok(NetworkArg {
+        tap: Some(tap),
+        net: address.map(|address| NetConfig { address, gateway }),
+    })
+}
+
+/// The parts of a run spec both modes share.
+fn base_spec(args: &ContainerRunArgs, process: ProcessSpec, rootfs: Rootfs) -> RunSpec {
+    let mut spec = RunSpec {
+        argv: Vec::new(),
+        env: Vec::new(),
+        cwd: String::new(),
+        user: None,
+        hostname: None,
+        tty: args.process.tty,
+        stdin: args.process.interactive,
+        rootfs,
+        volumes: Vec::new(),
+        memory_limit: None,
+        cpus: args.cpus,
+        network: Network::Vm,
+        net: None,
+        name: args.name.clone(),
+        term_size: if args.process.tty {
+            session::terminal_size()
+        } else {
+            None
+        },
+    };
+    process.apply(&mut spec);
+    spec
+}
+
+/// Runs the container; returns its exit status.
+pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
+    let signals = Signals::install();
+    if let Some(name) = &args.name {
+        super::check_name("container", name)?;
+    }
+    if let Some(cpus) = args.cpus {
+        if !(cpus > 0.0 && cpus <= crate::config::MAX_VCPUS as f64) {
+            return Err(ContainerError::Usage(format!(
+                "--cpus {cpus}: must be more than 0 and at most {}",
+                crate::config::MAX_VCPUS
+            )));
+        }
+    }
+    let memory_limit = args
+        .memory
+        .as_deref()
+        .map(parse_memory_size)
+        .transpose()
+        .map_err(|e| ContainerError::Usage(format!("--memory: {e}")))?;
+    let volumes = args
+        .volumes
+        .iter()
+        .map(|v| parse_volume(v))
+        .collect::<Result<Vec<_>, _>>()?;
+    let network = parse_network(&args.network)?;
+    if args.process.tty && terminal_is_missing() {
+        return Err(ContainerError::Usage(
+            "-t needs a terminal on stdin or stdout".into(),
+        ));
+    }
+    let cache = ImageCache::default_location()?;
+    let prepared = image::prepare(&args.image, &cache)?;
+    let process = super::process_spec(
+        &prepared.config,
+        &args.process,
+        args.entrypoint.as_deref(),
+        &args.command,
+        |k| std::env::var(k).ok(),
+    )?;
+
+    let status = match &args.machine {
+        Some(machine) => {
+            if network.tap.is_some() || !volumes.is_empty() {
+                return Err(ContainerError::Usage(
+                    "--network tap= and -v need a fresh microVM (drop --machine)".into(),
+                ));
+            }
+            let mut spec = base_spec(
+                args,
+                process,
+                Rootfs::Image {
+                    digest: prepared.digest.clone(),
+                },
+            );
+            spec.memory_limit = memory_limit;
+            spec.network = Network::None;
+            if spec.name.is_none() {
+                spec.name = Some(super::random_id());
+            }
+            super::machine::run_container(machine, &prepared, spec, &signals)?
+        }
+        None => {
+            let mut spec = base_spec(
+                args,
+                process,
+                Rootfs::Device {
+                    path: "/dev/vda".into(),
+                    fstype: "ext4".into(),
+                },
+            );
+            spec.memory_limit = memory_limit;
+            spec.net = network.net.clone();
+            if spec.hostname.is_none() {
+                spec.hostname = Some(args.hostname.clone().unwrap_or_else(super::random_id));
+            }
+            fresh_vm(args, &prepared.ext4, &volumes, &network, spec, &signals)?
+        }
+    };
+    Ok((status & 0xff) as u8)
+}
+
+fn terminal_is_missing() -> bool {
+    // SAFETY: isatty only inspects the descriptor numbers.
+    unsafe { libc::isatty(0) != 1 && libc::isatty(1) != 1 }
+}
+
+/// A per-run directory for the vsock socket, console log and volume images; removed on
+/// success, kept (and named in the error) on failure.
+struct RunDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl RunDir {
+    fn create() -> Result<Self, ContainerError> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let path = base.join(format!("hearth-c-{}", super::random_id()));
+        fs::create_dir(&path)
+            .map_err(ContainerError::io(format!("creating {}", path.display())))?;
+        Ok(Self { path, keep: false })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The agent initramfs, built once per agent binary and cached.
+pub fn agent_initramfs(busybox: bool) -> Result<PathBuf, ContainerError> {
+    let spec = super::initramfs::InitramfsSpec {
+        agent: super::agent_binary()?,
+        busybox: if busybox {
+            Some(
+                std::env::var_os("HEARTH_BUSYBOX")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/bin/busybox")),
+            )
+        } else {
+            None
+        },
+        modules: Vec::new(),
+        gzip: false,
+    };
+    Ok(super::initramfs::cached(
+        &spec,
+        &super::cache_dir().join("initramfs"),
+    )?)
+}
+
+fn fresh_vm(
+    args: &ContainerRunArgs,
+    image_ext4: &Path,
+    volumes: &[VolumeArg],
+    network: &NetworkArg,
+    mut spec: RunSpec,
+    signals: &Signals,
+) -> Result<i32, ContainerError> {
+    let kernel = super::guest_kernel(args.kernel.as_deref())?;
+    let initrd = agent_initramfs(false)?;
+    let mut dir = RunDir::create()?;
+    let mut disks = vec![(image_ext4.to_path_buf(), true)];
+    for (i, volume) in volumes.iter().enumerate() {
+        let disk = if volume.host.is_dir() {
+            let out = dir.path.join(format!("volume{i}.ext4"));
+            let free = if volume.readonly {
+                0
+            } else {
+                VOLUME_FREE_BYTES
+            };
+            image::build_ext4(&volume.host, &out, free)?;
+            out
+        } else {
+            volume.host.clone()
+        };
+        disks.push((disk, volume.readonly));
+        spec.volumes.push(Volume {
+            device: format!("/dev/vd{}", (b'b' + i as u8) as char),
+            target: volume.guest.clone(),
+            readonly: volume.readonly,
+        });
+    }
+    if disks.len() > 20 {
+        return Err(ContainerError::Usage(
+            "too many volumes (at most 19)".into(),
+        ));
+    }
+    let vsock = dir.path.join("v.sock");
+    let listen_path = PathBuf::from(format!("{}_{AGENT_PORT}", vsock.display()));
+    let listener = UnixListener::bind(&listen_path).map_err(ContainerError::io(format!(
+        "listening on {}",
+        listen_path.display()
+    )))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(ContainerError::io("listener"))?;
+    let memory_mib = match spec.memory_limit {
+        Some(limit) => (limit >> 20) + VM_OVERHEAD_MIB,
+        None => DEFAULT_VM_MIB,
+    };
+    let vm_spec = VmSpec {
+        kernel,
+        initrd,
+        mode: MODE_CONTAINER,
+        cpus: args.cpus.map(|c| c.ceil() as u64).unwrap_or(1).max(1),
+        memory_mib,
+        disks,
+        nets: network.tap.iter().map(|t| format!("tap={t}")).collect(),
+        vsock_socket: vsock,
+        console_log: dir.path.join("console.log"),
+        detached: false,
+    };
+    let mut child = vm::spawn(&vm_spec).map_err(ContainerError::io("starting the VMM"))?;
+    let outcome = (|| {
+        let stream = wait_for_agent(&listener, &mut child, &vm_spec, args.boot_timeout, signals)?;
+        let mut stream = stream;
+        session::hello(&mut stream)?;
+        Ok(session::run_process(stream, spec, signals)?)
+    })();
+    if outcome.is_err() {
+        // The VM will not power off by itself: nothing runs the container any more.
+        let _ = child.kill();
+    }
+    let stopped = wait_for_poweroff(&mut child);
+    match outcome {
+        Ok(status) => {
+            if let Err(reason) = stopped {
+                log::warn!("{reason}");
+            }
+            Ok(status)
+        }
+        Err(ContainerError::Vm(reason)) if reason.starts_with("interrupted") => {
+            Ok(128 + signals.pending())
+        }
+        Err(err) => {
+            dir.keep = true;
+            Err(ContainerError::Vm(format!(
+                "{} (console log: {}; last lines: {})",
+                crate::error_chain(&err),
+                vm_spec.console_log.display(),
+                vm::log_tail(&vm_spec.console_log, 3)
+            )))
+        }
+    }
+}
+
+/// Accepts the agent's connection while watching the VMM, our signals and the clock.
+fn wait_for_agent(
+    listener: &UnixListener,
+    child: &mut Child,
+    vm_spec: &VmSpec,
+    timeout_s: u64,
+    signals: &Signals,
+) -> Result<std::os::unix::net::UnixStream, ContainerError> {
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream
+                    .set_nonblocking(false)
+                    .map_err(ContainerError::io("agent connection"))?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(ContainerError::io("accepting the agent connection")(e)),
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(ContainerError::Vm(format!(
+                "the VM stopped ({status}) before its agent connected; console: {}",
+                vm::log_tail(&vm_spec.console_log, 3)
+            )));
+        }
+        if signals.pending() != 0 {
+            return Err(ContainerError::Vm("interrupted while booting".into()));
+        }
+        if Instant::now() >= deadline {
+            return Err(ContainerError::Vm(format!(
+                "the guest agent did not connect within {timeout_s} s"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for the VMM to exit after the agent powered the VM off; kills it if it hangs.
+fn wait_for_poweroff(child: &mut Child) -> Result<(), String> {
+    let deadline = Instant::now() + POWEROFF_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("the VM did not power off; killed it".into());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_parse() {
+        let v = parse_volume("/tmp:/data:ro").unwrap();
+        assert_eq!(
+            v,
+            VolumeArg {
+                host: "/tmp".into(),
+                guest: "/data".into(),
+                readonly: true
+            }
+        );
+        assert!(!parse_volume("/tmp:/data").unwrap().readonly);
+        assert!(!parse_volume("/tmp:/data:rw").unwrap().readonly);
+        for bad in [
+            "/tmp",
+            "/tmp:data",
+            "/tmp:/",
+            "/tmp:/a/../b",
+            "/tmp:/d:rx",
+            "/nonexistent-hearth:/d",
+            "/tmp:/d:ro:x",
+        ] {
+            let err = parse_volume(bad).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("-v {bad}: ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn networks_parse() {
+        assert_eq!(parse_network("none").unwrap(), NetworkArg::default());
+        let n = parse_network("tap=t0,ip=10.0.0.2/24,gw=10.0.0.1").unwrap();
+        assert_eq!(n.tap.as_deref(), Some("t0"));
+        assert_eq!(
+            n.net,
+            Some(NetConfig {
+                address: "10.0.0.2/24".into(),
+                gateway: Some("10.0.0.1".into())
+            })
+        );
+        assert_eq!(parse_network("tap=t0").unwrap().net, None);
+        for bad in [
+            "bridge",
+            "ip=10.0.0.2/24",
+            "tap=t0,ip=10.0.0.2",
+            "tap=t0,ip=10.0.0.300/24",
+            "tap=t0,ip=10.0.0.2/33",
+            "tap=t0,gw=10.0.0.1",
+            "tap=",
+        ] {
+            assert!(parse_network(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! The host side of an agent session (see `agent::protocol`): say hello, optionally load
+//! an image, start a process, and pump its stdio and signals until it exits.
+//!
+//! Threads: the caller's thread reads frames from the agent and writes the process's
+//! stdout and stderr to ours; one thread copies our stdin to the agent (`-i`); the signal
+//! thread (see [`Signals`]) forwards SIGINT/SIGTERM/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 as
+//! `Signal` frames and SIGWINCH as `Resize`. Writers share the stream behind a mutex so
+//! frames never interleave.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::agent::protocol::{
+    read_message, write_message, Message, ProtocolError, RunSpec, AGENT_PORT, MAX_PAYLOAD, VERSION,
+};
+
+/// Why a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("agent speaks protocol version {0}, this hearth speaks {VERSION}")]
+    Version(u32),
+    #[error("agent: {0}")]
+    Agent(String),
+    #[error("agent sent an unexpected {0} message")]
+    Unexpected(&'static str),
+    #[error("agent closed the connection before the process exited")]
+    Closed,
+    #[error("cannot connect to {path}: {source}")]
+    Connect { path: String, source: io::Error },
+    #[error("vsock CONNECT to the agent was refused: {0:?}")]
+    Refused(String),
+    #[error("reading the image to send: {0}")]
+    Image(io::Error),
+}
+
+/// Signals a container front end forwards instead of dying from them.
+const FORWARDED: [i32; 7] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
+
+type SharedStream = Arc<Mutex<UnixStream>>;
+
+/// Catches the forwarded signals on a dedicated thread. Until a session is attached,
+/// a terminating signal is only recorded ([`Signals::pending`]), so that a front end
+/// still waiting for its VM can stop it and exit 128+signal.
+#[derive(Clone)]
+pub struct Signals {
+    session: Arc<Mutex<Option<(SharedStream, bool)>>>,
+    pending: Arc<AtomicI32>,
+}
+
+impl Signals {
+    /// Blocks the forwarded signals in this thread (and so in every thread spawned after)
+    /// and starts the thread that receives them. Call before spawning other threads.
+    pub fn install() -> Self {
+        // SAFETY: the sigset is initialised by sigemptyset before use; blocking signals
+        // in the calling thread has no memory-safety effects.
+        let set = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for sig in FORWARDED {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            set
+        };
+        let signals = Signals {
+            session: Arc::new(Mutex::new(None)),
+            pending: Arc::new(AtomicI32::new(0)),
+        };
+        let me = signals.clone();
+        std::thread::spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` is a valid sigset and `sig` a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            me.deliver(sig);
+        });
+        signals
+    }
+
+    fn deliver(&self, sig: i32) {
+        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        match &*session {
+            Some((stream, tty)) => {
+                let msg = if sig == libc::SIGWINCH {
+                    if !*tty {
+                        return;
+                    }
+                    match terminal_size() {
+                        Some((rows, cols)) => Message::Resize { rows, cols },
+                        None => return,
+                    }
+                } else {
+                    Message::Signal(sig)
+                };
+                let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = write_message(&mut *s, &msg);
+            }
+            None if sig != libc::SIGWINCH => {
+                self.pending.store(sig, Ordering::SeqCst);
+            }
+            None => {}
+        }
+    }
+
+    /// A terminating signal received while no session was attached (0 if none).
+    pub fn pending(&self) -> i32 {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    fn attach(&self, stream: SharedStream, tty: bool) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = Some((stream, tty));
+    }
+
+    fn detach(&self) {
+        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// The size of our terminal (rows, cols), when stdin or stdout is one.
+pub fn terminal_size() -> Option<(u16, u16)> {
+    for fd in [0, 1] {
+        // SAFETY: an all-zero winsize is valid; TIOCGWINSZ writes into it.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is a plain descriptor number; the ioctl fails cleanly if it is
+        // not a terminal.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+            return Some((ws.ws_row, ws.ws_col));
+        }
+    }
+    None
+}
+
+/// Connects to a guest listener through the vsock device's Unix socket
+/// (`CONNECT <port>` / `OK <port>`), as any host program would.
+pub fn connect_vsock(
+    socket: &Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, SessionError> {
+    let connect_err = |source| SessionError::Connect {
+        path: socket.display().to_string(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(connect_err)?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(connect_err)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(connect_err)?;
+    let mut line = String::new();
+    // Read byte by byte: nothing after the newline may be consumed.
+    let mut reader = BufReader::with_capacity(1, &stream);
+    reader.read_line(&mut line).map_err(connect_err)?;
+    drop(reader);
+    if !line.starts_with("OK ") {
+        return Err(SessionError::Refused(line.trim_end().to_string()));
+    }
+    stream.set_read_timeout(None).map_err(connect_err)?;
+    Ok(stream)
+}
+
+/// Connects to a machine's agent and says hello.
+pub fn connect_agent(socket: &Path, timeout: Duration) -> Result<UnixStream, SessionError> {
+    let mut stream = connect_vsock(socket, AGENT_PORT, timeout)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(ProtocolError::from)?;
+    hello(&mut stream)?;
+    stream.set_read_timeout(None).map_err(ProtocolError::from)?;
+    Ok(stream)
+}
+
+/// Exchanges `Hello` messages and checks the version.
+pub fn hello(stream: &mut UnixStream) -> Result<(), SessionError> {
+    write_message(stream, &Message::Hello { version: VERSION })?;
+    match read_message(stream)? {
+        Some(Message::Hello { version }) if version == VERSION => Ok(()),
+        Some(Message::Hello { version }) => Err(SessionError::Version(version)),
+        Some(Message::Error(text)) => Err(SessionError::Agent(text)),
+        Some(_) => Err(SessionError::Unexpected("non-hello")),
+        None => Err(SessionError::Closed),
+    }
+}
+
+/// Sends a request that the agent answers with one message.
+fn request(stream: &mut UnixStream, msg: &Message) -> Result<Message, SessionError> {
+    write_message(stream, msg)?;
+    match read_message(stream)? {
+        Some(Message::Error(text)) => Err(SessionError::Agent(text)),
+        Some(reply) => Ok(reply),
+        None => Err(SessionError::Closed),
+    }
+}
+
+/// Makes sure the machine holds image `digest`, sending `tar` (a tar stream of its root
+/// filesystem) if it does not. Returns whether it had to be sent.
+pub fn ensure_image(
+    stream: &mut UnixStream,
+    digest: &str,
+    tar: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<bool, SessionError> {
+    let query = Message::ImageQuery {
+        digest: digest.to_string(),
+    };
+    match request(stream, &query)? {
+        Message::ImageStatus { present: true, .. } => return Ok(false),
+        Message::ImageStatus { present: false, .. } => {}
+        _ => return Err(SessionError::Unexpected("image query reply")),
+    }
+    write_message(
+        stream,
+        &Message::ImageLoad {
+            digest: digest.to_string(),
+        },
+    )?;
+    let mut frames = FrameWriter {
+        stream,
+        buf: Vec::with_capacity(MAX_PAYLOAD),
+    };
+    tar(&mut frames).map_err(SessionError::Image)?;
+    frames.flush().map_err(SessionError::Image)?;
+    match request(stream, &Message::ImageEnd)? {
+        Message::ImageStatus { present: true, .. } => Ok(true),
+        _ => Err(SessionError::Unexpected("image load reply")),
+    }
+}
+
+/// A `Write` that sends what it is given as `ImageData` frames.
+struct FrameWriter<'a> {
+    stream: &'a mut UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Write for FrameWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = MAX_PAYLOAD - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == MAX_PAYLOAD {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let chunk = std::mem::take(&mut self.buf);
+            write_message(self.stream, &Message::ImageData(chunk)).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts `spec` and relays its stdio and our signals until it exits; returns its exit
+/// status (the code, or 128 + signal). The stream must have said hello already.
+pub fn run_process(
+    stream: UnixStream,
+    spec: RunSpec,
+    signals: &Signals,
+) -> Result<i32, SessionError> {
+    let mut reader = stream;
+    let forward_stdin = spec.stdin;
+    let tty = spec.tty;
+    let writer: SharedStream =
+        Arc::new(Mutex::new(reader.try_clone().map_err(ProtocolError::from)?));
+    write_message(
+        &mut *writer.lock().unwrap_or_else(|p| p.into_inner()),
+        &Message::Run(Box::new(spec)),
+    )?;
+    match read_message(&mut reader)? {
+        Some(Message::Started { .. }) => {}
+        Some(Message::Error(text)) => return Err(SessionError::Agent(text)),
+        Some(_) => return Err(SessionError::Unexpected("reply to run")),
+        None => return Err(SessionError::Closed),
+    }
+    signals.attach(writer.clone(), tty);
+    if let Some(sig) = Some(signals.pending()).filter(|&s| s != 0) {
+        let mut s = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = write_message(&mut *s, &Message::Signal(sig));
+    }
+    if forward_stdin {
+        let writer = writer.clone();
+        std::thread::spawn(move || pump_stdin(writer));
+    }
+    let result = relay_output(&mut reader);
+    signals.detach();
+    result
+}
+
+fn pump_stdin(writer: SharedStream) {
+    let mut stdin = io::stdin().lock();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let msg = match stdin.read(&mut buf) {
+            Ok(0) => Message::StdinEof,
+            Ok(n) => Message::Stdin(buf[..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => Message::StdinEof,
+        };
+        let eof = msg == Message::StdinEof;
+        let mut s = writer.lock().unwrap_or_else(|p| p.into_inner());
+        if write_message(&mut *s, &msg).is_err() || eof {
+            return;
+        }
+    }
+}
+
+fn relay_output(reader: &mut UnixStream) -> Result<i32, SessionError> {
+    let mut stdout = io::stdout();
+    let mut stderr = io::stderr();
+    loop {
+        match read_message(reader)? {
+            // A closed stdout (e.g. `| head`) must not stop the container's stderr or
+            // its exit status from arriving.
+            Some(Message::Stdout(data)) => {
+                let _ = stdout.write_all(&data).and_then(|_| stdout.flush());
+            }
+            Some(Message::Stderr(data)) => {
+                let _ = stderr.write_all(&data);
+            }
+            Some(Message::Exit { status }) => return Ok(status),
+            Some(Message::Error(text)) => return Err(SessionError::Agent(text)),
+            Some(_) => return Err(SessionError::Unexpected("stream")),
+            None => return Err(SessionError::Closed),
+        }
+    }
+}
+
+/// Asks a machine's agent to stop its containers and power off.
+pub fn shutdown(stream: &mut UnixStream) -> Result<(), SessionError> {
+    match request(stream, &Message::Shutdown)? {
+        Message::Exit { .. } => Ok(()),
+        _ => Err(SessionError::Unexpected("reply to shutdown")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::protocol::{Network, Rootfs};
+
+    fn spec() -> RunSpec {
+        RunSpec {
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: "/".into(),
+            user: None,
+            hostname: None,
+            tty: false,
+            stdin: false,
+            rootfs: Rootfs::Host,
+            volumes: vec![],
+            memory_limit: None,
+            cpus: None,
+            network: Network::Vm,
+            net: None,
+            name: None,
+            term_size: None,
+        }
+    }
+
+    /// A scripted agent on the other end of a socket pair.
+    fn fake_agent(script: impl FnOnce(&mut UnixStream) + Send + 'static) -> UnixStream {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || script(&mut agent));
+        host
+    }
+
+    #[test]
+    fn run_returns_the_exit_status() {
+        let mut host = fake_agent(|a| {
+            assert_eq!(
+                read_message(a).unwrap(),
+                Some(Message::Hello { version: VERSION })
+            );
+            write_message(a, &Message::Hello { version: VERSION }).unwrap();
+            assert!(matches!(read_message(a).unwrap(), Some(Message::Run(_))));
+            write_message(a, &Message::Started { pid: 1 }).unwrap();
+            write_message(a, &Message::Stdout(Vec::new())).unwrap();
+            write_message(a, &Message::Exit { status: 7 }).unwrap();
+        });
+        hello(&mut host).unwrap();
+        let signals = Signals {
+            session: Arc::new(Mutex::new(None)),
+            pending: Arc::new(AtomicI32::new(0)),
+        };
+        assert_eq!(run_process(host, spec(), &signals).unwrap(), 7);
+    }
+
+    #[test]
+    fn version_mismatch_and_agent_errors_are_reported() {
+        let mut host = fake_agent(|a| {
+            let _ = read_message(a);
+            write_message(a, &Message::Hello { version: 99 }).unwrap();
+        });
+        assert!(matches!(hello(&mut host), Err(SessionError::Version(99))));
+
+        let host = fake_agent(|a| {
+            let _ = read_message(a);
+            write_message(a, &Message::Error("exec: nope".into())).unwrap();
+        });
+        let signals = Signals {
+            session: Arc::new(Mutex::new(None)),
+            pending: Arc::new(AtomicI32::new(0)),
+        };
+        let err = run_process(host, spec(), &signals).unwrap_err().to_string();
+        assert_eq!(err, "agent: exec: nope");
+
+        let host = fake_agent(|a| {
+            let _ = read_message(a);
+            write_message(a, &Message::Started { pid: 1 }).unwrap();
+        });
+        assert!(matches!(
+            run_process(host, spec(), &signals),
+            Err(SessionError::Closed)
+        ));
+    }
+
+    #[test]
+    fn images_are_sent_only_when_missing() {
+        let mut host = fake_agent(|a| {
+            let Some(Message::ImageQuery { digest }) = read_message(a).unwrap() else {
+                panic!("expected a query");
+            };
+            write_message(
+                a,
+                &Message::ImageStatus {
+                    digest: digest.clone(),
+                    present: false,
+                },
+            )
+            .unwrap();
+            assert!(matches!(
+                read_message(a).unwrap(),
+                Some(Message::ImageLoad { .. })
+            ));
+            let mut total = 0;
+            loop {
+                match read_message(a).unwrap() {
+                    Some(Message::ImageData(d)) => {
+                        assert!(d.len() <= MAX_PAYLOAD);
+                        total += d.len();
+                    }
+                    Some(Message::ImageEnd) => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(total, 200_000);
+            write_message(
+                a,
+                &Message::ImageStatus {
+                    digest,
+                    present: true,
+                },
+            )
+            .unwrap();
+            let Some(Message::ImageQuery { digest }) = read_message(a).unwrap() else {
+                panic!("expected a query");
+            };
+            write_message(
+                a,
+                &Message::ImageStatus {
+                    digest,
+                    present: true,
+                },
+            )
+            .unwrap();
+        });
+        let sent = ensure_image(&mut host, "sha256:ab", |w| w.write_all(&[1u8; 200_000])).unwrap();
+        assert!(sent);
+        let sent = ensure_image(&mut host, "sha256:ab", |_| panic!("must not send")).unwrap();
+        assert!(!sent);
+    }
+}
