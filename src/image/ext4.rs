@@ -85,10 +85,12 @@ fn find_mkfs() -> Option<PathBuf> {
 
 /// Builds an ext4 image `out` holding the tree `dir` (owners, modes, times, xattrs and
 /// special files as they are), sized for its content plus `extra_free_bytes` of free
-/// space (0 for a read-only image; more for a writable volume). No journal; the root
-/// directory is owned by 0:0; label `hearth`.
+/// space (0 for a read-only image; more for a writable volume). No journal; label
+/// `hearth`. The root directory gets the owner and mode of `dir` (`mkfs.ext4 -d` alone
+/// would make it 0755 root:root, which a volume owned by another user must not become).
 pub fn build_ext4(dir: &Path, out: &Path, extra_free_bytes: u64) -> Result<(), ImageError> {
     let mkfs = find_mkfs().ok_or(ImageError::MkfsNotFound)?;
+    let top = fs::metadata(dir).map_err(io_err(format!("cannot stat {}", dir.display())))?;
     let (mut size, mut inodes) = geometry(usage(dir)?, extra_free_bytes);
     let mut attempt = 0;
     loop {
@@ -103,7 +105,8 @@ pub fn build_ext4(dir: &Path, out: &Path, extra_free_bytes: u64) -> Result<(), I
                 "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0", "-L", "hearth",
             ])
             .args(["-O", "^has_journal,^resize_inode"])
-            .args(["-E", "root_owner=0:0,nodiscard"])
+            .arg("-E")
+            .arg(format!("root_owner={}:{},nodiscard", top.uid(), top.gid()))
             .arg("-N")
             .arg(inodes.to_string())
             .arg("-d")
@@ -112,6 +115,7 @@ pub fn build_ext4(dir: &Path, out: &Path, extra_free_bytes: u64) -> Result<(), I
             .output()
             .map_err(io_err(format!("cannot run {}", mkfs.display())))?;
         if output.status.success() {
+            set_root_mode(out, top.mode() & 0o7777);
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
@@ -130,6 +134,35 @@ pub fn build_ext4(dir: &Path, out: &Path, extra_free_bytes: u64) -> Result<(), I
             status: output.status.to_string(),
             stderr,
         });
+    }
+}
+
+/// Gives the root directory of the image `out` the permission bits `mode` (best effort,
+/// with debugfs; mkfs.ext4 always makes it 0755).
+fn set_root_mode(out: &Path, mode: u32) {
+    if mode == 0o755 {
+        return;
+    }
+    let request = format!("set_inode_field / mode 0{:o}", libc::S_IFDIR | mode);
+    let debugfs = ["/usr/sbin/debugfs", "/sbin/debugfs"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("debugfs");
+    let result = Command::new(debugfs)
+        .args(["-w", "-R", &request])
+        .arg(out)
+        .output();
+    match result {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => log::warn!(
+            "cannot set the root mode of {}: {}",
+            out.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => log::warn!(
+            "cannot run debugfs to set the root mode of {}: {e}",
+            out.display()
+        ),
     }
 }
 
@@ -173,8 +206,21 @@ mod tests {
         for i in 0..500 {
             fs::write(dir.join(format!("f{i}")), b"x").unwrap();
         }
+        std::os::unix::fs::chown(&dir, Some(1000), Some(1000)).ok();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o750)).unwrap();
         let out = dir.with_extension("ext4");
         build_ext4(&dir, &out, 0).unwrap();
+        let root = Command::new("debugfs")
+            .args(["-R", "stat /"])
+            .arg(&out)
+            .output();
+        if let Ok(root) = root {
+            let text = String::from_utf8_lossy(&root.stdout);
+            assert!(text.contains("Mode:  0750"), "{text}");
+            if crate::image::layer::privileged() {
+                assert!(text.contains("User:  1000   Group:  1000"), "{text}");
+            }
+        }
         let fsck = Command::new("e2fsck").args(["-fn"]).arg(&out).output();
         if let Ok(fsck) = fsck {
             assert!(

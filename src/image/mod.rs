@@ -37,6 +37,7 @@ mod store;
 
 use std::fs;
 use std::io::{self, IsTerminal, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -231,7 +232,7 @@ impl ImageCache {
     /// The complete cache entry of `hex`, if there is one.
     fn lookup(&self, hex: &str) -> Result<Option<PreparedImage>, ImageError> {
         let dir = self.entry_dir(hex);
-        if !dir.join("complete").exists() {
+        if !dir.join("complete").exists() || !dir.join("rootfs.ext4").exists() {
             return Ok(None);
         }
         let config_path = dir.join("config.json");
@@ -292,6 +293,7 @@ impl ImageCache {
         let tmp = TempPath(self.temp_path("")?);
         let rootfs = tmp.0.join("rootfs");
         fs::create_dir_all(&rootfs)
+            .and_then(|()| fs::set_permissions(&rootfs, fs::Permissions::from_mode(0o755)))
             .map_err(io_err(format!("cannot create {}", rootfs.display())))?;
         let config = fill(&rootfs)?;
 

@@ -515,11 +515,8 @@ fn concurrent_prepares_agree() {
 fn default_location_and_missing_sources() {
     let cache = ImageCache::default_location().unwrap();
     assert!(cache.root().ends_with("images"));
-    let err = prepare(
-        Path::new("/nonexistent/image"),
-        &ImageCache::new(temp_dir("none")),
-    )
-    .unwrap_err();
+    let s = Scratch::new("none");
+    let err = prepare(Path::new("/nonexistent/image"), &s.cache()).unwrap_err();
     assert!(
         error_chain(&err).starts_with("cannot open image /nonexistent/image: "),
         "{err}"
