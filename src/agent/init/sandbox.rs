@@ -169,7 +169,7 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
                 SETUP_FAILED
             }
             Ok(0) => {
-                if let Err(e) = setup_container(spec, lower, state_dir) {
+                if let Err(e) = setup_container(spec, lower, state_dir, cgroup.is_some()) {
                     sync.error(&e);
                     std::process::exit(SETUP_FAILED);
                 }
@@ -205,6 +205,10 @@ fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>) -> Result<i32, SandboxEr
         libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
     if spec.network == Network::None {
         flags |= libc::CLONE_NEWNET;
+    }
+    if cgroup.is_some() {
+        // Rooted at the cgroup just joined: the container sees itself at "/".
+        flags |= libc::CLONE_NEWCGROUP;
     }
     // SAFETY: unshare has no memory-safety preconditions.
     if unsafe { libc::unshare(flags) } < 0 {
@@ -285,7 +289,12 @@ fn mkdir(path: &Path) -> Result<(), SandboxError> {
 }
 
 /// Runs in the container's PID 1 before exec: builds and enters the root filesystem.
-fn setup_container(spec: &RunSpec, lower: &Lower, state: &Path) -> Result<(), SandboxError> {
+fn setup_container(
+    spec: &RunSpec,
+    lower: &Lower,
+    state: &Path,
+    own_cgroup: bool,
+) -> Result<(), SandboxError> {
     mount_ctx(
         None,
         Path::new("/"),
@@ -340,7 +349,7 @@ fn setup_container(spec: &RunSpec, lower: &Lower, state: &Path) -> Result<(), Sa
         "cannot chdir to /".into()
     })?;
 
-    mount_special(old)?;
+    mount_special(old, own_cgroup)?;
     for volume in &spec.volumes {
         let target = check_abs("volume target", &volume.target)?;
         let device = check_abs("volume device", &volume.device)?;
@@ -379,8 +388,9 @@ fn setup_container(spec: &RunSpec, lower: &Lower, state: &Path) -> Result<(), Sa
     Ok(())
 }
 
-/// /proc, /sys and a minimal /dev in the new root; device nodes come from `old`/dev.
-fn mount_special(old: &Path) -> Result<(), SandboxError> {
+/// /proc, /sys (with the container's cgroup, read-only) and a minimal /dev in the new
+/// root; device nodes come from `old`/dev.
+fn mount_special(old: &Path, own_cgroup: bool) -> Result<(), SandboxError> {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mkdir(Path::new("/proc"))?;
     mount_ctx(Some("proc"), Path::new("/proc"), Some("proc"), nosuid, None)?;
@@ -392,6 +402,16 @@ fn mount_special(old: &Path) -> Result<(), SandboxError> {
         nosuid | libc::MS_RDONLY,
         None,
     )?;
+    if own_cgroup {
+        // Best effort: limits apply whether or not the container can read them.
+        let _ = sys::mount(
+            Some("cgroup2"),
+            Path::new("/sys/fs/cgroup"),
+            Some("cgroup2"),
+            nosuid | libc::MS_RDONLY,
+            None,
+        );
+    }
     let dev = Path::new("/dev");
     mkdir(dev)?;
     mount_ctx(

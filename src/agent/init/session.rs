@@ -116,7 +116,7 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// Removes a container's name from the registry when its session ends.
+/// Removes a container from the registry when its session ends.
 struct NameGuard<'a> {
     agent: &'a Agent,
     name: Option<String>,
@@ -286,10 +286,8 @@ impl Agent {
                     .cgroup_root
                     .as_ref()
                     .map(|root| root.join(format!("hearth-{id}")));
-                if spec.name.is_some() {
-                    if let Some(c) = self.registry().get_mut(&id) {
-                        c.cgroup = cgroup.clone();
-                    }
+                if let Some(c) = self.registry().get_mut(&id) {
+                    c.cgroup = cgroup.clone();
                 }
                 let plan = Plan {
                     spec: spec.clone(),
@@ -299,7 +297,7 @@ impl Agent {
                         cgroup,
                     },
                 };
-                return Ok((plan, spec.name.clone()));
+                return Ok((plan, Some(id)));
             }
         };
         Ok((
@@ -311,7 +309,8 @@ impl Agent {
         ))
     }
 
-    /// Picks the container id (its name, or a fresh number) and registers a name.
+    /// Picks the container id (its name, or a fresh number) and registers it, so that
+    /// `Rootfs::Container` and `Shutdown` find every running container.
     fn reserve(&self, name: Option<&str>) -> Result<String, String> {
         if let Some(name) = name {
             if !valid_name(name) {
@@ -334,7 +333,15 @@ impl Agent {
         }
         loop {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
-            if !self.registry().contains_key(&id) && !self.config.state_root.join(&id).exists() {
+            let mut registry = self.registry();
+            if !registry.contains_key(&id) && !self.config.state_root.join(&id).exists() {
+                registry.insert(
+                    id.clone(),
+                    Container {
+                        target: 0,
+                        cgroup: None,
+                    },
+                );
                 return Ok(id);
             }
         }
