@@ -3,4 +3,5 @@
 //! [`protocol`] is shared by both sides. The agent itself (PID 1 of container VMs and
 //! machines) lives in [`init`] and is started by the `hearth-init` binary.
 
+pub mod init;
 pub mod protocol;

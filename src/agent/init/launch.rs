@@ -1,0 +1,368 @@
+//! Starting a session's process: its stdio (pipes, or a pty), the [`Plan`] for the
+//! sandbox role, the fork/exec of the agent binary as that role, and the sync pipe that
+//! says whether setup worked. The fork happens in the multi-threaded agent, so the
+//! child does nothing but move descriptors into place and exec (all prepared before).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::mpsc::Receiver;
+
+use super::reaper::Reaper;
+use super::sandbox::{Plan, PLAN_FD, SANDBOX_ARG, SYNC_FD};
+use super::sys;
+
+/// How the agent re-executes itself as the sandbox.
+pub struct Launcher {
+    exe: CString,
+    env: Vec<CString>,
+}
+
+impl Launcher {
+    /// The running agent binary (`/proc/self/exe`), with an empty environment.
+    pub fn current() -> Self {
+        Self {
+            exe: c"/proc/self/exe".to_owned(),
+            env: Vec::new(),
+        }
+    }
+
+    /// The unit-test binary, whose constructor turns into the sandbox (see `sandbox`).
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        let exe = std::env::current_exe().expect("test binary path");
+        Self {
+            exe: sys::cstr(exe).expect("test binary path"),
+            env: vec![sys::cstr(format!("{}=1", super::sandbox::TEST_SANDBOX_ENV)).unwrap()],
+        }
+    }
+}
+
+/// Why a process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot create the process's {what}")]
+    Stdio {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot pass the sandbox plan")]
+    Plan(#[source] io::Error),
+    #[error("cannot fork")]
+    Fork(#[source] io::Error),
+    #[error("cannot read the sandbox's status")]
+    Sync(#[source] io::Error),
+}
+
+/// The agent's ends of the process's stdio.
+pub struct ParentIo {
+    /// Where `Stdin` data goes (pipe write end or the pty master); `None` when the process
+    /// reads /dev/null.
+    pub stdin: Option<File>,
+    /// Pipe read end, or the pty master (stdout and stderr merged).
+    pub stdout: File,
+    pub stderr: Option<File>,
+    /// The pty master, for `Resize`.
+    pub pty: Option<File>,
+}
+
+/// A process whose setup worked.
+pub struct Running {
+    /// The process the agent forked (the sandbox supervisor, or the program itself).
+    pub pid: i32,
+    /// The process to signal: the program itself (container PID 1 for sandboxes).
+    pub target: i32,
+    /// Raw wait status of `pid`.
+    pub exit: Receiver<i32>,
+    pub io: ParentIo,
+}
+
+/// The result of [`launch`].
+pub enum Launch {
+    Running(Running),
+    /// Setup failed with this message; `exit` still reports the sandbox's end.
+    Failed {
+        message: String,
+        pid: i32,
+        exit: Receiver<i32>,
+    },
+}
+
+/// What the sandbox said on the sync pipe.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub pid: Option<i32>,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+/// Parses the sync pipe's lines (`pid N`, `ok`, `error TEXT`) in any order.
+pub fn parse_sync(text: &str) -> SyncReport {
+    let mut report = SyncReport::default();
+    for line in text.lines() {
+        if let Some(pid) = line.strip_prefix("pid ") {
+            report.pid = pid.trim().parse().ok();
+        } else if line == "ok" {
+            report.ok = true;
+        } else if let Some(err) = line.strip_prefix("error ") {
+            report.error.get_or_insert_with(|| err.to_string());
+        }
+    }
+    report
+}
+
+fn stdio_err(what: &'static str) -> impl FnOnce(io::Error) -> LaunchError {
+    move |source| LaunchError::Stdio { what, source }
+}
+
+/// Opens a pty pair (master, slave), both close-on-exec, sized `rows`×`cols`.
+pub fn open_pty(size: Option<(u16, u16)>) -> io::Result<(OwnedFd, OwnedFd)> {
+    let master = sys::open(Path::new("/dev/ptmx"), libc::O_RDWR | libc::O_NOCTTY)?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int from the valid pointer.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TIOCGPTPEER takes open flags by value and returns a new descriptor.
+    let fd = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
+    let slave = if fd >= 0 {
+        // SAFETY: the ioctl returned a fresh descriptor that nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    } else {
+        let mut n: libc::c_uint = 0;
+        // SAFETY: TIOCGPTN writes the pty number into the valid pointer.
+        if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        sys::open(
+            Path::new(&format!("/dev/pts/{n}")),
+            libc::O_RDWR | libc::O_NOCTTY,
+        )?
+    };
+    if let Some((rows, cols)) = size {
+        set_winsize(master.as_raw_fd(), rows, cols)?;
+    }
+    Ok((master, slave))
+}
+
+/// TIOCSWINSZ on a pty master (the kernel then signals SIGWINCH to the foreground group).
+pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize from the valid pointer.
+    if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts `plan` through the sandbox role and waits until it has either failed or is
+/// about to exec the program.
+pub fn launch(reaper: &Reaper, launcher: &Launcher, plan: &Plan) -> Result<Launch, LaunchError> {
+    let spec = &plan.spec;
+    // Child ends (stdin, stdout, stderr) and the agent's ends.
+    let (child_in, child_out, child_err, io) = if spec.tty {
+        let (master, slave) = open_pty(spec.term_size).map_err(stdio_err("terminal"))?;
+        let dup = |fd: &OwnedFd| fd.try_clone().map_err(stdio_err("terminal"));
+        let (in_, err) = (dup(&slave)?, dup(&slave)?);
+        let master_in = spec.stdin.then(|| dup(&master)).transpose()?;
+        let pty = Some(File::from(dup(&master)?));
+        (
+            in_,
+            slave,
+            err,
+            ParentIo {
+                stdin: master_in.map(File::from),
+                stdout: File::from(master),
+                stderr: None,
+                pty,
+            },
+        )
+    } else {
+        let (stdin_r, stdin_w) = if spec.stdin {
+            let (r, w) = sys::pipe().map_err(stdio_err("stdin pipe"))?;
+            (r, Some(w))
+        } else {
+            (
+                sys::open(Path::new("/dev/null"), libc::O_RDONLY)
+                    .map_err(stdio_err("stdin (/dev/null)"))?,
+                None,
+            )
+        };
+        let (out_r, out_w) = sys::pipe().map_err(stdio_err("stdout pipe"))?;
+        let (err_r, err_w) = sys::pipe().map_err(stdio_err("stderr pipe"))?;
+        (
+            stdin_r,
+            out_w,
+            err_w,
+            ParentIo {
+                stdin: stdin_w.map(File::from),
+                stdout: File::from(out_r),
+                stderr: Some(File::from(err_r)),
+                pty: None,
+            },
+        )
+    };
+
+    let plan_fd = write_plan(plan).map_err(LaunchError::Plan)?;
+    let (sync_r, sync_w) = sys::pipe().map_err(LaunchError::Sync)?;
+
+    // Everything the child touches is prepared here: it may not allocate after fork.
+    let moves: [(RawFd, RawFd); 5] = [
+        (child_in.as_raw_fd(), 0),
+        (child_out.as_raw_fd(), 1),
+        (child_err.as_raw_fd(), 2),
+        (plan_fd.as_raw_fd(), PLAN_FD),
+        (sync_w.as_raw_fd(), SYNC_FD),
+    ];
+    let arg0 = c"hearth-init";
+    let arg1 = sys::cstr(SANDBOX_ARG).map_err(LaunchError::Plan)?;
+    let argv = [arg0.as_ptr(), arg1.as_ptr(), std::ptr::null()];
+    let mut envp: Vec<*const libc::c_char> = launcher.env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    let exe = launcher.exe.as_ptr();
+
+    let (pid, exit) = reaper
+        .spawn(|| {
+            // SAFETY: the child below only calls async-signal-safe functions (fcntl, dup2,
+            // setsid, execve, _exit) on data prepared before the fork.
+            let pid = unsafe { sys::fork() }?;
+            if pid == 0 {
+                // SAFETY: see above; every pointer refers to memory copied into the child.
+                unsafe { exec_child(&moves, exe, &argv, &envp) }
+            }
+            Ok(pid)
+        })
+        .map_err(LaunchError::Fork)?;
+    drop((child_in, child_out, child_err, plan_fd, sync_w));
+
+    let mut text = Vec::new();
+    File::from(sync_r)
+        .take(64 * 1024)
+        .read_to_end(&mut text)
+        .map_err(LaunchError::Sync)?;
+    let report = parse_sync(&String::from_utf8_lossy(&text));
+    if report.ok && report.error.is_none() {
+        Ok(Launch::Running(Running {
+            pid,
+            target: report.pid.unwrap_or(pid),
+            exit,
+            io,
+        }))
+    } else {
+        Ok(Launch::Failed {
+            message: report
+                .error
+                .unwrap_or_else(|| "the sandbox ended before starting the process".into()),
+            pid,
+            exit,
+        })
+    }
+}
+
+/// The forked child: descriptors into place, a session of its own, exec.
+///
+/// # Safety
+/// Must run in a freshly forked child; calls only async-signal-safe functions.
+unsafe fn exec_child(
+    moves: &[(RawFd, RawFd)],
+    exe: *const libc::c_char,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    // SAFETY: plain descriptor syscalls; pointers are valid NUL-terminated arrays.
+    unsafe {
+        // First lift every source above the targets so no dup2 clobbers a later source.
+        let mut lifted = [-1; 5];
+        for (i, (src, _)) in moves.iter().enumerate() {
+            lifted[i] = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 16);
+            if lifted[i] < 0 {
+                libc::_exit(125);
+            }
+        }
+        for (i, (_, dst)) in moves.iter().enumerate() {
+            if libc::dup2(lifted[i], *dst) < 0 {
+                libc::_exit(125);
+            }
+        }
+        libc::setsid();
+        libc::execve(exe, argv.as_ptr(), envp.as_ptr());
+        libc::_exit(125)
+    }
+}
+
+fn write_plan(plan: &Plan) -> io::Result<OwnedFd> {
+    let json = serde_json::to_vec(plan).map_err(io::Error::other)?;
+    // SAFETY: the name is a valid C string; MFD_CLOEXEC keeps it out of other children.
+    let fd = unsafe { libc::memfd_create(c"hearth-plan".as_ptr(), libc::MFD_CLOEXEC) };
+    let mut file = if fd >= 0 {
+        // SAFETY: memfd_create returned a fresh descriptor.
+        unsafe { File::from_raw_fd(fd) }
+    } else {
+        // No memfd support: an unlinked file in /tmp does the same.
+        let path = format!("/tmp/.hearth-plan-{}-{:p}", sys::getpid(), plan);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let _ = std::fs::remove_file(&path);
+        file
+    };
+    file.write_all(&json)?;
+    file.rewind()?;
+    Ok(OwnedFd::from(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_lines_parse_in_any_order() {
+        assert_eq!(
+            parse_sync("ok\npid 42\n"),
+            SyncReport {
+                pid: Some(42),
+                ok: true,
+                error: None
+            }
+        );
+        let r = parse_sync("pid 7\nerror cannot mount: EBUSY\n");
+        assert_eq!(r.error.as_deref(), Some("cannot mount: EBUSY"));
+        assert!(!r.ok);
+        assert_eq!(parse_sync(""), SyncReport::default());
+    }
+
+    #[test]
+    fn pty_pairs_open() {
+        let Ok((master, slave)) = open_pty(Some((30, 100))) else {
+            eprintln!("note: no usable /dev/ptmx here; skipping");
+            return;
+        };
+        // SAFETY: isatty only inspects the descriptor.
+        assert_eq!(unsafe { libc::isatty(slave.as_raw_fd()) }, 1);
+        let mut ws: libc::winsize = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCGWINSZ writes a winsize into the valid pointer.
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        assert_eq!((ws.ws_row, ws.ws_col), (30, 100));
+    }
+}

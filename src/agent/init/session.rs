@@ -1,0 +1,761 @@
+//! One protocol session over any byte stream (vsock in the VM, a Unix socket pair in
+//! tests): the Hello exchange, image loads (machines), then one `Run` or `Shutdown`.
+//!
+//! A `Run` is served by a few threads that share the stream: the session thread waits
+//! for the exit status; one pump per output stream forwards it in frames of at most
+//! 32 KiB; a host reader handles `Stdin`/`StdinEof`/`Signal`/`Resize`; a feeder writes
+//! stdin to the process. Nothing buffers without bound: when the host stops reading, a
+//! pump blocks in its write and the process blocks on its full pipe; when the process
+//! stops reading stdin, the feeder's small queue fills and the host reader stops reading.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::image::ImageStore;
+use super::launch::{self, Launch, Launcher, ParentIo};
+use super::net;
+use super::reaper::Reaper;
+use super::sandbox::{Lower, Plan, Target};
+use super::sys;
+use crate::agent::protocol::{
+    read_message, write_message, Message, ProtocolError, Rootfs, RunSpec, VERSION,
+};
+use crate::error_chain;
+
+/// Largest Stdout/Stderr frame the agent sends.
+const CHUNK: usize = 32 * 1024;
+/// Stdin frames queued for a process that is not reading (each at most MAX_PAYLOAD).
+const STDIN_QUEUE: usize = 4;
+
+/// Which kind of VM the agent serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentMode {
+    Container,
+    Machine,
+}
+
+/// What the agent should do after a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// The host asked the machine to shut down.
+    PowerOff,
+}
+
+/// Why a session ended abnormally (after which nothing more can be said to the host).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("cannot start a session thread")]
+    Thread(#[source] io::Error),
+}
+
+/// Where the agent keeps things and how it starts processes.
+pub struct AgentConfig {
+    pub mode: AgentMode,
+    pub launcher: Launcher,
+    /// Unpacked images (machines): `/var/lib/hearth/images`.
+    pub images: PathBuf,
+    /// Per-container mount points: `/run/hearth/c`.
+    pub state_root: PathBuf,
+    /// cgroup v2 root for per-container cgroups; `None` runs containers without one.
+    pub cgroup_root: Option<PathBuf>,
+    /// `PATH` for `Rootfs::Host` processes whose environment has none.
+    pub host_path: String,
+}
+
+struct Container {
+    /// VM pid of the container's PID-namespace init; 0 while it starts.
+    target: i32,
+    cgroup: Option<PathBuf>,
+}
+
+/// State shared by all sessions of one agent.
+pub struct Agent {
+    config: AgentConfig,
+    reaper: Arc<Reaper>,
+    images: ImageStore,
+    containers: Mutex<HashMap<String, Container>>,
+    next_id: AtomicU64,
+}
+
+/// The stream, shared by the session's threads; writes are serialized.
+struct Link<S> {
+    stream: Arc<S>,
+    write: Mutex<()>,
+}
+
+impl<S> Link<S>
+where
+    for<'a> &'a S: Read + Write,
+{
+    fn send(&self, msg: &Message) -> Result<(), ProtocolError> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        write_message(&mut &*self.stream, msg)
+    }
+
+    fn recv(&self) -> Result<Option<Message>, ProtocolError> {
+        read_message(&mut &*self.stream)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Removes a container from the registry when its session ends.
+struct NameGuard<'a> {
+    agent: &'a Agent,
+    name: Option<String>,
+}
+
+impl Drop for NameGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(name) = &self.name {
+            self.agent.registry().remove(name);
+        }
+    }
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, reaper: Arc<Reaper>) -> Arc<Agent> {
+        let images = ImageStore::new(&config.images);
+        Arc::new(Agent {
+            config,
+            reaper,
+            images,
+            containers: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<String, Container>> {
+        self.containers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves one session to its end.
+    pub fn serve<S>(self: &Arc<Self>, stream: S) -> Result<Outcome, SessionError>
+    where
+        S: Send + Sync + 'static,
+        for<'a> &'a S: Read + Write,
+    {
+        let link = Arc::new(Link {
+            stream: Arc::new(stream),
+            write: Mutex::new(()),
+        });
+        link.send(&Message::Hello { version: VERSION })?;
+        match link.recv()? {
+            Some(Message::Hello { version }) if version == VERSION => {}
+            Some(Message::Hello { version }) => {
+                link.send(&Message::Error(format!(
+                    "protocol version mismatch: the agent speaks {VERSION}, the host {version}"
+                )))?;
+                return Ok(Outcome::Done);
+            }
+            Some(_) => {
+                link.send(&Message::Error("expected Hello first".into()))?;
+                return Ok(Outcome::Done);
+            }
+            None => return Ok(Outcome::Done),
+        }
+        loop {
+            let msg = match link.recv()? {
+                Some(msg) => msg,
+                None => return Ok(Outcome::Done),
+            };
+            match msg {
+                Message::ImageQuery { digest } if self.config.mode == AgentMode::Machine => {
+                    link.send(&match self.images.present(&digest) {
+                        Ok(present) => Message::ImageStatus { digest, present },
+                        Err(e) => Message::Error(error_chain(&e)),
+                    })?;
+                }
+                Message::ImageLoad { digest } if self.config.mode == AgentMode::Machine => {
+                    self.load_image(&link, digest)?;
+                }
+                Message::Run(spec) => {
+                    self.run(&link, *spec)?;
+                    return Ok(Outcome::Done);
+                }
+                Message::Shutdown => {
+                    self.stop_all_containers();
+                    link.send(&Message::Exit { status: 0 })?;
+                    return Ok(Outcome::PowerOff);
+                }
+                other => {
+                    let text = match other {
+                        Message::ImageQuery { .. } | Message::ImageLoad { .. } => {
+                            "images can only be loaded into a machine".to_string()
+                        }
+                        other => format!("unexpected message (kind {})", other.encode().0),
+                    };
+                    link.send(&Message::Error(text))?;
+                    return Ok(Outcome::Done);
+                }
+            }
+        }
+    }
+
+    fn load_image<S>(&self, link: &Link<S>, digest: String) -> Result<(), SessionError>
+    where
+        for<'a> &'a S: Read + Write,
+    {
+        let mut frames = ImageFrames {
+            link,
+            data: Vec::new(),
+            pos: 0,
+            ended: false,
+            violation: None,
+        };
+        let result = self.images.load(&digest, &mut frames);
+        // The tar reader may stop before the end of the stream (or never start).
+        frames.drain();
+        if let Some(err) = frames.violation.take() {
+            return Err(err.into());
+        }
+        link.send(&match result {
+            Ok(()) => Message::ImageStatus {
+                digest,
+                present: true,
+            },
+            Err(e) => Message::Error(error_chain(&e)),
+        })?;
+        Ok(())
+    }
+
+    /// Kills every container (for Shutdown) and waits briefly for their sessions.
+    pub fn stop_all_containers(&self) {
+        for container in self.registry().values() {
+            if container.target > 0 {
+                let _ = sys::kill(container.target, libc::SIGKILL);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !self.registry().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn plan(&self, spec: &RunSpec) -> Result<(Plan, Option<String>), String> {
+        let target = match &spec.rootfs {
+            Rootfs::Host => Target::Host {
+                default_path: self.config.host_path.clone(),
+            },
+            Rootfs::Container { name } => {
+                let registry = self.registry();
+                let container = registry
+                    .get(name)
+                    .filter(|c| c.target > 0)
+                    .ok_or_else(|| format!("no running container named {name:?}"))?;
+                Target::Join {
+                    pid: container.target,
+                    cgroup: container.cgroup.clone(),
+                }
+            }
+            Rootfs::Device { .. } | Rootfs::Image { .. } => {
+                let lower = match &spec.rootfs {
+                    Rootfs::Device { path, fstype } => Lower::Device {
+                        path: path.clone(),
+                        fstype: fstype.clone(),
+                    },
+                    Rootfs::Image { digest } => {
+                        let dir = self.images.path(digest).map_err(|e| error_chain(&e))?;
+                        if !dir.is_dir() {
+                            return Err(format!("image {digest} is not loaded"));
+                        }
+                        Lower::Dir(dir)
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                let id = self.reserve(spec.name.as_deref())?;
+                let cgroup = self
+                    .config
+                    .cgroup_root
+                    .as_ref()
+                    .map(|root| root.join(format!("hearth-{id}")));
+                if let Some(c) = self.registry().get_mut(&id) {
+                    c.cgroup = cgroup.clone();
+                }
+                let plan = Plan {
+                    spec: spec.clone(),
+                    target: Target::Sandbox {
+                        lower,
+                        state_dir: self.config.state_root.join(&id),
+                        cgroup,
+                    },
+                };
+                return Ok((plan, Some(id)));
+            }
+        };
+        Ok((
+            Plan {
+                spec: spec.clone(),
+                target,
+            },
+            None,
+        ))
+    }
+
+    /// Picks the container id (its name, or a fresh number) and registers it, so that
+    /// `Rootfs::Container` and `Shutdown` find every running container.
+    fn reserve(&self, name: Option<&str>) -> Result<String, String> {
+        if let Some(name) = name {
+            if !valid_name(name) {
+                return Err(format!(
+                    "invalid container name {name:?} (letters, digits, '_', '.', '-'; at most 64)"
+                ));
+            }
+            let mut registry = self.registry();
+            if registry.contains_key(name) {
+                return Err(format!("container name {name:?} is already in use"));
+            }
+            registry.insert(
+                name.to_string(),
+                Container {
+                    target: 0,
+                    cgroup: None,
+                },
+            );
+            return Ok(name.to_string());
+        }
+        loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
+            let mut registry = self.registry();
+            if !registry.contains_key(&id) && !self.config.state_root.join(&id).exists() {
+                registry.insert(
+                    id.clone(),
+                    Container {
+                        target: 0,
+                        cgroup: None,
+                    },
+                );
+                return Ok(id);
+            }
+        }
+    }
+
+    fn run<S>(self: &Arc<Self>, link: &Arc<Link<S>>, spec: RunSpec) -> Result<(), SessionError>
+    where
+        S: Send + Sync + 'static,
+        for<'a> &'a S: Read + Write,
+    {
+        if spec.argv.is_empty() {
+            link.send(&Message::Error("nothing to run: empty argv".into()))?;
+            return Ok(());
+        }
+        if let Some(config) = &spec.net {
+            if let Err(e) = net::configure("eth0", config) {
+                link.send(&Message::Error(error_chain(&e)))?;
+                return Ok(());
+            }
+        }
+        let (plan, name) = match self.plan(&spec) {
+            Ok(p) => p,
+            Err(text) => {
+                link.send(&Message::Error(text))?;
+                return Ok(());
+            }
+        };
+        let _name = NameGuard {
+            agent: self,
+            name: name.clone(),
+        };
+        let launched = launch::launch(&self.reaper, &self.config.launcher, &plan);
+        let running = match launched {
+            Err(e) => {
+                self.cleanup(&plan);
+                link.send(&Message::Error(error_chain(&e)))?;
+                return Ok(());
+            }
+            Ok(Launch::Failed { message, exit, .. }) => {
+                let _ = exit.recv();
+                self.cleanup(&plan);
+                link.send(&Message::Error(message))?;
+                return Ok(());
+            }
+            Ok(Launch::Running(running)) => running,
+        };
+        if let Some(name) = &name {
+            if let Some(c) = self.registry().get_mut(name) {
+                c.target = running.target;
+            }
+        }
+        link.send(&Message::Started {
+            pid: running.target,
+        })?;
+        let status = self.attend(link, running.target, running.exit, running.io)?;
+        self.cleanup(&plan);
+        drop(_name);
+        link.send(&Message::Exit { status })?;
+        Ok(())
+    }
+
+    /// Streams the process's stdio until it exits; returns its shell-style status.
+    fn attend<S>(
+        &self,
+        link: &Arc<Link<S>>,
+        target: i32,
+        exit: Receiver<i32>,
+        io: ParentIo,
+    ) -> Result<i32, SessionError>
+    where
+        S: Send + Sync + 'static,
+        for<'a> &'a S: Read + Write,
+    {
+        let (exit_r, exit_w) = sys::pipe().map_err(SessionError::Thread)?;
+        let exit_r = Arc::new(exit_r);
+        let exited = Arc::new(AtomicBool::new(false));
+        let is_pty = io.pty.is_some();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(SessionError::Thread)
+        };
+
+        let mut pumps = Vec::new();
+        let outputs = [
+            (Some(io.stdout), Message::Stdout as fn(Vec<u8>) -> Message),
+            (io.stderr, Message::Stderr as fn(Vec<u8>) -> Message),
+        ];
+        for (file, wrap) in outputs {
+            if let Some(file) = file {
+                let (link, exit_r) = (link.clone(), exit_r.clone());
+                pumps.push(spawn(
+                    "pump",
+                    Box::new(move || pump(file, &link, wrap, exit_r.as_raw_fd(), is_pty)),
+                )?);
+            }
+        }
+        let stdin_tx = match io.stdin {
+            Some(file) => {
+                let (tx, rx) = mpsc::sync_channel::<Option<Vec<u8>>>(STDIN_QUEUE);
+                let exit_r = exit_r.clone();
+                pumps.push(spawn(
+                    "stdin",
+                    Box::new(move || feed(file, rx, exit_r.as_raw_fd(), is_pty)),
+                )?);
+                Some(tx)
+            }
+            None => None,
+        };
+        // The host reader is not joined: it ends when the host closes the stream.
+        {
+            let (link, exited, pty) = (link.clone(), exited.clone(), io.pty);
+            spawn(
+                "host-reader",
+                Box::new(move || read_host(&link, stdin_tx, pty, target, &exited)),
+            )?;
+        }
+
+        let status = exit.recv().map(sys::status_code).unwrap_or(255);
+        exited.store(true, Ordering::SeqCst);
+        drop(exit_w);
+        for pump in pumps {
+            let _ = pump.join();
+        }
+        Ok(status)
+    }
+
+    /// Removes what a sandbox leaves in the VM: its cgroup and its mount-point dirs.
+    fn cleanup(&self, plan: &Plan) {
+        let Target::Sandbox {
+            state_dir, cgroup, ..
+        } = &plan.target
+        else {
+            return;
+        };
+        if let Some(dir) = cgroup {
+            remove_cgroup(dir);
+        }
+        // Only empty directories: the mounts lived in the container's own namespace.
+        for sub in ["lower", "rw", "rootfs", ""] {
+            let path = state_dir.join(sub);
+            if path.exists() {
+                if let Err(e) = std::fs::remove_dir(&path) {
+                    log::warn!("cannot remove {}: {e}", path.display());
+                }
+            }
+        }
+    }
+}
+
+fn remove_cgroup(dir: &std::path::Path) {
+    if !dir.exists() {
+        return;
+    }
+    let kill_file = dir.join("cgroup.kill");
+    for attempt in 0..100 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(_) => {}
+        }
+        if attempt % 10 == 0 {
+            // Whatever is left of the container goes now.
+            if sys::write_text(&kill_file, "1").is_err() {
+                if let Ok(procs) = sys::read_text(&dir.join("cgroup.procs")) {
+                    for pid in procs.lines().filter_map(|l| l.trim().parse().ok()) {
+                        let _ = sys::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    log::warn!("cannot remove cgroup {}", dir.display());
+}
+
+/// Reads `ImageData` frames as one byte stream, up to `ImageEnd`.
+struct ImageFrames<'a, S> {
+    link: &'a Link<S>,
+    data: Vec<u8>,
+    pos: usize,
+    ended: bool,
+    violation: Option<ProtocolError>,
+}
+
+impl<S> ImageFrames<'_, S>
+where
+    for<'a> &'a S: Read + Write,
+{
+    fn next_frame(&mut self) -> io::Result<()> {
+        let bad = |text: &str| io::Error::new(io::ErrorKind::InvalidData, text.to_string());
+        match self.link.recv() {
+            Ok(Some(Message::ImageData(data))) => {
+                self.data = data;
+                self.pos = 0;
+                Ok(())
+            }
+            Ok(Some(Message::ImageEnd)) => {
+                self.ended = true;
+                Ok(())
+            }
+            Ok(Some(_)) => {
+                self.ended = true;
+                self.violation = Some(ProtocolError::Malformed {
+                    kind: "image load",
+                    reason: "unexpected message before ImageEnd".into(),
+                });
+                Err(bad("unexpected message during the image load"))
+            }
+            Ok(None) => {
+                self.ended = true;
+                self.violation = Some(ProtocolError::Truncated);
+                Err(bad("connection closed during the image load"))
+            }
+            Err(e) => {
+                self.ended = true;
+                let text = e.to_string();
+                self.violation = Some(e);
+                Err(bad(&text))
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        while !self.ended {
+            if self.next_frame().is_err() {
+                break;
+            }
+        }
+    }
+}
+
+impl<S> Read for ImageFrames<'_, S>
+where
+    for<'a> &'a S: Read + Write,
+{
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos >= self.data.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            self.next_frame()?;
+        }
+        let n = buf.len().min(self.data.len() - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Forwards one output stream as frames. After the process exits (`exit_fd` hangs up)
+/// it sends what is still buffered and stops, even if a background process keeps the
+/// stream open.
+fn pump<S>(
+    mut src: File,
+    link: &Link<S>,
+    wrap: fn(Vec<u8>) -> Message,
+    exit_fd: RawFd,
+    is_pty: bool,
+) where
+    for<'a> &'a S: Read + Write,
+{
+    let mut buf = vec![0u8; CHUNK];
+    let mut draining = false;
+    loop {
+        if !draining {
+            let mut fds = [
+                libc::pollfd {
+                    fd: src.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: exit_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            if sys::poll(&mut fds, -1).is_err() {
+                return;
+            }
+            if fds[1].revents != 0 {
+                draining = true;
+                let _ = sys::set_nonblocking(src.as_raw_fd(), true);
+            } else if fds[0].revents == 0 {
+                continue;
+            }
+        }
+        match src.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if link.send(&wrap(buf[..n].to_vec())).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // A pty may deliver the process's last output a moment after its exit.
+                if draining
+                    && !(is_pty
+                        && sys::wait_fd(src.as_raw_fd(), libc::POLLIN, 100).unwrap_or(false))
+                {
+                    return;
+                }
+            }
+            // EIO: every pty slave is closed.
+            Err(_) => return,
+        }
+    }
+}
+
+/// Writes queued stdin data to the process; `None` closes it (or sends ^D to a pty).
+fn feed(mut dst: File, rx: Receiver<Option<Vec<u8>>>, exit_fd: RawFd, is_pty: bool) {
+    let _ = sys::set_nonblocking(dst.as_raw_fd(), true);
+    loop {
+        let item = match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(item) => item,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: stop once the process has exited.
+                if sys::wait_fd(exit_fd, libc::POLLIN, 0).unwrap_or(true) {
+                    return;
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let data = match item {
+            Some(data) => data,
+            None if is_pty => vec![4],
+            None => return,
+        };
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            match dst.write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [
+                        libc::pollfd {
+                            fd: dst.as_raw_fd(),
+                            events: libc::POLLOUT,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: exit_fd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    ];
+                    if sys::poll(&mut fds, -1).is_err() || fds[1].revents != 0 {
+                        return;
+                    }
+                }
+                // EPIPE: the process closed its stdin.
+                Err(_) => return,
+            }
+        }
+        if is_pty && data == [4] {
+            return;
+        }
+    }
+}
+
+/// Handles what the host sends while the process runs.
+fn read_host<S>(
+    link: &Link<S>,
+    mut stdin: Option<mpsc::SyncSender<Option<Vec<u8>>>>,
+    pty: Option<File>,
+    target: i32,
+    exited: &AtomicBool,
+) where
+    for<'a> &'a S: Read + Write,
+{
+    loop {
+        match link.recv() {
+            Ok(Some(Message::Stdin(data))) => {
+                if let Some(tx) = &stdin {
+                    if tx.send(Some(data)).is_err() {
+                        stdin = None;
+                    }
+                }
+            }
+            Ok(Some(Message::StdinEof)) => {
+                if let Some(tx) = stdin.take() {
+                    let _ = tx.send(None);
+                }
+            }
+            Ok(Some(Message::Signal(sig))) => {
+                if !exited.load(Ordering::SeqCst) {
+                    if let Err(e) = sys::kill(target, sig) {
+                        log::debug!("signal {sig} to {target}: {e}");
+                    }
+                }
+            }
+            Ok(Some(Message::Resize { rows, cols })) => {
+                if let Some(pty) = &pty {
+                    let _ = launch::set_winsize(pty.as_raw_fd(), rows, cols);
+                }
+            }
+            Ok(Some(other)) => {
+                log::debug!("ignoring message kind {} during a run", other.encode().0);
+            }
+            Ok(None) | Err(_) => {
+                // The host went away: nobody can see the process any more.
+                if !exited.load(Ordering::SeqCst) {
+                    let _ = sys::kill(target, libc::SIGKILL);
+                }
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
