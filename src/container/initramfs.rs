@@ -185,6 +185,35 @@ pub fn is_static_elf(data: &[u8]) -> bool {
     true
 }
 
+/// The agent's bytes without symbols and debug info (a debug build is ~50 MB, stripped
+/// ~4 MB: every byte costs boot time, since the guest kernel unpacks the archive), using
+/// binutils' `strip` when it is there, else as they are.
+fn stripped(path: &Path) -> Result<Vec<u8>, InitramfsError> {
+    let tmp = std::env::temp_dir().join(format!(
+        "hearth-init-stripped-{}-{}",
+        std::process::id(),
+        super::random_id()
+    ));
+    let ok = std::process::Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&tmp)
+        .arg(path)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    let data = if ok { fs::read(&tmp).ok() } else { None };
+    let _ = fs::remove_file(&tmp);
+    match data {
+        Some(data) => Ok(data),
+        None => {
+            log::warn!("cannot strip {} (install binutils); packing it as is", path.display());
+            read(path)
+        }
+    }
+}
+
 /// Builds the archive in memory.
 pub fn build(spec: &InitramfsSpec) -> Result<Vec<u8>, InitramfsError> {
     let agent = read(&spec.agent)?;
@@ -194,6 +223,7 @@ pub fn build(spec: &InitramfsSpec) -> Result<Vec<u8>, InitramfsError> {
             hint: "build hearth with this repository's .cargo/config.toml (crt-static)",
         });
     }
+    let agent = stripped(&spec.agent)?;
     let mut cpio = CpioWriter::new(Vec::with_capacity(agent.len() + (1 << 20)));
     for dir in [
         "dev",
