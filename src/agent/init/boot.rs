@@ -608,8 +608,9 @@ fn container_main(agent: &Arc<Agent>, fatal: Option<String>) -> ! {
     power_off()
 }
 
-/// Machine: serve sessions concurrently until one asks for a shutdown.
-fn machine_main(agent: &Arc<Agent>) -> ! {
+/// Machine: serve sessions concurrently until one asks for a shutdown. After a fatal
+/// boot error every session is answered with that error instead.
+fn machine_main(agent: &Arc<Agent>, fatal: Option<String>) -> ! {
     let listener = match vsock_listen(AGENT_PORT) {
         Ok(l) => l,
         Err(source) => {
@@ -630,6 +631,11 @@ fn machine_main(agent: &Arc<Agent>) -> ! {
                 continue;
             }
         };
+        if let Some(text) = &fatal {
+            let _ = write_message(&mut &stream, &Message::Hello { version: VERSION });
+            let _ = write_message(&mut &stream, &Message::Error(text.clone()));
+            continue;
+        }
         let agent = agent.clone();
         let spawned = std::thread::Builder::new()
             .name("session".into())
@@ -711,8 +717,7 @@ pub fn pid1() -> ! {
     log::info!("ready ({})", args.mode.as_deref().unwrap_or("?"));
     match mode {
         AgentMode::Container => container_main(&agent, fatal),
-        AgentMode::Machine if fatal.is_some() => power_off(),
-        AgentMode::Machine => machine_main(&agent),
+        AgentMode::Machine => machine_main(&agent, fatal),
     }
 }
 

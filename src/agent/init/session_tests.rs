@@ -503,3 +503,28 @@ fn shutdown_replies_and_asks_for_power_off() {
     );
     assert_eq!(session.join().unwrap().unwrap(), Outcome::PowerOff);
 }
+
+#[test]
+fn shutdown_kills_running_containers() {
+    let h = harness();
+    if busybox_image(&h).is_none() {
+        return;
+    }
+    let (mut first, first_session) = connect(&h.agent);
+    let s = sandbox_spec(&["sh", "-c", "echo ready; sleep 30"]);
+    write_message(&mut first, &Message::Run(Box::new(s))).unwrap();
+    let mut t1 = Transcript::default();
+    read_until(&mut first, &mut t1, |t| t.stdout.ends_with(b"ready\n"));
+
+    let (mut host, session) = connect(&h.agent);
+    write_message(&mut host, &Message::Shutdown).unwrap();
+    read_until(&mut first, &mut t1, |_| false);
+    assert_eq!(t1.exit, Some(137));
+    assert_eq!(
+        read_message(&mut host).unwrap(),
+        Some(Message::Exit { status: 0 })
+    );
+    assert_eq!(session.join().unwrap().unwrap(), Outcome::PowerOff);
+    drop(first);
+    first_session.join().unwrap().unwrap();
+}
