@@ -1,0 +1,271 @@
+//! `hearth container run` and `hearth machine` end to end: OCI images built here from
+//! Debian's busybox-static, run by the guest agent in real microVMs with the minimal
+//! kernel. Each test boots at most one VM (a boot takes ~30-60 s on a nested-PVM host).
+//!
+//! The vsock paths are exercised both ways: a container VM's agent connects out to the
+//! host listener `<socket>_1024`; a machine's agent listens and every host command
+//! reaches it with `CONNECT 1024`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::linux::{minimal_kernel, MINIMAL_TIMEOUT};
+use common::{describe, stderr_of, stdout_of, Running};
+use hearth::image::sample::{self, SampleLayer};
+
+/// Where this test process keeps images, initramfs and machine state.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("container-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `hearth ARGS` with the cache, state and artifacts of this test run.
+fn hearth(scratch: &Path) -> Command {
+    let mut cmd = common::hearth();
+    cmd.env("HEARTH_CACHE", scratch.join("cache"))
+        .env("HEARTH_STATE", scratch.join("state"))
+        .env("HEARTH_GUEST_KERNEL", minimal_kernel())
+        .env("HEARTH_INIT", env!("CARGO_BIN_EXE_hearth-init"));
+    cmd
+}
+
+fn run(cmd: Command) -> Output {
+    common::run_with_timeout(cmd, MINIMAL_TIMEOUT)
+}
+
+#[track_caller]
+fn assert_status(out: &Output, code: i32) {
+    assert_eq!(out.status.code(), Some(code), "{}", describe(out));
+}
+
+fn oci_image(dir: &Path, layers: &[SampleLayer]) -> PathBuf {
+    let image = dir.join("busybox-oci");
+    sample::busybox_oci_layout(&image, layers).expect("build the busybox OCI layout");
+    image
+}
+
+#[test]
+fn options_stdin_and_separate_streams_reach_the_container() {
+    let dir = scratch("options");
+    let image = oci_image(&dir, &[]);
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run", "-i", "-e", "GREETING=hi", "-w", "/work"])
+        .args(["-u", "1000:1000"])
+        .arg(&image)
+        .args([
+            "sh",
+            "-c",
+            "echo \"$GREETING $(pwd) $(id -u):$(id -g) pid=$$ host=$(hostname)\"; \
+             echo to-stderr >&2; cat; exit 7",
+        ]);
+    let mut running = Running::start(cmd, Stdio::piped());
+    running.send(b"piped through stdin\n");
+    running.close_stdin();
+    let out = running.finish(MINIMAL_TIMEOUT);
+    assert_status(&out, 7);
+    let stdout = stdout_of(&out);
+    let mut lines = stdout.lines();
+    let first = lines.next().unwrap_or_default();
+    assert!(
+        first.starts_with("hi /work 1000:1000 pid=1 host="),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(
+        lines.next(),
+        Some("piped through stdin"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stdout.contains("to-stderr"), "{}", describe(&out));
+    assert!(stderr_of(&out).contains("to-stderr"), "{}", describe(&out));
+}
+
+#[test]
+fn docker_save_tarball_runs_echo() {
+    let dir = scratch("docker-save");
+    let tarball = dir.join("busybox.tar");
+    // A second layer deletes a file of the first: the container must not see it.
+    let layers = [
+        SampleLayer::new().file("etc/doomed", b"lower\n"),
+        SampleLayer::new().whiteout("etc/doomed"),
+    ];
+    sample::busybox_docker_save(&tarball, &layers).expect("build the docker-save tarball");
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run"]).arg(&tarball).args([
+        "sh",
+        "-c",
+        "echo hello; test -e /etc/doomed && echo doomed-visible; exit 0",
+    ]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    assert_eq!(stdout_of(&out), "hello\n", "{}", describe(&out));
+}
+
+#[test]
+fn a_layer_that_leaves_the_root_is_refused() {
+    let dir = scratch("traversal");
+    let image = oci_image(&dir, &[SampleLayer::new().raw_file("../escaped", b"x")]);
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run"]).arg(&image).arg("true");
+    let out = run(cmd);
+    assert_status(&out, 125);
+    let stderr = stderr_of(&out);
+    assert_eq!(stderr.lines().count(), 1, "{}", describe(&out));
+    assert!(stderr.contains("../escaped"), "{}", describe(&out));
+    assert!(!dir.join("escaped").exists() && !dir.join("cache/escaped").exists());
+}
+
+#[test]
+fn bad_container_arguments_fail_cleanly() {
+    let dir = scratch("bad-args");
+    for (args, expected) in [
+        (
+            vec!["container", "run", "/nonexistent/image", "true"],
+            "/nonexistent/image",
+        ),
+        (
+            vec!["container", "run", "-v", "/nonexistent:/x", "/tmp", "true"],
+            "-v /nonexistent:/x",
+        ),
+        (
+            vec!["container", "run", "--network", "bridge", "/tmp", "true"],
+            "--network bridge",
+        ),
+        (
+            vec!["container", "run", "--memory", "lots", "/tmp", "true"],
+            "--memory",
+        ),
+        (vec!["machine", "stop", "no-such-machine"], "is not running"),
+        (
+            vec!["machine", "run", "no-such-machine", "--", "true"],
+            "is not running",
+        ),
+        (vec!["machine", "start", "bad/name"], "invalid"),
+    ] {
+        let mut cmd = hearth(&dir);
+        cmd.args(&args);
+        let out = run(cmd);
+        assert_status(&out, 125);
+        let stderr = stderr_of(&out);
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {}", describe(&out));
+        assert!(stderr.contains(expected), "{args:?}: {}", describe(&out));
+    }
+}
+
+/// Kills a machine's VMM if the test fails before stopping it, so no VM outlives the test.
+struct MachineGuard {
+    scratch: PathBuf,
+    name: String,
+}
+
+impl Drop for MachineGuard {
+    fn drop(&mut self) {
+        let info = self
+            .scratch
+            .join("state/machines")
+            .join(&self.name)
+            .join("machine.json");
+        let pid = std::fs::read_to_string(info)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["pid"].as_i64());
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) on the pid hearth recorded for this test's own machine.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn a_machine_hosts_isolated_containers() {
+    let dir = scratch("machine");
+    let image = oci_image(&dir, &[]);
+    let name = format!("t{}", std::process::id());
+    let mut start = hearth(&dir);
+    start.args(["machine", "start", &name, "--memory", "384M"]);
+    let guard = MachineGuard {
+        scratch: dir.clone(),
+        name: name.clone(),
+    };
+    let out = run(start);
+    assert_status(&out, 0);
+
+    // The machine itself runs Linux.
+    let mut cmd = hearth(&dir);
+    cmd.args(["machine", "run", &name, "--", "uname", "-s"]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    assert_eq!(stdout_of(&out), "Linux\n");
+
+    // Container a keeps running (and marks its filesystem) while b looks around.
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run", "--machine", &name, "--name", "a"])
+        .arg(&image)
+        .args(["sh", "-c", "touch /only-in-a; echo ready; exec sleep 600"]);
+    let a = Running::start(cmd, Stdio::null());
+    a.expect_stdout_within(b"ready\n", Duration::from_secs(120));
+
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run", "--machine", &name, "--name", "b"])
+        .arg(&image)
+        .args([
+            "sh",
+            "-c",
+            "echo pid=$$; ls /only-in-a 2>/dev/null || echo no-file; ps -o pid,args",
+        ]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    let stdout = stdout_of(&out);
+    assert!(stdout.starts_with("pid=1\nno-file\n"), "{}", describe(&out));
+    assert!(
+        !stdout.contains("sleep"),
+        "b sees a's process\n{}",
+        describe(&out)
+    );
+
+    // Inside a, its own processes and files are there.
+    let mut cmd = hearth(&dir);
+    cmd.args([
+        "machine",
+        "exec",
+        &name,
+        "a",
+        "--",
+        "sh",
+        "-c",
+        "ls /only-in-a; ps -o pid,args",
+    ]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    assert!(stdout_of(&out).contains("/only-in-a"), "{}", describe(&out));
+    assert!(stdout_of(&out).contains("sleep 600"), "{}", describe(&out));
+
+    // `list` shows it; `stop` ends it and the container with it.
+    let mut cmd = hearth(&dir);
+    cmd.args(["machine", "list"]);
+    let out = run(cmd);
+    assert!(
+        stdout_of(&out)
+            .lines()
+            .any(|l| l.starts_with(&name) && l.contains("running")),
+        "{}",
+        describe(&out)
+    );
+    let mut cmd = hearth(&dir);
+    cmd.args(["machine", "stop", &name]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    std::mem::forget(guard);
+    let a = a.finish(Duration::from_secs(60));
+    assert_ne!(a.status.code(), Some(0), "{}", describe(&a));
+    let mut cmd = hearth(&dir);
+    cmd.args(["machine", "list"]);
+    let out = run(cmd);
+    assert!(!stdout_of(&out).contains(&name), "{}", describe(&out));
+}
