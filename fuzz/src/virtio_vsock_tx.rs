@@ -244,6 +244,8 @@ struct Harness {
     /// The host stream of a guest connection.
     current_stream: HashMap<Key, usize>,
 
+    /// Bounce buffer for `read_tx_packet` ([`MAX_PACKET_LEN`] bytes).
+    check_buf: Vec<u8>,
     outcome: Outcome,
     _dir: TempDir,
 }
@@ -314,6 +316,7 @@ impl Harness {
             credit: HashMap::new(),
             sent: HashMap::new(),
             current_stream: HashMap::new(),
+            check_buf: vec![0; MAX_PACKET_LEN],
             outcome: Outcome::default(),
             _dir: dir,
         };
@@ -564,7 +567,7 @@ impl Harness {
         // The chains as the device will pop them.
         let mut shadow = self.queue(TX_RING);
         shadow.set_next_avail(first);
-        let mut buf = vec![0u8; MAX_PACKET_LEN];
+        let mut buf = std::mem::take(&mut self.check_buf);
         for _ in heads {
             let Some(chain) = shadow.pop_descriptor_chain(&self.mem) else {
                 break;
@@ -575,6 +578,7 @@ impl Harness {
             }
         }
 
+        self.check_buf = buf;
         let _ = self.tx_kick.write(1);
         self.settle();
     }
@@ -681,9 +685,9 @@ impl Harness {
             self.mem
                 .write_slice(&raw, GuestAddress(RX_RING.0 + 16 * u64::from(first_index)))
                 .expect("RX table is guest memory");
-            // Stale bytes would hide a short write.
+            // A stale header would hide one the device did not write.
             self.mem
-                .write_slice(&[0xa5; RX_SLOT_SIZE as usize], GuestAddress(base))
+                .write_slice(&[0xa5; HDR_LEN], GuestAddress(base))
                 .expect("RX slot is guest memory");
             self.rx_posted[slot] = Some(RxPost { descs });
             heads.push(first_index);
