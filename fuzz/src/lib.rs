@@ -8,12 +8,14 @@
 //! Every input is valid: readers return zeroes once the input runs out, so the fuzzer never
 //! wastes executions on inputs the harness refuses.
 
+pub mod agent_protocol;
 pub mod chain;
 pub mod input;
 pub mod seeds;
 pub mod virtio_blk_request;
 pub mod virtio_mmio_registers;
 pub mod virtio_net_tx;
+pub mod virtio_vsock_tx;
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 

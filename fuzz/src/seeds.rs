@@ -40,6 +40,12 @@ pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     for (name, bytes) in mmio() {
         seeds.push(("virtio_mmio_registers", name, bytes));
     }
+    for (name, bytes) in vsock() {
+        seeds.push(("virtio_vsock_tx", name, bytes));
+    }
+    for (name, bytes) in agent() {
+        seeds.push(("agent_protocol", name, bytes));
+    }
     seeds
 }
 
@@ -517,12 +523,526 @@ pub fn mmio() -> Vec<(&'static str, Vec<u8>)> {
     seeds
 }
 
+// ---- virtio_vsock_tx ----------------------------------------------------------------
+
+pub mod vsock_seed {
+    //! Builds op sequences for `virtio_vsock_tx`.
+    use hearth::devices::virtio::vsock::packet::VsockHeader;
+    use virtio_queue::desc::split::Descriptor;
+
+    use crate::input::Output;
+    use crate::virtio_vsock_tx::op;
+
+    /// Host port selectors of the compact packet op.
+    pub const TO_52: u8 = 0;
+    pub const TO_1234: u8 = 1;
+    pub const TO_1024: u8 = 2;
+    pub const TO_1025: u8 = 3;
+
+    pub struct VsockOps {
+        out: Output,
+    }
+
+    impl VsockOps {
+        pub fn new(event_idx: bool) -> Self {
+            let mut out = Output::default();
+            out.u8(u8::from(event_idx));
+            Self { out }
+        }
+
+        /// A well-formed packet from guest port `0x4000 + guest` to host port selector
+        /// `host`; `fwd_cnt` `None` is everything the guest received.
+        #[allow(clippy::too_many_arguments)]
+        pub fn packet(
+            mut self,
+            op_code: u16,
+            guest: u8,
+            host: u8,
+            flags: u8,
+            buf_alloc: u32,
+            fwd_cnt: Option<u32>,
+            layout: u8,
+            payload: &[u8],
+        ) -> Self {
+            self.out
+                .u8(op::PACKET)
+                .u8(op_code as u8)
+                .u8((guest & 0xf) | (host << 4))
+                .u8(flags)
+                .u32(buf_alloc);
+            match fwd_cnt {
+                None => self.out.u8(0),
+                Some(v) => self.out.u8(1).u32(v),
+            };
+            self.out.u8(layout).u16(payload.len() as u16).bytes(payload);
+            self
+        }
+
+        /// A packet with the default credit (256 KiB, honest fwd_cnt), one descriptor.
+        pub fn simple(self, op_code: u16, guest: u8, host: u8, payload: &[u8]) -> Self {
+            self.packet(op_code, guest, host, 0, 256 << 10, None, 0, payload)
+        }
+
+        /// `payload_len` may differ from `payload.len()` (the rest is zeroes).
+        pub fn raw_packet(
+            mut self,
+            layout: u8,
+            header: &VsockHeader,
+            payload_len: u32,
+            payload: &[u8],
+        ) -> Self {
+            self.out
+                .u8(op::RAW_PACKET)
+                .u8(layout)
+                .bytes(&header.to_bytes())
+                .u32(payload_len)
+                .bytes(payload);
+            self
+        }
+
+        pub fn raw_chain(mut self, head: u16, table: &[Descriptor], image: &[u8]) -> Self {
+            self.out.u8(op::RAW_CHAIN).u8(table.len() as u8).u16(head);
+            for d in table {
+                self.out
+                    .u64(d.addr().0)
+                    .u32(d.len())
+                    .u16(d.flags())
+                    .u16(d.next());
+            }
+            self.out.u16(image.len() as u16).bytes(image);
+            self
+        }
+
+        /// Buffers of the given `u16` encodings (size, 0x8000: two descriptors).
+        pub fn post_rx(mut self, buffers: &[u16]) -> Self {
+            self.out.u8(op::POST_RX).u8(buffers.len() as u8 - 1);
+            for &b in buffers {
+                self.out.u16(b);
+            }
+            self
+        }
+
+        pub fn host_connect(mut self, guest: u8) -> Self {
+            self.out.u8(op::HOST_CONNECT).u8(guest & 0xf);
+            self
+        }
+
+        pub fn host_connect_raw(mut self, line: &[u8]) -> Self {
+            self.out
+                .u8(op::HOST_CONNECT)
+                .u8(0x80)
+                .u8(line.len() as u8)
+                .bytes(line);
+            self
+        }
+
+        pub fn host_write(mut self, stream: u8, bytes: &[u8]) -> Self {
+            self.out
+                .u8(op::HOST_WRITE)
+                .u8(stream)
+                .u16(bytes.len() as u16)
+                .bytes(bytes);
+            self
+        }
+
+        pub fn host_read(mut self, stream: u8) -> Self {
+            self.out.u8(op::HOST_READ).u8(stream);
+            self
+        }
+
+        pub fn host_close(mut self, stream: u8, how: u8) -> Self {
+            self.out.u8(op::HOST_CLOSE).u8(stream).u8(how);
+            self
+        }
+
+        pub fn burst(mut self, count: u16) -> Self {
+            self.out.u8(op::BURST).u16(count);
+            self
+        }
+
+        pub fn reset(mut self) -> Self {
+            self.out.u8(op::RESET);
+            self
+        }
+
+        pub fn kick(mut self) -> Self {
+            self.out.u8(op::KICK);
+            self
+        }
+
+        pub fn finish(self) -> Vec<u8> {
+            self.out.data
+        }
+    }
+}
+
+pub fn vsock() -> Vec<(&'static str, Vec<u8>)> {
+    use hearth::devices::virtio::vsock::packet::{
+        VsockHeader, MAX_PAYLOAD_LEN, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
+        OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+    };
+    use hearth::devices::virtio::vsock::MAX_CONNECTIONS;
+    use vsock_seed::*;
+
+    use crate::virtio_vsock_tx::{GUEST_CID, TX_DATA};
+
+    let both = (SHUTDOWN_RCV | SHUTDOWN_SEND) as u8;
+    let rx4 = [0x1000u16; 4];
+    let mut seeds = Vec::new();
+
+    // The guest connects to host port 52; data both ways; the guest shuts down.
+    let ops = VsockOps::new(false)
+        .post_rx(&rx4)
+        .simple(OP_REQUEST, 0, TO_52, b"")
+        .host_write(0, b"hello guest")
+        .simple(OP_RW, 0, TO_52, b"hello host")
+        .host_read(0)
+        .packet(OP_SHUTDOWN, 0, TO_52, both, 256 << 10, None, 0, b"")
+        .post_rx(&rx4)
+        .host_read(0)
+        .finish();
+    seeds.push(("guest_connect_rw_shutdown", ops));
+
+    // A host process connects to guest port 0x4001; the guest accepts; data both ways;
+    // the guest resets the connection.
+    let ops = VsockOps::new(true)
+        .post_rx(&rx4)
+        .host_connect(1)
+        .simple(OP_RESPONSE, 1, TO_1024, b"")
+        .host_read(0)
+        .host_write(0, b"ping")
+        .packet(OP_RW, 1, TO_1024, 0, 256 << 10, None, 1, b"pong")
+        .host_read(0)
+        .simple(OP_RST, 1, TO_1024, b"")
+        .finish();
+    seeds.push(("host_connect_accept_rst", ops));
+
+    // A guest with 100 bytes of buffer: the host's 300 bytes arrive 100 at a time, after
+    // each credit update; then a credit request.
+    let ops = VsockOps::new(false)
+        .packet(OP_REQUEST, 2, TO_1234, 0, 100, Some(0), 0, b"")
+        .post_rx(&[0x1000, 0x1000, 0x8000 | 0x400, 0x800])
+        .host_write(0, &[0x5a; 300])
+        .post_rx(&rx4)
+        .packet(OP_CREDIT_UPDATE, 2, TO_1234, 0, 100, None, 0, b"")
+        .post_rx(&rx4)
+        .packet(OP_CREDIT_UPDATE, 2, TO_1234, 0, 100, None, 0, b"")
+        .post_rx(&rx4)
+        .packet(OP_CREDIT_REQUEST, 2, TO_1234, 0, 100, None, 0, b"")
+        .post_rx(&rx4)
+        .finish();
+    seeds.push(("credit_limited", ops));
+
+    // The same packet in every layout: header and payload apart, the header split,
+    // indirect, across regions; then small RX buffers (one too small for a header).
+    let mut ops = VsockOps::new(false)
+        .post_rx(&[0x1000, 0x8000 | 0x100, 43, 44, 45])
+        .packet(OP_REQUEST, 3, TO_52, 0, 256 << 10, None, 0x43, b"");
+    for layout in [0u8, 1, 2 | (10 << 2), 3, 0x40 | 2 | (40 << 2), 0x41] {
+        ops = ops.packet(OP_RW, 3, TO_52, 0, 256 << 10, None, layout, b"layout test");
+    }
+    let ops = ops
+        .host_write(0, &[7; 100])
+        .host_read(0)
+        .post_rx(&[0x1000; 4])
+        .finish();
+    seeds.push(("layouts", ops));
+
+    // What the device refuses or answers with RST: another CID, a datagram, data for no
+    // connection, a host port nothing listens on, a payload over the limit, a length
+    // that does not match, a REQUEST on a live connection.
+    let guest = |op, dst_port, len| VsockHeader {
+        src_cid: GUEST_CID,
+        dst_cid: 2,
+        src_port: 0x4005,
+        dst_port,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: 256 << 10,
+        fwd_cnt: 0,
+    };
+    let ops = VsockOps::new(false)
+        .post_rx(&[0x1000; 8])
+        .raw_packet(
+            0,
+            &VsockHeader {
+                src_cid: 7,
+                ..guest(OP_REQUEST, 52, 0)
+            },
+            0,
+            b"",
+        )
+        .raw_packet(
+            0,
+            &VsockHeader {
+                dst_cid: 9,
+                ..guest(OP_REQUEST, 52, 0)
+            },
+            0,
+            b"",
+        )
+        .raw_packet(
+            0,
+            &VsockHeader {
+                type_: 2,
+                ..guest(OP_REQUEST, 52, 0)
+            },
+            0,
+            b"",
+        )
+        .raw_packet(0, &guest(OP_RW, 52, 0), 4, b"data")
+        .raw_packet(0, &guest(OP_REQUEST, 1025, 0), 0, b"")
+        .raw_packet(0, &guest(OP_REQUEST, 52, 0), 0, b"")
+        .raw_packet(0x80, &guest(OP_RW, 52, 3), 5, b"12345")
+        .raw_packet(0, &guest(OP_REQUEST, 52, 0), 0, b"")
+        .raw_packet(0, &guest(99, 52, 0), 0, b"")
+        .post_rx(&[0x1000; 8])
+        .finish();
+    seeds.push(("rejections", ops));
+
+    // Payloads at and over MAX_PAYLOAD_LEN, from zeroed guest memory.
+    let max = MAX_PAYLOAD_LEN as u32;
+    let chain = |len: u32| {
+        (
+            [
+                Descriptor::new(TX_DATA, 44, NEXT, 1),
+                Descriptor::new(TX_DATA + 0x40, len, 0, 0),
+            ],
+            VsockHeader {
+                src_port: 0x4006,
+                ..guest(OP_RW, 52, len)
+            }
+            .to_bytes(),
+        )
+    };
+    let (at_limit, at_limit_header) = chain(max);
+    let (over, over_header) = chain(max + 1);
+    let (huge, _) = chain(u32::MAX);
+    let ops = VsockOps::new(false)
+        .post_rx(&[0x1000; 2])
+        .packet(OP_REQUEST, 6, TO_52, 0, 256 << 10, None, 0, b"")
+        .raw_chain(0, &at_limit, &at_limit_header)
+        .raw_chain(0, &over, &over_header)
+        .raw_chain(0, &huge, &over_header)
+        .host_read(0)
+        .finish();
+    seeds.push(("payload_limit", ops));
+
+    // Raw descriptor tables: a writable descriptor, an indirect table, a head past the
+    // table, a loop, a descriptor outside guest memory.
+    let mut packet = guest(OP_REQUEST, 52, 0).to_bytes().to_vec();
+    packet.resize(0x40, 0);
+    for d in [
+        Descriptor::new(TX_DATA, 20, NEXT, 1),
+        Descriptor::new(TX_DATA + 20, 24, 0, 0),
+    ] {
+        packet.extend_from_slice(&d.addr().0.to_le_bytes());
+        packet.extend_from_slice(&d.len().to_le_bytes());
+        packet.extend_from_slice(&d.flags().to_le_bytes());
+        packet.extend_from_slice(&d.next().to_le_bytes());
+    }
+    let ops = VsockOps::new(false)
+        .post_rx(&[0x1000; 2])
+        .raw_chain(0, &[Descriptor::new(TX_DATA, 44, W, 0)], &packet)
+        .raw_chain(
+            0,
+            &[Descriptor::new(
+                TX_DATA + 0x40,
+                32,
+                VRING_DESC_F_INDIRECT as u16,
+                0,
+            )],
+            &packet,
+        )
+        .raw_chain(40, &[Descriptor::new(TX_DATA, 44, 0, 0)], &packet)
+        .raw_chain(
+            0,
+            &[
+                Descriptor::new(TX_DATA, 20, NEXT, 1),
+                Descriptor::new(TX_DATA + 20, 24, NEXT, 0),
+            ],
+            &packet,
+        )
+        .raw_chain(0, &[Descriptor::new(0x2_0000, 44, 0, 0)], &packet)
+        .raw_chain(
+            0,
+            &[
+                Descriptor::new(TX_DATA, 20, NEXT, 1),
+                Descriptor::new(TX_DATA + 20, 24, 0, 0),
+            ],
+            &packet,
+        )
+        .finish();
+    seeds.push(("raw_chains", ops));
+
+    // More REQUESTs than the device takes connections.
+    let ops = VsockOps::new(false)
+        .burst(MAX_CONNECTIONS as u16 + 8)
+        .post_rx(&[0x1000; 8])
+        .finish();
+    seeds.push(("connection_limit", ops));
+
+    // A host process gives up before the guest answers; a bad handshake; a reset with a
+    // live connection, and a new connection after it.
+    let ops = VsockOps::new(true)
+        .post_rx(&rx4)
+        .host_connect(4)
+        .host_close(0, 2)
+        .host_connect_raw(b"CONNECT x\n")
+        .simple(OP_REQUEST, 5, TO_1024, b"")
+        .host_write(2, b"before reset")
+        .reset()
+        .post_rx(&rx4)
+        .simple(OP_REQUEST, 5, TO_1024, b"")
+        .host_write(3, b"after reset")
+        .host_close(3, 0)
+        .kick()
+        .post_rx(&rx4)
+        .finish();
+    seeds.push(("hang_up_and_reset", ops));
+    seeds
+}
+
+// ---- agent_protocol -----------------------------------------------------------------
+
+pub fn agent_messages() -> Vec<hearth::agent::protocol::Message> {
+    use hearth::agent::protocol::{Message, NetConfig, Network, Rootfs, RunSpec, Volume};
+    let spec = RunSpec {
+        argv: vec!["sh".into(), "-c".into(), "echo hi".into()],
+        env: vec!["PATH=/bin".into()],
+        cwd: "/".into(),
+        user: Some("1000:1000".into()),
+        hostname: Some("box".into()),
+        tty: true,
+        stdin: true,
+        rootfs: Rootfs::Device {
+            path: "/dev/vda".into(),
+            fstype: "ext4".into(),
+        },
+        volumes: vec![Volume {
+            device: "/dev/vdb".into(),
+            target: "/data".into(),
+            readonly: true,
+        }],
+        memory_limit: Some(64 << 20),
+        cpus: Some(1.5),
+        network: Network::Vm,
+        net: Some(NetConfig {
+            address: "10.0.0.2/24".into(),
+            gateway: Some("10.0.0.1".into()),
+        }),
+        name: Some("c1".into()),
+        term_size: Some((24, 80)),
+    };
+    let join = RunSpec {
+        argv: Vec::new(),
+        rootfs: Rootfs::Container { name: "c1".into() },
+        net: None,
+        cpus: None,
+        ..spec.clone()
+    };
+    vec![
+        Message::Hello { version: 1 },
+        Message::Run(Box::new(spec)),
+        Message::Run(Box::new(join)),
+        Message::Shutdown,
+        Message::Stdin(b"input".to_vec()),
+        Message::StdinEof,
+        Message::Signal(15),
+        Message::Resize {
+            rows: 50,
+            cols: 132,
+        },
+        Message::ImageQuery {
+            digest: "sha256:ab".into(),
+        },
+        Message::ImageLoad {
+            digest: "sha256:ab".into(),
+        },
+        Message::ImageData(vec![1; 300]),
+        Message::ImageEnd,
+        Message::ImageStatus {
+            digest: "sha256:ab".into(),
+            present: false,
+        },
+        Message::Started { pid: 42 },
+        Message::Stdout(b"out".to_vec()),
+        Message::Stderr(Vec::new()),
+        Message::Exit { status: 130 },
+        Message::Error("no such image".into()),
+    ]
+}
+
+fn agent_input(sizes: &[u8], stream: &[u8]) -> Vec<u8> {
+    let mut out = Output::default();
+    out.u8(sizes.len() as u8).bytes(sizes).bytes(stream);
+    out.data
+}
+
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&[kind, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+pub fn agent() -> Vec<(&'static str, Vec<u8>)> {
+    use hearth::agent::protocol::{write_message, MAX_PAYLOAD};
+    let mut all = Vec::new();
+    for msg in agent_messages() {
+        write_message(&mut all, &msg).expect("seed messages encode");
+    }
+    let mut seeds = vec![
+        ("every_message_at_once", agent_input(&[], &all)),
+        ("every_message_byte_by_byte", agent_input(&[1], &all)),
+        (
+            "every_message_in_odd_pieces",
+            agent_input(&[3, 0, 7, 200, 64], &all),
+        ),
+    ];
+    // A session's first frames, then one over the size limit.
+    let mut stream = Vec::new();
+    for msg in &agent_messages()[..3] {
+        write_message(&mut stream, msg).expect("seed messages encode");
+    }
+    stream.extend_from_slice(&((MAX_PAYLOAD + 1) as u32).to_le_bytes());
+    stream.extend_from_slice(&[33, 0, 0, 0]);
+    seeds.push(("too_large", agent_input(&[5], &stream)));
+    let mut stream = frame(3, b"");
+    stream.extend_from_slice(&[0, 0, 0, 0, 3, 0, 1, 0]);
+    seeds.push(("reserved_bytes", agent_input(&[], &stream)));
+    let mut stream = frame(35, &[0, 0, 0, 0]);
+    stream.extend_from_slice(&frame(33, b"partial")[..10]);
+    seeds.push(("truncated", agent_input(&[4], &stream)));
+    // Malformed payloads: bad JSON, a short fixed-size body, an unknown kind.
+    let mut stream = frame(1, br#"{"version":"one"}"#);
+    stream.extend_from_slice(&frame(2, br#"{"argv":[]"#));
+    stream.extend_from_slice(&frame(35, &[1, 2]));
+    stream.extend_from_slice(&frame(200, b""));
+    seeds.push(("malformed", agent_input(&[], &stream)));
+    // Unusual but valid: JSON with spaces, escapes and unknown fields, a float in
+    // exponent form, invalid UTF-8 in an error.
+    let run = br#"{ "argv": ["a\u0062c"], "env": [], "cwd": "/", "user": null, "hostname": null,
+        "tty": false, "stdin": false, "rootfs": {"kind": "host"}, "volumes": [],
+        "memory_limit": 18446744073709551615, "cpus": 2.5e-1, "network": "none",
+        "net": null, "name": null, "term_size": [1, 2], "extra": true }"#;
+    let mut stream = frame(2, run);
+    stream.extend_from_slice(&frame(36, b"bad \xff\xfe utf-8"));
+    stream.extend_from_slice(&frame(12, br#"{"present":true,"digest":"d"}"#));
+    seeds.push(("unusual_but_valid", agent_input(&[9, 1], &stream)));
+    seeds
+}
+
 #[cfg(test)]
 mod tests {
     use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
 
     use super::*;
-    use crate::{virtio_blk_request, virtio_mmio_registers, virtio_net_tx};
+    use crate::{
+        agent_protocol, virtio_blk_request, virtio_mmio_registers, virtio_net_tx, virtio_vsock_tx,
+    };
 
     fn seed(list: &[(&'static str, Vec<u8>)], name: &str) -> Vec<u8> {
         list.iter().find(|(n, _)| *n == name).unwrap().1.clone()
@@ -610,6 +1130,118 @@ mod tests {
         assert_eq!(outcome.status_bytes, [0, 0]);
         let ro = virtio_mmio_registers::run(&seed(&mmio(), "block_read_only_write"));
         assert_eq!(ro.status_bytes[0], 1);
+    }
+
+    #[test]
+    fn vsock_seeds_reach_their_paths() {
+        use hearth::devices::virtio::vsock::packet::{
+            OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
+        };
+        use hearth::devices::virtio::vsock::MAX_CONNECTIONS;
+        use virtio_vsock_tx::run;
+        let seeds = vsock();
+
+        let o = run(&seed(&seeds, "guest_connect_rw_shutdown"));
+        assert_eq!(o.accepted, 1);
+        assert_eq!(o.rx_ops, [OP_RESPONSE, OP_RW, OP_RST]);
+        assert_eq!(o.rx_data, b"hello guest".len());
+        assert_eq!(o.host_read, b"hello host");
+
+        let o = run(&seed(&seeds, "host_connect_accept_rst"));
+        assert_eq!(o.rx_ops, [OP_REQUEST, OP_RW]);
+        assert_eq!(o.host_read, b"OK 1024\npong");
+
+        // 300 bytes through a 100-byte window, and the CREDIT_REQUEST answered.
+        let o = run(&seed(&seeds, "credit_limited"));
+        assert_eq!(
+            o.rx_ops,
+            [OP_RESPONSE, OP_RW, OP_RW, OP_RW, OP_CREDIT_UPDATE]
+        );
+        assert_eq!(o.rx_data, 300);
+
+        let o = run(&seed(&seeds, "layouts"));
+        assert_eq!(o.tx_packets, 7);
+        assert_eq!(o.host_read, b"layout test".repeat(6));
+
+        let o = run(&seed(&seeds, "rejections"));
+        assert_eq!(o.tx_packets, 8);
+        assert_eq!(
+            o.rx_ops,
+            [OP_RST, OP_RST, OP_RST, OP_RST, OP_RESPONSE, OP_RST, OP_RST]
+        );
+
+        // The 64 KiB payload goes through, the longer ones do not.
+        let o = run(&seed(&seeds, "payload_limit"));
+        assert_eq!(o.tx_packets, 2);
+        assert!(!o.host_read.is_empty());
+
+        let o = run(&seed(&seeds, "raw_chains"));
+        assert_eq!((o.tx_packets, o.accepted), (2, 1));
+
+        let o = run(&seed(&seeds, "connection_limit"));
+        assert_eq!(o.peak_connections, MAX_CONNECTIONS);
+        assert_eq!(o.accepted, MAX_CONNECTIONS);
+        assert_eq!(o.rx_ops, [OP_RST; 8]);
+
+        let o = run(&seed(&seeds, "hang_up_and_reset"));
+        assert_eq!(
+            o.rx_ops,
+            [
+                OP_REQUEST,
+                OP_RST,
+                OP_RESPONSE,
+                OP_RW,
+                OP_RESPONSE,
+                OP_RW,
+                OP_SHUTDOWN
+            ]
+        );
+        assert_eq!(o.accepted, 2);
+    }
+
+    #[test]
+    fn agent_seeds_decode() {
+        use agent_protocol::{run, End};
+        use hearth::agent::protocol::MAX_PAYLOAD;
+        let seeds = agent();
+        for name in [
+            "every_message_at_once",
+            "every_message_byte_by_byte",
+            "every_message_in_odd_pieces",
+        ] {
+            let o = run(&seed(&seeds, name));
+            let expected = agent_messages();
+            assert_eq!(o.messages(), expected.iter().collect::<Vec<_>>(), "{name}");
+            assert_eq!(o.end, End::Clean);
+        }
+        let o = run(&seed(&seeds, "too_large"));
+        assert_eq!((o.messages().len(), o.end), (3, End::Error("too large")));
+        let o = run(&seed(&seeds, "reserved_bytes"));
+        assert_eq!((o.messages().len(), o.end), (1, End::Error("reserved")));
+        let o = run(&seed(&seeds, "truncated"));
+        assert_eq!((o.messages().len(), o.end), (1, End::Truncated));
+        let o = run(&seed(&seeds, "malformed"));
+        assert_eq!(
+            o.decoded
+                .iter()
+                .map(|r| r.as_ref().err())
+                .collect::<Vec<_>>(),
+            [
+                Some(&"malformed"),
+                Some(&"malformed"),
+                Some(&"malformed"),
+                Some(&"unknown kind")
+            ]
+        );
+        let o = run(&seed(&seeds, "unusual_but_valid"));
+        assert_eq!((o.messages().len(), o.end), (3, End::Clean));
+
+        // Longer than the fuzzer's inputs: an error text that grows when made valid UTF-8
+        // still re-encodes within the frame limit.
+        let mut stream = frame(36, &vec![0xff; 30_000]);
+        stream.extend_from_slice(&frame(36, &[b'e'; 70_000][..MAX_PAYLOAD]));
+        let o = run(&agent_input(&[], &stream));
+        assert_eq!((o.messages().len(), o.end), (2, End::Clean));
     }
 
     #[test]

@@ -236,6 +236,38 @@ fn from_json<T: for<'de> Deserialize<'de>>(
     })
 }
 
+/// [`from_json`] for messages that must also fit one frame when written again: a payload
+/// can grow when re-encoded (omitted `Option` fields become `null`, `1` becomes `1.0`),
+/// and a message that cannot be written back is refused like a malformed one.
+fn from_json_bounded<T: Serialize + for<'de> Deserialize<'de>>(
+    kind: &'static str,
+    payload: &[u8],
+) -> Result<T, ProtocolError> {
+    let value: T = from_json(kind, payload)?;
+    let len = json(&value).len();
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::Malformed {
+            kind,
+            reason: format!("re-encodes to {len} bytes, over the {MAX_PAYLOAD}-byte limit"),
+        });
+    }
+    Ok(value)
+}
+
+/// An error text: invalid UTF-8 is replaced (each bad byte by 3 bytes of U+FFFD), then cut
+/// at a character boundary so the message still fits one frame.
+fn error_text(payload: &[u8]) -> String {
+    let mut text = String::from_utf8_lossy(payload).into_owned();
+    if text.len() > MAX_PAYLOAD {
+        let mut end = MAX_PAYLOAD;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 fn fixed<const N: usize>(kind: &'static str, payload: &[u8]) -> Result<[u8; N], ProtocolError> {
     payload.try_into().map_err(|_| ProtocolError::Malformed {
         kind,
@@ -294,10 +326,10 @@ impl Message {
         }
         Ok(match kind {
             kind::HELLO => Message::Hello {
-                version: from_json::<HelloBody>("hello", payload)?.version,
+                version: from_json_bounded::<HelloBody>("hello", payload)?.version,
             },
             kind::RUN => {
-                let spec: RunSpec = from_json("run", payload)?;
+                let spec: RunSpec = from_json_bounded("run", payload)?;
                 if spec.argv.is_empty() && !matches!(spec.rootfs, Rootfs::Container { .. }) {
                     return Err(ProtocolError::Malformed {
                         kind: "run",
@@ -318,15 +350,15 @@ impl Message {
                 }
             }
             kind::IMAGE_QUERY => Message::ImageQuery {
-                digest: from_json::<DigestBody>("image query", payload)?.digest,
+                digest: from_json_bounded::<DigestBody>("image query", payload)?.digest,
             },
             kind::IMAGE_LOAD => Message::ImageLoad {
-                digest: from_json::<DigestBody>("image load", payload)?.digest,
+                digest: from_json_bounded::<DigestBody>("image load", payload)?.digest,
             },
             kind::IMAGE_DATA => Message::ImageData(payload.to_vec()),
             kind::IMAGE_END => Message::ImageEnd,
             kind::IMAGE_STATUS => {
-                let body: StatusBody = from_json("image status", payload)?;
+                let body: StatusBody = from_json_bounded("image status", payload)?;
                 Message::ImageStatus {
                     digest: body.digest,
                     present: body.present,
@@ -340,7 +372,7 @@ impl Message {
             kind::EXIT => Message::Exit {
                 status: i32::from_le_bytes(fixed("exit", payload)?),
             },
-            kind::ERROR => Message::Error(String::from_utf8_lossy(payload).into_owned()),
+            kind::ERROR => Message::Error(error_text(payload)),
             other => return Err(ProtocolError::UnknownKind(other)),
         })
     }
@@ -581,6 +613,37 @@ mod tests {
         let mut s = spec();
         s.argv.clear();
         assert!(Message::decode(kind::RUN, &json(&s)).is_err());
+    }
+
+    /// Regression (found with the `agent_protocol` fuzz target's round-trip check): a
+    /// decoded message must fit one frame when written again.
+    #[test]
+    fn decoded_messages_can_be_written_again() {
+        // Invalid UTF-8 triples in size when replaced.
+        let msg = Message::decode(kind::ERROR, &vec![0xff; 30_000]).unwrap();
+        let Message::Error(text) = &msg else {
+            panic!("{msg:?}")
+        };
+        assert!(text.len() <= MAX_PAYLOAD && text.starts_with('\u{fffd}'));
+        write_message(&mut Vec::new(), &msg).unwrap();
+
+        // A run spec omitting its optional fields re-encodes with `null`s: refused when
+        // that no longer fits.
+        let head = br#"{"argv":["a"],"env":[""#;
+        let tail = br#""],"cwd":"/","tty":false,"stdin":false,"rootfs":{"kind":"host"},"volumes":[],"network":"vm"}"#;
+        let mut payload = head.to_vec();
+        payload.resize(MAX_PAYLOAD - tail.len(), b'x');
+        payload.extend_from_slice(tail);
+        assert!(matches!(
+            Message::decode(kind::RUN, &payload),
+            Err(ProtocolError::Malformed { kind: "run", .. })
+        ));
+        // The same spec with room to spare decodes and writes.
+        let mut payload = head.to_vec();
+        payload.resize(1000, b'x');
+        payload.extend_from_slice(tail);
+        let msg = Message::decode(kind::RUN, &payload).unwrap();
+        write_message(&mut Vec::new(), &msg).unwrap();
     }
 
     #[test]

@@ -258,7 +258,7 @@ impl Connection {
     /// nothing to send after all (the host stream had no data).
     pub fn next_outgoing(&mut self, buf: &mut [u8]) -> Option<Outgoing> {
         let control = |op, flags| Some(Outgoing { op, flags, len: 0 });
-        let packet = if self.send_rst {
+        let mut packet = if self.send_rst {
             control(OP_RST, 0)
         } else if std::mem::take(&mut self.send_request) {
             control(OP_REQUEST, 0)
@@ -266,14 +266,22 @@ impl Connection {
             control(OP_RESPONSE, 0)
         } else if self.data_ready && self.can_send_data() {
             self.read_host(buf)
-        } else if self.send_shutdown != 0 {
-            control(OP_SHUTDOWN, std::mem::take(&mut self.send_shutdown))
-        } else if std::mem::take(&mut self.send_credit_update) {
-            control(OP_CREDIT_UPDATE, 0)
         } else {
-            self.data_ready = false;
             None
         };
+        if packet.is_none() {
+            // Also when the host stream had no data after all: `data_ready` outlives the
+            // data it announced, and the connection is not queued again, so a pending
+            // control packet (the answer to a CREDIT_REQUEST) must go now.
+            packet = if self.send_shutdown != 0 {
+                control(OP_SHUTDOWN, std::mem::take(&mut self.send_shutdown))
+            } else if std::mem::take(&mut self.send_credit_update) {
+                control(OP_CREDIT_UPDATE, 0)
+            } else {
+                self.data_ready = false;
+                None
+            };
+        }
         if packet.is_some() {
             // Every header carries fwd_cnt, so any packet is a credit update.
             self.send_credit_update = false;
@@ -385,6 +393,26 @@ mod tests {
         conn.tx_cnt = 5;
         conn.update_peer_credit(100, u32::MAX - 4);
         assert_eq!(conn.peer_credit(), 90);
+    }
+
+    /// Regression (found by the `virtio_vsock_tx` fuzz target): the host stream was
+    /// readable once and all its data already went to the guest, so `data_ready` is still
+    /// set; the guest's CREDIT_REQUEST must still be answered, not dropped when the read
+    /// finds nothing.
+    #[test]
+    fn credit_update_goes_when_the_host_has_no_data_after_all() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut conn = Connection::peer_init(a, 100, 0);
+        let mut buf = [0u8; 64];
+        let op = |out: Option<Outgoing>| out.map(|o| o.op);
+        assert_eq!(op(conn.next_outgoing(&mut buf)), Some(OP_RESPONSE));
+        conn.data_ready = true;
+        conn.request_credit_update();
+        assert!(conn.has_outgoing());
+        assert_eq!(op(conn.next_outgoing(&mut buf)), Some(OP_CREDIT_UPDATE));
+        assert!(!conn.data_ready);
+        assert_eq!(conn.next_outgoing(&mut buf), None);
     }
 
     #[test]
