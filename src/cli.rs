@@ -23,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest kernel and run it until it exits.
     Run(RunArgs),
+    /// Benchmarks: start-up against containers and other VMMs, and VM density.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// `hearth run` options. Values are checked in `config::VmConfig::from_args`, before
@@ -115,7 +117,9 @@ mod tests {
     #[test]
     fn run_defaults() {
         let cli = Cli::try_parse_from(["hearth", "run", "--kernel", "k"]).unwrap();
-        let Command::Run(args) = cli.command;
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
         assert_eq!(args.cpus, 1);
         assert_eq!(args.memory, "256M");
         assert_eq!(args.serial, "stdio");
