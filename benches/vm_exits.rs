@@ -68,7 +68,7 @@ fn exits(c: &mut Criterion) {
     group
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(5));
+        .measurement_time(Duration::from_secs(6));
     group.bench_function("lifecycle", |b| b.iter(|| run_vm(&lifecycle)));
     group.throughput(Throughput::Elements(EXIT_LOOP_COUNT));
     group.bench_function("pio", |b| b.iter(|| run_vm(&pio)));
