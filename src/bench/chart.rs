@@ -89,16 +89,18 @@ fn draw(
     } else {
         (1.0, 1000.0)
     };
-    let count = rows.len().max(1) as i32;
+    // Segment k (counting from the bottom) holds row `last - k`, so the first row is on top.
+    let last = rows.len().saturating_sub(1) as i32;
     let mut chart = ChartBuilder::on(root)
         .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(200)
-        .build_cartesian_2d((lo..hi).log_scale(), (0..count).into_segmented())?;
+        .build_cartesian_2d((lo..hi).log_scale(), (0..last).into_segmented())?;
     let label = |v: &SegmentValue<i32>| match v {
-        SegmentValue::CenterOf(i) => rows
-            .get(usize::try_from(*i).unwrap_or(usize::MAX))
+        SegmentValue::CenterOf(k) => usize::try_from(last - k)
+            .ok()
+            .and_then(|i| rows.get(i))
             .map_or(String::new(), |r| r.label.clone()),
         _ => String::new(),
     };
@@ -106,12 +108,13 @@ fn draw(
         .configure_mesh()
         .y_labels(rows.len().max(1))
         .y_label_formatter(&label)
-        .x_desc("milliseconds from spawn (log scale)")
+        .x_label_formatter(&|ms| super::report::format_ms(*ms))
+        .x_desc("time from spawn (log scale)")
         .disable_y_mesh()
         .draw()?;
 
     for (i, row) in rows.iter().enumerate() {
-        let y = SegmentValue::CenterOf(i as i32);
+        let y = SegmentValue::CenterOf(last - i as i32);
         let color = Palette99::pick(i).to_rgba();
         let (min, max) = row
             .samples

@@ -339,7 +339,15 @@ mod tests {
             .arg("30.123456")
             .spawn()
             .unwrap();
-        let found = processes_using("30.123456");
+        // Until the child has exec'd, its command line is still ours.
+        let mut found = Vec::new();
+        for _ in 0..200 {
+            found = processes_using("30.123456");
+            if !found.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(found, vec![child.id()]);
