@@ -234,8 +234,13 @@ fn markdown(r: &DensityReport) -> String {
     );
     row(
         "creation rate",
-        r.creation_rate_per_s
-            .map_or("-".to_owned(), |v| format!("{v:.1} VMs/s")),
+        r.creation_rate_per_s.map_or("-".to_owned(), |v| {
+            if v < 1.0 {
+                format!("{v:.3} VMs/s")
+            } else {
+                format!("{v:.1} VMs/s")
+            }
+        }),
     );
     let boots: Vec<f64> = r.boot_ms.iter().flatten().copied().collect();
     if let Some(s) = super::stats::Summary::of(&boots) {
