@@ -29,6 +29,8 @@ pub enum Command {
     /// Long-lived Linux VMs that host several containers.
     #[command(subcommand)]
     Machine(MachineCommand),
+    /// Benchmarks: start-up against containers and other VMMs, and VM density.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]

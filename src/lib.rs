@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod arch;
+pub mod bench;
 pub mod builder;
 pub mod cli;
 pub mod config;
@@ -47,6 +48,8 @@ pub enum Error {
     Build(#[from] builder::BuildError),
     #[error(transparent)]
     Vmm(#[from] vmm::VmmError),
+    #[error(transparent)]
+    Bench(#[from] bench::BenchError),
 }
 
 /// Runs a parsed command line; returns the process exit status.
@@ -68,6 +71,7 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             eprintln!("hearth: {}", error_chain(&err));
             125
         })),
+        Command::Bench(args) => Ok(bench::run(args)?),
     }
 }
 

@@ -208,7 +208,10 @@ fn stripped(path: &Path) -> Result<Vec<u8>, InitramfsError> {
     match data {
         Some(data) => Ok(data),
         None => {
-            log::warn!("cannot strip {} (install binutils); packing it as is", path.display());
+            log::warn!(
+                "cannot strip {} (install binutils); packing it as is",
+                path.display()
+            );
             read(path)
         }
     }

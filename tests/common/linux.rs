@@ -14,6 +14,8 @@ use std::process::Output;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use hearth::bench::fixtures::linux;
+
 use super::{describe, run_hearth, stderr_of, stdout_of};
 
 /// Minimal kernel: ~30-50 s to init on a nested-PVM host, far less on VMX/SVM.
@@ -22,7 +24,7 @@ pub const MINIMAL_TIMEOUT: Duration = Duration::from_secs(600);
 pub const STOCK_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// Boot options every test passes.
-pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+pub const BASE_CMDLINE: &str = linux::BASE_CMDLINE;
 /// Options that spare a stock distro kernel minutes of emulated self-checks on a nested host
 /// (see the README's nested-PVM notes). Harmless elsewhere.
 pub const STOCK_SPEEDUPS: &str = "nokaslr mitigations=off init_on_alloc=0 nowatchdog \
@@ -31,42 +33,18 @@ pub const STOCK_SPEEDUPS: &str = "nokaslr mitigations=off init_on_alloc=0 nowatc
 kfunc_init,bpf_key_sig_kfuncs_init,bpf_rstat_kfunc_init,bpf_prog_test_run_init,\
 bpf_tcp_ca_kfunc_init,cubictcp_register";
 
-pub fn cache_dir() -> PathBuf {
-    std::env::var_os("HEARTH_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            Path::new(&home).join(".cache/hearth")
-        })
-}
-
-/// An artifact from `$env` or the cache; a missing one fails the test with the fix.
-pub fn artifact(env: &str, cache_relative: &str, how: &str) -> PathBuf {
-    let path = std::env::var_os(env)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cache_dir().join(cache_relative));
-    assert!(
-        path.is_file(),
-        "guest artifact {} is missing: run {how} (or set {env})",
-        path.display()
-    );
-    path
+/// A kernel found by the library's discovery (the one `hearth bench` uses); a missing
+/// one fails the test with the command that builds it.
+fn found(kernel: Result<PathBuf, linux::LinuxError>) -> PathBuf {
+    kernel.unwrap_or_else(|e| panic!("{}", hearth::error_chain(&e)))
 }
 
 pub fn minimal_kernel() -> PathBuf {
-    artifact(
-        "HEARTH_GUEST_KERNEL",
-        "kernel/current/vmlinux",
-        "resources/build-guest-kernel.sh",
-    )
+    found(linux::minimal_kernel())
 }
 
 pub fn stock_kernel() -> PathBuf {
-    artifact(
-        "HEARTH_STOCK_KERNEL",
-        "stock/current/vmlinux",
-        "resources/fetch-stock-kernel.sh",
-    )
+    found(linux::stock_kernel())
 }
 
 /// The stock kernel's modules the tests need (their dependencies come along).
@@ -92,21 +70,17 @@ pub fn initramfs(kind: Initramfs) -> &'static Path {
             "test-initramfs-{kind:?}-{}.cpio",
             std::process::id()
         ));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/build-initramfs.sh");
-        let mut cmd = std::process::Command::new("bash");
-        cmd.arg(&script).arg(&out);
-        if kind == Initramfs::StockModules {
-            let modules = stock_kernel().with_file_name("modules");
-            cmd.arg("--modules").arg(modules);
-            // Only what the stock-kernel tests use: each module costs the emulated guest
-            // kernel seconds to load on a nested-PVM host.
-            cmd.env("HEARTH_INITRAMFS_MODULES", STOCK_TEST_MODULES);
+        let modules =
+            (kind == Initramfs::StockModules).then(|| stock_kernel().with_file_name("modules"));
+        // Only what the stock-kernel tests use: each module costs the emulated guest
+        // kernel seconds to load on a nested-PVM host.
+        let modules = modules.as_deref().map(|dir| (dir, STOCK_TEST_MODULES));
+        if let Err(e) = linux::build_initramfs(&out, modules) {
+            panic!(
+                "building the test initramfs failed: {}",
+                hearth::error_chain(&e)
+            );
         }
-        let status = cmd
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run resources/build-initramfs.sh");
-        assert!(status.success(), "building the test initramfs failed");
         out
     })
 }

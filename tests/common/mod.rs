@@ -29,294 +29,36 @@ pub const PAYLOAD_MEMORY: &str = "32M";
 /// The greeting the `hello` payloads print.
 pub const HELLO: &str = "Hello from hearth payload\n";
 
-/// Guest RAM the `memtouch` payload is built for, in MiB: 3 GiB below the MMIO hole and
-/// 1.5 GiB above 4 GiB. A macro so that the payload's define and [`MEMTOUCH_MEMORY`] are
-/// spelt from the same literal.
-macro_rules! memtouch_memory_mib {
-    () => {
-        "4608"
-    };
-}
+pub use hearth::bench::fixtures::payloads::Format;
+
+use hearth::bench::fixtures::payloads;
 
 /// The `--memory` to run the `memtouch` payload with.
-pub const MEMTOUCH_MEMORY: &str = concat!(memtouch_memory_mib!(), "M");
-
-/// Guest RAM the `virtio_evil` payload is built for, in MiB: it points descriptors just
-/// past the end of RAM. A macro for the same reason as `memtouch_memory_mib`.
-macro_rules! virtio_evil_memory_mib {
-    () => {
-        "64"
-    };
-}
-
+pub const MEMTOUCH_MEMORY: &str = payloads::MEMTOUCH_MEMORY;
 /// The `--memory` to run the `virtio_evil` payload with.
-pub const VIRTIO_EVIL_MEMORY: &str = concat!(virtio_evil_memory_mib!(), "M");
+pub const VIRTIO_EVIL_MEMORY: &str = payloads::VIRTIO_EVIL_MEMORY;
 
-const PAYLOAD_SOURCES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/payloads");
+/// Where the payloads are built, once per test process (see [`payload`]).
 const PAYLOAD_OUTPUT: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/payloads");
 
-/// How a payload is packaged for hearth.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    /// ELF64 entered in long mode at `e_entry`.
-    Elf64,
-    /// ELF64 with a Xen PHYS32_ENTRY note, entered in 32-bit protected mode.
-    Pvh,
-    /// Linux bzImage: setup header + flat protected-mode code, entered at load + 0x200.
-    BzImage,
-}
-
-impl Format {
-    fn file_suffix(self) -> &'static str {
-        match self {
-            Format::Elf64 => "elf",
-            Format::Pvh => "pvh.elf",
-            Format::BzImage => "bzImage",
-        }
-    }
-
-    fn linker_script(self) -> &'static str {
-        match self {
-            Format::Elf64 => "elf64.ld",
-            Format::Pvh => "pvh.ld",
-            Format::BzImage => "bzimage.ld",
-        }
-    }
-
-    /// Sources linked into every payload of this format, besides its own.
-    fn runtime_sources(self) -> &'static [&'static str] {
-        match self {
-            Format::Elf64 => &["lib64.S"],
-            Format::Pvh => &["lib64.S", "lib32.S"],
-            Format::BzImage => &["lib64.S", "lib32.S", "bzhead.S"],
-        }
-    }
-}
-
-/// One payload artifact: a name, a format, its own source and preprocessor defines.
-struct PayloadSpec {
-    name: &'static str,
-    format: Format,
-    source: &'static str,
-    defines: &'static [&'static str],
-}
-
-const fn spec(
-    name: &'static str,
-    format: Format,
-    source: &'static str,
-    defines: &'static [&'static str],
-) -> PayloadSpec {
-    PayloadSpec {
-        name,
-        format,
-        source,
-        defines,
-    }
-}
-
-/// Every payload the tests use; [`payload`] hands out their paths.
-const PAYLOADS: &[PayloadSpec] = &[
-    spec("hello", Format::Elf64, "hello.S", &[]),
-    spec("hello", Format::Pvh, "hello_pvh.S", &[]),
-    spec("hello", Format::BzImage, "hello.S", &[]),
-    spec("exit_0", Format::Elf64, "exit_code.S", &["EXIT_CODE=0"]),
-    spec("exit_7", Format::Elf64, "exit_code.S", &["EXIT_CODE=7"]),
-    spec("exit_255", Format::Elf64, "exit_code.S", &["EXIT_CODE=255"]),
-    spec(
-        "exit_port_42",
-        Format::Elf64,
-        "exit_code.S",
-        &["EXIT_CODE=42", "EXIT_VIA_PORT"],
-    ),
-    spec("boot_signal_mmio", Format::Elf64, "boot_signal.S", &[]),
-    spec(
-        "boot_signal_port",
-        Format::Elf64,
-        "boot_signal.S",
-        &["BOOT_SIGNAL_VIA_PORT"],
-    ),
-    spec("reset", Format::Elf64, "reset.S", &[]),
-    spec("triple_fault", Format::Elf64, "triple_fault.S", &[]),
-    spec("int3", Format::Elf64, "int3.S", &[]),
-    spec("fwait", Format::Elf64, "fwait.S", &[]),
-    spec("syscall", Format::Elf64, "syscall.S", &[]),
-    spec(
-        "syscall_endbr64",
-        Format::Elf64,
-        "syscall.S",
-        &["PF_ENTRY_ENDBR64"],
-    ),
-    spec("smp", Format::Elf64, "smp.S", &["NCPUS=2"]),
-    spec("echo", Format::Elf64, "echo.S", &[]),
-    spec(
-        "memtouch",
-        Format::Elf64,
-        "memtouch.S",
-        &[concat!("MEMORY_MIB=", memtouch_memory_mib!())],
-    ),
-    spec(
-        "virtio_evil",
-        Format::Elf64,
-        "virtio_evil.c",
-        &[concat!("GUEST_MEMORY_MIB=", virtio_evil_memory_mib!())],
-    ),
-];
-
-/// The path of a built payload, building all of them on first use in this process.
+/// The path of a built payload, building all of them on first use in this process with
+/// the library's payload builder (the one `hearth bench` uses).
 ///
 /// Panics (failing the test with the toolchain's output) if they cannot be built, or if
 /// no payload `name` exists in `format`.
 pub fn payload(name: &str, format: Format) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    if let Err(e) = BUILT.get_or_init(build_payloads) {
+    let built = BUILT.get_or_init(|| {
+        let all: Vec<_> = payloads::PAYLOADS.iter().collect();
+        payloads::build(&all, Path::new(PAYLOAD_OUTPUT)).map_err(|e| hearth::error_chain(&e))
+    });
+    if let Err(e) = built {
         panic!("cannot build the test payloads: {e}");
     }
-    assert!(
-        PAYLOADS
-            .iter()
-            .any(|p| p.name == name && p.format == format),
-        "no payload {name:?} in format {format:?}"
-    );
-    payload_path(name, format)
-}
-
-fn payload_path(name: &str, format: Format) -> PathBuf {
-    Path::new(PAYLOAD_OUTPUT).join(format!("{name}.{}", format.file_suffix()))
-}
-
-/// Builds every payload into a scratch directory private to this process, then renames
-/// each artifact into [`PAYLOAD_OUTPUT`], so concurrent test binaries never see a
-/// half-written file.
-fn build_payloads() -> Result<(), String> {
-    let scratch = Path::new(PAYLOAD_OUTPUT).join(format!(".build-{}", std::process::id()));
-    fs::create_dir_all(&scratch).map_err(|e| format!("create {}: {e}", scratch.display()))?;
-    let result = thread::scope(|scope| {
-        let builders: Vec<_> = PAYLOADS
-            .iter()
-            .map(|spec| scope.spawn(|| build_payload(spec, &scratch)))
-            .collect();
-        builders
-            .into_iter()
-            .map(|b| b.join().unwrap_or_else(|_| Err("builder panicked".into())))
-            .collect::<Result<Vec<()>, String>>()
-    });
-    // Best effort: a leftover scratch directory is harmless.
-    let _ = fs::remove_dir_all(&scratch);
-    result.map(|_| ())
-}
-
-fn build_payload(spec: &PayloadSpec, scratch: &Path) -> Result<(), String> {
-    let stem = format!("{}.{}", spec.name, spec.format.file_suffix());
-    let work = scratch.join(&stem);
-    fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
-    let src_dir = Path::new(PAYLOAD_SOURCES);
-
-    let mut objects = Vec::new();
-    let sources = spec.format.runtime_sources().iter().chain([&spec.source]);
-    for source in sources {
-        let object = work.join(Path::new(source).with_extension("o"));
-        let mut gcc = Command::new("gcc");
-        gcc.args(["-c", "-nostdlib", "-ffreestanding", "-Wa,--fatal-warnings"])
-            .arg("-I")
-            .arg(src_dir)
-            .args(spec.defines.iter().map(|d| format!("-D{d}")))
-            .arg("-o")
-            .arg(&object)
-            .arg(src_dir.join(source));
-        run_tool(gcc)?;
-        objects.push(object);
+    if let Err(e) = payloads::find(name, format) {
+        panic!("{e}");
     }
-
-    let elf = work.join("payload.elf");
-    let mut ld = Command::new("ld");
-    ld.args([
-        "-nostdlib",
-        "-static",
-        "--build-id=none",
-        "--fatal-warnings",
-    ])
-    .args(["--no-warn-rwx-segments", "-z", "noexecstack", "-T"])
-    .arg(src_dir.join(spec.format.linker_script()))
-    .arg("-o")
-    .arg(&elf)
-    .args(&objects);
-    run_tool(ld)?;
-
-    let artifact = if spec.format == Format::BzImage {
-        let flat = work.join("payload.bin");
-        let mut objcopy = Command::new("objcopy");
-        objcopy.args(["-O", "binary"]).arg(&elf).arg(&flat);
-        run_tool(objcopy)?;
-        let code = fs::read(&flat).map_err(|e| format!("read {}: {e}", flat.display()))?;
-        let image = work.join("payload.bzImage");
-        fs::write(&image, bzimage(&code)).map_err(|e| format!("write {}: {e}", image.display()))?;
-        image
-    } else {
-        elf
-    };
-
-    let dest = payload_path(spec.name, spec.format);
-    fs::rename(&artifact, &dest)
-        .map_err(|e| format!("rename {} to {}: {e}", artifact.display(), dest.display()))
-}
-
-fn run_tool(mut cmd: Command) -> Result<(), String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-/// Where the bzImage's protected-mode code is loaded (`code32_start`, `pref_address`).
-const BZIMAGE_LOAD_ADDRESS: u32 = 0x10_0000;
-/// Real-mode setup sectors after the boot sector: the header runs past the first sector.
-const BZIMAGE_SETUP_SECTS: u8 = 1;
-
-/// Wraps flat protected-mode code (linked at [`BZIMAGE_LOAD_ADDRESS`], `startup_64` at
-/// +0x200) in a Linux boot protocol 2.15 setup area, as the kernel's `header.S` lays it out.
-/// The real-mode setup code is never run: hearth loads the code at `code32_start` and
-/// enters its 64-bit entry.
-pub fn bzimage(code: &[u8]) -> Vec<u8> {
-    let setup_len = (usize::from(BZIMAGE_SETUP_SECTS) + 1) * 512;
-    let mut image = vec![0u8; setup_len];
-    let mut put = |offset: usize, bytes: &[u8]| {
-        image[offset..offset + bytes.len()].copy_from_slice(bytes);
-    };
-    let code_len = u32::try_from(code.len()).expect("payload fits a bzImage");
-    let init_size = code_len.next_multiple_of(0x1000);
-
-    put(0x1f1, &[BZIMAGE_SETUP_SECTS]); // setup_sects
-    put(0x1f4, &code_len.div_ceil(16).to_le_bytes()); // syssize, 16-byte paragraphs
-    put(0x1fa, &0xffffu16.to_le_bytes()); // vid_mode: "normal"
-    put(0x1fe, &0xaa55u16.to_le_bytes()); // boot_flag
-    put(0x200, &[0xeb, 0x6e]); // jump: over the header to 0x270
-    put(0x202, b"HdrS"); // header magic
-    put(0x206, &0x020fu16.to_le_bytes()); // version 2.15
-    put(0x20c, &0x1000u16.to_le_bytes()); // start_sys_seg (obsolete)
-    put(0x211, &[0x01]); // loadflags: LOADED_HIGH
-    put(0x212, &0x8000u16.to_le_bytes()); // setup_move_size
-    put(0x214, &BZIMAGE_LOAD_ADDRESS.to_le_bytes()); // code32_start
-    put(0x22c, &0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
-    put(0x230, &0x20_0000u32.to_le_bytes()); // kernel_alignment
-    put(0x234, &[0, 12]); // relocatable_kernel: no; min_alignment: 4 KiB
-    put(0x236, &0x0001u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
-    put(0x238, &2047u32.to_le_bytes()); // cmdline_size
-    put(0x258, &u64::from(BZIMAGE_LOAD_ADDRESS).to_le_bytes()); // pref_address
-    put(0x260, &init_size.to_le_bytes()); // init_size
-    put(0x270, &[0xfa, 0xf4, 0xeb, 0xfd]); // "setup code": cli; 1: hlt; jmp 1b
-
-    image.extend_from_slice(code);
-    image
+    payloads::path(Path::new(PAYLOAD_OUTPUT), name, format)
 }
 
 /// The hearth binary under test.

@@ -245,7 +245,7 @@ fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
 }
 
 /// Fills `sregs` (and the guest tables it points at) for `protocol`.
-fn boot_sregs(
+pub fn boot_sregs(
     mem: &GuestMemoryMmap,
     sregs: &mut kvm_sregs,
     protocol: BootProtocol,

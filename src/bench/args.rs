@@ -1,0 +1,126 @@
+//! `hearth bench` command-line options (clap derive types).
+
+use std::path::PathBuf;
+
+use clap::{Subcommand, ValueEnum};
+
+/// `hearth bench`: start-up and density benchmarks against real processes.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Start-up time of hearth VMs, containers and other VMMs, interleaved.
+    Startup(StartupArgs),
+    /// Start many microVMs at once: time to boot, memory, clean stop.
+    Density(DensityArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StartupArgs {
+    /// Measured runs per case.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub runs: usize,
+
+    /// Unmeasured runs per case first.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub warmup: usize,
+
+    /// Where startup.json, startup.svg and startup.md go (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "bench-results")]
+    pub output: PathBuf,
+
+    /// Comma-separated cases, or `all`: hearth-tiny, hearth-linux, hearth-container,
+    /// hearth-machine, crun, runc, unshare, qemu-tiny, qemu-linux, firecracker-tiny,
+    /// firecracker-linux.
+    #[arg(long, value_name = "LIST", default_value = "all")]
+    pub include: String,
+
+    /// The command every case runs in its root filesystem (split at spaces).
+    #[arg(long, value_name = "COMMAND", default_value = "/bin/true")]
+    pub command: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DensityArgs {
+    /// How many microVMs to start at once.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub vms: usize,
+
+    /// Guest RAM of each VM.
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    pub memory: String,
+
+    /// What each VM runs: the tiny payload that idles after signalling boot, or the
+    /// minimal Linux kernel running `sleep`.
+    #[arg(long, value_enum, default_value_t = DensityGuest::Tiny)]
+    pub guest: DensityGuest,
+
+    /// Where density.json goes (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "bench-results")]
+    pub output: PathBuf,
+
+    /// Seconds to wait for every VM to signal boot.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub timeout: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DensityGuest {
+    Tiny,
+    Linux,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    use super::*;
+
+    #[test]
+    fn startup_defaults_and_options() {
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "bench",
+            "startup",
+            "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--include",
+            "hearth-tiny,unshare",
+            "--output",
+            "/tmp/x",
+        ])
+        .unwrap();
+        let Command::Bench(BenchArgs {
+            command: BenchCommand::Startup(args),
+        }) = cli.command
+        else {
+            panic!("not bench startup");
+        };
+        assert_eq!((args.runs, args.warmup), (2, 0));
+        assert_eq!(args.include, "hearth-tiny,unshare");
+        assert_eq!(args.output, PathBuf::from("/tmp/x"));
+        assert_eq!(args.command, "/bin/true");
+    }
+
+    #[test]
+    fn density_defaults() {
+        let cli = Cli::try_parse_from(["hearth", "bench", "density", "--vms", "5"]).unwrap();
+        let Command::Bench(BenchArgs {
+            command: BenchCommand::Density(args),
+        }) = cli.command
+        else {
+            panic!("not bench density");
+        };
+        assert_eq!(args.vms, 5);
+        assert_eq!(args.memory, "64M");
+        assert_eq!(args.guest, DensityGuest::Tiny);
+    }
+}

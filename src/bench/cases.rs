@@ -1,0 +1,483 @@
+//! The start-up benchmark's cases: what each runs, what exit status means success, and
+//! which hearth case it is compared with.
+//!
+//! Every case runs the same command (`/bin/true` by default) on the same busybox root
+//! filesystem where it has one: the guest kernel cases through the busybox test
+//! initramfs, the container cases through the rootfs directory or its OCI bundle. The
+//! tiny-payload cases run no command: they measure the VMM alone.
+//!
+//! Ratios (see [`CaseId::baseline`]): tiny-payload cases are compared with `hearth-tiny`,
+//! guest-kernel cases with `hearth-linux`, and container-like cases (crun, runc, unshare,
+//! hearth containers) with `hearth-container`, hearth's fresh-microVM container. When the
+//! baseline has no result (not selected, or failed), `hearth-tiny` is used instead.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::fixtures::Fixtures;
+use super::process::Invocation;
+use crate::vstate::pvm::{host_is_pvm, GUEST_CMDLINE as PVM_GUEST_CMDLINE};
+
+/// What hearth's `--boot-timer` prints on stderr when the guest signals boot complete.
+pub const BOOT_MARKER: &str = "boot-timer:";
+/// Guest RAM of the tiny-payload VMs.
+pub const TINY_MEMORY: &str = "64M";
+/// Guest RAM of the Linux VMs.
+pub const LINUX_MEMORY: &str = "128M";
+/// The machine `hearth-machine` starts and stops.
+pub const MACHINE_NAME: &str = "hearth-bench";
+
+const TINY_TIMEOUT: Duration = Duration::from_secs(60);
+const LINUX_TIMEOUT: Duration = Duration::from_secs(600);
+const CONTAINER_TIMEOUT: Duration = Duration::from_secs(600);
+const RUNTIME_TIMEOUT: Duration = Duration::from_secs(60);
+/// QEMU booting Linux on a nested-PVM host may hang rather than fail; the minimal kernel
+/// takes about a minute there when it works.
+const QEMU_LINUX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// QEMU's isa-debug-exit device turns a guest write of N into exit status 2N+1.
+const QEMU_DEBUG_EXIT_SUCCESS: i32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaseId {
+    HearthTiny,
+    HearthLinux,
+    HearthContainer,
+    HearthMachine,
+    Crun,
+    Runc,
+    Unshare,
+    QemuTiny,
+    QemuLinux,
+    FirecrackerTiny,
+    FirecrackerLinux,
+}
+
+impl CaseId {
+    /// Every case, in report order.
+    pub const ALL: [CaseId; 11] = [
+        CaseId::HearthTiny,
+        CaseId::HearthLinux,
+        CaseId::HearthContainer,
+        CaseId::HearthMachine,
+        CaseId::Crun,
+        CaseId::Runc,
+        CaseId::Unshare,
+        CaseId::QemuTiny,
+        CaseId::QemuLinux,
+        CaseId::FirecrackerTiny,
+        CaseId::FirecrackerLinux,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CaseId::HearthTiny => "hearth-tiny",
+            CaseId::HearthLinux => "hearth-linux",
+            CaseId::HearthContainer => "hearth-container",
+            CaseId::HearthMachine => "hearth-machine",
+            CaseId::Crun => "crun",
+            CaseId::Runc => "runc",
+            CaseId::Unshare => "unshare",
+            CaseId::QemuTiny => "qemu-tiny",
+            CaseId::QemuLinux => "qemu-linux",
+            CaseId::FirecrackerTiny => "firecracker-tiny",
+            CaseId::FirecrackerLinux => "firecracker-linux",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            CaseId::HearthTiny => "hearth microVM, tiny payload: spawn -> guest runs -> exit",
+            CaseId::HearthLinux => "hearth microVM, minimal Linux kernel + busybox initramfs",
+            CaseId::HearthContainer => "hearth container run, fresh microVM",
+            CaseId::HearthMachine => "hearth container run inside a running hearth machine",
+            CaseId::Crun => "crun run, OCI bundle of the rootfs",
+            CaseId::Runc => "runc run, OCI bundle of the rootfs",
+            CaseId::Unshare => "unshare --fork --pid --mount --root (namespace-only floor)",
+            CaseId::QemuTiny => "QEMU microvm, tiny payload",
+            CaseId::QemuLinux => "QEMU microvm, minimal Linux kernel + busybox initramfs",
+            CaseId::FirecrackerTiny => "Firecracker, tiny payload",
+            CaseId::FirecrackerLinux => "Firecracker, minimal Linux kernel + busybox initramfs",
+        }
+    }
+
+    /// The hearth case this one's ratio is computed against (see the module docs).
+    pub fn baseline(self) -> CaseId {
+        match self {
+            CaseId::HearthTiny | CaseId::QemuTiny | CaseId::FirecrackerTiny => CaseId::HearthTiny,
+            CaseId::HearthLinux | CaseId::QemuLinux | CaseId::FirecrackerLinux => {
+                CaseId::HearthLinux
+            }
+            CaseId::HearthContainer
+            | CaseId::HearthMachine
+            | CaseId::Crun
+            | CaseId::Runc
+            | CaseId::Unshare => CaseId::HearthContainer,
+        }
+    }
+
+    /// Whether the case boots the minimal kernel with the test initramfs.
+    pub fn needs_linux(self) -> bool {
+        matches!(
+            self,
+            CaseId::HearthLinux | CaseId::QemuLinux | CaseId::FirecrackerLinux
+        )
+    }
+}
+
+/// Parses `--include`: comma-separated case names, or `all`.
+pub fn parse_include(list: &str) -> Result<Vec<CaseId>, String> {
+    if list.trim() == "all" {
+        return Ok(CaseId::ALL.to_vec());
+    }
+    let mut cases = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let case = CaseId::parse(name).ok_or_else(|| {
+            let known: Vec<&str> = CaseId::ALL.iter().map(|c| c.name()).collect();
+            format!("unknown case {name:?} (known: {})", known.join(", "))
+        })?;
+        if !cases.contains(&case) {
+            cases.push(case);
+        }
+    }
+    if cases.is_empty() {
+        return Err("no case selected".to_owned());
+    }
+    // Report order, whatever the order given.
+    cases.sort_by_key(|c| CaseId::ALL.iter().position(|a| a == c));
+    Ok(cases)
+}
+
+/// How to run one sample of a case.
+#[derive(Clone, Debug)]
+pub struct Runner {
+    pub invocation: Invocation,
+    pub expected_status: i32,
+    pub timeout: Duration,
+    /// Appended to the arguments with the sample number: a container id that must be
+    /// unique per run.
+    pub unique_id_prefix: Option<String>,
+    /// Run once before the first sample (e.g. start a machine); its failure fails the case.
+    pub setup: Option<Invocation>,
+    /// Run once after the last sample, whatever happened.
+    pub teardown: Option<Invocation>,
+    /// How this case was adapted to the host, for the report.
+    pub note: Option<String>,
+}
+
+impl Runner {
+    fn new(invocation: Invocation, expected_status: i32, timeout: Duration) -> Self {
+        Runner {
+            invocation,
+            expected_status,
+            timeout,
+            unique_id_prefix: None,
+            setup: None,
+            teardown: None,
+            note: None,
+        }
+    }
+
+    /// The invocation of sample `n`.
+    pub fn invocation_for(&self, n: usize) -> Invocation {
+        match &self.unique_id_prefix {
+            Some(prefix) => self.invocation.clone().arg(format!("{prefix}-{n}")),
+            None => self.invocation.clone(),
+        }
+    }
+}
+
+/// Why a case does not run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotRun {
+    /// Optional tool missing: reported as skipped, with a note.
+    Skipped(String),
+    /// Needed artifact or tool missing: reported as failed.
+    Failed(String),
+}
+
+/// What a case needs from the environment.
+pub struct CaseEnv<'a> {
+    pub hearth: &'a Path,
+    pub fixtures: &'a Fixtures,
+    pub command: &'a [String],
+}
+
+impl CaseEnv<'_> {
+    fn kernel_and_initrd(&self) -> Result<(&Path, &Path), NotRun> {
+        let kernel = self.fixtures.kernel.as_deref().map_err(|e| failed(e))?;
+        let initrd = self.fixtures.initramfs.as_deref().map_err(|e| failed(e))?;
+        Ok((kernel, initrd))
+    }
+
+    fn cmdline(&self) -> String {
+        super::fixtures::linux::cmdline("", &self.command.join(" "))
+    }
+
+    /// What `hearth container run` is given as the image: the rootfs directory for now.
+    // TODO(lead): the busybox sample OCI layout from the image module once it lands.
+    fn container_image(&self) -> OsString {
+        self.fixtures.rootfs.clone().into_os_string()
+    }
+
+    fn hearth(&self) -> Invocation {
+        Invocation::new(self.hearth)
+    }
+}
+
+fn failed(msg: &str) -> NotRun {
+    NotRun::Failed(msg.to_owned())
+}
+
+/// `name` on `$PATH`, if it is there.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+fn required_tool(name: &str, package: &str) -> Result<PathBuf, NotRun> {
+    find_on_path(name)
+        .ok_or_else(|| NotRun::Failed(format!("{name} is not on PATH (apt-get install {package})")))
+}
+
+fn optional_tool(name: &str, note: &str) -> Result<PathBuf, NotRun> {
+    find_on_path(name).ok_or_else(|| NotRun::Skipped(format!("{name} is not on PATH; {note}")))
+}
+
+/// How to run `case` here, or why it cannot run.
+pub fn runner(case: CaseId, env: &CaseEnv) -> Result<Runner, NotRun> {
+    let command = env.command;
+    Ok(match case {
+        CaseId::HearthTiny => Runner::new(
+            env.hearth()
+                .arg("run")
+                .arg("--kernel")
+                .arg(&env.fixtures.tiny)
+                .args(["--memory", TINY_MEMORY, "--boot-timer"])
+                .boot_marker(BOOT_MARKER),
+            0,
+            TINY_TIMEOUT,
+        ),
+        CaseId::HearthLinux => {
+            let (kernel, initrd) = env.kernel_and_initrd()?;
+            Runner::new(
+                env.hearth()
+                    .arg("run")
+                    .arg("--kernel")
+                    .arg(kernel)
+                    .arg("--initrd")
+                    .arg(initrd)
+                    .arg("--cmdline")
+                    .arg(env.cmdline())
+                    .args(["--memory", LINUX_MEMORY, "--boot-timer"])
+                    .boot_marker(BOOT_MARKER),
+                0,
+                LINUX_TIMEOUT,
+            )
+        }
+        CaseId::HearthContainer => Runner::new(
+            env.hearth()
+                .args(["container", "run"])
+                .arg(env.container_image())
+                .args(command),
+            0,
+            CONTAINER_TIMEOUT,
+        ),
+        CaseId::HearthMachine => Runner {
+            setup: Some(env.hearth().args(["machine", "start", MACHINE_NAME])),
+            teardown: Some(env.hearth().args(["machine", "stop", MACHINE_NAME])),
+            ..Runner::new(
+                env.hearth()
+                    .args(["container", "run", "--machine", MACHINE_NAME])
+                    .arg(env.container_image())
+                    .args(command),
+                0,
+                CONTAINER_TIMEOUT,
+            )
+        },
+        CaseId::Crun | CaseId::Runc => {
+            let name = case.name();
+            let tool = required_tool(name, name)?;
+            Runner {
+                unique_id_prefix: Some(format!("hearth-bench-{}", std::process::id())),
+                ..Runner::new(
+                    Invocation::new(tool)
+                        .args(["run", "--bundle"])
+                        .arg(&env.fixtures.bundle),
+                    0,
+                    RUNTIME_TIMEOUT,
+                )
+            }
+        }
+        CaseId::Unshare => Runner::new(
+            Invocation::new(required_tool("unshare", "util-linux")?)
+                .args(["--fork", "--pid", "--mount"])
+                .arg(format!("--root={}", env.fixtures.rootfs.display()))
+                .args(command),
+            0,
+            RUNTIME_TIMEOUT,
+        ),
+        CaseId::QemuTiny => Runner {
+            note: qemu_pvm_note(false),
+            ..Runner::new(
+                qemu()?.arg("-kernel").arg(&env.fixtures.tiny),
+                QEMU_DEBUG_EXIT_SUCCESS,
+                TINY_TIMEOUT,
+            )
+        },
+        CaseId::QemuLinux => {
+            let (kernel, initrd) = env.kernel_and_initrd()?;
+            // The guest powers off (ACPI) after the command; isa-debug-exit stays unused.
+            // On a nested-PVM host the guest gets the boot options hearth's compat profile
+            // adds, so both VMMs boot the same kernel the same way.
+            let mut cmdline = env.cmdline();
+            if host_is_pvm() {
+                cmdline =
+                    super::fixtures::linux::cmdline(PVM_GUEST_CMDLINE, &env.command.join(" "));
+            }
+            Runner {
+                note: qemu_pvm_note(true),
+                ..Runner::new(
+                    qemu()?
+                        .args(["-m", LINUX_MEMORY])
+                        .arg("-kernel")
+                        .arg(kernel)
+                        .arg("-initrd")
+                        .arg(initrd)
+                        .arg("-append")
+                        .arg(cmdline),
+                    0,
+                    QEMU_LINUX_TIMEOUT,
+                )
+            }
+        }
+        CaseId::FirecrackerTiny => firecracker(env, &env.fixtures.tiny, None, TINY_TIMEOUT)?,
+        CaseId::FirecrackerLinux => {
+            let (kernel, initrd) = env.kernel_and_initrd()?;
+            firecracker(env, kernel, Some(initrd), LINUX_TIMEOUT)?
+        }
+    })
+}
+
+/// QEMU's microvm machine with KVM, the serial console on stdout, and isa-debug-exit on
+/// hearth's exit port (so the tiny payload's exit write ends QEMU too). On a nested-PVM
+/// host the CPU model drops `arch-capabilities`: QEMU aborts setting its MSR there.
+fn qemu() -> Result<Invocation, NotRun> {
+    let tool = optional_tool(
+        "qemu-system-x86_64",
+        "apt-get install qemu-system-x86 to compare with QEMU",
+    )?;
+    let cpu = if host_is_pvm() {
+        "host,-arch-capabilities"
+    } else {
+        "host"
+    };
+    Ok(Invocation::new(tool)
+        .args(["-M", "microvm", "-enable-kvm", "-cpu", cpu, "-smp", "1"])
+        .args(["-m", TINY_MEMORY])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]))
+}
+
+fn qemu_pvm_note(linux: bool) -> Option<String> {
+    host_is_pvm().then(|| {
+        let mut note = "nested-PVM host: -cpu host,-arch-capabilities".to_owned();
+        if linux {
+            note.push_str(" and hearth's compat boot options on the kernel command line");
+        }
+        note
+    })
+}
+
+/// Firecracker without its API socket, from a config file written next to the fixtures.
+/// The tiny payload ends it with an i8042 reset.
+fn firecracker(
+    env: &CaseEnv,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    timeout: Duration,
+) -> Result<Runner, NotRun> {
+    let tool = optional_tool(
+        "firecracker",
+        "Firecracker is not packaged in Debian; put its release binary on PATH to compare",
+    )?;
+    let mem_mib = if initrd.is_some() { 128 } else { 64 };
+    let mut boot_source = serde_json::json!({
+        "kernel_image_path": kernel,
+        "boot_args": env.cmdline(),
+    });
+    if let Some(initrd) = initrd {
+        boot_source["initrd_path"] = serde_json::json!(initrd);
+    }
+    let config = serde_json::json!({
+        "boot-source": boot_source,
+        "drives": [],
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": mem_mib },
+    });
+    let file = env.fixtures.dir.join(if initrd.is_some() {
+        "firecracker-linux.json"
+    } else {
+        "firecracker-tiny.json"
+    });
+    std::fs::write(&file, config.to_string())
+        .map_err(|e| NotRun::Failed(format!("cannot write {}: {e}", file.display())))?;
+    Ok(Runner::new(
+        Invocation::new(tool)
+            .arg("--no-api")
+            .arg("--config-file")
+            .arg(file),
+        0,
+        timeout,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for case in CaseId::ALL {
+            assert_eq!(CaseId::parse(case.name()), Some(case));
+            let json = serde_json::to_string(&case).unwrap();
+            assert_eq!(json, format!("\"{}\"", case.name()));
+        }
+    }
+
+    #[test]
+    fn include_list() {
+        assert_eq!(
+            parse_include("unshare, hearth-tiny,unshare").unwrap(),
+            vec![CaseId::HearthTiny, CaseId::Unshare]
+        );
+        assert_eq!(parse_include("all").unwrap().len(), CaseId::ALL.len());
+        assert!(parse_include("docker").unwrap_err().contains("docker"));
+        assert!(parse_include(",").is_err());
+    }
+
+    #[test]
+    fn baselines_are_hearth_cases() {
+        for case in CaseId::ALL {
+            assert!(case.baseline().name().starts_with("hearth-"));
+            assert_eq!(case.baseline().baseline(), case.baseline());
+        }
+    }
+
+    #[test]
+    fn unique_ids_per_sample() {
+        let mut runner = Runner::new(Invocation::new("crun"), 0, RUNTIME_TIMEOUT);
+        runner.unique_id_prefix = Some("x".into());
+        assert_eq!(runner.invocation_for(3).args, vec![OsString::from("x-3")]);
+    }
+}
