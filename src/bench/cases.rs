@@ -222,8 +222,8 @@ impl CaseEnv<'_> {
         super::fixtures::linux::cmdline("", &self.command.join(" "))
     }
 
-    /// What `hearth container run` is given as the image: the rootfs directory for now.
-    // TODO(lead): the busybox sample OCI layout from the image module once it lands.
+    /// What `hearth container run` is given as the image: the very rootfs directory the
+    /// other runtimes use (a plain root filesystem image to hearth).
     fn container_image(&self) -> OsString {
         self.fixtures.rootfs.clone().into_os_string()
     }
@@ -305,6 +305,36 @@ pub fn runner(case: CaseId, env: &CaseEnv) -> Result<Runner, NotRun> {
                 CONTAINER_TIMEOUT,
             )
         },
+        CaseId::Crun if cgroups_are_hybrid() => {
+            // crun refuses hybrid cgroup v1/v2 hosts ("drop all controllers from
+            // cgroupv2"), and on a pure v2 view it needs CAP_SYS_RESOURCE for its eBPF
+            // device filter. So each sample runs crun in a private mount namespace with a
+            // cgroup2 mount at /sys/fs/cgroup and without cgroup management. The extra
+            // unshare + sh + mount cost (a few ms) is counted against crun.
+            let tool = required_tool("crun", "crun")?;
+            let unshare = required_tool("unshare", "util-linux")?;
+            let script = format!(
+                "umount -l /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup && \
+                 exec {} --cgroup-manager=disabled run --bundle \"$0\" \"$1\"",
+                tool.display()
+            );
+            Runner {
+                unique_id_prefix: Some(format!("hearth-bench-{}", std::process::id())),
+                note: Some(
+                    "hybrid cgroup host: crun runs in a private mount namespace with a \
+                     cgroup2 view and --cgroup-manager=disabled (no cgroup setup)"
+                        .to_owned(),
+                ),
+                ..Runner::new(
+                    Invocation::new(unshare)
+                        .args(["--mount", "--propagation", "private", "sh", "-c"])
+                        .arg(script)
+                        .arg(&env.fixtures.bundle),
+                    0,
+                    RUNTIME_TIMEOUT,
+                )
+            }
+        }
         CaseId::Crun | CaseId::Runc => {
             let name = case.name();
             let tool = required_tool(name, name)?;
@@ -388,6 +418,15 @@ fn qemu() -> Result<Invocation, NotRun> {
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]))
+}
+
+/// True on hosts with cgroup v1 hierarchies and a cgroup2 mount beside them that holds
+/// controllers (systemd's "hybrid" layout), which crun refuses.
+fn cgroups_are_hybrid() -> bool {
+    let v2_controllers = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+        .map(|c| !c.trim().is_empty())
+        .unwrap_or(false);
+    v2_controllers && Path::new("/sys/fs/cgroup/memory").is_dir()
 }
 
 fn qemu_pvm_note(linux: bool) -> Option<String> {
