@@ -10,11 +10,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# What the tests, `hearth container run` and every `hearth bench` case use; the kernel
+# build script installs its own build dependencies.
+if [ "$(id -u)" = 0 ] && command -v dpkg >/dev/null; then
+    need=()
+    for p in busybox-static cpio e2fsprogs binutils crun runc qemu-system-x86; do
+        dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        echo "quickstart: installing ${need[*]}" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+    fi
+fi
+
 command=("$@")
 [ ${#command[@]} -gt 0 ] || command=(uname -a)
 
 echo "quickstart: building hearth" >&2
-cargo build --release --quiet
+cargo build --release --quiet --bins
 echo "quickstart: building (or reusing) the minimal guest kernel" >&2
 kernel=$(resources/build-guest-kernel.sh | tail -n1)
 initrd="${HEARTH_CACHE:-$HOME/.cache/hearth}/quickstart-initramfs.cpio"

@@ -207,7 +207,11 @@ fn a_machine_hosts_isolated_containers() {
     let mut cmd = hearth(&dir);
     cmd.args(["container", "run", "--machine", &name, "--name", "a"])
         .arg(&image)
-        .args(["sh", "-c", "touch /only-in-a; echo ready; exec sleep 600"]);
+        .args([
+            "sh",
+            "-c",
+            "trap 'echo got-term; exit 42' TERM; touch /only-in-a; echo ready; sleep 600 & wait",
+        ]);
     let a = Running::start(cmd, Stdio::null());
     a.expect_stdout_within(b"ready\n", Duration::from_secs(120));
 
@@ -246,7 +250,13 @@ fn a_machine_hosts_isolated_containers() {
     assert!(stdout_of(&out).contains("/only-in-a"), "{}", describe(&out));
     assert!(stdout_of(&out).contains("sleep 600"), "{}", describe(&out));
 
-    // `list` shows it; `stop` ends it and the container with it.
+    // SIGTERM to the front end reaches the container's process.
+    a.signal(libc::SIGTERM);
+    let a = a.finish(Duration::from_secs(60));
+    assert_status(&a, 42);
+    assert!(stdout_of(&a).contains("got-term"), "{}", describe(&a));
+
+    // `list` shows the machine; `stop` ends it.
     let mut cmd = hearth(&dir);
     cmd.args(["machine", "list"]);
     let out = run(cmd);
@@ -262,8 +272,6 @@ fn a_machine_hosts_isolated_containers() {
     let out = run(cmd);
     assert_status(&out, 0);
     std::mem::forget(guard);
-    let a = a.finish(Duration::from_secs(60));
-    assert_ne!(a.status.code(), Some(0), "{}", describe(&a));
     let mut cmd = hearth(&dir);
     cmd.args(["machine", "list"]);
     let out = run(cmd);

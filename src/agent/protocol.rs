@@ -49,6 +49,18 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// Size of the frame header.
 pub const HEADER_LEN: usize = 8;
 
+/// The signals a host front end forwards to the container's process (as `Signal`, or
+/// `Resize` for SIGWINCH), and that the agent's sandbox passes on to it.
+pub const FORWARDED_SIGNALS: [i32; 7] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
+
 /// What the agent runs as, given on the kernel command line as `hearth.mode=`.
 pub const MODE_CONTAINER: &str = "container";
 /// See [`MODE_CONTAINER`].

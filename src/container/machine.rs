@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::session::{self, Signals};
 use super::vm::{self, VmSpec};
 use super::ContainerError;
-use crate::agent::protocol::{Network, Rootfs, RunSpec, MODE_MACHINE};
+use crate::agent::protocol::{Rootfs, RunSpec, MODE_MACHINE};
 use crate::cli::{MachineCommand, MachineStartArgs, ProcessArgs};
 use crate::config::parse_memory_size;
 use crate::image::PreparedImage;
@@ -309,29 +309,7 @@ fn machine_spec(
         ..Default::default()
     };
     let p = super::process_spec(&defaults, process, None, command, |k| std::env::var(k).ok())?;
-    let mut spec = RunSpec {
-        argv: Vec::new(),
-        env: Vec::new(),
-        cwd: String::new(),
-        user: None,
-        hostname: None,
-        tty: process.tty,
-        stdin: process.interactive,
-        rootfs,
-        volumes: Vec::new(),
-        memory_limit: None,
-        cpus: None,
-        network: Network::Vm,
-        net: None,
-        name: None,
-        term_size: if process.tty {
-            session::terminal_size()
-        } else {
-            None
-        },
-    };
-    p.apply(&mut spec);
-    Ok(spec)
+    Ok(p.into_run_spec(process, rootfs))
 }
 
 fn run_in_machine(

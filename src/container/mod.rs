@@ -22,7 +22,7 @@ pub mod vm;
 
 use std::path::{Path, PathBuf};
 
-use crate::agent::protocol::RunSpec;
+use crate::agent::protocol::{Network, Rootfs, RunSpec};
 use crate::cli::ProcessArgs;
 
 /// Everything that can go wrong in the container front end.
@@ -190,12 +190,30 @@ pub struct ProcessSpec {
 }
 
 impl ProcessSpec {
-    /// Fills the process fields of a run spec.
-    pub fn apply(self, spec: &mut RunSpec) {
-        spec.argv = self.argv;
-        spec.env = self.env;
-        spec.cwd = self.cwd;
-        spec.user = self.user;
+    /// A run spec for this process with the terminal options of `args` and everything
+    /// else at its default (no limits, the VM's network, no volumes, no name).
+    pub fn into_run_spec(self, args: &ProcessArgs, rootfs: Rootfs) -> RunSpec {
+        RunSpec {
+            argv: self.argv,
+            env: self.env,
+            cwd: self.cwd,
+            user: self.user,
+            hostname: None,
+            tty: args.tty,
+            stdin: args.interactive,
+            rootfs,
+            volumes: Vec::new(),
+            memory_limit: None,
+            cpus: None,
+            network: Network::Vm,
+            net: None,
+            name: None,
+            term_size: if args.tty {
+                session::terminal_size()
+            } else {
+                None
+            },
+        }
     }
 }
 

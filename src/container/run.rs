@@ -119,28 +119,9 @@ pub fn parse_network(spec: &str) -> Result<NetworkArg, ContainerError> {
 
 /// The parts of a run spec both modes share.
 fn base_spec(args: &ContainerRunArgs, process: ProcessSpec, rootfs: Rootfs) -> RunSpec {
-    let mut spec = RunSpec {
-        argv: Vec::new(),
-        env: Vec::new(),
-        cwd: String::new(),
-        user: None,
-        hostname: None,
-        tty: args.process.tty,
-        stdin: args.process.interactive,
-        rootfs,
-        volumes: Vec::new(),
-        memory_limit: None,
-        cpus: args.cpus,
-        network: Network::Vm,
-        net: None,
-        name: args.name.clone(),
-        term_size: if args.process.tty {
-            session::terminal_size()
-        } else {
-            None
-        },
-    };
-    process.apply(&mut spec);
+    let mut spec = process.into_run_spec(&args.process, rootfs);
+    spec.cpus = args.cpus;
+    spec.name = args.name.clone();
     spec
 }
 

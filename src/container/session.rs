@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::agent::protocol::{
-    read_message, write_message, Message, ProtocolError, RunSpec, AGENT_PORT, MAX_PAYLOAD, VERSION,
+    read_message, write_message, Message, ProtocolError, RunSpec, AGENT_PORT, FORWARDED_SIGNALS,
+    MAX_PAYLOAD, VERSION,
 };
 
 /// Why a session failed.
@@ -39,17 +40,6 @@ pub enum SessionError {
     Image(io::Error),
 }
 
-/// Signals a container front end forwards instead of dying from them.
-const FORWARDED: [i32; 7] = [
-    libc::SIGINT,
-    libc::SIGTERM,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
-];
-
 type SharedStream = Arc<Mutex<UnixStream>>;
 
 /// Catches the forwarded signals on a dedicated thread. Until a session is attached,
@@ -70,7 +60,7 @@ impl Signals {
         let set = unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for sig in FORWARDED {
+            for sig in FORWARDED_SIGNALS {
                 libc::sigaddset(&mut set, sig);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());

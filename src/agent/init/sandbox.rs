@@ -534,15 +534,7 @@ fn supervise(child: i32) -> i32 {
             unsafe { libc::dup2(sys::raw(&null), fd) };
         }
     }
-    for sig in [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-        libc::SIGWINCH,
-    ] {
+    for sig in crate::agent::protocol::FORWARDED_SIGNALS {
         // SAFETY: an all-zero sigaction is valid; the handler only calls kill.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
