@@ -204,8 +204,8 @@ pub fn markdown(report: &StartupReport) -> String {
         match (case.status, case.wall_ms) {
             (CaseStatus::Ok, Some(wall)) => {
                 let ratio = match (case.ratio, case.ratio_to) {
-                    (Some(r), Some(to)) if to == case.id => format!("{r:.2}x"),
-                    (Some(r), Some(to)) => format!("{r:.2}x {}", to.name()),
+                    (Some(r), Some(to)) if to == case.id => format!("{}x", ratio_text(r)),
+                    (Some(r), Some(to)) => format!("{}x {}", ratio_text(r), to.name()),
                     _ => "-".to_owned(),
                 };
                 let rss = case
@@ -294,6 +294,17 @@ fn push_row(out: &mut String, name: &str, what: &str, s: &Summary, ratio: &str, 
     );
 }
 
+/// A ratio with two decimals, or two significant digits when it is smaller than 0.01
+/// (crun next to a booting VM is ~0.0006x, not "0.00x").
+fn ratio_text(r: f64) -> String {
+    if r >= 0.01 || r <= 0.0 {
+        format!("{r:.2}")
+    } else {
+        let digits = (-r.log10().floor()) as usize + 1;
+        format!("{r:.digits$}")
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -376,6 +387,9 @@ pub(crate) mod tests {
         assert!(text.contains("| hearth-tiny | spawn -> boot signal | 2 | 15.0 ms"));
         assert!(text.contains("| unshare | spawn -> exit | 2 |"));
         assert!(text.contains("0.12x hearth-tiny"));
+        assert_eq!(ratio_text(0.000585), "0.00059");
+        assert_eq!(ratio_text(0.0123), "0.01");
+        assert_eq!(ratio_text(1.0), "1.00");
         assert!(text.contains("| crun | FAILED: crun \\| exploded |"));
         assert!(text.contains("| firecracker-tiny | skipped: not on PATH |"));
         assert!(text.contains("| hearth-tiny (idle payload) | 64 MiB | 4.0 MiB"));
