@@ -46,8 +46,8 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Restores the saved settings, once.
-fn restore() {
+/// Restores the saved settings, once (also for paths that exit without unwinding).
+pub fn restore() {
     let saved = SAVED.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some((fd, original)) = saved {
         // SAFETY: `original` came from tcgetattr on the same descriptor.

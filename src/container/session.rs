@@ -49,6 +49,24 @@ type SharedStream = Arc<Mutex<UnixStream>>;
 pub struct Signals {
     session: Arc<Mutex<Option<(SharedStream, bool)>>>,
     pending: Arc<AtomicI32>,
+    /// Terminating signals forwarded in this session; see [`GIVE_UP_AFTER`].
+    forwarded: Arc<AtomicI32>,
+}
+
+/// A guest that ignores this many forwarded SIGINT/SIGTERM/SIGHUP/SIGQUIT must not keep
+/// the front end hostage: it then exits 128+signal at once (a container VM dies with it,
+/// through its parent-death signal; a machine's agent kills the orphaned process).
+pub const GIVE_UP_AFTER: i32 = 3;
+
+impl Default for Signals {
+    /// Signals that are never delivered (for tests and embedders that handle their own).
+    fn default() -> Self {
+        Signals {
+            session: Arc::new(Mutex::new(None)),
+            pending: Arc::new(AtomicI32::new(0)),
+            forwarded: Arc::new(AtomicI32::new(0)),
+        }
+    }
 }
 
 impl Signals {
@@ -66,10 +84,7 @@ impl Signals {
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             set
         };
-        let signals = Signals {
-            session: Arc::new(Mutex::new(None)),
-            pending: Arc::new(AtomicI32::new(0)),
-        };
+        let signals = Signals::default();
         let me = signals.clone();
         std::thread::spawn(move || loop {
             let mut sig = 0;
@@ -95,6 +110,13 @@ impl Signals {
                         None => return,
                     }
                 } else {
+                    if [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT].contains(&sig)
+                        && self.forwarded.fetch_add(1, Ordering::SeqCst) + 1 >= GIVE_UP_AFTER
+                    {
+                        crate::terminal::restore();
+                        eprintln!("hearth: the container ignored {GIVE_UP_AFTER} signals; giving up on it");
+                        std::process::exit(128 + sig);
+                    }
                     Message::Signal(sig)
                 };
                 let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
@@ -279,6 +301,13 @@ pub fn run_process(
         Some(_) => return Err(SessionError::Unexpected("reply to run")),
         None => return Err(SessionError::Closed),
     }
+    // With -t and a terminal, keys go to the container's pty unprocessed (Ctrl-C becomes
+    // the pty's SIGINT), as with `docker run -it`.
+    let _raw = if tty && forward_stdin {
+        crate::terminal::RawTerminal::enable(0)
+    } else {
+        None
+    };
     signals.attach(writer.clone(), tty);
     if let Some(sig) = Some(signals.pending()).filter(|&s| s != 0) {
         let mut s = writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -386,10 +415,7 @@ mod tests {
             write_message(a, &Message::Exit { status: 7 }).unwrap();
         });
         hello(&mut host).unwrap();
-        let signals = Signals {
-            session: Arc::new(Mutex::new(None)),
-            pending: Arc::new(AtomicI32::new(0)),
-        };
+        let signals = Signals::default();
         assert_eq!(run_process(host, spec(), &signals).unwrap(), 7);
     }
 
@@ -405,10 +431,7 @@ mod tests {
             let _ = read_message(a);
             write_message(a, &Message::Error("exec: nope".into())).unwrap();
         });
-        let signals = Signals {
-            session: Arc::new(Mutex::new(None)),
-            pending: Arc::new(AtomicI32::new(0)),
-        };
+        let signals = Signals::default();
         let err = run_process(host, spec(), &signals).unwrap_err().to_string();
         assert_eq!(err, "agent: exec: nope");
 
