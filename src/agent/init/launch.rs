@@ -220,7 +220,7 @@ pub fn launch(reaper: &Reaper, launcher: &Launcher, plan: &Plan) -> Result<Launc
     let plan_fd = write_plan(plan).map_err(LaunchError::Plan)?;
     let (sync_r, sync_w) = sys::pipe().map_err(LaunchError::Sync)?;
 
-    // Everything the child touches is prepared here: it may not allocate after fork.
+    // Everything the child needs is prepared here.
     let moves: [(RawFd, RawFd); 5] = [
         (child_in.as_raw_fd(), 0),
         (child_out.as_raw_fd(), 1),
@@ -236,16 +236,7 @@ pub fn launch(reaper: &Reaper, launcher: &Launcher, plan: &Plan) -> Result<Launc
     let exe = launcher.exe.as_ptr();
 
     let (pid, exit) = reaper
-        .spawn(|| {
-            // SAFETY: the child below only calls async-signal-safe functions (fcntl, dup2,
-            // setsid, execve, _exit) on data prepared before the fork.
-            let pid = unsafe { sys::fork() }?;
-            if pid == 0 {
-                // SAFETY: see above; every pointer refers to memory copied into the child.
-                unsafe { exec_child(&moves, exe, &argv, &envp) }
-            }
-            Ok(pid)
-        })
+        .spawn(|| spawn_child(&moves, exe, &argv, &envp))
         .map_err(LaunchError::Fork)?;
     drop((child_in, child_out, child_err, plan_fd, sync_w));
 
@@ -273,34 +264,63 @@ pub fn launch(reaper: &Reaper, launcher: &Launcher, plan: &Plan) -> Result<Launc
     }
 }
 
-/// The forked child: descriptors into place, a session of its own, exec.
+/// Starts the sandbox process with `posix_spawn`: descriptors moved into place, a session
+/// of its own, exec.
 ///
-/// # Safety
-/// Must run in a freshly forked child; calls only async-signal-safe functions.
-unsafe fn exec_child(
+/// glibc's posix_spawn clones with CLONE_VM | CLONE_VFORK, so the agent's address space
+/// is never copy-on-write shared with the child. That matters here: PID 1 is
+/// multi-threaded, and after a plain fork() on a nested-PVM host the agent's other
+/// threads were seen (rarely) to find their stacks corrupted.
+fn spawn_child(
     moves: &[(RawFd, RawFd)],
     exe: *const libc::c_char,
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
-) -> ! {
-    // SAFETY: plain descriptor syscalls; pointers are valid NUL-terminated arrays.
+) -> io::Result<i32> {
+    /// Sources are lifted here first, so no dup2 onto a target clobbers a later source.
+    const LIFT_BASE: RawFd = 200;
+    // SAFETY: posix_spawn_file_actions_t and posix_spawnattr_t are plain C structs that
+    // the init functions fill in; every pointer passed is valid for the call, argv and
+    // envp are NULL-terminated arrays of NUL-terminated strings that outlive the call,
+    // and both objects are destroyed before returning.
     unsafe {
-        // First lift every source above the targets so no dup2 clobbers a later source.
-        let mut lifted = [-1; 5];
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        if libc::posix_spawn_file_actions_init(&mut actions) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::posix_spawnattr_init(&mut attr) != 0 {
+            libc::posix_spawn_file_actions_destroy(&mut actions);
+            return Err(io::Error::last_os_error());
+        }
+        let mut rc = 0;
         for (i, (src, _)) in moves.iter().enumerate() {
-            lifted[i] = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 16);
-            if lifted[i] < 0 {
-                libc::_exit(125);
-            }
+            rc |=
+                libc::posix_spawn_file_actions_adddup2(&mut actions, *src, LIFT_BASE + i as RawFd);
         }
         for (i, (_, dst)) in moves.iter().enumerate() {
-            if libc::dup2(lifted[i], *dst) < 0 {
-                libc::_exit(125);
-            }
+            rc |=
+                libc::posix_spawn_file_actions_adddup2(&mut actions, LIFT_BASE + i as RawFd, *dst);
+            rc |= libc::posix_spawn_file_actions_addclose(&mut actions, LIFT_BASE + i as RawFd);
         }
-        libc::setsid();
-        libc::execve(exe, argv.as_ptr(), envp.as_ptr());
-        libc::_exit(125)
+        rc |= libc::posix_spawnattr_setflags(&mut attr, libc::POSIX_SPAWN_SETSID as libc::c_short);
+        let mut pid: libc::pid_t = 0;
+        if rc == 0 {
+            rc = libc::posix_spawn(
+                &mut pid,
+                exe,
+                &actions,
+                &attr,
+                argv.as_ptr() as *const *mut libc::c_char,
+                envp.as_ptr() as *const *mut libc::c_char,
+            );
+        }
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        libc::posix_spawnattr_destroy(&mut attr);
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(pid)
     }
 }
 
