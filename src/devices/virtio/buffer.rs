@@ -20,6 +20,46 @@ pub enum ChainError {
     BadAddress,
     #[error("the chain holds fewer bytes than required")]
     TooSmall,
+    #[error("a descriptor is device-writable")]
+    WritableDescriptor,
+    #[error("the chain is longer than the buffer")]
+    TooLong,
+}
+
+/// Copies a chain of device-readable descriptors into `buf`, in order; returns the bytes
+/// copied. Every descriptor must be device-readable and inside guest memory and the chain
+/// must fit in `buf`. The data is copied out before anyone looks at it, so the guest
+/// cannot change it after the checks.
+pub fn gather_readable_chain<M, I>(
+    mem: &M,
+    descriptors: I,
+    buf: &mut [u8],
+) -> Result<usize, ChainError>
+where
+    M: GuestMemory + ?Sized,
+    I: IntoIterator<Item = Descriptor>,
+{
+    let mut len = 0usize;
+    let mut last_has_next = false;
+    for desc in descriptors {
+        last_has_next = desc.has_next();
+        if desc.is_write_only() {
+            return Err(ChainError::WritableDescriptor);
+        }
+        let end = len
+            .checked_add(desc.len() as usize)
+            .filter(|&end| end <= buf.len())
+            .ok_or(ChainError::TooLong)?;
+        mem.read_slice(&mut buf[len..end], desc.addr())
+            .map_err(|_| ChainError::BadAddress)?;
+        len = end;
+    }
+    // virtio-queue ends a chain silently when a `next` index, the descriptor table or the
+    // chain length is invalid; the last descriptor then still claims a successor.
+    if last_has_next {
+        return Err(ChainError::BrokenChain);
+    }
+    Ok(len)
 }
 
 /// A chain of device-writable descriptors, all inside guest memory, zero-length ones left

@@ -14,9 +14,11 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::GuestMemory;
 
-use crate::devices::virtio::buffer::{parse_writable_chain, ChainError, WritableChain};
+use crate::devices::virtio::buffer::{
+    gather_readable_chain, parse_writable_chain, ChainError, WritableChain,
+};
 
 /// Size of `virtio_net_hdr_v1` (with `num_buffers`): the header of every frame once
 /// VIRTIO_F_VERSION_1 is negotiated, and the vnet header size the tap is set to.
@@ -113,27 +115,7 @@ where
     M: GuestMemory + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
-    let mut len = 0usize;
-    let mut last_has_next = false;
-    for desc in descriptors {
-        last_has_next = desc.has_next();
-        if desc.is_write_only() {
-            return Err(FrameError::WritableDescriptor);
-        }
-        let size = desc.len() as usize;
-        let end = len
-            .checked_add(size)
-            .filter(|&end| end <= buf.len())
-            .ok_or(FrameError::TooLong)?;
-        mem.read_slice(&mut buf[len..end], desc.addr())
-            .map_err(|_| FrameError::BadAddress)?;
-        len = end;
-    }
-    // virtio-queue ends a chain silently when a `next` index, the descriptor table or the
-    // chain length is invalid; the last descriptor then still claims a successor.
-    if last_has_next {
-        return Err(FrameError::BrokenChain);
-    }
+    let len = gather_readable_chain(mem, descriptors, buf)?;
     Ok(len)
 }
 
@@ -220,6 +202,8 @@ impl From<ChainError> for FrameError {
             ChainError::BrokenChain => FrameError::BrokenChain,
             ChainError::BadAddress => FrameError::BadAddress,
             ChainError::TooSmall => FrameError::BufferTooSmall,
+            ChainError::WritableDescriptor => FrameError::WritableDescriptor,
+            ChainError::TooLong => FrameError::TooLong,
         }
     }
 }
@@ -251,6 +235,7 @@ pub fn finish_rx_header(header: &mut [u8; VNET_HDR_LEN], num_buffers: u16, featu
 mod tests {
     use super::*;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::Bytes;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;

@@ -7,9 +7,11 @@
 //! [`RxBuffer::write_packet`] directly. Nothing here panics on guest input.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::GuestMemory;
 
-use crate::devices::virtio::buffer::{parse_writable_chain, ChainError, WritableChain};
+use crate::devices::virtio::buffer::{
+    gather_readable_chain, parse_writable_chain, ChainError, WritableChain,
+};
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HDR_LEN: usize = 44;
@@ -124,27 +126,7 @@ where
     M: GuestMemory + ?Sized,
     I: IntoIterator<Item = Descriptor>,
 {
-    let mut len = 0usize;
-    let mut last_has_next = false;
-    for desc in descriptors {
-        last_has_next = desc.has_next();
-        if desc.is_write_only() {
-            return Err(PacketError::WritableDescriptor);
-        }
-        let size = desc.len() as usize;
-        let end = len
-            .checked_add(size)
-            .filter(|&end| end <= buf.len())
-            .ok_or(PacketError::TooLong)?;
-        mem.read_slice(&mut buf[len..end], desc.addr())
-            .map_err(|_| PacketError::BadAddress)?;
-        len = end;
-    }
-    // virtio-queue ends a chain silently when a `next` index or the table is invalid; the
-    // last descriptor then still claims a successor.
-    if last_has_next {
-        return Err(PacketError::BrokenChain);
-    }
+    let len = gather_readable_chain(mem, descriptors, buf)?;
     let Some(header_bytes) = buf.get(..len).and_then(|b| b.first_chunk::<HDR_LEN>()) else {
         return Err(PacketError::ShortHeader);
     };
@@ -208,6 +190,8 @@ impl From<ChainError> for PacketError {
             ChainError::BrokenChain => PacketError::BrokenChain,
             ChainError::BadAddress => PacketError::BadAddress,
             ChainError::TooSmall => PacketError::BufferTooSmall,
+            ChainError::WritableDescriptor => PacketError::WritableDescriptor,
+            ChainError::TooLong => PacketError::TooLong,
         }
     }
 }
@@ -230,6 +214,7 @@ mod tests {
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
+    use vm_memory::Bytes;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
