@@ -247,21 +247,41 @@ pub fn launch(reaper: &Reaper, launcher: &Launcher, plan: &Plan) -> Result<Launc
         .map_err(LaunchError::Sync)?;
     let report = parse_sync(&String::from_utf8_lossy(&text));
     if report.ok && report.error.is_none() {
-        Ok(Launch::Running(Running {
+        return Ok(Launch::Running(Running {
             pid,
             target: report.pid.unwrap_or(pid),
             exit,
             io,
-        }))
-    } else {
-        Ok(Launch::Failed {
-            message: report
-                .error
-                .unwrap_or_else(|| "the sandbox ended before starting the process".into()),
-            pid,
-            exit,
-        })
+        }));
     }
+    let message = match report.error {
+        Some(message) => message,
+        None => silent_failure(&io, &exit),
+    };
+    Ok(Launch::Failed { message, pid, exit })
+}
+
+/// Describes a sandbox that closed the sync pipe without a word: what it printed on
+/// stderr (a panic, say) and how it ended, so that the rare crash can be told apart.
+fn silent_failure(io: &ParentIo, exit: &Receiver<i32>) -> String {
+    let mut message = String::from("the sandbox ended before starting the process");
+    // The sandbox's end is near (the sync pipe closed): wait for it, but not forever.
+    let status = exit.recv_timeout(std::time::Duration::from_secs(5)).ok();
+    let stderr = io.stderr.as_ref().unwrap_or(&io.stdout);
+    if let Ok(clone) = stderr.try_clone() {
+        let _ = sys::set_nonblocking(clone.as_raw_fd(), true);
+        let mut buf = Vec::new();
+        let _ = clone.take(1024).read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !text.is_empty() {
+            message.push_str(&format!(": {text}"));
+        }
+    }
+    if let Some(raw) = status {
+        message.push_str(&format!(" ({})", sys::describe_status(raw)));
+    }
+    message
 }
 
 /// Starts the sandbox process with `posix_spawn`: descriptors moved into place, a session

@@ -158,6 +158,16 @@ pub fn status_code(raw: i32) -> i32 {
     }
 }
 
+/// A wait status in words; shell-style codes above 128 (a supervisor passing on its
+/// child's end) are read as that signal.
+pub fn describe_status(raw: i32) -> String {
+    match status_code(raw) {
+        code if libc::WIFSIGNALED(raw) => format!("killed by signal {}", code - 128),
+        code @ 129..=192 => format!("status {code}: killed by signal {}", code - 128),
+        code => format!("status {code}"),
+    }
+}
+
 /// poll(2) retried on `EINTR`; returns how many descriptors are ready.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     loop {
@@ -274,6 +284,13 @@ mod tests {
         assert_eq!(status_code(0), 0);
         assert_eq!(status_code(libc::SIGKILL), 137);
         assert_eq!(status_code(libc::SIGTERM), 143);
+    }
+
+    #[test]
+    fn statuses_read_as_words() {
+        assert_eq!(describe_status(libc::SIGSEGV), "killed by signal 11");
+        assert_eq!(describe_status(139 << 8), "status 139: killed by signal 11");
+        assert_eq!(describe_status(101 << 8), "status 101");
     }
 
     #[test]
