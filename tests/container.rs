@@ -166,11 +166,17 @@ struct MachineGuard {
 
 impl Drop for MachineGuard {
     fn drop(&mut self) {
-        let info = self
-            .scratch
-            .join("state/machines")
-            .join(&self.name)
-            .join("machine.json");
+        let dir = self.scratch.join("state/machines").join(&self.name);
+        if std::thread::panicking() {
+            // What the guest kernel said is the best clue to a failure inside the VM.
+            let log = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- machine console (last 60 lines) ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        let info = dir.join("machine.json");
         let pid = std::fs::read_to_string(info)
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -195,6 +201,16 @@ fn a_machine_hosts_isolated_containers() {
     };
     let out = run(start);
     assert_status(&out, 0);
+
+    // The guest kernel keeps user space to the register state it saves: the agent warns
+    // at boot otherwise (on nested PVM, AVX state would leak between guest tasks).
+    let console =
+        std::fs::read_to_string(dir.join("state/machines").join(&name).join("console.log"))
+            .unwrap_or_default();
+    assert!(
+        !console.contains("extended register state"),
+        "console:\n{console}"
+    );
 
     // The machine itself runs Linux.
     let mut cmd = hearth(&dir);

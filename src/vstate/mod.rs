@@ -2,6 +2,7 @@
 
 pub mod kvm;
 pub mod memory;
+pub mod pv_xstate;
 pub mod pvm;
 pub mod vcpu;
 pub mod vm;

@@ -13,6 +13,8 @@
 //! * user-mode SYSCALL: a hardware breakpoint on the guest's #PF entry catches the fault at
 //!   LSTAR, and hearth switches to CPL 0 with `swapgs` done, as SYSCALL and the first
 //!   instruction at LSTAR would have.
+//! * paravirtual xstate switching (`vstate::pv_xstate`): a `noxsave` guest kernel that
+//!   probes for it has hearth save and restore its tasks' AVX/AVX-512 state.
 //!
 //! The features the emulator cannot run are hidden through the guest command line, because
 //! this host ignores most of KVM_SET_CPUID2 (see `GUEST_CMDLINE`).
@@ -27,6 +29,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::vstate::memory::GuestMemory;
+use crate::vstate::pv_xstate;
 
 /// What a PVM guest must be told not to use, in Linux 6.1 syntax.
 pub const GUEST_CMDLINE: &str = "noxsave nofsgsbase \
@@ -90,6 +93,9 @@ pub struct FixupStats {
     pub sysret: u64,
     pub syscall: u64,
     pub page_faults_passed: u64,
+    pub xstate_saves: u64,
+    pub xstate_restores: u64,
+    pub xstate_errors: u64,
 }
 
 /// Where the guest's SYSCALL entry and #PF handler are, once it has set them up.
@@ -168,6 +174,42 @@ impl PvmFixups {
             self.vcpu
         );
         Ok(true)
+    }
+
+    /// A port read the layer answers itself: the paravirtual xstate probe.
+    pub fn on_io_in(&mut self, port: u16, data: &mut [u8]) -> bool {
+        if port != pv_xstate::PV_XSTATE_SAVE_PORT || data.len() != 4 {
+            return false;
+        }
+        data.copy_from_slice(&pv_xstate::MAGIC.to_le_bytes());
+        true
+    }
+
+    /// Whether a port write is one of the paravirtual xstate requests.
+    pub fn is_xstate_port(port: u16) -> bool {
+        pv_xstate::Request::for_port(port).is_some()
+    }
+
+    /// A paravirtual xstate save or restore (`value` written to `port`).
+    pub fn on_xstate_request(&mut self, fd: &VcpuFd, mem: &GuestMemory, port: u16, value: u32) {
+        let Some(request) = pv_xstate::Request::for_port(port) else {
+            return;
+        };
+        match pv_xstate::handle(fd, mem, request, value) {
+            Ok(()) if request == pv_xstate::Request::Save => self.stats.xstate_saves += 1,
+            Ok(()) => self.stats.xstate_restores += 1,
+            Err(e) => {
+                // The guest hurts only itself; say so a few times, not on every switch.
+                self.stats.xstate_errors += 1;
+                if self.stats.xstate_errors <= 3 {
+                    log::warn!(
+                        "vCPU {}: guest xstate {request:?}: {}",
+                        self.vcpu,
+                        crate::error_chain(&e)
+                    );
+                }
+            }
+        }
     }
 
     /// KVM_EXIT_INTERNAL_ERROR: complete the instruction at RIP if it is one KVM's emulator

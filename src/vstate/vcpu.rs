@@ -14,6 +14,7 @@ use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::GuestMemory;
+use crate::vstate::pv_xstate;
 use crate::vstate::pvm::{Fixup, PvmFixups};
 use crate::vstate::vm::Vm;
 
@@ -171,17 +172,26 @@ impl Vcpu {
         let index = self.index;
         let outcome = match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
-                if !self.io_bus.read(u64::from(port), data) {
+                let compat = self.pvm.as_mut().is_some_and(|p| p.on_io_in(port, data));
+                if !compat && !self.io_bus.read(u64::from(port), data) {
                     log::trace!("vCPU {index}: unclaimed port read {port:#x}");
                     data.fill(0xff);
                 }
                 Outcome::Handled
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                if !self.io_bus.write(u64::from(port), data) {
-                    log::trace!("vCPU {index}: unclaimed port write {port:#x} {data:x?}");
+                // The compat layer's xstate requests need the vCPU, which `data` borrows.
+                match pv_xstate::written_value(data) {
+                    Some(value) if self.pvm.is_some() && PvmFixups::is_xstate_port(port) => {
+                        Outcome::PvXstate { port, value }
+                    }
+                    _ => {
+                        if !self.io_bus.write(u64::from(port), data) {
+                            log::trace!("vCPU {index}: unclaimed port write {port:#x} {data:x?}");
+                        }
+                        Outcome::Handled
+                    }
                 }
-                Outcome::Handled
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !self.mmio_bus.read(addr, data) {
@@ -214,6 +224,12 @@ impl Vcpu {
         };
 
         match outcome {
+            Outcome::PvXstate { port, value } => {
+                if let Some(pvm) = self.pvm.as_mut() {
+                    pvm.on_xstate_request(&self.fd, &self.mem, port, value);
+                }
+                Ok(())
+            }
             Outcome::Handled => {
                 if let Some(pvm) = self.pvm.as_mut() {
                     pvm.poll(&self.fd, &self.mem);
@@ -288,6 +304,7 @@ impl Vcpu {
 
 enum Outcome {
     Handled,
+    PvXstate { port: u16, value: u32 },
     TripleFault,
     InternalError,
     Debug(u64),

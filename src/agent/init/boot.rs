@@ -18,6 +18,7 @@ use super::net;
 use super::reaper::{ReapMode, Reaper};
 use super::session::{Agent, AgentConfig, AgentMode, Outcome};
 use super::sys;
+use super::xstate;
 use crate::agent::protocol::{
     write_message, Message, AGENT_PORT, MODE_CONTAINER, MODE_MACHINE, VERSION,
 };
@@ -682,6 +683,7 @@ pub fn pid1() -> ! {
         }
     };
     load_modules(Path::new("/lib/modules"));
+    xstate::check();
     let cgroup_root = setup_cgroups(Path::new("/sys/fs/cgroup"));
     if let Err(e) = net::set_up("lo") {
         log::warn!("{}", error_chain(&e));

@@ -83,6 +83,12 @@ const LEAF7_1_EAX_PVM_HIDDEN: u32 = bits(&[4, 5]);
 /// Leaf 0x80000001 ECX: AMD's XSAVE-managed XOP (11) and FMA4 (16).
 const LEAF_EXT_ECX_PVM_HIDDEN: u32 = bits(&[11, 16]);
 
+/// XSAVE state components whose registers guest user space can use on a PVM host: x87 (0),
+/// SSE (1), AVX (2), AVX-512 opmask (5), ZMM_Hi256 (6), Hi16_ZMM (7). Leaf 0xD offers only
+/// these: KVM then includes them in KVM_GET_XSAVE/KVM_SET_XSAVE, which is how hearth saves
+/// and restores a `noxsave` guest's extended state for it (see `vstate::pv_xstate`).
+pub const PVM_XSTATE_COMPONENTS: u32 = bits(&[0, 1, 2, 5, 6, 7]);
+
 /// KVM paravirt features (leaf 0x40000001 EAX) a nested PVM host cannot serve: ASYNC_PF (4),
 /// STEAL_TIME (5), PV_UNHALT (7), PV_TLB_FLUSH (9), ASYNC_PF_VMEXIT (10), PV_SEND_IPI (11),
 /// POLL_CONTROL (12), PV_SCHED_YIELD (13), ASYNC_PF_INT (14), MSI_EXT_DEST_ID (15). The
@@ -218,7 +224,15 @@ fn normalize_entry(entry: &mut kvm_cpuid_entry2, opts: &CpuidOptions) {
         (LEAF_EXTENDED_FEATURES, 1) if hide => {
             entry.eax &= !LEAF7_1_EAX_PVM_HIDDEN;
         }
-        (LEAF_XSAVE, _) if hide => {
+        // Subleaf 0: the XCR0 components; 1: XSAVEOPT/XSAVEC/XSAVES (none here); 2 and up:
+        // one state component each.
+        (LEAF_XSAVE, 0) if hide => {
+            entry.eax &= PVM_XSTATE_COMPONENTS;
+            entry.edx = 0;
+        }
+        (LEAF_XSAVE, index)
+            if hide && (index == 1 || index >= 32 || PVM_XSTATE_COMPONENTS & (1 << index) == 0) =>
+        {
             entry.eax = 0;
             entry.ebx = 0;
             entry.ecx = 0;
@@ -478,10 +492,11 @@ mod tests {
         assert_eq!(leaf7.edx & (1 << 4), 0, "FSRM");
         assert_eq!(leaf7.edx & (1 << 14), 0, "SERIALIZE");
 
-        for index in [0, 1] {
-            let xsave = find(&cpuid, 0xd, index);
-            assert_eq!((xsave.eax, xsave.ebx, xsave.ecx, xsave.edx), (0, 0, 0, 0));
-        }
+        // Leaf 0xD: x87, SSE, AVX and AVX-512 of 0x2e7 (not PKRU), no XSAVES & co.
+        let xsave = find(&cpuid, 0xd, 0);
+        assert_eq!((xsave.eax, xsave.edx), (0xe7, 0));
+        let xsave = find(&cpuid, 0xd, 1);
+        assert_eq!((xsave.eax, xsave.ebx, xsave.ecx, xsave.edx), (0, 0, 0, 0));
         // Extended leaves pass through apart from the XSAVE-managed AMD bits.
         let ext = find(&cpuid, 0x8000_0001, 0);
         assert_eq!(ext.ecx, !LEAF_EXT_ECX_PVM_HIDDEN);

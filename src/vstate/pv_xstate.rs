@@ -1,0 +1,159 @@
+//! Extended register state (AVX, AVX-512) that hearth saves and restores for a guest
+//! kernel that cannot.
+//!
+//! On a nested PVM host the guest kernel boots with `noxsave` (KVM's emulator cannot run
+//! XSAVE/XRSTOR), so it switches only the FXSAVE state between tasks. Guest user space,
+//! though, runs with the host's XCR0: AVX is usable and advertised, and a task switch
+//! would leave one task with another's upper YMM/ZMM halves (glibc's AVX string functions
+//! then corrupt memory). The minimal guest kernel (patch 0005 in resources/guest-kernel)
+//! therefore hands every save and restore of a task's state to hearth:
+//!
+//! * a 32-bit read of [`PV_XSTATE_SAVE_PORT`] returns [`MAGIC`] (other VMMs answer all
+//!   ones, and the kernel keeps FXSAVE);
+//! * a 32-bit write of `gpa >> 6` to the save port copies the vCPU's whole register state
+//!   (KVM_GET_XSAVE: 4096 bytes, standard XSAVE layout, whose first 512 bytes are the
+//!   FXSAVE image) to guest-physical `gpa`;
+//! * the same write to [`PV_XSTATE_RESTORE_PORT`] loads it back (KVM_SET_XSAVE).
+//!
+//! The guest's kernel edits the legacy region in place (ptrace, signal return), exactly as
+//! FXRSTOR would then load it, so a restore always takes x87 and SSE from the image. A
+//! guest that passes a bad address or a malformed image only gets a warning: it can do
+//! nothing with this but read and write its own memory and registers.
+
+use kvm_bindings::kvm_xsave;
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
+
+pub use crate::arch::layout::{PV_XSTATE_RESTORE_PORT, PV_XSTATE_SAVE_PORT};
+use crate::vstate::memory::GuestMemory;
+
+/// What a read of the save port returns: "HXST".
+pub const MAGIC: u32 = 0x4858_5354;
+/// Size of the image: KVM_GET_XSAVE's region.
+pub const IMAGE_SIZE: usize = 4096;
+/// The XSAVE header's XSTATE_BV and XCOMP_BV fields.
+const XSTATE_BV_OFFSET: usize = 512;
+const XCOMP_BV_OFFSET: usize = 520;
+/// XSTATE_BV bits of the x87 and SSE components.
+const LEGACY_COMPONENTS: u64 = 0b11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PvXstateError {
+    #[error("KVM_GET_XSAVE failed")]
+    Get(#[source] kvm_ioctls::Error),
+    #[error("KVM_SET_XSAVE refused the guest's image at {gpa:#x}")]
+    Set {
+        gpa: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{gpa:#x}: not {IMAGE_SIZE} bytes of guest RAM")]
+    Buffer { gpa: u64 },
+}
+
+/// Which request a port write is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    Save,
+    Restore,
+}
+
+impl Request {
+    pub fn for_port(port: u16) -> Option<Self> {
+        match port {
+            PV_XSTATE_SAVE_PORT => Some(Self::Save),
+            PV_XSTATE_RESTORE_PORT => Some(Self::Restore),
+            _ => None,
+        }
+    }
+}
+
+/// The 32-bit value a write carries, or `None` for another width.
+pub fn written_value(data: &[u8]) -> Option<u32> {
+    Some(u32::from_le_bytes(data.try_into().ok()?))
+}
+
+/// Carries out `request` for the buffer at `value << 6`.
+pub fn handle(
+    fd: &VcpuFd,
+    mem: &GuestMemory,
+    request: Request,
+    value: u32,
+) -> Result<(), PvXstateError> {
+    let gpa = u64::from(value) << 6;
+    match request {
+        Request::Save => {
+            let xsave = fd.get_xsave().map_err(PvXstateError::Get)?;
+            mem.write_slice(&to_image(&xsave), GuestAddress(gpa))
+                .map_err(|_| PvXstateError::Buffer { gpa })
+        }
+        Request::Restore => {
+            let mut image = [0u8; IMAGE_SIZE];
+            mem.read_slice(&mut image, GuestAddress(gpa))
+                .map_err(|_| PvXstateError::Buffer { gpa })?;
+            let xsave = from_image(&image);
+            // SAFETY: `xsave` is a whole kvm_xsave (4096 bytes) that KVM_SET_XSAVE reads;
+            // the VM was not given KVM_CAP_XSAVE2, so KVM reads no more than that.
+            unsafe { fd.set_xsave(&xsave) }.map_err(|source| PvXstateError::Set { gpa, source })
+        }
+    }
+}
+
+fn to_image(xsave: &kvm_xsave) -> [u8; IMAGE_SIZE] {
+    let mut image = [0u8; IMAGE_SIZE];
+    for (chunk, word) in image.chunks_exact_mut(4).zip(xsave.region.iter()) {
+        chunk.copy_from_slice(&word.to_le_bytes());
+    }
+    image
+}
+
+/// The guest's image as KVM_SET_XSAVE input: standard format, legacy region always used.
+fn from_image(image: &[u8; IMAGE_SIZE]) -> kvm_xsave {
+    let mut image = *image;
+    let field = |image: &[u8; IMAGE_SIZE], at: usize| {
+        u64::from_le_bytes(image[at..at + 8].try_into().expect("8 bytes"))
+    };
+    let xstate_bv = field(&image, XSTATE_BV_OFFSET) | LEGACY_COMPONENTS;
+    image[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8].copy_from_slice(&xstate_bv.to_le_bytes());
+    image[XCOMP_BV_OFFSET..XCOMP_BV_OFFSET + 8].fill(0);
+    let mut xsave = kvm_xsave::default();
+    for (word, chunk) in xsave.region.iter_mut().zip(image.chunks_exact(4)) {
+        *word = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+    }
+    xsave
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_and_widths() {
+        assert_eq!(Request::for_port(0x5f0), Some(Request::Save));
+        assert_eq!(Request::for_port(0x5f4), Some(Request::Restore));
+        assert_eq!(Request::for_port(0x5f1), None);
+        assert_eq!(written_value(&[0x40, 0, 1, 0]), Some(0x0001_0040));
+        assert_eq!(written_value(&[1, 2]), None);
+    }
+
+    #[test]
+    fn images_round_trip_with_the_legacy_region_forced_in() {
+        let mut image = [0u8; IMAGE_SIZE];
+        for (i, b) in image.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        image[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8].copy_from_slice(&4u64.to_le_bytes());
+        let back = to_image(&from_image(&image));
+        assert_eq!(back[..XSTATE_BV_OFFSET], image[..XSTATE_BV_OFFSET]);
+        assert_eq!(
+            u64::from_le_bytes(
+                back[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8]
+                    .try_into()
+                    .unwrap()
+            ),
+            0b111
+        );
+        assert_eq!(back[XCOMP_BV_OFFSET..XCOMP_BV_OFFSET + 8], [0; 8]);
+        assert_eq!(back[576..], image[576..]);
+    }
+}
