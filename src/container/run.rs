@@ -28,6 +28,8 @@ const DEFAULT_VM_MIB: u64 = 256;
 const VOLUME_FREE_BYTES: u64 = 64 << 20;
 /// How long a VM may take to power off after its process exited.
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a VM whose agent hung up may go on printing (a guest panic) before it is killed.
+const GUEST_LAST_WORDS_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A volume as given on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -331,11 +333,19 @@ fn fresh_vm(
         session::hello(&mut stream)?;
         Ok(session::run_process(stream, spec, signals)?)
     })();
-    if outcome.is_err() {
+    let stopped = match &outcome {
+        // The guest side hung up on its own (its agent died, say): the guest kernel is
+        // likely still telling why on the console, and stops the VM when it is done.
+        Err(ContainerError::Session(session::SessionError::Closed)) => {
+            wait_for_poweroff(&mut child, GUEST_LAST_WORDS_TIMEOUT)
+        }
         // The VM will not power off by itself: nothing runs the container any more.
-        let _ = child.kill();
-    }
-    let stopped = wait_for_poweroff(&mut child);
+        Err(_) => {
+            let _ = child.kill();
+            wait_for_poweroff(&mut child, POWEROFF_TIMEOUT)
+        }
+        Ok(_) => wait_for_poweroff(&mut child, POWEROFF_TIMEOUT),
+    };
     match outcome {
         Ok(status) => {
             if let Err(reason) = stopped {
@@ -397,8 +407,8 @@ fn wait_for_agent(
 }
 
 /// Waits for the VMM to exit after the agent powered the VM off; kills it if it hangs.
-fn wait_for_poweroff(child: &mut Child) -> Result<(), String> {
-    let deadline = Instant::now() + POWEROFF_TIMEOUT;
+fn wait_for_poweroff(child: &mut Child, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
     loop {
         match child.try_wait() {
             Ok(Some(_)) => return Ok(()),
