@@ -31,11 +31,11 @@ use crate::vstate::memory::GuestMemory;
 pub const MAGIC: u32 = 0x4858_5354;
 /// Size of the image: KVM_GET_XSAVE's region.
 pub const IMAGE_SIZE: usize = 4096;
-/// The XSAVE header's XSTATE_BV and XCOMP_BV fields.
+/// The XSAVE header's XSTATE_BV and XCOMP_BV fields (8 bytes each).
 const XSTATE_BV_OFFSET: usize = 512;
 const XCOMP_BV_OFFSET: usize = 520;
-/// XSTATE_BV bits of the x87 and SSE components.
-const LEGACY_COMPONENTS: u64 = 0b11;
+/// XSTATE_BV bits of the x87 and SSE components (in its low 32-bit word).
+const LEGACY_COMPONENTS: u32 = 0b11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PvXstateError {
@@ -109,17 +109,12 @@ fn to_image(xsave: &kvm_xsave) -> [u8; IMAGE_SIZE] {
 
 /// The guest's image as KVM_SET_XSAVE input: standard format, legacy region always used.
 fn from_image(image: &[u8; IMAGE_SIZE]) -> kvm_xsave {
-    let mut image = *image;
-    let field = |image: &[u8; IMAGE_SIZE], at: usize| {
-        u64::from_le_bytes(image[at..at + 8].try_into().expect("8 bytes"))
-    };
-    let xstate_bv = field(&image, XSTATE_BV_OFFSET) | LEGACY_COMPONENTS;
-    image[XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8].copy_from_slice(&xstate_bv.to_le_bytes());
-    image[XCOMP_BV_OFFSET..XCOMP_BV_OFFSET + 8].fill(0);
     let mut xsave = kvm_xsave::default();
     for (word, chunk) in xsave.region.iter_mut().zip(image.chunks_exact(4)) {
         *word = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
     }
+    xsave.region[XSTATE_BV_OFFSET / 4] |= LEGACY_COMPONENTS;
+    xsave.region[XCOMP_BV_OFFSET / 4..XCOMP_BV_OFFSET / 4 + 2].fill(0);
     xsave
 }
 

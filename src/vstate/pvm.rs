@@ -185,16 +185,14 @@ impl PvmFixups {
         true
     }
 
-    /// Whether a port write is one of the paravirtual xstate requests.
-    pub fn is_xstate_port(port: u16) -> bool {
-        pv_xstate::Request::for_port(port).is_some()
-    }
-
-    /// A paravirtual xstate save or restore (`value` written to `port`).
-    pub fn on_xstate_request(&mut self, fd: &VcpuFd, mem: &GuestMemory, port: u16, value: u32) {
-        let Some(request) = pv_xstate::Request::for_port(port) else {
-            return;
-        };
+    /// A paravirtual xstate save or restore (`value` written to its port).
+    pub fn on_xstate_request(
+        &mut self,
+        fd: &VcpuFd,
+        mem: &GuestMemory,
+        request: pv_xstate::Request,
+        value: u32,
+    ) {
         match pv_xstate::handle(fd, mem, request, value) {
             Ok(()) if request == pv_xstate::Request::Save => self.stats.xstate_saves += 1,
             Ok(()) => self.stats.xstate_restores += 1,

@@ -181,9 +181,12 @@ impl Vcpu {
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 // The compat layer's xstate requests need the vCPU, which `data` borrows.
-                match pv_xstate::written_value(data) {
-                    Some(value) if self.pvm.is_some() && PvmFixups::is_xstate_port(port) => {
-                        Outcome::PvXstate { port, value }
+                match (
+                    pv_xstate::Request::for_port(port),
+                    pv_xstate::written_value(data),
+                ) {
+                    (Some(request), Some(value)) if self.pvm.is_some() => {
+                        Outcome::PvXstate { request, value }
                     }
                     _ => {
                         if !self.io_bus.write(u64::from(port), data) {
@@ -224,9 +227,9 @@ impl Vcpu {
         };
 
         match outcome {
-            Outcome::PvXstate { port, value } => {
+            Outcome::PvXstate { request, value } => {
                 if let Some(pvm) = self.pvm.as_mut() {
-                    pvm.on_xstate_request(&self.fd, &self.mem, port, value);
+                    pvm.on_xstate_request(&self.fd, &self.mem, request, value);
                 }
                 Ok(())
             }
@@ -304,7 +307,10 @@ impl Vcpu {
 
 enum Outcome {
     Handled,
-    PvXstate { port: u16, value: u32 },
+    PvXstate {
+        request: pv_xstate::Request,
+        value: u32,
+    },
     TripleFault,
     InternalError,
     Debug(u64),
