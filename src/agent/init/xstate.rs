@@ -39,21 +39,24 @@ fn user_xcr0() -> Option<u64> {
 /// What the guest kernel logs when the VMM saves extended state for it (patch 0005).
 const VMM_SAVES_XSTATE: &str = "x86/fpu: hearth: extended register state saved by the VMM";
 
-/// Whether the kernel switches extended state: its `/proc/cpuinfo` flags include `xsave`,
-/// or its log says the VMM does it.
-fn kernel_saves_extended_state(cpuinfo: &str, kernel_log: &str) -> bool {
-    let xsave = cpuinfo
+/// Whether `/proc/cpuinfo` flags include `xsave`: the kernel switches XSAVE state itself.
+fn cpuinfo_has_xsave(cpuinfo: &str) -> bool {
+    cpuinfo
         .lines()
         .find(|l| l.starts_with("flags"))
         .and_then(|l| l.split_once(':'))
-        .is_some_and(|(_, flags)| flags.split_whitespace().any(|f| f == "xsave"));
-    xsave || kernel_log.contains(VMM_SAVES_XSTATE)
+        .is_some_and(|(_, flags)| flags.split_whitespace().any(|f| f == "xsave"))
 }
 
-/// The problem, in words, when user space can use state the kernel does not save.
-pub fn unsaved_state_warning(xcr0: Option<u64>, cpuinfo: &str, kernel_log: &str) -> Option<String> {
-    let xcr0 = xcr0?;
-    if xcr0 & EXTENDED_STATE == 0 || kernel_saves_extended_state(cpuinfo, kernel_log) {
+/// The problem, in words, when user space can use state the kernel does not save. The
+/// kernel's `/proc/cpuinfo` and its log are read only as far as the answer needs them.
+pub fn unsaved_state_warning(
+    xcr0: Option<u64>,
+    cpuinfo: impl FnOnce() -> String,
+    kernel_log: impl FnOnce() -> String,
+) -> Option<String> {
+    let xcr0 = xcr0.filter(|x| x & EXTENDED_STATE != 0)?;
+    if cpuinfo_has_xsave(&cpuinfo()) || kernel_log().contains(VMM_SAVES_XSTATE) {
         return None;
     }
     Some(format!(
@@ -67,7 +70,10 @@ pub fn unsaved_state_warning(xcr0: Option<u64>, cpuinfo: &str, kernel_log: &str)
 /// The kernel's log buffer (syslog(2) READ_ALL), as far as it goes.
 fn kernel_log() -> String {
     const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
-    let mut buf = vec![0u8; 1 << 20];
+    const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+    // SAFETY: SIZE_BUFFER ignores the buffer arguments.
+    let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+    let mut buf = vec![0u8; size.max(0) as usize];
     // SAFETY: the buffer is writable for the length passed.
     let n = unsafe {
         libc::klogctl(
@@ -82,12 +88,8 @@ fn kernel_log() -> String {
 
 /// Logs [`unsaved_state_warning`] for this VM, if any.
 pub fn check() {
-    let xcr0 = user_xcr0();
-    if xcr0.is_none_or(|x| x & EXTENDED_STATE == 0) {
-        return;
-    }
-    let cpuinfo = std::fs::read_to_string(Path::new("/proc/cpuinfo")).unwrap_or_default();
-    if let Some(text) = unsaved_state_warning(xcr0, &cpuinfo, &kernel_log()) {
+    let cpuinfo = || std::fs::read_to_string(Path::new("/proc/cpuinfo")).unwrap_or_default();
+    if let Some(text) = unsaved_state_warning(user_xcr0(), cpuinfo, kernel_log) {
         log::warn!("{text}");
     }
 }
@@ -101,13 +103,15 @@ mod tests {
 
     #[test]
     fn warns_only_for_extended_state_the_kernel_does_not_save() {
+        let text = |t: &'static str| move || t.to_string();
         let vmm_log = format!("[    4.9] {VMM_SAVES_XSTATE}\n");
-        assert!(unsaved_state_warning(Some(0x2e7), NO_XSAVE, "").is_some());
-        assert!(unsaved_state_warning(Some(0x3), NO_XSAVE, "").is_none());
-        assert!(unsaved_state_warning(Some(0x2e7), WITH_XSAVE, "").is_none());
-        assert!(unsaved_state_warning(Some(0x2e7), NO_XSAVE, &vmm_log).is_none());
-        assert!(unsaved_state_warning(None, NO_XSAVE, "").is_none());
-        assert!(unsaved_state_warning(Some(0x7), "", "").is_some());
+        let none = String::new;
+        assert!(unsaved_state_warning(Some(0x2e7), text(NO_XSAVE), none).is_some());
+        assert!(unsaved_state_warning(Some(0x3), text(NO_XSAVE), none).is_none());
+        assert!(unsaved_state_warning(Some(0x2e7), text(WITH_XSAVE), none).is_none());
+        assert!(unsaved_state_warning(Some(0x2e7), text(NO_XSAVE), || vmm_log.clone()).is_none());
+        assert!(unsaved_state_warning(None, text(NO_XSAVE), none).is_none());
+        assert!(unsaved_state_warning(Some(0x7), none, none).is_some());
     }
 
     #[test]
@@ -117,6 +121,9 @@ mod tests {
         if cpuinfo.is_empty() {
             return;
         }
-        assert_eq!(unsaved_state_warning(user_xcr0(), &cpuinfo, ""), None);
+        assert_eq!(
+            unsaved_state_warning(user_xcr0(), || cpuinfo, String::new),
+            None
+        );
     }
 }
