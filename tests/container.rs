@@ -158,6 +158,11 @@ fn bad_container_arguments_fail_cleanly() {
     }
 }
 
+/// Where `hearth machine` keeps machine `name`'s state (console log, pid) for this test.
+fn machine_dir(scratch: &Path, name: &str) -> PathBuf {
+    scratch.join("state/machines").join(name)
+}
+
 /// Kills a machine's VMM if the test fails before stopping it, so no VM outlives the test.
 struct MachineGuard {
     scratch: PathBuf,
@@ -166,7 +171,7 @@ struct MachineGuard {
 
 impl Drop for MachineGuard {
     fn drop(&mut self) {
-        let dir = self.scratch.join("state/machines").join(&self.name);
+        let dir = machine_dir(&self.scratch, &self.name);
         if std::thread::panicking() {
             // What the guest kernel said is the best clue to a failure inside the VM.
             let log = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
@@ -205,8 +210,7 @@ fn a_machine_hosts_isolated_containers() {
     // The guest kernel keeps user space to the register state it saves: the agent warns
     // at boot otherwise (on nested PVM, AVX state would leak between guest tasks).
     let console =
-        std::fs::read_to_string(dir.join("state/machines").join(&name).join("console.log"))
-            .unwrap_or_default();
+        std::fs::read_to_string(machine_dir(&dir, &name).join("console.log")).unwrap_or_default();
     assert!(
         !console.contains("extended register state"),
         "console:\n{console}"
