@@ -415,11 +415,10 @@ fn attach_serial(vm: &Vm, io_bus: &mut Bus, config: &VmConfig) -> Result<Console
                     let _ = std::fs::remove_file(path);
                 }
             }
-            let listener =
-                std::os::unix::net::UnixListener::bind(path).map_err(|e| BuildError::Device {
-                    name: "serial",
-                    source: format!("cannot listen on \"{}\": {e}", path.display()).into(),
-                })?;
+            let listener = crate::uds::bind(path).map_err(|e| BuildError::Device {
+                name: "serial",
+                source: format!("cannot listen on \"{}\": {e}", path.display()).into(),
+            })?;
             let sink = SocketSink::default();
             (
                 Box::new(sink.clone()),

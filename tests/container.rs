@@ -24,11 +24,18 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// The state directory of this test run. It is deliberately deeper than a Unix socket
+/// address holds (107 bytes), as a deep checkout or home directory makes it: a machine's
+/// sockets live there.
+fn state_dir(scratch: &Path) -> PathBuf {
+    scratch.join("state").join("deeper-than-a-unix-socket-address".repeat(3))
+}
+
 /// `hearth ARGS` with the cache, state and artifacts of this test run.
 fn hearth(scratch: &Path) -> Command {
     let mut cmd = common::hearth();
     cmd.env("HEARTH_CACHE", scratch.join("cache"))
-        .env("HEARTH_STATE", scratch.join("state"))
+        .env("HEARTH_STATE", state_dir(scratch))
         .env("HEARTH_GUEST_KERNEL", minimal_kernel())
         .env("HEARTH_INIT", env!("CARGO_BIN_EXE_hearth-init"));
     cmd
@@ -160,7 +167,7 @@ fn bad_container_arguments_fail_cleanly() {
 
 /// Where `hearth machine` keeps machine `name`'s state (console log, pid) for this test.
 fn machine_dir(scratch: &Path, name: &str) -> PathBuf {
-    scratch.join("state/machines").join(name)
+    state_dir(scratch).join("machines").join(name)
 }
 
 /// Kills a machine's VMM if the test fails before stopping it, so no VM outlives the test.

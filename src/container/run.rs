@@ -303,7 +303,7 @@ fn fresh_vm(
     }
     let vsock = dir.path.join("v.sock");
     let listen_path = PathBuf::from(format!("{}_{AGENT_PORT}", vsock.display()));
-    let listener = UnixListener::bind(&listen_path).map_err(ContainerError::io(format!(
+    let listener = crate::uds::bind(&listen_path).map_err(ContainerError::io(format!(
         "listening on {}",
         listen_path.display()
     )))?;

@@ -168,7 +168,7 @@ pub fn connect_vsock(
         path: socket.display().to_string(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(connect_err)?;
+    let mut stream = crate::uds::connect(socket).map_err(connect_err)?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(connect_err)?;

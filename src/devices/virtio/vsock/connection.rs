@@ -6,12 +6,8 @@
 //! from the host only when the guest has credit for them and an RX buffer to take them.
 
 use std::collections::VecDeque;
-use std::ffi::CString;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 
 use super::packet::{OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN};
 use super::packet::{SHUTDOWN_RCV, SHUTDOWN_SEND};
@@ -331,48 +327,6 @@ impl Connection {
     }
 }
 
-/// Connects to the Unix socket at `path` without blocking: a listener whose backlog is
-/// full counts as refusing, like one that is not there.
-pub fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || CString::new(bytes).is_err() {
-        return Err(std::io::Error::from(ErrorKind::InvalidInput));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
-    }
-    // SAFETY: plain socket(2) call; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh socket nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
-    // SAFETY: `addr` is a valid, NUL-terminated sockaddr_un of at least `len` bytes, and
-    // `fd` is open.
-    let result = unsafe {
-        libc::connect(
-            fd,
-            (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
-            len,
-        )
-    };
-    if result < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(socket))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,17 +383,5 @@ mod tests {
             assert!(sent < 64 << 20, "never reset");
         }
         assert!(conn.to_host.len() <= CONN_BUF_SIZE as usize);
-    }
-
-    #[test]
-    fn connect_refuses_long_paths_and_missing_listeners() {
-        let long = "x".repeat(200);
-        assert_eq!(
-            connect_nonblocking(Path::new(&long)).unwrap_err().kind(),
-            ErrorKind::InvalidInput
-        );
-        let missing =
-            std::env::temp_dir().join(format!("hearth-vsock-missing-{}", std::process::id()));
-        assert!(connect_nonblocking(&missing).is_err());
     }
 }

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::os::fd::RawFd;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
 use event_manager::EventSet;
@@ -18,13 +17,13 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::connection::connect_nonblocking;
 use super::muxer::Muxer;
 use super::packet::{self, MAX_PACKET_LEN, MAX_PAYLOAD_LEN};
 use super::{VsockConfig, VsockError, MIN_GUEST_CID};
 use crate::devices::virtio::{
     read_config_space, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
 };
+use crate::uds::connect_nonblocking;
 use crate::vstate::memory::GuestMemory;
 
 /// `VIRTIO_ID_VSOCK`.
@@ -94,7 +93,7 @@ impl Vsock {
             path: path.clone(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(bind_error)?;
+        let listener = crate::uds::bind(path).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let activate_evt = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
         Ok(Self {

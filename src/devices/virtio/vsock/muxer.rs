@@ -18,9 +18,10 @@ use std::path::{Path, PathBuf};
 
 use event_manager::EventSet;
 
-use super::connection::{connect_nonblocking, Connection, State, CONN_BUF_SIZE};
+use super::connection::{Connection, State, CONN_BUF_SIZE};
 use super::packet::*;
 use super::VSOCK_HOST_CID;
+use crate::uds::connect_nonblocking;
 
 /// Most connections a guest can hold open.
 pub const MAX_CONNECTIONS: usize = 1024;
