@@ -28,7 +28,9 @@ fn scratch(name: &str) -> PathBuf {
 /// address holds (107 bytes), as a deep checkout or home directory makes it: a machine's
 /// sockets live there.
 fn state_dir(scratch: &Path) -> PathBuf {
-    scratch.join("state").join("deeper-than-a-unix-socket-address".repeat(3))
+    scratch
+        .join("state")
+        .join("deeper-than-a-unix-socket-address".repeat(3))
 }
 
 /// `hearth ARGS` with the cache, state and artifacts of this test run.
