@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
@@ -47,6 +47,20 @@ impl Interrupt {
     /// Tells the driver that queues have new used buffers.
     pub fn signal_used_queue(&self) {
         self.signal(VIRTIO_MMIO_INT_VRING);
+    }
+
+    /// Tells the driver that `queue` has new used buffers, unless the driver suppressed
+    /// the interrupt (VIRTIO_F_EVENT_IDX). If the driver's index cannot be read, a
+    /// spurious interrupt is better than a driver waiting forever.
+    pub fn notify_used(&self, queue: &mut Queue, mem: &GuestMemory) {
+        match queue.needs_notification(mem) {
+            Ok(false) => {}
+            Ok(true) => self.signal_used_queue(),
+            Err(e) => {
+                log::warn!("virtio: cannot read the driver's used event index: {e}");
+                self.signal_used_queue();
+            }
+        }
     }
 
     /// Tells the driver the configuration space changed.

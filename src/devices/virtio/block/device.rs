@@ -139,15 +139,7 @@ impl Block {
             }
         }
         if used {
-            match active.queue.needs_notification(&active.mem) {
-                Ok(true) => active.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(e) => {
-                    // Better a spurious interrupt than a driver waiting forever.
-                    log::warn!("virtio-blk: cannot read the used event index: {e}");
-                    active.interrupt.signal_used_queue();
-                }
-            }
+            active.interrupt.notify_used(&mut active.queue, &active.mem);
         }
     }
 }

@@ -95,18 +95,6 @@ fn return_chain(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
     }
 }
 
-/// Raises the queue interrupt unless the driver suppressed it.
-fn signal_used(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
-    match queue.needs_notification(mem) {
-        Ok(false) => {}
-        Ok(true) => interrupt.signal_used_queue(),
-        Err(e) => {
-            log::warn!("virtio-net: cannot read the driver's notification index: {e}");
-            interrupt.signal_used_queue();
-        }
-    }
-}
-
 /// Sends every chain on the TX queue through `send`; returns whether any chain was used
 /// and whether work was left for later (the budget ran out).
 pub(super) fn process_tx_queue(
@@ -427,7 +415,9 @@ impl Net {
                     tap.read(buf)
                 });
         if used {
-            signal_used(&mut active.rx.queue, &active.mem, &active.interrupt);
+            active
+                .interrupt
+                .notify_used(&mut active.rx.queue, &active.mem);
         }
         if let Some(e) = error {
             log::error!(
@@ -466,7 +456,9 @@ impl Net {
             },
         );
         if used {
-            signal_used(&mut active.tx.queue, &active.mem, &active.interrupt);
+            active
+                .interrupt
+                .notify_used(&mut active.tx.queue, &active.mem);
         }
         if more {
             // Come back after the rest of the event loop had its turn.

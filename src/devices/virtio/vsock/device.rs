@@ -149,7 +149,9 @@ impl Vsock {
             true
         });
         if used {
-            signal(&mut active.tx.queue, &active.mem, &active.interrupt);
+            active
+                .interrupt
+                .notify_used(&mut active.tx.queue, &active.mem);
         }
         self.process_rx();
     }
@@ -189,7 +191,9 @@ impl Vsock {
             true
         });
         if used {
-            signal(&mut active.rx.queue, &active.mem, &active.interrupt);
+            active
+                .interrupt
+                .notify_used(&mut active.rx.queue, &active.mem);
         }
     }
 }
@@ -231,17 +235,6 @@ fn drain_queue(
         }
     }
     used
-}
-
-fn signal(queue: &mut Queue, mem: &GuestMemory, interrupt: &Interrupt) {
-    match queue.needs_notification(mem) {
-        Ok(true) => interrupt.signal_used_queue(),
-        Ok(false) => {}
-        Err(e) => {
-            log::warn!("virtio-vsock: cannot read the used event index: {e}");
-            interrupt.signal_used_queue();
-        }
-    }
 }
 
 impl VirtioDevice for Vsock {
