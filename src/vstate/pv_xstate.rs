@@ -16,14 +16,18 @@
 //! * the same write to [`PV_XSTATE_RESTORE_PORT`] loads it back (KVM_SET_XSAVE).
 //!
 //! The guest's kernel edits the legacy region in place (ptrace, signal return), exactly as
-//! FXRSTOR would then load it, so a restore always takes x87 and SSE from the image. A
-//! guest that passes a bad address or a malformed image only gets a warning: it can do
-//! nothing with this but read and write its own memory and registers.
+//! FXRSTOR would then load it, so a restore always takes x87 and SSE from the image. With
+//! patch 0006 a signal frame holds the whole image and sigreturn hands back whatever guest
+//! user space left there, so a restore also drops what KVM_SET_XSAVE would refuse in the
+//! header: components it was not offered, a compacted format, reserved bytes. A guest that
+//! passes a bad address or a malformed image only gets a warning: it can do nothing with
+//! this but read and write its own memory and registers.
 
 use kvm_bindings::kvm_xsave;
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::arch::cpuid::PVM_XSTATE_COMPONENTS;
 pub use crate::arch::layout::{PV_XSTATE_RESTORE_PORT, PV_XSTATE_SAVE_PORT};
 use crate::vstate::memory::GuestMemory;
 
@@ -31,9 +35,11 @@ use crate::vstate::memory::GuestMemory;
 pub const MAGIC: u32 = 0x4858_5354;
 /// Size of the image: KVM_GET_XSAVE's region.
 pub const IMAGE_SIZE: usize = 4096;
-/// The XSAVE header's XSTATE_BV and XCOMP_BV fields (8 bytes each).
+/// The XSAVE header (64 bytes): XSTATE_BV, XCOMP_BV (8 bytes each), then reserved bytes
+/// that must be zero.
 const XSTATE_BV_OFFSET: usize = 512;
 const XCOMP_BV_OFFSET: usize = 520;
+const HEADER_END: usize = 576;
 /// XSTATE_BV bits of the x87 and SSE components (in its low 32-bit word).
 const LEGACY_COMPONENTS: u32 = 0b11;
 
@@ -107,14 +113,18 @@ fn to_image(xsave: &kvm_xsave) -> [u8; IMAGE_SIZE] {
     image
 }
 
-/// The guest's image as KVM_SET_XSAVE input: standard format, legacy region always used.
+/// The guest's image as KVM_SET_XSAVE input: standard format, legacy region always used,
+/// only the components the guest was offered, reserved header bytes zero.
 fn from_image(image: &[u8; IMAGE_SIZE]) -> kvm_xsave {
     let mut xsave = kvm_xsave::default();
     for (word, chunk) in xsave.region.iter_mut().zip(image.chunks_exact(4)) {
         *word = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
     }
-    xsave.region[XSTATE_BV_OFFSET / 4] |= LEGACY_COMPONENTS;
-    xsave.region[XCOMP_BV_OFFSET / 4..XCOMP_BV_OFFSET / 4 + 2].fill(0);
+    let xstate_bv = xsave.region[XSTATE_BV_OFFSET / 4];
+    xsave.region[XSTATE_BV_OFFSET / 4] = (xstate_bv | LEGACY_COMPONENTS) & PVM_XSTATE_COMPONENTS;
+    // Components 32-63: none offered.
+    xsave.region[XSTATE_BV_OFFSET / 4 + 1] = 0;
+    xsave.region[XCOMP_BV_OFFSET / 4..HEADER_END / 4].fill(0);
     xsave
 }
 
@@ -150,5 +160,21 @@ mod tests {
         );
         assert_eq!(back[XCOMP_BV_OFFSET..XCOMP_BV_OFFSET + 8], [0; 8]);
         assert_eq!(back[576..], image[576..]);
+    }
+
+    /// What guest user space can leave in a signal frame: a header KVM would refuse.
+    #[test]
+    fn a_forged_header_is_made_acceptable() {
+        let mut image = [0xffu8; IMAGE_SIZE];
+        image[24..28].copy_from_slice(&0x1f80u32.to_le_bytes()); // MXCSR, checked by the guest
+        let back = to_image(&from_image(&image));
+        let bv = u64::from_le_bytes(back[XSTATE_BV_OFFSET..XCOMP_BV_OFFSET].try_into().unwrap());
+        assert_eq!(bv, u64::from(PVM_XSTATE_COMPONENTS));
+        assert_eq!(
+            back[XCOMP_BV_OFFSET..HEADER_END],
+            [0; HEADER_END - XCOMP_BV_OFFSET]
+        );
+        assert_eq!(back[..XSTATE_BV_OFFSET], image[..XSTATE_BV_OFFSET]);
+        assert_eq!(back[HEADER_END..], image[HEADER_END..]);
     }
 }
