@@ -202,6 +202,21 @@ impl Drop for MachineGuard {
     }
 }
 
+/// A root filesystem directory holding `/avx_state` (tests/programs/avx_state.c, static).
+fn avx_state_rootfs(scratch: &Path) -> PathBuf {
+    let root = scratch.join("avx-root");
+    std::fs::create_dir_all(&root).unwrap();
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/avx_state.c");
+    let out = Command::new("cc")
+        .args(["-O2", "-static", "-o"])
+        .arg(root.join("avx_state"))
+        .arg(source)
+        .output()
+        .expect("run cc (build-essential)");
+    assert!(out.status.success(), "cc {source}: {}", describe(&out));
+    root
+}
+
 #[test]
 fn a_machine_hosts_isolated_containers() {
     let dir = scratch("machine");
@@ -223,6 +238,20 @@ fn a_machine_hosts_isolated_containers() {
     assert!(
         !console.contains("extended register state"),
         "console:\n{console}"
+    );
+
+    // ... and user space's AVX registers survive task switches and signal handlers.
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run", "--machine", &name])
+        .arg(avx_state_rootfs(&dir))
+        .args(["/avx_state", "3", "3"]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    let verdict = stdout_of(&out);
+    assert!(
+        verdict.contains("avx state intact") || verdict.contains("no AVX here"),
+        "{}",
+        describe(&out)
     );
 
     // The machine itself runs Linux.
