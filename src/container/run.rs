@@ -333,19 +333,18 @@ fn fresh_vm(
         session::hello(&mut stream)?;
         Ok(session::run_process(stream, spec, signals)?)
     })();
-    let stopped = match &outcome {
+    let poweroff_timeout = match &outcome {
+        Ok(_) => POWEROFF_TIMEOUT,
         // The guest side hung up on its own (its agent died, say): the guest kernel is
         // likely still telling why on the console, and stops the VM when it is done.
-        Err(ContainerError::Session(session::SessionError::Closed)) => {
-            wait_for_poweroff(&mut child, GUEST_LAST_WORDS_TIMEOUT)
-        }
+        Err(ContainerError::Session(session::SessionError::Closed)) => GUEST_LAST_WORDS_TIMEOUT,
         // The VM will not power off by itself: nothing runs the container any more.
         Err(_) => {
             let _ = child.kill();
-            wait_for_poweroff(&mut child, POWEROFF_TIMEOUT)
+            POWEROFF_TIMEOUT
         }
-        Ok(_) => wait_for_poweroff(&mut child, POWEROFF_TIMEOUT),
     };
+    let stopped = wait_for_poweroff(&mut child, poweroff_timeout);
     match outcome {
         Ok(status) => {
             if let Err(reason) = stopped {
