@@ -172,6 +172,11 @@ fn machine_dir(scratch: &Path, name: &str) -> PathBuf {
     state_dir(scratch).join("machines").join(name)
 }
 
+/// What machine `name`'s guest printed on its console so far ("" if nothing yet).
+fn machine_console(scratch: &Path, name: &str) -> String {
+    std::fs::read_to_string(machine_dir(scratch, name).join("console.log")).unwrap_or_default()
+}
+
 /// Kills a machine's VMM if the test fails before stopping it, so no VM outlives the test.
 struct MachineGuard {
     scratch: PathBuf,
@@ -180,17 +185,16 @@ struct MachineGuard {
 
 impl Drop for MachineGuard {
     fn drop(&mut self) {
-        let dir = machine_dir(&self.scratch, &self.name);
         if std::thread::panicking() {
             // What the guest kernel said is the best clue to a failure inside the VM.
-            let log = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+            let log = machine_console(&self.scratch, &self.name);
             let tail: Vec<&str> = log.lines().rev().take(60).collect();
             eprintln!("--- machine console (last 60 lines) ---");
             for line in tail.iter().rev() {
                 eprintln!("{line}");
             }
         }
-        let info = dir.join("machine.json");
+        let info = machine_dir(&self.scratch, &self.name).join("machine.json");
         let pid = std::fs::read_to_string(info)
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -233,8 +237,7 @@ fn a_machine_hosts_isolated_containers() {
 
     // The guest kernel keeps user space to the register state it saves: the agent warns
     // at boot otherwise (on nested PVM, AVX state would leak between guest tasks).
-    let console =
-        std::fs::read_to_string(machine_dir(&dir, &name).join("console.log")).unwrap_or_default();
+    let console = machine_console(&dir, &name);
     assert!(
         !console.contains("extended register state"),
         "console:\n{console}"

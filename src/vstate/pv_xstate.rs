@@ -159,7 +159,7 @@ mod tests {
             0b111
         );
         assert_eq!(back[XCOMP_BV_OFFSET..XCOMP_BV_OFFSET + 8], [0; 8]);
-        assert_eq!(back[576..], image[576..]);
+        assert_eq!(back[HEADER_END..], image[HEADER_END..]);
     }
 
     /// What guest user space can leave in a signal frame: a header KVM would refuse.
