@@ -10,11 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hearth::bench::fixtures::payloads::{self, Format, EXITS_MMIO, EXITS_PIO, EXIT_LOOP_COUNT};
-use hearth::cli::{Cli, Command};
-use hearth::config::VmConfig;
+use hearth::config::{SerialConfig, VmConfig};
 
 const OUT_DIR: &str = concat!(env!("CARGO_TARGET_TMPDIR"), "/bench-payloads");
 
@@ -26,21 +24,11 @@ fn payload(name: &str) -> PathBuf {
 }
 
 fn config(kernel: &Path) -> VmConfig {
-    let cli = Cli::try_parse_from([
-        "hearth",
-        "run",
-        "--kernel",
-        kernel.to_str().expect("UTF-8 path"),
-        "--memory",
-        "32M",
-        "--serial",
-        "none",
-    ])
-    .expect("valid arguments");
-    let Command::Run(args) = cli.command else {
-        unreachable!("parsed a run command")
-    };
-    VmConfig::from_args(&args).expect("valid configuration")
+    let mut config = VmConfig::new(kernel);
+    config.mem_size = 32 << 20;
+    config.serial = SerialConfig::None;
+    config.validate().expect("valid configuration");
+    config
 }
 
 /// Builds and runs one VM to its end; panics unless the guest exits with 0.

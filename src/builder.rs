@@ -126,9 +126,10 @@ struct LoadedKernel {
 pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let kvm = KvmContext::open()?;
     kvm.check_vcpu_count(config.vcpu_count)?;
+    let cpu_profile = config.resolved_cpu_profile();
     log::info!(
         "CPU profile: {:?}{}",
-        config.cpu_profile,
+        cpu_profile,
         if crate::vstate::pvm::host_is_pvm() {
             " (host KVM is nested PVM)"
         } else {
@@ -202,7 +203,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
             mmio_bus.clone(),
             exit.clone(),
             mem.clone(),
-            config.cpu_profile,
+            cpu_profile,
         )?;
         vcpu.configure(&kvm, config.vcpu_count, (index == 0).then_some(kernel.boot))?;
         vcpus.push(vcpu);
@@ -217,7 +218,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         event_loop,
         console,
         control,
-        config.cpu_profile,
+        cpu_profile,
     ))
 }
 

@@ -1,11 +1,14 @@
-//! Command-line interface (clap derive types). Turning these into validated configuration
-//! happens in `config`; nothing here touches KVM.
+//! Command-line interface (clap derive types), and `hearth run`'s flags turned into a
+//! [`VmConfig`]; the checks every producer shares are `config`'s. Nothing here touches KVM.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::DEFAULT_CMDLINE;
+use crate::config::{
+    parse_memory_size, split_cmdline, ConfigError, CpuProfileChoice, SpecError, VmConfig,
+    DEFAULT_CMDLINE,
+};
 
 /// hearth: a lightweight KVM microVM monitor.
 #[derive(Debug, Parser)]
@@ -191,13 +194,25 @@ pub struct MachineStartArgs {
     pub boot_timeout: u64,
 }
 
-/// `hearth run` options. Values are checked in `config::VmConfig::from_args`, before
-/// /dev/kvm is opened.
+/// `hearth run` options: the VM either from the flags or from a config file. Both become
+/// a [`VmConfig`] checked by [`VmConfig::validate`] (see [`RunArgs::vm_config`]).
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// The whole VM from hearth's JSON config file (see README, "File formats") instead of
+    /// the flags below.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = [
+            "kernel", "initrd", "cmdline", "cpus", "memory", "serial", "disks", "nets",
+            "vsock", "boot_timer", "cpu_profile",
+        ]
+    )]
+    pub config: Option<PathBuf>,
+
     /// Guest kernel: ELF vmlinux (64-bit entry or Xen PVH note) or bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    pub kernel: Option<PathBuf>,
 
     /// Initial ramdisk loaded high in guest RAM.
     #[arg(long, value_name = "PATH")]
@@ -220,6 +235,7 @@ pub struct RunArgs {
     pub serial: String,
 
     /// A virtio-blk disk backed by a raw image: path=FILE[,ro=on][,id=NAME]. Repeatable.
+    /// A comma in a value is written twice.
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
 
@@ -242,6 +258,71 @@ pub struct RunArgs {
     /// `host` passes the host CPU through, `auto` picks by looking at the host.
     #[arg(long, value_enum, default_value_t = CpuProfileChoice::Auto)]
     pub cpu_profile: CpuProfileChoice,
+}
+
+/// Why `hearth run`'s arguments do not make a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("invalid {flag} \"{spec}\"")]
+    Spec {
+        flag: &'static str,
+        spec: String,
+        #[source]
+        source: SpecError,
+    },
+    #[error("--kernel or --config is required")]
+    NoKernel,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+impl RunArgs {
+    /// The VM these arguments describe, validated against this host.
+    pub fn vm_config(&self) -> Result<VmConfig, CliError> {
+        let config = match &self.config {
+            Some(path) => VmConfig::from_file(path)?,
+            None => self.config_from_flags()?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads the flags' syntax; the values are checked by `validate`.
+    fn config_from_flags(&self) -> Result<VmConfig, CliError> {
+        fn parse<T: std::str::FromStr<Err = SpecError>>(
+            flag: &'static str,
+            spec: &str,
+        ) -> Result<T, CliError> {
+            spec.parse().map_err(|source| CliError::Spec {
+                flag,
+                spec: spec.to_string(),
+                source,
+            })
+        }
+        let kernel = self.kernel.clone().ok_or(CliError::NoKernel)?;
+        let vcpu_count = u8::try_from(self.cpus).map_err(|_| ConfigError::VcpuCount(self.cpus))?;
+        let (boot_args, init_args) = split_cmdline(&self.cmdline);
+        Ok(VmConfig {
+            kernel,
+            initrd: self.initrd.clone(),
+            boot_args,
+            init_args,
+            vcpu_count,
+            mem_size: parse_memory_size(&self.memory)?,
+            serial: parse("--serial", &self.serial)?,
+            disks: (self.disks.iter())
+                .map(|spec| parse("--disk", spec))
+                .collect::<Result<_, _>>()?,
+            nets: (self.nets.iter())
+                .map(|spec| parse("--net", spec))
+                .collect::<Result<_, _>>()?,
+            vsock: (self.vsock.as_deref())
+                .map(|spec| parse("--vsock", spec))
+                .transpose()?,
+            boot_timer: self.boot_timer,
+            cpu_profile: self.cpu_profile,
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -267,16 +348,10 @@ impl From<LogLevel> for log::LevelFilter {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum CpuProfileChoice {
-    Auto,
-    Host,
-    Compat,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_MEM_SIZE;
 
     #[test]
     fn run_defaults() {
@@ -289,7 +364,143 @@ mod tests {
         assert_eq!(args.serial, "stdio");
         assert_eq!(args.cmdline, DEFAULT_CMDLINE);
         assert_eq!(args.cpu_profile, CpuProfileChoice::Auto);
+        assert_eq!(parse_memory_size(&args.memory).unwrap(), DEFAULT_MEM_SIZE);
         assert_eq!(cli.log_level, LogLevel::Warn);
+    }
+
+    fn run_args(argv: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["hearth", "run"].iter().chain(argv))?;
+        let Command::Run(args) = cli.command else {
+            panic!("expected run");
+        };
+        Ok(args)
+    }
+
+    fn temp_file(name: &str, contents: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hearth-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn flags_make_a_config() {
+        let kernel = temp_file("kernel", "k");
+        let disk = temp_file("a,b.img", "");
+        let args = run_args(&[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 -- /bin/sh -c true",
+            "--cpus",
+            "2",
+            "--memory",
+            "64M",
+            "--serial",
+            "none",
+            "--disk",
+            &format!("path={},ro=on", disk.to_str().unwrap().replace(',', ",,")),
+            "--net",
+            "tap=tap0",
+            "--vsock",
+            "cid=3,socket=/run/v.sock",
+            "--cpu-profile",
+            "host",
+        ])
+        .unwrap();
+        let config = args.vm_config().unwrap();
+        let mut expected = VmConfig::new(&kernel);
+        expected.boot_args = "console=ttyS0".into();
+        expected.init_args = Some("/bin/sh -c true".into());
+        expected.vcpu_count = 2;
+        expected.mem_size = 64 << 20;
+        expected.serial = crate::config::SerialConfig::None;
+        expected.disks = vec![crate::devices::virtio::block::BlockConfig {
+            path: disk,
+            read_only: true,
+            id: None,
+        }];
+        expected.nets = vec!["tap=tap0".parse().unwrap()];
+        expected.vsock = Some("cid=3,socket=/run/v.sock".parse().unwrap());
+        expected.cpu_profile = CpuProfileChoice::Host;
+        assert_eq!(config, expected);
+    }
+
+    #[test]
+    fn a_config_file_gives_the_same_config_as_the_flags() {
+        let kernel = temp_file("kernel-file", "k");
+        let flags = run_args(&["--kernel", kernel.to_str().unwrap(), "--memory", "64M"])
+            .unwrap()
+            .vm_config()
+            .unwrap();
+        let file = temp_file("vm.json", &flags.to_json().unwrap());
+        let args = run_args(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(args.vm_config().unwrap(), flags);
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        let kernel = temp_file("kernel-bad", "k");
+        let kernel = kernel.to_str().unwrap();
+        for (flag, spec, expected) in [
+            (
+                "--disk",
+                "ro=on",
+                "invalid --disk \"ro=on\": path=FILE is required",
+            ),
+            (
+                "--net",
+                "tap=t,mac=zz",
+                "invalid --net \"tap=t,mac=zz\": invalid MAC address \"zz\": expected six hex bytes like 52:54:00:12:34:56",
+            ),
+            (
+                "--vsock",
+                "cid=x,socket=/s",
+                "invalid --vsock \"cid=x,socket=/s\": cid \"x\" is not a number",
+            ),
+            (
+                "--serial",
+                "tcp=1",
+                "invalid --serial \"tcp=1\": expected stdio, none, file=PATH or unix=PATH",
+            ),
+            (
+                "--cpus",
+                "100000",
+                "invalid number of vCPUs 100000: must be between 1 and 254",
+            ),
+        ] {
+            let args = run_args(&["--kernel", kernel, flag, spec]).unwrap();
+            let err = args.vm_config().unwrap_err();
+            assert_eq!(crate::error_chain(&err), expected);
+        }
+    }
+
+    #[test]
+    fn config_excludes_the_vm_flags() {
+        assert!(run_args(&["--config", "vm.json"]).is_ok());
+        for extra in [
+            &["--kernel", "k"][..],
+            &["--memory", "1G"],
+            &["--disk", "path=d"],
+            &["--boot-timer"],
+            &["--cpu-profile", "host"],
+        ] {
+            let argv: Vec<&str> = ["--config", "vm.json"]
+                .iter()
+                .chain(extra)
+                .copied()
+                .collect();
+            let err = run_args(&argv).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{extra:?}"
+            );
+        }
+        let cli =
+            Cli::try_parse_from(["hearth", "run", "--config", "f", "--log-level", "info"]).unwrap();
+        assert_eq!(cli.log_level, LogLevel::Info);
     }
 
     #[test]
@@ -335,7 +546,13 @@ mod tests {
 
     #[test]
     fn kernel_is_required() {
-        assert!(Cli::try_parse_from(["hearth", "run"]).is_err());
+        let err = Cli::try_parse_from(["hearth", "run"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let args = RunArgs {
+            kernel: None,
+            ..run_args(&["--kernel", "k"]).unwrap()
+        };
+        assert!(matches!(args.vm_config(), Err(CliError::NoKernel)));
     }
 
     #[test]

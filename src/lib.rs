@@ -44,6 +44,8 @@ pub fn process_start() -> Instant {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
+    Cli(#[from] cli::CliError),
+    #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Build(#[from] builder::BuildError),
@@ -58,7 +60,7 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
     logger::init(cli.log_level.into());
     match cli.command {
         Command::Run(args) => {
-            let config = VmConfig::from_args(&args)?;
+            let config = args.vm_config()?;
             run_vm(&config)
         }
         // Like docker, failures of hearth itself (as opposed to the container's own exit

@@ -186,9 +186,10 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
         nets: Vec::new(),
         vsock_socket: machine.socket(),
         console_log: machine.console_log(),
+        state_dir: machine.dir.clone(),
         detached: true,
     };
-    let mut child = vm::spawn(&spec).map_err(ContainerError::io("starting the VMM"))?;
+    let mut child = vm::spawn(&spec)?;
     let info = MachineInfo {
         name: machine.name.clone(),
         pid: child.id() as i32,

@@ -36,6 +36,8 @@ pub enum ContainerError {
     Initramfs(#[from] initramfs::InitramfsError),
     #[error(transparent)]
     Session(#[from] session::SessionError),
+    #[error(transparent)]
+    Spawn(#[from] vm::SpawnError),
     #[error("{what}: {source}")]
     Io {
         what: String,

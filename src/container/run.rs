@@ -18,6 +18,8 @@ use crate::agent::protocol::{
 };
 use crate::cli::ContainerRunArgs;
 use crate::config::parse_memory_size;
+use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net;
 use crate::image::{self, ImageCache};
 
 /// Guest RAM on top of the container's memory limit (kernel, agent, tmpfs overlay).
@@ -275,7 +277,11 @@ fn fresh_vm(
     let kernel = super::guest_kernel(args.kernel.as_deref())?;
     let initrd = agent_initramfs(false)?;
     let mut dir = RunDir::create()?;
-    let mut disks = vec![(image_ext4.to_path_buf(), true)];
+    let mut disks = vec![BlockConfig {
+        path: image_ext4.to_path_buf(),
+        read_only: true,
+        id: None,
+    }];
     for (i, volume) in volumes.iter().enumerate() {
         let disk = if volume.host.is_dir() {
             let out = dir.path.join(format!("volume{i}.ext4"));
@@ -289,7 +295,11 @@ fn fresh_vm(
         } else {
             volume.host.clone()
         };
-        disks.push((disk, volume.readonly));
+        disks.push(BlockConfig {
+            path: disk,
+            read_only: volume.readonly,
+            id: None,
+        });
         spec.volumes.push(Volume {
             device: format!("/dev/vd{}", (b'b' + i as u8) as char),
             target: volume.guest.clone(),
@@ -321,12 +331,18 @@ fn fresh_vm(
         cpus: args.cpus.map(|c| c.ceil() as u64).unwrap_or(1).max(1),
         memory_mib,
         disks,
-        nets: network.tap.iter().map(|t| format!("tap={t}")).collect(),
+        nets: (network.tap.iter())
+            .map(|tap| net::NetConfig {
+                tap: tap.clone(),
+                mac: None,
+            })
+            .collect(),
         vsock_socket: vsock,
         console_log: dir.path.join("console.log"),
+        state_dir: dir.path.clone(),
         detached: false,
     };
-    let mut child = vm::spawn(&vm_spec).map_err(ContainerError::io("starting the VMM"))?;
+    let mut child = vm::spawn(&vm_spec)?;
     let outcome = (|| {
         let stream = wait_for_agent(&listener, &mut child, &vm_spec, args.boot_timeout, signals)?;
         let mut stream = stream;

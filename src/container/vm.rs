@@ -13,11 +13,19 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::vsock::VsockConfig;
+
 /// Boot options of every agent VM; `hearth.mode=` selects the agent's role.
 pub const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet";
 
 /// The guest CID of agent VMs (each VM has its own vsock device, so one value suffices).
 pub const GUEST_CID: u32 = 3;
+
+/// The VMM's configuration file, in the VM's state directory.
+pub const CONFIG_FILE: &str = "vm.json";
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -28,58 +36,73 @@ pub struct VmSpec {
     pub mode: &'static str,
     pub cpus: u64,
     pub memory_mib: u64,
-    /// (image, read-only), attached in order as /dev/vda, /dev/vdb, ...
-    pub disks: Vec<(PathBuf, bool)>,
-    /// `--net` specs.
-    pub nets: Vec<String>,
+    /// Attached in order as /dev/vda, /dev/vdb, ...
+    pub disks: Vec<BlockConfig>,
+    pub nets: Vec<NetConfig>,
     pub vsock_socket: PathBuf,
     /// Serial console and VMM diagnostics go here.
     pub console_log: PathBuf,
+    /// Where the VMM's configuration file is written; lives as long as the VM.
+    pub state_dir: PathBuf,
     /// A machine: new session, no parent-death signal.
     pub detached: bool,
 }
 
+/// Why the VMM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("invalid VM configuration")]
+    Config(#[source] ConfigError),
+    #[error("cannot write the VM configuration \"{path}\"")]
+    WriteConfig {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the VMM")]
+    Start(#[source] io::Error),
+}
+
 impl VmSpec {
-    /// The `hearth run` arguments for this VM.
-    pub fn args(&self) -> Vec<String> {
-        let mut args = vec![
-            "run".to_string(),
-            "--kernel".into(),
-            self.kernel.display().to_string(),
-            "--initrd".into(),
-            self.initrd.display().to_string(),
-            "--cmdline".into(),
-            format!("{AGENT_CMDLINE} hearth.mode={}", self.mode),
-            "--cpus".into(),
-            self.cpus.to_string(),
-            "--memory".into(),
-            format!("{}M", self.memory_mib),
-            "--serial".into(),
-            format!("file={}", self.console_log.display()),
-            "--vsock".into(),
-            format!("cid={GUEST_CID},socket={}", self.vsock_socket.display()),
-        ];
-        for (path, ro) in &self.disks {
-            args.push("--disk".into());
-            let ro = if *ro { ",ro=on" } else { "" };
-            args.push(format!("path={}{ro}", path.display()));
-        }
-        for net in &self.nets {
-            args.push("--net".into());
-            args.push(net.clone());
-        }
-        args
+    /// The VMM's configuration for this VM, checked as `hearth run` will check it.
+    pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
+        let mut config = VmConfig::new(&self.kernel);
+        config.initrd = Some(self.initrd.clone());
+        config.boot_args = format!("{AGENT_CMDLINE} hearth.mode={}", self.mode);
+        config.vcpu_count =
+            u8::try_from(self.cpus).map_err(|_| ConfigError::VcpuCount(self.cpus))?;
+        config.mem_size = self.memory_mib << 20;
+        config.serial = SerialConfig::File(self.console_log.clone());
+        config.disks = self.disks.clone();
+        config.nets = self.nets.clone();
+        config.vsock = Some(VsockConfig {
+            guest_cid: GUEST_CID.into(),
+            uds_path: self.vsock_socket.clone(),
+        });
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.state_dir.join(CONFIG_FILE)
     }
 }
 
-/// Starts the VMM. Its stderr is appended to the console log.
-pub fn spawn(spec: &VmSpec) -> io::Result<Child> {
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&spec.console_log)?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(spec.args())
+/// Writes the VM's configuration file and starts `hearth run --config` on it. The VMM's
+/// stderr is appended to the console log.
+pub fn spawn(spec: &VmSpec) -> Result<Child, SpawnError> {
+    let config = spec.vm_config().map_err(SpawnError::Config)?;
+    let json = config.to_json().map_err(SpawnError::Config)?;
+    let config_path = spec.config_path();
+    std::fs::write(&config_path, json).map_err(|source| SpawnError::WriteConfig {
+        path: config_path.clone(),
+        source,
+    })?;
+    let log = append(&spec.console_log).map_err(SpawnError::Start)?;
+    let mut cmd = Command::new(std::env::current_exe().map_err(SpawnError::Start)?);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config_path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
@@ -100,7 +123,7 @@ pub fn spawn(spec: &VmSpec) -> io::Result<Child> {
             Ok(())
         });
     }
-    cmd.spawn()
+    cmd.spawn().map_err(SpawnError::Start)
 }
 
 /// The last `lines` lines of a log file, for error messages.
@@ -120,26 +143,69 @@ pub fn append(path: &Path) -> io::Result<File> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn args_describe_the_vm() {
-        let spec = VmSpec {
-            kernel: "/k".into(),
-            initrd: "/i.cpio".into(),
+    fn temp_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hearth-vmspec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn spec(dir: &Path) -> VmSpec {
+        let file = |name: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, vec![0u8; 4096]).unwrap();
+            path
+        };
+        VmSpec {
+            kernel: file("vmlinux"),
+            initrd: file("i.cpio"),
             mode: "container",
             cpus: 2,
             memory_mib: 320,
-            disks: vec![("/img.ext4".into(), true), ("/vol.ext4".into(), false)],
-            nets: vec!["tap=t0".into()],
-            vsock_socket: "/run/v.sock".into(),
-            console_log: "/run/console.log".into(),
+            disks: vec![
+                "path=/dev/null,ro=on".parse().unwrap(),
+                BlockConfig {
+                    path: file("vol.ext4"),
+                    read_only: false,
+                    id: None,
+                },
+            ],
+            nets: vec!["tap=t0".parse().unwrap()],
+            vsock_socket: dir.join("v.sock"),
+            console_log: dir.join("console.log"),
+            state_dir: dir.to_path_buf(),
             detached: false,
-        };
-        let args = spec.args().join(" ");
-        assert!(args.starts_with("run --kernel /k --initrd /i.cpio --cmdline console=ttyS0"));
-        assert!(args.contains("hearth.mode=container --cpus 2 --memory 320M"));
-        assert!(args.contains("--serial file=/run/console.log"));
-        assert!(args.contains("--vsock cid=3,socket=/run/v.sock"));
-        assert!(args.contains("--disk path=/img.ext4,ro=on --disk path=/vol.ext4 --net tap=t0"));
+        }
+    }
+
+    #[test]
+    fn config_describes_the_vm() {
+        let dir = temp_dir();
+        let mut spec = spec(&dir);
+        // /dev/null is not a regular file.
+        assert!(matches!(
+            spec.vm_config(),
+            Err(ConfigError::NotAFile { .. })
+        ));
+        spec.disks[0].path = dir.join("vmlinux");
+        let config = spec.vm_config().unwrap();
+        assert_eq!(
+            config.boot_args,
+            format!("{AGENT_CMDLINE} hearth.mode=container")
+        );
+        assert_eq!(config.init_args, None);
+        assert_eq!((config.vcpu_count, config.mem_size), (2, 320 << 20));
+        assert_eq!(config.initrd.as_deref(), Some(dir.join("i.cpio").as_path()));
+        assert_eq!(config.serial, SerialConfig::File(dir.join("console.log")));
+        assert_eq!(config.disks, spec.disks);
+        assert_eq!(config.nets, spec.nets);
+        assert_eq!(
+            config.vsock.unwrap().to_string(),
+            format!("cid=3,socket={}", dir.join("v.sock").display())
+        );
+        assert_eq!(spec.config_path(), dir.join(CONFIG_FILE));
+
+        spec.cpus = 300;
+        assert!(matches!(spec.vm_config(), Err(ConfigError::VcpuCount(300))));
     }
 
     #[test]

@@ -30,14 +30,18 @@ pub const SECTOR_SIZE: u64 = 512;
 /// Longest disk ID the guest can read (VIRTIO_BLK_ID_BYTES).
 pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
-/// A disk as configured: inert data, validated when the device is built.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A disk as configured: inert data, checked by `VmConfig::validate` and again when the
+/// device is built. `--disk` syntax: see `crate::config::specs`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BlockConfig {
     /// The raw image file (or block device).
     pub path: PathBuf,
     /// Opened read-only, shared-locked, and offered to the guest with VIRTIO_BLK_F_RO.
+    #[serde(default)]
     pub read_only: bool,
     /// What the guest reads with VIRTIO_BLK_T_GET_ID (its serial), at most [`ID_BYTES`].
+    #[serde(default)]
     pub id: Option<String>,
 }
 

@@ -19,13 +19,32 @@ pub mod tap;
 pub use device::Net;
 pub use tap::{Tap, TapError};
 
-/// What a network device is built from (inert; validated before use).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a network device is built from (inert; checked by `VmConfig::validate` and when
+/// the tap is opened). `--net` syntax: see `crate::config::specs`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Name of an existing tap interface on the host.
     pub tap: String,
-    /// The guest's MAC address; a random locally administered one when `None`.
+    /// The guest's MAC address; a random locally administered one when `None`. Serialised
+    /// as `"52:54:00:12:34:56"`.
+    #[serde(default, with = "mac_serde")]
     pub mac: Option<[u8; 6]>,
+}
+
+/// MAC addresses in configuration files are written the way `--net mac=` takes them.
+mod mac_serde {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(mac: &Option<[u8; 6]>, out: S) -> Result<S::Ok, S::Error> {
+        mac.as_ref().map(super::format_mac).serialize(out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<Option<[u8; 6]>, D::Error> {
+        Option::<String>::deserialize(input)?
+            .map(|text| super::parse_mac(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +159,26 @@ mod tests {
         let mac = [0x02, 0x00, 0xab, 0x10, 0xff, 0x01];
         assert_eq!(format_mac(&mac), "02:00:ab:10:ff:01");
         assert_eq!(parse_mac(&format_mac(&mac)).unwrap(), mac);
+    }
+
+    #[test]
+    fn config_serialises_the_mac_as_text() {
+        let config = NetConfig {
+            tap: "tap0".into(),
+            mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+        };
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(json, r#"{"tap":"tap0","mac":"52:54:00:12:34:56"}"#);
+        assert_eq!(serde_json::from_str::<NetConfig>(&json).unwrap(), config);
+        let plain: NetConfig = serde_json::from_str(r#"{"tap":"t"}"#).unwrap();
+        assert_eq!(plain.mac, None);
+        for bad in [
+            r#"{"tap":"t","mac":"01:00:5e:00:00:01"}"#,
+            r#"{"tap":"t","mac":[82,84,0,18,52,86]}"#,
+            r#"{"tap":"t","queues":2}"#,
+        ] {
+            assert!(serde_json::from_str::<NetConfig>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -75,15 +75,20 @@ fn c_string(bytes: &[u8]) -> &str {
         .unwrap_or("")
 }
 
-fn check_name(name: &str) -> io::Result<()> {
-    let valid = !name.is_empty()
+/// Whether the kernel would accept `name` as an interface name: 1-15 printable bytes, no
+/// `/`, `:` or blanks, not `.` or `..`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() < libc::IFNAMSIZ
         && name != "."
         && name != ".."
         && name
             .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':');
-    if valid {
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+}
+
+fn check_name(name: &str) -> io::Result<()> {
+    if valid_name(name) {
         Ok(())
     } else {
         Err(io::Error::new(

@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::muxer::Muxer;
 use super::packet::{self, MAX_PACKET_LEN, MAX_PAYLOAD_LEN};
-use super::{VsockConfig, VsockError, MIN_GUEST_CID};
+use super::{valid_guest_cid, VsockConfig, VsockError};
 use crate::devices::virtio::{
     read_config_space, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
 };
@@ -64,7 +64,7 @@ impl Vsock {
     /// Validates the CID and listens on `uds_path` (replacing a stale socket, refusing
     /// anything else that is there).
     pub fn new(config: &VsockConfig) -> Result<Self, VsockError> {
-        if config.guest_cid < MIN_GUEST_CID || config.guest_cid >= u64::from(u32::MAX) {
+        if !valid_guest_cid(config.guest_cid) {
             return Err(VsockError::InvalidCid(config.guest_cid));
         }
         let path = &config.uds_path;

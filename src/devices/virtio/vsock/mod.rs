@@ -33,8 +33,15 @@ pub const VSOCK_HOST_CID: u64 = 2;
 /// The lowest CID a guest can have (0-2 are reserved).
 pub const MIN_GUEST_CID: u64 = 3;
 
-/// A vsock device as configured: inert data, validated when the device is built.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Whether a guest may have this CID: 0-2 are reserved and `u32::MAX` is VMADDR_CID_ANY.
+pub fn valid_guest_cid(cid: u64) -> bool {
+    (MIN_GUEST_CID..u64::from(u32::MAX)).contains(&cid)
+}
+
+/// A vsock device as configured: inert data, checked by `VmConfig::validate` and again
+/// when the device is built. `--vsock` syntax: see `crate::config::specs`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     pub guest_cid: u64,
     /// Where host processes connect; guest connections to host port P go to

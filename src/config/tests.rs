@@ -1,0 +1,327 @@
+use super::*;
+
+fn temp_file(name: &str, len: u64) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hearth-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let file = File::create(&path).unwrap();
+    file.set_len(len).unwrap();
+    path
+}
+
+/// A valid configuration on any host: a readable kernel, 128 MiB, the host profile.
+fn config(kernel: &Path) -> VmConfig {
+    let mut config = VmConfig::new(kernel);
+    config.mem_size = 128 << 20;
+    config.cpu_profile = CpuProfileChoice::Host;
+    config
+}
+
+#[test]
+fn memory_sizes() {
+    assert_eq!(parse_memory_size("256M").unwrap(), 256 << 20);
+    assert_eq!(parse_memory_size("1G").unwrap(), 1 << 30);
+    assert_eq!(parse_memory_size("4096k").unwrap(), 4 << 20);
+    assert_eq!(parse_memory_size("8388608").unwrap(), 8 << 20);
+    for bad in [
+        "0",
+        "12Q",
+        "",
+        "M",
+        "1M",
+        "99999999999999999999G",
+        "4097K",
+        "1024T",
+    ] {
+        assert!(parse_memory_size(bad).is_err(), "{bad} should be rejected");
+    }
+    let msg = parse_memory_size("12Q").unwrap_err().to_string();
+    assert_eq!(
+        msg,
+        "invalid memory size \"12Q\": unknown size suffix \"Q\""
+    );
+}
+
+#[test]
+fn cmdline_split() {
+    assert_eq!(
+        split_cmdline("console=ttyS0 -- uname -a"),
+        ("console=ttyS0".to_string(), Some("uname -a".to_string()))
+    );
+    assert_eq!(
+        split_cmdline("console=ttyS0 panic=1"),
+        ("console=ttyS0 panic=1".to_string(), None)
+    );
+    assert_eq!(split_cmdline("a --"), ("a".to_string(), None));
+    assert_eq!(
+        split_cmdline("a --x -- b -- c"),
+        ("a --x".to_string(), Some("b -- c".to_string()))
+    );
+}
+
+#[test]
+fn defaults_are_those_of_hearth_run() {
+    let config = VmConfig::new("/k");
+    assert_eq!(config.vcpu_count, 1);
+    assert_eq!(config.mem_size, DEFAULT_MEM_SIZE);
+    assert_eq!(config.boot_args, DEFAULT_CMDLINE);
+    assert_eq!(config.serial, SerialConfig::Stdio);
+    assert_eq!(config.cpu_profile, CpuProfileChoice::Auto);
+}
+
+#[test]
+fn a_valid_config_passes() {
+    let kernel = temp_file("kernel-ok", 4096);
+    let config = config(&kernel);
+    config.validate().unwrap();
+    assert_eq!(config.resolved_cpu_profile(), CpuProfile::Host);
+    let cmdline = config.kernel_cmdline().unwrap();
+    assert_eq!(
+        cmdline.as_cstring().unwrap().to_str().unwrap(),
+        DEFAULT_CMDLINE
+    );
+}
+
+#[test]
+fn compat_profile_extends_the_cmdline_before_init_args() {
+    let kernel = temp_file("kernel-compat", 4096);
+    let mut config = config(&kernel);
+    config.cpu_profile = CpuProfileChoice::Compat;
+    config.boot_args = "console=ttyS0".into();
+    config.init_args = Some("uname -a".into());
+    config.validate().unwrap();
+    let line = config.kernel_cmdline().unwrap().as_cstring().unwrap();
+    let line = line.to_str().unwrap();
+    assert!(line.starts_with("console=ttyS0 "), "{line}");
+    assert!(line.contains(pvm::GUEST_CMDLINE), "{line}");
+    assert!(line.ends_with(" -- uname -a"), "{line}");
+}
+
+#[test]
+fn auto_profile_follows_the_host() {
+    let expected = if pvm::host_is_pvm() {
+        CpuProfile::Compat
+    } else {
+        CpuProfile::Host
+    };
+    assert_eq!(CpuProfileChoice::Auto.resolve(), expected);
+    assert_eq!(CpuProfileChoice::Host.resolve(), CpuProfile::Host);
+    assert_eq!(CpuProfileChoice::Compat.resolve(), CpuProfile::Compat);
+}
+
+/// The error `validate` gives for `config` changed by `change`.
+fn rejected(kernel: &Path, change: impl FnOnce(&mut VmConfig)) -> ConfigError {
+    let mut config = config(kernel);
+    change(&mut config);
+    config.validate().unwrap_err()
+}
+
+#[test]
+fn bad_configs_are_rejected() {
+    let kernel = temp_file("kernel-bad", 4096);
+    let image = temp_file("disk.img", 1 << 20);
+    assert!(matches!(
+        rejected(&kernel, |c| c.vcpu_count = 0),
+        ConfigError::VcpuCount(0)
+    ));
+    assert!(matches!(
+        rejected(&kernel, |c| c.vcpu_count = 255),
+        ConfigError::VcpuCount(255)
+    ));
+    for size in [0, MIN_MEMORY - PAGE_SIZE, (64 << 20) + 1, MAX_MEMORY * 2] {
+        assert!(
+            matches!(
+                rejected(&kernel, |c| c.mem_size = size),
+                ConfigError::MemorySize { .. }
+            ),
+            "{size}"
+        );
+    }
+    assert!(matches!(
+        rejected(&kernel, |c| c.mem_size = MAX_MEMORY),
+        ConfigError::MemoryAboveHost { .. }
+    ));
+    assert!(matches!(
+        rejected(&kernel, |c| c.boot_args = "x".repeat(5000)),
+        ConfigError::CmdlineTooLong { len: 5000, .. }
+    ));
+    assert!(matches!(
+        rejected(&kernel, |c| c.boot_args = "a -- b".into()),
+        ConfigError::InitArgsInBootArgs(_)
+    ));
+    let err = rejected(&kernel, |c| c.kernel = "/nonexistent/vmlinux".into());
+    assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+    assert!(matches!(
+        rejected(&kernel, |c| c.kernel = std::env::temp_dir()),
+        ConfigError::NotAFile { .. }
+    ));
+    assert!(matches!(
+        rejected(&kernel, |c| c.initrd =
+            Some(temp_file("initrd-big", 200 << 20))),
+        ConfigError::InitrdTooLarge { .. }
+    ));
+    assert!(matches!(
+        rejected(&kernel, |c| c.serial = SerialConfig::File(PathBuf::new())),
+        ConfigError::EmptyPath("serial console")
+    ));
+
+    let disk = |id: Option<&str>, path: &Path| BlockConfig {
+        path: path.to_path_buf(),
+        read_only: false,
+        id: id.map(str::to_string),
+    };
+    let err = rejected(&kernel, |c| {
+        c.disks = vec![disk(Some("abcdefghijklmnopqrstuvwxyz"), &image)]
+    });
+    assert!(
+        matches!(err, ConfigError::DiskIdTooLong { len: 26, .. }),
+        "{err}"
+    );
+    let err = rejected(&kernel, |c| {
+        c.disks = vec![disk(None, Path::new("/nonexistent/disk.img"))]
+    });
+    assert_eq!(
+        crate::error_chain(&err),
+        "cannot read disk image \"/nonexistent/disk.img\": No such file or directory (os error 2)"
+    );
+
+    let nic = |tap: &str, mac| NetConfig {
+        tap: tap.to_string(),
+        mac,
+    };
+    for tap in ["", "a/b", "sixteen-bytes-xx", "with space"] {
+        assert!(
+            matches!(
+                rejected(&kernel, |c| c.nets = vec![nic(tap, None)]),
+                ConfigError::TapName(_)
+            ),
+            "{tap:?}"
+        );
+    }
+    let err = rejected(&kernel, |c| {
+        c.nets = vec![nic("tap0", Some([1, 0, 0x5e, 0, 0, 1]))]
+    });
+    assert_eq!(
+        err.to_string(),
+        "tap \"tap0\": MAC address 01:00:5e:00:00:01 is multicast; a NIC needs a unicast address"
+    );
+
+    let vsock = |guest_cid, path: &str| VsockConfig {
+        guest_cid,
+        uds_path: path.into(),
+    };
+    for cid in [0, 2, u64::from(u32::MAX), u64::MAX] {
+        assert!(matches!(
+            rejected(&kernel, |c| c.vsock = Some(vsock(cid, "/v.sock"))),
+            ConfigError::VsockCid(_)
+        ));
+    }
+    assert!(matches!(
+        rejected(&kernel, |c| c.vsock = Some(vsock(3, ""))),
+        ConfigError::EmptyPath("vsock socket")
+    ));
+}
+
+#[test]
+fn devices_that_pass() {
+    let kernel = temp_file("kernel-devices", 4096);
+    let image = temp_file("disk-ok.img", 1 << 20);
+    let mut config = config(&kernel);
+    config.disks.push(BlockConfig {
+        path: image,
+        read_only: true,
+        id: Some("x".repeat(block::ID_BYTES)),
+    });
+    config.nets.push(NetConfig {
+        tap: "tap0".into(),
+        mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+    });
+    config.vsock = Some(VsockConfig {
+        guest_cid: u64::from(u32::MAX) - 1,
+        uds_path: "/run/v.sock".into(),
+    });
+    config.validate().unwrap();
+}
+
+#[test]
+fn json_fills_in_the_defaults() {
+    let config: VmConfig = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
+    assert_eq!(config, VmConfig::new("/k"));
+}
+
+#[test]
+fn json_round_trips() {
+    let mut config = VmConfig::new("/boot/vmlinux");
+    config.initrd = Some("/boot/initrd,1.cpio".into());
+    config.init_args = Some("sh -c 'exit 3'".into());
+    config.vcpu_count = 2;
+    config.mem_size = 512 << 20;
+    config.serial = SerialConfig::Unix("/run/console.sock".into());
+    config.disks.push(BlockConfig {
+        path: "/img.ext4".into(),
+        read_only: true,
+        id: Some("root".into()),
+    });
+    config.nets.push(NetConfig {
+        tap: "tap0".into(),
+        mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+    });
+    config.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: "/run/v.sock".into(),
+    });
+    config.boot_timer = true;
+    config.cpu_profile = CpuProfileChoice::Compat;
+    let json = config.to_json().unwrap();
+    assert!(json.contains(r#""mac": "52:54:00:12:34:56""#), "{json}");
+    assert!(json.contains(r#""unix": "/run/console.sock""#), "{json}");
+    assert!(json.contains(r#""cpu_profile": "compat""#), "{json}");
+    let back: VmConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, config);
+}
+
+#[test]
+fn json_memory_takes_bytes_or_a_size() {
+    let parse = |mem: &str| {
+        serde_json::from_str::<VmConfig>(&format!(r#"{{"kernel": "/k", "mem_size": {mem}}}"#))
+    };
+    assert_eq!(parse("134217728").unwrap().mem_size, 128 << 20);
+    assert_eq!(parse(r#""128M""#).unwrap().mem_size, 128 << 20);
+    let err = parse(r#""12Q""#).unwrap_err().to_string();
+    assert!(err.contains("invalid memory size \"12Q\""), "{err}");
+    assert!(parse("-1").is_err());
+    assert!(parse("1.5").is_err());
+}
+
+#[test]
+fn json_refuses_unknown_fields_at_every_level() {
+    for bad in [
+        r#"{"kernel": "/k", "memory": "1G"}"#,
+        r#"{"kernel": "/k", "disks": [{"path": "/d", "readonly": true}]}"#,
+        r#"{"kernel": "/k", "nets": [{"tap": "t", "queues": 2}]}"#,
+        r#"{"kernel": "/k", "vsock": {"guest_cid": 3, "uds_path": "/v", "port": 1}}"#,
+        r#"{"kernel": "/k", "serial": {"tcp": "1"}}"#,
+        r#"{"kernel": "/k", "serial": "pty"}"#,
+        r#"{"kernel": "/k", "cpu_profile": "fast"}"#,
+        r#"{"initrd": "/i"}"#,
+    ] {
+        assert!(serde_json::from_str::<VmConfig>(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn config_files_name_themselves_in_errors() {
+    let path = temp_file("bad.json", 0);
+    std::fs::write(&path, r#"{"kernel": "/k", "cpus": 2}"#).unwrap();
+    let err = VmConfig::from_file(&path).unwrap_err();
+    let text = crate::error_chain(&err);
+    assert!(
+        text.starts_with(&format!(
+            "invalid config file \"{}\": unknown field `cpus`",
+            path.display()
+        )),
+        "{text}"
+    );
+    let err = VmConfig::from_file(Path::new("/nonexistent/vm.json")).unwrap_err();
+    assert!(matches!(err, ConfigError::ReadFile { .. }), "{err}");
+}
