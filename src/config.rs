@@ -46,8 +46,8 @@ const MAX_MEMORY: u64 = 1 << 46;
 pub enum ConfigError {
     #[error("invalid memory size \"{value}\": {reason}")]
     MemorySize { value: String, reason: String },
-    #[error("guest memory of {mib} MiB exceeds this host's memory ({host_mib} MiB)")]
-    MemoryAboveHost { mib: u64, host_mib: u64 },
+    #[error("guest memory {size} exceeds this host's memory ({host_mib} MiB)")]
+    MemoryAboveHost { size: String, host_mib: u64 },
     #[error("invalid number of vCPUs {0}: must be between 1 and {MAX_VCPUS}")]
     VcpuCount(u64),
     #[error("cannot read {what} \"{path}\"")]
@@ -281,7 +281,7 @@ impl VmConfig {
         if let Some(host) = host_memory_bytes() {
             if self.mem_size > host {
                 return Err(ConfigError::MemoryAboveHost {
-                    mib: self.mem_size >> 20,
+                    size: format_memory_size(self.mem_size),
                     host_mib: host >> 20,
                 });
             }
@@ -449,6 +449,18 @@ pub fn parse_memory_size(value: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| err("number too large".into()))?;
     check_memory_size(bytes).map_err(err)?;
     Ok(bytes)
+}
+
+/// `bytes` the way [`parse_memory_size`] reads it, with the largest exact suffix (`1T`,
+/// `256M`, `4100K`).
+pub fn format_memory_size(bytes: u64) -> String {
+    for (shift, suffix) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        let unit = 1u64 << shift;
+        if bytes != 0 && bytes.is_multiple_of(unit) {
+            return format!("{}{suffix}", bytes / unit);
+        }
+    }
+    bytes.to_string()
 }
 
 /// Why `bytes` cannot be guest RAM, if it cannot.

@@ -369,3 +369,45 @@ fn malformed_device_specs() {
         assert_input_error(&out, &[flag]);
     }
 }
+
+/// Writes `json` to a config file in `dir` and runs `hearth run --config` on it.
+fn run_config_file(dir: &TempDir, json: &serde_json::Value) -> (PathBuf, Output) {
+    let config = dir.join("vm.json");
+    fs::write(&config, json.to_string()).expect("write config file");
+    let out = run_hearth(["run", "--config", text(&config)], RUN_TIMEOUT);
+    (config, out)
+}
+
+#[test]
+fn config_file_with_an_unknown_field() {
+    let dir = TempDir::new("config-unknown");
+    let json = serde_json::json!({ "kernel": hello_elf(), "memory": "32M" });
+    let (config, out) = run_config_file(&dir, &json);
+    assert_input_error(&out, &[text(&config)]);
+    assert_mentions(&out, &["unknown field `memory`"]);
+}
+
+/// A config file gets the checks the flags get, with the same words.
+#[test]
+fn config_file_is_validated_like_the_flags() {
+    let dir = TempDir::new("config-validated");
+    let kernel = dir.join("no-such-vmlinux");
+    let (_, out) = run_config_file(&dir, &serde_json::json!({ "kernel": kernel }));
+    assert_input_error(&out, &[text(&kernel)]);
+    let from_flags = run_payload(&kernel, &[]);
+    assert_eq!(stderr_of(&out), stderr_of(&from_flags));
+
+    let json = serde_json::json!({ "kernel": hello_elf(), "vcpu_count": 0 });
+    let (_, out) = run_config_file(&dir, &json);
+    assert_input_error(&out, &["cpus"]);
+}
+
+#[test]
+fn config_file_excludes_vm_flags() {
+    let out = run_hearth(
+        ["run", "--config", "/nonexistent/vm.json", "--cpus", "2"],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert_mentions(&out, &["--config"]);
+}

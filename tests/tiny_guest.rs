@@ -11,7 +11,8 @@ use std::process::Output;
 
 use common::{
     announce_skip, assert_exit_code, assert_stdout_contains, describe, kvm_available, payload,
-    run_payload, stderr_of, stdout_of, Format, TempDir, HELLO, MEMTOUCH_MEMORY,
+    run_hearth, run_payload, stderr_of, stdout_of, Format, TempDir, HELLO, MEMTOUCH_MEMORY,
+    RUN_TIMEOUT,
 };
 
 /// Boots payload `name` in `format` with the default serial (stdio) plus `extra` flags.
@@ -326,4 +327,28 @@ fn syscall_from_user_mode_needs_compat_on_pvm() {
         "user-mode SYSCALL completed without the compat layer\n{}",
         describe(&out)
     );
+}
+
+/// `hearth run --config FILE` boots what the flags would: hearth's JSON config file.
+#[test]
+fn config_file_boots_like_the_flags() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("config-file");
+    let config = dir.join("vm.json");
+    let kernel = payload("hello", Format::Elf64);
+    let json = serde_json::json!({
+        "kernel": kernel,
+        "mem_size": "32M",
+        "serial": "stdio",
+        "cpu_profile": "auto",
+    });
+    fs::write(&config, json.to_string()).expect("write config file");
+    let out = run_hearth(
+        ["run".as_ref(), "--config".as_ref(), config.as_os_str()],
+        RUN_TIMEOUT,
+    );
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(&out, HELLO);
 }

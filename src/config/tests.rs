@@ -43,6 +43,27 @@ fn memory_sizes() {
 }
 
 #[test]
+fn memory_sizes_format_as_they_parse() {
+    for (bytes, text) in [
+        (1u64 << 40, "1T"),
+        (3 << 30, "3G"),
+        (256 << 20, "256M"),
+        (1536 << 20, "1536M"),
+        (4100 << 10, "4100K"),
+        (0, "0"),
+        (1000, "1000"),
+    ] {
+        assert_eq!(format_memory_size(bytes), text);
+    }
+    for bytes in [MIN_MEMORY, 129 << 20, (64 << 20) + 4096, 5 << 30] {
+        assert_eq!(
+            parse_memory_size(&format_memory_size(bytes)).unwrap(),
+            bytes
+        );
+    }
+}
+
+#[test]
 fn cmdline_split() {
     assert_eq!(
         split_cmdline("console=ttyS0 -- uname -a"),

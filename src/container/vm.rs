@@ -1,4 +1,7 @@
-//! Starting the VMM for a container VM or a machine: `hearth run` as a child process.
+//! Starting the VMM for a container VM or a machine: `hearth run --config` as a child
+//! process, on a `VmConfig` written into the VM's state directory (typed configuration,
+//! checked here first, so a bad one is reported by the front end rather than in the
+//! console log).
 //!
 //! The container front end stays a separate process from the VMM so that it can own the
 //! user's terminal and signals (Ctrl-C goes to the container, not to the VM) while the
