@@ -4,8 +4,9 @@
 //! State lives in `<state dir>/machines/NAME/` (see `super::state_dir`):
 //! `vsock.sock` (the VM's vsock device; the agent listens on port 1024), `pid` (the
 //! VMM's pid), `machine.json` (how it was started), `vm.json` (the VMM's configuration
-//! file) and `console.log` (serial console and VMM diagnostics). The VMM runs detached (its own session) and outlives
-//! `hearth machine start`; `hearth machine stop` asks the agent to power off and waits.
+//! file) and `console.log` (serial console and VMM diagnostics). The VMM runs detached
+//! (its own session) and outlives `hearth machine start`; `hearth machine stop` asks the
+//! agent to power off and waits.
 
 use std::fs;
 use std::io::Write;
