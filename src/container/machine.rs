@@ -10,6 +10,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -68,6 +69,11 @@ impl Machine {
         self.dir.join("console.log")
     }
 
+    /// The VMM's configuration file; its path on the VMM's command line identifies it.
+    fn config_file(&self) -> PathBuf {
+        self.dir.join(vm::CONFIG_FILE)
+    }
+
     pub fn info(&self) -> Option<MachineInfo> {
         let text = fs::read(self.info_path()).ok()?;
         serde_json::from_slice(&text).ok()
@@ -76,7 +82,7 @@ impl Machine {
     /// The VMM's pid, if that process is alive and still this machine's VMM.
     pub fn running_pid(&self) -> Option<i32> {
         let info = self.info()?;
-        pid_is_vmm(info.pid, &self.socket()).then_some(info.pid)
+        pid_is_vmm(info.pid, &self.config_file()).then_some(info.pid)
     }
 
     fn err(&self, reason: impl Into<String>) -> ContainerError {
@@ -96,7 +102,7 @@ impl Machine {
 }
 
 /// True when `pid` is a live (not zombie) `hearth run` serving `socket`.
-fn pid_is_vmm(pid: i32, socket: &Path) -> bool {
+fn pid_is_vmm(pid: i32, config_file: &Path) -> bool {
     if pid <= 0 {
         return false;
     }
@@ -110,8 +116,10 @@ fn pid_is_vmm(pid: i32, socket: &Path) -> bool {
         return false;
     }
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    cmdline.contains(&format!("socket={}", socket.display()))
+    let expected = config_file.as_os_str().as_bytes();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2)
+        .any(|pair| pair[0] == b"--config" && pair[1] == expected)
 }
 
 /// Dispatches `hearth machine ...`.
@@ -248,7 +256,7 @@ pub fn stop(name: &str) -> Result<(), ContainerError> {
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     let deadline = Instant::now() + STOP_TIMEOUT;
-    while pid_is_vmm(pid, &machine.socket()) {
+    while pid_is_vmm(pid, &machine.config_file()) {
         if Instant::now() >= deadline {
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -362,13 +370,30 @@ mod tests {
 
     #[test]
     fn only_a_live_vmm_counts_as_running() {
-        assert!(!pid_is_vmm(0, Path::new("/x")));
-        assert!(!pid_is_vmm(-1, Path::new("/x")));
-        // Our own process is alive but not a VMM serving that socket.
-        assert!(!pid_is_vmm(
-            std::process::id() as i32,
-            Path::new("/x/vsock.sock")
-        ));
+        let config = Path::new("/x/machines/dev/vm.json");
+        assert!(!pid_is_vmm(0, config));
+        assert!(!pid_is_vmm(-1, config));
+        // Our own process is alive but not a VMM reading that file.
+        assert!(!pid_is_vmm(std::process::id() as i32, config));
+        // A process started with `--config FILE` is, while it lives.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; true", "--config"])
+            .arg(config)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // The parent learns of the exec before the new image's arguments are in place.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(pid_is_vmm(pid, config));
+        assert!(!pid_is_vmm(pid, Path::new("/x/machines/other/vm.json")));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!pid_is_vmm(pid, config));
     }
 
     #[test]
