@@ -37,7 +37,7 @@ fn config(kernel: &Path) -> VmConfig {
         "none",
     ])
     .expect("valid arguments");
-    let Command::Run(args) = cli.command else {
+    let Some(Command::Run(args)) = cli.command else {
         unreachable!("parsed a run command")
     };
     VmConfig::from_args(&args).expect("valid configuration")

@@ -382,7 +382,7 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, ConfigError> {
 }
 
 /// Splits "boot args -- init args" at the first standalone `--`.
-fn split_cmdline(cmdline: &str) -> (String, Option<String>) {
+pub(crate) fn split_cmdline(cmdline: &str) -> (String, Option<String>) {
     let mut boot = Vec::new();
     let mut words = cmdline.split(' ');
     for word in words.by_ref() {
@@ -448,7 +448,7 @@ fn host_memory_bytes() -> Option<u64> {
 }
 
 /// Opens `path` to prove it is readable and returns its size.
-fn check_readable_file(what: &'static str, path: &Path) -> Result<u64, ConfigError> {
+pub(crate) fn check_readable_file(what: &'static str, path: &Path) -> Result<u64, ConfigError> {
     let unreadable = |source| ConfigError::Unreadable {
         what,
         path: path.to_path_buf(),
@@ -482,6 +482,7 @@ mod tests {
             vsock: None,
             boot_timer: false,
             cpu_profile: CpuProfileChoice::Host,
+            api_sock: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //! unwatches the queue's notify eventfd and runs [`Block::process_queue`].
 
 use std::mem::{offset_of, size_of};
+use std::path::Path;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -92,6 +93,25 @@ impl Block {
 
     pub fn read_only(&self) -> bool {
         self.disk.read_only()
+    }
+
+    /// Swaps the backing image for the one at `path`, opened the same way (read-only or
+    /// not); the same file again picks up a new size. The guest is told the capacity may
+    /// have changed (a configuration-change interrupt) and sees the new image from its
+    /// next request on.
+    pub fn replace_image(&mut self, path: &Path) -> Result<(), BlockError> {
+        if self.disk.is_file(path) {
+            self.disk.refresh_size(path)?;
+        } else {
+            self.disk = DiskFile::open(path, self.disk.read_only())?;
+        }
+        let capacity = self.disk.capacity();
+        self.config_space = config_space(capacity, self.disk.read_only());
+        if let Some(active) = self.active.as_mut() {
+            active.params.capacity = capacity;
+            active.interrupt.signal_config_change();
+        }
+        Ok(())
     }
 
     /// True between activate and reset.
