@@ -33,6 +33,10 @@ use http::{Framing, HttpRequest};
 const MAX_CONNECTIONS: usize = 16;
 /// Bytes read from a connection at a time.
 const READ_CHUNK: usize = 4096;
+/// After the last answer on a connection, what the client still sends is read and
+/// dropped (up to this much) until it closes: closing a Unix socket with unread input
+/// resets it, and the client would lose that answer.
+const LINGER_LIMIT: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -138,6 +142,8 @@ struct Connection {
     continued: bool,
     /// Close once `output` is written.
     closing: bool,
+    /// The last answer is written: input is dropped until the client closes.
+    lingering: Option<usize>,
 }
 
 struct Server {
@@ -177,7 +183,7 @@ impl Server {
                 // A connection with an answer to write is not read until it is written:
                 // requests are answered in order, and a client that does not read its
                 // answers cannot make the server buffer without bound.
-                let events = if conn.output.is_empty() {
+                let events = if conn.output.is_empty() || conn.lingering.is_some() {
                     libc::POLLIN
                 } else {
                     libc::POLLOUT
@@ -229,6 +235,7 @@ impl Server {
                         output: VecDeque::new(),
                         continued: false,
                         closing: false,
+                        lingering: None,
                     });
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -243,6 +250,19 @@ impl Server {
 
     /// Reads, answers and writes what a connection has ready; `None` when it is done.
     fn serve(&mut self, mut conn: Connection, revents: libc::c_short) -> Option<Connection> {
+        if let Some(dropped) = conn.lingering.as_mut() {
+            let mut chunk = [0u8; READ_CHUNK];
+            return match conn.stream.read(&mut chunk) {
+                Ok(n) if n > 0 && *dropped + n <= LINGER_LIMIT => {
+                    *dropped += n;
+                    Some(conn)
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    Some(conn)
+                }
+                _ => None,
+            };
+        }
         if revents & libc::POLLIN != 0 {
             let mut chunk = [0u8; READ_CHUNK];
             match conn.stream.read(&mut chunk) {
@@ -273,10 +293,16 @@ impl Server {
                 }
             }
             if conn.closing {
-                return None;
+                break;
             }
         }
-        (!conn.closing).then_some(conn)
+        if conn.closing {
+            // The client reads the end of the stream after the last answer.
+            let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+            conn.input.clear();
+            conn.lingering = Some(0);
+        }
+        Some(conn)
     }
 
     /// Answers every whole request in the connection's input, in order.
