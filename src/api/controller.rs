@@ -316,6 +316,75 @@ mod tests {
     }
 
     #[test]
+    fn runtime_answers_start_then_refuses_what_does_not_fit() {
+        use std::sync::{Arc, Mutex};
+
+        use crate::devices::legacy::i8042::I8042;
+        use crate::exit::ExitSignal;
+
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let devices = RuntimeDevices {
+            i8042: Arc::new(Mutex::new(I8042::new(exit.clone(), None))),
+            disks: Vec::new(),
+        };
+        let (sender, requests) = mpsc::channel();
+        let endpoint = ApiEndpoint {
+            requests,
+            eventfd: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        let mut runtime =
+            RuntimeController::new(endpoint, VmResources::default(), "vm".into(), devices);
+        let (start_reply, start_answer) = mpsc::channel();
+        runtime.answer_start_when_running(start_reply);
+        let (reply, answer) = mpsc::channel();
+        sender
+            .send(super::super::ApiRequest {
+                action: VmmAction::GetInstanceInfo,
+                reply,
+            })
+            .unwrap();
+        let mut vm = RunningVm {
+            handles: &[],
+            exit: &exit,
+        };
+        runtime.serve(&mut vm);
+        assert!(matches!(start_answer.try_recv(), Ok(Ok(VmmData::Empty))));
+        let Ok(Ok(VmmData::InstanceInfo(info))) = answer.try_recv() else {
+            panic!("GET / was not answered");
+        };
+        assert_eq!(info.state, InstanceState::Running);
+
+        let mut handle = |action| runtime.handle(action, &mut vm);
+        assert!(handle(VmmAction::SendCtrlAltDel).is_ok());
+        let err = handle(VmmAction::Pause).unwrap_err();
+        assert_eq!(err.to_string(), "pause is not supported by this build yet");
+        let Ok(VmmData::InstanceInfo(info)) = handle(VmmAction::GetInstanceInfo) else {
+            panic!("no instance info");
+        };
+        assert_eq!(
+            info.state,
+            InstanceState::Running,
+            "a refused pause changes nothing"
+        );
+        for action in [
+            VmmAction::InstanceStart,
+            VmmAction::PutMachineConfig(Default::default()),
+            VmmAction::LoadSnapshot(
+                serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap(),
+            ),
+        ] {
+            let err = handle(action).unwrap_err().to_string();
+            assert!(err.contains("only possible before InstanceStart"), "{err}");
+        }
+        let create =
+            serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
+        let err = handle(VmmAction::CreateSnapshot(create)).unwrap_err();
+        assert!(matches!(err, ApiError::SnapshotsUnsupported));
+        let patch = serde_json::from_str(r#"{"drive_id": "nope"}"#).unwrap();
+        assert!(handle(VmmAction::PatchDrive(patch)).is_err());
+    }
+
+    #[test]
     fn log_levels_follow_firecracker_names() {
         assert_eq!(parse_level("Warning"), Ok(log::LevelFilter::Warn));
         assert_eq!(parse_level("DEBUG"), Ok(log::LevelFilter::Debug));
