@@ -15,7 +15,6 @@ pub mod parse;
 pub mod resources;
 pub mod shape;
 
-use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -137,7 +136,10 @@ pub fn start_server(path: &Path, max_body: usize) -> Result<(ApiSocket, ApiEndpo
 struct Connection {
     stream: UnixStream,
     input: Vec<u8>,
-    output: VecDeque<u8>,
+    /// Answers not yet written. One contiguous buffer, so that an answer leaves in one
+    /// write: clients that stop reading at the first short read (firecracker-rs-sdk)
+    /// would otherwise see half of it.
+    output: Vec<u8>,
     /// `100 Continue` was sent for the request being received.
     continued: bool,
     /// Close once `output` is written.
@@ -232,7 +234,7 @@ impl Server {
                     self.connections.push(Connection {
                         stream,
                         input: Vec::new(),
-                        output: VecDeque::new(),
+                        output: Vec::new(),
                         continued: false,
                         closing: false,
                         lingering: None,
@@ -281,8 +283,7 @@ impl Server {
                 break;
             }
             while !conn.output.is_empty() {
-                let (front, _) = conn.output.as_slices();
-                match conn.stream.write(front) {
+                match conn.stream.write(&conn.output) {
                     Ok(0) => return None,
                     Ok(n) => {
                         conn.output.drain(..n);
@@ -314,7 +315,7 @@ impl Server {
                 }) => {
                     if awaits_body_continue && !conn.continued {
                         conn.continued = true;
-                        conn.output.extend(http::CONTINUE);
+                        conn.output.extend_from_slice(http::CONTINUE);
                     }
                     return;
                 }
