@@ -489,7 +489,7 @@ fn host_memory_bytes() -> Option<u64> {
 }
 
 /// Opens `path` to prove it is readable and returns its size.
-fn check_readable_file(what: &'static str, path: &Path) -> Result<u64, ConfigError> {
+pub(crate) fn check_readable_file(what: &'static str, path: &Path) -> Result<u64, ConfigError> {
     let unreadable = |source| ConfigError::Unreadable {
         what,
         path: path.to_path_buf(),

@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
+use crate::api::controller::RuntimeController;
 use crate::config::CpuProfile;
 use crate::console::{ConsoleInput, InputSource};
 use crate::device_manager::EventLoop;
 use crate::devices::control::Control;
+use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{InputSpace, SerialDevice};
+use crate::devices::virtio::block::Block;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::terminal::RawTerminal;
 use crate::vstate::kvm::KvmContext;
@@ -39,6 +42,40 @@ pub enum VmmError {
     EventLoop(#[source] event_manager::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error("pause is not supported by this build yet")]
+    PauseUnsupported,
+}
+
+/// Devices the API changes while the VM runs.
+#[derive(Clone)]
+pub struct RuntimeDevices {
+    /// Where `SendCtrlAltDel` types.
+    pub i8042: Arc<Mutex<I8042>>,
+    /// The virtio-blk devices, in the order of `VmConfig::disks`.
+    pub disks: Vec<Arc<Mutex<Block>>>,
+}
+
+/// Whether the guest's vCPUs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+}
+
+/// The running VM as the API's runtime requests reach it, between two rounds of the
+/// event loop.
+pub struct RunningVm<'a> {
+    pub handles: &'a [VcpuHandle],
+    pub exit: &'a ExitSignal,
+}
+
+impl RunningVm<'_> {
+    /// `PATCH /vm`: pause or resume every vCPU. Pausing is being built on another
+    /// branch; until it lands, this is refused (and the VM keeps running).
+    pub fn set_state(&mut self, state: RunState) -> Result<(), VmmError> {
+        log::debug!("asked to set the VM {state:?}");
+        Err(VmmError::PauseUnsupported)
+    }
 }
 
 /// The serial console's pieces the event loop needs.
@@ -61,6 +98,8 @@ pub struct Vmm {
     console: ConsoleSetup,
     control: Arc<Control>,
     profile: CpuProfile,
+    devices: RuntimeDevices,
+    api: Option<RuntimeController>,
 }
 
 impl Vmm {
@@ -75,6 +114,7 @@ impl Vmm {
         console: ConsoleSetup,
         control: Arc<Control>,
         profile: CpuProfile,
+        devices: RuntimeDevices,
     ) -> Self {
         Self {
             _kvm: kvm,
@@ -86,7 +126,19 @@ impl Vmm {
             console,
             control,
             profile,
+            devices,
+            api: None,
         }
+    }
+
+    /// Devices the API changes at run time.
+    pub fn devices(&self) -> &RuntimeDevices {
+        &self.devices
+    }
+
+    /// Serve the API's runtime requests from the event loop while the VM runs.
+    pub fn serve_api(&mut self, api: RuntimeController) {
+        self.api = Some(api);
     }
 
     /// Runs the guest until something ends it; returns why.
@@ -101,6 +153,8 @@ impl Vmm {
             console,
             control,
             profile,
+            devices: _,
+            mut api,
         } = self;
         // Terminating signals are blocked in every thread (vCPU threads inherit the mask)
         // and read from a signalfd by the event loop, so teardown always runs.
@@ -108,6 +162,9 @@ impl Vmm {
         install_kick_handler()?;
         manager.add_subscriber(Box::new(ExitWatcher(exit.clone())));
         manager.add_subscriber(Box::new(signals));
+        if let Some(api) = &api {
+            manager.add_subscriber(Box::new(api.waker().map_err(VmmError::Signals)?));
+        }
 
         let raw_terminal = match console.input {
             Some(InputSource::Stdin { interactive: true }) => {
@@ -136,7 +193,7 @@ impl Vmm {
             }
         }
         if result.is_ok() {
-            result = run_event_loop(&mut manager, &handles, &exit, profile);
+            result = run_event_loop(&mut manager, &handles, &exit, profile, api.as_mut());
         }
 
         // Whatever happened, stop the vCPUs before leaving.
@@ -161,13 +218,15 @@ impl Vmm {
     }
 }
 
-/// Dispatches events until an exit is requested. In the compat profile the vCPUs are
-/// kicked periodically so the PVM layer can arm its SYSCALL trap in quiet guests.
+/// Dispatches events until an exit is requested, serving API requests between events. In
+/// the compat profile the vCPUs are kicked periodically so the PVM layer can arm its
+/// SYSCALL trap in quiet guests.
 fn run_event_loop(
     manager: &mut EventLoop,
     handles: &[VcpuHandle],
     exit: &ExitSignal,
     profile: CpuProfile,
+    mut api: Option<&mut RuntimeController>,
 ) -> Result<(), VmmError> {
     let compat = profile == CpuProfile::Compat;
     let timeout_ms = if compat {
@@ -177,6 +236,9 @@ fn run_event_loop(
     };
     let mut last_poll = Instant::now();
     while !exit.is_requested() {
+        if let Some(api) = api.as_deref_mut() {
+            api.serve(&mut RunningVm { handles, exit });
+        }
         manager
             .run_with_timeout(timeout_ms)
             .map_err(VmmError::EventLoop)?;
@@ -230,28 +292,53 @@ struct SignalWatcher {
 
 impl SignalWatcher {
     fn new(exit: Arc<ExitSignal>) -> std::io::Result<Self> {
-        // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `set` is a valid sigset_t owned by this frame.
-        unsafe { libc::sigemptyset(&mut set) };
-        for signo in TERMINATING_SIGNALS {
-            // SAFETY: as above; `signo` is a valid signal number.
-            unsafe { libc::sigaddset(&mut set, signo) };
-        }
-        // SAFETY: `set` is initialised; the old mask is not needed.
-        let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-        if ret != 0 {
-            return Err(std::io::Error::from_raw_os_error(ret));
-        }
-        // SAFETY: `set` is initialised; -1 asks for a new descriptor.
-        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: signalfd returned a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self { fd, exit })
+        Ok(Self {
+            fd: terminating_signalfd()?,
+            exit,
+        })
     }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in threads it starts
+/// afterwards) and returns a signalfd that reads them. Call it before starting threads
+/// that must not take those signals.
+pub fn terminating_signalfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t owned by this frame.
+    unsafe { libc::sigemptyset(&mut set) };
+    for signo in TERMINATING_SIGNALS {
+        // SAFETY: as above; `signo` is a valid signal number.
+        unsafe { libc::sigaddset(&mut set, signo) };
+    }
+    // SAFETY: `set` is initialised; the old mask is not needed.
+    let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(ret));
+    }
+    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The number of the signal waiting on a signalfd from [`terminating_signalfd`], if any.
+pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data; read fills it or fails.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reading at most `size` bytes into `info`.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    (n as usize == size).then_some(info.ssi_signo as i32)
 }
 
 impl MutEventSubscriber for SignalWatcher {
@@ -262,20 +349,9 @@ impl MutEventSubscriber for SignalWatcher {
     }
 
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        // SAFETY: signalfd_siginfo is plain data; read fills it or fails.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reading at most `size` bytes into `info`.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        if n as usize == size {
-            log::info!("received signal {}", info.ssi_signo);
-            self.exit.request(ExitReason::Signal(info.ssi_signo as i32));
+        if let Some(signo) = read_signal(&self.fd) {
+            log::info!("received signal {signo}");
+            self.exit.request(ExitReason::Signal(signo));
         }
     }
 }

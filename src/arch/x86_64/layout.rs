@@ -105,6 +105,8 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// Number of IOAPIC pins (GSIs 0-23).
 pub const IOAPIC_NUM_PINS: u32 = 24;
+/// The i8042 keyboard's legacy IRQ.
+pub const I8042_KEYBOARD_IRQ: u32 = 1;
 /// COM1's legacy IRQ.
 pub const SERIAL_IRQ: u32 = 4;
 /// First GSI handed to virtio-mmio devices.

@@ -6,6 +6,7 @@
 //! unwatches the queue's notify eventfd and runs [`Block::process_queue`].
 
 use std::mem::{offset_of, size_of};
+use std::path::Path;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -92,6 +93,25 @@ impl Block {
 
     pub fn read_only(&self) -> bool {
         self.disk.read_only()
+    }
+
+    /// Swaps the backing image for the one at `path`, opened the same way (read-only or
+    /// not); the same file again picks up a new size. The guest is told the capacity may
+    /// have changed (a configuration-change interrupt) and sees the new image from its
+    /// next request on.
+    pub fn replace_image(&mut self, path: &Path) -> Result<(), BlockError> {
+        if self.disk.is_file(path) {
+            self.disk.refresh_size(path)?;
+        } else {
+            self.disk = DiskFile::open(path, self.disk.read_only())?;
+        }
+        let capacity = self.disk.capacity();
+        self.config_space = config_space(capacity, self.disk.read_only());
+        if let Some(active) = self.active.as_mut() {
+            active.params.capacity = capacity;
+            active.interrupt.signal_config_change();
+        }
+        Ok(())
     }
 
     /// True between activate and reset.
@@ -318,7 +338,7 @@ pub(super) mod tests {
 
     use super::*;
     use crate::devices::virtio::block::test_util::{guest_memory, pattern, TempImage};
-    use crate::devices::virtio::VIRTIO_MMIO_INT_VRING;
+    use crate::devices::virtio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
     pub const IMAGE_SIZE: usize = 64 << 10;
     const HEADERS: u64 = 0x10_0000;
@@ -566,6 +586,54 @@ pub(super) mod tests {
         // One interrupt for the whole batch.
         assert_eq!(irq.read().unwrap(), 1);
         assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_VRING);
+    }
+
+    #[test]
+    fn replacing_the_image_changes_capacity_and_tells_the_driver() {
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, false);
+        let mut driver = Driver::new(&mem);
+        let (interrupt, irq) = Driver::interrupt();
+        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
+        block
+            .activate(
+                mem.clone(),
+                interrupt.clone(),
+                driver.active_queue(notify),
+                block.avail_features(),
+            )
+            .unwrap();
+        let capacity = |block: &Block| {
+            let mut bytes = [0u8; 8];
+            block.read_config(0, &mut bytes);
+            u64::from_le_bytes(bytes)
+        };
+        assert_eq!(capacity(&block), (IMAGE_SIZE / 512) as u64);
+
+        let bigger = TempImage::new(2 * IMAGE_SIZE);
+        block.replace_image(bigger.path()).unwrap();
+        assert_eq!(capacity(&block), (2 * IMAGE_SIZE / 512) as u64);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_CONFIG);
+        // Reads now come from the new image, past the old one's end.
+        let read = driver.submit(VIRTIO_BLK_T_IN, 200, &[writable(DATA, 512)]);
+        block.process_queue();
+        assert_eq!(driver.status(read), VIRTIO_BLK_S_OK as u8);
+
+        // The same file again: its new size is read, although it is locked by us.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(bigger.path())
+            .unwrap();
+        file.set_len(3 * IMAGE_SIZE as u64).unwrap();
+        block.replace_image(bigger.path()).unwrap();
+        assert_eq!(capacity(&block), (3 * IMAGE_SIZE / 512) as u64);
+        // A missing image leaves the device as it was.
+        assert!(block
+            .replace_image(Path::new("/nonexistent/disk.img"))
+            .is_err());
+        assert_eq!(capacity(&block), (3 * IMAGE_SIZE / 512) as u64);
     }
 
     #[test]
