@@ -18,7 +18,7 @@ use crate::arch::boot::{BootProtocol, InitrdRegion};
 use crate::arch::{self, layout};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::console::InputSource;
-use crate::device_manager::{EventLoop, MmioDeviceManager};
+use crate::device_manager::{EventLoop, MmioDeviceManager, VirtioHandle};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::control::{BootCompletePort, Control, ControlPage, ExitPort};
 use crate::devices::legacy::acpi_pm::AcpiSleep;
@@ -28,7 +28,6 @@ use crate::devices::legacy::serial::{InputSpace, SerialDevice, SocketSink, Stdou
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::VirtioDevice;
 use crate::exit::ExitSignal;
 use crate::vmm::{ConsoleSetup, Vmm};
 use crate::vstate::kvm::{KvmContext, KvmError};
@@ -459,14 +458,11 @@ struct VirtioAttach<'a> {
 }
 
 impl VirtioAttach<'_> {
-    fn attach<D>(&mut self, name: &str, device: D) -> Result<(), BuildError>
-    where
-        D: VirtioDevice + event_manager::MutEventSubscriber + 'static,
-    {
+    fn attach(&mut self, name: &str, device: impl Into<VirtioHandle>) -> Result<(), BuildError> {
         self.manager
             .attach_virtio(
                 name,
-                Arc::new(Mutex::new(device)),
+                device.into(),
                 self.vm,
                 self.mem,
                 self.mmio_bus,

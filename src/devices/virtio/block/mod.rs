@@ -1,14 +1,14 @@
 //! virtio-blk over a raw disk image: one request queue served on the event-loop thread.
 //!
-//! - `device.rs`: the [`Block`] device: features, configuration space, activation and reset,
-//!   and the queue loop.
+//! - `device.rs`: the [`Block`] device: features, configuration space, activation, and
+//!   the queue loop.
 //! - `request.rs`: parsing and executing one request from a descriptor chain, the code that
 //!   handles what the guest controls; pure functions over guest memory and a [`Backend`], so
 //!   a fuzz target can drive [`process_chain`] with a [`MemoryDisk`].
 //! - `disk.rs`: the host side, a locked raw image file read and written with
 //!   pread/pwrite straight into guest memory.
-//! - `event_handler.rs`: the event-manager subscriber that watches the activation eventfd
-//!   and the queue's notify eventfd.
+//! - `event_handler.rs`: the event-manager subscriber that watches the queue's eventfd,
+//!   and pauses and resumes.
 //!
 //! The device is shared as `Arc<Mutex<Block>>`: the transport reaches it through
 //! `VirtioDevice` on vCPU threads, and the same `Arc` is added to the event manager, which
@@ -67,8 +67,8 @@ pub enum BlockError {
     },
     #[error("disk id \"{id}\" is {len} bytes, longer than {ID_BYTES}")]
     IdTooLong { id: String, len: usize },
-    #[error("cannot create the disk's event notifier")]
-    EventFd(#[source] std::io::Error),
+    #[error("cannot set up the disk's request queue")]
+    Queues(#[source] crate::devices::virtio::QueueSetupError),
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //!
 //! - `device.rs`: [`Net`], the device state, features, configuration space and the RX/TX
 //!   queue processing.
-//! - `event_handler.rs`: the event-loop side (tap readiness, queue notifications,
-//!   activation and reset hand-off from the vCPU threads).
+//! - `event_handler.rs`: the event-loop side (tap readiness, queue notifications, pause
+//!   and resume).
 //! - `header.rs`: what the guest controls (virtio-net headers, TX frames, RX buffers),
 //!   small pure functions a fuzz target can drive.
 //! - `tap.rs`: opening the tap and moving frames through it.
@@ -38,8 +38,8 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error("cannot generate a random MAC address")]
     RandomMac(#[source] std::io::Error),
-    #[error("cannot create the network device's event fd")]
-    EventFd(#[source] std::io::Error),
+    #[error("cannot set up the network device's queues")]
+    Queues(#[source] crate::devices::virtio::QueueSetupError),
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (hex, either case). Multicast addresses are refused: a NIC

@@ -68,6 +68,6 @@ pub enum VsockError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the vsock device's event fd")]
-    EventFd(#[source] std::io::Error),
+    #[error("cannot set up the vsock device's queues")]
+    Queues(#[source] crate::devices::virtio::QueueSetupError),
 }
