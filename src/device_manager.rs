@@ -340,13 +340,13 @@ mod tests {
     /// Paused devices watch nothing: their queue notifications wait in the eventfds.
     #[test]
     fn pause_and_resume_every_device() {
-        let image = TempImage::new(4096);
+        let images = [TempImage::new(4096), TempImage::new(4096)];
         let mut event_loop = EventLoop::new().unwrap();
         let mut manager = MmioDeviceManager::new();
-        for read_only in [false, true] {
+        for image in &images {
             let block = Block::new(&BlockConfig {
                 path: image.path().to_owned(),
-                read_only,
+                read_only: false,
                 id: None,
             })
             .unwrap();
