@@ -12,6 +12,7 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 
 use crate::devices::bus::{lock, BusDevice};
+use crate::devices::virtio::persist::MmioTransportState;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
 
@@ -85,6 +86,44 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
         }
+    }
+
+    /// The registers and the interrupt status, for a snapshot.
+    pub fn save(&self) -> MmioTransportState {
+        MmioTransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+        }
+    }
+
+    /// The transport with the saved registers; `MmioTransport::restore` (persist.rs) is
+    /// the whole restore.
+    pub(super) fn from_state(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        state: &MmioTransportState,
+    ) -> Self {
+        Self {
+            device,
+            mem,
+            interrupt,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            status: state.status,
+            config_generation: state.config_generation,
+        }
+    }
+
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
     }
 
     /// Reads the selected queue's `field`; 0 when no queue is selected.

@@ -10,6 +10,7 @@
 //!   driver has set DRIVER_OK.
 //! - `mmio::MmioTransport`: the register window on the MMIO bus.
 //! - [`Interrupt`]: the device's interrupt status register and its irqfd.
+//! - `persist`: the serde states of queues, devices and the transport, for snapshots.
 //!
 //! Each device lives in its own folder: device state and queue processing, its event-loop
 //! subscriber, and the parsing of what the guest controls (kept small and fuzzable).
@@ -26,6 +27,7 @@ pub mod buffer;
 pub mod device;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod vsock;
 
 pub use device::{
@@ -92,6 +94,11 @@ impl Interrupt {
     /// InterruptACK: clears the acknowledged bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Sets the status from a snapshot; the interrupt it stands for was raised before.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
     }
 
     /// Clears everything (device reset).

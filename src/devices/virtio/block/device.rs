@@ -32,6 +32,8 @@ const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
 /// A virtio-blk device backed by a raw image.
 pub struct Block {
     pub(super) core: DeviceCore,
+    /// As built, for saving.
+    pub(super) config: BlockConfig,
     pub(super) disk: DiskFile,
     config_space: Vec<u8>,
     /// What requests may do; the negotiated parts are set at activation.
@@ -58,6 +60,7 @@ impl Block {
             DeviceCore::new(features(read_only), &QUEUE_SIZES).map_err(BlockError::Queues)?;
         Ok(Self {
             core,
+            config: config.clone(),
             config_space: config_space(disk.capacity(), read_only),
             params: DiskParams {
                 capacity: disk.capacity(),

@@ -9,6 +9,7 @@
 //!   pread/pwrite straight into guest memory.
 //! - `event_handler.rs`: the event-manager subscriber that watches the queue's eventfd,
 //!   and pauses and resumes.
+//! - `persist.rs`: [`BlockState`], what a snapshot keeps of the device.
 //!
 //! The device is shared as `Arc<Mutex<Block>>`: the transport reaches it through
 //! `VirtioDevice` on vCPU threads, and the same `Arc` is added to the event manager, which
@@ -17,12 +18,16 @@
 mod device;
 mod disk;
 mod event_handler;
+mod persist;
 pub mod request;
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 pub use device::Block;
 pub use disk::DiskFile;
+pub use persist::BlockState;
 pub use request::{process_chain, Backend, DiskParams, MemoryDisk};
 
 /// Bytes in a sector, the unit of the virtio-blk protocol.
@@ -31,7 +36,7 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 
 /// A disk as configured: inert data, validated when the device is built.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockConfig {
     /// The raw image file (or block device).
     pub path: PathBuf,

@@ -126,7 +126,8 @@ enum Delivery {
 /// Receive side: the RX buffers taken from the ring but not used yet, and the frame read
 /// from the tap but not delivered yet.
 pub(super) struct RxState {
-    buffers: VecDeque<RxBuffer>,
+    /// With the position in the available ring each was taken from.
+    buffers: VecDeque<(u16, RxBuffer)>,
     frame: Vec<u8>,
     pending: Option<usize>,
 }
@@ -145,6 +146,11 @@ impl RxState {
         self.pending.is_some()
     }
 
+    /// Where in the available ring the buffers held start, if any is held.
+    pub(super) fn first_held(&self) -> Option<u16> {
+        self.buffers.front().map(|&(position, _)| position)
+    }
+
     /// Device reset: buffers belong to the old queue, and the frame goes with them.
     pub(super) fn reset(&mut self) {
         self.buffers.clear();
@@ -157,11 +163,11 @@ impl RxState {
             return self
                 .buffers
                 .front()
-                .filter(|b| b.capacity() >= len)
+                .filter(|(_, b)| b.capacity() >= len)
                 .map(|_| 1);
         }
         let mut total = 0usize;
-        for (index, buffer) in self.buffers.iter().enumerate() {
+        for (index, (_, buffer)) in self.buffers.iter().enumerate() {
             total = total.saturating_add(buffer.capacity());
             if total >= len {
                 return Some(index + 1);
@@ -198,12 +204,13 @@ impl RxState {
                 self.pending = None;
                 return Delivery::Dropped;
             }
+            let position = queue.next_avail();
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 return Delivery::NoRoom;
             };
             let head = chain.head_index();
             match parse_rx_buffer(mem, head, chain) {
-                Ok(buffer) => self.buffers.push_back(buffer),
+                Ok(buffer) => self.buffers.push_back((position, buffer)),
                 Err(e) => {
                     log::debug!("virtio-net: unusable RX buffer: {e}");
                     return_chain(queue, mem, head, 0);
@@ -217,7 +224,7 @@ impl RxState {
             finish_rx_header(header, count as u16, features);
         }
         let mut offset = 0;
-        for buffer in self.buffers.drain(..count) {
+        for (_, buffer) in self.buffers.drain(..count) {
             let written = buffer.write(mem, &self.frame[offset..len]);
             offset += written;
             return_chain(queue, mem, buffer.head(), written as u32);
@@ -691,6 +698,30 @@ pub(super) mod tests {
             used_entries(&mock),
             [(0, 512), (1, frame.len() as u32 - 512)]
         );
+    }
+
+    /// The held buffers' place in the ring, which a snapshot gives back to the driver.
+    #[test]
+    fn rx_knows_where_the_held_buffers_start() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        add_chain(&mock, 0, &[(0x10_0000, 2048, WRITE)]);
+        add_chain(&mock, 1, &[(0x11_0000, 64, WRITE)]);
+        add_chain(&mock, 2, &[(0x12_0000, 64, WRITE)]);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut state = RxState::new();
+        assert_eq!(state.first_held(), None);
+        rx_frame(&mut state, 100, 0);
+        state.process(&mut queue, &mem, ALL, no_more_frames);
+        assert_eq!(state.first_held(), None);
+        // 1000 bytes: both small buffers are taken and held, waiting for more.
+        rx_frame(&mut state, 1000, 0);
+        state.process(&mut queue, &mem, ALL, no_more_frames);
+        assert!(state.has_pending_frame());
+        assert_eq!(state.first_held(), Some(1));
+        assert_eq!(queue.next_avail(), 3);
+        state.reset();
+        assert_eq!(state.first_held(), None);
     }
 
     #[test]

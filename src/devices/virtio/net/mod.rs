@@ -7,6 +7,7 @@
 //! - `header.rs`: what the guest controls (virtio-net headers, TX frames, RX buffers),
 //!   small pure functions a fuzz target can drive.
 //! - `tap.rs`: opening the tap and moving frames through it.
+//! - `persist.rs`: [`NetState`], what a snapshot keeps of the device.
 //!
 //! Create one with [`Net::new`], share it as `Arc<Mutex<Net>>` between the transport and
 //! the event manager (it is a `MutEventSubscriber`).
@@ -14,13 +15,17 @@
 mod device;
 mod event_handler;
 pub mod header;
+mod persist;
 pub mod tap;
 
+use serde::{Deserialize, Serialize};
+
 pub use device::Net;
+pub use persist::NetState;
 pub use tap::{Tap, TapError};
 
 /// What a network device is built from (inert; validated before use).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// Name of an existing tap interface on the host.
     pub tap: String,

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::os::fd::RawFd;
 use std::os::unix::fs::FileTypeExt;
+use std::sync::Arc;
 
 use event_manager::EventSet;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -17,8 +18,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use super::muxer::Muxer;
 use super::packet::{self, MAX_PACKET_LEN, MAX_PAYLOAD_LEN};
 use super::{VsockConfig, VsockError, MIN_GUEST_CID};
-use crate::devices::virtio::{drain_queue, DeviceCore, VirtioDevice};
+use crate::devices::virtio::{drain_queue, ActivateError, DeviceCore, Interrupt, VirtioDevice};
 use crate::uds::connect_nonblocking;
+use crate::vstate::memory::GuestMemory;
 
 /// `VIRTIO_ID_VSOCK`.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -26,8 +28,9 @@ pub const VIRTIO_ID_VSOCK: u32 = 19;
 pub const QUEUE_SIZES: [u16; 3] = [256; 3];
 pub(super) const RX_QUEUE: usize = 0;
 pub(super) const TX_QUEUE: usize = 1;
-// Queue 2, the event queue, only carries VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, which only
-// snapshot restore needs; its eventfd is never watched.
+/// Only for VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, which only snapshot restore needs; its
+/// eventfd is never watched.
+pub(super) const EVENT_QUEUE: usize = 2;
 const AVAIL_FEATURES: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
 
 pub struct Vsock {
@@ -37,9 +40,12 @@ pub struct Vsock {
     pub(super) muxer: Muxer,
     /// The host fds the event loop watches, and for what.
     pub(super) watched_host: HashMap<RawFd, EventSet>,
+    /// Restored from a snapshot: the guest's connections are gone, which it learns at
+    /// activation.
+    pub(super) announce_reset: bool,
     tx_buf: Vec<u8>,
     rx_buf: Vec<u8>,
-    uds_path: std::path::PathBuf,
+    pub(super) uds_path: std::path::PathBuf,
 }
 
 impl Vsock {
@@ -84,6 +90,7 @@ impl Vsock {
             config_space: config.guest_cid.to_le_bytes(),
             muxer: Muxer::new(config.guest_cid, path.clone(), listener),
             watched_host: HashMap::new(),
+            announce_reset: false,
             tx_buf: vec![0; MAX_PACKET_LEN],
             rx_buf: vec![0; MAX_PAYLOAD_LEN],
             uds_path: path.clone(),
@@ -188,6 +195,18 @@ impl VirtioDevice for Vsock {
     /// The guest CID, read-only.
     fn config_space(&self) -> &[u8] {
         &self.config_space
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.core.activate(mem, interrupt)?;
+        if std::mem::take(&mut self.announce_reset) {
+            self.send_transport_reset();
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {

@@ -7,6 +7,8 @@
 //! - `packet.rs`: what the guest controls (headers, TX chains, RX buffers), pure functions a
 //!   fuzz target can drive.
 //! - `muxer.rs` and `connection.rs`: host connections and their state machine.
+//! - `persist.rs`: [`VsockState`], what a snapshot keeps of the device, and the transport
+//!   reset event that tells a restored guest its connections are gone.
 //!
 //! Host processes connect to `uds_path` and write `CONNECT <port>\n` to reach guest port
 //! `port`; they read `OK <hostport>\n` once the guest accepts. A guest connecting to host
@@ -20,13 +22,17 @@ mod device;
 mod event_handler;
 mod muxer;
 pub mod packet;
+mod persist;
 
 use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 
 pub use device::Vsock;
 pub use muxer::port_path;
 /// Public for the fuzz target, which checks the device never holds more connections.
 pub use muxer::MAX_CONNECTIONS;
+pub use persist::VsockState;
 
 /// The host's CID, the only destination the guest can reach.
 pub const VSOCK_HOST_CID: u64 = 2;
@@ -34,7 +40,7 @@ pub const VSOCK_HOST_CID: u64 = 2;
 pub const MIN_GUEST_CID: u64 = 3;
 
 /// A vsock device as configured: inert data, validated when the device is built.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     pub guest_cid: u64,
     /// Where host processes connect; guest connections to host port P go to
