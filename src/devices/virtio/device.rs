@@ -16,8 +16,8 @@
 //!
 //! Activating and deactivating write every queue eventfd once: the event-loop side then
 //! serves what the driver queued before DRIVER_OK, and brings what it watches in line
-//! with the new state, with no wake-up eventfd of its own. While inactive the event-loop
-//! side reads its queue eventfds and does nothing else.
+//! with the new state, with no wake-up eventfd of its own. While the device is inactive,
+//! a queue notification is consumed and serves nothing.
 //!
 //! Pausing (for the VMM's pause and snapshot) is a state of the event-loop side only:
 //! [`Pausable`]. A paused device watches no fd and touches neither guest memory nor its
