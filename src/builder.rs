@@ -18,7 +18,7 @@ use crate::arch::boot::{BootProtocol, InitrdRegion};
 use crate::arch::{self, layout};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::console::InputSource;
-use crate::device_manager::{EventLoop, MmioDeviceManager};
+use crate::device_manager::{EventLoop, MmioDeviceManager, VirtioHandle};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::control::{BootCompletePort, Control, ControlPage, ExitPort};
 use crate::devices::legacy::acpi_pm::AcpiSleep;
@@ -28,7 +28,6 @@ use crate::devices::legacy::serial::{InputSpace, SerialDevice, SocketSink, Stdou
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::VirtioDevice;
 use crate::exit::ExitSignal;
 use crate::vmm::{ConsoleSetup, RuntimeDevices, Vmm};
 use crate::vstate::kvm::{KvmContext, KvmError};
@@ -461,23 +460,18 @@ struct VirtioAttach<'a> {
 }
 
 impl VirtioAttach<'_> {
-    /// Attaches `device`; returns it, shared, for whoever changes it at run time.
-    fn attach<D>(&mut self, name: &str, device: D) -> Result<Arc<Mutex<D>>, BuildError>
-    where
-        D: VirtioDevice + event_manager::MutEventSubscriber + 'static,
-    {
-        let device = Arc::new(Mutex::new(device));
+    fn attach(&mut self, name: &str, device: impl Into<VirtioHandle>) -> Result<(), BuildError> {
         self.manager
             .attach_virtio(
                 name,
-                device.clone(),
+                device.into(),
                 self.vm,
                 self.mem,
                 self.mmio_bus,
                 self.event_loop,
             )
-            .map_err(BuildError::DeviceManager)?;
-        Ok(device)
+            .map(|_| ())
+            .map_err(BuildError::DeviceManager)
     }
 }
 
@@ -492,7 +486,9 @@ fn attach_disks(
             name: "virtio-blk",
             source: Box::new(e),
         })?;
-        disks.push(virtio.attach(&format!("disk{index}"), block)?);
+        let block = Arc::new(Mutex::new(block));
+        virtio.attach(&format!("disk{index}"), VirtioHandle::Block(block.clone()))?;
+        disks.push(block);
     }
     Ok(disks)
 }
