@@ -129,7 +129,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     log::info!(
         "CPU profile: {:?}{}",
         config.cpu_profile,
-        if crate::vstate::pvm::host_is_pvm() {
+        if crate::arch::pvm::host_is_pvm() {
             " (host KVM is nested PVM)"
         } else {
             ""

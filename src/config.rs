@@ -6,11 +6,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::arch::layout;
+use crate::arch::pvm;
 use crate::cli::{CpuProfileChoice, RunArgs};
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::{parse_mac, NetConfig};
 use crate::devices::virtio::vsock::VsockConfig;
-use crate::vstate::pvm;
 
 /// Command line used when the user gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";

@@ -1,6 +1,9 @@
 //! The running VM: starts the vCPU threads, runs the event loop on the calling thread
-//! (console input, terminating signals, exit requests), and tears everything down in order:
-//! stop and join every vCPU, then restore the terminal.
+//! (console input, terminating signals, exit requests, and a [`ControlHook`] for whoever
+//! drives the VM: pause, resume), and tears everything down in order: stop and join every
+//! vCPU, restore the terminal, then close the VM.
+
+pub mod control;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -8,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::kvm_clock_data;
 
 use crate::config::CpuProfile;
 use crate::console::{ConsoleInput, InputSource};
@@ -18,8 +22,10 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::terminal::RawTerminal;
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::GuestMemory;
-use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuHandle};
-use crate::vstate::vm::Vm;
+use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
+use crate::vstate::vm::{Vm, VmError};
+
+pub use control::{control_channel, ControlChannel, ControlError, VmmController};
 
 /// Signals that end the VM in an orderly way.
 const TERMINATING_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -28,6 +34,10 @@ const TERMINATING_SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP
 const COMPAT_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How long teardown waits for vCPU threads before giving up on joining them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pause or resume waits for every vCPU to answer. A vCPU answers as soon as
+/// its KVM_RUN returns, which a kick makes immediate; this only bounds a vCPU stuck in a
+/// device (a console write to a stalled terminal).
+const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -39,6 +49,21 @@ pub enum VmmError {
     EventLoop(#[source] event_manager::Error),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("the VM is {0:?}; it must be {1:?}")]
+    State(VmState, VmState),
+}
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    /// Built; its vCPUs have not started.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// Every vCPU parked and the guest clock saved; [`Vmm::resume`] goes on.
+    Paused,
 }
 
 /// The serial console's pieces the event loop needs.
@@ -49,18 +74,46 @@ pub struct ConsoleSetup {
     pub socket_path: Option<PathBuf>,
 }
 
+/// Drives a running VM from the event-loop thread: the API server, or an embedding
+/// program through [`control_channel`]. [`Vmm::run_with`] calls it there, with the
+/// `Vmm` in hand.
+pub trait ControlHook {
+    /// Once, after the vCPUs started and before the first event-loop wait: the place to
+    /// add subscribers (an API socket) with [`Vmm::event_loop`].
+    fn start(&mut self, vmm: &mut Vmm) {
+        let _ = vmm;
+    }
+
+    /// After every event-loop wake-up (events dispatched, or the loop's timeout): carry out
+    /// what was asked for meanwhile, e.g. [`Vmm::pause`] and [`Vmm::resume`].
+    fn after_events(&mut self, vmm: &mut Vmm);
+}
+
+/// The hook of a VM nobody drives.
+struct NoControl;
+
+impl ControlHook for NoControl {
+    fn after_events(&mut self, _: &mut Vmm) {}
+}
+
 pub struct Vmm {
     // Kept alive for the VM's lifetime: the VM fd needs the KVM fd, the vCPUs the VM fd and
-    // guest memory.
-    _kvm: KvmContext,
-    _vm: Vm,
+    // guest memory. Fields drop in order: the VM closes before its memory is unmapped.
+    vm: Vm,
     _mem: GuestMemory,
+    _kvm: KvmContext,
+    /// Built vCPUs, until they start.
     vcpus: Vec<Vcpu>,
+    /// Their threads, once started.
+    handles: Vec<VcpuHandle>,
     exit: Arc<ExitSignal>,
     event_loop: EventLoop,
     console: ConsoleSetup,
     control: Arc<Control>,
     profile: CpuProfile,
+    state: VmState,
+    /// The guest's kvmclock when it was paused.
+    paused_clock: Option<kvm_clock_data>,
 }
 
 impl Vmm {
@@ -77,132 +130,218 @@ impl Vmm {
         profile: CpuProfile,
     ) -> Self {
         Self {
-            _kvm: kvm,
-            _vm: vm,
+            vm,
             _mem: mem,
+            _kvm: kvm,
             vcpus,
+            handles: Vec::new(),
             exit,
             event_loop,
             console,
             control,
             profile,
+            state: VmState::Created,
+            paused_clock: None,
         }
     }
 
     /// Runs the guest until something ends it; returns why.
     pub fn run(self) -> Result<ExitReason, VmmError> {
-        let Vmm {
-            _kvm,
-            _vm,
-            _mem,
-            vcpus,
-            exit,
-            event_loop: mut manager,
-            console,
-            control,
-            profile,
-        } = self;
+        self.run_with(&mut NoControl)
+    }
+
+    /// Like [`Vmm::run`], with `control` called on the event-loop thread (see
+    /// [`ControlHook`]).
+    pub fn run_with(mut self, control: &mut dyn ControlHook) -> Result<ExitReason, VmmError> {
         // Terminating signals are blocked in every thread (vCPU threads inherit the mask)
         // and read from a signalfd by the event loop, so teardown always runs.
-        let signals = SignalWatcher::new(exit.clone()).map_err(VmmError::Signals)?;
+        let signals = SignalWatcher::new(self.exit.clone()).map_err(VmmError::Signals)?;
         install_kick_handler()?;
-        manager.add_subscriber(Box::new(ExitWatcher(exit.clone())));
-        manager.add_subscriber(Box::new(signals));
+        self.event_loop
+            .add_subscriber(Box::new(ExitWatcher(self.exit.clone())));
+        self.event_loop.add_subscriber(Box::new(signals));
 
-        let raw_terminal = match console.input {
+        let raw_terminal = match self.console.input {
             Some(InputSource::Stdin { interactive: true }) => {
                 RawTerminal::enable(libc::STDIN_FILENO)
             }
             _ => None,
         };
-        if let Some(input) = console.input {
-            manager.add_subscriber(Box::new(ConsoleInput::new(
-                console.serial.clone(),
-                console.space.clone(),
+        if let Some(input) = self.console.input.take() {
+            self.event_loop.add_subscriber(Box::new(ConsoleInput::new(
+                self.console.serial.clone(),
+                self.console.space.clone(),
                 input,
-                exit.clone(),
+                self.exit.clone(),
             )));
         }
 
-        let mut handles = Vec::with_capacity(vcpus.len());
-        let mut result = Ok(());
-        for vcpu in vcpus {
-            match vcpu.start() {
-                Ok(handle) => handles.push(handle),
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
-            }
-        }
+        let mut result = self.start_vcpus();
         if result.is_ok() {
-            result = run_event_loop(&mut manager, &handles, &exit, profile);
+            control.start(&mut self);
+            result = self.dispatch_until_exit(control);
         }
 
         // Whatever happened, stop the vCPUs before leaving.
-        if !exit.is_requested() {
-            exit.request(ExitReason::VcpuFailure {
+        if !self.exit.is_requested() {
+            self.exit.request(ExitReason::VcpuFailure {
                 vcpu: 0,
                 detail: "VMM stopped".into(),
             });
         }
-        stop_vcpus(handles);
+        self.stop_vcpus();
         drop(raw_terminal);
-        if let Some(path) = &console.socket_path {
+        if let Some(path) = &self.console.socket_path {
             let _ = std::fs::remove_file(path);
         }
         result?;
-        if let Some(boot) = control.boot_time() {
+        if let Some(boot) = self.control.boot_time() {
             log::debug!("boot complete was signalled after {boot:?}");
         }
-        Ok(exit
+        Ok(self
+            .exit
             .reason()
             .expect("an exit reason is always set before teardown"))
     }
-}
 
-/// Dispatches events until an exit is requested. In the compat profile the vCPUs are
-/// kicked periodically so the PVM layer can arm its SYSCALL trap in quiet guests.
-fn run_event_loop(
-    manager: &mut EventLoop,
-    handles: &[VcpuHandle],
-    exit: &ExitSignal,
-    profile: CpuProfile,
-) -> Result<(), VmmError> {
-    let compat = profile == CpuProfile::Compat;
-    let timeout_ms = if compat {
-        COMPAT_POLL_INTERVAL.as_millis() as i32
-    } else {
-        -1
-    };
-    let mut last_poll = Instant::now();
-    while !exit.is_requested() {
-        manager
-            .run_with_timeout(timeout_ms)
-            .map_err(VmmError::EventLoop)?;
-        if compat && last_poll.elapsed() >= COMPAT_POLL_INTERVAL {
-            last_poll = Instant::now();
-            handles.iter().for_each(VcpuHandle::kick);
+    /// Where the VM is in its life.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// The event loop, to add subscribers to (see [`ControlHook::start`]).
+    pub fn event_loop(&mut self) -> &mut EventLoop {
+        &mut self.event_loop
+    }
+
+    /// The VM's stop channel: [`ExitSignal::request`] ends the run.
+    pub fn exit_signal(&self) -> &Arc<ExitSignal> {
+        &self.exit
+    }
+
+    /// Pauses a running VM: returns once every vCPU is out of KVM_RUN and parked, with the
+    /// guest's kvmclock saved (so the guest does not see the pause as a clock jump) and
+    /// each vCPU's kvmclock told it was stopped. The serial console keeps working. On an
+    /// error the VM is left running.
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        self.expect_state(VmState::Running)?;
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        let asked = self.handles.iter().try_for_each(|h| {
+            h.send_event(VcpuEvent::Pause)?;
+            Ok::<_, VcpuError>(())
+        });
+        let answered = asked.and_then(|()| {
+            self.handles
+                .iter()
+                .try_for_each(|h| h.wait_for(VcpuEvent::Pause, deadline))
+        });
+        let clock = answered
+            .map_err(VmmError::from)
+            .and_then(|()| Ok(self.vm.save_clock()?));
+        match clock {
+            Ok(clock) => {
+                // Devices stop processing their queues here, once they can (the device
+                // manager's pause).
+                self.paused_clock = Some(clock);
+                self.state = VmState::Paused;
+                log::info!("VM paused");
+                Ok(())
+            }
+            Err(e) => {
+                // Put back any vCPU that did park.
+                self.release_vcpus();
+                Err(e)
+            }
         }
     }
-    Ok(())
-}
 
-/// Kicks every vCPU until its thread has seen the stop request, then joins it.
-fn stop_vcpus(handles: Vec<VcpuHandle>) {
-    let deadline = Instant::now() + STOP_TIMEOUT;
-    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
-        handles
-            .iter()
-            .filter(|h| !h.is_finished())
-            .for_each(VcpuHandle::kick);
-        std::thread::sleep(Duration::from_millis(1));
+    /// Resumes a paused VM: the guest's kvmclock goes on from where it was paused, then
+    /// every vCPU runs again. Returns once every vCPU has answered.
+    pub fn resume(&mut self) -> Result<(), VmmError> {
+        self.expect_state(VmState::Paused)?;
+        // Devices resume their queues here, before any vCPU can notify them.
+        if let Some(clock) = self.paused_clock.take() {
+            if let Err(e) = self.vm.restore_clock(&clock) {
+                self.paused_clock = Some(clock);
+                return Err(e.into());
+            }
+        }
+        self.state = VmState::Running;
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        for handle in &self.handles {
+            handle.send_event(VcpuEvent::Resume)?;
+        }
+        for handle in &self.handles {
+            handle.wait_for(VcpuEvent::Resume, deadline)?;
+        }
+        log::info!("VM resumed");
+        Ok(())
     }
-    for handle in handles {
-        if handle.is_finished() {
-            handle.join();
+
+    fn expect_state(&self, wanted: VmState) -> Result<(), VmmError> {
+        match self.state {
+            state if state != wanted => Err(VmmError::State(state, wanted)),
+            _ => Ok(()),
+        }
+    }
+
+    /// After a failed pause: every vCPU runs again (those that never parked answer both).
+    fn release_vcpus(&mut self) {
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        for handle in &self.handles {
+            if handle.send_event(VcpuEvent::Resume).is_ok() {
+                if let Err(e) = handle.wait_for(VcpuEvent::Resume, deadline) {
+                    log::warn!("{}", crate::error_chain(&e));
+                }
+            }
+        }
+    }
+
+    fn start_vcpus(&mut self) -> Result<(), VmmError> {
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            self.handles.push(vcpu.start()?);
+        }
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Dispatches events until an exit is requested. In the compat profile running vCPUs
+    /// are kicked periodically so the PVM layer can arm its SYSCALL trap in quiet guests;
+    /// parked ones are left alone.
+    fn dispatch_until_exit(&mut self, control: &mut dyn ControlHook) -> Result<(), VmmError> {
+        let compat = self.profile == CpuProfile::Compat;
+        let timeout_ms = if compat {
+            COMPAT_POLL_INTERVAL.as_millis() as i32
         } else {
-            log::error!("a vCPU thread did not stop; leaving it behind");
+            -1
+        };
+        let mut last_poll = Instant::now();
+        while !self.exit.is_requested() {
+            self.event_loop
+                .run_with_timeout(timeout_ms)
+                .map_err(VmmError::EventLoop)?;
+            control.after_events(self);
+            if compat && last_poll.elapsed() >= COMPAT_POLL_INTERVAL {
+                last_poll = Instant::now();
+                if self.state == VmState::Running {
+                    self.handles.iter().for_each(VcpuHandle::kick);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells every vCPU to finish (one kick each: `immediate_exit` makes it certain) and
+    /// joins them.
+    fn stop_vcpus(&mut self) {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let handles = std::mem::take(&mut self.handles);
+        for handle in &handles {
+            // One that already ended (it asked for the stop) needs nothing.
+            let _ = handle.send_event(VcpuEvent::Finish);
+        }
+        for handle in handles {
+            handle.join(deadline);
         }
     }
 }

@@ -1,7 +1,10 @@
-//! The KVM VM: in-kernel interrupt controllers and PIT, guest memory slots, and the
-//! interrupt and notification plumbing (irqfd, ioeventfd) devices use.
+//! The KVM VM: in-kernel interrupt controllers and PIT, guest memory slots, the
+//! interrupt and notification plumbing (irqfd, ioeventfd) devices use, and the guest's
+//! clock across a pause.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestMemoryBackend as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -34,6 +37,10 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot read the guest clock (KVM_GET_CLOCK)")]
+    GetClock(#[source] kvm_ioctls::Error),
+    #[error("cannot set the guest clock (KVM_SET_CLOCK)")]
+    SetClock(#[source] kvm_ioctls::Error),
 }
 
 /// A VM with its irqchip, PIT and memory in place.
@@ -87,5 +94,21 @@ impl Vm {
 
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The guest's kvmclock now (KVM_GET_CLOCK), to be put back by [`Vm::restore_clock`].
+    pub fn save_clock(&self) -> Result<kvm_clock_data, VmError> {
+        self.fd.get_clock().map_err(VmError::GetClock)
+    }
+
+    /// Sets the guest's kvmclock to `clock` (KVM_SET_CLOCK), so the guest does not see the
+    /// time that passed since it was saved. The flags are dropped: with KVM_CLOCK_REALTIME
+    /// KVM would add the wall-clock time elapsed since, which is the jump to avoid.
+    pub fn restore_clock(&self, clock: &kvm_clock_data) -> Result<(), VmError> {
+        let clock = kvm_clock_data {
+            clock: clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(VmError::SetClock)
     }
 }
