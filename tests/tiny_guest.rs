@@ -1,13 +1,19 @@
 //! hearth against tiny freestanding guests (tests/payloads/): boot protocols, serial
 //! output, exit paths, the boot-complete signal, the instructions the nested PVM host
-//! cannot run without the VMM's help, vCPU start-up and RAM around the 32-bit MMIO hole.
-//! Console input is in tests/console.rs. Each test skips when /dev/kvm is unavailable.
+//! cannot run without the VMM's help, vCPU start-up, RAM around the 32-bit MMIO hole, and
+//! pausing and resuming a VM through the library. Console input is in tests/console.rs.
+//! Each test skips when /dev/kvm is unavailable.
 
 mod common;
 
 use std::fs;
 use std::path::Path;
 use std::process::Output;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use hearth::exit::ExitReason;
 
 use common::{
     announce_skip, assert_exit_code, assert_stdout_contains, describe, kvm_available, payload,
@@ -326,4 +332,106 @@ fn syscall_from_user_mode_needs_compat_on_pvm() {
         "user-mode SYSCALL completed without the compat layer\n{}",
         describe(&out)
     );
+}
+
+/// The numbers the `counter` payload has printed so far, in order (a line still being
+/// written is left out).
+fn counts(log: &Path) -> Vec<u32> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    complete
+        .lines()
+        .map(|line| {
+            line.strip_prefix("count ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected serial line {line:?} in {text:?}"))
+        })
+        .collect()
+}
+
+/// Waits up to [`common::RUN_TIMEOUT`] until the payload has counted past `past`.
+#[track_caller]
+fn wait_for_count_past(log: &Path, past: u32) -> u32 {
+    let deadline = Instant::now() + common::RUN_TIMEOUT;
+    loop {
+        if let Some(&last) = counts(log).last().filter(|&&n| n > past) {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not count past {past}: {:?}",
+            counts(log)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Pause and resume through the library (`build_vm` and `Vmm::run_with` on one thread, a
+/// `VmmController` on another), twice: a paused VM prints nothing for longer than
+/// the compat layer's 250 ms kick interval, and a resumed one counts on from where it
+/// stopped.
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pause");
+    let log = dir.join("serial.log");
+    let kernel = payload("counter", Format::Elf64);
+    let serial = format!("file={}", log.display());
+    let cli = hearth::cli::Cli::try_parse_from([
+        "hearth".as_ref(),
+        "run".as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--memory".as_ref(),
+        common::PAYLOAD_MEMORY.as_ref(),
+        "--serial".as_ref(),
+        serial.as_ref(),
+    ] as [&std::ffi::OsStr; 8])
+    .expect("a valid command line");
+    let hearth::cli::Command::Run(args) = cli.command else {
+        panic!("not a run command");
+    };
+    let config = hearth::config::VmConfig::from_args(&args).expect("a valid config");
+    let (controller, mut channel) = hearth::vmm::control_channel().expect("control channel");
+    // The Vmm (its event loop) stays on the thread that builds it.
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    let running = thread::spawn(move || {
+        let vmm = hearth::builder::build_vm(&config, Instant::now()).expect("build the VM");
+        exit_tx
+            .send(vmm.exit_signal().clone())
+            .expect("the test thread waits");
+        vmm.run_with(&mut channel)
+    });
+    let exit = exit_rx.recv().expect("the VM was built");
+
+    let mut last = wait_for_count_past(&log, 2);
+    for round in 1..=2 {
+        controller.pause().expect("pause");
+        let at_pause = fs::read(&log).expect("serial log");
+        let paused_at = *counts(&log).last().expect("counted before the pause");
+        assert!(paused_at >= last);
+        thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            fs::read(&log).expect("serial log").len(),
+            at_pause.len(),
+            "round {round}: the guest printed while paused: {:?}",
+            counts(&log)
+        );
+        controller.resume().expect("resume");
+        last = wait_for_count_past(&log, paused_at + 2);
+    }
+
+    exit.request(ExitReason::Signal(libc::SIGTERM));
+    let reason = running.join().expect("the VMM thread").expect("the VM ran");
+    assert_eq!(reason, ExitReason::Signal(libc::SIGTERM));
+    assert!(
+        matches!(controller.pause(), Err(hearth::vmm::ControlError::Stopped)),
+        "a stopped VM still answered"
+    );
+    let all = counts(&log);
+    let expected: Vec<u32> = (1..=all.len() as u32).collect();
+    assert_eq!(all, expected, "the count restarted or skipped");
+    assert!(*all.last().unwrap() >= last);
 }

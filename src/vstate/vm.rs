@@ -185,7 +185,37 @@ fn ring_holding(fd: RawFd) -> Option<OwnedFd> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    /// The guest clock runs while the VM exists; put back, it resumes from the saved value
+    /// instead of jumping by the time in between.
+    #[test]
+    fn a_restored_clock_does_not_count_the_time_in_between() {
+        let kvm = match KvmContext::open() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                eprintln!("skipping: {}", crate::error_chain(&e));
+                return;
+            }
+        };
+        let vm = Vm::new(&kvm).expect("create the VM");
+        let saved = vm.save_clock().expect("KVM_GET_CLOCK");
+        std::thread::sleep(Duration::from_millis(200));
+        let later = vm.save_clock().expect("KVM_GET_CLOCK");
+        let ms = |ns: u64| ns / 1_000_000;
+        assert!(
+            ms(later.clock - saved.clock) >= 200,
+            "{saved:?} -> {later:?}"
+        );
+        vm.restore_clock(&saved).expect("KVM_SET_CLOCK");
+        let restored = vm.save_clock().expect("KVM_GET_CLOCK");
+        assert!(
+            restored.clock >= saved.clock && ms(restored.clock - saved.clock) < 100,
+            "{saved:?} -> {restored:?}"
+        );
+    }
 
     /// A registered file outlives its own descriptor in the ring: the property the VM's
     /// cheap close relies on (checked on a pipe, whose other end sees no hang-up while
