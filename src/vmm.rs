@@ -20,10 +20,12 @@ use crate::devices::control::Control;
 use crate::devices::legacy::serial::{InputSpace, SerialDevice};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::terminal::RawTerminal;
-use crate::vstate::kvm::KvmContext;
+use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::GuestMemory;
-use crate::vstate::vcpu::{install_kick_handler, Vcpu, VcpuError, VcpuEvent, VcpuHandle};
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vcpu::{
+    install_kick_handler, MsrIndex, Vcpu, VcpuError, VcpuEvent, VcpuHandle, VcpuState,
+};
+use crate::vstate::vm::{Vm, VmError, VmState};
 
 pub use control::{control_channel, ControlChannel, ControlError, VmmController};
 
@@ -51,13 +53,15 @@ pub enum VmmError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
     #[error("the VM is {0:?}; it must be {1:?}")]
-    State(VmState, VmState),
+    State(RunState, RunState),
 }
 
 /// Where a VM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VmState {
+pub enum RunState {
     /// Built; its vCPUs have not started.
     Created,
     /// vCPUs running.
@@ -111,9 +115,11 @@ pub struct Vmm {
     console: ConsoleSetup,
     control: Arc<Control>,
     profile: CpuProfile,
-    state: VmState,
+    state: RunState,
     /// The guest's kvmclock when it was paused.
     paused_clock: Option<kvm_clock_data>,
+    /// What a vCPU's saved state includes, read from KVM on the first save.
+    msr_index: Option<MsrIndex>,
 }
 
 impl Vmm {
@@ -140,8 +146,9 @@ impl Vmm {
             console,
             control,
             profile,
-            state: VmState::Created,
+            state: RunState::Created,
             paused_clock: None,
+            msr_index: None,
         }
     }
 
@@ -205,7 +212,7 @@ impl Vmm {
     }
 
     /// Where the VM is in its life.
-    pub fn state(&self) -> VmState {
+    pub fn state(&self) -> RunState {
         self.state
     }
 
@@ -224,7 +231,7 @@ impl Vmm {
     /// each vCPU's kvmclock told it was stopped. The serial console keeps working. On an
     /// error the VM is left running.
     pub fn pause(&mut self) -> Result<(), VmmError> {
-        self.expect_state(VmState::Running)?;
+        self.expect_state(RunState::Running)?;
         let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
         let asked = self.handles.iter().try_for_each(|h| {
             h.send_event(VcpuEvent::Pause)?;
@@ -233,7 +240,7 @@ impl Vmm {
         let answered = asked.and_then(|()| {
             self.handles
                 .iter()
-                .try_for_each(|h| h.wait_for(VcpuEvent::Pause, deadline))
+                .try_for_each(|h| h.wait_for(&VcpuEvent::Pause, deadline))
         });
         let clock = answered
             .map_err(VmmError::from)
@@ -243,7 +250,7 @@ impl Vmm {
                 // Devices stop processing their queues here, once they can (the device
                 // manager's pause).
                 self.paused_clock = Some(clock);
-                self.state = VmState::Paused;
+                self.state = RunState::Paused;
                 log::info!("VM paused");
                 Ok(())
             }
@@ -258,7 +265,7 @@ impl Vmm {
     /// Resumes a paused VM: the guest's kvmclock goes on from where it was paused, then
     /// every vCPU runs again. Returns once every vCPU has answered.
     pub fn resume(&mut self) -> Result<(), VmmError> {
-        self.expect_state(VmState::Paused)?;
+        self.expect_state(RunState::Paused)?;
         // Devices resume their queues here, before any vCPU can notify them.
         if let Some(clock) = self.paused_clock.take() {
             if let Err(e) = self.vm.restore_clock(&clock) {
@@ -266,19 +273,43 @@ impl Vmm {
                 return Err(e.into());
             }
         }
-        self.state = VmState::Running;
+        self.state = RunState::Running;
         let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
         for handle in &self.handles {
             handle.send_event(VcpuEvent::Resume)?;
         }
         for handle in &self.handles {
-            handle.wait_for(VcpuEvent::Resume, deadline)?;
+            handle.wait_for(&VcpuEvent::Resume, deadline)?;
         }
         log::info!("VM resumed");
         Ok(())
     }
 
-    fn expect_state(&self, wanted: VmState) -> Result<(), VmmError> {
+    /// The state of every vCPU of a paused VM, in index order.
+    pub fn save_vcpu_states(&mut self) -> Result<Vec<VcpuState>, VmmError> {
+        self.expect_state(RunState::Paused)?;
+        let msrs = match &self.msr_index {
+            Some(msrs) => msrs.clone(),
+            None => {
+                let msrs: MsrIndex = self._kvm.msr_index_list()?.into();
+                self.msr_index.insert(msrs).clone()
+            }
+        };
+        let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
+        self.handles
+            .iter()
+            .map(|h| h.save_state(msrs.clone(), deadline).map_err(VmmError::from))
+            .collect()
+    }
+
+    /// The VM's own state (interrupt controllers, PIT, the clock as it was paused).
+    pub fn save_vm_state(&self) -> Result<VmState, VmmError> {
+        self.expect_state(RunState::Paused)?;
+        let clock = self.paused_clock.expect("a paused VM has its clock saved");
+        Ok(self.vm.save_state(clock)?)
+    }
+
+    fn expect_state(&self, wanted: RunState) -> Result<(), VmmError> {
         match self.state {
             state if state != wanted => Err(VmmError::State(state, wanted)),
             _ => Ok(()),
@@ -290,7 +321,7 @@ impl Vmm {
         let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
         for handle in &self.handles {
             if handle.send_event(VcpuEvent::Resume).is_ok() {
-                if let Err(e) = handle.wait_for(VcpuEvent::Resume, deadline) {
+                if let Err(e) = handle.wait_for(&VcpuEvent::Resume, deadline) {
                     log::warn!("{}", crate::error_chain(&e));
                 }
             }
@@ -301,7 +332,7 @@ impl Vmm {
         for vcpu in std::mem::take(&mut self.vcpus) {
             self.handles.push(vcpu.start()?);
         }
-        self.state = VmState::Running;
+        self.state = RunState::Running;
         Ok(())
     }
 
@@ -323,7 +354,7 @@ impl Vmm {
             control.after_events(self);
             if compat && last_poll.elapsed() >= COMPAT_POLL_INTERVAL {
                 last_poll = Instant::now();
-                if self.state == VmState::Running {
+                if self.state == RunState::Running {
                     self.handles.iter().for_each(VcpuHandle::kick);
                 }
             }

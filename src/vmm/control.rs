@@ -148,8 +148,8 @@ mod tests {
         assert_eq!(request, ControlRequest::Resume);
         reply
             .send(Err(VmmError::State(
-                super::super::VmState::Running,
-                super::super::VmState::Paused,
+                super::super::RunState::Running,
+                super::super::RunState::Paused,
             )))
             .unwrap();
         assert!(matches!(

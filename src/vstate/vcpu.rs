@@ -11,6 +11,7 @@
 //! paused vCPU is parked on the channel, not in KVM_RUN, so kicks do not wake it.
 
 pub mod exit;
+pub mod state;
 
 use std::cell::Cell;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -31,6 +32,7 @@ use crate::vstate::memory::GuestMemory;
 use crate::vstate::vm::Vm;
 
 pub use exit::{classify, CompatHook, Completion, KvmExit, VcpuAction, MAX_HOOK_PORT_ACCESS};
+pub use state::{MsrIndex, StateError, VcpuState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -62,8 +64,20 @@ pub enum VcpuError {
     },
     #[error("vCPU {index} has stopped")]
     Stopped { index: u8 },
-    #[error("vCPU {index} did not answer {event:?} in time")]
-    NoAnswer { index: u8, event: VcpuEvent },
+    #[error("vCPU {index} did not answer {event} in time")]
+    NoAnswer { index: u8, event: &'static str },
+    #[error("vCPU {index} could not {event}: {reason}")]
+    Refused {
+        index: u8,
+        event: &'static str,
+        reason: String,
+    },
+    #[error("cannot restore the state of vCPU {index}")]
+    Restore {
+        index: u8,
+        #[source]
+        source: StateError,
+    },
 }
 
 /// Where and how the boot vCPU starts.
@@ -73,23 +87,38 @@ pub struct BootEntry {
     pub protocol: BootProtocol,
 }
 
-/// What a vCPU thread is asked to do. A `SaveState` event joins these with the vCPU
-/// state: it is only answered by a paused vCPU.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a vCPU thread is asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuEvent {
     /// Leave KVM_RUN (completing any port or MMIO access in flight) and park.
     Pause,
     /// Run again after a pause.
     Resume,
+    /// Answer with the vCPU's state, saving these MSRs; only a paused vCPU does.
+    SaveState(MsrIndex),
     /// End the thread.
     Finish,
 }
 
+impl VcpuEvent {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::SaveState(_) => "save its state",
+            Self::Finish => "finish",
+        }
+    }
+}
+
 /// A vCPU thread's answer to an event (`Finish` has none: the thread ends).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResponse {
     Paused,
     Resumed,
+    State(Box<VcpuState>),
+    /// The event could not be carried out; the vCPU is as it was.
+    Refused(String),
 }
 
 /// The signal used to kick a vCPU thread out of KVM_RUN.
@@ -224,6 +253,27 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Loads a saved vCPU's state into this one, instead of [`Vcpu::configure`]: it then
+    /// goes on where the saved one stopped.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        let index = self.index;
+        state::restore(&self.fd, state).map_err(|source| VcpuError::Restore { index, source })?;
+        match (self.compat.as_mut(), &state.compat) {
+            (Some(hook), Some(saved)) => {
+                hook.restore_state(&self.fd, saved)
+                    .map_err(|e| VcpuError::Restore {
+                        index,
+                        source: StateError::Compat(e),
+                    })?
+            }
+            (None, None) => {}
+            // Another CPU profile than the saved vCPU's: its hook starts afresh, or the
+            // saved hook state has no one to go to.
+            _ => log::warn!("vCPU {index}: restored under another CPU profile than it was saved"),
+        }
+        Ok(())
+    }
+
     /// Starts the vCPU's thread, running.
     pub fn start(self) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
@@ -269,6 +319,14 @@ impl Vcpu {
                 }
             };
             let response = match event {
+                VcpuEvent::SaveState(msrs) if paused => {
+                    let compat = self.compat.as_ref().map(|hook| hook.save_state());
+                    match state::save(&self.fd, &msrs, compat) {
+                        Ok(state) => VcpuResponse::State(Box::new(state)),
+                        Err(e) => VcpuResponse::Refused(crate::error_chain(&e)),
+                    }
+                }
+                VcpuEvent::SaveState(_) => VcpuResponse::Refused("it is running".into()),
                 VcpuEvent::Pause if paused => VcpuResponse::Paused,
                 VcpuEvent::Pause => match self.park() {
                     Ok(()) => {
@@ -468,37 +526,66 @@ impl VcpuHandle {
         Ok(())
     }
 
-    /// Waits until `deadline` for the thread's answer to `event` (`Paused` to `Pause`,
-    /// `Resumed` to `Resume`); answers to earlier events are skipped.
-    pub fn wait_for(&self, event: VcpuEvent, deadline: Instant) -> Result<(), VcpuError> {
-        let wanted = match event {
-            VcpuEvent::Pause => VcpuResponse::Paused,
-            VcpuEvent::Resume => VcpuResponse::Resumed,
+    /// Waits until `deadline` for the thread's answer to `event`; answers to earlier
+    /// events are skipped.
+    pub fn wait_for(&self, event: &VcpuEvent, deadline: Instant) -> Result<(), VcpuError> {
+        match event {
             VcpuEvent::Finish => {
-                return match self.wait_stopped(deadline) {
-                    true => Ok(()),
-                    false => Err(VcpuError::NoAnswer {
-                        index: self.index,
-                        event,
-                    }),
+                if self.wait_stopped(deadline) {
+                    Ok(())
+                } else {
+                    Err(self.no_answer(event))
                 }
             }
-        };
+            _ => self.answer(event, deadline).map(drop),
+        }
+    }
+
+    /// Asks a paused vCPU for its state, saving the MSRs in `msrs`.
+    pub fn save_state(&self, msrs: MsrIndex, deadline: Instant) -> Result<VcpuState, VcpuError> {
+        let event = VcpuEvent::SaveState(msrs);
+        self.send_event(event.clone())?;
+        match self.answer(&event, deadline)? {
+            Some(state) => Ok(*state),
+            None => Err(self.no_answer(&event)),
+        }
+    }
+
+    /// The answer to `event` (a state for `SaveState`), skipping older answers.
+    fn answer(
+        &self,
+        event: &VcpuEvent,
+        deadline: Instant,
+    ) -> Result<Option<Box<VcpuState>>, VcpuError> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.responses.recv_timeout(left) {
-                Ok(response) if response == wanted => return Ok(()),
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(VcpuError::NoAnswer {
-                        index: self.index,
-                        event,
-                    })
-                }
+            let response = match self.responses.recv_timeout(left) {
+                Ok(response) => response,
+                Err(RecvTimeoutError::Timeout) => return Err(self.no_answer(event)),
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(VcpuError::Stopped { index: self.index })
                 }
+            };
+            match (event, response) {
+                (VcpuEvent::Pause, VcpuResponse::Paused)
+                | (VcpuEvent::Resume, VcpuResponse::Resumed) => return Ok(None),
+                (VcpuEvent::SaveState(_), VcpuResponse::State(state)) => return Ok(Some(state)),
+                (VcpuEvent::SaveState(_), VcpuResponse::Refused(reason)) => {
+                    return Err(VcpuError::Refused {
+                        index: self.index,
+                        event: event.name(),
+                        reason,
+                    })
+                }
+                _ => {}
             }
+        }
+    }
+
+    fn no_answer(&self, event: &VcpuEvent) -> VcpuError {
+        VcpuError::NoAnswer {
+            index: self.index,
+            event: event.name(),
         }
     }
 

@@ -6,9 +6,11 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -44,6 +46,19 @@ pub enum VmError {
     GetClock(#[source] kvm_ioctls::Error),
     #[error("cannot set the guest clock (KVM_SET_CLOCK)")]
     SetClock(#[source] kvm_ioctls::Error),
+    #[error("cannot {0} the in-kernel interrupt controllers and PIT")]
+    Devices(&'static str, #[source] kvm_ioctls::Error),
+}
+
+/// The VM's own state beside its vCPUs' and memory: KVM's in-kernel PIC pair, IOAPIC and
+/// PIT, and the guest clock.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 /// A VM with its irqchip, PIT and memory in place.
@@ -130,6 +145,43 @@ impl Vm {
 /// files registered with it: the VM fd is registered with a fresh ring, closed here
 /// (not the last reference then), and the ring closed after it. Where io_uring is not
 /// available (disabled, or refused by a seccomp filter) the VM is closed the slow way.
+impl Vm {
+    /// The VM's state, with `clock` as the guest's clock (the one saved when the VM was
+    /// paused: the clock has run on since).
+    pub fn save_state(&self, clock: kvm_clock_data) -> Result<VmState, VmError> {
+        let chip = |chip_id| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map(|()| chip)
+                .map_err(|e| VmError::Devices("read", e))
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmError::Devices("read", e))?,
+            clock,
+        })
+    }
+
+    /// Loads `state` into this VM (made by [`Vm::new`], no vCPU run yet).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let set = |e| VmError::Devices("set", e);
+        self.fd.set_pit2(&state.pit).map_err(set)?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd.set_irqchip(chip).map_err(set)?;
+        }
+        self.restore_clock(&state.clock)
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         // SAFETY: `fd` is taken once, here, and `self` is not used after.

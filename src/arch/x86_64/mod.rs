@@ -16,6 +16,9 @@ use vm_memory::GuestAddress;
 use crate::vstate::vcpu::CompatHook;
 use layout::{MMIO32_START, RAM_ABOVE_4G_START};
 
+/// What a vCPU's [`CompatHook`] saves with it.
+pub use pvm::PvmState as CompatState;
+
 /// The hook vCPU `vcpu` runs with under the compat CPU profile: the nested-PVM layer.
 pub fn compat_hook(vcpu: u8) -> Box<dyn CompatHook> {
     Box::new(pvm::PvmCompat::new(vcpu))

@@ -9,6 +9,7 @@
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::arch::CompatState;
 use crate::exit::ExitReason;
 use crate::vstate::memory::GuestMemory;
 
@@ -180,6 +181,13 @@ pub trait CompatHook: Send {
 
     /// One line for the log when the vCPU stops (what the hook did).
     fn summary(&self) -> String;
+
+    /// The hook's own state, saved with a paused vCPU's.
+    fn save_state(&self) -> CompatState;
+
+    /// Takes over `state` on a vCPU that has not run yet, redoing in KVM whatever the hook
+    /// had set up there (KVM saves none of it).
+    fn restore_state(&mut self, vcpu: &VcpuFd, state: &CompatState) -> Result<(), String>;
 }
 
 #[cfg(test)]
@@ -204,6 +212,12 @@ mod tests {
         fn after_exit(&mut self, _: &VcpuFd, _: &GuestMemory) {}
         fn summary(&self) -> String {
             String::new()
+        }
+        fn save_state(&self) -> CompatState {
+            CompatState::default()
+        }
+        fn restore_state(&mut self, _: &VcpuFd, _: &CompatState) -> Result<(), String> {
+            Ok(())
         }
     }
 
@@ -287,6 +301,12 @@ mod tests {
             fn after_exit(&mut self, _: &VcpuFd, _: &GuestMemory) {}
             fn summary(&self) -> String {
                 String::new()
+            }
+            fn save_state(&self) -> CompatState {
+                CompatState::default()
+            }
+            fn restore_state(&mut self, _: &VcpuFd, _: &CompatState) -> Result<(), String> {
+                Ok(())
             }
         }
         let long = [0u8; MAX_HOOK_PORT_ACCESS + 1];

@@ -26,6 +26,7 @@ use std::path::Path;
 
 use kvm_bindings::{kvm_segment, Msrs};
 use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
 
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{CompatHook, Completion};
@@ -64,6 +65,24 @@ pub struct FixupStats {
     pub xstate_saves: u64,
     pub xstate_restores: u64,
     pub xstate_errors: u64,
+}
+
+/// What the layer keeps for one vCPU, saved with the vCPU's state. KVM keeps no trace of
+/// the SYSCALL trap (guest debugging is not part of a vCPU's state), so a restored vCPU
+/// has it put back from here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PvmState {
+    /// The guest's SYSCALL entry and #PF handler, once the trap was armed.
+    pub syscall_trap: Option<SyscallTrapState>,
+    /// The trap was given up on after something unexpected.
+    pub syscall_trap_disabled: bool,
+}
+
+/// Where the SYSCALL trap is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyscallTrapState {
+    pub lstar: u64,
+    pub pf_entry: u64,
 }
 
 /// Per-vCPU state of the compatibility layer.
@@ -116,6 +135,29 @@ impl CompatHook for PvmCompat {
 
     fn summary(&self) -> String {
         format!("compat fixups: {:?}", self.stats)
+    }
+
+    fn save_state(&self) -> PvmState {
+        PvmState {
+            syscall_trap: self.syscall.trap.map(|t| SyscallTrapState {
+                lstar: t.lstar,
+                pf_entry: t.pf_entry,
+            }),
+            syscall_trap_disabled: self.syscall.disabled,
+        }
+    }
+
+    fn restore_state(&mut self, vcpu: &VcpuFd, state: &PvmState) -> Result<(), String> {
+        let trap = state.syscall_trap.map(|t| syscall::SyscallTrap {
+            lstar: t.lstar,
+            pf_entry: t.pf_entry,
+        });
+        if let Some(trap) = &trap {
+            syscall::arm(vcpu, trap).map_err(|e| crate::error_chain(&e))?;
+        }
+        self.syscall.trap = trap;
+        self.syscall.disabled = state.syscall_trap_disabled;
+        Ok(())
     }
 }
 
