@@ -366,6 +366,50 @@ fn wait_for_count_past(log: &Path, past: u32) -> u32 {
     }
 }
 
+/// Builds and runs the `counter` payload with `extra` options on a thread of its own
+/// (the Vmm and its event loop stay on the thread that builds it), printing to `log`,
+/// driven by `control`. Returns the VM's stop channel and its thread.
+fn start_counter<C>(
+    log: &Path,
+    extra: &[&str],
+    mut control: C,
+) -> (
+    std::sync::Arc<hearth::exit::ExitSignal>,
+    thread::JoinHandle<Result<ExitReason, hearth::vmm::VmmError>>,
+)
+where
+    C: hearth::vmm::ControlHook + Send + 'static,
+{
+    let kernel = payload("counter", Format::Elf64);
+    let serial = format!("file={}", log.display());
+    let mut argv: Vec<std::ffi::OsString> = ["hearth", "run", "--kernel"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    argv.push(kernel.into_os_string());
+    argv.extend(
+        ["--memory", common::PAYLOAD_MEMORY, "--serial", &serial]
+            .iter()
+            .chain(extra)
+            .map(Into::into),
+    );
+    let cli = hearth::cli::Cli::try_parse_from(argv).expect("a valid command line");
+    let hearth::cli::Command::Run(args) = cli.command else {
+        panic!("not a run command");
+    };
+    let config = hearth::config::VmConfig::from_args(&args).expect("a valid config");
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    let running = thread::spawn(move || {
+        let vmm = hearth::builder::build_vm(&config, Instant::now()).expect("build the VM");
+        exit_tx
+            .send(vmm.exit_signal().clone())
+            .expect("the test thread waits");
+        vmm.run_with(&mut control)
+    });
+    let exit = exit_rx.recv().expect("the VM was built");
+    (exit, running)
+}
+
 /// Pause and resume through the library (`build_vm` and `Vmm::run_with` on one thread, a
 /// `VmmController` on another), twice: a paused VM prints nothing for longer than
 /// the compat layer's 250 ms kick interval, and a resumed one counts on from where it
@@ -377,34 +421,8 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     }
     let dir = TempDir::new("pause");
     let log = dir.join("serial.log");
-    let kernel = payload("counter", Format::Elf64);
-    let serial = format!("file={}", log.display());
-    let cli = hearth::cli::Cli::try_parse_from([
-        "hearth".as_ref(),
-        "run".as_ref(),
-        "--kernel".as_ref(),
-        kernel.as_os_str(),
-        "--memory".as_ref(),
-        common::PAYLOAD_MEMORY.as_ref(),
-        "--serial".as_ref(),
-        serial.as_ref(),
-    ] as [&std::ffi::OsStr; 8])
-    .expect("a valid command line");
-    let hearth::cli::Command::Run(args) = cli.command else {
-        panic!("not a run command");
-    };
-    let config = hearth::config::VmConfig::from_args(&args).expect("a valid config");
-    let (controller, mut channel) = hearth::vmm::control_channel().expect("control channel");
-    // The Vmm (its event loop) stays on the thread that builds it.
-    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
-    let running = thread::spawn(move || {
-        let vmm = hearth::builder::build_vm(&config, Instant::now()).expect("build the VM");
-        exit_tx
-            .send(vmm.exit_signal().clone())
-            .expect("the test thread waits");
-        vmm.run_with(&mut channel)
-    });
-    let exit = exit_rx.recv().expect("the VM was built");
+    let (controller, channel) = hearth::vmm::control_channel().expect("control channel");
+    let (exit, running) = start_counter(&log, &[], channel);
 
     let mut last = wait_for_count_past(&log, 2);
     for round in 1..=2 {
@@ -434,4 +452,89 @@ fn pause_stops_the_guest_and_resume_continues_it() {
     let expected: Vec<u32> = (1..=all.len() as u32).collect();
     assert_eq!(all, expected, "the count restarted or skipped");
     assert!(*all.last().unwrap() >= last);
+}
+
+/// A control hook of its own, as the API layer would write one: a `ControlChannel` for
+/// pause and resume, plus, on the event-loop thread, the saving of a paused VM's vCPU and
+/// device state.
+struct SaveWhenPaused {
+    channel: hearth::vmm::ControlChannel,
+    saved: std::sync::mpsc::Sender<Result<SavedVm, String>>,
+    done: bool,
+}
+
+struct SavedVm {
+    vcpus: Vec<hearth::vstate::vcpu::VcpuState>,
+    json_bytes: usize,
+}
+
+impl hearth::vmm::ControlHook for SaveWhenPaused {
+    fn start(&mut self, vmm: &mut hearth::vmm::Vmm) {
+        self.channel.start(vmm);
+    }
+
+    fn after_events(&mut self, vmm: &mut hearth::vmm::Vmm) {
+        self.channel.after_events(vmm);
+        if self.done || vmm.state() != hearth::vmm::RunState::Paused {
+            return;
+        }
+        self.done = true;
+        let saved = vmm
+            .save_vcpu_states()
+            .and_then(|vcpus| Ok((vcpus, vmm.save_vm_state()?)))
+            .map(|(vcpus, vm)| SavedVm {
+                json_bytes: serde_json::to_vec(&vcpus).unwrap().len()
+                    + serde_json::to_vec(&vm).unwrap().len(),
+                vcpus,
+            })
+            .map_err(|e| hearth::error_chain(&e));
+        let _ = self.saved.send(saved);
+    }
+}
+
+/// A paused two-vCPU VM hands out the state of both vCPUs (the AP still waiting for INIT,
+/// parked out of KVM_RUN all the same) and of its devices, from a control
+/// hook on the event-loop thread, and then runs on.
+#[test]
+fn a_paused_vm_saves_its_vcpus_and_devices() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("save");
+    let log = dir.join("serial.log");
+    let (controller, channel) = hearth::vmm::control_channel().expect("control channel");
+    let (saved_tx, saved_rx) = std::sync::mpsc::channel();
+    let hook = SaveWhenPaused {
+        channel,
+        saved: saved_tx,
+        done: false,
+    };
+    let (exit, running) = start_counter(&log, &["--cpus", "2"], hook);
+
+    let before = wait_for_count_past(&log, 2);
+    controller.pause().expect("pause");
+    let saved = saved_rx
+        .recv_timeout(common::RUN_TIMEOUT)
+        .expect("the hook saved the VM")
+        .expect("the VM's state");
+    controller.resume().expect("resume");
+    wait_for_count_past(&log, before + 2);
+    exit.request(ExitReason::Signal(libc::SIGTERM));
+    running.join().expect("the VMM thread").expect("the VM ran");
+
+    assert_eq!(saved.vcpus.len(), 2);
+    let (bsp, ap) = (&saved.vcpus[0], &saved.vcpus[1]);
+    // The BSP runs the payload (linked at 1 MiB); the AP was never sent INIT.
+    assert!(
+        (0x10_0000..0x20_0000).contains(&bsp.regs.rip),
+        "BSP rip {:#x}",
+        bsp.regs.rip
+    );
+    assert_eq!(bsp.mp_state.mp_state, kvm_bindings::KVM_MP_STATE_RUNNABLE);
+    assert_eq!(
+        ap.mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+    );
+    assert!(!bsp.msrs.is_empty());
+    assert!(saved.json_bytes > 4096, "{} bytes", saved.json_bytes);
 }
