@@ -105,7 +105,7 @@ pub struct Vmm {
     // guest memory. Fields drop in order: the VM closes before its memory is unmapped.
     vm: Vm,
     _mem: GuestMemory,
-    _kvm: KvmContext,
+    kvm: KvmContext,
     /// Built vCPUs, until they start.
     vcpus: Vec<Vcpu>,
     /// Their threads, once started.
@@ -138,7 +138,7 @@ impl Vmm {
         Self {
             vm,
             _mem: mem,
-            _kvm: kvm,
+            kvm,
             vcpus,
             handles: Vec::new(),
             exit,
@@ -233,22 +233,11 @@ impl Vmm {
     pub fn pause(&mut self) -> Result<(), VmmError> {
         self.expect_state(RunState::Running)?;
         let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
-        let asked = self.handles.iter().try_for_each(|h| {
-            h.send_event(VcpuEvent::Pause)?;
-            Ok::<_, VcpuError>(())
-        });
-        let answered = asked.and_then(|()| {
-            self.handles
-                .iter()
-                .try_for_each(|h| h.wait_for(&VcpuEvent::Pause, deadline))
-        });
-        let clock = answered
-            .map_err(VmmError::from)
-            .and_then(|()| Ok(self.vm.save_clock()?));
-        match clock {
+        let parked = self.park_vcpus(deadline);
+        match parked.and_then(|()| Ok(self.vm.save_clock()?)) {
             Ok(clock) => {
-                // Devices stop processing their queues here, once they can (the device
-                // manager's pause).
+                // Devices: the device manager's pause goes here, so that no queue is
+                // processed while the vCPUs are parked (the serial console stays live).
                 self.paused_clock = Some(clock);
                 self.state = RunState::Paused;
                 log::info!("VM paused");
@@ -262,11 +251,22 @@ impl Vmm {
         }
     }
 
+    /// Asks every vCPU to pause, then waits until each has parked.
+    fn park_vcpus(&self, deadline: Instant) -> Result<(), VmmError> {
+        for handle in &self.handles {
+            handle.send_event(VcpuEvent::Pause)?;
+        }
+        for handle in &self.handles {
+            handle.wait_for(&VcpuEvent::Pause, deadline)?;
+        }
+        Ok(())
+    }
+
     /// Resumes a paused VM: the guest's kvmclock goes on from where it was paused, then
     /// every vCPU runs again. Returns once every vCPU has answered.
     pub fn resume(&mut self) -> Result<(), VmmError> {
         self.expect_state(RunState::Paused)?;
-        // Devices resume their queues here, before any vCPU can notify them.
+        // Devices: the device manager's resume goes here, before any vCPU can notify them.
         if let Some(clock) = self.paused_clock.take() {
             if let Err(e) = self.vm.restore_clock(&clock) {
                 self.paused_clock = Some(clock);
@@ -291,7 +291,7 @@ impl Vmm {
         let msrs = match &self.msr_index {
             Some(msrs) => msrs.clone(),
             None => {
-                let msrs: MsrIndex = self._kvm.msr_index_list()?.into();
+                let msrs: MsrIndex = self.kvm.msr_index_list()?.into();
                 self.msr_index.insert(msrs).clone()
             }
         };
