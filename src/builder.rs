@@ -129,7 +129,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     log::info!(
         "CPU profile: {:?}{}",
         cpu_profile,
-        if crate::vstate::pvm::host_is_pvm() {
+        if crate::arch::pvm::host_is_pvm() {
             " (host KVM is nested PVM)"
         } else {
             ""
@@ -218,6 +218,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         console,
         control,
         cpu_profile,
+        mmio_devices,
         RuntimeDevices { i8042, disks },
     ))
 }

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::layout;
+use crate::arch::pvm;
 use crate::devices::virtio::block::{self, BlockConfig};
 use crate::devices::virtio::net::{self, NetConfig};
 use crate::devices::virtio::vsock::{self, VsockConfig};
-use crate::vstate::pvm;
 
 pub use specs::SpecError;
 

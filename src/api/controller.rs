@@ -9,7 +9,7 @@ use super::models::{InstanceInfo, InstanceState, Logger};
 use super::resources::VmResources;
 use super::{ApiEndpoint, EventfdWaker};
 use crate::devices::bus::lock;
-use crate::vmm::{RunState, RunningVm, RuntimeDevices};
+use crate::vmm::{ControlHook, RuntimeDevices, Vmm, VmmError};
 
 /// The name `GET /` reports.
 pub const APP_NAME: &str = "hearth";
@@ -22,6 +22,23 @@ pub enum Preboot {
     Answer(ActionResult),
     /// Build and start the VM, then answer.
     Start,
+}
+
+/// What the runtime controller needs of the running VM: the [`Vmm`] itself, or a stand-in
+/// in unit tests.
+pub trait RunningVm {
+    fn pause(&mut self) -> Result<(), VmmError>;
+    fn resume(&mut self) -> Result<(), VmmError>;
+}
+
+impl RunningVm for Vmm {
+    fn pause(&mut self) -> Result<(), VmmError> {
+        Vmm::pause(self)
+    }
+
+    fn resume(&mut self) -> Result<(), VmmError> {
+        Vmm::resume(self)
+    }
 }
 
 /// Accumulates the configuration before `InstanceStart`.
@@ -109,7 +126,7 @@ impl RuntimeController {
     }
 
     /// Answers every waiting request.
-    pub fn serve(&mut self, vm: &mut RunningVm) {
+    pub fn serve(&mut self, vm: &mut dyn RunningVm) {
         if let Some(reply) = self.pending_start.take() {
             let _ = reply.send(Ok(VmmData::Empty));
         }
@@ -119,7 +136,7 @@ impl RuntimeController {
         }
     }
 
-    pub fn handle(&mut self, action: VmmAction, vm: &mut RunningVm) -> ActionResult {
+    pub fn handle(&mut self, action: VmmAction, vm: &mut dyn RunningVm) -> ActionResult {
         match action {
             VmmAction::GetInstanceInfo => {
                 Ok(VmmData::InstanceInfo(instance_info(&self.id, self.state)))
@@ -182,8 +199,11 @@ impl RuntimeController {
                 }
                 Ok(VmmData::Empty)
             }
-            VmmAction::Pause => self.set_state(vm, RunState::Paused, InstanceState::Paused),
-            VmmAction::Resume => self.set_state(vm, RunState::Running, InstanceState::Running),
+            // As with Firecracker, asking for the state the VM is in succeeds.
+            VmmAction::Pause if self.state == InstanceState::Paused => Ok(VmmData::Empty),
+            VmmAction::Resume if self.state == InstanceState::Running => Ok(VmmData::Empty),
+            VmmAction::Pause => self.set_state(vm.pause(), InstanceState::Paused),
+            VmmAction::Resume => self.set_state(vm.resume(), InstanceState::Running),
             // The snapshot engineer replaces this arm with the snapshot creation.
             VmmAction::CreateSnapshot(_) => Err(ApiError::SnapshotsUnsupported),
             VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
@@ -200,16 +220,31 @@ impl RuntimeController {
         }
     }
 
-    fn set_state(
-        &mut self,
-        vm: &mut RunningVm,
-        target: RunState,
-        reported: InstanceState,
-    ) -> ActionResult {
-        vm.set_state(target)
-            .map_err(|e| ApiError::Runtime(crate::error_chain(&e)))?;
-        self.state = reported;
+    /// Records the outcome of a pause or resume: `GET /` reports the new state only once
+    /// the VM has reached it.
+    fn set_state(&mut self, outcome: Result<(), VmmError>, reached: InstanceState) -> ActionResult {
+        outcome.map_err(|e| ApiError::Runtime(crate::error_chain(&e)))?;
+        self.state = reached;
         Ok(VmmData::Empty)
+    }
+}
+
+/// The API drives the VM from its event loop: requests are answered after every round.
+impl ControlHook for RuntimeController {
+    fn start(&mut self, vmm: &mut Vmm) {
+        match self.waker() {
+            Ok(waker) => {
+                use event_manager::SubscriberOps;
+                vmm.event_loop().add_subscriber(Box::new(waker));
+            }
+            Err(e) => log::error!("the API cannot wake the event loop: {e}"),
+        }
+        // InstanceStart is answered now that the vCPUs run.
+        self.serve(vmm);
+    }
+
+    fn after_events(&mut self, vmm: &mut Vmm) {
+        self.serve(vmm);
     }
 }
 
@@ -321,6 +356,7 @@ mod tests {
 
         use crate::devices::legacy::i8042::I8042;
         use crate::exit::ExitSignal;
+        use crate::vmm::RunState;
 
         let exit = Arc::new(ExitSignal::new().unwrap());
         let devices = RuntimeDevices {
@@ -343,10 +379,17 @@ mod tests {
                 reply,
             })
             .unwrap();
-        let mut vm = RunningVm {
-            handles: &[],
-            exit: &exit,
-        };
+        /// A VM that refuses to pause, as a VM that is not running does.
+        struct Refusing;
+        impl RunningVm for Refusing {
+            fn pause(&mut self) -> Result<(), VmmError> {
+                Err(VmmError::State(RunState::Created, RunState::Running))
+            }
+            fn resume(&mut self) -> Result<(), VmmError> {
+                Err(VmmError::State(RunState::Created, RunState::Paused))
+            }
+        }
+        let mut vm = Refusing;
         runtime.serve(&mut vm);
         assert!(matches!(start_answer.try_recv(), Ok(Ok(VmmData::Empty))));
         let Ok(Ok(VmmData::InstanceInfo(info))) = answer.try_recv() else {
@@ -357,7 +400,7 @@ mod tests {
         let mut handle = |action| runtime.handle(action, &mut vm);
         assert!(handle(VmmAction::SendCtrlAltDel).is_ok());
         let err = handle(VmmAction::Pause).unwrap_err();
-        assert_eq!(err.to_string(), "pause is not supported by this build yet");
+        assert_eq!(err.to_string(), "the VM is Created; it must be Running");
         let Ok(VmmData::InstanceInfo(info)) = handle(VmmAction::GetInstanceInfo) else {
             panic!("no instance info");
         };

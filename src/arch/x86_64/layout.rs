@@ -129,9 +129,9 @@ pub const BOOT_COMPLETE_PORT: u64 = 0x3f0;
 /// Port I/O form of the control page's exit register (QEMU's isa-debug-exit port).
 pub const EXIT_PORT: u64 = 0xf4;
 /// Paravirtual extended-state switching for `noxsave` guests on nested PVM hosts (see
-/// `vstate::pv_xstate`): reading the save port returns a magic value; a 32-bit write of a
-/// buffer's guest-physical address >> 6 saves the vCPU's register state there, or (restore
-/// port) loads it from there.
+/// `arch::x86_64::pvm::xstate`): reading the save port returns a magic value; a 32-bit
+/// write of a buffer's guest-physical address >> 6 saves the vCPU's register state there,
+/// or (restore port) loads it from there.
 pub const PV_XSTATE_SAVE_PORT: u16 = 0x5f0;
 pub const PV_XSTATE_RESTORE_PORT: u16 = 0x5f4;
 
