@@ -9,6 +9,7 @@ use super::models::{InstanceInfo, InstanceState, Logger};
 use super::resources::VmResources;
 use super::{ApiEndpoint, EventfdWaker};
 use crate::devices::bus::lock;
+use crate::exit::ExitReason;
 use crate::vmm::{RunState, RunningVm, RuntimeDevices};
 
 /// The name `GET /` reports.
@@ -22,6 +23,8 @@ pub enum Preboot {
     Answer(ActionResult),
     /// Build and start the VM, then answer.
     Start,
+    /// Answer 204, then end the VMM (`PUT /api/v1/vmm.shutdown`).
+    Shutdown,
 }
 
 /// Accumulates the configuration before `InstanceStart`.
@@ -40,6 +43,7 @@ impl PrebootController {
         let empty = |r: Result<(), ApiError>| r.map(|()| VmmData::Empty);
         Preboot::Answer(match action {
             VmmAction::InstanceStart => return Preboot::Start,
+            VmmAction::Shutdown => return Preboot::Shutdown,
             VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(instance_info(
                 &self.id,
                 InstanceState::NotStarted,
@@ -184,6 +188,12 @@ impl RuntimeController {
             }
             VmmAction::Pause => self.set_state(vm, RunState::Paused, InstanceState::Paused),
             VmmAction::Resume => self.set_state(vm, RunState::Running, InstanceState::Running),
+            // The answer leaves before the VMM stops: the API socket is closed only after
+            // the server has written every answer it holds (`ApiSocket`'s drop).
+            VmmAction::Shutdown => {
+                vm.exit.request(ExitReason::Shutdown);
+                Ok(VmmData::Empty)
+            }
             // The snapshot engineer replaces this arm with the snapshot creation.
             VmmAction::CreateSnapshot(_) => Err(ApiError::SnapshotsUnsupported),
             VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
@@ -305,6 +315,10 @@ mod tests {
             controller.handle(VmmAction::InstanceStart),
             Preboot::Start
         ));
+        assert!(matches!(
+            controller.handle(VmmAction::Shutdown),
+            Preboot::Shutdown
+        ));
         let load = serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
         let Preboot::Answer(Err(err)) = controller.handle(VmmAction::LoadSnapshot(load)) else {
             panic!("snapshot load accepted");
@@ -382,6 +396,9 @@ mod tests {
         assert!(matches!(err, ApiError::SnapshotsUnsupported));
         let patch = serde_json::from_str(r#"{"drive_id": "nope"}"#).unwrap();
         assert!(handle(VmmAction::PatchDrive(patch)).is_err());
+        assert!(!exit.is_requested(), "no refusal stops the VM");
+        assert!(matches!(handle(VmmAction::Shutdown), Ok(VmmData::Empty)));
+        assert_eq!(exit.reason(), Some(ExitReason::Shutdown));
     }
 
     #[test]
