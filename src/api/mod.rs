@@ -494,3 +494,45 @@ pub fn error_response(err: &ApiError, close: bool) -> Vec<u8> {
         .unwrap_or_else(|_| "{\"fault_message\":\"error\"}".to_string());
     http::render_response(err.status(), Some(&body), close)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropping_the_socket_delivers_the_answers_already_given() {
+        let path = std::env::temp_dir().join(format!("hearth-api-flush-{}", std::process::id()));
+        let (socket, endpoint) = start_server(&path, http::DEFAULT_MAX_BODY).unwrap();
+        let mut client = crate::uds::connect(&path).unwrap();
+        client.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+
+        // The VMM thread answers and goes away at once, as after a shutdown request.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let request = loop {
+            if let Some(request) = endpoint.try_next() {
+                break request;
+            }
+            assert!(Instant::now() < deadline, "the request never arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(request.action, VmmAction::GetVersion);
+        request
+            .reply
+            .send(Ok(VmmData::Version("9.9".into())))
+            .unwrap();
+        drop(endpoint);
+        drop(socket);
+        assert!(!path.exists(), "the socket file is removed");
+
+        // Everything is written by the time the drop returns, and the server is gone.
+        client.set_nonblocking(true).unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.ends_with(r#"{"firecracker_version":"9.9"}"#),
+            "{answer}"
+        );
+    }
+}
