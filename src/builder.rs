@@ -138,7 +138,9 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
 
     let vm = Vm::new(&kvm)?;
     let mem = create_guest_memory(config.mem_size)?;
-    vm.register_memory(&mem)?;
+    // KVM takes its time over the PIT and the memory slots: they are set up on a thread
+    // of their own while the rest of the VM is built, and waited for at the end.
+    let platform = vm.set_up_platform(&mem)?;
 
     let kernel = load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
@@ -207,6 +209,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         vcpu.configure(&kvm, config.vcpu_count, (index == 0).then_some(kernel.boot))?;
         vcpus.push(vcpu);
     }
+    platform.wait()?;
 
     Ok(Vmm::new(
         kvm,
