@@ -153,9 +153,9 @@ impl<T: Serialize> Snapshot<T> {
         Ok(bytes)
     }
 
-    /// Writes the state file to `path`, replacing it whole: the bytes go to a temporary
-    /// file beside it that is then renamed, so a crash leaves the old file or the new one.
-    /// Returns the file's size.
+    /// Writes the state file to `path`, replacing any file there: the bytes go to a
+    /// temporary file beside it that is then moved into place, so no reader sees a partial
+    /// file. Returns the file's size.
     pub fn write(&self, path: &Path) -> Result<u64, FormatError> {
         let bytes = self.to_bytes()?;
         let temp = super::temp_path(path);
@@ -163,7 +163,8 @@ impl<T: Serialize> Snapshot<T> {
             path: path.to_path_buf(),
             source,
         };
-        let result = std::fs::write(&temp, &bytes).and_then(|()| std::fs::rename(&temp, path));
+        let result =
+            std::fs::write(&temp, &bytes).and_then(|()| super::move_into_place(&temp, path));
         if result.is_err() {
             let _ = std::fs::remove_file(&temp);
         }

@@ -56,13 +56,13 @@ pub struct WrittenMemory {
 }
 
 /// Writes guest RAM to `path` (replaced if it exists) as a sparse file. The file is written
-/// under a temporary name and renamed into place, so VMs restored from an earlier file at
+/// under a temporary name and moved into place, so VMs restored from an earlier file at
 /// `path` keep their mappings of it, and nobody sees a half-written file. The guest must be
 /// paused (vCPUs and devices): memory that changes while it is copied is saved torn.
 pub fn write_memory_file(mem: &GuestMemory, path: &Path) -> Result<WrittenMemory, MemoryFileError> {
     let temp = super::temp_path(path);
     let result = write_to(mem, &temp).and_then(|written| {
-        std::fs::rename(&temp, path).map_err(|source| MemoryFileError::Write {
+        super::move_into_place(&temp, path).map_err(|source| MemoryFileError::Write {
             path: path.to_path_buf(),
             source,
         })?;

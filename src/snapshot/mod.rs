@@ -98,12 +98,27 @@ pub fn load<T: DeserializeOwned>(
     Ok((snapshot, mem))
 }
 
-/// `path` with `.tmp-<pid>` appended: files are written under this name and renamed into
-/// place (same directory, so the rename is atomic).
+/// `path` with `.tmp-<pid>` appended: files are written under this name, then moved into
+/// place with [`move_into_place`].
 fn temp_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".tmp-{}", std::process::id()));
     PathBuf::from(name)
+}
+
+/// Gives the complete file at `temp` the name `path`, so nobody sees a half-written file.
+/// An older file at `path` is unlinked, not overwritten: VMs restored from it keep mapping
+/// its pages. Unlinking first rather than renaming over it spares the wait ext4 adds to a
+/// rename that replaces a file (auto_da_alloc writes the new file out at once, and the
+/// next replacement waits for that I/O): writing a memory file with 10 MiB of scattered
+/// data over the last one took 210 ms that way, 12 ms this way (benches/snapshot.rs).
+fn move_into_place(temp: &Path, path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::rename(temp, path)
 }
 
 #[cfg(test)]
