@@ -18,7 +18,7 @@ use crate::arch::boot::{BootProtocol, InitrdRegion};
 use crate::arch::{self, layout};
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::console::InputSource;
-use crate::device_manager::{EventLoop, MmioDeviceManager};
+use crate::device_manager::{EventLoop, MmioDeviceManager, VirtioHandle};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::control::{BootCompletePort, Control, ControlPage, ExitPort};
 use crate::devices::legacy::acpi_pm::AcpiSleep;
@@ -28,9 +28,8 @@ use crate::devices::legacy::serial::{InputSpace, SerialDevice, SocketSink, Stdou
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::VirtioDevice;
 use crate::exit::ExitSignal;
-use crate::vmm::{ConsoleSetup, Vmm};
+use crate::vmm::{ConsoleSetup, RuntimeDevices, Vmm};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError};
@@ -130,7 +129,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     log::info!(
         "CPU profile: {:?}{}",
         cpu_profile,
-        if crate::vstate::pvm::host_is_pvm() {
+        if crate::arch::pvm::host_is_pvm() {
             " (host KVM is nested PVM)"
         } else {
             ""
@@ -156,7 +155,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let mut mmio_bus = Bus::new();
     let mut mmio_devices = MmioDeviceManager::new();
     let console = attach_serial(&vm, &mut io_bus, config)?;
-    attach_legacy_devices(&mut io_bus, exit.clone())?;
+    let i8042 = attach_legacy_devices(&vm, &mut io_bus, exit.clone())?;
     let control = attach_control_device(&mut io_bus, &mut mmio_bus, config, exit.clone(), start)?;
     let mut virtio = VirtioAttach {
         vm: &vm,
@@ -165,7 +164,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         event_loop: &mut event_loop,
         manager: &mut mmio_devices,
     };
-    attach_disks(&mut virtio, config)?;
+    let disks = attach_disks(&mut virtio, config)?;
     attach_nets(&mut virtio, config)?;
     attach_vsock(&mut virtio, config)?;
 
@@ -219,6 +218,8 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         console,
         control,
         cpu_profile,
+        mmio_devices,
+        RuntimeDevices { i8042, disks },
     ))
 }
 
@@ -460,14 +461,11 @@ struct VirtioAttach<'a> {
 }
 
 impl VirtioAttach<'_> {
-    fn attach<D>(&mut self, name: &str, device: D) -> Result<(), BuildError>
-    where
-        D: VirtioDevice + event_manager::MutEventSubscriber + 'static,
-    {
+    fn attach(&mut self, name: &str, device: impl Into<VirtioHandle>) -> Result<(), BuildError> {
         self.manager
             .attach_virtio(
                 name,
-                Arc::new(Mutex::new(device)),
+                device.into(),
                 self.vm,
                 self.mem,
                 self.mmio_bus,
@@ -479,15 +477,21 @@ impl VirtioAttach<'_> {
 }
 
 /// One virtio-blk device per `--disk`, in order (the guest sees vda, vdb, ...).
-fn attach_disks(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildError> {
+fn attach_disks(
+    virtio: &mut VirtioAttach,
+    config: &VmConfig,
+) -> Result<Vec<Arc<Mutex<Block>>>, BuildError> {
+    let mut disks = Vec::with_capacity(config.disks.len());
     for (index, disk) in config.disks.iter().enumerate() {
         let block = Block::new(disk).map_err(|e| BuildError::Device {
             name: "virtio-blk",
             source: Box::new(e),
         })?;
-        virtio.attach(&format!("disk{index}"), block)?;
+        let block = Arc::new(Mutex::new(block));
+        virtio.attach(&format!("disk{index}"), VirtioHandle::Block(block.clone()))?;
+        disks.push(block);
     }
-    Ok(())
+    Ok(disks)
 }
 
 /// One virtio-net device per `--net`, in order (eth0, eth1, ...).
@@ -514,11 +518,29 @@ fn attach_vsock(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), Buil
     Ok(())
 }
 
-/// i8042 (reset), the CMOS clock and the ACPI sleep registers (power-off).
-fn attach_legacy_devices(io_bus: &mut Bus, exit: Arc<ExitSignal>) -> Result<(), BuildError> {
-    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+/// The i8042 (keyboard on IRQ 1, reset), the CMOS clock and the ACPI sleep registers
+/// (power-off). Returns the i8042, which the API types Ctrl+Alt+Del into.
+fn attach_legacy_devices(
+    vm: &Vm,
+    io_bus: &mut Bus,
+    exit: Arc<ExitSignal>,
+) -> Result<Arc<Mutex<I8042>>, BuildError> {
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+        BuildError::Device {
+            name: "i8042",
+            source: Box::new(e),
+        }
+    })?;
+    vm.register_irqfd(&irq, layout::I8042_KEYBOARD_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), Some(irq))));
     let ports = layout::I8042_COMMAND_PORT - layout::I8042_DATA_PORT + 1;
-    insert(io_bus, "i8042", i8042, layout::I8042_DATA_PORT, ports)?;
+    insert(
+        io_bus,
+        "i8042",
+        i8042.clone(),
+        layout::I8042_DATA_PORT,
+        ports,
+    )?;
     insert(
         io_bus,
         "cmos",
@@ -532,7 +554,8 @@ fn attach_legacy_devices(io_bus: &mut Bus, exit: Arc<ExitSignal>) -> Result<(), 
         Arc::new(Mutex::new(AcpiSleep::new(exit))),
         layout::ACPI_SLEEP_CONTROL_PORT,
         layout::ACPI_SLEEP_STATUS_PORT - layout::ACPI_SLEEP_CONTROL_PORT + 1,
-    )
+    )?;
+    Ok(i8042)
 }
 
 /// The control page and its two port forms.

@@ -19,7 +19,119 @@ pub struct Cli {
     pub log_level: LogLevel,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+
+    /// Without a subcommand, hearth behaves like the `firecracker` binary.
+    #[command(flatten)]
+    pub firecracker: FirecrackerArgs,
+}
+
+impl Cli {
+    /// Checks what clap cannot: Firecracker's flags go without a subcommand, and without
+    /// a subcommand an API socket or a configuration file is needed.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        use clap::CommandFactory;
+        let fc = &self.firecracker;
+        let message = match &self.command {
+            Some(_) if fc.is_used() => {
+                "Firecracker's flags (--api-sock, --config-file, --id, ...) are for hearth \
+                 without a subcommand; `hearth run` takes --api-sock itself"
+            }
+            None if fc.api_sock.is_none() && fc.config_file.is_none() => {
+                "give a subcommand, or --api-sock PATH (and/or --config-file FILE) to run \
+                 as a Firecracker-compatible VMM"
+            }
+            _ => return Ok(()),
+        };
+        Err(Cli::command().error(clap::error::ErrorKind::ArgumentConflict, message))
+    }
+}
+
+/// The flags of the `firecracker` binary, for launchers written for it. Flags for
+/// features hearth lacks are accepted by the parser and refused with a clear error.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FirecrackerArgs {
+    /// Serve Firecracker's HTTP API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Build the microVM from this Firecracker JSON configuration and start it.
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+    /// No API socket (needs --config-file).
+    #[arg(long, requires = "config_file")]
+    pub no_api: bool,
+    /// MicroVM identifier, reported by `GET /`.
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Accepted: hearth has no seccomp filters yet.
+    #[arg(long)]
+    pub no_seccomp: bool,
+    /// Log level: Error, Warning, Info, Debug, Trace or Off (overrides --log-level).
+    #[arg(long, value_name = "LEVEL")]
+    pub level: Option<String>,
+    /// Write hearth's log to this file or named pipe instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+    /// Refused: hearth has no metrics.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+    /// Print the time from process start to the guest's boot-complete signal on stderr.
+    #[arg(long)]
+    pub boot_timer: bool,
+    /// Largest API request body, in bytes (Firecracker's default: 51200).
+    #[arg(long, value_name = "BYTES")]
+    pub http_api_max_payload_size: Option<usize>,
+    /// Accepted: hearth's log lines always show their level.
+    #[arg(long)]
+    pub show_level: bool,
+    /// Accepted: hearth's log lines always show the module they come from.
+    #[arg(long)]
+    pub show_log_origin: bool,
+    /// Accepted and unused (Firecracker's start-time metrics).
+    #[arg(long, value_name = "US")]
+    pub start_time_us: Option<u64>,
+    /// Accepted and unused (Firecracker's start-time metrics).
+    #[arg(long, value_name = "US")]
+    pub start_time_cpu_us: Option<u64>,
+    /// Accepted and unused (Firecracker's start-time metrics).
+    #[arg(long, value_name = "US")]
+    pub parent_cpu_time_us: Option<u64>,
+    /// Refused: hearth has no seccomp filters.
+    #[arg(long, value_name = "FILE")]
+    pub seccomp_filter: Option<String>,
+    /// Refused: hearth's log cannot be filtered by module.
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
+    /// Refused: hearth has no metadata service (MMDS).
+    #[arg(long, value_name = "FILE")]
+    pub metadata: Option<PathBuf>,
+    /// Refused: hearth has no metadata service (MMDS).
+    #[arg(long, value_name = "BYTES")]
+    pub mmds_size_limit: Option<usize>,
+}
+
+impl FirecrackerArgs {
+    fn is_used(&self) -> bool {
+        self.api_sock.is_some()
+            || self.config_file.is_some()
+            || self.no_api
+            || self.id.is_some()
+            || self.no_seccomp
+            || self.level.is_some()
+            || self.log_path.is_some()
+            || self.metrics_path.is_some()
+            || self.boot_timer
+            || self.http_api_max_payload_size.is_some()
+            || self.show_level
+            || self.show_log_origin
+            || self.start_time_us.is_some()
+            || self.start_time_cpu_us.is_some()
+            || self.parent_cpu_time_us.is_some()
+            || self.seccomp_filter.is_some()
+            || self.module.is_some()
+            || self.metadata.is_some()
+            || self.mmds_size_limit.is_some()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,6 +370,10 @@ pub struct RunArgs {
     /// `host` passes the host CPU through, `auto` picks by looking at the host.
     #[arg(long, value_enum, default_value_t = CpuProfileChoice::Auto)]
     pub cpu_profile: CpuProfileChoice,
+
+    /// Serve Firecracker's HTTP API on this Unix socket while the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
 }
 
 /// Why `hearth run`'s arguments do not make a VM.
@@ -356,7 +472,7 @@ mod tests {
     #[test]
     fn run_defaults() {
         let cli = Cli::try_parse_from(["hearth", "run", "--kernel", "k"]).unwrap();
-        let Command::Run(args) = cli.command else {
+        let Some(Command::Run(args)) = cli.command else {
             panic!("expected run");
         };
         assert_eq!(args.cpus, 1);
@@ -370,7 +486,7 @@ mod tests {
 
     fn run_args(argv: &[&str]) -> Result<RunArgs, clap::Error> {
         let cli = Cli::try_parse_from(["hearth", "run"].iter().chain(argv))?;
-        let Command::Run(args) = cli.command else {
+        let Some(Command::Run(args)) = cli.command else {
             panic!("expected run");
         };
         Ok(args)
@@ -521,7 +637,7 @@ mod tests {
             "-e",
         ])
         .unwrap();
-        let Command::Container(ContainerCommand::Run(args)) = cli.command else {
+        let Some(Command::Container(ContainerCommand::Run(args))) = cli.command else {
             panic!("expected container run");
         };
         assert!(args.process.interactive);
@@ -537,7 +653,7 @@ mod tests {
         assert!(Cli::try_parse_from(["hearth", "machine", "run", "dev"]).is_err());
         let cli =
             Cli::try_parse_from(["hearth", "machine", "run", "dev", "--", "uname", "-s"]).unwrap();
-        let Command::Machine(MachineCommand::Run { name, command, .. }) = cli.command else {
+        let Some(Command::Machine(MachineCommand::Run { name, command, .. })) = cli.command else {
             panic!("expected machine run");
         };
         assert_eq!(name, "dev");
@@ -553,6 +669,42 @@ mod tests {
             ..run_args(&["--kernel", "k"]).unwrap()
         };
         assert!(matches!(args.vm_config(), Err(CliError::NoKernel)));
+    }
+
+    #[test]
+    fn firecracker_shape_flags() {
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "--api-sock",
+            "/tmp/a.sock",
+            "--id",
+            "vm-1",
+            "--level",
+            "Debug",
+            "--no-seccomp",
+            "--boot-timer",
+            "--start-time-us",
+            "5",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        cli.check().unwrap();
+        assert_eq!(cli.firecracker.id.as_deref(), Some("vm-1"));
+        assert!(cli.firecracker.boot_timer && cli.firecracker.no_seccomp);
+
+        // --no-api needs a configuration file; a bare `hearth` needs something to do.
+        assert!(Cli::try_parse_from(["hearth", "--no-api"]).is_err());
+        let bare = Cli::try_parse_from(["hearth"]).unwrap();
+        assert!(bare.check().is_err());
+        let mixed = Cli::try_parse_from(["hearth", "--id", "x", "run", "--kernel", "k"]).unwrap();
+        assert!(mixed.check().is_err());
+        let run =
+            Cli::try_parse_from(["hearth", "run", "--kernel", "k", "--api-sock", "/s"]).unwrap();
+        run.check().unwrap();
+        let Some(Command::Run(args)) = run.command else {
+            panic!("expected run");
+        };
+        assert_eq!(args.api_sock, Some(PathBuf::from("/s")));
     }
 
     #[test]

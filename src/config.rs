@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::layout;
+use crate::arch::pvm;
 use crate::devices::virtio::block::{self, BlockConfig};
 use crate::devices::virtio::net::{self, NetConfig};
 use crate::devices::virtio::vsock::{self, VsockConfig};
-use crate::vstate::pvm;
 
 pub use specs::SpecError;
 
@@ -489,7 +489,7 @@ fn host_memory_bytes() -> Option<u64> {
 }
 
 /// Opens `path` to prove it is readable and returns its size.
-fn check_readable_file(what: &'static str, path: &Path) -> Result<u64, ConfigError> {
+pub(crate) fn check_readable_file(what: &'static str, path: &Path) -> Result<u64, ConfigError> {
     let unreadable = |source| ConfigError::Unreadable {
         what,
         path: path.to_path_buf(),

@@ -1,20 +1,25 @@
 //! Places virtio-mmio devices: allocates each a register window and an IRQ from the
-//! layout, wires its queue notifications (ioeventfd) and interrupt (irqfd) through KVM,
-//! puts the transport on the MMIO bus and the device in the event loop, and describes the
-//! devices to the guest both ways: `virtio_mmio.device=` command-line entries and ACPI.
+//! layout, registers the device's own queue eventfds with KVM as ioeventfds and its
+//! interrupt as an irqfd, puts the transport on the MMIO bus and the device in the event
+//! loop, and describes the devices to the guest both ways: `virtio_mmio.device=`
+//! command-line entries and ACPI. It keeps every attached device, with its subscriber id
+//! in the event loop, for the VMM to pause, resume and save.
 
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, EventOps, MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use linux_loader::cmdline::Cmdline;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::AcpiMmioDevice;
 use crate::arch::layout;
-use crate::devices::bus::{Bus, BusError};
-use crate::devices::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::bus::{lock, Bus, BusError};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::{Interrupt, Pausable, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vm::{Vm, VmError};
 
@@ -32,11 +37,15 @@ pub enum DeviceManagerError {
     #[error(transparent)]
     Irq(#[from] VmError),
     #[error(transparent)]
-    Transport(#[from] MmioError),
-    #[error(transparent)]
     Bus(#[from] BusError),
     #[error("cannot add the device to the kernel command line: {0}")]
     Cmdline(linux_loader::cmdline::Error),
+    #[error("device {name} is not in the event loop")]
+    NotSubscribed {
+        name: String,
+        #[source]
+        source: event_manager::Error,
+    },
 }
 
 /// Where one device landed.
@@ -47,9 +56,73 @@ pub struct MmioSlot {
     pub irq: u32,
 }
 
+/// An attached virtio device, by type: what the VMM pauses, resumes and saves.
+#[derive(Clone)]
+pub enum VirtioHandle {
+    Block(Arc<Mutex<Block>>),
+    Net(Arc<Mutex<Net>>),
+    Vsock(Arc<Mutex<Vsock>>),
+}
+
+impl VirtioHandle {
+    fn virtio(&self) -> Arc<Mutex<dyn VirtioDevice>> {
+        match self {
+            Self::Block(device) => device.clone(),
+            Self::Net(device) => device.clone(),
+            Self::Vsock(device) => device.clone(),
+        }
+    }
+
+    fn subscriber(&self) -> Box<dyn MutEventSubscriber> {
+        match self {
+            Self::Block(device) => Box::new(device.clone()),
+            Self::Net(device) => Box::new(device.clone()),
+            Self::Vsock(device) => Box::new(device.clone()),
+        }
+    }
+
+    /// The device's event-loop side, to pause and resume.
+    pub fn pausable(&self) -> &Mutex<dyn Pausable> {
+        match self {
+            Self::Block(device) => &**device,
+            Self::Net(device) => &**device,
+            Self::Vsock(device) => &**device,
+        }
+    }
+}
+
+impl From<Block> for VirtioHandle {
+    fn from(device: Block) -> Self {
+        Self::Block(Arc::new(Mutex::new(device)))
+    }
+}
+
+impl From<Net> for VirtioHandle {
+    fn from(device: Net) -> Self {
+        Self::Net(Arc::new(Mutex::new(device)))
+    }
+}
+
+impl From<Vsock> for VirtioHandle {
+    fn from(device: Vsock) -> Self {
+        Self::Vsock(Arc::new(Mutex::new(device)))
+    }
+}
+
+/// One device the manager placed.
+pub struct AttachedDevice {
+    pub slot: MmioSlot,
+    /// Its subscriber in the event loop: `SubscriberOps::event_ops(subscriber)` gives the
+    /// `EventOps` that pause and resume take.
+    pub subscriber: SubscriberId,
+    pub device: VirtioHandle,
+    /// The register window, which holds the transport's state.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
 #[derive(Default)]
 pub struct MmioDeviceManager {
-    slots: Vec<MmioSlot>,
+    devices: Vec<AttachedDevice>,
 }
 
 impl MmioDeviceManager {
@@ -57,9 +130,42 @@ impl MmioDeviceManager {
         Self::default()
     }
 
+    /// Every attached device, in the order it was attached.
+    pub fn devices(&self) -> &[AttachedDevice] {
+        &self.devices
+    }
+
+    /// Pauses every device's event-loop side (see [`Pausable`]). Call it on the event-loop
+    /// thread, between runs of `event_loop`, after the vCPUs are paused.
+    pub fn pause_all(&self, event_loop: &mut EventLoop) -> Result<(), DeviceManagerError> {
+        self.for_each_pausable(event_loop, |device, ops| device.pause(ops))
+    }
+
+    /// Resumes every device paused by [`Self::pause_all`]; they serve what arrived meanwhile.
+    pub fn resume_all(&self, event_loop: &mut EventLoop) -> Result<(), DeviceManagerError> {
+        self.for_each_pausable(event_loop, |device, ops| device.resume(ops))
+    }
+
+    fn for_each_pausable(
+        &self,
+        event_loop: &mut EventLoop,
+        mut f: impl FnMut(&mut dyn Pausable, &mut EventOps),
+    ) -> Result<(), DeviceManagerError> {
+        for attached in &self.devices {
+            let mut ops = event_loop
+                .event_ops(attached.subscriber)
+                .map_err(|source| DeviceManagerError::NotSubscribed {
+                    name: attached.slot.name.clone(),
+                    source,
+                })?;
+            f(&mut *lock(attached.device.pausable()), &mut ops);
+        }
+        Ok(())
+    }
+
     /// The next free window and IRQ.
     fn allocate(&self) -> Result<(u64, u32), DeviceManagerError> {
-        let index = self.slots.len() as u64;
+        let index = self.devices.len() as u64;
         let max_by_irq = u64::from(layout::IRQ_MAX - layout::IRQ_VIRTIO_BASE + 1);
         let max = layout::VIRTIO_MMIO_MAX_DEVICES.min(max_by_irq);
         if index >= max {
@@ -73,57 +179,54 @@ impl MmioDeviceManager {
 
     /// Attaches `device`: it serves its register window from vCPU threads and its queues
     /// from the event loop.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attach_virtio<D>(
+    pub fn attach_virtio(
         &mut self,
         name: &str,
-        device: Arc<Mutex<D>>,
+        device: VirtioHandle,
         vm: &Vm,
         mem: &GuestMemory,
         mmio_bus: &mut Bus,
         event_loop: &mut EventLoop,
-    ) -> Result<MmioSlot, DeviceManagerError>
-    where
-        D: VirtioDevice + MutEventSubscriber + 'static,
-    {
+    ) -> Result<MmioSlot, DeviceManagerError> {
         let (base, irq) = self.allocate()?;
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
         vm.register_irqfd(&irqfd, irq)?;
-        let queue_count = crate::devices::bus::lock(&device).queue_max_sizes().len();
-        let mut queue_evts = Vec::with_capacity(queue_count);
-        for index in 0..queue_count {
-            let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
+        let virtio = device.virtio();
+        for (index, evt) in lock(&virtio).queue_events().iter().enumerate() {
             vm.fd()
                 .register_ioevent(
-                    &evt,
+                    evt,
                     &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
                     index as u32,
                 )
                 .map_err(DeviceManagerError::IoEvent)?;
-            queue_evts.push(evt);
         }
-        let transport = MmioTransport::new(
-            device.clone(),
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            virtio,
             mem.clone(),
             Arc::new(Interrupt::new(irqfd)),
-            queue_evts,
-        )?;
-        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
-        event_loop.add_subscriber(Box::new(device));
+        )));
+        mmio_bus.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        let subscriber = event_loop.add_subscriber(device.subscriber());
         let slot = MmioSlot {
             name: name.to_string(),
             base,
             irq,
         };
         log::info!("{name}: virtio-mmio at {base:#x}, IRQ {irq}");
-        self.slots.push(slot.clone());
+        self.devices.push(AttachedDevice {
+            slot: slot.clone(),
+            subscriber,
+            device,
+            transport,
+        });
         Ok(slot)
     }
 
     /// `virtio_mmio.device=4K@0xADDR:IRQ` for each device, for kernels built with
     /// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES.
     pub fn add_to_cmdline(&self, cmdline: &mut Cmdline) -> Result<(), DeviceManagerError> {
-        for slot in &self.slots {
+        for AttachedDevice { slot, .. } in &self.devices {
             cmdline
                 .add_virtio_mmio_device(
                     MMIO_WINDOW_SIZE,
@@ -139,9 +242,9 @@ impl MmioDeviceManager {
     /// The devices as the ACPI DSDT describes them (LNRO0005), for kernels without
     /// command-line devices, such as distribution kernels.
     pub fn acpi_devices(&self) -> Vec<AcpiMmioDevice> {
-        self.slots
+        self.devices
             .iter()
-            .map(|slot| AcpiMmioDevice {
+            .map(|AttachedDevice { slot, .. }| AcpiMmioDevice {
                 base: slot.base,
                 size: MMIO_WINDOW_SIZE,
                 irq: slot.irq,
@@ -153,9 +256,50 @@ impl MmioDeviceManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::block::test_util::{guest_memory, TempImage};
+    use crate::devices::virtio::block::BlockConfig;
+
+    fn slot(index: u64) -> MmioSlot {
+        MmioSlot {
+            name: format!("dev{index}"),
+            base: layout::VIRTIO_MMIO_START + index * layout::VIRTIO_MMIO_WINDOW_SIZE,
+            irq: layout::IRQ_VIRTIO_BASE + index as u32,
+        }
+    }
+
+    /// Attaches `device` as `attach_virtio` does, minus what needs KVM.
+    fn attach_without_kvm(
+        manager: &mut MmioDeviceManager,
+        device: VirtioHandle,
+        event_loop: &mut EventLoop,
+    ) {
+        let index = manager.devices.len() as u64;
+        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let transport = MmioTransport::new(
+            device.virtio(),
+            guest_memory(),
+            Arc::new(Interrupt::new(irqfd)),
+        );
+        manager.devices.push(AttachedDevice {
+            slot: slot(index),
+            subscriber: event_loop.add_subscriber(device.subscriber()),
+            device,
+            transport: Arc::new(Mutex::new(transport)),
+        });
+    }
 
     #[test]
     fn windows_and_irqs_are_distinct_and_bounded() {
+        let image = TempImage::new(4096);
+        let block = || {
+            Block::new(&BlockConfig {
+                path: image.path().to_owned(),
+                read_only: true,
+                id: None,
+            })
+            .unwrap()
+        };
+        let mut event_loop = EventLoop::new().unwrap();
         let mut manager = MmioDeviceManager::new();
         let mut seen = Vec::new();
         loop {
@@ -164,12 +308,16 @@ mod tests {
                     assert!(base >= layout::VIRTIO_MMIO_START);
                     assert!((layout::IRQ_VIRTIO_BASE..=layout::IRQ_MAX).contains(&irq));
                     assert!(!seen.contains(&(base, irq)));
+                    assert_eq!(
+                        slot(seen.len() as u64),
+                        MmioSlot {
+                            name: format!("dev{}", seen.len()),
+                            base,
+                            irq
+                        }
+                    );
                     seen.push((base, irq));
-                    manager.slots.push(MmioSlot {
-                        name: "x".into(),
-                        base,
-                        irq,
-                    });
+                    attach_without_kvm(&mut manager, block().into(), &mut event_loop);
                 }
                 Err(DeviceManagerError::TooManyDevices(max)) => {
                     assert_eq!(seen.len() as u64, max);
@@ -179,7 +327,7 @@ mod tests {
             }
         }
         let mut cmdline = Cmdline::new(4096).unwrap();
-        manager.slots.truncate(2);
+        manager.devices.truncate(2);
         manager.add_to_cmdline(&mut cmdline).unwrap();
         let text = cmdline.as_cstring().unwrap().into_string().unwrap();
         assert_eq!(
@@ -187,5 +335,49 @@ mod tests {
             "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
         );
         assert_eq!(manager.acpi_devices().len(), 2);
+    }
+
+    /// Paused devices watch nothing: their queue notifications wait in the eventfds.
+    #[test]
+    fn pause_and_resume_every_device() {
+        let images = [TempImage::new(4096), TempImage::new(4096)];
+        let mut event_loop = EventLoop::new().unwrap();
+        let mut manager = MmioDeviceManager::new();
+        for image in &images {
+            let block = Block::new(&BlockConfig {
+                path: image.path().to_owned(),
+                read_only: false,
+                id: None,
+            })
+            .unwrap();
+            attach_without_kvm(&mut manager, block.into(), &mut event_loop);
+        }
+        let kick = |manager: &MmioDeviceManager| {
+            for attached in manager.devices() {
+                let VirtioHandle::Block(block) = &attached.device else {
+                    panic!("not a block device");
+                };
+                lock(block).queue_events()[0].write(1).unwrap();
+            }
+        };
+        kick(&manager);
+        assert_eq!(event_loop.run_with_timeout(0).unwrap(), 2);
+
+        manager.pause_all(&mut event_loop).unwrap();
+        assert!(manager
+            .devices()
+            .iter()
+            .all(|d| lock(d.device.pausable()).is_paused()));
+        kick(&manager);
+        assert_eq!(event_loop.run_with_timeout(0).unwrap(), 0);
+        manager.resume_all(&mut event_loop).unwrap();
+        assert!(!lock(manager.devices()[1].device.pausable()).is_paused());
+        assert_eq!(event_loop.run_with_timeout(0).unwrap(), 2);
+
+        // A device the event loop does not know is an error, not a panic.
+        let removed = manager.devices()[0].subscriber;
+        event_loop.remove_subscriber(removed).unwrap();
+        let error = manager.pause_all(&mut event_loop).unwrap_err();
+        assert_eq!(error.to_string(), "device dev0 is not in the event loop");
     }
 }

@@ -4,6 +4,7 @@
 //! and runs a VM lives in this library so that tests and benchmarks drive the same code.
 
 pub mod agent;
+pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod builder;
@@ -54,15 +55,23 @@ pub enum Error {
     Vmm(#[from] vmm::VmmError),
     #[error(transparent)]
     Bench(#[from] bench::BenchError),
+    #[error(transparent)]
+    Api(#[from] api::shape::ShapeError),
 }
 
 /// Runs a parsed command line; returns the process exit status.
 pub fn run_cli(cli: Cli) -> Result<u8, Error> {
     logger::init(cli.log_level.into());
-    match cli.command {
+    let Some(command) = cli.command else {
+        return Ok(api::shape::run_firecracker(&cli.firecracker)?);
+    };
+    match command {
         Command::Run(args) => {
             let config = args.vm_config()?;
-            run_vm(&config)
+            match &args.api_sock {
+                Some(path) => Ok(api::shape::run_with_api(&config, path)?),
+                None => run_vm(&config),
+            }
         }
         // Like docker, failures of hearth itself (as opposed to the container's own exit
         // status) exit 125.
@@ -84,12 +93,18 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
 pub fn run_vm(config: &VmConfig) -> Result<u8, Error> {
     let vmm = builder::build_vm(config, process_start())?;
     let reason = vmm.run()?;
+    Ok(report_exit(&reason))
+}
+
+/// Says why the VM stopped (one line on stderr when it was not orderly) and returns the
+/// process exit status for it.
+pub fn report_exit(reason: &exit::ExitReason) -> u8 {
     if reason.is_orderly() {
         log::info!("{reason}");
     } else {
         eprintln!("hearth: {reason}");
     }
-    Ok(reason.status())
+    reason.status()
 }
 
 /// "outer: inner: innermost", the way errors are shown to the user.

@@ -1,5 +1,6 @@
-//! A small `log` backend: one line per record on stderr, never on stdout (which carries the
-//! guest's serial console).
+//! A small `log` backend: one line per record on stderr (or in the file given with
+//! `--log-path` or `PUT /logger`), never on stdout (which carries the guest's serial
+//! console).
 //!
 //! A guest can make hearth log: every malformed request it posts may produce a warning,
 //! and the `virtio-queue` crate reports a bad ring at error level. So that a malicious
@@ -8,11 +9,16 @@
 //! `BURST` lines per second; the rest are counted and summarised once the second is over.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::Write;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// Where records go instead of stderr, once a log file is set.
+static LOG_FILE: Mutex<Option<File>> = Mutex::new(None);
 
 /// Lines one module may print per `WINDOW`.
 const BURST: u32 = 20;
@@ -121,7 +127,15 @@ impl Log for StderrLogger {
             record.args()
         ));
         // One write per record so lines from several threads do not interleave.
-        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+        let mut file = LOG_FILE.lock().unwrap_or_else(|p| p.into_inner());
+        match file.as_mut() {
+            Some(file) => {
+                let _ = file.write_all(text.as_bytes());
+            }
+            None => {
+                let _ = std::io::stderr().lock().write_all(text.as_bytes());
+            }
+        }
     }
 
     fn flush(&self) {}
@@ -135,6 +149,16 @@ pub fn init(level: LevelFilter) {
         limiter: Mutex::new(RateLimiter::default()),
     }));
     log::set_max_level(level);
+}
+
+/// Sends hearth's log to `path` (appended; a named pipe works too) instead of stderr.
+pub fn log_to_file(path: &Path) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    *LOG_FILE.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,6 +8,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     hearth::mark_process_start();
     let cli = hearth::cli::Cli::parse();
+    if let Err(err) = cli.check() {
+        err.exit();
+    }
     match hearth::run_cli(cli) {
         Ok(status) => ExitCode::from(status),
         Err(err) => {

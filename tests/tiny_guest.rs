@@ -1,13 +1,19 @@
 //! hearth against tiny freestanding guests (tests/payloads/): boot protocols, serial
 //! output, exit paths, the boot-complete signal, the instructions the nested PVM host
-//! cannot run without the VMM's help, vCPU start-up and RAM around the 32-bit MMIO hole.
-//! Console input is in tests/console.rs. Each test skips when /dev/kvm is unavailable.
+//! cannot run without the VMM's help, vCPU start-up, RAM around the 32-bit MMIO hole, and
+//! pausing and resuming a VM through the library. Console input is in tests/console.rs.
+//! Each test skips when /dev/kvm is unavailable.
 
 mod common;
 
 use std::fs;
 use std::path::Path;
 use std::process::Output;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use hearth::exit::ExitReason;
 
 use common::{
     announce_skip, assert_exit_code, assert_stdout_contains, describe, kvm_available, payload,
@@ -351,4 +357,209 @@ fn config_file_boots_like_the_flags() {
     );
     assert_exit_code(&out, 0);
     assert_stdout_contains(&out, HELLO);
+}
+
+/// The numbers the `counter` payload has printed so far, in order (a line still being
+/// written is left out).
+fn counts(log: &Path) -> Vec<u32> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    complete
+        .lines()
+        .map(|line| {
+            line.strip_prefix("count ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected serial line {line:?} in {text:?}"))
+        })
+        .collect()
+}
+
+/// Waits up to [`common::RUN_TIMEOUT`] until the payload has counted past `past`.
+#[track_caller]
+fn wait_for_count_past(log: &Path, past: u32) -> u32 {
+    let deadline = Instant::now() + common::RUN_TIMEOUT;
+    loop {
+        if let Some(&last) = counts(log).last().filter(|&&n| n > past) {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not count past {past}: {:?}",
+            counts(log)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Builds and runs the `counter` payload with `extra` options on a thread of its own
+/// (the Vmm and its event loop stay on the thread that builds it), printing to `log`,
+/// driven by `control`. Returns the VM's stop channel and its thread.
+fn start_counter<C>(
+    log: &Path,
+    extra: &[&str],
+    mut control: C,
+) -> (
+    std::sync::Arc<hearth::exit::ExitSignal>,
+    thread::JoinHandle<Result<ExitReason, hearth::vmm::VmmError>>,
+)
+where
+    C: hearth::vmm::ControlHook + Send + 'static,
+{
+    let kernel = payload("counter", Format::Elf64);
+    let serial = format!("file={}", log.display());
+    let mut argv: Vec<std::ffi::OsString> = ["hearth", "run", "--kernel"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    argv.push(kernel.into_os_string());
+    argv.extend(
+        ["--memory", common::PAYLOAD_MEMORY, "--serial", &serial]
+            .iter()
+            .chain(extra)
+            .map(Into::into),
+    );
+    let cli = hearth::cli::Cli::try_parse_from(argv).expect("a valid command line");
+    let Some(hearth::cli::Command::Run(args)) = cli.command else {
+        panic!("not a run command");
+    };
+    let config = args.vm_config().expect("a valid config");
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    let running = thread::spawn(move || {
+        let vmm = hearth::builder::build_vm(&config, Instant::now()).expect("build the VM");
+        exit_tx
+            .send(vmm.exit_signal().clone())
+            .expect("the test thread waits");
+        vmm.run_with(&mut control)
+    });
+    let exit = exit_rx.recv().expect("the VM was built");
+    (exit, running)
+}
+
+/// Pause and resume through the library (`build_vm` and `Vmm::run_with` on one thread, a
+/// `VmmController` on another), twice: a paused VM prints nothing for longer than
+/// the compat layer's 250 ms kick interval, and a resumed one counts on from where it
+/// stopped.
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("pause");
+    let log = dir.join("serial.log");
+    let (controller, channel) = hearth::vmm::control_channel().expect("control channel");
+    let (exit, running) = start_counter(&log, &[], channel);
+
+    let mut last = wait_for_count_past(&log, 2);
+    for round in 1..=2 {
+        controller.pause().expect("pause");
+        let at_pause = fs::read(&log).expect("serial log");
+        let paused_at = *counts(&log).last().expect("counted before the pause");
+        assert!(paused_at >= last);
+        thread::sleep(Duration::from_millis(600));
+        assert_eq!(
+            fs::read(&log).expect("serial log").len(),
+            at_pause.len(),
+            "round {round}: the guest printed while paused: {:?}",
+            counts(&log)
+        );
+        controller.resume().expect("resume");
+        last = wait_for_count_past(&log, paused_at + 2);
+    }
+
+    exit.request(ExitReason::Signal(libc::SIGTERM));
+    let reason = running.join().expect("the VMM thread").expect("the VM ran");
+    assert_eq!(reason, ExitReason::Signal(libc::SIGTERM));
+    assert!(
+        matches!(controller.pause(), Err(hearth::vmm::ControlError::Stopped)),
+        "a stopped VM still answered"
+    );
+    let all = counts(&log);
+    let expected: Vec<u32> = (1..=all.len() as u32).collect();
+    assert_eq!(all, expected, "the count restarted or skipped");
+    assert!(*all.last().unwrap() >= last);
+}
+
+/// A control hook of its own, as the API layer would write one: a `ControlChannel` for
+/// pause and resume, plus, on the event-loop thread, the saving of a paused VM's vCPU and
+/// device state.
+struct SaveWhenPaused {
+    channel: hearth::vmm::ControlChannel,
+    saved: std::sync::mpsc::Sender<Result<SavedVm, String>>,
+    done: bool,
+}
+
+struct SavedVm {
+    vcpus: Vec<hearth::vstate::vcpu::VcpuState>,
+    json_bytes: usize,
+}
+
+impl hearth::vmm::ControlHook for SaveWhenPaused {
+    fn start(&mut self, vmm: &mut hearth::vmm::Vmm) {
+        self.channel.start(vmm);
+    }
+
+    fn after_events(&mut self, vmm: &mut hearth::vmm::Vmm) {
+        self.channel.after_events(vmm);
+        if self.done || vmm.state() != hearth::vmm::RunState::Paused {
+            return;
+        }
+        self.done = true;
+        let saved = vmm
+            .save_vcpu_states()
+            .and_then(|vcpus| Ok((vcpus, vmm.save_vm_state()?)))
+            .map(|(vcpus, vm)| SavedVm {
+                json_bytes: serde_json::to_vec(&vcpus).unwrap().len()
+                    + serde_json::to_vec(&vm).unwrap().len(),
+                vcpus,
+            })
+            .map_err(|e| hearth::error_chain(&e));
+        let _ = self.saved.send(saved);
+    }
+}
+
+/// A paused two-vCPU VM hands out the state of both vCPUs (the AP still waiting for INIT,
+/// parked out of KVM_RUN all the same) and of its devices, from a control
+/// hook on the event-loop thread, and then runs on.
+#[test]
+fn a_paused_vm_saves_its_vcpus_and_devices() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("save");
+    let log = dir.join("serial.log");
+    let (controller, channel) = hearth::vmm::control_channel().expect("control channel");
+    let (saved_tx, saved_rx) = std::sync::mpsc::channel();
+    let hook = SaveWhenPaused {
+        channel,
+        saved: saved_tx,
+        done: false,
+    };
+    let (exit, running) = start_counter(&log, &["--cpus", "2"], hook);
+
+    let before = wait_for_count_past(&log, 2);
+    controller.pause().expect("pause");
+    let saved = saved_rx
+        .recv_timeout(common::RUN_TIMEOUT)
+        .expect("the hook saved the VM")
+        .expect("the VM's state");
+    controller.resume().expect("resume");
+    wait_for_count_past(&log, before + 2);
+    exit.request(ExitReason::Signal(libc::SIGTERM));
+    running.join().expect("the VMM thread").expect("the VM ran");
+
+    assert_eq!(saved.vcpus.len(), 2);
+    let (bsp, ap) = (&saved.vcpus[0], &saved.vcpus[1]);
+    // The BSP runs the payload (linked at 1 MiB); the AP was never sent INIT.
+    assert!(
+        (0x10_0000..0x20_0000).contains(&bsp.regs.rip),
+        "BSP rip {:#x}",
+        bsp.regs.rip
+    );
+    assert_eq!(bsp.mp_state.mp_state, kvm_bindings::KVM_MP_STATE_RUNNABLE);
+    assert_eq!(
+        ap.mp_state.mp_state,
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+    );
+    assert!(!bsp.msrs.is_empty());
+    assert!(saved.json_bytes > 4096, "{} bytes", saved.json_bytes);
 }

@@ -9,6 +9,7 @@
 //! wastes executions on inputs the harness refuses.
 
 pub mod agent_protocol;
+pub mod api_request;
 pub mod chain;
 pub mod input;
 pub mod seeds;

@@ -46,6 +46,9 @@ pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     for (name, bytes) in agent() {
         seeds.push(("agent_protocol", name, bytes));
     }
+    for (name, bytes) in crate::api_request::seeds() {
+        seeds.push(("api_request", name, bytes));
+    }
     seeds
 }
 

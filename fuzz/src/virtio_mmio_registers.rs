@@ -35,8 +35,7 @@ use std::sync::{Arc, Mutex};
 use hearth::devices::bus::BusDevice;
 use hearth::devices::virtio::block::{Block, BlockConfig};
 use hearth::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE};
-use hearth::devices::virtio::{ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use hearth::vstate::memory::GuestMemory;
+use hearth::devices::virtio::{DeviceCore, Interrupt, VirtioDevice};
 use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -59,30 +58,22 @@ pub const IMAGE_SIZE: u64 = 64 << 10;
 
 /// A device with a fuzzer-chosen queue layout and a small writable configuration space.
 struct FakeDevice {
-    queue_sizes: Vec<u16>,
+    core: DeviceCore,
     config: [u8; 24],
-    active: bool,
 }
 
 impl VirtioDevice for FakeDevice {
     fn device_type(&self) -> u32 {
         0x2a
     }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
+    fn core(&self) -> &DeviceCore {
+        &self.core
     }
-    fn avail_features(&self) -> u64 {
-        (1 << VIRTIO_F_VERSION_1) | 0xf
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         for (i, &byte) in data.iter().enumerate() {
@@ -95,22 +86,6 @@ impl VirtioDevice for FakeDevice {
             }
         }
     }
-    fn activate(
-        &mut self,
-        _mem: GuestMemory,
-        _interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-        _features: u64,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::BadQueues("queue count changed".into()));
-        }
-        self.active = true;
-        Ok(())
-    }
-    fn reset(&mut self) {
-        self.active = false;
-    }
 }
 
 enum Device {
@@ -122,7 +97,7 @@ impl Device {
     fn is_active(&self) -> bool {
         match self {
             Device::Block(block, _) => block.lock().unwrap().is_active(),
-            Device::Fake(fake) => fake.lock().unwrap().active,
+            Device::Fake(fake) => fake.lock().unwrap().is_activated(),
         }
     }
 }
@@ -177,28 +152,23 @@ pub fn run(data: &[u8]) -> Outcome {
         Device::Block(Arc::new(Mutex::new(block)), file)
     } else {
         let count = usize::from((selector >> 2) & 3);
-        let queue_sizes = (0..count).map(|_| 1u16 << (input.u8() % 16)).collect();
+        let queue_sizes: Vec<u16> = (0..count).map(|_| 1u16 << (input.u8() % 16)).collect();
+        let features = (1 << VIRTIO_F_VERSION_1) | 0xf;
         Device::Fake(Arc::new(Mutex::new(FakeDevice {
-            queue_sizes,
+            core: DeviceCore::new(features, &queue_sizes).expect("powers of two up to 32768"),
             config: [0; 24],
-            active: false,
         })))
     };
     let dyn_device: Arc<Mutex<dyn VirtioDevice>> = match &device {
         Device::Block(block, _) => block.clone(),
         Device::Fake(fake) => fake.clone(),
     };
-    let queue_count = dyn_device.lock().unwrap().queue_max_sizes().len();
 
     let mem = crate::guest_memory();
     let irqfd = EventFd::new(EFD_NONBLOCK).expect("irqfd");
     let irq_observer = irqfd.try_clone().expect("irqfd clone");
     let interrupt = Arc::new(Interrupt::new(irqfd));
-    let queue_evts: Vec<EventFd> = (0..queue_count)
-        .map(|_| EventFd::new(EFD_NONBLOCK).expect("queue eventfd"))
-        .collect();
-    let mut transport = MmioTransport::new(dyn_device, mem.clone(), interrupt, queue_evts)
-        .expect("queue sizes are powers of two up to 32768");
+    let mut transport = MmioTransport::new(dyn_device, mem.clone(), interrupt);
 
     let mut outcome = Outcome::default();
     let mut ops = 0;

@@ -64,7 +64,7 @@ use hearth::devices::virtio::vsock::packet::{
     TYPE_STREAM,
 };
 use hearth::devices::virtio::vsock::{Vsock, VsockConfig, MAX_CONNECTIONS, VSOCK_HOST_CID};
-use hearth::devices::virtio::{ActiveQueue, Interrupt, VirtioDevice};
+use hearth::devices::virtio::{Interrupt, VirtioDevice};
 use hearth::vstate::memory::GuestMemory;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
@@ -213,9 +213,9 @@ struct Harness {
     vsock: Arc<Mutex<Vsock>>,
     manager: EventManager<Arc<Mutex<Vsock>>>,
     features: u64,
+    /// The device's RX and TX queue eventfds, what KVM signals on QueueNotify.
     rx_kick: EventFd,
     tx_kick: EventFd,
-    event_kick: EventFd,
     interrupt: Arc<Interrupt>,
     uds: PathBuf,
     listeners: Vec<(u32, UnixListener)>,
@@ -288,6 +288,12 @@ impl Harness {
             .iter()
             .map(|name| listen(&dir.0.join(name)))
             .collect();
+        let kick = |index: usize| {
+            vsock.queue_events()[index]
+                .try_clone()
+                .expect("duplicate an eventfd")
+        };
+        let (rx_kick, tx_kick) = (kick(0), kick(1));
         let vsock = Arc::new(Mutex::new(vsock));
         let mut manager = EventManager::new().expect("create an event manager");
         manager.add_subscriber(vsock.clone());
@@ -297,9 +303,8 @@ impl Harness {
             vsock,
             manager,
             features,
-            rx_kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-            tx_kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-            event_kick: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+            rx_kick,
+            tx_kick,
             interrupt: Arc::new(Interrupt::new(irq)),
             uds,
             listeners,
@@ -324,12 +329,21 @@ impl Harness {
         harness
     }
 
-    fn queue(&self, (desc, avail, used): (u64, u64, u64)) -> Queue {
-        let mut queue = Queue::new(QUEUE_SIZE).expect("valid queue size");
+    /// Points a device queue at `ring`, from the state a reset leaves it in, as the driver
+    /// does through the transport.
+    fn configure(queue: &mut Queue, (desc, avail, used): (u64, u64, u64)) {
+        queue.reset();
+        queue.set_size(QUEUE_SIZE);
         queue.set_desc_table_address(Some(desc as u32), Some(0));
         queue.set_avail_ring_address(Some(avail as u32), Some(0));
         queue.set_used_ring_address(Some(used as u32), Some(0));
         queue.set_ready(true);
+    }
+
+    /// A queue on `ring` of the harness's own, to pop chains as the device will.
+    fn queue(&self, ring: (u64, u64, u64)) -> Queue {
+        let mut queue = Queue::new(QUEUE_SIZE).expect("valid queue size");
+        Self::configure(&mut queue, ring);
         queue
     }
 
@@ -347,25 +361,17 @@ impl Harness {
         self.rx_next = 0;
         self.rx_used_seen = 0;
         self.rx_posted = Default::default();
-        let queues = [
-            (RX_RING, &self.rx_kick),
-            (TX_RING, &self.tx_kick),
-            (EVENT_RING, &self.event_kick),
-        ]
-        .into_iter()
-        .map(|(ring, kick)| ActiveQueue {
-            queue: self.queue(ring),
-            notify: kick.try_clone().expect("duplicate an eventfd"),
-        })
-        .collect();
-        lock(&self.vsock)
-            .activate(
-                self.mem.clone(),
-                self.interrupt.clone(),
-                queues,
-                self.features,
-            )
-            .expect("the harness's queues are valid");
+        {
+            let mut vsock = lock(&self.vsock);
+            let rings = [RX_RING, TX_RING, EVENT_RING];
+            for (queue, ring) in vsock.queues_mut().iter_mut().zip(rings) {
+                Self::configure(queue, ring);
+            }
+            vsock.set_acked_features(self.features);
+            vsock
+                .activate(self.mem.clone(), self.interrupt.clone())
+                .expect("the harness's queues are valid");
+        }
         self.settle();
     }
 

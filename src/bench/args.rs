@@ -98,9 +98,9 @@ mod tests {
             "/tmp/x",
         ])
         .unwrap();
-        let Command::Bench(BenchArgs {
+        let Some(Command::Bench(BenchArgs {
             command: BenchCommand::Startup(args),
-        }) = cli.command
+        })) = cli.command
         else {
             panic!("not bench startup");
         };
@@ -113,9 +113,9 @@ mod tests {
     #[test]
     fn density_defaults() {
         let cli = Cli::try_parse_from(["hearth", "bench", "density", "--vms", "5"]).unwrap();
-        let Command::Bench(BenchArgs {
+        let Some(Command::Bench(BenchArgs {
             command: BenchCommand::Density(args),
-        }) = cli.command
+        })) = cli.command
         else {
             panic!("not bench density");
         };

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::fixtures::Fixtures;
 use super::process::Invocation;
-use crate::vstate::pvm::{host_is_pvm, GUEST_CMDLINE as PVM_GUEST_CMDLINE};
+use crate::arch::pvm::{host_is_pvm, GUEST_CMDLINE as PVM_GUEST_CMDLINE};
 
 /// What hearth's `--boot-timer` prints on stderr when the guest signals boot complete.
 pub const BOOT_MARKER: &str = "boot-timer:";

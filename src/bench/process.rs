@@ -270,15 +270,22 @@ impl Spawned {
         Ok(exit)
     }
 
-    /// The last lines the child wrote on stderr, then stdout (after waiting briefly for
-    /// them to close), for error messages.
-    pub fn output_tail(&self, lines: usize) -> String {
+    /// Waits (at most [`EOF_GRACE`]) until the child's stdout and stderr have been read to
+    /// the end: a child that has exited may still have output, a boot marker among it, in
+    /// the pipes.
+    fn read_to_end(&self) {
         let deadline = Instant::now() + EOF_GRACE;
         for watch in [&self.stdout, &self.stderr] {
             let _ = watch
                 .done
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()));
         }
+    }
+
+    /// The last lines the child wrote on stderr, then stdout (after waiting briefly for
+    /// them to close), for error messages.
+    pub fn output_tail(&self, lines: usize) -> String {
+        self.read_to_end();
         let pick = |text: String| {
             let kept: Vec<&str> = text
                 .lines()
@@ -355,12 +362,16 @@ pub fn measure(inv: &Invocation, expected: i32, timeout: Duration) -> Result<Mea
             exit.status
         )));
     }
+    // The marker can still be in the pipe when the child has been reaped already.
+    child.read_to_end();
     if inv.boot_marker.is_some() && child.boot_time().is_none() {
         return Err(describe("never signalled boot complete".to_owned()));
     }
     Ok(Measured {
         wall: exit.wall,
-        boot: child.boot_time(),
+        // The marker is timestamped when the reader thread gets to it, which on a busy
+        // machine can be after the child was reaped; it was printed before the exit.
+        boot: child.boot_time().map(|boot| boot.min(exit.wall)),
         max_rss_kib: exit.max_rss_kib,
     })
 }

@@ -39,7 +39,7 @@ impl HostInfo {
         HostInfo {
             kernel,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            kvm_is_pvm: crate::vstate::pvm::host_is_pvm(),
+            kvm_is_pvm: crate::arch::pvm::host_is_pvm(),
         }
     }
 }

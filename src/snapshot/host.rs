@@ -10,7 +10,7 @@ use crate::arch::cpu_features::CpuFeatures;
 use crate::arch::cpuid::{self, CpuidError, CpuidOptions};
 use crate::config::CpuProfile;
 use crate::vstate::kvm::{KvmContext, KvmError};
-use crate::vstate::pvm::host_is_pvm;
+use crate::arch::pvm::host_is_pvm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {

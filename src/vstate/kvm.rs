@@ -46,6 +46,8 @@ pub enum KvmError {
     TooManyVcpus { requested: u8, max: usize },
     #[error("cannot read the CPUID KVM supports")]
     SupportedCpuid(#[source] std::io::Error),
+    #[error("cannot read the MSRs KVM saves (KVM_GET_MSR_INDEX_LIST)")]
+    MsrIndexList(#[source] std::io::Error),
 }
 
 /// An open, checked /dev/kvm.
@@ -76,8 +78,6 @@ impl KvmContext {
     fn check(kvm: Kvm, path: PathBuf) -> Result<Self, KvmError> {
         // GET_API_VERSION is the first ioctl: on a file that is not /dev/kvm it fails with
         // ENOTTY, which is how a wrong device is recognised.
-        // GET_API_VERSION is the first ioctl: on a file that is not /dev/kvm it fails with
-        // ENOTTY, which is how a wrong device is recognised.
         let version = kvm.get_api_version();
         if version < 0 {
             return Err(KvmError::NotKvm {
@@ -106,6 +106,14 @@ impl KvmContext {
             });
         }
         Ok(())
+    }
+
+    /// The MSRs KVM can save and restore for a vCPU (KVM_GET_MSR_INDEX_LIST).
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, KvmError> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|list| list.as_slice().to_vec())
+            .map_err(|e| KvmError::MsrIndexList(e.into()))
     }
 
     /// The CPUID leaves KVM can expose, as the starting point for each vCPU.

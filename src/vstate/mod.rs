@@ -2,7 +2,5 @@
 
 pub mod kvm;
 pub mod memory;
-pub mod pv_xstate;
-pub mod pvm;
 pub mod vcpu;
 pub mod vm;

@@ -1,11 +1,26 @@
-//! vCPUs: their boot-time register state, their threads, and the run loop. Exits are only
-//! dispatched: port I/O to the PIO bus, MMIO to the MMIO bus, and the few exits the
-//! nested-PVM layer completes to `pvm`. Anything else ends the VM with a reason.
+//! vCPUs: their boot-time register state, their threads, and the run loop.
+//!
+//! Each exit is classified by [`exit::classify`] and only dispatched: port I/O to the PIO
+//! bus, MMIO to the MMIO bus, the exits an architecture quirk layer completes to its
+//! [`CompatHook`]; anything else ends the VM with a reason.
+//!
+//! A vCPU thread takes [`VcpuEvent`]s from its [`VcpuHandle`] through a channel and answers
+//! with [`VcpuResponse`]s. The handle kicks the thread out of KVM_RUN with a signal whose
+//! handler also sets the run page's `immediate_exit`, so a kick that lands just before
+//! KVM_RUN is not lost: that KVM_RUN returns at once and the thread reads its events. A
+//! paused vCPU is parked on the channel, not in KVM_RUN, so kicks do not wake it.
 
+pub mod exit;
+pub mod state;
+
+use std::cell::Cell;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_bindings::kvm_run;
+use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::{self, boot::BootProtocol};
@@ -14,9 +29,10 @@ use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::GuestMemory;
-use crate::vstate::pv_xstate;
-use crate::vstate::pvm::{Fixup, PvmFixups};
 use crate::vstate::vm::Vm;
+
+pub use exit::{classify, CompatHook, Completion, KvmExit, VcpuAction, MAX_HOOK_PORT_ACCESS};
+pub use state::{MsrIndex, StateError, VcpuState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -46,6 +62,22 @@ pub enum VcpuError {
         #[source]
         source: std::io::Error,
     },
+    #[error("vCPU {index} has stopped")]
+    Stopped { index: u8 },
+    #[error("vCPU {index} did not answer {event} in time")]
+    NoAnswer { index: u8, event: &'static str },
+    #[error("vCPU {index} could not {event}: {reason}")]
+    Refused {
+        index: u8,
+        event: &'static str,
+        reason: String,
+    },
+    #[error("cannot restore the state of vCPU {index}")]
+    Restore {
+        index: u8,
+        #[source]
+        source: StateError,
+    },
 }
 
 /// Where and how the boot vCPU starts.
@@ -55,16 +87,95 @@ pub struct BootEntry {
     pub protocol: BootProtocol,
 }
 
+/// What a vCPU thread is asked to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// Leave KVM_RUN (completing any port or MMIO access in flight) and park.
+    Pause,
+    /// Run again after a pause.
+    Resume,
+    /// Answer with the vCPU's state, saving these MSRs; only a paused vCPU does.
+    SaveState(MsrIndex),
+    /// End the thread.
+    Finish,
+}
+
+impl VcpuEvent {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::SaveState(_) => "save its state",
+            Self::Finish => "finish",
+        }
+    }
+}
+
+/// A vCPU thread's answer to an event (`Finish` has none: the thread ends).
+#[derive(Debug)]
+pub enum VcpuResponse {
+    Paused,
+    Resumed,
+    State(Box<VcpuState>),
+    /// The event could not be carried out; the vCPU is as it was.
+    Refused(String),
+}
+
 /// The signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
-/// Installs the (empty) kick handler: its only job is to make KVM_RUN return EINTR.
+thread_local! {
+    /// The run page of the vCPU this thread runs, for the kick handler; null elsewhere.
+    static KICK_TARGET: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Installs the kick handler: it sets `immediate_exit` in the interrupted thread's run
+/// page, so KVM_RUN returns EINTR whether the signal lands in it or just before it.
 pub fn install_kick_handler() -> Result<(), VcpuError> {
-    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        let run = KICK_TARGET.with(Cell::get);
+        if !run.is_null() {
+            // SAFETY: a non-null target is the run page of the VcpuFd this thread owns;
+            // `KickTarget` clears it before that fd can be dropped. The byte is written
+            // volatile because KVM reads it, not this thread's code.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    }
     register_signal_handler(kick_signal(), on_kick).map_err(VcpuError::SignalHandler)
 }
+
+/// Publishes a vCPU's run page to this thread's kick handler while it lives.
+struct KickTarget;
+
+impl KickTarget {
+    fn register(fd: &mut VcpuFd) -> Self {
+        let run: *mut kvm_run = fd.get_kvm_run();
+        KICK_TARGET.with(|target| target.set(run));
+        Self
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        KICK_TARGET.with(|target| target.set(std::ptr::null_mut()));
+    }
+}
+
+/// What one KVM_RUN amounted to, when the VM goes on.
+#[derive(Debug, PartialEq, Eq)]
+enum Ran {
+    /// An exit was handled.
+    Exit,
+    /// A kick (or `immediate_exit`) interrupted it.
+    Interrupted,
+}
+
+/// How many KVM_RUNs with `immediate_exit` set a pause waits for KVM to report the
+/// interruption: each completes what the last exit left pending, and only a `rep` string
+/// access spanning pages makes more than one exit before that.
+const MAX_SETTLE_RUNS: usize = 64;
 
 pub struct Vcpu {
     index: u8,
@@ -73,7 +184,7 @@ pub struct Vcpu {
     mmio_bus: Arc<Bus>,
     exit: Arc<ExitSignal>,
     mem: GuestMemory,
-    pvm: Option<PvmFixups>,
+    compat: Option<Box<dyn CompatHook>>,
 }
 
 impl Vcpu {
@@ -98,7 +209,7 @@ impl Vcpu {
             mmio_bus,
             exit,
             mem,
-            pvm: (profile == CpuProfile::Compat).then(|| PvmFixups::new(index)),
+            compat: (profile == CpuProfile::Compat).then(|| arch::compat_hook(index)),
         })
     }
 
@@ -120,7 +231,7 @@ impl Vcpu {
         let options = arch::cpuid::CpuidOptions {
             cpu_index: index,
             cpu_count: vcpu_count,
-            hide_pvm_unsupported: self.pvm.is_some(),
+            hide_pvm_unsupported: self.compat.is_some(),
         };
         arch::cpuid::normalize(&mut cpuid, &options).map_err(|e| VcpuError::Cpuid {
             index,
@@ -142,140 +253,229 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the vCPU's thread.
-    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+    /// Loads a saved vCPU's state into this one, instead of [`Vcpu::configure`]: it then
+    /// goes on where the saved one stopped.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
         let index = self.index;
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || self.run())
-            .map_err(|source| VcpuError::Spawn { index, source })?;
-        Ok(VcpuHandle { index, thread })
+        state::restore(&self.fd, state).map_err(|source| VcpuError::Restore { index, source })?;
+        match (self.compat.as_mut(), &state.compat) {
+            (Some(hook), Some(saved)) => {
+                hook.restore_state(&self.fd, saved)
+                    .map_err(|e| VcpuError::Restore {
+                        index,
+                        source: StateError::Compat(e),
+                    })?
+            }
+            (None, None) => {}
+            // Another CPU profile than the saved vCPU's: its hook starts afresh, or the
+            // saved hook state has no one to go to.
+            _ => log::warn!("vCPU {index}: restored under another CPU profile than it was saved"),
+        }
+        Ok(())
     }
 
-    fn run(mut self) {
-        while !self.exit.is_requested() {
-            match self.run_once() {
-                Ok(()) => {}
-                Err(reason) => {
-                    self.exit.request(reason);
-                    break;
+    /// Starts the vCPU's thread, running.
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        let index = self.index;
+        let (event_tx, event_rx) = mpsc::channel();
+        let (response_tx, response_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(event_rx, response_tx))
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(VcpuHandle {
+            index,
+            events: event_tx,
+            responses: response_rx,
+            thread,
+        })
+    }
+
+    /// The thread: runs the guest, reading events between exits, until told to finish,
+    /// the VM is to stop, or the handle is gone.
+    fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>) {
+        let _kick_target = KickTarget::register(&mut self.fd);
+        let mut paused = false;
+        loop {
+            let event = if paused {
+                match events.recv() {
+                    Ok(event) => event,
+                    Err(_) => break,
                 }
+            } else {
+                match events.try_recv() {
+                    Ok(event) => event,
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {
+                        if self.exit.is_requested() {
+                            break;
+                        }
+                        if let Err(reason) = self.run_once() {
+                            self.exit.request(reason);
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            };
+            let response = match event {
+                VcpuEvent::SaveState(msrs) if paused => {
+                    let compat = self.compat.as_ref().map(|hook| hook.save_state());
+                    match state::save(&self.fd, &msrs, compat) {
+                        Ok(state) => VcpuResponse::State(Box::new(state)),
+                        Err(e) => VcpuResponse::Refused(crate::error_chain(&e)),
+                    }
+                }
+                VcpuEvent::SaveState(_) => VcpuResponse::Refused("it is running".into()),
+                VcpuEvent::Pause if paused => VcpuResponse::Paused,
+                VcpuEvent::Pause => match self.park() {
+                    Ok(()) => {
+                        paused = true;
+                        VcpuResponse::Paused
+                    }
+                    Err(reason) => {
+                        self.exit.request(reason);
+                        break;
+                    }
+                },
+                VcpuEvent::Resume => {
+                    paused = false;
+                    VcpuResponse::Resumed
+                }
+                VcpuEvent::Finish => break,
+            };
+            if responses.send(response).is_err() {
+                break;
             }
         }
-        if let Some(pvm) = &self.pvm {
-            log::info!("vCPU {}: compat fixups: {:?}", self.index, pvm.stats);
+        if let Some(hook) = &self.compat {
+            log::info!("vCPU {}: {}", self.index, hook.summary());
         }
+    }
+
+    /// Leaves the vCPU consistent for a pause: KVM finishes a port or MMIO access it
+    /// handed out only on the next KVM_RUN, so one more runs with `immediate_exit` set
+    /// (which lets no guest instruction run after that access). Then tells a guest with
+    /// kvmclock that it was stopped, so its watchdogs do not take the pause for a hang.
+    fn park(&mut self) -> Result<(), ExitReason> {
+        self.fd.set_kvm_immediate_exit(1);
+        let mut settled = false;
+        for _ in 0..MAX_SETTLE_RUNS {
+            if self.run_once()? == Ran::Interrupted {
+                settled = true;
+                break;
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        if !settled {
+            log::warn!(
+                "vCPU {}: paused with an access still in flight after {MAX_SETTLE_RUNS} runs",
+                self.index
+            );
+        }
+        match self.fd.kvmclock_ctrl() {
+            Ok(()) => {}
+            // The guest has not set up kvmclock (or this KVM lacks the ioctl).
+            Err(e) if e.errno() == libc::EINVAL || e.errno() == libc::ENOTTY => {}
+            Err(e) => log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.index),
+        }
+        Ok(())
     }
 
     /// One KVM_RUN and the handling of its exit. `Err` carries why the VM must stop.
-    fn run_once(&mut self) -> Result<(), ExitReason> {
+    fn run_once(&mut self) -> Result<Ran, ExitReason> {
         let index = self.index;
-        let outcome = match self.fd.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                let compat = self.pvm.as_mut().is_some_and(|p| p.on_io_in(port, data));
-                if !compat && !self.io_bus.read(u64::from(port), data) {
+        let exit = KvmExit::from_run(self.fd.run());
+        let action = classify(index, &exit, self.compat.as_deref());
+        // A hook's port write needs the vCPU, which `exit` borrows: copy the bytes out.
+        let mut hook_write = None;
+        let action = match (action, exit) {
+            (VcpuAction::IoBus, KvmExit::PortIn { port, data }) => {
+                if !self.io_bus.read(u64::from(port), data) {
                     log::trace!("vCPU {index}: unclaimed port read {port:#x}");
                     data.fill(0xff);
                 }
-                Outcome::Handled
+                VcpuAction::Resume
             }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                // The compat layer's xstate requests need the vCPU, which `data` borrows.
-                match (
-                    pv_xstate::Request::for_port(port),
-                    pv_xstate::written_value(data),
-                ) {
-                    (Some(request), Some(value)) if self.pvm.is_some() => {
-                        Outcome::PvXstate { request, value }
-                    }
-                    _ => {
-                        if !self.io_bus.write(u64::from(port), data) {
-                            log::trace!("vCPU {index}: unclaimed port write {port:#x} {data:x?}");
-                        }
-                        Outcome::Handled
-                    }
+            (VcpuAction::IoBus, KvmExit::PortOut { port, data }) => {
+                if !self.io_bus.write(u64::from(port), data) {
+                    log::trace!("vCPU {index}: unclaimed port write {port:#x} {data:x?}");
                 }
+                VcpuAction::Resume
             }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
+            (VcpuAction::MmioBus, KvmExit::MmioRead { addr, data }) => {
                 if !self.mmio_bus.read(addr, data) {
                     log::debug!("vCPU {index}: unclaimed MMIO read {addr:#x}");
                     data.fill(0xff);
                 }
-                Outcome::Handled
+                VcpuAction::Resume
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
+            (VcpuAction::MmioBus, KvmExit::MmioWrite { addr, data }) => {
                 if !self.mmio_bus.write(addr, data) {
                     log::debug!("vCPU {index}: unclaimed MMIO write {addr:#x} {data:x?}");
                 }
-                Outcome::Handled
+                VcpuAction::Resume
             }
-            Ok(VcpuExit::Shutdown) => Outcome::TripleFault,
-            Ok(VcpuExit::InternalError) => Outcome::InternalError,
-            Ok(VcpuExit::Debug(debug)) => Outcome::Debug(debug.pc),
-            Ok(VcpuExit::SystemEvent(kind, _)) => Outcome::SystemEvent(kind),
-            Ok(VcpuExit::Hlt) => Outcome::Fatal("halted with no in-kernel irqchip".into()),
-            Ok(VcpuExit::FailEntry(reason, _)) => {
-                Outcome::Fatal(format!("VM entry failed, hardware reason {reason:#x}"))
+            (VcpuAction::CompatPort, KvmExit::PortIn { port, data }) => {
+                if let Some(hook) = self.compat.as_mut() {
+                    hook.port_read(port, data);
+                }
+                VcpuAction::Resume
             }
-            // A kick: the loop re-checks for a stop request.
-            Ok(VcpuExit::Intr) => Outcome::Handled,
-            Ok(other) => Outcome::Fatal(format!("unexpected exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR => Outcome::Handled,
-            // An AP that just got INIT/SIPI can report EAGAIN once on this host: run again.
-            Err(e) if e.errno() == libc::EAGAIN => Outcome::Handled,
-            Err(e) => Outcome::Fatal(format!("KVM_RUN failed: {e}")),
+            (VcpuAction::CompatPort, KvmExit::PortOut { port, data }) => {
+                // `classify` offers a hook no access longer than the buffer.
+                let mut bytes = [0u8; MAX_HOOK_PORT_ACCESS];
+                let len = data.len().min(MAX_HOOK_PORT_ACCESS);
+                bytes[..len].copy_from_slice(&data[..len]);
+                hook_write = Some((port, bytes, len));
+                VcpuAction::Resume
+            }
+            (action, _) => action,
         };
 
-        match outcome {
-            Outcome::PvXstate { request, value } => {
-                if let Some(pvm) = self.pvm.as_mut() {
-                    pvm.on_xstate_request(&self.fd, &self.mem, request, value);
-                }
-                Ok(())
+        let ran = match action {
+            VcpuAction::Resume => Ran::Exit,
+            VcpuAction::Interrupted => {
+                self.fd.set_kvm_immediate_exit(0);
+                Ran::Interrupted
             }
-            Outcome::Handled => {
-                if let Some(pvm) = self.pvm.as_mut() {
-                    pvm.poll(&self.fd, &self.mem);
-                }
-                Ok(())
-            }
-            Outcome::TripleFault => {
-                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                Err(ExitReason::TripleFault { vcpu: index, rip })
-            }
-            Outcome::InternalError => self.on_internal_error(),
-            Outcome::Debug(pc) => match self.pvm.as_mut() {
-                Some(pvm) => match pvm.on_debug_exit(&self.fd, &self.mem, pc) {
-                    Ok(Fixup::Completed) => Ok(()),
-                    Ok(Fixup::NotHandled(detail)) => Err(ExitReason::VcpuFailure {
+            VcpuAction::CompatDebug { pc } => {
+                let completion = match self.compat.as_mut() {
+                    Some(hook) => hook.debug_exit(&self.fd, &self.mem, pc),
+                    None => Completion::NotHandled(format!("unexpected debug exit at {pc:#x}")),
+                };
+                if let Completion::NotHandled(detail) = completion {
+                    return Err(ExitReason::VcpuFailure {
                         vcpu: index,
                         detail,
-                    }),
-                    Err(e) => Err(ExitReason::VcpuFailure {
-                        vcpu: index,
-                        detail: format!("debug exit at {pc:#x}: {e}"),
-                    }),
-                },
-                None => Err(ExitReason::VcpuFailure {
-                    vcpu: index,
-                    detail: format!("unexpected debug exit at {pc:#x}"),
-                }),
-            },
-            Outcome::SystemEvent(kind) => match kind {
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Err(ExitReason::PowerOff),
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Err(ExitReason::Reset),
-                other => Err(ExitReason::VcpuFailure {
-                    vcpu: index,
-                    detail: format!("unexpected system event {other}"),
-                }),
-            },
-            Outcome::Fatal(detail) => Err(ExitReason::VcpuFailure {
-                vcpu: index,
-                detail,
-            }),
+                    });
+                }
+                Ran::Exit
+            }
+            VcpuAction::CompatEmulation | VcpuAction::EmulationFailure => {
+                self.on_internal_error()?;
+                Ran::Exit
+            }
+            VcpuAction::TripleFault => {
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Err(ExitReason::TripleFault { vcpu: index, rip });
+            }
+            VcpuAction::Stop(reason) => return Err(reason),
+            // Bus and port actions were carried out above while the exit's data was at hand.
+            VcpuAction::IoBus | VcpuAction::MmioBus | VcpuAction::CompatPort => Ran::Exit,
+        };
+
+        if let Some(hook) = self.compat.as_mut() {
+            if let Some((port, bytes, len)) = hook_write {
+                hook.port_write(&self.fd, &self.mem, port, &bytes[..len]);
+            }
+            hook.after_exit(&self.fd, &self.mem);
         }
+        Ok(ran)
     }
 
+    /// KVM_EXIT_INTERNAL_ERROR: the hook may complete the instruction; otherwise the VM
+    /// stops, with the instruction's place in the reason.
     fn on_internal_error(&mut self) -> Result<(), ExitReason> {
         let index = self.index;
         // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
@@ -283,11 +483,10 @@ impl Vcpu {
         let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
         let ndata = (internal.ndata as usize).min(internal.data.len());
         let data = &internal.data[..ndata];
-        let detail = match self.pvm.as_mut() {
-            Some(pvm) => match pvm.on_emulation_failure(&self.fd, &self.mem) {
-                Ok(Fixup::Completed) => return Ok(()),
-                Ok(Fixup::NotHandled(detail)) => detail,
-                Err(e) => e.to_string(),
+        let detail = match self.compat.as_mut() {
+            Some(hook) => match hook.emulation_failure(&self.fd, &self.mem) {
+                Completion::Completed => return Ok(()),
+                Completion::NotHandled(detail) => detail,
             },
             None => {
                 let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -305,38 +504,116 @@ impl Vcpu {
     }
 }
 
-enum Outcome {
-    Handled,
-    PvXstate {
-        request: pv_xstate::Request,
-        value: u32,
-    },
-    TripleFault,
-    InternalError,
-    Debug(u64),
-    SystemEvent(u32),
-    Fatal(String),
-}
-
-/// A running vCPU thread.
+/// A running vCPU thread and its event channel.
 pub struct VcpuHandle {
     index: u8,
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
     thread: JoinHandle<()>,
 }
 
 impl VcpuHandle {
-    /// Interrupts KVM_RUN so the thread sees a pending stop (or re-polls the compat layer).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Queues `event` and kicks the thread so it sees it now.
+    pub fn send_event(&self, event: VcpuEvent) -> Result<(), VcpuError> {
+        self.events
+            .send(event)
+            .map_err(|_| VcpuError::Stopped { index: self.index })?;
+        self.kick();
+        Ok(())
+    }
+
+    /// Waits until `deadline` for the thread's answer to `event`; answers to earlier
+    /// events are skipped.
+    pub fn wait_for(&self, event: &VcpuEvent, deadline: Instant) -> Result<(), VcpuError> {
+        match event {
+            VcpuEvent::Finish => {
+                if self.wait_stopped(deadline) {
+                    Ok(())
+                } else {
+                    Err(self.no_answer(event))
+                }
+            }
+            _ => self.answer(event, deadline).map(drop),
+        }
+    }
+
+    /// Asks a paused vCPU for its state, saving the MSRs in `msrs`.
+    pub fn save_state(&self, msrs: MsrIndex, deadline: Instant) -> Result<VcpuState, VcpuError> {
+        let event = VcpuEvent::SaveState(msrs);
+        self.send_event(event.clone())?;
+        match self.answer(&event, deadline)? {
+            Some(state) => Ok(*state),
+            None => Err(self.no_answer(&event)),
+        }
+    }
+
+    /// The answer to `event` (a state for `SaveState`), skipping older answers.
+    fn answer(
+        &self,
+        event: &VcpuEvent,
+        deadline: Instant,
+    ) -> Result<Option<Box<VcpuState>>, VcpuError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let response = match self.responses.recv_timeout(left) {
+                Ok(response) => response,
+                Err(RecvTimeoutError::Timeout) => return Err(self.no_answer(event)),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(VcpuError::Stopped { index: self.index })
+                }
+            };
+            match (event, response) {
+                (VcpuEvent::Pause, VcpuResponse::Paused)
+                | (VcpuEvent::Resume, VcpuResponse::Resumed) => return Ok(None),
+                (VcpuEvent::SaveState(_), VcpuResponse::State(state)) => return Ok(Some(state)),
+                (VcpuEvent::SaveState(_), VcpuResponse::Refused(reason)) => {
+                    return Err(VcpuError::Refused {
+                        index: self.index,
+                        event: event.name(),
+                        reason,
+                    })
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn no_answer(&self, event: &VcpuEvent) -> VcpuError {
+        VcpuError::NoAnswer {
+            index: self.index,
+            event: event.name(),
+        }
+    }
+
+    /// Waits until `deadline` for the thread to end; whether it did.
+    fn wait_stopped(&self, deadline: Instant) -> bool {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok(_) => {}
+                Err(RecvTimeoutError::Disconnected) => return true,
+                Err(RecvTimeoutError::Timeout) => return self.thread.is_finished(),
+            }
+        }
+    }
+
+    /// Interrupts KVM_RUN: the thread reads its events (and the compat hook polls).
     pub fn kick(&self) {
         if let Err(e) = self.thread.kill(kick_signal()) {
             log::debug!("vCPU {}: kick failed: {e}", self.index);
         }
     }
 
-    pub fn is_finished(&self) -> bool {
-        self.thread.is_finished()
-    }
-
-    pub fn join(self) {
+    /// Joins the thread once it has ended, waiting no later than `deadline`.
+    pub fn join(self, deadline: Instant) {
+        if !self.wait_stopped(deadline) {
+            log::error!("vCPU {} did not stop; leaving it behind", self.index);
+            return;
+        }
         if self.thread.join().is_err() {
             log::error!("vCPU {} thread panicked", self.index);
         }

@@ -5,6 +5,7 @@
 // Each test crate includes this module and uses a different part of it.
 #![allow(dead_code)]
 
+pub mod api_client;
 pub mod linux;
 pub mod netns;
 

@@ -4,7 +4,7 @@
 //! On hardware user space then cannot use AVX (CR4.OSXSAVE stays clear). Under a nested
 //! PVM hypervisor it can: user space runs with the host's XCR0, and unless the kernel has
 //! the VMM save the extended state for it (hearth's minimal kernel does, see
-//! resources/guest-kernel/patches/0005 and `vstate::pv_xstate`), glibc's AVX string
+//! resources/guest-kernel/patches/0005 and `arch::x86_64::pvm::xstate`), glibc's AVX string
 //! functions in one task clobber the YMM registers of another and memory gets corrupted.
 //! The agent warns at boot when it finds the guest in that state.
 

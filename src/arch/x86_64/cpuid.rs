@@ -86,7 +86,7 @@ const LEAF_EXT_ECX_PVM_HIDDEN: u32 = bits(&[11, 16]);
 /// XSAVE state components whose registers guest user space can use on a PVM host: x87 (0),
 /// SSE (1), AVX (2), AVX-512 opmask (5), ZMM_Hi256 (6), Hi16_ZMM (7). Leaf 0xD offers only
 /// these: KVM then includes them in KVM_GET_XSAVE/KVM_SET_XSAVE, which is how hearth saves
-/// and restores a `noxsave` guest's extended state for it (see `vstate::pv_xstate`).
+/// and restores a `noxsave` guest's extended state for it (see `arch::x86_64::pvm::xstate`).
 pub const PVM_XSTATE_COMPONENTS: u32 = bits(&[0, 1, 2, 5, 6, 7]);
 
 /// KVM paravirt features (leaf 0x40000001 EAX) a nested PVM host cannot serve: ASYNC_PF (4),

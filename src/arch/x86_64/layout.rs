@@ -105,6 +105,8 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// Number of IOAPIC pins (GSIs 0-23).
 pub const IOAPIC_NUM_PINS: u32 = 24;
+/// The i8042 keyboard's legacy IRQ.
+pub const I8042_KEYBOARD_IRQ: u32 = 1;
 /// COM1's legacy IRQ.
 pub const SERIAL_IRQ: u32 = 4;
 /// First GSI handed to virtio-mmio devices.
@@ -127,9 +129,9 @@ pub const BOOT_COMPLETE_PORT: u64 = 0x3f0;
 /// Port I/O form of the control page's exit register (QEMU's isa-debug-exit port).
 pub const EXIT_PORT: u64 = 0xf4;
 /// Paravirtual extended-state switching for `noxsave` guests on nested PVM hosts (see
-/// `vstate::pv_xstate`): reading the save port returns a magic value; a 32-bit write of a
-/// buffer's guest-physical address >> 6 saves the vCPU's register state there, or (restore
-/// port) loads it from there.
+/// `arch::x86_64::pvm::xstate`): reading the save port returns a magic value; a 32-bit
+/// write of a buffer's guest-physical address >> 6 saves the vCPU's register state there,
+/// or (restore port) loads it from there.
 pub const PV_XSTATE_SAVE_PORT: u16 = 0x5f0;
 pub const PV_XSTATE_RESTORE_PORT: u16 = 0x5f4;
 

@@ -8,11 +8,22 @@ pub mod cpuid;
 pub mod gdt;
 pub mod layout;
 pub mod mptable;
+pub mod msr;
+pub mod pvm;
 pub mod regs;
 
 use vm_memory::GuestAddress;
 
+use crate::vstate::vcpu::CompatHook;
 use layout::{MMIO32_START, RAM_ABOVE_4G_START};
+
+/// What a vCPU's [`CompatHook`] saves with it.
+pub use pvm::PvmState as CompatState;
+
+/// The hook vCPU `vcpu` runs with under the compat CPU profile: the nested-PVM layer.
+pub fn compat_hook(vcpu: u8) -> Box<dyn CompatHook> {
+    Box::new(pvm::PvmCompat::new(vcpu))
+}
 
 /// Guest RAM regions for `mem_size` bytes: `[0, min(size, MMIO32_START))` and, when larger,
 /// the rest at `RAM_ABOVE_4G_START`, so the 32-bit MMIO hole never holds RAM.

@@ -16,6 +16,7 @@ use super::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_COUNT, PDE_START, PDPTE_START,
     PML4_START, PVH_INFO_START, ZERO_PAGE_START,
 };
+use super::msr;
 
 /// Errors from setting up vCPU registers.
 #[derive(Debug, thiserror::Error)]
@@ -110,23 +111,21 @@ fn boot_gdt(protocol: BootProtocol) -> [u64; GDT_ENTRIES] {
 /// MSRs set on every vCPU before it first runs, with the values the kernel expects to find
 /// after a firmware boot (most are zero: the kernel programs its own syscall entry).
 const BOOT_MSRS: [(u32, &str, u64); 11] = [
-    (0x174, "IA32_SYSENTER_CS", 0),
-    (0x175, "IA32_SYSENTER_ESP", 0),
-    (0x176, "IA32_SYSENTER_EIP", 0),
-    (0xc000_0081, "STAR", 0),
-    (0xc000_0083, "CSTAR", 0),
-    (0xc000_0102, "KERNEL_GS_BASE", 0),
-    (0xc000_0084, "SYSCALL_MASK", 0),
-    (0xc000_0082, "LSTAR", 0),
-    (0x10, "IA32_TSC", 0),
+    (msr::IA32_SYSENTER_CS, "IA32_SYSENTER_CS", 0),
+    (msr::IA32_SYSENTER_ESP, "IA32_SYSENTER_ESP", 0),
+    (msr::IA32_SYSENTER_EIP, "IA32_SYSENTER_EIP", 0),
+    (msr::STAR, "STAR", 0),
+    (msr::CSTAR, "CSTAR", 0),
+    (msr::KERNEL_GS_BASE, "KERNEL_GS_BASE", 0),
+    (msr::SYSCALL_MASK, "SYSCALL_MASK", 0),
+    (msr::LSTAR, "LSTAR", 0),
+    (msr::IA32_TSC, "IA32_TSC", 0),
     // Fast-string operations enabled, as firmware leaves them.
-    (MSR_IA32_MISC_ENABLE, "IA32_MISC_ENABLE", 1),
+    (msr::IA32_MISC_ENABLE, "IA32_MISC_ENABLE", 1),
     // MTRRs enabled (bit 11) with write-back (6) as the default memory type: without it
     // the kernel would treat all RAM as uncached.
-    (MSR_MTRR_DEF_TYPE, "MTRRdefType", (1 << 11) | 6),
+    (msr::MTRR_DEF_TYPE, "MTRRdefType", (1 << 11) | 6),
 ];
-const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 
 /// Sets the x87 control word and MXCSR to their power-on defaults (all exceptions masked).
 /// Current KVMs already reset a new vCPU this way; setting them keeps the entry state from
@@ -503,11 +502,11 @@ mod tests {
         setup_msrs(&vcpu).unwrap();
         let mut msrs = Msrs::from_entries(&[
             kvm_msr_entry {
-                index: MSR_IA32_MISC_ENABLE,
+                index: msr::IA32_MISC_ENABLE,
                 ..Default::default()
             },
             kvm_msr_entry {
-                index: MSR_MTRR_DEF_TYPE,
+                index: msr::MTRR_DEF_TYPE,
                 ..Default::default()
             },
         ])

@@ -10,10 +10,10 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::{lock, BusDevice};
-use crate::devices::virtio::{ActiveQueue, Interrupt, VirtioDevice};
+use crate::devices::virtio::persist::MmioTransportState;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
 
 /// "virt", little-endian.
@@ -54,73 +54,84 @@ const CONFIG_SPACE_START: u64 = 0x100;
 /// Size of the register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
 
-#[derive(Debug, thiserror::Error)]
-pub enum MmioError {
-    #[error("cannot create queue {index} of size {size}")]
-    Queue {
-        index: usize,
-        size: u16,
-        #[source]
-        source: virtio_queue::Error,
-    },
-}
-
-/// A virtio device behind its register window.
+/// A virtio device behind its register window. The transport holds the register state;
+/// the device holds its queues (configured from here) and the negotiated features.
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    /// One per queue; registered with KVM as ioeventfds on QueueNotify.
-    queue_evts: Vec<EventFd>,
     device_features_sel: u32,
     driver_features_sel: u32,
+    /// What the driver wrote, checked and handed to the device at FEATURES_OK.
     driver_features: u64,
     queue_sel: u32,
     status: u32,
     config_generation: u32,
-    activated: bool,
 }
 
 impl MmioTransport {
-    /// `queue_evts` must hold one eventfd per queue of `device`.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemory,
         interrupt: Arc<Interrupt>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<Self, MmioError> {
-        let sizes: Vec<u16> = lock(&device).queue_max_sizes().to_vec();
-        let queues = sizes
-            .iter()
-            .enumerate()
-            .map(|(index, &size)| {
-                Queue::new(size).map_err(|source| MmioError::Queue {
-                    index,
-                    size,
-                    source,
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        debug_assert_eq!(queues.len(), queue_evts.len());
-        Ok(Self {
+    ) -> Self {
+        Self {
             device,
             mem,
             interrupt,
-            queues,
-            queue_evts,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
             status: 0,
             config_generation: 0,
-            activated: false,
-        })
+        }
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
+    /// The registers and the interrupt status, for a snapshot.
+    pub fn save(&self) -> MmioTransportState {
+        MmioTransportState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+        }
+    }
+
+    /// The transport with the saved registers; `MmioTransport::restore` (persist.rs) is
+    /// the whole restore.
+    pub(super) fn from_state(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        state: &MmioTransportState,
+    ) -> Self {
+        Self {
+            device,
+            mem,
+            interrupt,
+            device_features_sel: state.device_features_sel,
+            driver_features_sel: state.driver_features_sel,
+            driver_features: state.driver_features,
+            queue_sel: state.queue_sel,
+            status: state.status,
+            config_generation: state.config_generation,
+        }
+    }
+
+    pub fn interrupt(&self) -> &Arc<Interrupt> {
+        &self.interrupt
+    }
+
+    /// Reads the selected queue's `field`; 0 when no queue is selected.
+    fn selected_queue(&self, field: impl FnOnce(&Queue) -> u32) -> u32 {
+        lock(&self.device)
+            .queues()
+            .get(self.queue_sel as usize)
+            .map_or(0, field)
     }
 
     /// Queue registers may only change between FEATURES_OK and DRIVER_OK.
@@ -135,7 +146,10 @@ impl MmioTransport {
             log::debug!("virtio-mmio: queue register written outside FEATURES_OK");
             return;
         }
-        if let Some(queue) = self.selected_queue() {
+        if let Some(queue) = lock(&self.device)
+            .queues_mut()
+            .get_mut(self.queue_sel as usize)
+        {
             f(queue);
         }
     }
@@ -154,14 +168,8 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            REG_QUEUE_NUM_MAX => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.max_size())),
-            REG_QUEUE_READY => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.ready())),
+            REG_QUEUE_NUM_MAX => self.selected_queue(|q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self.selected_queue(|q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status,
             // No shared memory regions: length -1 means "none".
@@ -218,7 +226,7 @@ impl MmioTransport {
             }
             REG_QUEUE_NOTIFY => {
                 // Only reached when the ioeventfd did not catch the write.
-                if let Some(evt) = self.queue_evts.get(value as usize) {
+                if let Some(evt) = lock(&self.device).queue_events().get(value as usize) {
                     let _ = evt.write(1);
                 }
             }
@@ -250,7 +258,10 @@ impl MmioTransport {
             return;
         }
         self.status = value;
-        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.activated {
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            lock(&self.device).set_acked_features(self.driver_features);
+        }
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !lock(&self.device).is_activated() {
             self.activate();
         }
     }
@@ -270,44 +281,9 @@ impl MmioTransport {
             self.fail("DRIVER_OK without the preceding status bits".into());
             return;
         }
-        if let Some((index, _)) = self
-            .queues
-            .iter()
-            .enumerate()
-            .find(|(_, q)| q.ready() && !q.is_valid(&self.mem))
-        {
-            self.fail(format!("queue {index} is not valid"));
-            return;
-        }
-        let mut active = Vec::with_capacity(self.queues.len());
-        for (queue, evt) in self.queues.iter().zip(&self.queue_evts) {
-            let notify = match evt.try_clone() {
-                Ok(evt) => evt,
-                Err(e) => {
-                    self.fail(format!("cannot duplicate a queue eventfd: {e}"));
-                    return;
-                }
-            };
-            // The device gets its own copy of the negotiated queue; the transport keeps its
-            // configuration for the guest to read back.
-            let queue = match Queue::try_from(queue.state()) {
-                Ok(queue) => queue,
-                Err(e) => {
-                    self.fail(format!("queue configuration rejected: {e}"));
-                    return;
-                }
-            };
-            active.push(ActiveQueue { queue, notify });
-        }
-        let result = lock(&self.device).activate(
-            self.mem.clone(),
-            self.interrupt.clone(),
-            active,
-            self.driver_features,
-        );
-        match result {
-            Ok(()) => self.activated = true,
-            Err(e) => self.fail(crate::error_chain(&e)),
+        let result = lock(&self.device).activate(self.mem.clone(), self.interrupt.clone());
+        if let Err(e) = result {
+            self.fail(crate::error_chain(&e));
         }
     }
 
@@ -319,12 +295,15 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.activated {
-            lock(&self.device).reset();
-            self.activated = false;
-        }
-        for queue in &mut self.queues {
-            queue.reset();
+        {
+            let mut device = lock(&self.device);
+            if device.is_activated() {
+                device.reset();
+            }
+            device.set_acked_features(0);
+            for queue in device.queues_mut() {
+                queue.reset();
+            }
         }
         self.interrupt.reset();
         self.status = 0;
@@ -365,33 +344,40 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::ActivateError;
+    use crate::devices::virtio::{ActivateError, DeviceCore};
     use crate::vstate::memory::create_guest_memory;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    #[derive(Default)]
     struct FakeDevice {
+        core: DeviceCore,
         config: [u8; 8],
         activations: u32,
         resets: u32,
-        last_features: u64,
-        queues_seen: usize,
+    }
+
+    impl FakeDevice {
+        fn new() -> Self {
+            Self {
+                core: DeviceCore::new((1 << VIRTIO_F_VERSION_1) | 0b101, &[16, 16]).unwrap(),
+                config: [0; 8],
+                activations: 0,
+                resets: 0,
+            }
+        }
     }
 
     impl VirtioDevice for FakeDevice {
         fn device_type(&self) -> u32 {
             2
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 16]
+        fn core(&self) -> &DeviceCore {
+            &self.core
         }
-        fn avail_features(&self) -> u64 {
-            (1 << VIRTIO_F_VERSION_1) | 0b101
+        fn core_mut(&mut self) -> &mut DeviceCore {
+            &mut self.core
         }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            for (i, byte) in data.iter_mut().enumerate() {
-                *byte = self.config.get(offset as usize + i).copied().unwrap_or(0);
-            }
+        fn config_space(&self) -> &[u8] {
+            &self.config
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             if let Some(dst) = self
@@ -403,17 +389,15 @@ mod tests {
         }
         fn activate(
             &mut self,
-            _mem: GuestMemory,
-            _interrupt: Arc<Interrupt>,
-            queues: Vec<ActiveQueue>,
-            features: u64,
+            mem: GuestMemory,
+            interrupt: Arc<Interrupt>,
         ) -> Result<(), ActivateError> {
+            self.core.activate(mem, interrupt)?;
             self.activations += 1;
-            self.last_features = features;
-            self.queues_seen = queues.len();
             Ok(())
         }
         fn reset(&mut self) {
+            self.core.deactivate();
             self.resets += 1;
         }
     }
@@ -425,14 +409,11 @@ mod tests {
     }
 
     fn harness() -> Harness {
-        let device = Arc::new(Mutex::new(FakeDevice::default()));
+        let device = Arc::new(Mutex::new(FakeDevice::new()));
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
-        let evts = (0..2)
-            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-            .collect();
         let mem = create_guest_memory(4 << 20).unwrap();
-        let transport = MmioTransport::new(device.clone(), mem, interrupt, evts).unwrap();
+        let transport = MmioTransport::new(device.clone(), mem, interrupt);
         Harness {
             transport,
             device,
@@ -507,15 +488,27 @@ mod tests {
         {
             let dev = h.device.lock().unwrap();
             assert_eq!(dev.activations, 1);
-            assert_eq!(dev.queues_seen, 2);
-            assert_eq!(dev.last_features, (1 << VIRTIO_F_VERSION_1) | 1);
+            assert!(dev.is_activated());
+            assert_eq!(dev.acked_features(), (1 << VIRTIO_F_VERSION_1) | 1);
+            // The device serves the queues the driver configured.
+            assert_eq!(dev.queues()[1].desc_table(), 0x20000);
+            assert_eq!(dev.queues()[1].used_ring(), 0x22000);
         }
         // DRIVER_OK again does not re-activate.
         h.driver_ok();
         assert_eq!(h.device.lock().unwrap().activations, 1);
         h.write(REG_STATUS, 0);
         assert_eq!(h.read(REG_STATUS), 0);
-        assert_eq!(h.device.lock().unwrap().resets, 1);
+        {
+            let dev = h.device.lock().unwrap();
+            assert_eq!(dev.resets, 1);
+            assert!(!dev.is_activated());
+            assert_eq!(dev.acked_features(), 0);
+            assert!(dev
+                .queues()
+                .iter()
+                .all(|q| !q.ready() && q.desc_table() == 0));
+        }
         // The device comes up again after a reset.
         h.bring_up(1 << (VIRTIO_F_VERSION_1 - 32));
         h.driver_ok();
@@ -575,6 +568,16 @@ mod tests {
         h.write(REG_QUEUE_READY, 1);
         h.write(REG_QUEUE_NOTIFY, 99);
         assert_eq!(h.read(REG_QUEUE_READY), 0);
+    }
+
+    /// A QueueNotify write KVM did not catch reaches the device's own queue eventfd.
+    #[test]
+    fn queue_notify_fallback_writes_the_device_eventfd() {
+        let mut h = harness();
+        h.write(REG_QUEUE_NOTIFY, 1);
+        let device = h.device.lock().unwrap();
+        assert!(device.queue_events()[0].read().is_err());
+        assert_eq!(device.queue_events()[1].read().unwrap(), 1);
     }
 
     #[test]

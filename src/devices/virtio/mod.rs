@@ -2,11 +2,15 @@
 //! `virtio-queue` crate).
 //!
 //! The pieces:
-//! - [`VirtioDevice`]: what a device (block, net, ...) implements. Its configuration space
-//!   and feature bits are reached from vCPU threads through the transport; its queues are
-//!   processed on the event-loop thread once the driver has set DRIVER_OK.
+//! - [`VirtioDevice`] and [`DeviceCore`] (`device.rs`): what a device (block, net, ...)
+//!   implements and the lifecycle they all share: queues and queue eventfds owned for
+//!   life, `Inactive | Activated`, the activation checks, draining a queue, pausing the
+//!   event-loop side. Configuration space and feature bits are reached from vCPU threads
+//!   through the transport; queues are processed on the event-loop thread once the
+//!   driver has set DRIVER_OK.
 //! - `mmio::MmioTransport`: the register window on the MMIO bus.
 //! - [`Interrupt`]: the device's interrupt status register and its irqfd.
+//! - `persist`: the serde states of queues, devices and the transport, for snapshots.
 //!
 //! Each device lives in its own folder: device state and queue processing, its event-loop
 //! subscriber, and the parsing of what the guest controls (kept small and fuzzable).
@@ -20,9 +24,16 @@ use crate::vstate::memory::GuestMemory;
 
 pub mod block;
 pub mod buffer;
+pub mod device;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod vsock;
+
+pub use device::{
+    drain_queue, ActivateError, ActiveResources, DeviceCore, DeviceState, Drained, Pausable,
+    QueueSetupError, VirtioDevice,
+};
 
 /// Interrupt status bit: a used buffer was added to a queue.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
@@ -85,6 +96,11 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets the status from a snapshot; the interrupt it stands for was raised before.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// Clears everything (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -102,50 +118,6 @@ pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
         let len = available.len().min(data.len());
         data[..len].copy_from_slice(&available[..len]);
     }
-}
-
-/// A queue handed to a device at activation, with the eventfd KVM signals when the
-/// driver notifies that queue (an ioeventfd on QueueNotify). The eventfd is a duplicate of
-/// the transport's, which stays registered with KVM across resets.
-pub struct ActiveQueue {
-    pub queue: Queue,
-    pub notify: EventFd,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ActivateError {
-    #[error("the driver accepted no usable queue configuration: {0}")]
-    BadQueues(String),
-    #[error("cannot start the device's backend")]
-    Backend(#[source] std::io::Error),
-}
-
-/// A virtio device behind a transport.
-pub trait VirtioDevice: Send {
-    /// The virtio device ID (2 = block, 1 = net, ...).
-    fn device_type(&self) -> u32;
-    /// Maximum size of each queue; the number of entries is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
-    /// Feature bits offered to the driver (VIRTIO_F_VERSION_1 included).
-    fn avail_features(&self) -> u64;
-    /// Reads the device-specific configuration space. Out-of-range parts read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes the device-specific configuration space. Read-only parts ignore writes.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// DRIVER_OK: start serving `queues` with the negotiated `features` (the device turns
-    /// on VIRTIO_RING_F_EVENT_IDX in its queues when negotiated). Called on a vCPU thread;
-    /// the device hands the work to the event loop.
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        interrupt: std::sync::Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-        features: u64,
-    ) -> Result<(), ActivateError>;
-    /// The driver reset the device (wrote 0 to Status): stop using the queues and the
-    /// guest memory. Called on a vCPU thread; the device's event-loop side must unregister
-    /// the queue eventfds before it closes them. A later `activate` must work again.
-    fn reset(&mut self);
 }
 
 #[cfg(test)]

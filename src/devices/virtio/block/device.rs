@@ -1,11 +1,12 @@
-//! The virtio-blk device: feature bits, configuration space, activation and reset, and
-//! the request queue loop.
+//! The virtio-blk device: feature bits, configuration space, activation, and the request
+//! queue loop.
 //!
-//! Activation and reset happen on vCPU threads; they only swap state and wake the event
-//! loop through `activate_evt`. The event loop (`event_handler.rs`) then watches or
-//! unwatches the queue's notify eventfd and runs [`Block::process_queue`].
+//! Activation and reset happen on vCPU threads through the shared [`DeviceCore`]; the
+//! event loop (`event_handler.rs`) runs [`Block::process_queue`] when the queue's eventfd
+//! fires.
 
 use std::mem::{offset_of, size_of};
+use std::path::Path;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -15,8 +16,6 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::DiskFile;
 use super::request::{
@@ -24,7 +23,7 @@ use super::request::{
 };
 use super::{BlockConfig, BlockError, ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{
-    read_config_space, ActivateError, ActiveQueue, Interrupt, VirtioDevice,
+    drain_queue, ActivateError, DeviceCore, DeviceState, Interrupt, VirtioDevice,
 };
 use crate::vstate::memory::GuestMemory;
 
@@ -33,27 +32,15 @@ pub const QUEUE_SIZES: [u16; 1] = [256];
 /// Discard granularity the guest is told about, in sectors (4 KiB, a filesystem block).
 const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
 
-/// What the device holds while the driver has it running.
-pub(super) struct ActiveState {
-    pub(super) mem: GuestMemory,
-    pub(super) interrupt: Arc<Interrupt>,
-    pub(super) queue: Queue,
-    pub(super) params: DiskParams,
-}
-
 /// A virtio-blk device backed by a raw image.
 pub struct Block {
+    pub(super) core: DeviceCore,
+    /// As built, for saving.
+    pub(super) config: BlockConfig,
     pub(super) disk: DiskFile,
-    id: [u8; ID_BYTES],
-    avail_features: u64,
     config_space: Vec<u8>,
-    /// Written on activate and reset to wake the event loop.
-    pub(super) activate_evt: EventFd,
-    pub(super) active: Option<ActiveState>,
-    /// The notify eventfd of the latest activation, not yet watched by the event loop.
-    pub(super) pending_notify: Option<EventFd>,
-    /// The notify eventfd the event loop watches; it is closed only after it is unwatched.
-    pub(super) watched_notify: Option<EventFd>,
+    /// What requests may do; the negotiated parts are set at activation.
+    params: DiskParams,
 }
 
 impl Block {
@@ -71,17 +58,21 @@ impl Block {
             id[..bytes.len()].copy_from_slice(bytes);
         }
         let disk = DiskFile::open(&config.path, config.read_only)?;
-        let activate_evt = EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?;
         let read_only = disk.read_only();
+        let core =
+            DeviceCore::new(features(read_only), &QUEUE_SIZES).map_err(BlockError::Queues)?;
         Ok(Self {
-            avail_features: features(read_only),
+            core,
+            config: config.clone(),
             config_space: config_space(disk.capacity(), read_only),
+            params: DiskParams {
+                capacity: disk.capacity(),
+                read_only,
+                id,
+                discard: false,
+                write_zeroes: false,
+            },
             disk,
-            id,
-            activate_evt,
-            active: None,
-            pending_notify: None,
-            watched_notify: None,
         })
     }
 
@@ -94,53 +85,46 @@ impl Block {
         self.disk.read_only()
     }
 
-    /// True between activate and reset.
-    pub fn is_active(&self) -> bool {
-        self.active.is_some()
+    /// Swaps the backing image for the one at `path`, opened the same way (read-only or
+    /// not); the same file again picks up a new size. The guest is told the capacity may
+    /// have changed (a configuration-change interrupt) and sees the new image from its
+    /// next request on.
+    pub fn replace_image(&mut self, path: &Path) -> Result<(), BlockError> {
+        if self.disk.is_file(path) {
+            self.disk.refresh_size(path)?;
+        } else {
+            self.disk = DiskFile::open(path, self.disk.read_only())?;
+        }
+        let capacity = self.disk.capacity();
+        self.config.path = path.to_path_buf();
+        self.config_space = config_space(capacity, self.disk.read_only());
+        self.params.capacity = capacity;
+        // Also while paused: the interrupt is pending in KVM until the guest runs again.
+        if let DeviceState::Activated(active) = self.core.state() {
+            active.interrupt.signal_config_change();
+        }
+        Ok(())
     }
 
-    /// Serves every available request, then re-enables notifications; signals the guest
-    /// when the queue says it wants to hear about the used buffers. Does nothing while the
-    /// device is not active.
+    /// True between activate and reset.
+    pub fn is_active(&self) -> bool {
+        self.core.is_activated()
+    }
+
+    /// Serves every available request; signals the guest when the queue says it wants to
+    /// hear about the used buffers. Does nothing while the device is inactive or paused.
     pub fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some((queues, active)) = self.core.active() else {
             return;
         };
-        let mut used = false;
-        loop {
-            if let Err(e) = active.queue.disable_notification(&active.mem) {
-                log::warn!("virtio-blk: cannot disable queue notifications: {e}");
-                break;
-            }
-            let mut popped = false;
-            while let Some(chain) = active.queue.pop_descriptor_chain(&active.mem) {
-                popped = true;
-                let head = chain.head_index();
-                let len =
-                    request::process_chain(chain, &active.mem, &mut self.disk, &active.params);
-                match active.queue.add_used(&active.mem, head, len) {
-                    Ok(()) => used = true,
-                    Err(e) => log::warn!("virtio-blk: cannot return descriptor {head}: {e}"),
-                }
-            }
-            match active.queue.enable_notification(&active.mem) {
-                Ok(true) if popped => {}
-                // The available index claims buffers that cannot be popped: a broken
-                // ring. Wait for the next notification rather than spin.
-                Ok(true) => {
-                    log::debug!("virtio-blk: available ring is inconsistent");
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    log::warn!("virtio-blk: cannot enable queue notifications: {e}");
-                    break;
-                }
-            }
-        }
-        if used {
-            active.interrupt.notify_used(&mut active.queue, &active.mem);
-        }
+        let (disk, params) = (&mut self.disk, &self.params);
+        drain_queue(
+            &mut queues[0],
+            &active.mem,
+            &active.interrupt,
+            usize::MAX,
+            |chain| Some(request::process_chain(chain, &active.mem, disk, params)),
+        );
     }
 }
 
@@ -233,74 +217,28 @@ impl VirtioDevice for Block {
         VIRTIO_ID_BLOCK
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+    fn core(&self) -> &DeviceCore {
+        &self.core
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_space(&self.config_space, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // Nothing is writable: `writeback` needs VIRTIO_BLK_F_CONFIG_WCE, not offered.
-        log::debug!(
-            "virtio-blk: ignored {}-byte config write at {offset:#x}",
-            data.len()
-        );
+    /// Nothing is writable: `writeback` needs VIRTIO_BLK_F_CONFIG_WCE, not offered.
+    fn config_space(&self) -> &[u8] {
+        &self.config_space
     }
 
     fn activate(
         &mut self,
         mem: GuestMemory,
         interrupt: Arc<Interrupt>,
-        queues: Vec<ActiveQueue>,
-        features: u64,
     ) -> Result<(), ActivateError> {
-        let count = queues.len();
-        let Some(ActiveQueue { mut queue, notify }) =
-            queues.into_iter().next().filter(|_| count == 1)
-        else {
-            return Err(ActivateError::BadQueues(format!(
-                "virtio-blk has 1 queue, got {count}"
-            )));
-        };
-        let features = features & self.avail_features;
-        queue.set_event_idx(features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
-        if !queue.is_valid(&mem) {
-            return Err(ActivateError::BadQueues(
-                "virtio-blk request queue is not in guest memory".into(),
-            ));
-        }
-        self.activate_evt.write(1).map_err(ActivateError::Backend)?;
-        let read_only = self.disk.read_only();
-        let params = DiskParams {
-            capacity: self.disk.capacity(),
-            read_only,
-            id: self.id,
-            discard: !read_only && features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
-            write_zeroes: !read_only && features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
-        };
-        self.active = Some(ActiveState {
-            mem,
-            interrupt,
-            queue,
-            params,
-        });
-        self.pending_notify = Some(notify);
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        // Never watched, so it can be closed here; a watched one waits for the event loop.
-        self.pending_notify = None;
-        if let Err(e) = self.activate_evt.write(1) {
-            log::warn!("virtio-blk: cannot wake the event loop for reset: {e}");
-        }
+        let writable = !self.params.read_only;
+        self.params.discard = writable && self.core.has_feature(VIRTIO_BLK_F_DISCARD);
+        self.params.write_zeroes = writable && self.core.has_feature(VIRTIO_BLK_F_WRITE_ZEROES);
+        self.core.activate(mem, interrupt)
     }
 }
 
@@ -314,11 +252,14 @@ pub(super) mod tests {
     use virtio_queue::desc::split::Descriptor;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueT};
     use vm_memory::{Address, Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
     use crate::devices::virtio::block::test_util::{guest_memory, pattern, TempImage};
-    use crate::devices::virtio::VIRTIO_MMIO_INT_VRING;
+    use crate::devices::virtio::device::test_util::configure_queue;
+    use crate::devices::virtio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
     pub const IMAGE_SIZE: usize = 64 << 10;
     const HEADERS: u64 = 0x10_0000;
@@ -359,11 +300,18 @@ pub(super) mod tests {
             (Arc::new(Interrupt::new(irqfd)), observer)
         }
 
-        pub fn active_queue(&self, notify: EventFd) -> Vec<ActiveQueue> {
-            vec![ActiveQueue {
-                queue: self.queue.create_queue().unwrap(),
-                notify,
-            }]
+        /// The transport's part: points the device's queue at this driver's rings, acks
+        /// `features` and activates.
+        pub fn activate(
+            &self,
+            block: &mut Block,
+            interrupt: Arc<Interrupt>,
+            features: u64,
+        ) -> Result<(), ActivateError> {
+            let rings: Queue = self.queue.create_queue().unwrap();
+            configure_queue(&mut block.queues_mut()[0], &rings);
+            block.set_acked_features(features);
+            block.activate(self.mem.clone(), interrupt)
         }
 
         /// Makes a request available: header, `data` descriptors, status. Returns the
@@ -457,7 +405,9 @@ pub(super) mod tests {
             | bit(VIRTIO_BLK_F_BLK_SIZE);
         let block = new_block(&image, false);
         assert_eq!(block.device_type(), 2);
-        assert_eq!(block.queue_max_sizes(), [256]);
+        assert_eq!(block.queues().len(), 1);
+        assert_eq!(block.queues()[0].max_size(), 256);
+        assert_eq!(block.queue_events().len(), 1);
         assert_eq!(
             block.avail_features(),
             common | bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)
@@ -525,14 +475,9 @@ pub(super) mod tests {
         let mut block = new_block(&image, false);
         let mut driver = Driver::new(&mem);
         let (interrupt, irq) = Driver::interrupt();
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        block
-            .activate(
-                mem.clone(),
-                interrupt.clone(),
-                driver.active_queue(notify),
-                block.avail_features(),
-            )
+        let features = block.avail_features();
+        driver
+            .activate(&mut block, interrupt.clone(), features)
             .unwrap();
 
         let payload: Vec<u8> = (0..1024u32).map(|i| (i * 13) as u8).collect();
@@ -569,21 +514,56 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn replacing_the_image_changes_capacity_and_tells_the_driver() {
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, false);
+        let mut driver = Driver::new(&mem);
+        let (interrupt, irq) = Driver::interrupt();
+        let features = block.avail_features();
+        driver
+            .activate(&mut block, interrupt.clone(), features)
+            .unwrap();
+        let capacity = |block: &Block| {
+            let mut bytes = [0u8; 8];
+            block.read_config(0, &mut bytes);
+            u64::from_le_bytes(bytes)
+        };
+        assert_eq!(capacity(&block), (IMAGE_SIZE / 512) as u64);
+
+        let bigger = TempImage::new(2 * IMAGE_SIZE);
+        block.replace_image(bigger.path()).unwrap();
+        assert_eq!(capacity(&block), (2 * IMAGE_SIZE / 512) as u64);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(interrupt.status(), VIRTIO_MMIO_INT_CONFIG);
+        // Reads now come from the new image, past the old one's end.
+        let read = driver.submit(VIRTIO_BLK_T_IN, 200, &[writable(DATA, 512)]);
+        block.process_queue();
+        assert_eq!(driver.status(read), VIRTIO_BLK_S_OK as u8);
+
+        // The same file again: its new size is read, although it is locked by us.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(bigger.path())
+            .unwrap();
+        file.set_len(3 * IMAGE_SIZE as u64).unwrap();
+        block.replace_image(bigger.path()).unwrap();
+        assert_eq!(capacity(&block), (3 * IMAGE_SIZE / 512) as u64);
+        // A missing image leaves the device as it was.
+        assert!(block
+            .replace_image(Path::new("/nonexistent/disk.img"))
+            .is_err());
+        assert_eq!(capacity(&block), (3 * IMAGE_SIZE / 512) as u64);
+    }
+
+    #[test]
     fn read_only_disk_through_the_queue() {
         let mem = guest_memory();
         let image = TempImage::new(IMAGE_SIZE);
         let mut block = new_block(&image, true);
         let mut driver = Driver::new(&mem);
         let (interrupt, _irq) = Driver::interrupt();
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        block
-            .activate(
-                mem.clone(),
-                interrupt,
-                driver.active_queue(notify),
-                u64::MAX,
-            )
-            .unwrap();
+        driver.activate(&mut block, interrupt, u64::MAX).unwrap();
         mem.write_slice(&[0u8; 512], GuestAddress(DATA)).unwrap();
         let write = driver.submit(VIRTIO_BLK_T_OUT, 0, &[readable(DATA, 512)]);
         let read = driver.submit(VIRTIO_BLK_T_IN, 0, &[writable(DATA, 512)]);
@@ -604,16 +584,8 @@ pub(super) mod tests {
         let mut block = new_block(&image, false);
         let mut driver = Driver::new(&mem);
         let (interrupt, irq) = Driver::interrupt();
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
         let features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
-        block
-            .activate(
-                mem.clone(),
-                interrupt,
-                driver.active_queue(notify),
-                features,
-            )
-            .unwrap();
+        driver.activate(&mut block, interrupt, features).unwrap();
 
         // used_event 0: the driver wants to hear when entry 0 is used.
         driver.set_used_event(0);
@@ -633,30 +605,28 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn activation_checks_the_queues() {
+    fn activation_checks_the_queue_and_sets_the_negotiated_parameters() {
         let mem = guest_memory();
         let image = TempImage::new(IMAGE_SIZE);
         let mut block = new_block(&image, false);
         let driver = Driver::new(&mem);
         let (interrupt, _irq) = Driver::interrupt();
-        let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
 
-        let none = block.activate(mem.clone(), interrupt.clone(), Vec::new(), 0);
-        assert!(matches!(none, Err(ActivateError::BadQueues(_))));
-        let mut two = driver.active_queue(evt());
-        two.extend(driver.active_queue(evt()));
-        let two = block.activate(mem.clone(), interrupt.clone(), two, 0);
-        assert!(matches!(two, Err(ActivateError::BadQueues(_))));
-        let mut not_ready = driver.active_queue(evt());
-        not_ready[0].queue.set_ready(false);
-        let not_ready = block.activate(mem.clone(), interrupt.clone(), not_ready, 0);
+        // The driver never set the queue up.
+        let unset = block.activate(mem.clone(), interrupt.clone());
+        assert!(matches!(unset, Err(ActivateError::BadQueues(_))));
+        driver.activate(&mut block, interrupt.clone(), 0).unwrap();
+        block.reset();
+        block.queues_mut()[0].set_ready(false);
+        let not_ready = block.activate(mem.clone(), interrupt.clone());
         assert!(matches!(not_ready, Err(ActivateError::BadQueues(_))));
         assert!(!block.is_active());
 
-        block
-            .activate(mem.clone(), interrupt, driver.active_queue(evt()), 0)
-            .unwrap();
+        let discard = 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        driver.activate(&mut block, interrupt, discard).unwrap();
         assert!(block.is_active());
+        assert!(block.params.discard && block.params.write_zeroes);
+        assert!(!block.queues()[0].event_idx_enabled());
     }
 
     /// A guest that scribbles on its available ring gets no service, but the loop ends.
@@ -667,10 +637,7 @@ pub(super) mod tests {
         let mut block = new_block(&image, false);
         let mut driver = Driver::new(&mem);
         let (interrupt, _irq) = Driver::interrupt();
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        block
-            .activate(mem.clone(), interrupt, driver.active_queue(notify), 0)
-            .unwrap();
+        driver.activate(&mut block, interrupt, 0).unwrap();
 
         // A head index past the queue: an empty chain, returned to nobody.
         driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
@@ -691,10 +658,7 @@ pub(super) mod tests {
         let mut block = new_block(&image, false);
         let mut driver = Driver::new(&mem);
         let (interrupt, irq) = Driver::interrupt();
-        let notify = EventFd::new(EFD_NONBLOCK).unwrap();
-        block
-            .activate(mem.clone(), interrupt, driver.active_queue(notify), 0)
-            .unwrap();
+        driver.activate(&mut block, interrupt, 0).unwrap();
         block.reset();
         assert!(!block.is_active());
         driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);

@@ -57,6 +57,33 @@ impl DiskFile {
         })
     }
 
+    /// Whether `path` names this open image (same device and inode).
+    pub fn is_file(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(path)) {
+            (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+            _ => false,
+        }
+    }
+
+    /// Reads the size again, after the image was grown or shrunk in place.
+    pub fn refresh_size(&mut self, path: &Path) -> Result<(), BlockError> {
+        let size = (&self.file)
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: path.to_owned(),
+                source,
+            })?;
+        if size % SECTOR_SIZE != 0 {
+            return Err(BlockError::NotSectorMultiple {
+                path: path.to_owned(),
+                size,
+            });
+        }
+        self.size = size;
+        Ok(())
+    }
+
     /// Size in bytes (a multiple of 512).
     pub fn size(&self) -> u64 {
         self.size

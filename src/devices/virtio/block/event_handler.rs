@@ -1,84 +1,65 @@
-//! The block device's event-loop side: watches the activation eventfd from the start, and
-//! the request queue's notify eventfd while the device is active.
+//! The block device's event-loop side: the request queue's eventfd is watched from `init`
+//! for the device's whole life (except while paused); a notification is served when the
+//! device is active and only consumed otherwise.
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vmm_sys_util::eventfd::EventFd;
+use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::device::Block;
+use crate::devices::virtio::Pausable;
 
-const TOKEN_ACTIVATE: u32 = 0;
-const TOKEN_QUEUE: u32 = 1;
-
-fn queue_events(notify: &EventFd) -> Events {
-    Events::with_data(notify, TOKEN_QUEUE, EventSet::IN)
-}
+const TOKEN_QUEUE: u32 = 0;
 
 impl Block {
-    /// Brings the watched eventfds in line with the latest activate or reset.
-    fn sync_watch(&mut self, ops: &mut EventOps) {
-        let stale = self.active.is_none() || self.pending_notify.is_some();
-        if stale {
-            if let Some(old) = self.watched_notify.take() {
-                if let Err(e) = ops.remove(queue_events(&old)) {
-                    log::warn!("virtio-blk: cannot unwatch the old queue eventfd: {e}");
-                }
-                // Closed only now that epoll no longer holds it.
-                drop(old);
-            }
-        }
-        if self.active.is_none() {
-            return;
-        }
-        if let Some(notify) = self.pending_notify.take() {
-            match ops.add(queue_events(&notify)) {
-                Ok(()) => self.watched_notify = Some(notify),
-                Err(e) => log::error!("virtio-blk: cannot watch the queue eventfd: {e}"),
-            }
-            // Requests the driver queued before the eventfd was watched.
-            self.process_queue();
-        }
-    }
-
-    fn queue_notified(&mut self) {
-        if let Some(notify) = &self.watched_notify {
-            // Only read when epoll reported it readable, so this never blocks.
-            let _ = notify.read();
-        }
-        self.process_queue();
+    fn sync_watches(&mut self, ops: &mut EventOps) {
+        self.core
+            .sync_queue_watches(ops, &[TOKEN_QUEUE], "virtio-blk");
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
-            TOKEN_ACTIVATE,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-blk: cannot watch the activation eventfd: {e}");
-        }
+        self.sync_watches(ops);
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if self.core.is_paused() {
+            // Left in the counter for `resume`.
+            return;
+        }
         match events.data() {
-            TOKEN_ACTIVATE => {
-                let _ = self.activate_evt.read();
-                self.sync_watch(ops);
+            TOKEN_QUEUE => {
+                self.core.read_queue_event(0);
+                self.process_queue();
             }
-            TOKEN_QUEUE => self.queue_notified(),
             other => log::debug!("virtio-blk: unexpected event token {other}"),
         }
     }
 }
 
+impl Pausable for Block {
+    fn pause(&mut self, ops: &mut EventOps) {
+        self.core.set_paused(true);
+        self.sync_watches(ops);
+    }
+
+    fn resume(&mut self, ops: &mut EventOps) {
+        self.core.set_paused(false);
+        self.sync_watches(ops);
+        self.process_queue();
+    }
+
+    fn is_paused(&self) -> bool {
+        self.core.is_paused()
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsRawFd;
     use std::sync::{Arc, Mutex};
 
     use event_manager::{EventManager, SubscriberOps};
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::devices::bus::lock;
@@ -88,8 +69,9 @@ mod tests {
 
     const FEATURES: u64 = 1 << 32;
 
-    fn watched_fd(block: &Mutex<Block>) -> Option<i32> {
-        lock(block).watched_notify.as_ref().map(|e| e.as_raw_fd())
+    /// What KVM signals when the driver writes QueueNotify: the device's own eventfd.
+    fn kvm_eventfd(block: &Mutex<Block>) -> EventFd {
+        lock(block).queue_events()[0].try_clone().unwrap()
     }
 
     #[test]
@@ -99,26 +81,22 @@ mod tests {
         let block = Arc::new(Mutex::new(new_block(&image, false)));
         let mut manager = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
         manager.add_subscriber(block.clone());
-        // The transport's eventfd, which KVM signals; the device gets duplicates.
-        let kvm_evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kvm_evt = kvm_eventfd(&block);
         let (interrupt, irq) = Driver::interrupt();
+
+        // Notifications before activation are consumed and nothing is touched.
+        kvm_evt.write(1).unwrap();
+        assert_eq!(manager.run_with_timeout(0).unwrap(), 1);
+        assert_eq!(manager.run_with_timeout(0).unwrap(), 0);
 
         // A request queued before DRIVER_OK is served once the event loop takes over.
         let mut driver = Driver::new(&mem);
         driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
-        let notify = kvm_evt.try_clone().unwrap();
-        let notify_fd = notify.as_raw_fd();
-        lock(&block)
-            .activate(
-                mem.clone(),
-                interrupt.clone(),
-                driver.active_queue(notify),
-                FEATURES,
-            )
+        driver
+            .activate(&mut lock(&block), interrupt.clone(), FEATURES)
             .unwrap();
         assert!(driver.used().is_empty());
         manager.run_with_timeout(1000).unwrap();
-        assert_eq!(watched_fd(&block), Some(notify_fd));
         assert_eq!(driver.used().len(), 1);
         assert_eq!(irq.read().unwrap(), 1);
 
@@ -128,37 +106,28 @@ mod tests {
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(driver.used().len(), 2);
 
-        // Reset: the queue eventfd is unwatched, and notifications go nowhere.
+        // Reset: notifications are consumed and go nowhere.
         lock(&block).reset();
         manager.run_with_timeout(1000).unwrap();
-        assert_eq!(watched_fd(&block), None);
         driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
         kvm_evt.write(1).unwrap();
+        assert_eq!(manager.run_with_timeout(0).unwrap(), 1);
         assert_eq!(manager.run_with_timeout(0).unwrap(), 0);
         assert_eq!(driver.used().len(), 2);
 
-        // The driver binds again with fresh rings.
+        // The driver binds again with fresh rings, behind the same eventfd.
         let mut driver = Driver::new(&mem);
-        let notify = kvm_evt.try_clone().unwrap();
-        let notify_fd = notify.as_raw_fd();
-        lock(&block)
-            .activate(
-                mem.clone(),
-                interrupt,
-                driver.active_queue(notify),
-                FEATURES,
-            )
+        driver
+            .activate(&mut lock(&block), interrupt, FEATURES)
             .unwrap();
         manager.run_with_timeout(1000).unwrap();
-        assert_eq!(watched_fd(&block), Some(notify_fd));
         driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
         kvm_evt.write(1).unwrap();
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(driver.used().len(), 1);
     }
 
-    /// Reset and activate again before the event loop runs: the stale eventfd is
-    /// unwatched and the new one watched in one go.
+    /// Reset and activate again before the event loop runs: the new rings are served.
     #[test]
     fn quick_rebind() {
         let mem = guest_memory();
@@ -166,43 +135,67 @@ mod tests {
         let block = Arc::new(Mutex::new(new_block(&image, false)));
         let mut manager = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
         manager.add_subscriber(block.clone());
-        let kvm_evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let kvm_evt = kvm_eventfd(&block);
         let (interrupt, _irq) = Driver::interrupt();
 
         let driver = Driver::new(&mem);
-        let first = kvm_evt.try_clone().unwrap();
-        let first_fd = first.as_raw_fd();
-        lock(&block)
-            .activate(
-                mem.clone(),
-                interrupt.clone(),
-                driver.active_queue(first),
-                FEATURES,
-            )
+        driver
+            .activate(&mut lock(&block), interrupt.clone(), FEATURES)
             .unwrap();
         manager.run_with_timeout(1000).unwrap();
-        assert_eq!(watched_fd(&block), Some(first_fd));
 
         let mut driver = Driver::new(&mem);
-        let second = kvm_evt.try_clone().unwrap();
-        let second_fd = second.as_raw_fd();
         {
             let mut device = lock(&block);
             device.reset();
-            device
-                .activate(
-                    mem.clone(),
-                    interrupt,
-                    driver.active_queue(second),
-                    FEATURES,
-                )
-                .unwrap();
+            driver.activate(&mut device, interrupt, FEATURES).unwrap();
         }
         manager.run_with_timeout(1000).unwrap();
-        assert_eq!(watched_fd(&block), Some(second_fd));
         driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
         kvm_evt.write(1).unwrap();
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(driver.used().len(), 1);
+    }
+
+    /// A notification while paused is not served; resuming serves it.
+    #[test]
+    fn pause_and_resume() {
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let block = Arc::new(Mutex::new(new_block(&image, false)));
+        let mut manager = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
+        let id = manager.add_subscriber(block.clone());
+        let kvm_evt = kvm_eventfd(&block);
+        let (interrupt, irq) = Driver::interrupt();
+        let mut driver = Driver::new(&mem);
+        driver
+            .activate(&mut lock(&block), interrupt, FEATURES)
+            .unwrap();
+        manager.run_with_timeout(1000).unwrap();
+
+        lock(&block).pause(&mut manager.event_ops(id).unwrap());
+        // Twice is harmless.
+        lock(&block).pause(&mut manager.event_ops(id).unwrap());
+        assert!(lock(&block).is_paused());
+        driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        kvm_evt.write(1).unwrap();
+        assert_eq!(manager.run_with_timeout(50).unwrap(), 0);
+        // Even a direct call touches nothing.
+        lock(&block).process_queue();
+        assert!(driver.used().is_empty());
+        assert!(irq.read().is_err());
+
+        lock(&block).resume(&mut manager.event_ops(id).unwrap());
+        assert!(!lock(&block).is_paused());
+        assert_eq!(driver.used().len(), 1);
+        assert_eq!(irq.read().unwrap(), 1);
+        // The counter that arrived while paused is consumed without serving anything twice.
+        assert_eq!(manager.run_with_timeout(0).unwrap(), 1);
+        assert_eq!(driver.used().len(), 1);
+        lock(&block).resume(&mut manager.event_ops(id).unwrap());
+        driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        kvm_evt.write(1).unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(driver.used().len(), 2);
     }
 }

@@ -1,14 +1,15 @@
 //! virtio-blk over a raw disk image: one request queue served on the event-loop thread.
 //!
-//! - `device.rs`: the [`Block`] device: features, configuration space, activation and reset,
-//!   and the queue loop.
+//! - `device.rs`: the [`Block`] device: features, configuration space, activation, and
+//!   the queue loop.
 //! - `request.rs`: parsing and executing one request from a descriptor chain, the code that
 //!   handles what the guest controls; pure functions over guest memory and a [`Backend`], so
 //!   a fuzz target can drive [`process_chain`] with a [`MemoryDisk`].
 //! - `disk.rs`: the host side, a locked raw image file read and written with
 //!   pread/pwrite straight into guest memory.
-//! - `event_handler.rs`: the event-manager subscriber that watches the activation eventfd
-//!   and the queue's notify eventfd.
+//! - `event_handler.rs`: the event-manager subscriber that watches the queue's eventfd,
+//!   and pauses and resumes.
+//! - `persist.rs`: [`BlockState`], what a snapshot keeps of the device.
 //!
 //! The device is shared as `Arc<Mutex<Block>>`: the transport reaches it through
 //! `VirtioDevice` on vCPU threads, and the same `Arc` is added to the event manager, which
@@ -17,12 +18,16 @@
 mod device;
 mod disk;
 mod event_handler;
+mod persist;
 pub mod request;
 
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
+
 pub use device::Block;
 pub use disk::DiskFile;
+pub use persist::BlockState;
 pub use request::{process_chain, Backend, DiskParams, MemoryDisk};
 
 /// Bytes in a sector, the unit of the virtio-blk protocol.
@@ -32,7 +37,7 @@ pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as 
 
 /// A disk as configured: inert data, checked by `VmConfig::validate` and again when the
 /// device is built. `--disk` syntax: see `crate::config::specs`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockConfig {
     /// The raw image file (or block device).
@@ -71,8 +76,8 @@ pub enum BlockError {
     },
     #[error("disk id \"{id}\" is {len} bytes, longer than {ID_BYTES}")]
     IdTooLong { id: String, len: usize },
-    #[error("cannot create the disk's event notifier")]
-    EventFd(#[source] std::io::Error),
+    #[error("cannot set up the disk's request queue")]
+    Queues(#[source] crate::devices::virtio::QueueSetupError),
 }
 
 #[cfg(test)]

@@ -1,50 +1,22 @@
-//! The event-loop side of virtio-net. The vCPU side (activate, reset) only swaps the
-//! device state and writes the wake eventfd; here the watch list follows it: the two queue
-//! eventfds while the device is active, and the tap while a frame can be taken from it
-//! (not while one waits for RX buffers, so a slow guest costs no busy loop and no frames).
-
-use std::os::fd::AsRawFd;
+//! The event-loop side of virtio-net. The two queue eventfds are watched from `init` for
+//! the device's whole life (except while paused); the tap while a frame can be taken from
+//! it: the device is active and no frame waits for RX buffers, so a slow guest costs no
+//! busy loop and no frames.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use super::device::Net;
+use super::device::{Net, RX_QUEUE, TX_QUEUE};
+use crate::devices::virtio::Pausable;
 
-const TOKEN_WAKE: u32 = 0;
-const TOKEN_TAP: u32 = 1;
-const TOKEN_RX: u32 = 2;
-const TOKEN_TX: u32 = 3;
+const TOKEN_RX: u32 = 0;
+const TOKEN_TX: u32 = 1;
+const TOKEN_TAP: u32 = 2;
 
 impl Net {
     /// Brings the epoll watch list in line with the device state.
     fn sync_watches(&mut self, ops: &mut EventOps) {
-        let current = self
-            .active
-            .as_ref()
-            .map(|active| (active.rx.notify.as_raw_fd(), active.tx.notify.as_raw_fd()));
-        if let Some((rx, tx)) = self.registered_queues {
-            if Some((rx, tx)) != current {
-                for (fd, token) in [(rx, TOKEN_RX), (tx, TOKEN_TX)] {
-                    if let Err(e) = ops.remove(Events::with_data_raw(fd, token, EventSet::IN)) {
-                        log::warn!("virtio-net: cannot stop watching a queue: {e}");
-                    }
-                }
-                self.registered_queues = None;
-            }
-        }
-        // Out of epoll now (or never in it): the old duplicates may close.
-        self.retired.clear();
-
-        if let (None, Some((rx, tx))) = (self.registered_queues, current) {
-            for (fd, token) in [(rx, TOKEN_RX), (tx, TOKEN_TX)] {
-                if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
-                    log::error!(
-                        "virtio-net: cannot watch a queue, the guest's network stalls: {e}"
-                    );
-                }
-            }
-            self.registered_queues = current;
-        }
-
+        self.core
+            .sync_queue_watches(ops, &[TOKEN_RX, TOKEN_TX], "virtio-net");
         let want_tap = self.wants_tap();
         if want_tap != self.tap_watched {
             let events = Events::with_data(&self.tap, TOKEN_TAP, EventSet::IN);
@@ -65,40 +37,19 @@ impl Net {
             }
         }
     }
-
-    /// A queue notification: which queue, unless it comes from a previous activation.
-    fn queue_notified(&mut self, fd: i32) -> Option<u32> {
-        let active = self.active.as_ref()?;
-        let token = if fd == active.rx.notify.as_raw_fd() {
-            let _ = active.rx.notify.read();
-            TOKEN_RX
-        } else if fd == active.tx.notify.as_raw_fd() {
-            let _ = active.tx.notify.read();
-            TOKEN_TX
-        } else {
-            return None;
-        };
-        Some(token)
-    }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(&self.wake, TOKEN_WAKE, EventSet::IN)) {
-            log::error!("virtio-net: cannot watch the device's activation: {e}");
-        }
         self.sync_watches(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.core.is_paused() {
+            // Left in the counters and the tap for `resume`.
+            return;
+        }
         match events.data() {
-            TOKEN_WAKE => {
-                let _ = self.wake.read();
-                self.sync_watches(ops);
-                // The driver may have queued work before the queues were watched.
-                self.process_tx();
-                self.process_rx();
-            }
             TOKEN_TAP => {
                 let set = events.event_set();
                 if set.contains(EventSet::IN) {
@@ -111,15 +62,35 @@ impl MutEventSubscriber for Net {
                     self.tap_failed = true;
                 }
             }
-            TOKEN_RX | TOKEN_TX => match self.queue_notified(events.fd()) {
-                Some(TOKEN_RX) => self.process_rx(),
-                Some(_) => self.process_tx(),
-                // A stale registration; the sync below removes it.
-                None => {}
-            },
+            TOKEN_RX => {
+                self.core.read_queue_event(RX_QUEUE);
+                self.process_rx();
+            }
+            TOKEN_TX => {
+                self.core.read_queue_event(TX_QUEUE);
+                self.process_tx();
+            }
             other => log::debug!("virtio-net: unexpected event token {other}"),
         }
         self.sync_watches(ops);
+    }
+}
+
+impl Pausable for Net {
+    fn pause(&mut self, ops: &mut EventOps) {
+        self.core.set_paused(true);
+        self.sync_watches(ops);
+    }
+
+    fn resume(&mut self, ops: &mut EventOps) {
+        self.core.set_paused(false);
+        self.process_tx();
+        self.process_rx();
+        self.sync_watches(ops);
+    }
+
+    fn is_paused(&self) -> bool {
+        self.core.is_paused()
     }
 }
 
@@ -138,7 +109,8 @@ mod tests {
     use super::super::NetConfig;
     use super::*;
     use crate::devices::bus::lock;
-    use crate::devices::virtio::{ActiveQueue, Interrupt, VirtioDevice};
+    use crate::devices::virtio::device::test_util::configure_queue;
+    use crate::devices::virtio::{Interrupt, VirtioDevice};
     use crate::vstate::memory::GuestMemory;
 
     type Loop = EventManager<Arc<Mutex<Net>>>;
@@ -191,7 +163,10 @@ mod tests {
                     };
                     let net = Arc::new(Mutex::new(Net::new(&config).unwrap()));
                     let mut manager = Loop::new().unwrap();
-                    manager.add_subscriber(net.clone());
+                    let id = manager.add_subscriber(net.clone());
+                    // What KVM signals on QueueNotify: the device's own eventfds.
+                    let rx_kick = lock(&net).queue_events()[RX_QUEUE].try_clone().unwrap();
+                    let tx_kick = lock(&net).queue_events()[TX_QUEUE].try_clone().unwrap();
                     let socket = packet_socket(ifindex("tapE"));
                     let mem = memory();
                     let irq = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -202,22 +177,15 @@ mod tests {
                         let base = round * 0x8000;
                         let rx = MockSplitQueue::create(&mem, GuestAddress(base), 16);
                         let tx = MockSplitQueue::create(&mem, GuestAddress(base + 0x4000), 16);
-                        let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
-                        let tx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
-                        let queues = vec![
-                            ActiveQueue {
-                                queue: rx.create_queue().unwrap(),
-                                notify: rx_kick.try_clone().unwrap(),
-                            },
-                            ActiveQueue {
-                                queue: tx.create_queue().unwrap(),
-                                notify: tx_kick.try_clone().unwrap(),
-                            },
-                        ];
-                        let features = lock(&net).avail_features();
-                        lock(&net)
-                            .activate(mem.clone(), interrupt.clone(), queues, features)
-                            .unwrap();
+                        {
+                            let mut device = lock(&net);
+                            let queues = device.queues_mut();
+                            configure_queue(&mut queues[RX_QUEUE], &rx.create_queue().unwrap());
+                            configure_queue(&mut queues[TX_QUEUE], &tx.create_queue().unwrap());
+                            let features = device.avail_features();
+                            device.set_acked_features(features);
+                            device.activate(mem.clone(), interrupt.clone()).unwrap();
+                        }
 
                         // Guest to host.
                         let frame = test_frame(round as u8);
@@ -264,11 +232,41 @@ mod tests {
                         }
                         assert!(irq.read().unwrap() > 0);
 
-                        // After a reset the old queue eventfds are out of the event loop.
+                        // Paused, the device neither sends the guest's frames nor gives it
+                        // the tap's; resumed, it does both.
+                        lock(&net).pause(&mut manager.event_ops(id).unwrap());
+                        let frame = test_frame(0x30 + round as u8);
+                        let mut with_header = vec![0u8; VNET_HDR_LEN];
+                        with_header.extend_from_slice(&frame);
+                        mem.write_slice(&with_header, GuestAddress(tx_buffer))
+                            .unwrap();
+                        add_chain(&tx, 1, &[(tx_buffer, with_header.len() as u32, 0)]);
+                        tx_kick.write(1).unwrap();
+                        let host_frame = test_frame(0x40 + round as u8);
+                        packet_send(&socket, &host_frame);
+                        assert_eq!(manager.run_with_timeout(100).unwrap(), 0);
+                        assert_eq!(used_entries(&tx).len(), 1);
+                        assert_eq!(received_test_frames(&mem, &rx, rx_base).len(), 2);
+                        lock(&net).resume(&mut manager.event_ops(id).unwrap());
+                        assert_eq!(used_entries(&tx).len(), 2);
+                        assert_eq!(
+                            receive_test_frame(|buf| packet_receive(&socket, buf)),
+                            frame
+                        );
+                        assert!(run_until(&mut manager, || {
+                            received_test_frames(&mem, &rx, rx_base).len() == 3
+                        }));
+                        let delivered = received_test_frames(&mem, &rx, rx_base);
+                        assert_eq!(delivered[2][VNET_HDR_LEN..], host_frame[..]);
+
+                        // After a reset, notifications are consumed and serve nothing.
                         lock(&net).reset();
                         manager.run_with_timeout(0).unwrap();
+                        add_chain(&tx, 2, &[(tx_buffer, with_header.len() as u32, 0)]);
                         tx_kick.write(1).unwrap();
                         rx_kick.write(1).unwrap();
+                        manager.run_with_timeout(50).unwrap();
+                        assert_eq!(used_entries(&tx).len(), 2);
                         assert_eq!(manager.run_with_timeout(50).unwrap(), 0);
                     }
                 })

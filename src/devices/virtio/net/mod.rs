@@ -2,11 +2,12 @@
 //!
 //! - `device.rs`: [`Net`], the device state, features, configuration space and the RX/TX
 //!   queue processing.
-//! - `event_handler.rs`: the event-loop side (tap readiness, queue notifications,
-//!   activation and reset hand-off from the vCPU threads).
+//! - `event_handler.rs`: the event-loop side (tap readiness, queue notifications, pause
+//!   and resume).
 //! - `header.rs`: what the guest controls (virtio-net headers, TX frames, RX buffers),
 //!   small pure functions a fuzz target can drive.
 //! - `tap.rs`: opening the tap and moving frames through it.
+//! - `persist.rs`: [`NetState`], what a snapshot keeps of the device.
 //!
 //! Create one with [`Net::new`], share it as `Arc<Mutex<Net>>` between the transport and
 //! the event manager (it is a `MutEventSubscriber`).
@@ -14,14 +15,18 @@
 mod device;
 mod event_handler;
 pub mod header;
+mod persist;
 pub mod tap;
 
+use serde::{Deserialize, Serialize};
+
 pub use device::Net;
+pub use persist::NetState;
 pub use tap::{Tap, TapError};
 
 /// What a network device is built from (inert; checked by `VmConfig::validate` and when
 /// the tap is opened). `--net` syntax: see `crate::config::specs`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Name of an existing tap interface on the host.
@@ -57,8 +62,8 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error("cannot generate a random MAC address")]
     RandomMac(#[source] std::io::Error),
-    #[error("cannot create the network device's event fd")]
-    EventFd(#[source] std::io::Error),
+    #[error("cannot set up the network device's queues")]
+    Queues(#[source] crate::devices::virtio::QueueSetupError),
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (hex, either case). Multicast addresses are refused: a NIC

@@ -7,6 +7,8 @@
 //! - `packet.rs`: what the guest controls (headers, TX chains, RX buffers), pure functions a
 //!   fuzz target can drive.
 //! - `muxer.rs` and `connection.rs`: host connections and their state machine.
+//! - `persist.rs`: [`VsockState`], what a snapshot keeps of the device, and the transport
+//!   reset event that tells a restored guest its connections are gone.
 //!
 //! Host processes connect to `uds_path` and write `CONNECT <port>\n` to reach guest port
 //! `port`; they read `OK <hostport>\n` once the guest accepts. A guest connecting to host
@@ -20,13 +22,17 @@ mod device;
 mod event_handler;
 mod muxer;
 pub mod packet;
+mod persist;
 
 use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 
 pub use device::Vsock;
 pub use muxer::port_path;
 /// Public for the fuzz target, which checks the device never holds more connections.
 pub use muxer::MAX_CONNECTIONS;
+pub use persist::VsockState;
 
 /// The host's CID, the only destination the guest can reach.
 pub const VSOCK_HOST_CID: u64 = 2;
@@ -40,7 +46,7 @@ pub fn valid_guest_cid(cid: u64) -> bool {
 
 /// A vsock device as configured: inert data, checked by `VmConfig::validate` and again
 /// when the device is built. `--vsock` syntax: see `crate::config::specs`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockConfig {
     pub guest_cid: u64,
@@ -75,6 +81,6 @@ pub enum VsockError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create the vsock device's event fd")]
-    EventFd(#[source] std::io::Error),
+    #[error("cannot set up the vsock device's queues")]
+    Queues(#[source] crate::devices::virtio::QueueSetupError),
 }

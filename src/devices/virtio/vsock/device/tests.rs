@@ -5,12 +5,15 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::super::muxer::tests::TempDir;
 use super::super::packet::{
@@ -19,6 +22,9 @@ use super::super::packet::{
 use super::super::port_path;
 use super::super::VSOCK_HOST_CID;
 use super::*;
+use crate::devices::virtio::device::test_util::configure_queue;
+use crate::devices::virtio::{ActivateError, Interrupt};
+use crate::vstate::memory::GuestMemory;
 
 pub(crate) const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 pub(crate) const WRITE: u16 = VRING_DESC_F_WRITE as u16;
@@ -131,16 +137,14 @@ impl<'a> Ring<'a> {
     }
 }
 
-/// The guest driver: RX, TX and event rings, the transport's notify eventfds and the
-/// interrupt.
+/// The guest driver: RX, TX and event rings, the interrupt, and once activated the
+/// device's RX and TX queue eventfds (what KVM signals on QueueNotify).
 pub(crate) struct Driver<'a> {
     mem: &'a GuestMemory,
     pub(crate) rx: Ring<'a>,
     pub(crate) tx: Ring<'a>,
     pub(crate) event: Ring<'a>,
-    pub(crate) rx_kick: EventFd,
-    pub(crate) tx_kick: EventFd,
-    pub(crate) event_kick: EventFd,
+    kicks: Option<(EventFd, EventFd)>,
     pub(crate) interrupt: Arc<Interrupt>,
     pub(crate) irq: EventFd,
 }
@@ -156,38 +160,43 @@ impl<'a> Driver<'a> {
             rx: Ring::new(mem, base, buffers),
             tx: Ring::new(mem, base + 0x4000, buffers + ring_bytes),
             event: Ring::new(mem, base + 0x8000, buffers + 2 * ring_bytes),
-            rx_kick: EventFd::new(EFD_NONBLOCK).unwrap(),
-            tx_kick: EventFd::new(EFD_NONBLOCK).unwrap(),
-            event_kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            kicks: None,
             interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
             irq,
         }
     }
 
-    /// What the transport hands to `activate`: the queues and duplicates of its eventfds.
-    pub(crate) fn queues(&self) -> Vec<ActiveQueue> {
-        [
-            (&self.rx, &self.rx_kick),
-            (&self.tx, &self.tx_kick),
-            (&self.event, &self.event_kick),
-        ]
-        .into_iter()
-        .map(|(ring, kick)| ActiveQueue {
-            queue: ring.mock.create_queue().unwrap(),
-            notify: kick.try_clone().unwrap(),
-        })
-        .collect()
+    /// What the transport does before DRIVER_OK: points the device's queues at this
+    /// driver's rings and acks `features`.
+    pub(crate) fn configure(&self, vsock: &mut Vsock, features: u64) {
+        let rings = [&self.rx, &self.tx, &self.event];
+        for (queue, ring) in vsock.queues_mut().iter_mut().zip(rings) {
+            let template: Queue = ring.mock.create_queue().unwrap();
+            configure_queue(queue, &template);
+        }
+        vsock.set_acked_features(features);
     }
 
-    pub(crate) fn activate(&self, vsock: &mut Vsock, features: u64) {
+    pub(crate) fn activate(&mut self, vsock: &mut Vsock, features: u64) {
+        self.configure(vsock, features);
         vsock
-            .activate(
-                self.mem.clone(),
-                self.interrupt.clone(),
-                self.queues(),
-                features,
-            )
+            .activate(self.mem.clone(), self.interrupt.clone())
             .unwrap();
+        let events = vsock.queue_events();
+        self.kicks = Some((
+            events[RX_QUEUE].try_clone().unwrap(),
+            events[TX_QUEUE].try_clone().unwrap(),
+        ));
+    }
+
+    /// The driver notifies the RX queue (after an `activate`).
+    pub(crate) fn kick_rx(&self) {
+        self.kicks.as_ref().unwrap().0.write(1).unwrap();
+    }
+
+    /// The driver notifies the TX queue (after an `activate`).
+    pub(crate) fn kick_tx(&self) {
+        self.kicks.as_ref().unwrap().1.write(1).unwrap();
     }
 
     /// Posts `count` one-descriptor RX buffers of [`BUF_SIZE`] bytes.
@@ -276,7 +285,9 @@ fn vsock_error(guest_cid: u64, uds_path: &Path) -> VsockError {
 fn features_and_config_space() {
     let (_dir, _uds, mut vsock) = new_vsock();
     assert_eq!(vsock.device_type(), 19);
-    assert_eq!(vsock.queue_max_sizes(), [256, 256, 256]);
+    let sizes: Vec<u16> = vsock.queues().iter().map(|q| q.max_size()).collect();
+    assert_eq!(sizes, [256, 256, 256]);
+    assert_eq!(vsock.queue_events().len(), 3);
     assert_eq!(vsock.avail_features(), VERSION_1 | EVENT_IDX);
     assert_eq!(vsock.guest_cid(), GUEST_CID);
     let mut cid = [0xffu8; 8];
@@ -297,54 +308,44 @@ fn features_and_config_space() {
 fn activation_checks_the_queues() {
     let mem = memory();
     let (_dir, _uds, mut vsock) = new_vsock();
-    let driver = Driver::new(&mem, 0);
+    let mut driver = Driver::new(&mem, 0);
     let interrupt = driver.interrupt.clone();
-    let mut activate = |queues: Vec<ActiveQueue>| {
-        vsock.activate(mem.clone(), interrupt.clone(), queues, VERSION_1)
-    };
+    let activate = |vsock: &mut Vsock| vsock.activate(mem.clone(), interrupt.clone());
 
+    // The driver set nothing up.
     assert!(matches!(
-        activate(Vec::new()),
+        activate(&mut vsock),
         Err(ActivateError::BadQueues(_))
     ));
-    let mut two = driver.queues();
-    two.pop();
-    assert!(matches!(activate(two), Err(ActivateError::BadQueues(_))));
-    let mut four = driver.queues();
-    four.extend(driver.queues().pop());
-    assert!(matches!(activate(four), Err(ActivateError::BadQueues(_))));
     for broken in 0..3 {
-        let mut not_ready = driver.queues();
-        not_ready[broken].queue.set_ready(false);
+        driver.configure(&mut vsock, VERSION_1);
+        vsock.queues_mut()[broken].set_ready(false);
         assert!(matches!(
-            activate(not_ready),
+            activate(&mut vsock),
             Err(ActivateError::BadQueues(_))
         ));
         // A descriptor table past the end of guest memory.
-        let mut outside = driver.queues();
-        outside[broken]
-            .queue
-            .set_desc_table_address(Some(0x3f_f800), Some(0));
+        driver.configure(&mut vsock, VERSION_1);
+        vsock.queues_mut()[broken].set_desc_table_address(Some(0x3f_f800), Some(0));
         assert!(matches!(
-            activate(outside),
+            activate(&mut vsock),
             Err(ActivateError::BadQueues(_))
         ));
     }
     assert!(!vsock.is_active());
     // Nothing woke the event loop.
-    assert!(vsock.activate_evt.read().is_err());
+    assert!(vsock.queue_events().iter().all(|e| e.read().is_err()));
 
     driver.activate(&mut vsock, VERSION_1);
     assert!(vsock.is_active());
-    assert_eq!(vsock.activate_evt.read().unwrap(), 1);
-
-    // Activating again (no reset between) retires the first queue eventfds.
-    driver.activate(&mut vsock, VERSION_1);
-    assert_eq!(vsock.retired_notify.len(), 3);
+    assert!(vsock.queue_events().iter().all(|e| e.read().unwrap() == 1));
+    assert!(matches!(
+        activate(&mut vsock),
+        Err(ActivateError::AlreadyActive)
+    ));
     vsock.reset();
     assert!(!vsock.is_active());
-    assert_eq!(vsock.retired_notify.len(), 6);
-    assert_eq!(vsock.activate_evt.read().unwrap(), 2);
+    assert_eq!(vsock.queue_events()[TX_QUEUE].read().unwrap(), 1);
 }
 
 #[test]
@@ -505,7 +506,7 @@ fn unusable_rx_buffers_are_returned_empty() {
     driver
         .rx
         .add(&[(10, WRITE), (HDR_LEN as u32, WRITE)], |_| {});
-    driver.rx_kick.write(1).unwrap();
+    driver.kick_rx();
     vsock.process_rx();
     let used = driver.rx.used();
     assert_eq!(used.len(), 3);

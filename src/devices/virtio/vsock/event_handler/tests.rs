@@ -90,7 +90,7 @@ fn accept(
     );
     let local = request.src_port;
     driver.send(guest_header(OP_RESPONSE, request.dst_port, local), b"");
-    driver.tx_kick.write(1).unwrap();
+    driver.kick_tx();
     manager.run_with_timeout(1000).unwrap();
     let line = format!("OK {local}\n");
     assert_eq!(read_exact(host, line.len()), line.as_bytes());
@@ -104,18 +104,15 @@ fn host_connection_activate_reset_and_activate_again() {
     let vsock = Arc::new(Mutex::new(vsock));
     let mut manager = Loop::new().unwrap();
     manager.add_subscriber(vsock.clone());
-    // Only the listening socket and the activation eventfd are watched while inactive.
+    // Only the listening socket and the queue eventfds are watched while inactive.
     settle(&mut manager);
     assert_eq!(lock(&vsock).watched_host.len(), 1);
-    assert_eq!(lock(&vsock).watched_queues, None);
 
     for round in 0..2u64 {
         let mut driver = Driver::new(&mem, round * 0x10_0000);
         driver.post_rx(8);
         driver.activate(&mut lock(&vsock), VERSION_1);
         manager.run_with_timeout(1000).unwrap();
-        let watched = lock(&vsock).watched_queues;
-        assert_eq!(watched, Some((driver_fd(&vsock, 0), driver_fd(&vsock, 1))));
 
         // A host process asks for guest port 5000.
         let mut host = host_connect(&uds, 5000);
@@ -139,38 +136,31 @@ fn host_connection_activate_reset_and_activate_again() {
 
         // Guest to host.
         driver.send(guest_header(OP_RW, 5000, local), b"hello host");
-        driver.tx_kick.write(1).unwrap();
+        driver.kick_tx();
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(read_exact(&mut host, 10), b"hello host");
         assert_eq!(driver.tx.used().len(), 2);
         settle(&mut manager);
 
-        // Reset: the host stream closes, the queue eventfds leave the event loop.
+        // Reset: the host stream closes, notifications are consumed and serve nothing.
         lock(&vsock).reset();
         assert!(!lock(&vsock).is_active());
         manager.run_with_timeout(1000).unwrap();
         assert_closed(&mut host);
-        assert_eq!(lock(&vsock).watched_queues, None);
-        assert!(lock(&vsock).retired_notify.is_empty());
         assert_eq!(lock(&vsock).watched_host.len(), 1);
         assert_eq!(lock(&vsock).connection_count(), 0);
+        settle(&mut manager);
         driver.send(guest_header(OP_RW, 5000, local), b"late");
-        driver.rx_kick.write(1).unwrap();
-        driver.tx_kick.write(1).unwrap();
+        driver.kick_rx();
+        driver.kick_tx();
+        assert_eq!(manager.run_with_timeout(0).unwrap(), 2);
         assert_eq!(manager.run_with_timeout(0).unwrap(), 0);
         assert_eq!(driver.tx.used().len(), 2);
     }
 }
 
-/// The raw fd of the device's RX (0) or TX (1) notify eventfd.
-fn driver_fd(vsock: &Mutex<Vsock>, queue: usize) -> std::os::fd::RawFd {
-    let device = lock(vsock);
-    let active = device.active.as_ref().unwrap();
-    [&active.rx.notify, &active.tx.notify][queue].as_raw_fd()
-}
-
 /// A TX packet queued before activation is served once the event loop takes over; reset
-/// and activate again before the loop runs swaps the watched eventfds in one go.
+/// and activate again before the loop runs serves the new rings only.
 #[test]
 fn quick_rebind_and_packets_before_activation() {
     let mem = memory();
@@ -193,17 +183,53 @@ fn quick_rebind_and_packets_before_activation() {
         device.reset();
         second.activate(&mut device, VERSION_1);
     }
-    manager.run_with_timeout(1000).unwrap();
-    let watched = lock(&vsock).watched_queues;
-    assert_eq!(watched, Some((driver_fd(&vsock, 0), driver_fd(&vsock, 1))));
-    assert!(lock(&vsock).retired_notify.is_empty());
     settle(&mut manager);
-    // The first driver's kicks reach nothing.
-    driver.tx_kick.write(1).unwrap();
-    assert_eq!(manager.run_with_timeout(0).unwrap(), 0);
+    // The first driver's rings are not served any more.
+    driver.send(guest_header(OP_RW, 1, 2), b"old");
     second.send(guest_header(OP_RW, 1, 2), b"x");
-    second.tx_kick.write(1).unwrap();
+    second.kick_tx();
     assert_eq!(ops(&receive(&mut manager, &mut second, 1)), [OP_RST]);
+    assert_eq!(driver.tx.used().len(), 1);
+    assert!(driver.received().is_empty());
+}
+
+/// A paused device serves neither the guest's packets nor the host's connections; once
+/// resumed it serves both.
+#[test]
+fn pause_and_resume() {
+    let mem = memory();
+    let (_dir, uds, vsock) = new_vsock();
+    let vsock = Arc::new(Mutex::new(vsock));
+    let mut manager = Loop::new().unwrap();
+    let id = manager.add_subscriber(vsock.clone());
+    let mut driver = Driver::new(&mem, 0);
+    driver.post_rx(8);
+    driver.activate(&mut lock(&vsock), VERSION_1);
+    settle(&mut manager);
+
+    lock(&vsock).pause(&mut manager.event_ops(id).unwrap());
+    assert!(lock(&vsock).is_paused());
+    assert!(lock(&vsock).watched_host.is_empty());
+    driver.send(guest_header(OP_RW, 1, 2), b"while paused");
+    driver.kick_tx();
+    let mut host = host_connect(&uds, 5000);
+    for _ in 0..3 {
+        assert_eq!(manager.run_with_timeout(50).unwrap(), 0);
+    }
+    assert!(driver.tx.used().is_empty());
+    assert!(driver.received().is_empty());
+    assert_eq!(lock(&vsock).connection_count(), 0);
+
+    lock(&vsock).resume(&mut manager.event_ops(id).unwrap());
+    assert!(!lock(&vsock).is_paused());
+    // The guest's packet was served by `resume` itself.
+    assert_eq!(driver.tx.used().len(), 1);
+    let mut packets = driver.received();
+    packets.extend(receive(&mut manager, &mut driver, 2 - packets.len()));
+    assert_eq!(ops(&packets), [OP_RST, OP_REQUEST]);
+    accept(&mut manager, &mut driver, &mut host, &packets[1].0);
+    assert_eq!(lock(&vsock).connection_count(), 1);
+    settle(&mut manager);
 }
 
 /// With no RX buffers, what the host sends waits without the loop spinning, and goes to
@@ -228,7 +254,7 @@ fn rx_without_buffers_waits_without_spinning() {
     assert!(driver.rx.used().is_empty());
     assert_eq!(lock(&vsock).connection_count(), 1);
     driver.post_rx(1);
-    driver.rx_kick.write(1).unwrap();
+    driver.kick_rx();
     let packets = receive(&mut manager, &mut driver, 1);
     let local = accept(&mut manager, &mut driver, &mut host, &packets[0].0);
 
@@ -243,7 +269,7 @@ fn rx_without_buffers_waits_without_spinning() {
     host.shutdown(std::net::Shutdown::Write).unwrap();
     assert_eq!(manager.run_with_timeout(50).unwrap(), 0);
     driver.post_rx(4);
-    driver.rx_kick.write(1).unwrap();
+    driver.kick_rx();
     let packets = receive(&mut manager, &mut driver, 2);
     assert_eq!(ops(&packets), [OP_RW, OP_SHUTDOWN]);
     assert_eq!(packets[0].1, b"queued");
@@ -257,7 +283,7 @@ fn rx_without_buffers_waits_without_spinning() {
     // The guest still writes to the half-closed host stream, then resets it.
     driver.send(guest_header(OP_RW, 5000, local), b"bye");
     driver.send(guest_header(OP_RST, 5000, local), b"");
-    driver.tx_kick.write(1).unwrap();
+    driver.kick_tx();
     manager.run_with_timeout(1000).unwrap();
     assert_eq!(read_exact(&mut host, 3), b"bye");
     assert_closed(&mut host);
@@ -284,7 +310,7 @@ fn malformed_tx_through_the_loop() {
         .tx
         .add(&[(4096, super::super::device::tests::WRITE)], |_| {});
     driver.send(guest_header(OP_RW, 1, 2), b"fine");
-    driver.tx_kick.write(1).unwrap();
+    driver.kick_tx();
     assert_eq!(ops(&receive(&mut manager, &mut driver, 1)), [OP_RST]);
     assert_eq!(driver.tx.used().len(), 3);
     settle(&mut manager);

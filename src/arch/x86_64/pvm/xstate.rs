@@ -6,7 +6,8 @@
 //! though, runs with the host's XCR0: AVX is usable and advertised, and a task switch
 //! would leave one task with another's upper YMM/ZMM halves (glibc's AVX string functions
 //! then corrupt memory). The minimal guest kernel (patch 0005 in resources/guest-kernel)
-//! therefore hands every save and restore of a task's state to hearth:
+//! therefore hands every save and restore of a task's state to hearth (the ports are in
+//! `layout.rs`):
 //!
 //! * a 32-bit read of [`PV_XSTATE_SAVE_PORT`] returns [`MAGIC`] (other VMMs answer all
 //!   ones, and the kernel keeps FXSAVE);
@@ -27,8 +28,9 @@ use kvm_bindings::kvm_xsave;
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::arch::cpuid::PVM_XSTATE_COMPONENTS;
-pub use crate::arch::layout::{PV_XSTATE_RESTORE_PORT, PV_XSTATE_SAVE_PORT};
+use super::PvmCompat;
+use crate::arch::x86_64::cpuid::PVM_XSTATE_COMPONENTS;
+use crate::arch::x86_64::layout::{PV_XSTATE_RESTORE_PORT, PV_XSTATE_SAVE_PORT};
 use crate::vstate::memory::GuestMemory;
 
 /// What a read of the save port returns: "HXST".
@@ -77,6 +79,51 @@ impl Request {
 /// The 32-bit value a write carries, or `None` for another width.
 pub fn written_value(data: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(data.try_into().ok()?))
+}
+
+/// Whether a port access is this protocol's: a 32-bit access to one of its two ports.
+/// Other widths go to the bus (nothing there: reads see all ones).
+pub fn claims(port: u16, len: usize) -> bool {
+    Request::for_port(port).is_some() && len == 4
+}
+
+/// Answers a read of a claimed port: the magic on the save port, all ones (as an empty
+/// port reads) on the restore port.
+pub fn probe(port: u16, data: &mut [u8]) {
+    match Request::for_port(port) {
+        Some(Request::Save) if data.len() == 4 => data.copy_from_slice(&MAGIC.to_le_bytes()),
+        _ => data.fill(0xff),
+    }
+}
+
+impl PvmCompat {
+    /// A write to a claimed port: a save or restore of the buffer it names.
+    pub(super) fn on_xstate_request(
+        &mut self,
+        fd: &VcpuFd,
+        mem: &GuestMemory,
+        port: u16,
+        data: &[u8],
+    ) {
+        let (Some(request), Some(value)) = (Request::for_port(port), written_value(data)) else {
+            return;
+        };
+        match handle(fd, mem, request, value) {
+            Ok(()) if request == Request::Save => self.stats.xstate_saves += 1,
+            Ok(()) => self.stats.xstate_restores += 1,
+            Err(e) => {
+                // The guest hurts only itself; say so a few times, not on every switch.
+                self.stats.xstate_errors += 1;
+                if self.stats.xstate_errors <= 3 {
+                    log::warn!(
+                        "vCPU {}: guest xstate {request:?}: {}",
+                        self.vcpu,
+                        crate::error_chain(&e)
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Carries out `request` for the buffer at `value << 6`.
@@ -139,6 +186,17 @@ mod tests {
         assert_eq!(Request::for_port(0x5f1), None);
         assert_eq!(written_value(&[0x40, 0, 1, 0]), Some(0x0001_0040));
         assert_eq!(written_value(&[1, 2]), None);
+        assert!(claims(0x5f0, 4) && claims(0x5f4, 4));
+        assert!(!claims(0x5f0, 2) && !claims(0x5f8, 4));
+    }
+
+    #[test]
+    fn probes_answer_the_magic_on_the_save_port_only() {
+        let mut data = [0u8; 4];
+        probe(PV_XSTATE_SAVE_PORT, &mut data);
+        assert_eq!(u32::from_le_bytes(data), MAGIC);
+        probe(PV_XSTATE_RESTORE_PORT, &mut data);
+        assert_eq!(data, [0xff; 4]);
     }
 
     #[test]

@@ -1,0 +1,442 @@
+//! Where every [`VmmAction`] is handled: by the [`PrebootController`] until
+//! `InstanceStart`, then by the [`RuntimeController`] from the VMM's event loop. Requests
+//! that do not fit the microVM's state are refused with a 400 and change nothing.
+
+use std::sync::mpsc;
+
+use super::action::{ActionResult, ApiError, VmmAction, VmmData};
+use super::models::{InstanceInfo, InstanceState, Logger};
+use super::resources::VmResources;
+use super::{ApiEndpoint, EventfdWaker};
+use crate::devices::bus::lock;
+use crate::vmm::{ControlHook, RuntimeDevices, Vmm, VmmError};
+
+/// The name `GET /` reports.
+pub const APP_NAME: &str = "hearth";
+/// hearth's version, reported by `GET /` and `GET /version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What the pre-boot loop should do with a request.
+pub enum Preboot {
+    /// Answer it.
+    Answer(ActionResult),
+    /// Build and start the VM, then answer.
+    Start,
+}
+
+/// What the runtime controller needs of the running VM: the [`Vmm`] itself, or a stand-in
+/// in unit tests.
+pub trait RunningVm {
+    fn pause(&mut self) -> Result<(), VmmError>;
+    fn resume(&mut self) -> Result<(), VmmError>;
+}
+
+impl RunningVm for Vmm {
+    fn pause(&mut self) -> Result<(), VmmError> {
+        Vmm::pause(self)
+    }
+
+    fn resume(&mut self) -> Result<(), VmmError> {
+        Vmm::resume(self)
+    }
+}
+
+/// Accumulates the configuration before `InstanceStart`.
+pub struct PrebootController {
+    pub resources: VmResources,
+    pub id: String,
+}
+
+impl PrebootController {
+    pub fn new(id: String, resources: VmResources) -> Self {
+        Self { resources, id }
+    }
+
+    pub fn handle(&mut self, action: VmmAction) -> Preboot {
+        let res = &mut self.resources;
+        let empty = |r: Result<(), ApiError>| r.map(|()| VmmData::Empty);
+        Preboot::Answer(match action {
+            VmmAction::InstanceStart => return Preboot::Start,
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(instance_info(
+                &self.id,
+                InstanceState::NotStarted,
+            ))),
+            VmmAction::GetVersion => Ok(VmmData::Version(VERSION.to_string())),
+            VmmAction::GetMachineConfig => Ok(VmmData::MachineConfig(res.machine.clone())),
+            VmmAction::GetFullVmConfig => Ok(VmmData::FullVmConfig(Box::new(res.to_full_config()))),
+            VmmAction::PutMachineConfig(config) => empty(res.set_machine_config(config)),
+            VmmAction::PatchMachineConfig(update) => empty(res.update_machine_config(update)),
+            VmmAction::PutBootSource(boot) => empty(res.set_boot_source(boot)),
+            VmmAction::PutDrive(drive) => empty(res.put_drive(drive)),
+            VmmAction::PutNetworkInterface(iface) => empty(res.put_net(iface)),
+            VmmAction::PutVsock(vsock) => empty(res.set_vsock(vsock)),
+            VmmAction::PutSerial(serial) => empty(res.set_serial(serial)),
+            VmmAction::PutLogger(logger) => empty(apply_logger(&logger)),
+            VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
+            // The snapshot engineer replaces this arm with the snapshot load.
+            VmmAction::LoadSnapshot(_) => Err(ApiError::SnapshotsUnsupported),
+            action @ (VmmAction::PatchDrive(_)
+            | VmmAction::PatchNetworkInterface(_)
+            | VmmAction::SendCtrlAltDel
+            | VmmAction::Pause
+            | VmmAction::Resume
+            | VmmAction::CreateSnapshot(_)) => Err(ApiError::BeforeStart(action.describe())),
+        })
+    }
+}
+
+/// Serves the API from the running VM's event loop.
+pub struct RuntimeController {
+    endpoint: ApiEndpoint,
+    resources: VmResources,
+    id: String,
+    state: InstanceState,
+    devices: RuntimeDevices,
+    /// The `InstanceStart` request, answered once the vCPUs run.
+    pending_start: Option<mpsc::Sender<ActionResult>>,
+}
+
+impl RuntimeController {
+    /// `devices` must be the VM's (`Vmm::devices`), disks in `resources`' drive order.
+    pub fn new(
+        endpoint: ApiEndpoint,
+        resources: VmResources,
+        id: String,
+        devices: RuntimeDevices,
+    ) -> Self {
+        Self {
+            endpoint,
+            resources,
+            id,
+            state: InstanceState::Running,
+            devices,
+            pending_start: None,
+        }
+    }
+
+    /// Answers `InstanceStart` with 204 from the event loop's first round, when the
+    /// vCPUs run.
+    pub fn answer_start_when_running(&mut self, reply: mpsc::Sender<ActionResult>) {
+        self.pending_start = Some(reply);
+    }
+
+    /// The subscriber that wakes the event loop when requests wait.
+    pub fn waker(&self) -> std::io::Result<EventfdWaker> {
+        self.endpoint.waker()
+    }
+
+    /// Answers every waiting request.
+    pub fn serve(&mut self, vm: &mut dyn RunningVm) {
+        if let Some(reply) = self.pending_start.take() {
+            let _ = reply.send(Ok(VmmData::Empty));
+        }
+        while let Some(request) = self.endpoint.try_next() {
+            let result = self.handle(request.action, vm);
+            let _ = request.reply.send(result);
+        }
+    }
+
+    pub fn handle(&mut self, action: VmmAction, vm: &mut dyn RunningVm) -> ActionResult {
+        match action {
+            VmmAction::GetInstanceInfo => {
+                Ok(VmmData::InstanceInfo(instance_info(&self.id, self.state)))
+            }
+            VmmAction::GetVersion => Ok(VmmData::Version(VERSION.to_string())),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(self.resources.machine.clone()))
+            }
+            VmmAction::GetFullVmConfig => Ok(VmmData::FullVmConfig(Box::new(
+                self.resources.to_full_config(),
+            ))),
+            VmmAction::SendCtrlAltDel => lock(&self.devices.i8042)
+                .send_ctrl_alt_del()
+                .map(|()| VmmData::Empty)
+                .map_err(|e| ApiError::Runtime(format!("cannot send Ctrl+Alt+Del: {e}"))),
+            VmmAction::PatchDrive(patch) => {
+                if super::models::RateLimiter::limits_anything(&patch.rate_limiter) {
+                    return Err(ApiError::Unsupported(
+                        "hearth does not support rate limiters on drives".into(),
+                    ));
+                }
+                let index = self
+                    .resources
+                    .drive_index(&patch.drive_id)
+                    .ok_or_else(|| ApiError::invalid(format!("no drive \"{}\"", patch.drive_id)))?;
+                if let Some(path) = patch.path_on_host {
+                    let disk = self.devices.disks.get(index).ok_or_else(|| {
+                        ApiError::Runtime(format!("drive \"{}\" has no device", patch.drive_id))
+                    })?;
+                    lock(disk).replace_image(&path).map_err(|e| {
+                        ApiError::Runtime(format!(
+                            "cannot update drive \"{}\": {}",
+                            patch.drive_id,
+                            crate::error_chain(&e)
+                        ))
+                    })?;
+                    self.resources.set_drive_path(&patch.drive_id, path);
+                }
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchNetworkInterface(patch) => {
+                if !self
+                    .resources
+                    .nets
+                    .iter()
+                    .any(|n| n.iface_id == patch.iface_id)
+                {
+                    return Err(ApiError::invalid(format!(
+                        "no network interface \"{}\"",
+                        patch.iface_id
+                    )));
+                }
+                // Only rate limiters can change; an update without buckets changes nothing.
+                if super::models::RateLimiter::limits_anything(&patch.rx_rate_limiter)
+                    || super::models::RateLimiter::limits_anything(&patch.tx_rate_limiter)
+                {
+                    return Err(ApiError::Unsupported(
+                        "hearth does not support rate limiters on network interfaces".into(),
+                    ));
+                }
+                Ok(VmmData::Empty)
+            }
+            // As with Firecracker, asking for the state the VM is in succeeds.
+            VmmAction::Pause if self.state == InstanceState::Paused => Ok(VmmData::Empty),
+            VmmAction::Resume if self.state == InstanceState::Running => Ok(VmmData::Empty),
+            VmmAction::Pause => self.set_state(vm.pause(), InstanceState::Paused),
+            VmmAction::Resume => self.set_state(vm.resume(), InstanceState::Running),
+            // The snapshot engineer replaces this arm with the snapshot creation.
+            VmmAction::CreateSnapshot(_) => Err(ApiError::SnapshotsUnsupported),
+            VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
+            action @ (VmmAction::InstanceStart
+            | VmmAction::PutMachineConfig(_)
+            | VmmAction::PatchMachineConfig(_)
+            | VmmAction::PutBootSource(_)
+            | VmmAction::PutDrive(_)
+            | VmmAction::PutNetworkInterface(_)
+            | VmmAction::PutVsock(_)
+            | VmmAction::PutSerial(_)
+            | VmmAction::PutLogger(_)
+            | VmmAction::LoadSnapshot(_)) => Err(ApiError::AfterStart(action.describe())),
+        }
+    }
+
+    /// Records the outcome of a pause or resume: `GET /` reports the new state only once
+    /// the VM has reached it.
+    fn set_state(&mut self, outcome: Result<(), VmmError>, reached: InstanceState) -> ActionResult {
+        outcome.map_err(|e| ApiError::Runtime(crate::error_chain(&e)))?;
+        self.state = reached;
+        Ok(VmmData::Empty)
+    }
+}
+
+/// The API drives the VM from its event loop: requests are answered after every round.
+impl ControlHook for RuntimeController {
+    fn start(&mut self, vmm: &mut Vmm) {
+        match self.waker() {
+            Ok(waker) => {
+                use event_manager::SubscriberOps;
+                vmm.event_loop().add_subscriber(Box::new(waker));
+            }
+            Err(e) => log::error!("the API cannot wake the event loop: {e}"),
+        }
+        // InstanceStart is answered now that the vCPUs run.
+        self.serve(vmm);
+    }
+
+    fn after_events(&mut self, vmm: &mut Vmm) {
+        self.serve(vmm);
+    }
+}
+
+fn instance_info(id: &str, state: InstanceState) -> InstanceInfo {
+    InstanceInfo {
+        app_name: APP_NAME.to_string(),
+        id: id.to_string(),
+        state,
+        vmm_version: VERSION.to_string(),
+    }
+}
+
+/// `PUT /logger` (and the logger section of a configuration file): the level and where
+/// hearth's log goes.
+pub fn apply_logger(logger: &Logger) -> Result<(), ApiError> {
+    if logger.module.is_some() {
+        return Err(ApiError::Unsupported(
+            "hearth does not support filtering its log by module".into(),
+        ));
+    }
+    let level = logger
+        .level
+        .as_deref()
+        .map(parse_level)
+        .transpose()
+        .map_err(ApiError::invalid)?;
+    if let Some(path) = &logger.log_path {
+        crate::logger::log_to_file(path).map_err(|e| {
+            ApiError::invalid(format!(
+                "cannot open the log file \"{}\": {e}",
+                path.display()
+            ))
+        })?;
+    }
+    if let Some(level) = level {
+        log::set_max_level(level);
+    }
+    Ok(())
+}
+
+/// Firecracker's level names, in any case.
+pub fn parse_level(name: &str) -> Result<log::LevelFilter, String> {
+    Ok(match name.to_ascii_lowercase().as_str() {
+        "off" => log::LevelFilter::Off,
+        "error" => log::LevelFilter::Error,
+        "warning" | "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        _ => {
+            return Err(format!(
+                "invalid log level \"{name}\": use Error, Warning, Info, Debug, Trace or Off"
+            ))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preboot_refuses_runtime_requests() {
+        let mut controller = PrebootController::new("vm1".into(), VmResources::default());
+        for action in [
+            VmmAction::Pause,
+            VmmAction::Resume,
+            VmmAction::SendCtrlAltDel,
+            VmmAction::PatchNetworkInterface(super::super::models::PartialNetworkInterface {
+                iface_id: "eth0".into(),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            }),
+        ] {
+            let Preboot::Answer(Err(err)) = controller.handle(action.clone()) else {
+                panic!("{action:?} was accepted before start");
+            };
+            assert!(
+                err.to_string().contains("send InstanceStart first"),
+                "{err}"
+            );
+        }
+        let Preboot::Answer(Ok(VmmData::InstanceInfo(info))) =
+            controller.handle(VmmAction::GetInstanceInfo)
+        else {
+            panic!("no instance info");
+        };
+        assert_eq!(
+            (info.id.as_str(), info.state),
+            ("vm1", InstanceState::NotStarted)
+        );
+        assert!(matches!(
+            controller.handle(VmmAction::InstanceStart),
+            Preboot::Start
+        ));
+        let load = serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
+        let Preboot::Answer(Err(err)) = controller.handle(VmmAction::LoadSnapshot(load)) else {
+            panic!("snapshot load accepted");
+        };
+        assert_eq!(
+            err.to_string(),
+            "snapshots are not supported by this build yet"
+        );
+    }
+
+    #[test]
+    fn runtime_answers_start_then_refuses_what_does_not_fit() {
+        use std::sync::{Arc, Mutex};
+
+        use crate::devices::legacy::i8042::I8042;
+        use crate::exit::ExitSignal;
+        use crate::vmm::RunState;
+
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let devices = RuntimeDevices {
+            i8042: Arc::new(Mutex::new(I8042::new(exit.clone(), None))),
+            disks: Vec::new(),
+        };
+        let (sender, requests) = mpsc::channel();
+        let endpoint = ApiEndpoint {
+            requests,
+            eventfd: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        };
+        let mut runtime =
+            RuntimeController::new(endpoint, VmResources::default(), "vm".into(), devices);
+        let (start_reply, start_answer) = mpsc::channel();
+        runtime.answer_start_when_running(start_reply);
+        let (reply, answer) = mpsc::channel();
+        sender
+            .send(super::super::ApiRequest {
+                action: VmmAction::GetInstanceInfo,
+                reply,
+            })
+            .unwrap();
+        /// A VM that refuses to pause, as a VM that is not running does.
+        struct Refusing;
+        impl RunningVm for Refusing {
+            fn pause(&mut self) -> Result<(), VmmError> {
+                Err(VmmError::State(RunState::Created, RunState::Running))
+            }
+            fn resume(&mut self) -> Result<(), VmmError> {
+                Err(VmmError::State(RunState::Created, RunState::Paused))
+            }
+        }
+        let mut vm = Refusing;
+        runtime.serve(&mut vm);
+        assert!(matches!(start_answer.try_recv(), Ok(Ok(VmmData::Empty))));
+        let Ok(Ok(VmmData::InstanceInfo(info))) = answer.try_recv() else {
+            panic!("GET / was not answered");
+        };
+        assert_eq!(info.state, InstanceState::Running);
+
+        let mut handle = |action| runtime.handle(action, &mut vm);
+        assert!(handle(VmmAction::SendCtrlAltDel).is_ok());
+        let err = handle(VmmAction::Pause).unwrap_err();
+        assert_eq!(err.to_string(), "the VM is Created; it must be Running");
+        let Ok(VmmData::InstanceInfo(info)) = handle(VmmAction::GetInstanceInfo) else {
+            panic!("no instance info");
+        };
+        assert_eq!(
+            info.state,
+            InstanceState::Running,
+            "a refused pause changes nothing"
+        );
+        for action in [
+            VmmAction::InstanceStart,
+            VmmAction::PutMachineConfig(Default::default()),
+            VmmAction::LoadSnapshot(
+                serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap(),
+            ),
+        ] {
+            let err = handle(action).unwrap_err().to_string();
+            assert!(err.contains("only possible before InstanceStart"), "{err}");
+        }
+        let create =
+            serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
+        let err = handle(VmmAction::CreateSnapshot(create)).unwrap_err();
+        assert!(matches!(err, ApiError::SnapshotsUnsupported));
+        let patch = serde_json::from_str(r#"{"drive_id": "nope"}"#).unwrap();
+        assert!(handle(VmmAction::PatchDrive(patch)).is_err());
+    }
+
+    #[test]
+    fn log_levels_follow_firecracker_names() {
+        assert_eq!(parse_level("Warning"), Ok(log::LevelFilter::Warn));
+        assert_eq!(parse_level("DEBUG"), Ok(log::LevelFilter::Debug));
+        assert!(parse_level("loud").is_err());
+        let err = apply_logger(&Logger {
+            module: Some("api".into()),
+            ..Logger::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("module"));
+    }
+}
