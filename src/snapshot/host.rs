@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::cpu_features::CpuFeatures;
 use crate::arch::cpuid::{self, CpuidError, CpuidOptions};
+use crate::arch::pvm::host_is_pvm;
 use crate::config::CpuProfile;
 use crate::vstate::kvm::{KvmContext, KvmError};
-use crate::arch::pvm::host_is_pvm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
