@@ -362,6 +362,7 @@ mod tests {
         let devices = RuntimeDevices {
             i8042: Arc::new(Mutex::new(I8042::new(exit.clone(), None))),
             disks: Vec::new(),
+            cmos: Arc::new(Mutex::new(crate::devices::legacy::cmos::Cmos::new())),
         };
         let (sender, requests) = mpsc::channel();
         let endpoint = ApiEndpoint {

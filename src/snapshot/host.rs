@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::cpu_features::CpuFeatures;
@@ -62,7 +63,7 @@ pub struct HostFacts {
 impl HostFacts {
     /// This host's facts for a guest with `profile`: the CPUID hearth gives a vCPU (see
     /// `Vcpu::configure`), plus, on a nested PVM host, the host CPU's own features in the
-    /// leaves that host shows its guests unchanged.
+    /// leaves that host shows its guests unchanged. What a restore compares a snapshot to.
     pub fn probe(kvm: &KvmContext, profile: CpuProfile) -> Result<Self, HostError> {
         let mut supported = kvm.supported_cpuid()?;
         let options = CpuidOptions {
@@ -71,16 +72,22 @@ impl HostFacts {
             hide_pvm_unsupported: profile == CpuProfile::Compat,
         };
         cpuid::normalize(&mut supported, &options).map_err(HostError::Cpuid)?;
+        Ok(Self::for_guest(supported.as_slice(), profile))
+    }
+
+    /// This host's facts for a guest running with `profile` whose vCPU was given `cpuid`
+    /// (a saved vCPU's): what a snapshot records.
+    pub fn for_guest(cpuid: &[kvm_cpuid_entry2], profile: CpuProfile) -> Self {
         let flavour = KvmFlavour::of_this_host();
-        let mut cpu = CpuFeatures::from_cpuid(&supported);
+        let mut cpu = CpuFeatures::from_entries(cpuid);
         if flavour == KvmFlavour::Pvm {
             cpu = cpu.with_pvm_native_leaves();
         }
-        Ok(Self {
+        Self {
             kvm: flavour,
             cpu_profile: profile,
             cpu,
-        })
+        }
     }
 
     /// Why a guest saved with `self` cannot resume on `current`, in one phrase; `None` when

@@ -44,6 +44,8 @@ pub enum SnapshotError {
         #[source]
         source: MemoryError,
     },
+    #[error("the snapshot is inconsistent: {0}")]
+    Inconsistent(String),
 }
 
 /// What [`save`] wrote.

@@ -2,7 +2,7 @@
 //! CPUID registers that hold feature bits. A snapshot restores only on a host that offers
 //! at least those features, and when one is missing the refusal names it.
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use serde::{Deserialize, Serialize};
 
 /// A CPUID output register.
@@ -308,9 +308,13 @@ fn not_feature_mask(leaf: u32, subleaf: u32, register: Register) -> u32 {
 impl CpuFeatures {
     /// The features in the CPUID a vCPU is given (leaves it lacks count as all zero).
     pub fn from_cpuid(cpuid: &CpuId) -> Self {
+        Self::from_entries(cpuid.as_slice())
+    }
+
+    /// As [`Self::from_cpuid`], from the entries themselves (a saved vCPU's).
+    pub fn from_entries(entries: &[kvm_cpuid_entry2]) -> Self {
         Self::from_lookup(|leaf, subleaf| {
-            cpuid
-                .as_slice()
+            entries
                 .iter()
                 .find(|e| e.function == leaf && e.index == subleaf)
                 .map(|e| [e.eax, e.ebx, e.ecx, e.edx])
@@ -384,8 +388,6 @@ impl CpuFeatures {
 
 #[cfg(test)]
 mod tests {
-    use kvm_bindings::kvm_cpuid_entry2;
-
     use super::*;
 
     fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {

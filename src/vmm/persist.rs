@@ -1,0 +1,124 @@
+//! Snapshots of a paused VM: what a snapshot's state file holds beside guest memory
+//! ([`VmmState`]), and [`Vmm::snapshot`], which writes both files. Restoring is
+//! `builder::build_from_snapshot`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{RunState, Vmm, VmmError};
+use crate::config::RestoreConfig;
+use crate::device_manager::{AttachedDeviceState, VirtioDeviceState};
+use crate::devices::bus::lock;
+use crate::devices::control::ControlState;
+use crate::devices::legacy::cmos::CmosState;
+use crate::devices::legacy::i8042::I8042State;
+use crate::devices::legacy::serial::SerialState;
+use crate::snapshot::{self, HostFacts, Saved, SnapshotError};
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::VmState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverrideError {
+    #[error("the snapshot has {count} {kind}(s); there is no {kind} {index} to give new backing")]
+    NoSuchDevice {
+        kind: &'static str,
+        index: usize,
+        count: usize,
+    },
+    #[error("the snapshot has no vsock device for the new socket path")]
+    NoVsock,
+}
+
+/// Everything of a paused VM but its memory: the payload of a snapshot's state file. The
+/// memory layout and the host facts (CPU profile included) are in the file's container.
+#[derive(Serialize, Deserialize)]
+pub struct VmmState {
+    /// In index order; each with the compat layer's own state when it ran with it.
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub devices: DevicesState,
+}
+
+/// Every device's state.
+#[derive(Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialState,
+    pub i8042: I8042State,
+    pub cmos: CmosState,
+    pub control: ControlState,
+    /// In the order they were attached, which is the order to restore them in.
+    pub virtio: Vec<AttachedDeviceState>,
+}
+
+impl DevicesState {
+    /// Points the saved devices at the new backing `restore` names: image paths, taps,
+    /// the vsock socket. Disks and NICs are counted among their kind, in attach order.
+    pub fn apply_overrides(&mut self, restore: &RestoreConfig) -> Result<(), OverrideError> {
+        let mut disks = Vec::new();
+        let mut nets = Vec::new();
+        let mut vsock = None;
+        for attached in &mut self.virtio {
+            match &mut attached.device {
+                VirtioDeviceState::Block(block) => disks.push(&mut block.config.path),
+                VirtioDeviceState::Net(net) => nets.push(&mut net.config.tap),
+                VirtioDeviceState::Vsock(state) => vsock = Some(&mut state.config.uds_path),
+            }
+        }
+        let missing = |kind, index, count| OverrideError::NoSuchDevice { kind, index, count };
+        for disk in &restore.disks {
+            let count = disks.len();
+            **disks
+                .get_mut(disk.index)
+                .ok_or_else(|| missing("disk", disk.index, count))? = disk.path.clone();
+        }
+        for nic in &restore.nets {
+            let count = nets.len();
+            **nets
+                .get_mut(nic.index)
+                .ok_or_else(|| missing("NIC", nic.index, count))? = nic.tap.clone();
+        }
+        if let Some(path) = &restore.vsock_uds_path {
+            *vsock.ok_or(OverrideError::NoVsock)? = path.clone();
+        }
+        Ok(())
+    }
+}
+
+impl Vmm {
+    /// Writes a snapshot of the paused VM: guest memory to `mem_path`, everything else to
+    /// `state_path` (each replaced if it exists). Like Firecracker, a running VM is refused:
+    /// pause it first; it stays paused after.
+    pub fn snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<Saved, VmmError> {
+        self.expect_state(RunState::Paused)?;
+        let state = self.save_state()?;
+        let first = state.vcpus.first().ok_or_else(|| {
+            VmmError::Snapshot(SnapshotError::Inconsistent("the VM has no vCPU".into()))
+        })?;
+        let host = HostFacts::for_guest(&first.cpuid, self.profile);
+        let saved = snapshot::save(&self.mem, host, &state, state_path, mem_path)
+            .map_err(VmmError::Snapshot)?;
+        log::info!(
+            "snapshot: {} bytes of state, {} MiB of memory data",
+            saved.state_bytes,
+            saved.memory_data_bytes >> 20
+        );
+        Ok(saved)
+    }
+
+    /// The state of the paused VM, memory aside.
+    pub fn save_state(&mut self) -> Result<VmmState, VmmError> {
+        self.expect_state(RunState::Paused)?;
+        Ok(VmmState {
+            vcpus: self.save_vcpu_states()?,
+            vm: self.save_vm_state()?,
+            devices: DevicesState {
+                serial: lock(&self.console.serial).save(),
+                i8042: lock(&self.devices.i8042).save(),
+                cmos: lock(&self.devices.cmos).save(),
+                control: self.control.save(),
+                virtio: self.mmio_devices.save(),
+            },
+        })
+    }
+}
