@@ -518,4 +518,85 @@ mod tests {
         let error = manager.pause_all(&mut event_loop).unwrap_err();
         assert_eq!(error.to_string(), "device dev0 is not in the event loop");
     }
+
+    /// A driver's bring-up of queue 0 (rings at `base`), up to DRIVER_OK.
+    fn bring_up(transport: &Mutex<MmioTransport>, base: u32) {
+        use crate::devices::bus::BusDevice as _;
+        let mut transport = lock(transport);
+        let mut write = |offset: u64, value: u32| transport.write(offset, &value.to_le_bytes());
+        write(0x70, 1);
+        write(0x70, 3);
+        write(0x24, 1);
+        write(0x20, 1); // VIRTIO_F_VERSION_1
+        write(0x70, 0xb);
+        write(0x30, 0);
+        write(0x38, 8);
+        write(0x80, base);
+        write(0x90, base + 0x1000);
+        write(0xa0, base + 0x2000);
+        write(0x44, 1);
+        write(0x70, 0xf);
+    }
+
+    /// Saved devices come back in their windows, in order, with the same state; the one
+    /// the driver was running is active again.
+    #[test]
+    fn saved_devices_come_back_in_their_slots() {
+        let kvm = match crate::vstate::kvm::KvmContext::open() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                eprintln!("SKIPPED: no KVM ({e}); saved_devices_come_back_in_their_slots");
+                return;
+            }
+        };
+        let images = [TempImage::new(4096), TempImage::new(8192)];
+        let mem = guest_memory();
+        let saved = {
+            let vm = Vm::new(&kvm).unwrap();
+            let mut event_loop = EventLoop::new().unwrap();
+            let mut bus = Bus::new();
+            let mut manager = MmioDeviceManager::new();
+            for (index, image) in images.iter().enumerate() {
+                let block = Block::new(&BlockConfig {
+                    path: image.path().to_owned(),
+                    read_only: false,
+                    id: None,
+                })
+                .unwrap();
+                let name = format!("disk{index}");
+                manager
+                    .attach_virtio(&name, block.into(), &vm, &mem, &mut bus, &mut event_loop)
+                    .unwrap();
+            }
+            bring_up(&manager.devices()[1].transport, 0x10000);
+            manager.pause_all(&mut event_loop).unwrap();
+            manager.save()
+        };
+        assert!(!saved[0].transport.device_active());
+        assert!(saved[1].transport.device_active());
+        assert_eq!(saved[1].base, slot(1).base);
+
+        let vm = Vm::new(&kvm).unwrap();
+        let mut event_loop = EventLoop::new().unwrap();
+        let mut bus = Bus::new();
+        let mut manager = MmioDeviceManager::new();
+        let error = manager
+            .restore_virtio(&saved[1], &vm, &mem, &mut bus, &mut event_loop)
+            .err()
+            .unwrap();
+        assert_eq!(
+            error.to_string(),
+            "saved device disk1 was at 0xd0001000 IRQ 6, but would now be at 0xd0000000 IRQ 5"
+        );
+        for state in &saved {
+            manager
+                .restore_virtio(state, &vm, &mem, &mut bus, &mut event_loop)
+                .unwrap();
+        }
+        assert_eq!(manager.save(), saved);
+        let VirtioHandle::Block(second) = &manager.devices()[1].device else {
+            panic!("not a block device");
+        };
+        assert!(lock(second).is_activated());
+    }
 }

@@ -122,3 +122,158 @@ impl Vmm {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::config::{DiskOverride, NetOverride};
+    use crate::devices::legacy::cmos::Cmos;
+    use crate::devices::legacy::i8042::I8042;
+    use crate::devices::legacy::serial::{InputSpace, SerialDevice};
+    use crate::devices::virtio::block::{BlockConfig, BlockState};
+    use crate::devices::virtio::net::{NetConfig, NetState};
+    use crate::devices::virtio::persist::{DeviceCoreState, MmioTransportState};
+    use crate::devices::virtio::vsock::{VsockConfig, VsockState};
+    use crate::exit::ExitSignal;
+
+    fn attached(index: u64, device: VirtioDeviceState) -> AttachedDeviceState {
+        AttachedDeviceState {
+            name: format!("dev{index}"),
+            base: 0xd000_0000 + index * 0x1000,
+            irq: 5 + index as u32,
+            transport: MmioTransportState::default(),
+            device,
+        }
+    }
+
+    fn block(path: &str) -> VirtioDeviceState {
+        VirtioDeviceState::Block(BlockState {
+            config: BlockConfig {
+                path: path.into(),
+                read_only: false,
+                id: None,
+            },
+            capacity: 8,
+            core: DeviceCoreState::default(),
+        })
+    }
+
+    fn net(tap: &str) -> VirtioDeviceState {
+        VirtioDeviceState::Net(NetState {
+            config: NetConfig {
+                tap: tap.into(),
+                mac: Some([0x52, 0x54, 0, 0, 0, 1]),
+            },
+            core: DeviceCoreState::default(),
+        })
+    }
+
+    /// Two disks around a NIC, then a second NIC.
+    fn devices(vsock: bool) -> DevicesState {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let serial = SerialDevice::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Arc::new(InputSpace::new().unwrap()),
+            Box::new(std::io::sink()),
+        );
+        let mut virtio = vec![
+            attached(0, block("/a.img")),
+            attached(1, net("tap0")),
+            attached(2, block("/b.img")),
+            attached(3, net("tap1")),
+        ];
+        if vsock {
+            virtio.push(attached(
+                4,
+                VirtioDeviceState::Vsock(VsockState {
+                    config: VsockConfig {
+                        guest_cid: 3,
+                        uds_path: "/run/v.sock".into(),
+                    },
+                    core: DeviceCoreState::default(),
+                }),
+            ));
+        }
+        DevicesState {
+            serial: serial.save(),
+            i8042: I8042::new(exit, None).save(),
+            cmos: Cmos::new().save(),
+            control: ControlState {
+                boot_completed: true,
+            },
+            virtio,
+        }
+    }
+
+    fn backing(state: &DevicesState) -> Vec<String> {
+        state
+            .virtio
+            .iter()
+            .map(|d| match &d.device {
+                VirtioDeviceState::Block(b) => b.config.path.display().to_string(),
+                VirtioDeviceState::Net(n) => n.config.tap.clone(),
+                VirtioDeviceState::Vsock(v) => v.config.uds_path.display().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn overrides_count_devices_within_their_kind() {
+        let mut restore = RestoreConfig::new("/s", "/m");
+        restore.disks = vec![DiskOverride {
+            index: 1,
+            path: PathBuf::from("/copy-of-b.img"),
+        }];
+        restore.nets = vec![NetOverride {
+            index: 0,
+            tap: "tap9".into(),
+        }];
+        restore.vsock_uds_path = Some("/run/w.sock".into());
+        let mut state = devices(true);
+        state.apply_overrides(&restore).unwrap();
+        assert_eq!(
+            backing(&state),
+            ["/a.img", "tap9", "/copy-of-b.img", "tap1", "/run/w.sock"]
+        );
+    }
+
+    #[test]
+    fn overrides_for_missing_devices_are_refused() {
+        let mut restore = RestoreConfig::new("/s", "/m");
+        restore.nets = vec![NetOverride {
+            index: 2,
+            tap: "tap9".into(),
+        }];
+        let mut state = devices(false);
+        assert_eq!(
+            state.apply_overrides(&restore).unwrap_err().to_string(),
+            "the snapshot has 2 NIC(s); there is no NIC 2 to give new backing"
+        );
+        let mut restore = RestoreConfig::new("/s", "/m");
+        restore.vsock_uds_path = Some("/run/w.sock".into());
+        assert!(matches!(
+            state.apply_overrides(&restore),
+            Err(OverrideError::NoVsock)
+        ));
+        assert_eq!(backing(&state), ["/a.img", "tap0", "/b.img", "tap1"]);
+    }
+
+    /// The payload goes through the state file's encoding (postcard) intact.
+    #[test]
+    fn devices_state_survives_the_encoding() {
+        let state = devices(true);
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        let back: DevicesState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(backing(&back), backing(&state));
+        assert_eq!(back.virtio, state.virtio);
+        assert_eq!(back.serial, state.serial);
+        assert_eq!(back.i8042, state.i8042);
+        assert_eq!(back.cmos, state.cmos);
+        assert_eq!(back.control, state.control);
+    }
+}
