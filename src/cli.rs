@@ -35,7 +35,8 @@ impl Cli {
         let message = match &self.command {
             Some(_) if fc.is_used() => {
                 "Firecracker's flags (--api-sock, --config-file, --id, ...) are for hearth \
-                 without a subcommand; `hearth run` takes --api-sock itself"
+                 without a subcommand; `hearth run`, `hearth remote` and `hearth restore` \
+                 take --api-sock after their name"
             }
             None if fc.api_sock.is_none() && fc.config_file.is_none() => {
                 "give a subcommand, or --api-sock PATH (and/or --config-file FILE) to run \
@@ -146,6 +147,11 @@ pub enum Command {
     Machine(MachineCommand),
     /// Benchmarks: start-up against containers and other VMMs, and VM density.
     Bench(crate::bench::BenchArgs),
+    /// Drive a running VMM through its API socket (info, pause, resume, snapshot,
+    /// ctrl-alt-del, shutdown).
+    Remote(crate::api::remote::RemoteArgs),
+    /// Restore a microVM from a snapshot and run it.
+    Restore(crate::api::restore::RestoreArgs),
 }
 
 #[derive(Debug, Subcommand)]

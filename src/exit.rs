@@ -32,6 +32,8 @@ pub enum ExitReason {
     Signal(i32),
     /// The user typed the console's quit sequence (Ctrl-A x).
     ConsoleQuit,
+    /// An API client asked the VMM to stop (`PUT /api/v1/vmm.shutdown`).
+    Shutdown,
 }
 
 impl ExitReason {
@@ -39,7 +41,7 @@ impl ExitReason {
     pub fn status(&self) -> u8 {
         match self {
             Self::GuestExit(code) => *code,
-            Self::Reset | Self::PowerOff | Self::ConsoleQuit => 0,
+            Self::Reset | Self::PowerOff | Self::ConsoleQuit | Self::Shutdown => 0,
             Self::TripleFault { .. } => STATUS_TRIPLE_FAULT,
             Self::EmulationFailure { .. } => STATUS_EMULATION_FAILURE,
             Self::VcpuFailure { .. } => STATUS_VCPU_FAILURE,
@@ -51,7 +53,7 @@ impl ExitReason {
     pub fn is_orderly(&self) -> bool {
         matches!(
             self,
-            Self::GuestExit(_) | Self::Reset | Self::PowerOff | Self::ConsoleQuit
+            Self::GuestExit(_) | Self::Reset | Self::PowerOff | Self::ConsoleQuit | Self::Shutdown
         )
     }
 }
@@ -77,6 +79,7 @@ impl fmt::Display for ExitReason {
             Self::VcpuFailure { vcpu, detail } => write!(f, "vCPU {vcpu} failed: {detail}"),
             Self::Signal(signo) => write!(f, "stopped by signal {signo}"),
             Self::ConsoleQuit => write!(f, "console quit (Ctrl-A x)"),
+            Self::Shutdown => write!(f, "the VMM was shut down through the API"),
         }
     }
 }
@@ -148,5 +151,7 @@ mod tests {
         assert_eq!(ExitReason::Signal(libc::SIGTERM).status(), 143);
         assert!(!ExitReason::Signal(2).is_orderly());
         assert!(ExitReason::PowerOff.is_orderly());
+        assert_eq!(ExitReason::Shutdown.status(), 0);
+        assert!(ExitReason::Shutdown.is_orderly());
     }
 }

@@ -57,6 +57,10 @@ pub enum Error {
     Bench(#[from] bench::BenchError),
     #[error(transparent)]
     Api(#[from] api::shape::ShapeError),
+    #[error(transparent)]
+    Remote(#[from] api::remote::RemoteError),
+    #[error(transparent)]
+    Restore(#[from] api::restore::RestoreError),
 }
 
 /// Runs a parsed command line; returns the process exit status.
@@ -85,6 +89,11 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             125
         })),
         Command::Bench(args) => Ok(bench::run(args)?),
+        Command::Remote(args) => {
+            api::remote::run(&args, &mut std::io::stdout().lock())?;
+            Ok(0)
+        }
+        Command::Restore(args) => Ok(api::restore::run(&args)?),
     }
 }
 

@@ -55,6 +55,9 @@ pub enum VmmAction {
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`
     LoadSnapshot(SnapshotLoadParams),
+    /// `PUT /api/v1/vmm.shutdown`: hearth's extension, on Cloud Hypervisor's path (see
+    /// [`super::parse::SHUTDOWN_PATH`]): end the VMM in an orderly way.
+    Shutdown,
 }
 
 impl VmmAction {
@@ -82,6 +85,7 @@ impl VmmAction {
             Self::Resume => "resuming the microVM",
             Self::CreateSnapshot(_) => "PUT /snapshot/create",
             Self::LoadSnapshot(_) => "PUT /snapshot/load",
+            Self::Shutdown => "PUT /api/v1/vmm.shutdown",
         }
     }
 }

@@ -9,6 +9,7 @@ use super::models::{InstanceInfo, InstanceState, Logger};
 use super::resources::VmResources;
 use super::{ApiEndpoint, EventfdWaker};
 use crate::devices::bus::lock;
+use crate::exit::ExitReason;
 use crate::vmm::{ControlHook, RuntimeDevices, Vmm, VmmError};
 
 /// The name `GET /` reports.
@@ -22,6 +23,8 @@ pub enum Preboot {
     Answer(ActionResult),
     /// Build and start the VM, then answer.
     Start,
+    /// Answer 204, then end the VMM (`PUT /api/v1/vmm.shutdown`).
+    Shutdown,
 }
 
 /// What the runtime controller needs of the running VM: the [`Vmm`] itself, or a stand-in
@@ -29,6 +32,8 @@ pub enum Preboot {
 pub trait RunningVm {
     fn pause(&mut self) -> Result<(), VmmError>;
     fn resume(&mut self) -> Result<(), VmmError>;
+    /// Ends the VMM in an orderly way (the run returns [`ExitReason::Shutdown`]).
+    fn shutdown(&mut self);
 }
 
 impl RunningVm for Vmm {
@@ -38,6 +43,10 @@ impl RunningVm for Vmm {
 
     fn resume(&mut self) -> Result<(), VmmError> {
         Vmm::resume(self)
+    }
+
+    fn shutdown(&mut self) {
+        self.exit_signal().request(ExitReason::Shutdown);
     }
 }
 
@@ -57,6 +66,7 @@ impl PrebootController {
         let empty = |r: Result<(), ApiError>| r.map(|()| VmmData::Empty);
         Preboot::Answer(match action {
             VmmAction::InstanceStart => return Preboot::Start,
+            VmmAction::Shutdown => return Preboot::Shutdown,
             VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(instance_info(
                 &self.id,
                 InstanceState::NotStarted,
@@ -204,6 +214,12 @@ impl RuntimeController {
             VmmAction::Resume if self.state == InstanceState::Running => Ok(VmmData::Empty),
             VmmAction::Pause => self.set_state(vm.pause(), InstanceState::Paused),
             VmmAction::Resume => self.set_state(vm.resume(), InstanceState::Running),
+            // The answer leaves before the VMM stops: the API socket is closed only after
+            // the server has written every answer it holds (`ApiSocket`'s drop).
+            VmmAction::Shutdown => {
+                vm.shutdown();
+                Ok(VmmData::Empty)
+            }
             // The snapshot engineer replaces this arm with the snapshot creation.
             VmmAction::CreateSnapshot(_) => Err(ApiError::SnapshotsUnsupported),
             VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
@@ -340,6 +356,10 @@ mod tests {
             controller.handle(VmmAction::InstanceStart),
             Preboot::Start
         ));
+        assert!(matches!(
+            controller.handle(VmmAction::Shutdown),
+            Preboot::Shutdown
+        ));
         let load = serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
         let Preboot::Answer(Err(err)) = controller.handle(VmmAction::LoadSnapshot(load)) else {
             panic!("snapshot load accepted");
@@ -381,7 +401,7 @@ mod tests {
             })
             .unwrap();
         /// A VM that refuses to pause, as a VM that is not running does.
-        struct Refusing;
+        struct Refusing(Arc<ExitSignal>);
         impl RunningVm for Refusing {
             fn pause(&mut self) -> Result<(), VmmError> {
                 Err(VmmError::State(RunState::Created, RunState::Running))
@@ -389,8 +409,11 @@ mod tests {
             fn resume(&mut self) -> Result<(), VmmError> {
                 Err(VmmError::State(RunState::Created, RunState::Paused))
             }
+            fn shutdown(&mut self) {
+                self.0.request(ExitReason::Shutdown);
+            }
         }
-        let mut vm = Refusing;
+        let mut vm = Refusing(exit.clone());
         runtime.serve(&mut vm);
         assert!(matches!(start_answer.try_recv(), Ok(Ok(VmmData::Empty))));
         let Ok(Ok(VmmData::InstanceInfo(info))) = answer.try_recv() else {
@@ -426,6 +449,9 @@ mod tests {
         assert!(matches!(err, ApiError::SnapshotsUnsupported));
         let patch = serde_json::from_str(r#"{"drive_id": "nope"}"#).unwrap();
         assert!(handle(VmmAction::PatchDrive(patch)).is_err());
+        assert!(!exit.is_requested(), "no refusal stops the VM");
+        assert!(matches!(handle(VmmAction::Shutdown), Ok(VmmData::Empty)));
+        assert_eq!(exit.reason(), Some(ExitReason::Shutdown));
     }
 
     #[test]

@@ -8,18 +8,22 @@
 //! handled one at a time, in order, as in Firecracker.
 
 pub mod action;
+pub mod client;
 pub mod controller;
 pub mod http;
 pub mod models;
 pub mod parse;
+pub mod remote;
 pub mod resources;
+pub mod restore;
 pub mod shape;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -36,6 +40,8 @@ const READ_CHUNK: usize = 4096;
 /// dropped (up to this much) until it closes: closing a Unix socket with unread input
 /// resets it, and the client would lose that answer.
 const LINGER_LIMIT: usize = 1 << 20;
+/// How long a stopping server may spend writing the answers it still holds.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -92,20 +98,80 @@ impl MutEventSubscriber for EventfdWaker {
     }
 }
 
+/// Sends actions to the VMM thread and waits for their answers: what the server thread
+/// does for each HTTP request, and what `hearth restore` does without HTTP. Every sender
+/// feeds the same controller, so both are answered alike, one request at a time.
+#[derive(Clone)]
+pub struct ActionSender {
+    sender: mpsc::Sender<ApiRequest>,
+    wake: Arc<EventFd>,
+}
+
+impl ActionSender {
+    /// Hands `action` to the VMM thread and waits for its answer ([`ApiError::VmmGone`]
+    /// once the VMM has stopped serving).
+    pub fn dispatch(&self, action: VmmAction) -> ActionResult {
+        let (reply, answer) = mpsc::channel();
+        self.sender
+            .send(ApiRequest { action, reply })
+            .map_err(|_| ApiError::VmmGone)?;
+        if let Err(e) = self.wake.write(1) {
+            log::error!("API: cannot wake the VMM: {e}");
+        }
+        answer.recv().map_err(|_| ApiError::VmmGone)?
+    }
+}
+
+/// A new request channel: its sending end, and the VMM thread's end.
+pub fn channel() -> std::io::Result<(ActionSender, ApiEndpoint)> {
+    let eventfd = EventFd::new(EFD_NONBLOCK)?;
+    let wake = Arc::new(eventfd.try_clone()?);
+    let (sender, requests) = mpsc::channel();
+    Ok((
+        ActionSender { sender, wake },
+        ApiEndpoint { requests, eventfd },
+    ))
+}
+
 /// The API socket: removed when dropped, so that it disappears whenever hearth stops.
+/// Dropping it also stops the server thread once it has written the answers it holds
+/// (bounded by [`FLUSH_TIMEOUT`]): the VMM may be about to exit right after answering,
+/// as after `PUT /api/v1/vmm.shutdown` or a `SendCtrlAltDel` that ends the guest.
 pub struct ApiSocket {
     path: PathBuf,
+    stop: Option<EventFd>,
+    stopped: Option<mpsc::Receiver<()>>,
 }
 
 impl Drop for ApiSocket {
     fn drop(&mut self) {
+        // First, so that no new client connects to a VMM that is going away.
         let _ = std::fs::remove_file(&self.path);
+        if let Some(stop) = &self.stop {
+            let _ = stop.write(1);
+        }
+        if let Some(stopped) = &self.stopped {
+            // The server thread drops its sender when it ends.
+            let _ = stopped.recv_timeout(FLUSH_TIMEOUT * 2);
+        }
     }
 }
 
 /// Binds the API socket at `path` (replacing a stale socket, never another file) and
 /// starts the server thread. Requests may be sent as soon as this returns.
 pub fn start_server(path: &Path, max_body: usize) -> Result<(ApiSocket, ApiEndpoint), ServerError> {
+    let (sender, endpoint) = channel().map_err(ServerError::Setup)?;
+    let socket = serve_http(path, max_body, sender)?;
+    Ok((socket, endpoint))
+}
+
+/// Binds the API socket at `path` and starts a server thread that sends each request's
+/// action through `sender`.
+pub fn serve_http(
+    path: &Path,
+    max_body: usize,
+    sender: ActionSender,
+) -> Result<ApiSocket, ServerError> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -117,19 +183,26 @@ pub fn start_server(path: &Path, max_body: usize) -> Result<(ApiSocket, ApiEndpo
         path: path.to_path_buf(),
         source,
     })?;
-    let socket = ApiSocket {
+    let mut socket = ApiSocket {
         path: path.to_path_buf(),
+        stop: None,
+        stopped: None,
     };
     listener.set_nonblocking(true).map_err(ServerError::Setup)?;
-    let eventfd = EventFd::new(EFD_NONBLOCK).map_err(ServerError::Setup)?;
-    let wake = eventfd.try_clone().map_err(ServerError::Setup)?;
-    let (sender, requests) = mpsc::channel();
+    let stop = EventFd::new(EFD_NONBLOCK).map_err(ServerError::Setup)?;
+    let server_stop = stop.try_clone().map_err(ServerError::Setup)?;
+    let (stopped_sender, stopped) = mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || Server::new(listener, sender, wake, max_body).run())
+        .spawn(move || {
+            Server::new(listener, sender, server_stop, max_body).run();
+            drop(stopped_sender);
+        })
         .map_err(ServerError::Setup)?;
+    socket.stop = Some(stop);
+    socket.stopped = Some(stopped);
     log::info!("API server listening on {}", path.display());
-    Ok((socket, ApiEndpoint { requests, eventfd }))
+    Ok(socket)
 }
 
 /// One client connection.
@@ -150,23 +223,22 @@ struct Connection {
 
 struct Server {
     listener: UnixListener,
-    sender: mpsc::Sender<ApiRequest>,
-    wake: EventFd,
+    sender: ActionSender,
+    /// Readable once the socket is dropped: write what is pending and end.
+    stop: EventFd,
     max_body: usize,
     connections: Vec<Connection>,
 }
 
+/// The fds polled before the connections': `stop`, then the listener.
+const FIRST_CONNECTION_FD: usize = 2;
+
 impl Server {
-    fn new(
-        listener: UnixListener,
-        sender: mpsc::Sender<ApiRequest>,
-        wake: EventFd,
-        max_body: usize,
-    ) -> Self {
+    fn new(listener: UnixListener, sender: ActionSender, stop: EventFd, max_body: usize) -> Self {
         Self {
             listener,
             sender,
-            wake,
+            stop,
             max_body,
             connections: Vec::new(),
         }
@@ -174,8 +246,13 @@ impl Server {
 
     fn run(mut self) {
         loop {
-            let mut fds = Vec::with_capacity(self.connections.len() + 1);
+            let mut fds = Vec::with_capacity(self.connections.len() + FIRST_CONNECTION_FD);
             let listening = self.connections.len() < MAX_CONNECTIONS;
+            fds.push(libc::pollfd {
+                fd: self.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
             fds.push(libc::pollfd {
                 fd: self.listener.as_raw_fd(),
                 events: if listening { libc::POLLIN } else { 0 },
@@ -206,10 +283,16 @@ impl Server {
                 log::error!("API server: poll failed: {err}");
                 return;
             }
-            // Serve existing connections first; `fds[i + 1]` belongs to connection i.
+            // Checked first: once the VMM is going away, no new request is taken.
+            if fds[0].revents != 0 {
+                self.flush();
+                return;
+            }
+            // Serve existing connections first; `fds[i + FIRST_CONNECTION_FD]` belongs to
+            // connection i.
             let mut keep = Vec::with_capacity(self.connections.len());
             let connections = std::mem::take(&mut self.connections);
-            for (conn, fd) in connections.into_iter().zip(&fds[1..]) {
+            for (conn, fd) in connections.into_iter().zip(&fds[FIRST_CONNECTION_FD..]) {
                 if fd.revents == 0 {
                     keep.push(conn);
                 } else if let Some(conn) = self.serve(conn, fd.revents) {
@@ -217,8 +300,31 @@ impl Server {
                 }
             }
             self.connections = keep;
-            if fds[0].revents != 0 {
+            if fds[1].revents != 0 {
                 self.accept();
+            }
+        }
+    }
+
+    /// Writes the answers still held for clients, within [`FLUSH_TIMEOUT`] in all.
+    fn flush(&mut self) {
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
+        for conn in &mut self.connections {
+            if conn.output.is_empty() || conn.lingering.is_some() {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!("API server: answers left unwritten at shutdown");
+                return;
+            }
+            let written = conn
+                .stream
+                .set_nonblocking(false)
+                .and_then(|()| conn.stream.set_write_timeout(Some(left)))
+                .and_then(|()| conn.stream.write_all(&conn.output));
+            if let Err(e) = written {
+                log::info!("API server: an answer was not delivered at shutdown: {e}");
             }
         }
     }
@@ -356,14 +462,7 @@ impl Server {
 
     /// Hands an action to the VMM thread and waits for its answer.
     fn dispatch(&mut self, action: VmmAction) -> ActionResult {
-        let (reply, answer) = mpsc::channel();
-        self.sender
-            .send(ApiRequest { action, reply })
-            .map_err(|_| ApiError::VmmGone)?;
-        if let Err(e) = self.wake.write(1) {
-            log::error!("API server: cannot wake the VMM: {e}");
-        }
-        answer.recv().map_err(|_| ApiError::VmmGone)?
+        self.sender.dispatch(action)
     }
 }
 
@@ -394,4 +493,46 @@ pub fn error_response(err: &ApiError, close: bool) -> Vec<u8> {
     let body = serde_json::to_string(&fault)
         .unwrap_or_else(|_| "{\"fault_message\":\"error\"}".to_string());
     http::render_response(err.status(), Some(&body), close)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropping_the_socket_delivers_the_answers_already_given() {
+        let path = std::env::temp_dir().join(format!("hearth-api-flush-{}", std::process::id()));
+        let (socket, endpoint) = start_server(&path, http::DEFAULT_MAX_BODY).unwrap();
+        let mut client = crate::uds::connect(&path).unwrap();
+        client.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+
+        // The VMM thread answers and goes away at once, as after a shutdown request.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let request = loop {
+            if let Some(request) = endpoint.try_next() {
+                break request;
+            }
+            assert!(Instant::now() < deadline, "the request never arrived");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(request.action, VmmAction::GetVersion);
+        request
+            .reply
+            .send(Ok(VmmData::Version("9.9".into())))
+            .unwrap();
+        drop(endpoint);
+        drop(socket);
+        assert!(!path.exists(), "the socket file is removed");
+
+        // Everything is written by the time the drop returns, and the server is gone.
+        client.set_nonblocking(true).unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(
+            answer.ends_with(r#"{"firecracker_version":"9.9"}"#),
+            "{answer}"
+        );
+    }
 }

@@ -22,6 +22,13 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
     ("pmem", "persistent memory devices (/pmem)"),
 ];
 
+/// hearth's one request outside Firecracker's API: stop the VMM. Firecracker has no such
+/// request (its VMM ends with the guest or a signal); Cloud Hypervisor calls it
+/// `PUT /api/v1/vmm.shutdown`, and hearth takes that path and meaning (no body, 204). No
+/// Firecracker path starts with `/api/`, so a Firecracker client cannot send it by
+/// accident, and Cloud Hypervisor's `ch-remote shutdown-vmm` works against hearth.
+pub const SHUTDOWN_PATH: &str = "/api/v1/vmm.shutdown";
+
 /// Turns one request into an action. `body` is `None` when the request has none (no
 /// `Content-Length`, or zero).
 pub fn parse_request(method: &str, path: &str, body: Option<&[u8]>) -> Result<VmmAction, ApiError> {
@@ -33,6 +40,13 @@ pub fn parse_request(method: &str, path: &str, body: Option<&[u8]>) -> Result<Vm
     let route = path.split_once('?').map_or(path, |(route, _)| route);
     if !route.starts_with('/') {
         return Err(invalid());
+    }
+    if route == SHUTDOWN_PATH {
+        return match (method, body) {
+            ("PUT", None) => Ok(VmmAction::Shutdown),
+            ("PUT", Some(_)) => Err(ApiError::BodyNotAllowed(format!("PUT {SHUTDOWN_PATH}"))),
+            _ => Err(invalid()),
+        };
     }
     let segments: Vec<&str> = route
         .trim_start_matches('/')
@@ -291,6 +305,9 @@ mod tests {
             ("PATCH", "/vm", r#"{"state": "Resumed"}"#, |a| {
                 *a == VmmAction::Resume
             }),
+            ("PUT", "/api/v1/vmm.shutdown", "", |a| {
+                *a == VmmAction::Shutdown
+            }),
             (
                 "PUT",
                 "/snapshot/create",
@@ -429,6 +446,21 @@ mod tests {
             ),
             ("PUT", "/metrics", "{}", "hearth does not implement metrics"),
             ("PUT", "/boot-source", "\u{0}\u{ff}", "invalid JSON body"),
+            (
+                "PUT",
+                "/api/v1/vmm.shutdown",
+                "{}",
+                "a PUT /api/v1/vmm.shutdown request cannot have a body",
+            ),
+            (
+                "GET",
+                "/api/v1/vmm.shutdown",
+                "",
+                "invalid request method and/or path",
+            ),
+            // Only the shutdown is taken from Cloud Hypervisor's API.
+            ("PUT", "/api/v1/vm.pause", "", "invalid request method"),
+            ("PUT", "/vmm.shutdown", "", "invalid request method"),
         ];
         for (method, path, body, expected) in table {
             let err = parse(method, path, body).expect_err(&format!("{method} {path} {body}"));

@@ -18,7 +18,8 @@ use super::action::{ApiError, VmmData};
 use super::controller::{apply_logger, parse_level, Preboot, PrebootController, RuntimeController};
 use super::models::FullVmConfig;
 use super::resources::VmResources;
-use super::{http, start_server, ApiEndpoint, ServerError};
+use super::{channel as api_channel, http, serve_http, start_server};
+use super::{ActionSender, ApiEndpoint, ServerError};
 use crate::builder::{build_vm, BuildError};
 use crate::cli::FirecrackerArgs;
 use crate::config::VmConfig;
@@ -108,6 +109,10 @@ pub fn run_firecracker(args: &FirecrackerArgs) -> Result<u8, ShapeError> {
                     drop(socket);
                     return Ok(ExitReason::Signal(signo).status());
                 }
+                Started::Shutdown => {
+                    drop(socket);
+                    return Ok(crate::report_exit(&ExitReason::Shutdown));
+                }
             }
         }
         // clap makes --no-api require --config-file.
@@ -140,6 +145,45 @@ pub fn run_with_api(config: &VmConfig, path: &Path) -> Result<u8, ShapeError> {
     let status = run_to_end(vmm);
     drop(socket);
     status
+}
+
+/// An empty VMM in the firecracker shape whose requests come from `driver`, run on its
+/// own thread with an [`ActionSender`] (and, with `api_sock`, from the API socket too):
+/// `hearth restore`. The VMM serves the driver exactly as it serves the API, through
+/// the same controllers, and runs until it stops. Returns the exit status and what the
+/// driver returned (`None` if its thread panicked).
+pub fn run_driven<T, F>(api_sock: Option<&Path>, driver: F) -> Result<(u8, Option<T>), ShapeError>
+where
+    T: Send + 'static,
+    F: FnOnce(ActionSender) -> T + Send + 'static,
+{
+    // Before any thread starts, so that only the VMM reads the terminating signals.
+    let signals = terminating_signalfd().map_err(ShapeError::Signals)?;
+    let (sender, endpoint) =
+        api_channel().map_err(|e| ShapeError::Server(ServerError::Setup(e)))?;
+    let socket = api_sock
+        .map(|path| serve_http(path, http::DEFAULT_MAX_BODY, sender.clone()))
+        .transpose()?;
+    let driver = std::thread::Builder::new()
+        .name("driver".into())
+        .spawn(move || driver(sender))
+        .map_err(|e| ShapeError::Server(ServerError::Setup(e)))?;
+    let controller = PrebootController::new(DEFAULT_ID.to_string(), VmResources::default());
+    let status = match serve_until_start(controller, endpoint, &signals)? {
+        Started::Vm(vmm) => {
+            drop(signals);
+            run_to_end(*vmm)?
+        }
+        Started::Signal(signo) => {
+            log::info!("received signal {signo} before the VM started");
+            ExitReason::Signal(signo).status()
+        }
+        Started::Shutdown => crate::report_exit(&ExitReason::Shutdown),
+    };
+    drop(socket);
+    // The driver cannot be left waiting: the VMM's end of the channel is gone, so every
+    // request it still sends is answered `VmmGone`.
+    Ok((status, driver.join().ok()))
 }
 
 /// Runs the VM until it stops; its exit status, reported as `hearth run` does.
@@ -273,10 +317,12 @@ fn apply_config(doc: FullVmConfig, resources: &mut VmResources) -> Result<(), Ap
 enum Started {
     Vm(Box<Vmm>),
     Signal(i32),
+    /// `PUT /api/v1/vmm.shutdown` before anything started.
+    Shutdown,
 }
 
 /// The pre-boot loop: serves requests until `InstanceStart` builds the VM, or a
-/// terminating signal arrives.
+/// terminating signal or a shutdown request arrives.
 fn serve_until_start(
     mut controller: PrebootController,
     endpoint: ApiEndpoint,
@@ -293,6 +339,10 @@ fn serve_until_start(
             match controller.handle(request.action) {
                 Preboot::Answer(result) => {
                     let _ = request.reply.send(result);
+                }
+                Preboot::Shutdown => {
+                    let _ = request.reply.send(Ok(VmmData::Empty));
+                    return Ok(Started::Shutdown);
                 }
                 Preboot::Start => match start(&controller) {
                     Ok(mut vmm) => {

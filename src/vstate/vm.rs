@@ -134,17 +134,6 @@ impl Vm {
     }
 }
 
-/// The VM's last reference goes to a kernel worker, so closing it costs this thread
-/// (and the process's exit) next to nothing.
-///
-/// Destroying a KVM VM is slow on the project's hosts: tearing down the in-kernel PIT
-/// waits for two back-to-back SRCU grace periods (`kvm_free_pit` unregistering its ack
-/// and mask notifiers), 13-20 ms, more than a tiny guest's whole boot. Exiting without
-/// closing the VM does not help, as the process's exit closes it the same way. An
-/// io_uring's teardown, though, runs in a kernel worker, and so does the release of the
-/// files registered with it: the VM fd is registered with a fresh ring, closed here
-/// (not the last reference then), and the ring closed after it. Where io_uring is not
-/// available (disabled, or refused by a seccomp filter) the VM is closed the slow way.
 impl Vm {
     /// The VM's state, with `clock` as the guest's clock (the one saved when the VM was
     /// paused: the clock has run on since).
@@ -182,6 +171,17 @@ impl Vm {
     }
 }
 
+/// The VM's last reference goes to a kernel worker, so closing it costs this thread
+/// (and the process's exit) next to nothing.
+///
+/// Destroying a KVM VM is slow on the project's hosts: tearing down the in-kernel PIT
+/// waits for two back-to-back SRCU grace periods (`kvm_free_pit` unregistering its ack
+/// and mask notifiers), 13-20 ms, more than a tiny guest's whole boot. Exiting without
+/// closing the VM does not help, as the process's exit closes it the same way. An
+/// io_uring's teardown, though, runs in a kernel worker, and so does the release of the
+/// files registered with it: the VM fd is registered with a fresh ring, closed here
+/// (not the last reference then), and the ring closed after it. Where io_uring is not
+/// available (disabled, or refused by a seccomp filter) the VM is closed the slow way.
 impl Drop for Vm {
     fn drop(&mut self) {
         // SAFETY: `fd` is taken once, here, and `self` is not used after.

@@ -1,11 +1,12 @@
-//! Clients for hearth's API socket in the tests: curl, and a raw HTTP/1.x connection for
-//! what clients hide (keep-alive, pipelining, HTTP/1.0, exact headers).
+//! Clients for hearth's API socket in the tests: curl, hearth's own client
+//! (`hearth::api::client`), and raw requests on its connections for what clients hide
+//! (keep-alive, pipelining, HTTP/1.0, malformed requests, exact headers).
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 
+pub use hearth::api::client::Response;
+use hearth::api::client::{ApiClient, Connection};
 use serde_json::Value;
 
 use super::RUN_TIMEOUT;
@@ -51,89 +52,57 @@ pub fn curl(sock: &Path, method: &str, path: &str, body: Option<Value>) -> (u16,
     (code.parse().expect("a status code"), json)
 }
 
-/// A raw HTTP/1.x connection, for what clients hide.
-pub struct Conn {
-    stream: UnixStream,
-    buffer: Vec<u8>,
+/// A raw HTTP/1.x connection, for what clients hide: hearth's own client connection
+/// (`hearth::api::client::Connection`) that fails the test on any error.
+pub struct Conn(Connection);
+
+/// The JSON body of an answer.
+pub trait JsonBody {
+    fn json(&self) -> Value;
 }
 
-pub struct Response {
-    pub status: u16,
-    pub head: String,
-    pub body: Vec<u8>,
-}
-
-impl Response {
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            key.eq_ignore_ascii_case(name)
-                .then(|| value.trim().to_string())
-        })
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).expect("a JSON body")
+impl JsonBody for Response {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not a JSON body ({e}): {self:?}"))
     }
 }
 
 impl Conn {
     pub fn open(sock: &Path) -> Conn {
-        let stream = UnixStream::connect(sock).expect("connect to the API socket");
-        stream
-            .set_read_timeout(Some(RUN_TIMEOUT))
-            .expect("set a read timeout");
-        Conn {
-            stream,
-            buffer: Vec::new(),
-        }
+        Conn(Connection::open(sock, RUN_TIMEOUT).expect("connect to the API socket"))
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("write a request");
-    }
-
-    fn fill(&mut self) -> usize {
-        let mut chunk = [0u8; 4096];
-        let n = self.stream.read(&mut chunk).expect("read a response");
-        self.buffer.extend_from_slice(&chunk[..n]);
-        n
+        self.0.send(bytes).expect("write a request");
     }
 
     /// The next response: its head, and as many body bytes as its Content-Length says.
     pub fn response(&mut self) -> Response {
-        let head_end = loop {
-            if let Some(end) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            assert_ne!(self.fill(), 0, "the connection closed before a response");
-        };
-        let head = String::from_utf8(self.buffer[..head_end].to_vec()).expect("text head");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("a status line");
-        let mut response = Response {
-            status,
-            head,
-            body: Vec::new(),
-        };
-        let length: usize = response
-            .header("content-length")
-            .map_or(0, |l| l.parse().expect("a numeric Content-Length"));
-        while self.buffer.len() < head_end + length {
-            assert_ne!(self.fill(), 0, "the connection closed inside a body");
-        }
-        response.body = self.buffer[head_end..head_end + length].to_vec();
-        self.buffer.drain(..head_end + length);
-        response
+        self.0
+            .read_response()
+            .unwrap_or_else(|e| panic!("no response: {}", hearth::error_chain(&e)))
     }
 
     /// Whether the server closed the connection (after everything was read).
     pub fn is_closed(&mut self) -> bool {
-        self.buffer.is_empty() && self.fill() == 0
+        self.0.is_closed().expect("read the end of the connection")
     }
+}
+
+/// One request with hearth's client (a fresh connection); the status and the JSON
+/// answer (`null` for none). An empty `body` sends none.
+pub fn call(sock: &Path, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let body = (!body.is_empty()).then_some(body.as_bytes());
+    let response = ApiClient::new(sock, RUN_TIMEOUT)
+        .request(method, path, body)
+        .unwrap_or_else(|e| panic!("{method} {path}: {}", hearth::error_chain(&e)));
+    let json = if response.body.is_empty() {
+        Value::Null
+    } else {
+        response.json()
+    };
+    (response.status, json)
 }
 
 /// A raw request with an optional JSON body.

@@ -1,0 +1,269 @@
+//! `hearth restore --state S --mem M [...]`: a microVM restored from a snapshot in one
+//! command. The command line becomes a [`RestorePlan`], the requests a Firecracker
+//! client would send: `PUT /snapshot/load` (with the network and vsock overrides), and
+//! for each `--disk-override` a `PATCH /drives/{id}` between a load that leaves the VM
+//! paused and the `PATCH /vm` that resumes it (Firecracker's way to move a disk). An
+//! empty VMM in the firecracker shape serves these requests in-process, through the same
+//! controllers as the API (`shape::run_driven`), so a restore behaves exactly as the
+//! same requests on a socket; with `--api-sock` the API serves the VM as well.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use super::action::{ApiError, VmmAction};
+use super::models::{
+    MemoryBackend, MemoryBackendType, NetworkOverride, PartialDrive, SnapshotLoadParams,
+    VsockOverride,
+};
+use super::shape::{run_driven, ShapeError};
+use super::ActionSender;
+use crate::devices::virtio::net::tap;
+
+/// `hearth restore` options.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot's VM state file (`hearth remote snapshot --state`).
+    #[arg(long, value_name = "PATH")]
+    pub state: PathBuf,
+
+    /// The snapshot's guest memory file (`hearth remote snapshot --mem`).
+    #[arg(long, value_name = "PATH")]
+    pub mem: PathBuf,
+
+    /// Also serve the API on this socket while the restored VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+
+    /// Attach network interface IFACE to the tap TAP instead of the snapshot's.
+    /// Repeatable.
+    #[arg(long = "net-override", value_name = "IFACE=TAP")]
+    pub net_overrides: Vec<String>,
+
+    /// The vsock device's host socket, instead of the snapshot's.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_override: Option<PathBuf>,
+
+    /// Back drive ID with the image PATH instead of the snapshot's. Repeatable.
+    #[arg(long = "disk-override", value_name = "ID=PATH")]
+    pub disk_overrides: Vec<String>,
+
+    /// Leave the restored VM paused, for a client of --api-sock to resume.
+    #[arg(long, requires = "api_sock")]
+    pub paused: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("invalid {flag} \"{value}\": {reason}")]
+    Override {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("{flag} names \"{id}\" twice")]
+    Duplicate { flag: &'static str, id: String },
+    #[error("cannot load the snapshot")]
+    Load(#[source] ApiError),
+    #[error("cannot give drive \"{0}\" its new image")]
+    Drive(String, #[source] ApiError),
+    #[error("cannot resume the restored microVM")]
+    Resume(#[source] ApiError),
+    #[error("the restore stopped unexpectedly")]
+    DriverPanicked,
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+}
+
+impl RestoreError {
+    /// The VMM stopped (a signal) before the restore finished: not the restore's fault.
+    fn vmm_gone(&self) -> bool {
+        matches!(
+            self,
+            Self::Load(ApiError::VmmGone)
+                | Self::Drive(_, ApiError::VmmGone)
+                | Self::Resume(ApiError::VmmGone)
+        )
+    }
+}
+
+/// The requests of a restore, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestorePlan {
+    pub load: SnapshotLoadParams,
+    /// New images for drives, applied while the loaded VM is paused.
+    pub drives: Vec<PartialDrive>,
+    /// Resume after the drive updates (the load resumes by itself when there are none).
+    pub resume: bool,
+}
+
+impl RestorePlan {
+    /// The requests, as the API would receive them.
+    pub fn actions(&self) -> Vec<VmmAction> {
+        let mut actions = vec![VmmAction::LoadSnapshot(self.load.clone())];
+        actions.extend(self.drives.iter().cloned().map(VmmAction::PatchDrive));
+        if self.resume {
+            actions.push(VmmAction::Resume);
+        }
+        actions
+    }
+}
+
+impl RestoreArgs {
+    /// The requests these arguments stand for; malformed overrides are refused here,
+    /// before anything starts.
+    pub fn plan(&self) -> Result<RestorePlan, RestoreError> {
+        let mut ifaces = HashSet::new();
+        let mut network_overrides = Vec::with_capacity(self.net_overrides.len());
+        for value in &self.net_overrides {
+            let (iface_id, tap_name) = split_override("--net-override", value, "IFACE=TAP")?;
+            check_id("--net-override", value, "interface id", iface_id)?;
+            if !tap::valid_name(tap_name) {
+                return Err(bad(
+                    "--net-override",
+                    value,
+                    format!("\"{tap_name}\" is not a tap name (1 to 15 printable characters without '/' or ':')"),
+                ));
+            }
+            if !ifaces.insert(iface_id) {
+                return Err(RestoreError::Duplicate {
+                    flag: "--net-override",
+                    id: iface_id.to_string(),
+                });
+            }
+            network_overrides.push(NetworkOverride {
+                iface_id: iface_id.to_string(),
+                host_dev_name: tap_name.to_string(),
+            });
+        }
+
+        let mut drive_ids = HashSet::new();
+        let mut drives = Vec::with_capacity(self.disk_overrides.len());
+        for value in &self.disk_overrides {
+            let (drive_id, path) = split_override("--disk-override", value, "ID=PATH")?;
+            check_id("--disk-override", value, "drive id", drive_id)?;
+            if path.is_empty() {
+                return Err(bad("--disk-override", value, "the image path is empty"));
+            }
+            if !drive_ids.insert(drive_id) {
+                return Err(RestoreError::Duplicate {
+                    flag: "--disk-override",
+                    id: drive_id.to_string(),
+                });
+            }
+            drives.push(PartialDrive {
+                drive_id: drive_id.to_string(),
+                path_on_host: Some(absolute(path)),
+                rate_limiter: None,
+            });
+        }
+
+        let vsock_override = self.vsock_override.as_ref().map(|path| VsockOverride {
+            uds_path: absolute(path),
+        });
+        let resume_at_load = !self.paused && drives.is_empty();
+        Ok(RestorePlan {
+            load: SnapshotLoadParams {
+                snapshot_path: absolute(&self.state),
+                mem_file_path: None,
+                mem_backend: Some(MemoryBackend {
+                    backend_type: MemoryBackendType::File,
+                    backend_path: absolute(&self.mem),
+                }),
+                enable_diff_snapshots: false,
+                track_dirty_pages: false,
+                resume_vm: resume_at_load,
+                network_overrides,
+                vsock_override,
+                clock_realtime: false,
+                huge_pages: None,
+            },
+            resume: !self.paused && !drives.is_empty(),
+            drives,
+        })
+    }
+}
+
+/// `ID=VALUE`, split at the first '='.
+fn split_override<'a>(
+    flag: &'static str,
+    value: &'a str,
+    form: &str,
+) -> Result<(&'a str, &'a str), RestoreError> {
+    value
+        .split_once('=')
+        .ok_or_else(|| bad(flag, value, format!("expected {form}")))
+}
+
+/// Firecracker's rule for resource ids: letters, digits and '_'.
+fn check_id(flag: &'static str, value: &str, what: &str, id: &str) -> Result<(), RestoreError> {
+    if id.is_empty() {
+        return Err(bad(flag, value, format!("the {what} is empty")));
+    }
+    if !id.chars().all(|c| c == '_' || c.is_alphanumeric()) {
+        return Err(bad(
+            flag,
+            value,
+            format!("{what} \"{id}\" may hold only letters, digits and '_'"),
+        ));
+    }
+    Ok(())
+}
+
+fn bad(flag: &'static str, value: &str, reason: impl Into<String>) -> RestoreError {
+    RestoreError::Override {
+        flag,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Paths as the user meant them; one that cannot be resolved is left for the VMM to
+/// refuse by name.
+fn absolute(path: impl AsRef<std::path::Path>) -> PathBuf {
+    let path = path.as_ref();
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Restores and runs the microVM until it stops; its exit status, as `hearth run`'s.
+pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
+    let plan = args.plan()?;
+    let (status, driven) = run_driven(args.api_sock.as_deref(), move |sender| {
+        drive(&plan, &sender)
+    })?;
+    match driven {
+        Some(Ok(())) => Ok(status),
+        Some(Err(e)) if e.vmm_gone() => Ok(status),
+        Some(Err(e)) => Err(e),
+        None => Err(RestoreError::DriverPanicked),
+    }
+}
+
+/// Sends the plan's requests in order. When one is refused, the VMM is shut down (the
+/// restore has failed, and a half-restored VM must not linger) and the refusal returned.
+fn drive(plan: &RestorePlan, vmm: &ActionSender) -> Result<(), RestoreError> {
+    let result = plan.actions().into_iter().try_for_each(|action| {
+        let refused = refusal(&action);
+        vmm.dispatch(action).map(drop).map_err(refused)
+    });
+    if result.is_err() {
+        let _ = vmm.dispatch(VmmAction::Shutdown);
+    }
+    result
+}
+
+/// How a refusal of `action` is reported.
+fn refusal(action: &VmmAction) -> impl FnOnce(ApiError) -> RestoreError {
+    let drive = match action {
+        VmmAction::PatchDrive(drive) => Some(drive.drive_id.clone()),
+        _ => None,
+    };
+    let resume = *action == VmmAction::Resume;
+    move |err| match drive {
+        Some(id) => RestoreError::Drive(id, err),
+        None if resume => RestoreError::Resume(err),
+        None => RestoreError::Load(err),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,268 @@
+//! `hearth remote` and `hearth restore` end to end: the real binary, driving a tiny guest
+//! served by `hearth run --api-sock` (or an empty `hearth --api-sock` VMM) through its
+//! API socket.
+//!
+//! The guest is the `keyboard` payload: it prints "keyboard ready" and ends the VM with
+//! status 42 once it reads Ctrl+Alt+Del from the i8042.
+//!
+//! `remote_pause_resume_keeps_the_guest_running` needs pausing, which another branch
+//! wires into `PATCH /vm`; until it is merged, that test fails with the VMM's "pause is
+//! not supported by this build yet".
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{
+    describe, hearth, kvm_available, payload, run_with_timeout, stderr_of, stdout_of, Format,
+    Running, TempDir, RUN_TIMEOUT,
+};
+use serde_json::Value;
+
+/// The keyboard payload's status after Ctrl+Alt+Del.
+const CTRL_ALT_DEL_STATUS: i32 = 42;
+
+/// A hearth process serving the API on `sock`.
+struct Vmm {
+    running: Running,
+    sock: PathBuf,
+    /// Holds the socket and the console; removed after the VMM.
+    _dir: TempDir,
+}
+
+impl Vmm {
+    /// `hearth run --api-sock` with the keyboard payload, once the guest is ready.
+    fn run_keyboard_guest() -> Vmm {
+        let dir = TempDir::new("remote");
+        let sock = dir.join("api.sock");
+        let console = dir.join("console.log");
+        let mut cmd = hearth();
+        cmd.args(["run", "--memory", "32M", "--kernel"])
+            .arg(payload("keyboard", Format::Elf64))
+            .arg("--serial")
+            .arg(format!("file={}", console.display()))
+            .arg("--api-sock")
+            .arg(&sock);
+        let vmm = Vmm::wait_for_socket(Running::start(cmd, Stdio::null()), sock, dir);
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        while !std::fs::read_to_string(&console).is_ok_and(|c| c.contains("keyboard ready")) {
+            assert!(
+                Instant::now() < deadline,
+                "the guest never said it was ready\n{}",
+                vmm.running.describe_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vmm
+    }
+
+    /// An empty VMM in Firecracker's shape: `hearth --api-sock`.
+    fn empty() -> Vmm {
+        let dir = TempDir::new("remote-empty");
+        let sock = dir.join("api.sock");
+        let mut cmd = hearth();
+        cmd.arg("--api-sock").arg(&sock);
+        Vmm::wait_for_socket(Running::start(cmd, Stdio::null()), sock, dir)
+    }
+
+    fn wait_for_socket(running: Running, sock: PathBuf, dir: TempDir) -> Vmm {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        while UnixStream::connect(&sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the API socket never answered\n{}",
+                running.describe_so_far()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Vmm {
+            running,
+            sock,
+            _dir: dir,
+        }
+    }
+
+    /// `hearth remote --api-sock SOCK ARGS...`.
+    fn remote(&self, args: &[&str]) -> Output {
+        remote(&self.sock, args)
+    }
+
+    /// `hearth remote ... info`, parsed.
+    fn info(&self) -> Value {
+        let out = self.remote(&["info"]);
+        common::assert_exit_code(&out, 0);
+        serde_json::from_str(&stdout_of(&out))
+            .unwrap_or_else(|e| panic!("info is not JSON ({e})\n{}", describe(&out)))
+    }
+
+    /// Waits for the VMM to end with `status`, and checks that its socket is gone.
+    fn expect_end(self, status: i32) {
+        let out = self.running.finish(RUN_TIMEOUT);
+        common::assert_exit_code(&out, status);
+        assert!(!self.sock.exists(), "the API socket was left behind");
+    }
+}
+
+fn remote(sock: &Path, args: &[&str]) -> Output {
+    let mut cmd = hearth();
+    cmd.arg("remote").arg("--api-sock").arg(sock).args(args);
+    run_with_timeout(cmd, RUN_TIMEOUT)
+}
+
+/// A command that did nothing and said why in one line.
+#[track_caller]
+fn assert_one_error_line(out: &Output, expected: &str) {
+    common::assert_exit_code(out, 1);
+    let stderr = stderr_of(out);
+    assert!(
+        stderr.starts_with("hearth: ") && stderr.ends_with('\n') && stderr.lines().count() == 1,
+        "not one error line\n{}",
+        describe(out)
+    );
+    assert!(
+        stderr.contains(expected),
+        "expected {expected:?}\n{}",
+        describe(out)
+    );
+    assert!(out.stdout.is_empty(), "{}", describe(out));
+}
+
+#[test]
+fn remote_info_then_shutdown_ends_a_running_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let vmm = Vmm::run_keyboard_guest();
+    let info = vmm.info();
+    assert_eq!(info["instance"]["app_name"], "hearth");
+    assert_eq!(info["instance"]["state"], "Running");
+    let config = &info["vm_config"];
+    assert_eq!(config["machine-config"]["mem_size_mib"], 32);
+    assert_eq!(
+        config["boot-source"]["kernel_image_path"],
+        serde_json::json!(payload("keyboard", Format::Elf64))
+    );
+
+    let out = vmm.remote(&["shutdown"]);
+    common::assert_exit_code(&out, 0);
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "{}",
+        describe(&out)
+    );
+    // `remote shutdown` returns once the VMM has removed its socket.
+    assert!(!vmm.sock.exists(), "the socket outlived `remote shutdown`");
+    let sock = vmm.sock.clone();
+    // Status 0, not the payload's 42: the VMM ended, not the guest.
+    vmm.expect_end(0);
+
+    let out = remote(&sock, &["info"]);
+    assert_one_error_line(
+        &out,
+        &format!("cannot connect to the API socket \"{}\"", sock.display()),
+    );
+}
+
+#[test]
+fn remote_ctrl_alt_del_reaches_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let vmm = Vmm::run_keyboard_guest();
+    let out = vmm.remote(&["ctrl-alt-del"]);
+    common::assert_exit_code(&out, 0);
+    vmm.expect_end(CTRL_ALT_DEL_STATUS);
+}
+
+#[test]
+fn remote_refusals_are_one_line_and_an_empty_vmm_shuts_down() {
+    if !kvm_available() {
+        return;
+    }
+    let vmm = Vmm::empty();
+    assert_eq!(vmm.info()["instance"]["state"], "Not started");
+    let out = vmm.remote(&["ctrl-alt-del"]);
+    assert_one_error_line(
+        &out,
+        "PUT /actions was refused (400): SendCtrlAltDel is only possible once the microVM \
+         runs: send InstanceStart first",
+    );
+    let out = vmm.remote(&["pause"]);
+    assert_one_error_line(&out, "PATCH /vm was refused (400): ");
+    // A refusal changes nothing: the VMM still answers.
+    assert_eq!(vmm.info()["instance"]["state"], "Not started");
+
+    let out = vmm.remote(&["shutdown"]);
+    common::assert_exit_code(&out, 0);
+    vmm.expect_end(0);
+}
+
+/// Fails until pausing is merged (see the top of this file).
+#[test]
+fn remote_pause_resume_keeps_the_guest_running() {
+    if !kvm_available() {
+        return;
+    }
+    let vmm = Vmm::run_keyboard_guest();
+    let out = vmm.remote(&["pause"]);
+    common::assert_exit_code(&out, 0);
+    assert_eq!(vmm.info()["instance"]["state"], "Paused");
+    let out = vmm.remote(&["resume"]);
+    common::assert_exit_code(&out, 0);
+    assert_eq!(vmm.info()["instance"]["state"], "Running");
+    // The guest runs again: it still reads the keyboard.
+    common::assert_exit_code(&vmm.remote(&["ctrl-alt-del"]), 0);
+    vmm.expect_end(CTRL_ALT_DEL_STATUS);
+}
+
+#[test]
+fn restore_failures_are_one_line_and_leave_nothing_behind() {
+    let dir = TempDir::new("restore");
+    let sock = dir.join("restore.sock");
+    let state = dir.join("missing.state");
+    let mem = dir.join("missing.mem");
+    let restore = |extra: &[&str]| {
+        let mut cmd = hearth();
+        cmd.arg("restore")
+            .arg("--state")
+            .arg(&state)
+            .arg("--mem")
+            .arg(&mem)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(extra);
+        run_with_timeout(cmd, RUN_TIMEOUT)
+    };
+
+    // The load is refused (on this build: snapshots are not wired yet; with them: the
+    // state file is missing); the empty VMM ends and its socket goes.
+    let out = restore(&["--net-override", "eth0=tap0"]);
+    assert_one_error_line(&out, "hearth: cannot load the snapshot: ");
+    assert!(!sock.exists(), "the API socket was left behind");
+
+    // Malformed overrides are refused before anything starts.
+    for (flag, value, reason) in [
+        ("--net-override", "eth0", "expected IFACE=TAP"),
+        ("--disk-override", "rootfs", "expected ID=PATH"),
+        ("--disk-override", "bad-id=/x.img", "drive id \"bad-id\""),
+    ] {
+        let out = restore(&[flag, value]);
+        assert_one_error_line(&out, &format!("invalid {flag} \"{value}\": {reason}"));
+        assert!(!sock.exists());
+    }
+
+    // --paused without a socket could never be resumed.
+    let out = run_with_timeout(
+        {
+            let mut cmd = hearth();
+            cmd.args(["restore", "--state", "s", "--mem", "m", "--paused"]);
+            cmd
+        },
+        RUN_TIMEOUT,
+    );
+    common::assert_exit_code(&out, 2);
+    assert!(stderr_of(&out).contains("--api-sock"), "{}", describe(&out));
+}
