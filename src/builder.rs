@@ -32,7 +32,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::exit::ExitSignal;
-use crate::snapshot::SnapshotError;
+use crate::snapshot::{Snapshot, SnapshotError, StateFile};
 use crate::vmm::persist::{OverrideError, VmmState};
 use crate::vmm::{ConsoleSetup, RuntimeDevices, Vmm};
 use crate::vstate::kvm::{KvmContext, KvmError};
@@ -233,6 +233,25 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     ))
 }
 
+/// A snapshot whose state file was read and checked against this host, with its guest
+/// memory mapped: what [`build_from_loaded`] builds a VM from. Its payload (the saved
+/// VM) can be looked at in between, e.g. by the API for the ids it saved.
+pub struct LoadedSnapshot {
+    kvm: KvmContext,
+    pub snapshot: Snapshot<VmmState>,
+    mem: GuestMemory,
+}
+
+/// Reads the snapshot in `state_path` and `mem_path`: the first half of
+/// [`build_from_snapshot`]. A damaged state file is refused before KVM is opened, a
+/// snapshot this host cannot run before the memory file is.
+pub fn load_snapshot(state_path: &Path, mem_path: &Path) -> Result<LoadedSnapshot, BuildError> {
+    let file = StateFile::read(state_path).map_err(SnapshotError::from)?;
+    let kvm = KvmContext::open()?;
+    let (snapshot, mem) = crate::snapshot::load_file::<VmmState>(&kvm, file, mem_path)?;
+    Ok(LoadedSnapshot { kvm, snapshot, mem })
+}
+
 /// Rebuilds a VM from a snapshot in the same order as [`build_vm`]: open KVM, read the
 /// state file and check this host against it, map guest memory from the memory file,
 /// create the VM with its saved interrupt controllers, PIT and clock, recreate every
@@ -240,9 +259,18 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
 /// No kernel is loaded and no firmware table written: all of that is in guest memory.
 /// The VM runs when started if `restore.resume`; otherwise it starts paused.
 pub fn build_from_snapshot(restore: &RestoreConfig, start: Instant) -> Result<Vmm, BuildError> {
-    let kvm = KvmContext::open()?;
-    let (snapshot, mem) =
-        crate::snapshot::load::<VmmState>(&kvm, &restore.state_path, &restore.mem_path)?;
+    let loaded = load_snapshot(&restore.state_path, &restore.mem_path)?;
+    build_from_loaded(loaded, restore, start)
+}
+
+/// The second half of [`build_from_snapshot`], from a snapshot [`load_snapshot`] read
+/// (`restore`'s file paths are not read again).
+pub fn build_from_loaded(
+    loaded: LoadedSnapshot,
+    restore: &RestoreConfig,
+    start: Instant,
+) -> Result<Vmm, BuildError> {
+    let LoadedSnapshot { kvm, snapshot, mem } = loaded;
     let cpu_profile = snapshot.header.host.cpu_profile;
     let mut state = snapshot.payload;
     let vcpu_count = u8::try_from(state.vcpus.len())

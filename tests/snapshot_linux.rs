@@ -38,7 +38,7 @@ impl ControlHook for SnapshotWhenPaused {
         if !self.done && vmm.state() == RunState::Paused {
             self.done = true;
             let saved = vmm
-                .snapshot(&self.files.0, &self.files.1)
+                .snapshot(&self.files.0, &self.files.1, None)
                 .map_err(|e| hearth::error_chain(&e));
             let _ = self.saved.send(saved);
         }

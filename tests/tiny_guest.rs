@@ -590,7 +590,7 @@ impl hearth::vmm::ControlHook for SnapshotWhenPaused {
         }
         self.done = true;
         let saved = vmm
-            .snapshot(&self.state, &self.mem)
+            .snapshot(&self.state, &self.mem, None)
             .map_err(|e| hearth::error_chain(&e));
         let _ = self.saved.send(saved);
     }

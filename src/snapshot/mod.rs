@@ -83,7 +83,15 @@ pub fn load<T: DeserializeOwned>(
     state_path: &Path,
     mem_path: &Path,
 ) -> Result<(Snapshot<T>, GuestMemory), SnapshotError> {
-    let file = StateFile::read(state_path)?;
+    load_file(kvm, StateFile::read(state_path)?, mem_path)
+}
+
+/// [`load`], for a state file already read (and checked for damage).
+pub fn load_file<T: DeserializeOwned>(
+    kvm: &KvmContext,
+    file: StateFile,
+    mem_path: &Path,
+) -> Result<(Snapshot<T>, GuestMemory), SnapshotError> {
     let current =
         HostFacts::probe(kvm, file.header().host.cpu_profile).map_err(SnapshotError::Host)?;
     let snapshot = file.into_snapshot::<T>(&current)?;

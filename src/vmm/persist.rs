@@ -38,6 +38,10 @@ pub struct VmmState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub devices: DevicesState,
+    /// What the VM's front end knows of it beyond the devices, for a restore to give back
+    /// (the API saves its configuration document, JSON, with the drive and interface ids
+    /// its clients use); `None` when nothing was given.
+    pub frontend: Option<String>,
 }
 
 /// Every device's state.
@@ -86,12 +90,18 @@ impl DevicesState {
 }
 
 impl Vmm {
-    /// Writes a snapshot of the paused VM: guest memory to `mem_path`, everything else to
-    /// `state_path` (each replaced if it exists). Like Firecracker, a running VM is refused:
-    /// pause it first; it stays paused after.
-    pub fn snapshot(&mut self, state_path: &Path, mem_path: &Path) -> Result<Saved, VmmError> {
+    /// Writes a snapshot of the paused VM: guest memory to `mem_path`, everything else (and
+    /// `frontend`, see [`VmmState::frontend`]) to `state_path`, each replaced if it exists.
+    /// Like Firecracker, a running VM is refused: pause it first; it stays paused after.
+    pub fn snapshot(
+        &mut self,
+        state_path: &Path,
+        mem_path: &Path,
+        frontend: Option<String>,
+    ) -> Result<Saved, VmmError> {
         self.expect_state(RunState::Paused)?;
-        let state = self.save_state()?;
+        let mut state = self.save_state()?;
+        state.frontend = frontend;
         let first = state.vcpus.first().ok_or_else(|| {
             VmmError::Snapshot(SnapshotError::Inconsistent("the VM has no vCPU".into()))
         })?;
@@ -119,6 +129,7 @@ impl Vmm {
                 control: self.control.save(),
                 virtio: self.mmio_devices.save(),
             },
+            frontend: None,
         })
     }
 }
