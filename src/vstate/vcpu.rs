@@ -276,12 +276,22 @@ impl Vcpu {
 
     /// Starts the vCPU's thread, running.
     pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        self.start_with(false)
+    }
+
+    /// Starts the vCPU's thread parked, as after a pause: it enters KVM_RUN only at the
+    /// first `Resume` (a VM restored from a snapshot and not resumed yet).
+    pub fn start_paused(self) -> Result<VcpuHandle, VcpuError> {
+        self.start_with(true)
+    }
+
+    fn start_with(self, paused: bool) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = mpsc::channel();
         let (response_tx, response_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(event_rx, response_tx))
+            .spawn(move || self.run(event_rx, response_tx, paused))
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle {
             index,
@@ -293,9 +303,9 @@ impl Vcpu {
 
     /// The thread: runs the guest, reading events between exits, until told to finish,
     /// the VM is to stop, or the handle is gone.
-    fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>) {
+    fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>, paused: bool) {
         let _kick_target = KickTarget::register(&mut self.fd);
-        let mut paused = false;
+        let mut paused = paused;
         loop {
             let event = if paused {
                 match events.recv() {
