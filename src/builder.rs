@@ -291,8 +291,9 @@ pub fn build_from_loaded(
     );
 
     let vm = Vm::new(&kvm)?;
-    vm.register_memory(&mem)?;
-    vm.restore_state(&state.vm)?;
+    // As when booting, the PIT and memory slots are set up while the devices and vCPUs
+    // are rebuilt; the PIT must be there before the VM's saved state goes back in.
+    let platform = vm.set_up_platform(&mem)?;
 
     let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device {
         name: "exit eventfd",
@@ -333,6 +334,10 @@ pub fn build_from_loaded(
         vcpu.restore_state(saved)?;
         vcpus.push(vcpu);
     }
+    platform.wait()?;
+    // The interrupt controllers, PIT and clock: KVM_SET_CLOCK updates every vCPU's
+    // kvmclock, so it goes after the vCPUs exist (none has run).
+    vm.restore_state(&state.vm)?;
 
     let mut vmm = Vmm::new(
         kvm,
