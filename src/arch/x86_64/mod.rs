@@ -10,6 +10,7 @@ pub mod mptable;
 pub mod msr;
 pub mod pvm;
 pub mod regs;
+pub mod tsc;
 
 use vm_memory::GuestAddress;
 
