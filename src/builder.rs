@@ -1,6 +1,7 @@
 //! How a VM is made, as one linear recipe: open KVM, create the VM, map memory, load the
 //! kernel, initrd and command line, attach devices, write the firmware tables and boot
-//! parameters, create the vCPUs. `build_vm` reads top to bottom in that order.
+//! parameters, create the vCPUs. `build_vm` reads top to bottom in that order;
+//! `build_from_snapshot` is the same recipe for a VM that goes on from a snapshot.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -16,19 +17,23 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::boot::{BootProtocol, InitrdRegion};
 use crate::arch::{self, layout};
-use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::config::{ConfigError, RestoreConfig, SerialConfig, VmConfig};
 use crate::console::InputSource;
-use crate::device_manager::{EventLoop, MmioDeviceManager, VirtioHandle};
+use crate::device_manager::{AttachedDeviceState, EventLoop, MmioDeviceManager, VirtioHandle};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::control::{BootCompletePort, Control, ControlPage, ExitPort};
 use crate::devices::legacy::acpi_pm::AcpiSleep;
-use crate::devices::legacy::cmos::Cmos;
-use crate::devices::legacy::i8042::I8042;
-use crate::devices::legacy::serial::{InputSpace, SerialDevice, SocketSink, StdoutSink};
+use crate::devices::legacy::cmos::{Cmos, CmosState};
+use crate::devices::legacy::i8042::{I8042State, I8042};
+use crate::devices::legacy::serial::{
+    InputSpace, SerialDevice, SerialState, SocketSink, StdoutSink,
+};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
 use crate::exit::ExitSignal;
+use crate::snapshot::{Snapshot, SnapshotError, StateFile};
+use crate::vmm::persist::{OverrideError, VmmState};
 use crate::vmm::{ConsoleSetup, RuntimeDevices, Vmm};
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::{create_guest_memory, GuestMemory, MemoryError};
@@ -94,6 +99,10 @@ pub enum BuildError {
     EventLoop(#[source] event_manager::Error),
     #[error(transparent)]
     DeviceManager(crate::device_manager::DeviceManagerError),
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Override(#[from] OverrideError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +147,9 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
 
     let vm = Vm::new(&kvm)?;
     let mem = create_guest_memory(config.mem_size)?;
-    vm.register_memory(&mem)?;
+    // KVM takes its time over the PIT and the memory slots: they are set up on a thread
+    // of their own while the rest of the VM is built, and waited for at the end.
+    let platform = vm.set_up_platform(&mem)?;
 
     let kernel = load_kernel(&mem, &config.kernel)?;
     let initrd = match &config.initrd {
@@ -154,9 +165,10 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let mut io_bus = Bus::new();
     let mut mmio_bus = Bus::new();
     let mut mmio_devices = MmioDeviceManager::new();
-    let console = attach_serial(&vm, &mut io_bus, config)?;
-    let i8042 = attach_legacy_devices(&vm, &mut io_bus, exit.clone())?;
-    let control = attach_control_device(&mut io_bus, &mut mmio_bus, config, exit.clone(), start)?;
+    let console = attach_serial(&vm, &mut io_bus, &config.serial, None)?;
+    let (i8042, cmos) = attach_legacy_devices(&vm, &mut io_bus, exit.clone(), None)?;
+    let control = Control::new(exit.clone(), start, config.boot_timer);
+    let control = attach_control_device(&mut io_bus, &mut mmio_bus, control)?;
     let mut virtio = VirtioAttach {
         vm: &vm,
         mem: &mem,
@@ -207,6 +219,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         vcpu.configure(&kvm, config.vcpu_count, (index == 0).then_some(kernel.boot))?;
         vcpus.push(vcpu);
     }
+    platform.wait()?;
 
     Ok(Vmm::new(
         kvm,
@@ -219,8 +232,130 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         control,
         cpu_profile,
         mmio_devices,
-        RuntimeDevices { i8042, disks },
+        RuntimeDevices { i8042, disks, cmos },
     ))
+}
+
+/// A snapshot whose state file was read and checked against this host, with its guest
+/// memory mapped: what [`build_from_loaded`] builds a VM from. Its payload (the saved
+/// VM) can be looked at in between, e.g. by the API for the ids it saved.
+pub struct LoadedSnapshot {
+    kvm: KvmContext,
+    pub snapshot: Snapshot<VmmState>,
+    mem: GuestMemory,
+}
+
+/// Reads the snapshot in `state_path` and `mem_path`: the first half of
+/// [`build_from_snapshot`]. A damaged state file is refused before KVM is opened, a
+/// snapshot this host cannot run before the memory file is.
+pub fn load_snapshot(state_path: &Path, mem_path: &Path) -> Result<LoadedSnapshot, BuildError> {
+    let file = StateFile::read(state_path).map_err(SnapshotError::from)?;
+    let kvm = KvmContext::open()?;
+    let (snapshot, mem) = crate::snapshot::load_file::<VmmState>(&kvm, file, mem_path)?;
+    Ok(LoadedSnapshot { kvm, snapshot, mem })
+}
+
+/// Rebuilds a VM from a snapshot in the same order as [`build_vm`]: open KVM, read the
+/// state file and check this host against it, map guest memory from the memory file,
+/// create the VM with its saved interrupt controllers, PIT and clock, recreate every
+/// device from its state (with `restore`'s new backing), recreate the vCPUs from theirs.
+/// No kernel is loaded and no firmware table written: all of that is in guest memory.
+/// The VM runs when started if `restore.resume`; otherwise it starts paused.
+pub fn build_from_snapshot(restore: &RestoreConfig, start: Instant) -> Result<Vmm, BuildError> {
+    let loaded = load_snapshot(&restore.state_path, &restore.mem_path)?;
+    build_from_loaded(loaded, restore, start)
+}
+
+/// The second half of [`build_from_snapshot`], from a snapshot [`load_snapshot`] read
+/// (`restore`'s file paths are not read again).
+pub fn build_from_loaded(
+    loaded: LoadedSnapshot,
+    restore: &RestoreConfig,
+    start: Instant,
+) -> Result<Vmm, BuildError> {
+    let LoadedSnapshot { kvm, snapshot, mem } = loaded;
+    let cpu_profile = snapshot.header.host.cpu_profile;
+    let mut state = snapshot.payload;
+    let vcpu_count = u8::try_from(state.vcpus.len())
+        .ok()
+        .filter(|&count| count > 0)
+        .ok_or_else(|| {
+            SnapshotError::Inconsistent(format!("it has {} vCPUs", state.vcpus.len()))
+        })?;
+    kvm.check_vcpu_count(vcpu_count)?;
+    state.devices.apply_overrides(restore)?;
+    log::info!(
+        "restoring a snapshot of hearth {}: {vcpu_count} vCPUs, {} MiB, CPU profile {cpu_profile:?}",
+        snapshot.header.hearth_version,
+        snapshot.layout.ram_size() >> 20
+    );
+
+    let vm = Vm::new(&kvm)?;
+    // As when booting, the PIT and memory slots are set up while the devices and vCPUs
+    // are rebuilt; the PIT must be there before the VM's saved state goes back in.
+    let platform = vm.set_up_platform(&mem)?;
+
+    let exit = Arc::new(ExitSignal::new().map_err(|e| BuildError::Device {
+        name: "exit eventfd",
+        source: Box::new(e),
+    })?);
+    let mut event_loop = EventLoop::new().map_err(BuildError::EventLoop)?;
+    let mut io_bus = Bus::new();
+    let mut mmio_bus = Bus::new();
+    let mut mmio_devices = MmioDeviceManager::new();
+    let devices = &state.devices;
+    let console = attach_serial(&vm, &mut io_bus, &restore.serial, Some(&devices.serial))?;
+    let legacy = Some((&devices.i8042, &devices.cmos));
+    let (i8042, cmos) = attach_legacy_devices(&vm, &mut io_bus, exit.clone(), legacy)?;
+    let control = Control::restore(exit.clone(), start, false, &devices.control);
+    let control = attach_control_device(&mut io_bus, &mut mmio_bus, control)?;
+    let mut virtio = VirtioAttach {
+        vm: &vm,
+        mem: &mem,
+        mmio_bus: &mut mmio_bus,
+        event_loop: &mut event_loop,
+        manager: &mut mmio_devices,
+    };
+    let disks = restore_virtio_devices(&mut virtio, &devices.virtio)?;
+
+    let io_bus = Arc::new(io_bus);
+    let mmio_bus = Arc::new(mmio_bus);
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in (0..vcpu_count).zip(&state.vcpus) {
+        let mut vcpu = Vcpu::new(
+            &vm,
+            index,
+            io_bus.clone(),
+            mmio_bus.clone(),
+            exit.clone(),
+            mem.clone(),
+            cpu_profile,
+        )?;
+        vcpu.restore_state(saved)?;
+        vcpus.push(vcpu);
+    }
+    platform.wait()?;
+    // The interrupt controllers, PIT and clock: KVM_SET_CLOCK updates every vCPU's
+    // kvmclock, so it goes after the vCPUs exist (none has run).
+    vm.restore_state(&state.vm)?;
+
+    let mut vmm = Vmm::new(
+        kvm,
+        vm,
+        mem,
+        vcpus,
+        exit,
+        event_loop,
+        console,
+        control,
+        cpu_profile,
+        mmio_devices,
+        RuntimeDevices { i8042, disks, cmos },
+    );
+    if !restore.resume {
+        vmm.start_paused(state.vm.clock);
+    }
+    Ok(vmm)
 }
 
 /// Loads an ELF vmlinux (PVH entry preferred when the image has one) or a bzImage.
@@ -379,8 +514,14 @@ fn insert(
         .map_err(|source| BuildError::Bus { name, source })
 }
 
-/// COM1, its interrupt routed with an irqfd, and its console backend.
-fn attach_serial(vm: &Vm, io_bus: &mut Bus, config: &VmConfig) -> Result<ConsoleSetup, BuildError> {
+/// COM1 on `serial`'s backend, its interrupt routed with an irqfd; in `state` when it
+/// goes on from a snapshot.
+fn attach_serial(
+    vm: &Vm,
+    io_bus: &mut Bus,
+    serial: &SerialConfig,
+    state: Option<&SerialState>,
+) -> Result<ConsoleSetup, BuildError> {
     let device_err = |e: std::io::Error| BuildError::Device {
         name: "serial",
         source: Box::new(e),
@@ -389,7 +530,7 @@ fn attach_serial(vm: &Vm, io_bus: &mut Bus, config: &VmConfig) -> Result<Console
     vm.register_irqfd(&interrupt, layout::SERIAL_IRQ)?;
     let space = Arc::new(InputSpace::new().map_err(device_err)?);
 
-    let (out, input): (Box<dyn std::io::Write + Send>, Option<InputSource>) = match &config.serial {
+    let (out, input): (Box<dyn std::io::Write + Send>, Option<InputSource>) = match serial {
         SerialConfig::Stdio => (
             Box::new(StdoutSink),
             Some(InputSource::Stdin {
@@ -432,7 +573,22 @@ fn attach_serial(vm: &Vm, io_bus: &mut Bus, config: &VmConfig) -> Result<Console
             )
         }
     };
-    let serial = Arc::new(Mutex::new(SerialDevice::new(interrupt, space.clone(), out)));
+    let socket_path = match serial {
+        SerialConfig::Unix(path) => Some(path.clone()),
+        _ => None,
+    };
+    let device = match state {
+        Some(state) => {
+            SerialDevice::restore(state, interrupt, space.clone(), out).map_err(|e| {
+                BuildError::Device {
+                    name: "serial",
+                    source: Box::new(e),
+                }
+            })?
+        }
+        None => SerialDevice::new(interrupt, space.clone(), out),
+    };
+    let serial = Arc::new(Mutex::new(device));
     insert(
         io_bus,
         "serial",
@@ -444,10 +600,7 @@ fn attach_serial(vm: &Vm, io_bus: &mut Bus, config: &VmConfig) -> Result<Console
         serial,
         space,
         input,
-        socket_path: match &config.serial {
-            SerialConfig::Unix(path) => Some(path.clone()),
-            _ => None,
-        },
+        socket_path,
     })
 }
 
@@ -518,13 +671,41 @@ fn attach_vsock(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), Buil
     Ok(())
 }
 
+/// Every saved virtio device, back in its window and IRQ, in the order it was saved.
+/// Returns the disks, in that order.
+fn restore_virtio_devices(
+    virtio: &mut VirtioAttach,
+    saved: &[AttachedDeviceState],
+) -> Result<Vec<Arc<Mutex<Block>>>, BuildError> {
+    let mut disks = Vec::new();
+    for state in saved {
+        let device = virtio
+            .manager
+            .restore_virtio(
+                state,
+                virtio.vm,
+                virtio.mem,
+                virtio.mmio_bus,
+                virtio.event_loop,
+            )
+            .map_err(BuildError::DeviceManager)?;
+        if let VirtioHandle::Block(block) = device {
+            disks.push(block);
+        }
+    }
+    Ok(disks)
+}
+
 /// The i8042 (keyboard on IRQ 1, reset), the CMOS clock and the ACPI sleep registers
-/// (power-off). Returns the i8042, which the API types Ctrl+Alt+Del into.
+/// (power-off), fresh or in their saved states. Returns the i8042, which the API types
+/// Ctrl+Alt+Del into, and the CMOS.
+#[allow(clippy::type_complexity)]
 fn attach_legacy_devices(
     vm: &Vm,
     io_bus: &mut Bus,
     exit: Arc<ExitSignal>,
-) -> Result<Arc<Mutex<I8042>>, BuildError> {
+    state: Option<(&I8042State, &CmosState)>,
+) -> Result<(Arc<Mutex<I8042>>, Arc<Mutex<Cmos>>), BuildError> {
     let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
         BuildError::Device {
             name: "i8042",
@@ -532,7 +713,20 @@ fn attach_legacy_devices(
         }
     })?;
     vm.register_irqfd(&irq, layout::I8042_KEYBOARD_IRQ)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), Some(irq))));
+    let device_err = |name, source: Box<dyn std::error::Error + Send + Sync>| BuildError::Device {
+        name,
+        source,
+    };
+    let (i8042, cmos) = match state {
+        Some((i8042, cmos)) => (
+            I8042::restore(exit.clone(), Some(irq), i8042)
+                .map_err(|e| device_err("i8042", Box::new(e)))?,
+            Cmos::restore(cmos).map_err(|e| device_err("cmos", Box::new(e)))?,
+        ),
+        None => (I8042::new(exit.clone(), Some(irq)), Cmos::new()),
+    };
+    let i8042 = Arc::new(Mutex::new(i8042));
+    let cmos = Arc::new(Mutex::new(cmos));
     let ports = layout::I8042_COMMAND_PORT - layout::I8042_DATA_PORT + 1;
     insert(
         io_bus,
@@ -544,7 +738,7 @@ fn attach_legacy_devices(
     insert(
         io_bus,
         "cmos",
-        Arc::new(Mutex::new(Cmos::new())),
+        cmos.clone(),
         layout::CMOS_PORT_BASE,
         layout::CMOS_PORT_SIZE,
     )?;
@@ -555,18 +749,16 @@ fn attach_legacy_devices(
         layout::ACPI_SLEEP_CONTROL_PORT,
         layout::ACPI_SLEEP_STATUS_PORT - layout::ACPI_SLEEP_CONTROL_PORT + 1,
     )?;
-    Ok(i8042)
+    Ok((i8042, cmos))
 }
 
 /// The control page and its two port forms.
 fn attach_control_device(
     io_bus: &mut Bus,
     mmio_bus: &mut Bus,
-    config: &VmConfig,
-    exit: Arc<ExitSignal>,
-    start: Instant,
+    control: Control,
 ) -> Result<Arc<Control>, BuildError> {
-    let control = Arc::new(Control::new(exit, start, config.boot_timer));
+    let control = Arc::new(control);
     insert(
         mmio_bus,
         "control page",

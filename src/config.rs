@@ -7,6 +7,7 @@
 //! - `specs.rs`: the `key=value,...` text syntax of disks, NICs, vsock and the serial
 //!   console (`FromStr` and `Display` that round-trip).
 
+mod restore;
 pub mod specs;
 
 use std::fs::File;
@@ -20,6 +21,7 @@ use crate::devices::virtio::block::{self, BlockConfig};
 use crate::devices::virtio::net::{self, NetConfig};
 use crate::devices::virtio::vsock::{self, VsockConfig};
 
+pub use restore::{DiskOverride, NetOverride, RestoreConfig};
 pub use specs::SpecError;
 
 /// Command line used when the user gives none.
@@ -91,6 +93,8 @@ pub enum ConfigError {
     MulticastMac { tap: String, mac: String },
     #[error("invalid vsock guest CID {0}: must be between 3 and 4294967294")]
     VsockCid(u64),
+    #[error("two overrides for {kind} {index}")]
+    DuplicateOverride { kind: &'static str, index: usize },
     #[error("cannot read config file \"{path}\"")]
     ReadFile {
         path: PathBuf,

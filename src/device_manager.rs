@@ -3,22 +3,25 @@
 //! interrupt as an irqfd, puts the transport on the MMIO bus and the device in the event
 //! loop, and describes the devices to the guest both ways: `virtio_mmio.device=`
 //! command-line entries and ACPI. It keeps every attached device, with its subscriber id
-//! in the event loop, for the VMM to pause, resume and save.
+//! in the event loop, for the VMM to pause, resume and save, and puts saved devices back
+//! where they were.
 
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, MutEventSubscriber, SubscriberId, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
 use linux_loader::cmdline::Cmdline;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::AcpiMmioDevice;
 use crate::arch::layout;
 use crate::devices::bus::{lock, Bus, BusError};
-use crate::devices::virtio::block::Block;
+use crate::devices::virtio::block::{Block, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::net::Net;
-use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::net::{Net, NetState};
+use crate::devices::virtio::persist::{MmioTransportState, RestoreError};
+use crate::devices::virtio::vsock::{Vsock, VsockState};
 use crate::devices::virtio::{Interrupt, Pausable, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vm::{Vm, VmError};
@@ -46,6 +49,41 @@ pub enum DeviceManagerError {
         #[source]
         source: event_manager::Error,
     },
+    #[error(
+        "saved device {name} was at {saved_base:#x} IRQ {saved_irq}, but would now be at \
+         {base:#x} IRQ {irq}"
+    )]
+    SlotMismatch {
+        name: String,
+        saved_base: u64,
+        saved_irq: u32,
+        base: u64,
+        irq: u32,
+    },
+    #[error("cannot restore device {name}")]
+    Restore {
+        name: String,
+        #[source]
+        source: RestoreError,
+    },
+}
+
+/// A saved virtio device, by type.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VirtioDeviceState {
+    Block(BlockState),
+    Net(NetState),
+    Vsock(VsockState),
+}
+
+/// One attached device, saved: where it was, its transport's registers, its own state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedDeviceState {
+    pub name: String,
+    pub base: u64,
+    pub irq: u32,
+    pub transport: MmioTransportState,
+    pub device: VirtioDeviceState,
 }
 
 /// Where one device landed.
@@ -65,6 +103,23 @@ pub enum VirtioHandle {
 }
 
 impl VirtioHandle {
+    fn save(&self) -> VirtioDeviceState {
+        match self {
+            Self::Block(device) => VirtioDeviceState::Block(lock(device).save()),
+            Self::Net(device) => VirtioDeviceState::Net(lock(device).save()),
+            Self::Vsock(device) => VirtioDeviceState::Vsock(lock(device).save()),
+        }
+    }
+
+    /// A device rebuilt from `state`, inactive until its transport is restored.
+    fn restore(state: &VirtioDeviceState) -> Result<Self, RestoreError> {
+        Ok(match state {
+            VirtioDeviceState::Block(state) => Block::restore(state)?.into(),
+            VirtioDeviceState::Net(state) => Net::restore(state)?.into(),
+            VirtioDeviceState::Vsock(state) => Vsock::restore(state)?.into(),
+        })
+    }
+
     fn virtio(&self) -> Arc<Mutex<dyn VirtioDevice>> {
         match self {
             Self::Block(device) => device.clone(),
@@ -189,6 +244,95 @@ impl MmioDeviceManager {
         event_loop: &mut EventLoop,
     ) -> Result<MmioSlot, DeviceManagerError> {
         let (base, irq) = self.allocate()?;
+        let slot = MmioSlot {
+            name: name.to_string(),
+            base,
+            irq,
+        };
+        self.place(
+            slot,
+            device,
+            vm,
+            mmio_bus,
+            event_loop,
+            |virtio, interrupt| Ok(MmioTransport::new(virtio, mem.clone(), interrupt)),
+        )
+    }
+
+    /// Every device's state, in attach order. Pause the devices first.
+    pub fn save(&self) -> Vec<AttachedDeviceState> {
+        self.devices
+            .iter()
+            .map(|attached| AttachedDeviceState {
+                name: attached.slot.name.clone(),
+                base: attached.slot.base,
+                irq: attached.slot.irq,
+                transport: lock(&attached.transport).save(),
+                device: attached.device.save(),
+            })
+            .collect()
+    }
+
+    /// Rebuilds a saved device in the window and IRQ it had, which the guest knows it by:
+    /// restore devices in the order [`Self::save`] listed them. The device is active again
+    /// when the driver had it running.
+    pub fn restore_virtio(
+        &mut self,
+        state: &AttachedDeviceState,
+        vm: &Vm,
+        mem: &GuestMemory,
+        mmio_bus: &mut Bus,
+        event_loop: &mut EventLoop,
+    ) -> Result<VirtioHandle, DeviceManagerError> {
+        let (base, irq) = self.allocate()?;
+        if (base, irq) != (state.base, state.irq) {
+            return Err(DeviceManagerError::SlotMismatch {
+                name: state.name.clone(),
+                saved_base: state.base,
+                saved_irq: state.irq,
+                base,
+                irq,
+            });
+        }
+        let restore_err = |source| DeviceManagerError::Restore {
+            name: state.name.clone(),
+            source,
+        };
+        let device = VirtioHandle::restore(&state.device).map_err(restore_err)?;
+        let slot = MmioSlot {
+            name: state.name.clone(),
+            base,
+            irq,
+        };
+        self.place(
+            slot,
+            device.clone(),
+            vm,
+            mmio_bus,
+            event_loop,
+            |virtio, interrupt| {
+                MmioTransport::restore(virtio, mem.clone(), interrupt, &state.transport)
+                    .map_err(restore_err)
+            },
+        )?;
+        Ok(device)
+    }
+
+    /// Wires `device` at `slot`: its interrupt, its queue notifications, the transport
+    /// `transport` makes on the MMIO bus, its event-loop side.
+    fn place(
+        &mut self,
+        slot: MmioSlot,
+        device: VirtioHandle,
+        vm: &Vm,
+        mmio_bus: &mut Bus,
+        event_loop: &mut EventLoop,
+        transport: impl FnOnce(
+            Arc<Mutex<dyn VirtioDevice>>,
+            Arc<Interrupt>,
+        ) -> Result<MmioTransport, DeviceManagerError>,
+    ) -> Result<MmioSlot, DeviceManagerError> {
+        let MmioSlot { base, irq, .. } = slot;
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
         vm.register_irqfd(&irqfd, irq)?;
         let virtio = device.virtio();
@@ -201,19 +345,13 @@ impl MmioDeviceManager {
                 )
                 .map_err(DeviceManagerError::IoEvent)?;
         }
-        let transport = Arc::new(Mutex::new(MmioTransport::new(
+        let transport = Arc::new(Mutex::new(transport(
             virtio,
-            mem.clone(),
             Arc::new(Interrupt::new(irqfd)),
-        )));
+        )?));
         mmio_bus.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
         let subscriber = event_loop.add_subscriber(device.subscriber());
-        let slot = MmioSlot {
-            name: name.to_string(),
-            base,
-            irq,
-        };
-        log::info!("{name}: virtio-mmio at {base:#x}, IRQ {irq}");
+        log::info!("{}: virtio-mmio at {base:#x}, IRQ {irq}", slot.name);
         self.devices.push(AttachedDevice {
             slot: slot.clone(),
             subscriber,
@@ -379,5 +517,86 @@ mod tests {
         event_loop.remove_subscriber(removed).unwrap();
         let error = manager.pause_all(&mut event_loop).unwrap_err();
         assert_eq!(error.to_string(), "device dev0 is not in the event loop");
+    }
+
+    /// A driver's bring-up of queue 0 (rings at `base`), up to DRIVER_OK.
+    fn bring_up(transport: &Mutex<MmioTransport>, base: u32) {
+        use crate::devices::bus::BusDevice as _;
+        let mut transport = lock(transport);
+        let mut write = |offset: u64, value: u32| transport.write(offset, &value.to_le_bytes());
+        write(0x70, 1);
+        write(0x70, 3);
+        write(0x24, 1);
+        write(0x20, 1); // VIRTIO_F_VERSION_1
+        write(0x70, 0xb);
+        write(0x30, 0);
+        write(0x38, 8);
+        write(0x80, base);
+        write(0x90, base + 0x1000);
+        write(0xa0, base + 0x2000);
+        write(0x44, 1);
+        write(0x70, 0xf);
+    }
+
+    /// Saved devices come back in their windows, in order, with the same state; the one
+    /// the driver was running is active again.
+    #[test]
+    fn saved_devices_come_back_in_their_slots() {
+        let kvm = match crate::vstate::kvm::KvmContext::open() {
+            Ok(kvm) => kvm,
+            Err(e) => {
+                eprintln!("SKIPPED: no KVM ({e}); saved_devices_come_back_in_their_slots");
+                return;
+            }
+        };
+        let images = [TempImage::new(4096), TempImage::new(8192)];
+        let mem = guest_memory();
+        let saved = {
+            let vm = Vm::new(&kvm).unwrap();
+            let mut event_loop = EventLoop::new().unwrap();
+            let mut bus = Bus::new();
+            let mut manager = MmioDeviceManager::new();
+            for (index, image) in images.iter().enumerate() {
+                let block = Block::new(&BlockConfig {
+                    path: image.path().to_owned(),
+                    read_only: false,
+                    id: None,
+                })
+                .unwrap();
+                let name = format!("disk{index}");
+                manager
+                    .attach_virtio(&name, block.into(), &vm, &mem, &mut bus, &mut event_loop)
+                    .unwrap();
+            }
+            bring_up(&manager.devices()[1].transport, 0x10000);
+            manager.pause_all(&mut event_loop).unwrap();
+            manager.save()
+        };
+        assert!(!saved[0].transport.device_active());
+        assert!(saved[1].transport.device_active());
+        assert_eq!(saved[1].base, slot(1).base);
+
+        let vm = Vm::new(&kvm).unwrap();
+        let mut event_loop = EventLoop::new().unwrap();
+        let mut bus = Bus::new();
+        let mut manager = MmioDeviceManager::new();
+        let error = manager
+            .restore_virtio(&saved[1], &vm, &mem, &mut bus, &mut event_loop)
+            .err()
+            .unwrap();
+        assert_eq!(
+            error.to_string(),
+            "saved device disk1 was at 0xd0001000 IRQ 6, but would now be at 0xd0000000 IRQ 5"
+        );
+        for state in &saved {
+            manager
+                .restore_virtio(state, &vm, &mem, &mut bus, &mut event_loop)
+                .unwrap();
+        }
+        assert_eq!(manager.save(), saved);
+        let VirtioHandle::Block(second) = &manager.devices()[1].device else {
+            panic!("not a block device");
+        };
+        assert!(lock(second).is_activated());
     }
 }

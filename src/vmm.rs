@@ -4,6 +4,7 @@
 //! vCPU, restore the terminal, then close the VM.
 
 pub mod control;
+pub mod persist;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use crate::config::CpuProfile;
 use crate::console::{ConsoleInput, InputSource};
 use crate::device_manager::{DeviceManagerError, EventLoop, MmioDeviceManager};
 use crate::devices::control::Control;
+use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{InputSpace, SerialDevice};
 use crate::devices::virtio::block::Block;
@@ -62,15 +64,19 @@ pub enum VmmError {
     State(RunState, RunState),
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
+    #[error("cannot take the snapshot")]
+    Snapshot(#[source] crate::snapshot::SnapshotError),
 }
 
-/// Devices the API changes while the VM runs.
+/// Devices the VMM reaches after the build: the API changes some while the VM runs, and a
+/// snapshot saves them.
 #[derive(Clone)]
 pub struct RuntimeDevices {
     /// Where `SendCtrlAltDel` types.
     pub i8042: Arc<Mutex<I8042>>,
     /// The virtio-blk devices, in the order of `VmConfig::disks`.
     pub disks: Vec<Arc<Mutex<Block>>>,
+    pub cmos: Arc<Mutex<Cmos>>,
 }
 
 /// Where a VM is in its life.
@@ -118,7 +124,7 @@ pub struct Vmm {
     // Kept alive for the VM's lifetime: the VM fd needs the KVM fd, the vCPUs the VM fd and
     // guest memory. Fields drop in order: the VM closes before its memory is unmapped.
     vm: Vm,
-    _mem: GuestMemory,
+    mem: GuestMemory,
     kvm: KvmContext,
     /// Built vCPUs, until they start.
     vcpus: Vec<Vcpu>,
@@ -139,6 +145,9 @@ pub struct Vmm {
     paused_clock: Option<kvm_clock_data>,
     /// What a vCPU's saved state includes, read from KVM on the first save.
     msr_index: Option<MsrIndex>,
+    /// Start the vCPUs parked and the devices paused (a VM restored from a snapshot and
+    /// not resumed yet).
+    start_paused: bool,
 }
 
 impl Vmm {
@@ -158,7 +167,7 @@ impl Vmm {
     ) -> Self {
         Self {
             vm,
-            _mem: mem,
+            mem,
             kvm,
             vcpus,
             handles: Vec::new(),
@@ -173,7 +182,16 @@ impl Vmm {
             state: RunState::Created,
             paused_clock: None,
             msr_index: None,
+            start_paused: false,
         }
+    }
+
+    /// Makes the VM start paused, as if paused with the guest's kvmclock at `clock`:
+    /// [`Vmm::resume`] then sets the clock and lets it run. For a VM restored from a
+    /// snapshot that is not to run yet.
+    pub fn start_paused(&mut self, clock: kvm_clock_data) {
+        self.start_paused = true;
+        self.paused_clock = Some(clock);
     }
 
     /// Devices the API changes at run time.
@@ -374,10 +392,23 @@ impl Vmm {
     }
 
     fn start_vcpus(&mut self) -> Result<(), VmmError> {
-        for vcpu in std::mem::take(&mut self.vcpus) {
-            self.handles.push(vcpu.start()?);
+        if self.start_paused {
+            self.mmio_devices.pause_all(&mut self.event_loop)?;
         }
-        self.state = RunState::Running;
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let handle = if self.start_paused {
+                vcpu.start_paused()?
+            } else {
+                vcpu.start()?
+            };
+            self.handles.push(handle);
+        }
+        self.state = if self.start_paused {
+            log::info!("VM paused");
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
         Ok(())
     }
 

@@ -511,7 +511,7 @@ fn bad_requests_get_a_fault_and_the_vmm_keeps_serving() {
             "PUT",
             "/snapshot/load",
             Some(r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#),
-            "snapshots are not supported by this build yet",
+            "cannot read the snapshot state file \"/s\"",
         ),
         bad(
             "unknown path",
@@ -643,7 +643,7 @@ fn bad_requests_get_a_fault_and_the_vmm_keeps_serving() {
             "PUT",
             "/snapshot/create",
             Some(r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#),
-            "snapshots are not supported by this build yet",
+            "the microVM must be paused for a snapshot",
         ),
         bad(
             "unknown VM state",

@@ -37,8 +37,13 @@ impl Vmm {
     /// `hearth run --api-sock` with the keyboard payload, once the guest is ready.
     fn run_keyboard_guest() -> Vmm {
         let dir = TempDir::new("remote");
-        let sock = dir.join("api.sock");
         let console = dir.join("console.log");
+        Vmm::keyboard_guest(dir, console)
+    }
+
+    /// As [`Vmm::run_keyboard_guest`], with the console in `console`.
+    fn keyboard_guest(dir: TempDir, console: PathBuf) -> Vmm {
+        let sock = dir.join("api.sock");
         let mut cmd = hearth();
         cmd.args(["run", "--memory", "32M", "--kernel"])
             .arg(payload("keyboard", Format::Elf64))
@@ -237,10 +242,16 @@ fn restore_failures_are_one_line_and_leave_nothing_behind() {
         run_with_timeout(cmd, RUN_TIMEOUT)
     };
 
-    // The load is refused (on this build: snapshots are not wired yet; with them: the
-    // state file is missing); the empty VMM ends and its socket goes.
+    // The load is refused (the state file is missing); the empty VMM ends and its
+    // socket goes.
     let out = restore(&["--net-override", "eth0=tap0"]);
-    assert_one_error_line(&out, "hearth: cannot load the snapshot: ");
+    assert_one_error_line(
+        &out,
+        &format!(
+            "hearth: cannot load the snapshot: cannot read the snapshot state file \"{}\"",
+            state.display()
+        ),
+    );
     assert!(!sock.exists(), "the API socket was left behind");
 
     // Malformed overrides are refused before anything starts.
@@ -265,4 +276,56 @@ fn restore_failures_are_one_line_and_leave_nothing_behind() {
     );
     common::assert_exit_code(&out, 2);
     assert!(stderr_of(&out).contains("--api-sock"), "{}", describe(&out));
+}
+
+/// `hearth remote snapshot` of the paused keyboard guest (refused while it runs), then
+/// `hearth restore --paused` of it in a new process: the restored VMM reports the saved
+/// configuration, resumes through its API, and its guest still reads the keyboard.
+#[test]
+fn remote_snapshot_then_restore_carries_the_guest_on() {
+    if !kvm_available() {
+        return;
+    }
+    let files = TempDir::new("remote-snapshot");
+    let (state, mem) = (files.join("vm.state"), files.join("vm.mem"));
+    let (state_arg, mem_arg) = (state.display().to_string(), mem.display().to_string());
+    let snapshot_args = ["snapshot", "--state", &state_arg, "--mem", &mem_arg];
+    let original = Vmm::keyboard_guest(TempDir::new("remote"), files.join("console.log"));
+    let saved_config = original.info()["vm_config"].clone();
+    let out = original.remote(&snapshot_args);
+    assert_one_error_line(&out, "the microVM must be paused for a snapshot");
+    common::assert_exit_code(&original.remote(&["pause"]), 0);
+    let out = original.remote(&snapshot_args);
+    common::assert_exit_code(&out, 0);
+    assert!(state.exists() && mem.exists());
+    common::assert_exit_code(&original.remote(&["shutdown"]), 0);
+    original.expect_end(0);
+
+    let dir = TempDir::new("remote-restored");
+    let sock = dir.join("api.sock");
+    let mut cmd = hearth();
+    cmd.args([
+        "restore",
+        "--state",
+        &state_arg,
+        "--mem",
+        &mem_arg,
+        "--paused",
+        "--api-sock",
+    ])
+    .arg(&sock);
+    let restored = Vmm::wait_for_socket(Running::start(cmd, Stdio::null()), sock, dir);
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while restored.info()["instance"]["state"] != "Paused" {
+        assert!(
+            Instant::now() < deadline,
+            "the snapshot was never loaded\n{}",
+            restored.running.describe_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(restored.info()["vm_config"], saved_config);
+    common::assert_exit_code(&restored.remote(&["resume"]), 0);
+    common::assert_exit_code(&restored.remote(&["ctrl-alt-del"]), 0);
+    restored.expect_end(CTRL_ALT_DEL_STATUS);
 }

@@ -1,7 +1,8 @@
 //! hearth against tiny freestanding guests (tests/payloads/): boot protocols, serial
 //! output, exit paths, the boot-complete signal, the instructions the nested PVM host
-//! cannot run without the VMM's help, vCPU start-up, RAM around the 32-bit MMIO hole, and
-//! pausing and resuming a VM through the library. Console input is in tests/console.rs.
+//! cannot run without the VMM's help, vCPU start-up, RAM around the 32-bit MMIO hole,
+//! pausing and resuming a VM through the library, and snapshots and restores. Console
+//! input is in tests/console.rs.
 //! Each test skips when /dev/kvm is unavailable.
 
 mod common;
@@ -362,7 +363,11 @@ fn config_file_boots_like_the_flags() {
 /// The numbers the `counter` payload has printed so far, in order (a line still being
 /// written is left out).
 fn counts(log: &Path) -> Vec<u32> {
-    let text = fs::read_to_string(log).unwrap_or_default();
+    counts_in(&fs::read_to_string(log).unwrap_or_default())
+}
+
+/// The numbers in the counter payload's output `text`.
+fn counts_in(text: &str) -> Vec<u32> {
     let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
     complete
         .lines()
@@ -562,4 +567,260 @@ fn a_paused_vm_saves_its_vcpus_and_devices() {
     );
     assert!(!bsp.msrs.is_empty());
     assert!(saved.json_bytes > 4096, "{} bytes", saved.json_bytes);
+}
+
+/// A control hook that takes one snapshot of the VM once it is paused.
+struct SnapshotWhenPaused {
+    channel: hearth::vmm::ControlChannel,
+    state: std::path::PathBuf,
+    mem: std::path::PathBuf,
+    saved: std::sync::mpsc::Sender<Result<hearth::snapshot::Saved, String>>,
+    done: bool,
+}
+
+impl hearth::vmm::ControlHook for SnapshotWhenPaused {
+    fn start(&mut self, vmm: &mut hearth::vmm::Vmm) {
+        self.channel.start(vmm);
+    }
+
+    fn after_events(&mut self, vmm: &mut hearth::vmm::Vmm) {
+        self.channel.after_events(vmm);
+        if self.done || vmm.state() != hearth::vmm::RunState::Paused {
+            return;
+        }
+        self.done = true;
+        let saved = vmm
+            .snapshot(&self.state, &self.mem, None)
+            .map_err(|e| hearth::error_chain(&e));
+        let _ = self.saved.send(saved);
+    }
+}
+
+/// A snapshot of the `counter` payload with `extra` options, taken once it has counted a
+/// little: its state and memory files in `dir`, and what it had printed (the VM is
+/// stopped after the snapshot, still paused).
+struct CounterSnapshot {
+    state: std::path::PathBuf,
+    mem: std::path::PathBuf,
+    printed: String,
+    saved: hearth::snapshot::Saved,
+}
+
+fn snapshot_counter(dir: &Path, extra: &[&str]) -> CounterSnapshot {
+    let log = dir.join("original.log");
+    let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
+    let (controller, channel) = hearth::vmm::control_channel().expect("control channel");
+    let (saved_tx, saved_rx) = std::sync::mpsc::channel();
+    let hook = SnapshotWhenPaused {
+        channel,
+        state: state.clone(),
+        mem: mem.clone(),
+        saved: saved_tx,
+        done: false,
+    };
+    let (exit, running) = start_counter(&log, extra, hook);
+    wait_for_count_past(&log, 2);
+    // A running VM is refused: only the hook, after the pause, takes the snapshot.
+    controller.pause().expect("pause");
+    let saved = saved_rx
+        .recv_timeout(RUN_TIMEOUT)
+        .expect("the hook took the snapshot")
+        .expect("the snapshot");
+    exit.request(ExitReason::Signal(libc::SIGTERM));
+    running.join().expect("the VMM thread").expect("the VM ran");
+    CounterSnapshot {
+        state,
+        mem,
+        printed: fs::read_to_string(&log).expect("serial log"),
+        saved,
+    }
+}
+
+/// Builds a VM from a snapshot on a thread of its own and runs it with `control`.
+fn restore_counter<C>(
+    restore: hearth::config::RestoreConfig,
+    mut control: C,
+) -> (
+    std::sync::Arc<hearth::exit::ExitSignal>,
+    thread::JoinHandle<Result<ExitReason, hearth::vmm::VmmError>>,
+)
+where
+    C: hearth::vmm::ControlHook + Send + 'static,
+{
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    let running = thread::spawn(move || {
+        let vmm =
+            hearth::builder::build_from_snapshot(&restore, Instant::now()).expect("restore the VM");
+        exit_tx
+            .send(vmm.exit_signal().clone())
+            .expect("the test thread waits");
+        vmm.run_with(&mut control)
+    });
+    let exit = exit_rx.recv().expect("the VM was restored");
+    (exit, running)
+}
+
+/// What the original VM printed followed by what a restored one printed to `log`: one
+/// count, as if the guest had never stopped (a line cut by the snapshot is finished in
+/// `log`).
+fn counts_after(printed: &str, log: &Path) -> Vec<u32> {
+    counts_in(&format!(
+        "{printed}{}",
+        fs::read_to_string(log).unwrap_or_default()
+    ))
+}
+
+#[track_caller]
+fn wait_for_counts_after(printed: &str, log: &Path, past: u32) -> Vec<u32> {
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        let counts = counts_after(printed, log);
+        if counts.last().is_some_and(|&n| n > past) {
+            return counts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restored guest did not count past {past}: {counts:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A two-vCPU VM snapshotted while paused writes a sparse memory file and a small state
+/// file; two VMs restored from the one snapshot (one running at once, one paused until
+/// its controller resumes it) both count on from where the original stopped.
+#[test]
+fn a_snapshot_restores_into_vms_that_count_on() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("snapshot");
+    let snapshot = snapshot_counter(dir.path(), &["--cpus", "2"]);
+    let last = *counts_in(&snapshot.printed).last().expect("counted");
+    let mem_meta = fs::metadata(&snapshot.mem).expect("memory file");
+    assert_eq!(mem_meta.len(), 32 << 20);
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            mem_meta.blocks() * 512 < 4 << 20,
+            "{} bytes allocated for a guest that touched little",
+            mem_meta.blocks() * 512
+        );
+    }
+    assert_eq!(
+        snapshot.saved.state_bytes,
+        fs::metadata(&snapshot.state).unwrap().len()
+    );
+
+    let restore = |log: &Path, resume: bool| {
+        let mut config = hearth::config::RestoreConfig::new(&snapshot.state, &snapshot.mem);
+        config.serial = hearth::config::SerialConfig::File(log.to_path_buf());
+        config.resume = resume;
+        config.validate().expect("a valid restore config");
+        config
+    };
+    let (running_log, paused_log) = (dir.join("running.log"), dir.join("paused.log"));
+    let (_, unused) = hearth::vmm::control_channel().expect("control channel");
+    let (exit_a, running_a) = restore_counter(restore(&running_log, true), unused);
+    let (controller_b, channel_b) = hearth::vmm::control_channel().expect("control channel");
+    let (exit_b, running_b) = restore_counter(restore(&paused_log, false), channel_b);
+
+    wait_for_counts_after(&snapshot.printed, &running_log, last + 2);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        fs::read(&paused_log).map(|b| b.len()).unwrap_or(0),
+        0,
+        "the VM restored paused ran"
+    );
+    controller_b.resume().expect("resume the paused VM");
+    wait_for_counts_after(&snapshot.printed, &paused_log, last + 2);
+
+    for exit in [&exit_a, &exit_b] {
+        exit.request(ExitReason::Signal(libc::SIGTERM));
+    }
+    for running in [running_a, running_b] {
+        running.join().expect("the VMM thread").expect("the VM ran");
+    }
+    for log in [&running_log, &paused_log] {
+        let all = counts_after(&snapshot.printed, log);
+        let expected: Vec<u32> = (1..=all.len() as u32).collect();
+        assert_eq!(
+            all,
+            expected,
+            "{}: the count restarted or skipped",
+            log.display()
+        );
+    }
+}
+
+/// A snapshot that is damaged, of another format version, or from another kind of host
+/// is refused with a one-line reason before any VM is built.
+#[test]
+fn a_damaged_or_foreign_snapshot_is_refused() {
+    if !kvm_available() {
+        return;
+    }
+    use hearth::snapshot::{KvmFlavour, StateFile};
+    use hearth::vmm::persist::VmmState;
+
+    let dir = TempDir::new("snapshot-refused");
+    let snapshot = snapshot_counter(dir.path(), &[]);
+    let bytes = fs::read(&snapshot.state).unwrap();
+    let refusal = |state: &[u8], mem: Option<u64>| {
+        let (state_path, mem_path) = (dir.join("bad.state"), dir.join("bad.mem"));
+        fs::write(&state_path, state).unwrap();
+        fs::copy(&snapshot.mem, &mem_path).unwrap();
+        if let Some(len) = mem {
+            fs::File::options()
+                .write(true)
+                .open(&mem_path)
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+        }
+        let config = hearth::config::RestoreConfig::new(&state_path, &mem_path);
+        let err = hearth::builder::build_from_snapshot(&config, Instant::now())
+            .err()
+            .expect("the restore was refused");
+        let text = hearth::error_chain(&err);
+        assert!(!text.contains('\n'), "{text}");
+        text
+    };
+
+    let mut corrupt = bytes.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 1;
+    assert!(refusal(&corrupt, None).ends_with("checksum mismatch: the file is corrupt"));
+
+    let mut newer = bytes.clone();
+    newer[8..12].copy_from_slice(&99u32.to_le_bytes());
+    assert!(refusal(&newer, None).contains("format version 99 (written by hearth"));
+
+    let text = refusal(&bytes, Some(1 << 20));
+    assert!(
+        text.ends_with(&format!(
+            "the memory file holds 1048576 bytes, the memory layout needs {}",
+            32 << 20
+        )),
+        "{text}"
+    );
+
+    let kvm = hearth::vstate::kvm::KvmContext::open().unwrap();
+    let file = StateFile::read(&snapshot.state).unwrap();
+    let here = hearth::snapshot::HostFacts::probe(&kvm, file.header().host.cpu_profile).unwrap();
+    let mut foreign = file.into_snapshot::<VmmState>(&here).unwrap();
+    foreign.header.host.kvm = match here.kvm {
+        KvmFlavour::Pvm => KvmFlavour::Hardware,
+        KvmFlavour::Hardware => KvmFlavour::Pvm,
+    };
+    let foreign_path = dir.join("foreign.state");
+    foreign.write(&foreign_path).unwrap();
+    let text = refusal(&fs::read(&foreign_path).unwrap(), None);
+    assert!(
+        text.ends_with(&format!(
+            "taken on an incompatible host: the snapshot was taken under {}, this host has {}",
+            foreign.header.host.kvm, here.kvm
+        )),
+        "{text}"
+    );
 }

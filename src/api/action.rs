@@ -141,9 +141,9 @@ pub enum ApiError {
     Start(String),
     #[error("{0}")]
     Runtime(String),
-    /// The one temporary answer: snapshots are being built on another branch.
-    #[error("snapshots are not supported by this build yet")]
-    SnapshotsUnsupported,
+    /// A snapshot that cannot be loaded: the reason, as one line.
+    #[error("{0}")]
+    Snapshot(String),
     #[error("the VMM has stopped")]
     VmmGone,
 }

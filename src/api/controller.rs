@@ -2,6 +2,7 @@
 //! `InstanceStart`, then by the [`RuntimeController`] from the VMM's event loop. Requests
 //! that do not fit the microVM's state are refused with a 400 and change nothing.
 
+use std::path::Path;
 use std::sync::mpsc;
 
 use super::action::{ActionResult, ApiError, VmmAction, VmmData};
@@ -10,6 +11,7 @@ use super::resources::VmResources;
 use super::{ApiEndpoint, EventfdWaker};
 use crate::devices::bus::lock;
 use crate::exit::ExitReason;
+use crate::snapshot::Saved;
 use crate::vmm::{ControlHook, RuntimeDevices, Vmm, VmmError};
 
 /// The name `GET /` reports.
@@ -23,6 +25,8 @@ pub enum Preboot {
     Answer(ActionResult),
     /// Build and start the VM, then answer.
     Start,
+    /// Build the VM from this snapshot, then answer.
+    Load(super::models::SnapshotLoadParams),
     /// Answer 204, then end the VMM (`PUT /api/v1/vmm.shutdown`).
     Shutdown,
 }
@@ -34,6 +38,13 @@ pub trait RunningVm {
     fn resume(&mut self) -> Result<(), VmmError>;
     /// Ends the VMM in an orderly way (the run returns [`ExitReason::Shutdown`]).
     fn shutdown(&mut self);
+    /// Writes a snapshot of the paused VM (see [`Vmm::snapshot`]).
+    fn snapshot(
+        &mut self,
+        state: &Path,
+        mem: &Path,
+        frontend: Option<String>,
+    ) -> Result<Saved, VmmError>;
 }
 
 impl RunningVm for Vmm {
@@ -47,6 +58,15 @@ impl RunningVm for Vmm {
 
     fn shutdown(&mut self) {
         self.exit_signal().request(ExitReason::Shutdown);
+    }
+
+    fn snapshot(
+        &mut self,
+        state: &Path,
+        mem: &Path,
+        frontend: Option<String>,
+    ) -> Result<Saved, VmmError> {
+        Vmm::snapshot(self, state, mem, frontend)
     }
 }
 
@@ -83,8 +103,18 @@ impl PrebootController {
             VmmAction::PutSerial(serial) => empty(res.set_serial(serial)),
             VmmAction::PutLogger(logger) => empty(apply_logger(&logger)),
             VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
-            // The snapshot engineer replaces this arm with the snapshot load.
-            VmmAction::LoadSnapshot(_) => Err(ApiError::SnapshotsUnsupported),
+            // As Firecracker: a snapshot brings its whole VM, so nothing may be set up yet.
+            VmmAction::LoadSnapshot(_)
+                if res.boot_source.is_some()
+                    || !res.drives.is_empty()
+                    || !res.nets.is_empty()
+                    || res.vsock.is_some() =>
+            {
+                Err(ApiError::invalid(
+                    "loading a snapshot is not allowed after configuring boot-specific resources",
+                ))
+            }
+            VmmAction::LoadSnapshot(params) => return Preboot::Load(params),
             action @ (VmmAction::PatchDrive(_)
             | VmmAction::PatchNetworkInterface(_)
             | VmmAction::SendCtrlAltDel
@@ -122,6 +152,11 @@ impl RuntimeController {
             devices,
             pending_start: None,
         }
+    }
+
+    /// The VM starts paused (restored from a snapshot without `resume_vm`).
+    pub fn start_paused(&mut self) {
+        self.state = InstanceState::Paused;
     }
 
     /// Answers `InstanceStart` with 204 from the event loop's first round, when the
@@ -220,8 +255,12 @@ impl RuntimeController {
                 vm.shutdown();
                 Ok(VmmData::Empty)
             }
-            // The snapshot engineer replaces this arm with the snapshot creation.
-            VmmAction::CreateSnapshot(_) => Err(ApiError::SnapshotsUnsupported),
+            VmmAction::CreateSnapshot(_) if self.state != InstanceState::Paused => Err(
+                ApiError::invalid("the microVM must be paused for a snapshot (PATCH /vm Paused)"),
+            ),
+            VmmAction::CreateSnapshot(params) => {
+                super::snapshot::create(vm, &params, &self.resources)
+            }
             VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
             action @ (VmmAction::InstanceStart
             | VmmAction::PutMachineConfig(_)
@@ -360,13 +399,24 @@ mod tests {
             controller.handle(VmmAction::Shutdown),
             Preboot::Shutdown
         ));
-        let load = serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
+        let load: super::super::models::SnapshotLoadParams =
+            serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
+        assert!(matches!(
+            controller.handle(VmmAction::LoadSnapshot(load.clone())),
+            Preboot::Load(params) if params == load
+        ));
+        // Once something is configured, a snapshot (which brings its own VM) is refused.
+        controller.resources.vsock = Some(super::super::models::Vsock {
+            guest_cid: 3,
+            uds_path: "/v.sock".into(),
+            vsock_id: None,
+        });
         let Preboot::Answer(Err(err)) = controller.handle(VmmAction::LoadSnapshot(load)) else {
-            panic!("snapshot load accepted");
+            panic!("snapshot load accepted after configuring");
         };
         assert_eq!(
             err.to_string(),
-            "snapshots are not supported by this build yet"
+            "loading a snapshot is not allowed after configuring boot-specific resources"
         );
     }
 
@@ -382,6 +432,7 @@ mod tests {
         let devices = RuntimeDevices {
             i8042: Arc::new(Mutex::new(I8042::new(exit.clone(), None))),
             disks: Vec::new(),
+            cmos: Arc::new(Mutex::new(crate::devices::legacy::cmos::Cmos::new())),
         };
         let (sender, requests) = mpsc::channel();
         let endpoint = ApiEndpoint {
@@ -410,6 +461,14 @@ mod tests {
             }
             fn shutdown(&mut self) {
                 self.0.request(ExitReason::Shutdown);
+            }
+            fn snapshot(
+                &mut self,
+                _: &Path,
+                _: &Path,
+                _: Option<String>,
+            ) -> Result<Saved, VmmError> {
+                Err(VmmError::State(RunState::Created, RunState::Paused))
             }
         }
         let mut vm = Refusing(exit.clone());
@@ -442,10 +501,13 @@ mod tests {
             let err = handle(action).unwrap_err().to_string();
             assert!(err.contains("only possible before InstanceStart"), "{err}");
         }
-        let create =
+        let create: super::super::models::SnapshotCreateParams =
             serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
         let err = handle(VmmAction::CreateSnapshot(create)).unwrap_err();
-        assert!(matches!(err, ApiError::SnapshotsUnsupported));
+        assert_eq!(
+            err.to_string(),
+            "the microVM must be paused for a snapshot (PATCH /vm Paused)"
+        );
         let patch = serde_json::from_str(r#"{"drive_id": "nope"}"#).unwrap();
         assert!(handle(VmmAction::PatchDrive(patch)).is_err());
         assert!(!exit.is_requested(), "no refusal stops the VM");

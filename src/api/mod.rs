@@ -17,6 +17,7 @@ pub mod remote;
 pub mod resources;
 pub mod restore;
 pub mod shape;
+pub mod snapshot;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};

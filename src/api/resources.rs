@@ -320,6 +320,21 @@ impl VmResources {
         }
     }
 
+    /// The resources of a microVM restored from a snapshot: the document
+    /// [`Self::to_full_config`] saved, as it was (nothing is checked again: the VM was
+    /// validated when it was configured, and its devices come from the snapshot).
+    pub fn from_saved(doc: FullVmConfig) -> Self {
+        Self {
+            boot_source: doc.boot_source,
+            machine: doc.machine_config.unwrap_or_default(),
+            drives: doc.drives,
+            nets: doc.network_interfaces,
+            vsock: doc.vsock,
+            serial: doc.serial,
+            boot_timer: false,
+        }
+    }
+
     /// `GET /vm/config`.
     pub fn to_full_config(&self) -> FullVmConfig {
         FullVmConfig {

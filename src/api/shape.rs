@@ -344,6 +344,31 @@ fn serve_until_start(
                     let _ = request.reply.send(Ok(VmmData::Empty));
                     return Ok(Started::Shutdown);
                 }
+                Preboot::Load(params) => {
+                    match super::snapshot::load(&params, controller.resources.serial.as_ref()) {
+                        Ok(loaded) => {
+                            let mut vmm = loaded.vmm;
+                            let devices = vmm.devices().clone();
+                            let mut runtime = RuntimeController::new(
+                                endpoint,
+                                loaded.resources,
+                                controller.id,
+                                devices,
+                            );
+                            if !loaded.resumed {
+                                runtime.start_paused();
+                            }
+                            // Answered from the event loop, once the restored VM is in place.
+                            runtime.answer_start_when_running(request.reply);
+                            vmm.serve_api(runtime);
+                            return Ok(Started::Vm(Box::new(vmm)));
+                        }
+                        Err(e) => {
+                            log::info!("snapshot load failed: {e}");
+                            let _ = request.reply.send(Err::<VmmData, _>(e));
+                        }
+                    }
+                }
                 Preboot::Start => match start(&controller) {
                     Ok(mut vmm) => {
                         let devices = vmm.devices().clone();

@@ -13,6 +13,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::bus::{lock, BusDevice};
 use crate::exit::{ExitReason, ExitSignal};
 
@@ -22,6 +24,13 @@ pub const BOOT_COMPLETE_MAGIC: u8 = 123;
 pub const BOOT_COMPLETE_OFFSET: u64 = 0;
 /// Offset of the exit register in the control page.
 pub const EXIT_OFFSET: u64 = 8;
+
+/// What a snapshot keeps of the control device: whether the guest signalled boot complete
+/// (a restored guest that did is not timed again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlState {
+    pub boot_completed: bool,
+}
 
 /// What the control registers act on, shared by the MMIO page and the two ports.
 pub struct Control {
@@ -38,6 +47,27 @@ impl Control {
             start,
             print_boot_time,
             boot_completed: Mutex::new(None),
+        }
+    }
+
+    /// A control device that carries on from `state`; a boot completed before the
+    /// snapshot counts as completed at `start`.
+    pub fn restore(
+        exit: Arc<ExitSignal>,
+        start: Instant,
+        print_boot_time: bool,
+        state: &ControlState,
+    ) -> Self {
+        let control = Self::new(exit, start, print_boot_time);
+        if state.boot_completed {
+            *lock(&control.boot_completed) = Some(start);
+        }
+        control
+    }
+
+    pub fn save(&self) -> ControlState {
+        ControlState {
+            boot_completed: lock(&self.boot_completed).is_some(),
         }
     }
 
@@ -149,5 +179,20 @@ mod tests {
         assert!(control.boot_time().is_some());
         ExitPort(control).write(0, &[255]);
         assert_eq!(exit.reason(), Some(ExitReason::GuestExit(255)));
+    }
+
+    #[test]
+    fn a_completed_boot_stays_completed_after_a_restore() {
+        let (exit, control) = control();
+        assert!(!control.save().boot_completed);
+        BootCompletePort(control.clone()).write(0, &[BOOT_COMPLETE_MAGIC]);
+        let state = control.save();
+        assert!(state.boot_completed);
+        let start = Instant::now();
+        let restored = Arc::new(Control::restore(exit, start, true, &state));
+        assert_eq!(restored.boot_time(), Some(std::time::Duration::ZERO));
+        // A second signal is not timed (or printed) again.
+        BootCompletePort(restored.clone()).write(0, &[BOOT_COMPLETE_MAGIC]);
+        assert_eq!(restored.boot_time(), Some(std::time::Duration::ZERO));
     }
 }

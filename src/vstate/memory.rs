@@ -1,10 +1,22 @@
-//! Guest RAM: anonymous mappings laid out by the architecture code.
+//! Guest RAM: anonymous mappings laid out by the architecture code, or private mappings of a
+//! snapshot's memory file.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::fs::File;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::arch;
 
 pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Guest RAM regions start, end and sit in the memory file at multiples of this.
+pub const PAGE_SIZE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -14,6 +26,21 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("invalid memory layout: {0}")]
+    Layout(String),
+    #[error("cannot read the memory file's size")]
+    FileSize(#[source] std::io::Error),
+    #[error("the memory file holds {len} bytes, the memory layout needs {needed}")]
+    FileTooShort { len: u64, needed: u64 },
+    #[error("cannot map {size_mib} MiB of the memory file at offset {offset:#x}")]
+    MapFile {
+        size_mib: u64,
+        offset: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("cannot assemble the guest memory regions")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
 }
 
 /// Maps `size` bytes of guest RAM, split around the 32-bit MMIO hole.
@@ -25,15 +52,250 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     })
 }
 
+/// Where one guest RAM region lives in a memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionLayout {
+    pub guest_address: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// The guest RAM regions in address order and where each one is in a memory file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLayout {
+    pub regions: Vec<RegionLayout>,
+}
+
+impl MemoryLayout {
+    /// `mem`'s regions stored one after another from offset 0, so the file is exactly as
+    /// large as the guest's RAM and the 32-bit MMIO hole takes no room in it.
+    pub fn packed(mem: &GuestMemory) -> Self {
+        let mut file_offset = 0;
+        let regions = mem
+            .iter()
+            .map(|region| {
+                let layout = RegionLayout {
+                    guest_address: region.start_addr().raw_value(),
+                    size: region.len(),
+                    file_offset,
+                };
+                file_offset += region.len();
+                layout
+            })
+            .collect();
+        Self { regions }
+    }
+
+    /// Bytes of guest RAM.
+    pub fn ram_size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// The smallest memory file that holds every region.
+    pub fn file_size(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.file_offset.saturating_add(r.size))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Refuses layouts that cannot be mapped: no regions, sizes or offsets that are not
+    /// whole pages, regions that overlap in the guest or in the file, or that wrap around.
+    pub fn validate(&self) -> Result<(), MemoryError> {
+        let bad = |what: String| Err(MemoryError::Layout(what));
+        if self.regions.is_empty() {
+            return bad("no memory regions".into());
+        }
+        for (index, r) in self.regions.iter().enumerate() {
+            if r.size == 0 {
+                return bad(format!("region {index} is empty"));
+            }
+            if (r.guest_address | r.size | r.file_offset) % PAGE_SIZE != 0 {
+                return bad(format!(
+                    "region {index} (guest {:#x}, {:#x} bytes, file offset {:#x}) is not \
+                     page-aligned",
+                    r.guest_address, r.size, r.file_offset
+                ));
+            }
+            if r.guest_address.checked_add(r.size).is_none()
+                || r.file_offset.checked_add(r.size).is_none()
+                || usize::try_from(r.size).is_err()
+            {
+                return bad(format!("region {index} wraps around the address space"));
+            }
+        }
+        for (index, pair) in self.regions.windows(2).enumerate() {
+            if pair[1].guest_address < pair[0].guest_address + pair[0].size {
+                return bad(format!(
+                    "region {} at guest {:#x} overlaps or precedes region {index}",
+                    index + 1,
+                    pair[1].guest_address
+                ));
+            }
+        }
+        let mut by_offset: Vec<&RegionLayout> = self.regions.iter().collect();
+        by_offset.sort_by_key(|r| r.file_offset);
+        if by_offset
+            .windows(2)
+            .any(|pair| pair[1].file_offset < pair[0].file_offset + pair[0].size)
+        {
+            return bad("two regions share bytes of the memory file".into());
+        }
+        Ok(())
+    }
+}
+
+/// Maps guest RAM from a snapshot's memory file as `layout` places it. The mappings are
+/// private: pages load from the file on first touch (so VMs restored from one file share
+/// the pages none of them changed, through the page cache) and guest writes stay in this
+/// process, never reaching the file. The file may be opened read-only. It must not shrink
+/// while mapped: touching a page past its end would kill hearth with SIGBUS.
+pub fn restore_guest_memory(file: File, layout: &MemoryLayout) -> Result<GuestMemory, MemoryError> {
+    layout.validate()?;
+    let len = file.metadata().map_err(MemoryError::FileSize)?.len();
+    let needed = layout.file_size();
+    if len < needed {
+        return Err(MemoryError::FileTooShort { len, needed });
+    }
+    let file = Arc::new(file);
+    let regions = layout
+        .regions
+        .iter()
+        .map(|r| {
+            // validate() checked that the size fits usize and the ranges do not wrap.
+            let size = r.size as usize;
+            let mapping = MmapRegionBuilder::new(size)
+                .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|source| MemoryError::MapFile {
+                    size_mib: r.size >> 20,
+                    offset: r.file_offset,
+                    source,
+                })?;
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_address)).ok_or_else(|| {
+                MemoryError::Layout(format!(
+                    "region at guest {:#x} wraps around the address space",
+                    r.guest_address
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryBackend as _;
+    use std::io::Write;
+    use vm_memory::Bytes;
 
     #[test]
     fn small_guest_is_one_region() {
         let mem = create_guest_memory(64 << 20).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(mem.last_addr(), GuestAddress((64 << 20) - 1));
+    }
+
+    fn region(guest_address: u64, size: u64, file_offset: u64) -> RegionLayout {
+        RegionLayout {
+            guest_address,
+            size,
+            file_offset,
+        }
+    }
+
+    #[test]
+    fn packed_layout_skips_the_mmio_hole_in_the_file() {
+        let layout = MemoryLayout {
+            regions: arch::arch_memory_regions(4 << 30)
+                .into_iter()
+                .scan(0, |offset, (address, size)| {
+                    let r = region(address.0, size as u64, *offset);
+                    *offset += size as u64;
+                    Some(r)
+                })
+                .collect(),
+        };
+        assert_eq!(
+            layout.regions[1].guest_address,
+            arch::layout::RAM_ABOVE_4G_START
+        );
+        assert_eq!(layout.regions[1].file_offset, arch::layout::MMIO32_START);
+        assert_eq!(layout.file_size(), 4 << 30);
+        assert_eq!(layout.ram_size(), 4 << 30);
+        layout.validate().unwrap();
+
+        let mem = create_guest_memory(64 << 20).unwrap();
+        assert_eq!(
+            MemoryLayout::packed(&mem).regions,
+            vec![region(0, 64 << 20, 0)]
+        );
+    }
+
+    #[test]
+    fn impossible_layouts_are_refused() {
+        let cases = [
+            (vec![], "no memory regions"),
+            (vec![region(0, 0, 0)], "region 0 is empty"),
+            (vec![region(0, 4097, 0)], "not page-aligned"),
+            (vec![region(0, 4096, 512)], "not page-aligned"),
+            (vec![region(0xffff_ffff_ffff_f000, 8192, 0)], "wraps around"),
+            (
+                vec![region(0, 8192, 0), region(4096, 4096, 8192)],
+                "region 1 at guest 0x1000 overlaps or precedes region 0",
+            ),
+            (
+                vec![region(0, 8192, 0), region(16384, 4096, 4096)],
+                "share bytes of the memory file",
+            ),
+        ];
+        for (regions, expected) in cases {
+            let err = MemoryLayout { regions }.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "{err:?} lacks {expected:?}");
+        }
+    }
+
+    fn memory_file(bytes: &[u8]) -> File {
+        let path = std::env::temp_dir().join(format!(
+            "hearth-memory-test-{}-{}",
+            std::process::id(),
+            bytes.len()
+        ));
+        let mut file = File::create(&path).unwrap();
+        file.write_all(bytes).unwrap();
+        drop(file);
+        let file = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    #[test]
+    fn restored_memory_follows_the_layout() {
+        // Two pages of file: page 0 holds 'a's, page 1 holds 'b's; the layout maps page 1 at
+        // guest 0 and page 0 at guest 64 KiB.
+        let mut bytes = vec![b'a'; 4096];
+        bytes.extend([b'b'; 4096]);
+        let layout = MemoryLayout {
+            regions: vec![region(0, 4096, 4096), region(0x10000, 4096, 0)],
+        };
+        let mem = restore_guest_memory(memory_file(&bytes), &layout).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), b'b');
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10fff)).unwrap(), b'a');
+        assert!(mem.read_obj::<u8>(GuestAddress(0x1000)).is_err());
+    }
+
+    #[test]
+    fn a_short_memory_file_is_refused() {
+        let layout = MemoryLayout {
+            regions: vec![region(0, 8192, 0)],
+        };
+        let err = restore_guest_memory(memory_file(&[0; 4096]), &layout).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the memory file holds 4096 bytes, the memory layout needs 8192"
+        );
     }
 }

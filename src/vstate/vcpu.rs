@@ -280,12 +280,22 @@ impl Vcpu {
 
     /// Starts the vCPU's thread, running.
     pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        self.start_with(false)
+    }
+
+    /// Starts the vCPU's thread parked, as after a pause: it enters KVM_RUN only at the
+    /// first `Resume` (a VM restored from a snapshot and not resumed yet).
+    pub fn start_paused(self) -> Result<VcpuHandle, VcpuError> {
+        self.start_with(true)
+    }
+
+    fn start_with(self, paused: bool) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let (event_tx, event_rx) = mpsc::channel();
         let (response_tx, response_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(event_rx, response_tx))
+            .spawn(move || self.run(event_rx, response_tx, paused))
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle {
             index,
@@ -297,9 +307,13 @@ impl Vcpu {
 
     /// The thread: runs the guest, reading events between exits, until told to finish,
     /// the VM is to stop, or the handle is gone.
-    fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>) {
+    fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>, paused: bool) {
         let _kick_target = KickTarget::register(&mut self.fd);
-        let mut paused = false;
+        let mut paused = paused;
+        if paused {
+            // Restored and not resumed yet: its TSC waits, like a paused vCPU's.
+            self.hold_tsc();
+        }
         loop {
             let event = if paused {
                 match events.recv() {
@@ -392,12 +406,17 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINVAL || e.errno() == libc::ENOTTY => {}
             Err(e) => log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.index),
         }
+        self.hold_tsc();
+        Ok(())
+    }
+
+    /// Keeps the guest TSC of this stopped vCPU, for [`Vcpu::release_tsc`].
+    fn hold_tsc(&mut self) {
         match arch::tsc::read(&self.fd) {
             Ok(tsc) => self.held_tsc = Some(tsc),
             // The pause goes on; the guest will see its length in its TSC.
             Err(e) => log::warn!("vCPU {}: {}", self.index, crate::error_chain(&e)),
         }
-        Ok(())
     }
 
     /// Before running again after a pause: the guest TSC goes on from where it parked.

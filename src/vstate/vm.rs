@@ -4,6 +4,8 @@
 
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
@@ -48,6 +50,10 @@ pub enum VmError {
     SetClock(#[source] kvm_ioctls::Error),
     #[error("cannot {0} the in-kernel interrupt controllers and PIT")]
     Devices(&'static str, #[source] kvm_ioctls::Error),
+    #[error("cannot start the thread that sets up the PIT and guest memory")]
+    SetupThread(#[source] std::io::Error),
+    #[error("the thread that sets up the PIT and guest memory panicked")]
+    SetupPanicked,
 }
 
 /// The VM's own state beside its vCPUs' and memory: KVM's in-kernel PIC pair, IOAPIC and
@@ -61,14 +67,26 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
-/// A VM with its irqchip, PIT and memory in place.
+/// A VM with its irqchip; the PIT and guest memory come with [`Vm::set_up_platform`].
 pub struct Vm {
-    /// Taken only by `drop`.
-    fd: ManuallyDrop<VmFd>,
+    /// Shared only with a [`PlatformSetup`] thread while it runs; taken only by `drop`.
+    fd: ManuallyDrop<Arc<VmFd>>,
+}
+
+/// The PIT and the guest memory slots being set up on a thread of their own (see
+/// [`Vm::set_up_platform`]); [`PlatformSetup::wait`] before any vCPU runs.
+#[must_use = "wait for the setup before the vCPUs run"]
+pub struct PlatformSetup(JoinHandle<Result<(), VmError>>);
+
+impl PlatformSetup {
+    /// Waits until the PIT and every memory slot are in place.
+    pub fn wait(self) -> Result<(), VmError> {
+        self.0.join().map_err(|_| VmError::SetupPanicked)?
+    }
 }
 
 impl Vm {
-    /// Creates the VM and the x86 platform parts KVM emulates in the kernel.
+    /// Creates the VM and its in-kernel interrupt controllers.
     pub fn new(kvm: &KvmContext) -> Result<Self, VmError> {
         let fd = kvm.kvm.create_vm().map_err(VmError::Create)?;
         fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
@@ -76,34 +94,27 @@ impl Vm {
         fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
             .map_err(VmError::IdentityMap)?;
         fd.create_irq_chip().map_err(VmError::Irqchip)?;
-        let pit = kvm_pit_config {
-            // No speaker port emulation: port 0x61 reads as a dummy.
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(VmError::Pit)?;
         Ok(Self {
-            fd: ManuallyDrop::new(fd),
+            fd: ManuallyDrop::new(Arc::new(fd)),
         })
     }
 
-    /// Registers every guest memory region as a KVM memory slot.
-    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
-        for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
-            let region_desc = kvm_userspace_memory_region {
-                slot,
-                flags: 0,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region stays mapped for the VM's whole life: `GuestMemory` is owned
-            // by the Vmm, which outlives every vCPU, and regions are never removed.
-            unsafe { self.fd.set_user_memory_region(region_desc) }
-                .map_err(|source| VmError::MemorySlot { slot, source })?;
-        }
-        Ok(())
+    /// Creates the in-kernel PIT and registers every region of `mem` as a memory slot, on
+    /// a thread of its own: KVM waits for timer ticks in these calls (a new memory slot
+    /// cost 4-12 ms on nested-PVM hosts, the PIT up to 2 ms, more than the rest of a
+    /// tiny VM's set-up together), and nothing else in building the VM needs them, so the
+    /// builder goes on meanwhile. The caller keeps `mem` mapped for the VM's whole life.
+    pub fn set_up_platform(&self, mem: &GuestMemory) -> Result<PlatformSetup, VmError> {
+        let fd = Arc::clone(&self.fd);
+        let mem = mem.clone();
+        std::thread::Builder::new()
+            .name("vm-setup".into())
+            .spawn(move || {
+                create_pit(&fd)?;
+                register_memory(&fd, &mem)
+            })
+            .map(PlatformSetup)
+            .map_err(VmError::SetupThread)
     }
 
     /// Makes a write to `evt` raise `irq` (a GSI of the in-kernel IOAPIC).
@@ -116,7 +127,37 @@ impl Vm {
     pub fn fd(&self) -> &VmFd {
         &self.fd
     }
+}
 
+fn create_pit(fd: &VmFd) -> Result<(), VmError> {
+    let pit = kvm_pit_config {
+        // No speaker port emulation: port 0x61 reads as a dummy.
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit).map_err(VmError::Pit)
+}
+
+/// Registers every guest memory region as a KVM memory slot.
+fn register_memory(fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let region_desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region stays mapped for the VM's whole life: `GuestMemory` is owned
+        // by the Vmm, which outlives every vCPU, and regions are never removed.
+        unsafe { fd.set_user_memory_region(region_desc) }
+            .map_err(|source| VmError::MemorySlot { slot, source })?;
+    }
+    Ok(())
+}
+
+impl Vm {
     /// The guest's kvmclock now (KVM_GET_CLOCK), to be put back by [`Vm::restore_clock`].
     pub fn save_clock(&self) -> Result<kvm_clock_data, VmError> {
         self.fd.get_clock().map_err(VmError::GetClock)
@@ -134,17 +175,6 @@ impl Vm {
     }
 }
 
-/// The VM's last reference goes to a kernel worker, so closing it costs this thread
-/// (and the process's exit) next to nothing.
-///
-/// Destroying a KVM VM is slow on the project's hosts: tearing down the in-kernel PIT
-/// waits for two back-to-back SRCU grace periods (`kvm_free_pit` unregistering its ack
-/// and mask notifiers), 13-20 ms, more than a tiny guest's whole boot. Exiting without
-/// closing the VM does not help, as the process's exit closes it the same way. An
-/// io_uring's teardown, though, runs in a kernel worker, and so does the release of the
-/// files registered with it: the VM fd is registered with a fresh ring, closed here
-/// (not the last reference then), and the ring closed after it. Where io_uring is not
-/// available (disabled, or refused by a seccomp filter) the VM is closed the slow way.
 impl Vm {
     /// The VM's state, with `clock` as the guest's clock (the one saved when the VM was
     /// paused: the clock has run on since).
@@ -182,9 +212,21 @@ impl Vm {
     }
 }
 
+/// The VM's last reference goes to a kernel worker, so closing it costs this thread
+/// (and the process's exit) next to nothing.
+///
+/// Destroying a KVM VM is slow on the project's hosts: tearing down the in-kernel PIT
+/// waits for two back-to-back SRCU grace periods (`kvm_free_pit` unregistering its ack
+/// and mask notifiers), 13-20 ms, more than a tiny guest's whole boot. Exiting without
+/// closing the VM does not help, as the process's exit closes it the same way. An
+/// io_uring's teardown, though, runs in a kernel worker, and so does the release of the
+/// files registered with it: the VM fd is registered with a fresh ring, closed here
+/// (not the last reference then), and the ring closed after it. Where io_uring is not
+/// available (disabled, or refused by a seccomp filter) the VM is closed the slow way.
 impl Drop for Vm {
     fn drop(&mut self) {
-        // SAFETY: `fd` is taken once, here, and `self` is not used after.
+        // SAFETY: `fd` is taken once, here, and `self` is not used after. (A setup thread
+        // abandoned by a failed build may hold the last reference; it then closes the VM.)
         let fd = unsafe { ManuallyDrop::take(&mut self.fd) };
         let ring = ring_holding(fd.as_raw_fd());
         drop(fd);

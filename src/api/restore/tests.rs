@@ -232,15 +232,17 @@ fn the_driver_sends_the_plan_and_shuts_down_after_a_refusal() {
     result.unwrap();
     assert_eq!(seen, plan.actions());
 
-    // The load is refused (as on a build without snapshots): nothing else is sent but
-    // the shutdown of the empty VMM, and the refusal is the error.
+    // The load is refused: nothing else is sent but the shutdown of the empty VMM, and
+    // the refusal is the error.
     let (result, seen) = drive_against(&plan, |action| match action {
-        VmmAction::LoadSnapshot(_) => Err(ApiError::SnapshotsUnsupported),
+        VmmAction::LoadSnapshot(_) => Err(ApiError::Snapshot(
+            "checksum mismatch: the file is corrupt".into(),
+        )),
         _ => Ok(VmmData::Empty),
     });
     assert_eq!(
         crate::error_chain(&result.unwrap_err()),
-        "cannot load the snapshot: snapshots are not supported by this build yet"
+        "cannot load the snapshot: checksum mismatch: the file is corrupt"
     );
     assert_eq!(seen, [plan.actions()[0].clone(), VmmAction::Shutdown]);
 

@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cpu_features;
 pub mod cpuid;
 pub mod gdt;
 pub mod layout;

@@ -2,6 +2,8 @@
 //! a valid-RAM flag. Linux reads it once for the boot time; without it, guests poll the
 //! missing chip thousands of times (a costly exit each on a nested host).
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::bus::BusDevice;
 
 const REG_SECONDS: u8 = 0x00;
@@ -19,6 +21,17 @@ const REG_CENTURY: u8 = 0x32;
 /// CMOS bytes beyond the clock: plain storage, as guests may use them.
 const CMOS_SIZE: usize = 128;
 
+#[derive(Debug, thiserror::Error)]
+#[error("saved CMOS RAM is {0} bytes, not {CMOS_SIZE}")]
+pub struct CmosStateError(usize);
+
+/// What a snapshot keeps of the CMOS: the selected register and the RAM bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    pub index: u8,
+    pub ram: Vec<u8>,
+}
+
 #[derive(Default)]
 pub struct Cmos {
     index: u8,
@@ -31,6 +44,25 @@ impl Cmos {
             index: 0,
             ram: vec![0; CMOS_SIZE],
         }
+    }
+
+    pub fn save(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.clone(),
+        }
+    }
+
+    /// The saved chip. The clock registers always read the host's time: a restored guest
+    /// reads the wall clock of the day it is restored, as after a real suspend.
+    pub fn restore(state: &CmosState) -> Result<Self, CmosStateError> {
+        if state.ram.len() != CMOS_SIZE {
+            return Err(CmosStateError(state.ram.len()));
+        }
+        Ok(Self {
+            index: state.index & 0x7f,
+            ram: state.ram.clone(),
+        })
     }
 
     fn read_register(&self, reg: u8) -> u8 {
@@ -159,5 +191,24 @@ mod tests {
         cmos.read(1, &mut byte);
         assert_eq!(byte[0], 0x5a);
         assert_eq!(bcd(59), 0x59);
+    }
+
+    #[test]
+    fn saved_ram_and_index_come_back() {
+        let mut cmos = Cmos::new();
+        cmos.write(0, &[0x40]);
+        cmos.write(1, &[0x5a]);
+        let mut restored = Cmos::restore(&cmos.save()).unwrap();
+        let mut byte = [0u8];
+        restored.read(1, &mut byte);
+        assert_eq!(byte[0], 0x5a, "the selected register and its byte");
+        let short = CmosState {
+            index: 0,
+            ram: vec![0; 3],
+        };
+        assert_eq!(
+            Cmos::restore(&short).err().unwrap().to_string(),
+            "saved CMOS RAM is 3 bytes, not 128"
+        );
     }
 }

@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
@@ -92,16 +93,33 @@ pub enum I8042Error {
     BufferFull,
     #[error("the guest has disabled its keyboard")]
     KeyboardDisabled,
+    #[error("the saved i8042 state is invalid: {0}")]
+    BadState(String),
 }
 
 /// A controller command waiting for its data byte on port 0x60.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PendingWrite {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PendingWrite {
     Config,
     OutputPort,
     KeyboardBuffer,
     /// Data for the absent auxiliary port: dropped.
     Aux,
+}
+
+/// What a snapshot keeps of the controller and its keyboard: registers, the command in
+/// progress and the bytes the guest has not read yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    pub config: u8,
+    pub output_port: u8,
+    pub last_was_command: bool,
+    pub pending: Option<PendingWrite>,
+    pub controller_out: Vec<u8>,
+    pub keyboard_out: Vec<u8>,
+    pub keyboard_command: Option<u8>,
+    pub scanning: bool,
+    pub scancode_set: u8,
 }
 
 pub struct I8042 {
@@ -137,6 +155,54 @@ impl I8042 {
             scanning: true,
             scancode_set: 2,
         }
+    }
+
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            config: self.config,
+            output_port: self.output_port,
+            last_was_command: self.last_was_command,
+            pending: self.pending,
+            controller_out: self.controller_out.iter().copied().collect(),
+            keyboard_out: self.keyboard_out.iter().copied().collect(),
+            keyboard_command: self.keyboard_command,
+            scanning: self.scanning,
+            scancode_set: self.scancode_set,
+        }
+    }
+
+    /// The saved controller. Bytes waiting for the guest were already signalled (the
+    /// interrupt controllers' saved state holds that), so none is signalled again.
+    pub fn restore(
+        exit: Arc<ExitSignal>,
+        irq: Option<EventFd>,
+        state: &I8042State,
+    ) -> Result<Self, I8042Error> {
+        if state.keyboard_out.len() > KEYBOARD_BUFFER {
+            return Err(I8042Error::BadState(format!(
+                "{} keyboard bytes buffered, at most {KEYBOARD_BUFFER} fit",
+                state.keyboard_out.len()
+            )));
+        }
+        if !(1..=3).contains(&state.scancode_set) {
+            return Err(I8042Error::BadState(format!(
+                "scancode set {}",
+                state.scancode_set
+            )));
+        }
+        Ok(Self {
+            exit,
+            irq,
+            config: state.config,
+            output_port: state.output_port,
+            last_was_command: state.last_was_command,
+            pending: state.pending,
+            controller_out: state.controller_out.iter().copied().collect(),
+            keyboard_out: state.keyboard_out.iter().copied().collect(),
+            keyboard_command: state.keyboard_command,
+            scanning: state.scanning,
+            scancode_set: state.scancode_set,
+        })
     }
 
     /// Types Ctrl+Alt+Del: press and release, in the scancodes the guest expects.
@@ -485,5 +551,43 @@ mod tests {
         let mut byte = [0u8];
         dev.read(1, &mut byte);
         assert_eq!(byte[0], 0xff);
+    }
+
+    #[test]
+    fn a_restored_controller_goes_on_where_it_was() {
+        let (mut dev, _, irq) = device();
+        // Scancode set 1 chosen, a config write waiting for its byte, unread keystrokes.
+        outb(&mut dev, 0, KBD_SCANCODE_SET);
+        outb(&mut dev, 0, 1);
+        assert_eq!(drain(&mut dev), [KBD_ACK, KBD_ACK]);
+        dev.send_ctrl_alt_del().unwrap();
+        outb(&mut dev, COMMAND_OFFSET, CMD_WRITE_CONFIG);
+        let state = dev.save();
+        let _ = interrupts(&irq);
+
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut restored = I8042::restore(exit, Some(irq.try_clone().unwrap()), &state).unwrap();
+        assert_eq!(restored.save(), state);
+        assert_eq!(interrupts(&irq), 0, "nothing is signalled twice");
+        outb(&mut restored, 0, INITIAL_CONFIG | CONFIG_KEYBOARD_INTERRUPT);
+        assert_eq!(
+            interrupts(&irq),
+            1,
+            "the pending config write took the byte"
+        );
+        assert_eq!(drain(&mut restored), CTRL_ALT_DEL_SET1);
+        outb(&mut restored, 0, KBD_SCANCODE_SET);
+        outb(&mut restored, 0, 0);
+        assert_eq!(drain(&mut restored), [KBD_ACK, KBD_ACK, 1]);
+
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let bad = I8042State {
+            scancode_set: 9,
+            ..state
+        };
+        assert_eq!(
+            I8042::restore(exit, None, &bad).err().unwrap().to_string(),
+            "the saved i8042 state is invalid: scancode set 9"
+        );
     }
 }

@@ -5,7 +5,8 @@ use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState as UartState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -57,6 +58,28 @@ impl SerialEvents for InputSpace {
 
 type Uart = Serial<EventFdTrigger, Arc<InputSpace>, Box<dyn Write + Send>>;
 
+/// What a snapshot keeps of the UART: its registers and the input the guest has not read
+/// (vm-superio's `SerialState`, which has no serde support).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("cannot restore the UART: {0}")]
+    Restore(String),
+}
+
 /// The UART as a bus device.
 pub struct SerialDevice {
     uart: Uart,
@@ -70,6 +93,47 @@ impl SerialDevice {
     ) -> Self {
         Self {
             uart: Serial::with_events(EventFdTrigger::new(interrupt), input_space, out),
+        }
+    }
+
+    /// A UART in `state`, interrupting through `interrupt`. vm-superio raises again an
+    /// interrupt its identification register says is pending.
+    pub fn restore(
+        state: &SerialState,
+        interrupt: EventFd,
+        input_space: Arc<InputSpace>,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, SerialError> {
+        let uart = UartState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&uart, EventFdTrigger::new(interrupt), input_space, out)
+            .map_err(|e| SerialError::Restore(format!("{e:?}")))?;
+        Ok(Self { uart })
+    }
+
+    pub fn save(&self) -> SerialState {
+        let uart = self.uart.state();
+        SerialState {
+            baud_divisor_low: uart.baud_divisor_low,
+            baud_divisor_high: uart.baud_divisor_high,
+            interrupt_enable: uart.interrupt_enable,
+            interrupt_identification: uart.interrupt_identification,
+            line_control: uart.line_control,
+            line_status: uart.line_status,
+            modem_control: uart.modem_control,
+            modem_status: uart.modem_status,
+            scratch: uart.scratch,
+            in_buffer: uart.in_buffer,
         }
     }
 
@@ -214,5 +278,47 @@ mod tests {
         let first = dev.enqueue_input(&big);
         assert!(first > 0 && first < big.len());
         assert_eq!(dev.enqueue_input(&big), 0);
+    }
+
+    #[test]
+    fn a_restored_uart_keeps_registers_and_unread_input() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let space = Arc::new(InputSpace::new().unwrap());
+        let mut dev = SerialDevice::new(
+            irq.try_clone().unwrap(),
+            space.clone(),
+            Box::new(io::sink()),
+        );
+        dev.write(7, &[0x42]); // scratch
+        dev.write(1, &[0x01]); // receive interrupt on
+        assert_eq!(dev.enqueue_input(b"xyz"), 3);
+        let mut byte = [0u8];
+        dev.read(0, &mut byte);
+        let state = dev.save();
+        assert_eq!(state.in_buffer, b"yz");
+        let _ = irq.read();
+
+        let out = Captured::default();
+        let mut restored = SerialDevice::restore(
+            &state,
+            irq.try_clone().unwrap(),
+            space,
+            Box::new(out.clone()),
+        )
+        .unwrap();
+        assert_eq!(restored.save(), state);
+        restored.read(7, &mut byte);
+        assert_eq!(byte[0], 0x42);
+        restored.read(0, &mut byte);
+        assert_eq!(byte[0], b'y');
+        restored.write(0, b"!");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"!");
+
+        let overfull = SerialState {
+            in_buffer: vec![0; 1000],
+            ..state
+        };
+        let space = Arc::new(InputSpace::new().unwrap());
+        assert!(SerialDevice::restore(&overfull, irq, space, Box::new(io::sink())).is_err());
     }
 }

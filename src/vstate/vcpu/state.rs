@@ -287,7 +287,7 @@ mod tests {
         let msrs: MsrIndex = kvm.msr_index_list().unwrap().into();
         let deadline = || Instant::now() + Duration::from_secs(5);
         let vm = Vm::new(&kvm).unwrap();
-        vm.register_memory(&mem).unwrap();
+        vm.set_up_platform(&mem).unwrap().wait().unwrap();
         let (vcpu, counted) = vcpu_on(&vm, &mem, profile);
         let boot = BootEntry {
             entry: GuestAddress(CODE),
@@ -348,7 +348,7 @@ mod tests {
         let deadline = || Instant::now() + Duration::from_secs(5);
 
         let first = Vm::new(&kvm).unwrap();
-        first.register_memory(&mem).unwrap();
+        first.set_up_platform(&mem).unwrap().wait().unwrap();
         let (vcpu, counted) = vcpu_on(&first, &mem, profile);
         let boot = BootEntry {
             entry: GuestAddress(CODE),
@@ -378,7 +378,7 @@ mod tests {
         let vm_loaded: crate::vstate::vm::VmState = serde_json::from_str(&vm_json).unwrap();
 
         let second = Vm::new(&kvm).unwrap();
-        second.register_memory(&mem).unwrap();
+        second.set_up_platform(&mem).unwrap().wait().unwrap();
         second.restore_state(&vm_loaded).unwrap();
         let (mut vcpu, continued) = vcpu_on(&second, &mem, profile);
         vcpu.restore_state(&loaded).unwrap();

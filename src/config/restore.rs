@@ -1,0 +1,187 @@
+//! What restoring a snapshot takes: its two files, the new process's console, new backing
+//! for the devices whose host side may have moved (an image path, a tap, a vsock socket),
+//! and whether the guest runs at once. Inert data, checked by [`RestoreConfig::validate`]
+//! before anything is opened; the rest of the VM comes from the snapshot.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{check_readable_file, ConfigError, SerialConfig};
+use crate::devices::virtio::net;
+
+/// A new image file for the disk at `index` (0 is the first disk, the guest's vda).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskOverride {
+    pub index: usize,
+    pub path: PathBuf,
+}
+
+/// Another tap for the NIC at `index` (0 is the first NIC).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetOverride {
+    pub index: usize,
+    pub tap: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    pub state_path: PathBuf,
+    pub mem_path: PathBuf,
+    #[serde(default)]
+    pub serial: SerialConfig,
+    #[serde(default)]
+    pub disks: Vec<DiskOverride>,
+    #[serde(default)]
+    pub nets: Vec<NetOverride>,
+    /// Where the vsock device listens instead of its saved socket path.
+    #[serde(default)]
+    pub vsock_uds_path: Option<PathBuf>,
+    /// Run the guest at once; otherwise it stays paused until resumed.
+    #[serde(default)]
+    pub resume: bool,
+}
+
+impl RestoreConfig {
+    /// Restores the snapshot in `state_path` and `mem_path` as saved, console on stdio,
+    /// paused.
+    pub fn new(state_path: impl Into<PathBuf>, mem_path: impl Into<PathBuf>) -> Self {
+        Self {
+            state_path: state_path.into(),
+            mem_path: mem_path.into(),
+            serial: SerialConfig::default(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock_uds_path: None,
+            resume: false,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_readable_file("snapshot state file", &self.state_path)?;
+        check_readable_file("snapshot memory file", &self.mem_path)?;
+        match &self.serial {
+            SerialConfig::File(path) | SerialConfig::Unix(path) if path.as_os_str().is_empty() => {
+                return Err(ConfigError::EmptyPath("serial console"));
+            }
+            _ => {}
+        }
+        let mut seen = BTreeSet::new();
+        for disk in &self.disks {
+            if !seen.insert(disk.index) {
+                return Err(ConfigError::DuplicateOverride {
+                    kind: "disk",
+                    index: disk.index,
+                });
+            }
+            check_readable_file("disk image", &disk.path)?;
+        }
+        seen.clear();
+        for nic in &self.nets {
+            if !seen.insert(nic.index) {
+                return Err(ConfigError::DuplicateOverride {
+                    kind: "NIC",
+                    index: nic.index,
+                });
+            }
+            if !net::tap::valid_name(&nic.tap) {
+                return Err(ConfigError::TapName(nic.tap.clone()));
+            }
+        }
+        if self
+            .vsock_uds_path
+            .as_ref()
+            .is_some_and(|path| path.as_os_str().is_empty())
+        {
+            return Err(ConfigError::EmptyPath("vsock socket"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> (PathBuf, PathBuf) {
+        let dir =
+            std::env::temp_dir().join(format!("hearth-restore-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (state, mem) = (dir.join("state"), dir.join("mem"));
+        std::fs::write(&state, b"x").unwrap();
+        std::fs::write(&mem, b"x").unwrap();
+        (state, mem)
+    }
+
+    #[test]
+    fn json_form_and_defaults() {
+        let config: RestoreConfig = serde_json::from_str(
+            r#"{"state_path": "/s", "mem_path": "/m", "nets": [{"index": 1, "tap": "tap7"}],
+                "resume": true}"#,
+        )
+        .unwrap();
+        assert_eq!(config.serial, SerialConfig::Stdio);
+        assert_eq!(config.nets[0].tap, "tap7");
+        assert!(config.resume && config.disks.is_empty());
+        assert!(serde_json::from_str::<RestoreConfig>(
+            r#"{"state_path": "/s", "mem_path": "/m", "x": 1}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn overrides_are_checked() {
+        let (state, mem) = files();
+        let mut config = RestoreConfig::new(&state, &mem);
+        config.validate().unwrap();
+
+        config.nets = vec![
+            NetOverride {
+                index: 0,
+                tap: "tap0".into(),
+            },
+            NetOverride {
+                index: 0,
+                tap: "tap1".into(),
+            },
+        ];
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "two overrides for NIC 0"
+        );
+        config.nets = vec![NetOverride {
+            index: 0,
+            tap: "a/b".into(),
+        }];
+        assert!(matches!(config.validate(), Err(ConfigError::TapName(_))));
+        config.nets.clear();
+
+        config.disks = vec![DiskOverride {
+            index: 0,
+            path: state.with_file_name("missing"),
+        }];
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("cannot read disk image"));
+        config.disks.clear();
+
+        config.vsock_uds_path = Some(PathBuf::new());
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "the vsock socket path is empty"
+        );
+
+        let missing = RestoreConfig::new(state.with_file_name("nothing"), &mem);
+        assert!(missing
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("cannot read snapshot state file"));
+    }
+}

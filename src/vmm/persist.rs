@@ -1,0 +1,290 @@
+//! Snapshots of a paused VM: what a snapshot's state file holds beside guest memory
+//! ([`VmmState`]), and [`Vmm::snapshot`], which writes both files. Restoring is
+//! `builder::build_from_snapshot`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{RunState, Vmm, VmmError};
+use crate::config::RestoreConfig;
+use crate::device_manager::{AttachedDeviceState, VirtioDeviceState};
+use crate::devices::bus::lock;
+use crate::devices::control::ControlState;
+use crate::devices::legacy::cmos::CmosState;
+use crate::devices::legacy::i8042::I8042State;
+use crate::devices::legacy::serial::SerialState;
+use crate::snapshot::{self, HostFacts, Saved, SnapshotError};
+use crate::vstate::vcpu::VcpuState;
+use crate::vstate::vm::VmState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OverrideError {
+    #[error("the snapshot has {count} {kind}(s); there is no {kind} {index} to give new backing")]
+    NoSuchDevice {
+        kind: &'static str,
+        index: usize,
+        count: usize,
+    },
+    #[error("the snapshot has no vsock device for the new socket path")]
+    NoVsock,
+}
+
+/// Everything of a paused VM but its memory: the payload of a snapshot's state file. The
+/// memory layout and the host facts (CPU profile included) are in the file's container.
+#[derive(Serialize, Deserialize)]
+pub struct VmmState {
+    /// In index order; each with the compat layer's own state when it ran with it.
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub devices: DevicesState,
+    /// What the VM's front end knows of it beyond the devices, for a restore to give back
+    /// (the API saves its configuration document, JSON, with the drive and interface ids
+    /// its clients use); `None` when nothing was given.
+    pub frontend: Option<String>,
+}
+
+/// Every device's state.
+#[derive(Serialize, Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialState,
+    pub i8042: I8042State,
+    pub cmos: CmosState,
+    pub control: ControlState,
+    /// In the order they were attached, which is the order to restore them in.
+    pub virtio: Vec<AttachedDeviceState>,
+}
+
+impl DevicesState {
+    /// Points the saved devices at the new backing `restore` names: image paths, taps,
+    /// the vsock socket. Disks and NICs are counted among their kind, in attach order.
+    pub fn apply_overrides(&mut self, restore: &RestoreConfig) -> Result<(), OverrideError> {
+        let mut disks = Vec::new();
+        let mut nets = Vec::new();
+        let mut vsock = None;
+        for attached in &mut self.virtio {
+            match &mut attached.device {
+                VirtioDeviceState::Block(block) => disks.push(&mut block.config.path),
+                VirtioDeviceState::Net(net) => nets.push(&mut net.config.tap),
+                VirtioDeviceState::Vsock(state) => vsock = Some(&mut state.config.uds_path),
+            }
+        }
+        let missing = |kind, index, count| OverrideError::NoSuchDevice { kind, index, count };
+        for disk in &restore.disks {
+            let count = disks.len();
+            **disks
+                .get_mut(disk.index)
+                .ok_or_else(|| missing("disk", disk.index, count))? = disk.path.clone();
+        }
+        for nic in &restore.nets {
+            let count = nets.len();
+            **nets
+                .get_mut(nic.index)
+                .ok_or_else(|| missing("NIC", nic.index, count))? = nic.tap.clone();
+        }
+        if let Some(path) = &restore.vsock_uds_path {
+            *vsock.ok_or(OverrideError::NoVsock)? = path.clone();
+        }
+        Ok(())
+    }
+}
+
+impl Vmm {
+    /// Writes a snapshot of the paused VM: guest memory to `mem_path`, everything else (and
+    /// `frontend`, see [`VmmState::frontend`]) to `state_path`, each replaced if it exists.
+    /// Like Firecracker, a running VM is refused: pause it first; it stays paused after.
+    pub fn snapshot(
+        &mut self,
+        state_path: &Path,
+        mem_path: &Path,
+        frontend: Option<String>,
+    ) -> Result<Saved, VmmError> {
+        self.expect_state(RunState::Paused)?;
+        let mut state = self.save_state()?;
+        state.frontend = frontend;
+        let first = state.vcpus.first().ok_or_else(|| {
+            VmmError::Snapshot(SnapshotError::Inconsistent("the VM has no vCPU".into()))
+        })?;
+        let host = HostFacts::for_guest(&first.cpuid, self.profile);
+        let saved = snapshot::save(&self.mem, host, &state, state_path, mem_path)
+            .map_err(VmmError::Snapshot)?;
+        log::info!(
+            "snapshot: {} bytes of state, {} MiB of memory data",
+            saved.state_bytes,
+            saved.memory_data_bytes >> 20
+        );
+        Ok(saved)
+    }
+
+    /// The state of the paused VM, memory aside.
+    pub fn save_state(&mut self) -> Result<VmmState, VmmError> {
+        self.expect_state(RunState::Paused)?;
+        Ok(VmmState {
+            vcpus: self.save_vcpu_states()?,
+            vm: self.save_vm_state()?,
+            devices: DevicesState {
+                serial: lock(&self.console.serial).save(),
+                i8042: lock(&self.devices.i8042).save(),
+                cmos: lock(&self.devices.cmos).save(),
+                control: self.control.save(),
+                virtio: self.mmio_devices.save(),
+            },
+            frontend: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use super::*;
+    use crate::config::{DiskOverride, NetOverride};
+    use crate::devices::legacy::cmos::Cmos;
+    use crate::devices::legacy::i8042::I8042;
+    use crate::devices::legacy::serial::{InputSpace, SerialDevice};
+    use crate::devices::virtio::block::{BlockConfig, BlockState};
+    use crate::devices::virtio::net::{NetConfig, NetState};
+    use crate::devices::virtio::persist::{DeviceCoreState, MmioTransportState};
+    use crate::devices::virtio::vsock::{VsockConfig, VsockState};
+    use crate::exit::ExitSignal;
+
+    fn attached(index: u64, device: VirtioDeviceState) -> AttachedDeviceState {
+        AttachedDeviceState {
+            name: format!("dev{index}"),
+            base: 0xd000_0000 + index * 0x1000,
+            irq: 5 + index as u32,
+            transport: MmioTransportState::default(),
+            device,
+        }
+    }
+
+    fn block(path: &str) -> VirtioDeviceState {
+        VirtioDeviceState::Block(BlockState {
+            config: BlockConfig {
+                path: path.into(),
+                read_only: false,
+                id: None,
+            },
+            capacity: 8,
+            core: DeviceCoreState::default(),
+        })
+    }
+
+    fn net(tap: &str) -> VirtioDeviceState {
+        VirtioDeviceState::Net(NetState {
+            config: NetConfig {
+                tap: tap.into(),
+                mac: Some([0x52, 0x54, 0, 0, 0, 1]),
+            },
+            core: DeviceCoreState::default(),
+        })
+    }
+
+    /// Two disks around a NIC, then a second NIC.
+    fn devices(vsock: bool) -> DevicesState {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let serial = SerialDevice::new(
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            Arc::new(InputSpace::new().unwrap()),
+            Box::new(std::io::sink()),
+        );
+        let mut virtio = vec![
+            attached(0, block("/a.img")),
+            attached(1, net("tap0")),
+            attached(2, block("/b.img")),
+            attached(3, net("tap1")),
+        ];
+        if vsock {
+            virtio.push(attached(
+                4,
+                VirtioDeviceState::Vsock(VsockState {
+                    config: VsockConfig {
+                        guest_cid: 3,
+                        uds_path: "/run/v.sock".into(),
+                    },
+                    core: DeviceCoreState::default(),
+                }),
+            ));
+        }
+        DevicesState {
+            serial: serial.save(),
+            i8042: I8042::new(exit, None).save(),
+            cmos: Cmos::new().save(),
+            control: ControlState {
+                boot_completed: true,
+            },
+            virtio,
+        }
+    }
+
+    fn backing(state: &DevicesState) -> Vec<String> {
+        state
+            .virtio
+            .iter()
+            .map(|d| match &d.device {
+                VirtioDeviceState::Block(b) => b.config.path.display().to_string(),
+                VirtioDeviceState::Net(n) => n.config.tap.clone(),
+                VirtioDeviceState::Vsock(v) => v.config.uds_path.display().to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn overrides_count_devices_within_their_kind() {
+        let mut restore = RestoreConfig::new("/s", "/m");
+        restore.disks = vec![DiskOverride {
+            index: 1,
+            path: PathBuf::from("/copy-of-b.img"),
+        }];
+        restore.nets = vec![NetOverride {
+            index: 0,
+            tap: "tap9".into(),
+        }];
+        restore.vsock_uds_path = Some("/run/w.sock".into());
+        let mut state = devices(true);
+        state.apply_overrides(&restore).unwrap();
+        assert_eq!(
+            backing(&state),
+            ["/a.img", "tap9", "/copy-of-b.img", "tap1", "/run/w.sock"]
+        );
+    }
+
+    #[test]
+    fn overrides_for_missing_devices_are_refused() {
+        let mut restore = RestoreConfig::new("/s", "/m");
+        restore.nets = vec![NetOverride {
+            index: 2,
+            tap: "tap9".into(),
+        }];
+        let mut state = devices(false);
+        assert_eq!(
+            state.apply_overrides(&restore).unwrap_err().to_string(),
+            "the snapshot has 2 NIC(s); there is no NIC 2 to give new backing"
+        );
+        let mut restore = RestoreConfig::new("/s", "/m");
+        restore.vsock_uds_path = Some("/run/w.sock".into());
+        assert!(matches!(
+            state.apply_overrides(&restore),
+            Err(OverrideError::NoVsock)
+        ));
+        assert_eq!(backing(&state), ["/a.img", "tap0", "/b.img", "tap1"]);
+    }
+
+    /// The payload goes through the state file's encoding (postcard) intact.
+    #[test]
+    fn devices_state_survives_the_encoding() {
+        let state = devices(true);
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        let back: DevicesState = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(backing(&back), backing(&state));
+        assert_eq!(back.virtio, state.virtio);
+        assert_eq!(back.serial, state.serial);
+        assert_eq!(back.i8042, state.i8042);
+        assert_eq!(back.cmos, state.cmos);
+        assert_eq!(back.control, state.control);
+    }
+}
