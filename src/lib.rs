@@ -19,6 +19,8 @@ pub mod image;
 pub mod logger;
 pub mod snapshot;
 pub mod terminal;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod uds;
 pub mod vmm;
 pub mod vstate;

@@ -283,9 +283,9 @@ impl Vmm {
     }
 
     /// Pauses a running VM: returns once every vCPU is out of KVM_RUN and parked, with the
-    /// guest's kvmclock saved (so the guest does not see the pause as a clock jump) and
-    /// each vCPU's kvmclock told it was stopped. The serial console keeps working. On an
-    /// error the VM is left running.
+    /// guest's kvmclock saved and each vCPU's TSC held (so the guest does not see the pause
+    /// as a clock jump), and each vCPU's kvmclock told it was stopped. The serial console
+    /// keeps working. On an error the VM is left running.
     pub fn pause(&mut self) -> Result<(), VmmError> {
         self.expect_state(RunState::Running)?;
         let deadline = Instant::now() + VCPU_ANSWER_TIMEOUT;
@@ -325,7 +325,7 @@ impl Vmm {
     }
 
     /// Resumes a paused VM: the guest's kvmclock goes on from where it was paused, then
-    /// every vCPU runs again. Returns once every vCPU has answered.
+    /// every vCPU runs again, its TSC too going on from where it parked. Returns once every vCPU has answered.
     pub fn resume(&mut self) -> Result<(), VmmError> {
         self.expect_state(RunState::Paused)?;
         // Devices first, before any vCPU can notify them.

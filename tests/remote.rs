@@ -3,11 +3,8 @@
 //! API socket.
 //!
 //! The guest is the `keyboard` payload: it prints "keyboard ready" and ends the VM with
-//! status 42 once it reads Ctrl+Alt+Del from the i8042.
-//!
-//! `remote_pause_resume_keeps_the_guest_running` needs pausing, which another branch
-//! wires into `PATCH /vm`; until it is merged, that test fails with the VMM's "pause is
-//! not supported by this build yet".
+//! status 42 once it reads Ctrl+Alt+Del from the i8042; or the `counter` payload, which
+//! counts on the serial console, for snapshots restored in new processes.
 
 mod common;
 
@@ -328,4 +325,126 @@ fn remote_snapshot_then_restore_carries_the_guest_on() {
     common::assert_exit_code(&restored.remote(&["resume"]), 0);
     common::assert_exit_code(&restored.remote(&["ctrl-alt-del"]), 0);
     restored.expect_end(CTRL_ALT_DEL_STATUS);
+}
+
+/// The numbers the `counter` payload printed, in order ("count N" lines; a line still
+/// being written is left out).
+fn counts_in(text: &str) -> Vec<u32> {
+    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    complete
+        .lines()
+        .map(|line| {
+            line.strip_prefix("count ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected serial line {line:?} in {text:?}"))
+        })
+        .collect()
+}
+
+/// Waits until `log` shows a count above `past`; returns what it printed.
+#[track_caller]
+fn wait_for_count_past(log: &Path, prefix: &str, past: u32, vmm: &mut common::Running) -> String {
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if counts_in(&format!("{prefix}{text}"))
+            .last()
+            .is_some_and(|&n| n > past)
+        {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline && vmm.is_running(),
+            "the guest did not count past {past}: {text:?}\n{}",
+            vmm.describe_so_far()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The issue's snapshot round trip through the real binaries: a counting guest is paused
+/// and snapshotted with `hearth remote`, its VMM is killed (SIGKILL: nothing is saved at
+/// exit), and two `hearth restore` processes, each with a console of its own, both count
+/// on from where the original stopped, independently.
+#[test]
+fn a_killed_vmm_restores_in_new_processes_that_count_on() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("remote-counter");
+    let (sock, log) = (dir.join("api.sock"), dir.join("original.log"));
+    let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
+    let mut cmd = hearth();
+    cmd.args(["run", "--memory", "32M", "--cpus", "2", "--kernel"])
+        .arg(payload("counter", Format::Elf64))
+        .arg("--serial")
+        .arg(format!("file={}", log.display()))
+        .arg("--api-sock")
+        .arg(&sock);
+    let original = Vmm::wait_for_socket(Running::start(cmd, Stdio::null()), sock, dir);
+    let Vmm {
+        mut running,
+        sock,
+        _dir: dir,
+    } = original;
+    wait_for_count_past(&log, "", 2, &mut running);
+    common::assert_exit_code(&remote(&sock, &["pause"]), 0);
+    let (state_arg, mem_arg) = (state.display().to_string(), mem.display().to_string());
+    let out = remote(
+        &sock,
+        &["snapshot", "--state", &state_arg, "--mem", &mem_arg],
+    );
+    common::assert_exit_code(&out, 0);
+    let printed = std::fs::read_to_string(&log).expect("the original console");
+    let last = *counts_in(&printed)
+        .last()
+        .expect("counted before the snapshot");
+    running.signal(libc::SIGKILL);
+    let out = running.finish(RUN_TIMEOUT);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGKILL),
+        "{}",
+        describe(&out)
+    );
+
+    let restore = |name: &str| {
+        let log = dir.join(name);
+        let mut cmd = hearth();
+        cmd.args([
+            "restore",
+            "--state",
+            &state_arg,
+            "--mem",
+            &mem_arg,
+            "--serial-out",
+        ])
+        .arg(&log);
+        (log, Running::start(cmd, Stdio::null()))
+    };
+    let mut clones = [restore("clone-a.log"), restore("clone-b.log")];
+    for (log, clone) in &mut clones {
+        wait_for_count_past(log, &printed, last + 3, clone);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("the original console"),
+        printed,
+        "a clone wrote to the original's console"
+    );
+    for (log, clone) in clones {
+        clone.signal(libc::SIGTERM);
+        let out = clone.finish(RUN_TIMEOUT);
+        common::assert_exit_code(&out, 128 + libc::SIGTERM);
+        let all = counts_in(&format!(
+            "{printed}{}",
+            std::fs::read_to_string(&log).expect("a clone's console")
+        ));
+        let expected: Vec<u32> = (1..=all.len() as u32).collect();
+        assert_eq!(
+            all,
+            expected,
+            "{}: the count restarted or skipped",
+            log.display()
+        );
+    }
 }

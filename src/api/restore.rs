@@ -1,6 +1,7 @@
 //! `hearth restore --state S --mem M [...]`: a microVM restored from a snapshot in one
 //! command. The command line becomes a [`RestorePlan`], the requests a Firecracker
-//! client would send: `PUT /snapshot/load` (with the network and vsock overrides), and
+//! client would send: `PUT /serial` for a new console file, `PUT /snapshot/load` (with
+//! the network and vsock overrides), and
 //! for each `--disk-override` a `PATCH /drives/{id}` between a load that leaves the VM
 //! paused and the `PATCH /vm` that resumes it (Firecracker's way to move a disk). An
 //! empty VMM in the firecracker shape serves these requests in-process, through the same
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 
 use super::action::{ApiError, VmmAction};
 use super::models::{
-    MemoryBackend, MemoryBackendType, NetworkOverride, PartialDrive, SnapshotLoadParams,
+    MemoryBackend, MemoryBackendType, NetworkOverride, PartialDrive, Serial, SnapshotLoadParams,
     VsockOverride,
 };
 use super::shape::{run_driven, ShapeError};
@@ -46,6 +47,11 @@ pub struct RestoreArgs {
     /// Back drive ID with the image PATH instead of the snapshot's. Repeatable.
     #[arg(long = "disk-override", value_name = "ID=PATH")]
     pub disk_overrides: Vec<String>,
+
+    /// Append the guest's console to this file instead of where the snapshot's went
+    /// (a clone's console is its own).
+    #[arg(long, value_name = "PATH")]
+    pub serial_out: Option<PathBuf>,
 
     /// Leave the restored VM paused, for a client of --api-sock to resume.
     #[arg(long, requires = "api_sock")]
@@ -89,6 +95,8 @@ impl RestoreError {
 /// The requests of a restore, in order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RestorePlan {
+    /// The console, set before the load.
+    pub serial: Option<Serial>,
     pub load: SnapshotLoadParams,
     /// New images for drives, applied while the loaded VM is paused.
     pub drives: Vec<PartialDrive>,
@@ -99,7 +107,13 @@ pub struct RestorePlan {
 impl RestorePlan {
     /// The requests, as the API would receive them.
     pub fn actions(&self) -> Vec<VmmAction> {
-        let mut actions = vec![VmmAction::LoadSnapshot(self.load.clone())];
+        let mut actions: Vec<VmmAction> = self
+            .serial
+            .iter()
+            .cloned()
+            .map(VmmAction::PutSerial)
+            .collect();
+        actions.push(VmmAction::LoadSnapshot(self.load.clone()));
         actions.extend(self.drives.iter().cloned().map(VmmAction::PatchDrive));
         if self.resume {
             actions.push(VmmAction::Resume);
@@ -162,6 +176,10 @@ impl RestoreArgs {
         });
         let resume_at_load = !self.paused && drives.is_empty();
         Ok(RestorePlan {
+            serial: self.serial_out.as_ref().map(|path| Serial {
+                serial_out_path: Some(absolute(path)),
+                rate_limiter: None,
+            }),
             load: SnapshotLoadParams {
                 snapshot_path: absolute(&self.state),
                 mem_file_path: None,

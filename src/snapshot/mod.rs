@@ -133,40 +133,12 @@ fn move_into_place(temp: &Path, path: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 pub(crate) mod testutil {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU32, Ordering};
-
     use super::HostFacts;
     use crate::arch::cpu_features::CpuFeatures;
     use crate::config::CpuProfile;
     use crate::snapshot::KvmFlavour;
 
-    /// A fresh directory under the system temp dir, removed when dropped.
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new(tag: &str) -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "hearth-snapshot-test-{}-{}-{tag}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).unwrap();
-            Self(path)
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    pub use crate::testutil::TempDir;
 
     pub fn sample_facts() -> HostFacts {
         HostFacts {

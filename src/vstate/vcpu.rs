@@ -185,6 +185,9 @@ pub struct Vcpu {
     exit: Arc<ExitSignal>,
     mem: GuestMemory,
     compat: Option<Box<dyn CompatHook>>,
+    /// The guest TSC when the vCPU parked, written back when it resumes (see
+    /// [`arch::tsc`]).
+    held_tsc: Option<u64>,
 }
 
 impl Vcpu {
@@ -210,6 +213,7 @@ impl Vcpu {
             exit,
             mem,
             compat: (profile == CpuProfile::Compat).then(|| arch::compat_hook(index)),
+            held_tsc: None,
         })
     }
 
@@ -306,6 +310,10 @@ impl Vcpu {
     fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>, paused: bool) {
         let _kick_target = KickTarget::register(&mut self.fd);
         let mut paused = paused;
+        if paused {
+            // Restored and not resumed yet: its TSC waits, like a paused vCPU's.
+            self.hold_tsc();
+        }
         loop {
             let event = if paused {
                 match events.recv() {
@@ -332,7 +340,14 @@ impl Vcpu {
                 VcpuEvent::SaveState(msrs) if paused => {
                     let compat = self.compat.as_ref().map(|hook| hook.save_state());
                     match state::save(&self.fd, &msrs, compat) {
-                        Ok(state) => VcpuResponse::State(Box::new(state)),
+                        Ok(mut state) => {
+                            // The TSC as it was paused, like the VM's kvmclock: the time
+                            // since is no more part of the guest's than a resume's.
+                            if let Some(tsc) = self.held_tsc {
+                                state.set_tsc(tsc);
+                            }
+                            VcpuResponse::State(Box::new(state))
+                        }
                         Err(e) => VcpuResponse::Refused(crate::error_chain(&e)),
                     }
                 }
@@ -349,6 +364,7 @@ impl Vcpu {
                     }
                 },
                 VcpuEvent::Resume => {
+                    self.release_tsc();
                     paused = false;
                     VcpuResponse::Resumed
                 }
@@ -366,7 +382,8 @@ impl Vcpu {
     /// Leaves the vCPU consistent for a pause: KVM finishes a port or MMIO access it
     /// handed out only on the next KVM_RUN, so one more runs with `immediate_exit` set
     /// (which lets no guest instruction run after that access). Then tells a guest with
-    /// kvmclock that it was stopped, so its watchdogs do not take the pause for a hang.
+    /// kvmclock that it was stopped, so its watchdogs do not take the pause for a hang,
+    /// and holds its TSC (a guest clocked by the TSC would otherwise jump on resume).
     fn park(&mut self) -> Result<(), ExitReason> {
         self.fd.set_kvm_immediate_exit(1);
         let mut settled = false;
@@ -389,7 +406,26 @@ impl Vcpu {
             Err(e) if e.errno() == libc::EINVAL || e.errno() == libc::ENOTTY => {}
             Err(e) => log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.index),
         }
+        self.hold_tsc();
         Ok(())
+    }
+
+    /// Keeps the guest TSC of this stopped vCPU, for [`Vcpu::release_tsc`].
+    fn hold_tsc(&mut self) {
+        match arch::tsc::read(&self.fd) {
+            Ok(tsc) => self.held_tsc = Some(tsc),
+            // The pause goes on; the guest will see its length in its TSC.
+            Err(e) => log::warn!("vCPU {}: {}", self.index, crate::error_chain(&e)),
+        }
+    }
+
+    /// Before running again after a pause: the guest TSC goes on from where it parked.
+    fn release_tsc(&mut self) {
+        if let Some(tsc) = self.held_tsc.take() {
+            if let Err(e) = arch::tsc::write(&self.fd, tsc) {
+                log::warn!("vCPU {}: {}", self.index, crate::error_chain(&e));
+            }
+        }
     }
 
     /// One KVM_RUN and the handling of its exit. `Err` carries why the VM must stop.

@@ -13,8 +13,9 @@ pub struct CpuidOptions {
     pub cpu_index: u8,
     /// Number of vCPUs in the VM.
     pub cpu_count: u8,
-    /// Hide the instructions a nested PVM host's instruction emulator cannot run and the KVM
-    /// paravirt features that need hypercalls.
+    /// Hide the instructions a nested PVM host's instruction emulator cannot run, the KVM
+    /// paravirt features that need hypercalls, and the invariant TSC (see
+    /// [`LEAF_POWER_EDX_INVARIANT_TSC`]).
     pub hide_pvm_unsupported: bool,
 }
 
@@ -38,6 +39,7 @@ const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_KVM_SIGNATURE: u32 = 0x4000_0000;
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
 const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+const LEAF_POWER: u32 = 0x8000_0007;
 
 /// "KVMKVMKVM\0\0\0" in EBX, ECX, EDX.
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
@@ -82,6 +84,13 @@ const LEAF7_EDX_PVM_HIDDEN: u32 = bits(&[2, 3, 4, 8, 14, 22, 23, 24, 25]);
 const LEAF7_1_EAX_PVM_HIDDEN: u32 = bits(&[4, 5]);
 /// Leaf 0x80000001 ECX: AMD's XSAVE-managed XOP (11) and FMA4 (16).
 const LEAF_EXT_ECX_PVM_HIDDEN: u32 = bits(&[11, 16]);
+
+/// Leaf 0x80000007 EDX: invariant TSC (8). A PVM guest reads the host's TSC (RDTSC runs
+/// natively in its user-mode half, where no offset applies), so nothing can take a pause out
+/// of it. A Linux guest told its TSC is invariant prefers it to kvm-clock as its clocksource
+/// (kvm-clock drops its rating below the TSC's) and its clock would jump by every pause;
+/// without it, kvm-clock wins, which a pause holds still (KVM_GET/SET_CLOCK).
+const LEAF_POWER_EDX_INVARIANT_TSC: u32 = 1 << 8;
 
 /// XSAVE state components whose registers guest user space can use on a PVM host: x87 (0),
 /// SSE (1), AVX (2), AVX-512 opmask (5), ZMM_Hi256 (6), Hi16_ZMM (7). Leaf 0xD offers only
@@ -248,6 +257,9 @@ fn normalize_entry(entry: &mut kvm_cpuid_entry2, opts: &CpuidOptions) {
         (LEAF_EXT_FEATURES, _) if hide => {
             entry.ecx &= !LEAF_EXT_ECX_PVM_HIDDEN;
         }
+        (LEAF_POWER, _) if hide => {
+            entry.edx &= !LEAF_POWER_EDX_INVARIANT_TSC;
+        }
         _ => {}
     }
 }
@@ -317,6 +329,7 @@ mod tests {
             entry(0xd, 0, [0x2e7, 0x2988, 0x2988, 0]),
             entry(0xd, 1, [0xf, 0, 0, 0]),
             entry(0x8000_0001, 0, [0, 0, 0xffff_ffff, 0x2c10_0800]),
+            entry(0x8000_0007, 0, [0, 0, 0, 0x100]),
         ])
         .unwrap()
     }
@@ -340,6 +353,13 @@ mod tests {
         cpu_count: 4,
         hide_pvm_unsupported: false,
     };
+
+    /// Where the VMM can offset the guest TSC, an invariant one stays: pauses hold it.
+    #[test]
+    fn invariant_tsc_passes_through_off_pvm() {
+        let cpuid = normalized(0x1f, THIRD_OF_FOUR);
+        assert_eq!(find(&cpuid, 0x8000_0007, 0).edx, 0x100);
+    }
 
     #[test]
     fn leaf1_apic_id_counts_and_hypervisor() {
@@ -501,6 +521,8 @@ mod tests {
         let ext = find(&cpuid, 0x8000_0001, 0);
         assert_eq!(ext.ecx, !LEAF_EXT_ECX_PVM_HIDDEN);
         assert_eq!(ext.edx, 0x2c10_0800);
+        // No invariant TSC, so that a Linux guest keeps kvm-clock.
+        assert_eq!(find(&cpuid, 0x8000_0007, 0).edx, 0);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod mptable;
 pub mod msr;
 pub mod pvm;
 pub mod regs;
+pub mod tsc;
 
 use vm_memory::GuestAddress;
 

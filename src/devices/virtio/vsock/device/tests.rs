@@ -47,8 +47,8 @@ pub(crate) fn memory() -> GuestMemory {
 
 /// A device listening in a fresh temporary directory.
 pub(crate) fn new_vsock() -> (TempDir, PathBuf, Vsock) {
-    let dir = TempDir::new();
-    let uds = dir.0.join("v.sock");
+    let dir = TempDir::new("vsock");
+    let uds = dir.path().join("v.sock");
     let vsock = Vsock::new(&VsockConfig {
         guest_cid: GUEST_CID,
         uds_path: uds.clone(),
@@ -564,8 +564,8 @@ fn event_idx_suppresses_interrupts() {
 
 #[test]
 fn new_rejects_reserved_and_oversized_cids() {
-    let dir = TempDir::new();
-    let uds = dir.0.join("v.sock");
+    let dir = TempDir::new("vsock");
+    let uds = dir.path().join("v.sock");
     for cid in [
         0,
         1,
@@ -594,8 +594,8 @@ fn new_rejects_reserved_and_oversized_cids() {
 
 #[test]
 fn new_refuses_what_is_not_a_socket() {
-    let dir = TempDir::new();
-    let file = dir.0.join("file");
+    let dir = TempDir::new("vsock");
+    let file = dir.path().join("file");
     std::fs::write(&file, b"keep me").unwrap();
     assert!(matches!(
         vsock_error(3, &file),
@@ -603,7 +603,7 @@ fn new_refuses_what_is_not_a_socket() {
     ));
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 
-    let subdir = dir.0.join("dir");
+    let subdir = dir.path().join("dir");
     std::fs::create_dir(&subdir).unwrap();
     assert!(matches!(
         vsock_error(3, &subdir),
@@ -612,9 +612,9 @@ fn new_refuses_what_is_not_a_socket() {
     assert!(subdir.is_dir());
 
     // A symlink is not followed, even to a socket.
-    let target = dir.0.join("target.sock");
+    let target = dir.path().join("target.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&target).unwrap();
-    let link = dir.0.join("link");
+    let link = dir.path().join("link");
     std::os::unix::fs::symlink(&target, &link).unwrap();
     assert!(matches!(
         vsock_error(3, &link),
@@ -628,15 +628,15 @@ fn new_refuses_what_is_not_a_socket() {
         VsockError::Inspect { .. }
     ));
     assert!(matches!(
-        vsock_error(3, &dir.0.join("missing/v.sock")),
+        vsock_error(3, &dir.path().join("missing/v.sock")),
         VsockError::Bind { .. }
     ));
 }
 
 #[test]
 fn new_refuses_a_socket_in_use() {
-    let dir = TempDir::new();
-    let uds = dir.0.join("v.sock");
+    let dir = TempDir::new("vsock");
+    let uds = dir.path().join("v.sock");
     let listener = std::os::unix::net::UnixListener::bind(&uds).unwrap();
     assert!(matches!(
         vsock_error(3, &uds),
@@ -654,8 +654,8 @@ fn new_refuses_a_socket_in_use() {
 
 #[test]
 fn new_replaces_a_stale_socket() {
-    let dir = TempDir::new();
-    let uds = dir.0.join("v.sock");
+    let dir = TempDir::new("vsock");
+    let uds = dir.path().join("v.sock");
     drop(std::os::unix::net::UnixListener::bind(&uds).unwrap());
     assert!(uds.exists());
     assert!(UnixStream::connect(&uds).is_err());

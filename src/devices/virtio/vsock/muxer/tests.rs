@@ -2,34 +2,13 @@
 //! `handle_tx`, packets for the guest come out of `next_rx`, host sockets are real.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use super::*;
 
 const GUEST_CID: u64 = 3;
 
-/// A temporary directory, removed with its contents when dropped.
-pub(crate) struct TempDir(pub(crate) PathBuf);
-
-impl TempDir {
-    pub(crate) fn new() -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "hearth-vsock-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(crate) use crate::testutil::TempDir;
 
 struct Harness {
     _dir: TempDir,
@@ -39,8 +18,8 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let dir = TempDir::new();
-        let uds = dir.0.join("v.sock");
+        let dir = TempDir::new("vsock");
+        let uds = dir.path().join("v.sock");
         let listener = UnixListener::bind(&uds).unwrap();
         listener.set_nonblocking(true).unwrap();
         let muxer = Muxer::new(GUEST_CID, uds.clone(), listener);
