@@ -321,8 +321,8 @@ pub fn build_from_loaded(
     let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio_bus);
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (index, saved) in (0..vcpu_count).zip(&state.vcpus) {
-        let mut vcpu = Vcpu::new(
+    for index in 0..vcpu_count {
+        vcpus.push(Vcpu::new(
             &vm,
             index,
             io_bus.clone(),
@@ -330,11 +330,14 @@ pub fn build_from_loaded(
             exit.clone(),
             mem.clone(),
             cpu_profile,
-        )?;
-        vcpu.restore_state(saved)?;
-        vcpus.push(vcpu);
+        )?);
     }
     platform.wait()?;
+    // Only now: KVM refuses the MSRs that point into guest memory (PV EOI, async page
+    // faults) while no memory slot holds their address.
+    for (vcpu, saved) in vcpus.iter_mut().zip(&state.vcpus) {
+        vcpu.restore_state(saved)?;
+    }
     // The interrupt controllers, PIT and clock: KVM_SET_CLOCK updates every vCPU's
     // kvmclock, so it goes after the vCPUs exist (none has run).
     vm.restore_state(&state.vm)?;

@@ -102,8 +102,10 @@ impl Vm {
     /// Creates the in-kernel PIT and registers every region of `mem` as a memory slot, on
     /// a thread of its own: KVM waits for timer ticks in these calls (a new memory slot
     /// cost 4-12 ms on nested-PVM hosts, the PIT up to 2 ms, more than the rest of a
-    /// tiny VM's set-up together), and nothing else in building the VM needs them, so the
-    /// builder goes on meanwhile. The caller keeps `mem` mapped for the VM's whole life.
+    /// tiny VM's set-up together), and little else in building the VM needs them, so the
+    /// builder goes on meanwhile (a restore waits before it sets the vCPUs' MSRs, some of
+    /// which point into guest memory). The caller keeps `mem` mapped for the VM's whole
+    /// life.
     pub fn set_up_platform(&self, mem: &GuestMemory) -> Result<PlatformSetup, VmError> {
         let fd = Arc::clone(&self.fd);
         let mem = mem.clone();
