@@ -145,7 +145,7 @@ pub enum Command {
     /// Long-lived Linux VMs that host several containers.
     #[command(subcommand)]
     Machine(MachineCommand),
-    /// Benchmarks: start-up against containers and other VMMs, and VM density.
+    /// Benchmarks: start-up against containers and other VMMs, VM density, snapshots.
     Bench(crate::bench::BenchArgs),
     /// Drive a running VMM through its API socket (info, pause, resume, snapshot,
     /// ctrl-alt-del, shutdown).

@@ -487,6 +487,18 @@ impl SignalWatcher {
 /// afterwards) and returns a signalfd that reads them. Call it before starting threads
 /// that must not take those signals.
 pub fn terminating_signalfd() -> std::io::Result<OwnedFd> {
+    let set = block_terminating_signals()?;
+    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: signalfd returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread; returns that set.
+pub fn block_terminating_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t owned by this frame.
@@ -500,13 +512,7 @@ pub fn terminating_signalfd() -> std::io::Result<OwnedFd> {
     if ret != 0 {
         return Err(std::io::Error::from_raw_os_error(ret));
     }
-    // SAFETY: `set` is initialised; -1 asks for a new descriptor.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: signalfd returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(set)
 }
 
 /// The number of the signal waiting on a signalfd from [`terminating_signalfd`], if any.

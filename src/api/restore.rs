@@ -56,7 +56,15 @@ pub struct RestoreArgs {
     /// Leave the restored VM paused, for a client of --api-sock to resume.
     #[arg(long, requires = "api_sock")]
     pub paused: bool,
+
+    /// Print the time from process start until the restored vCPUs run, on stderr.
+    #[arg(long, conflicts_with = "paused")]
+    pub restore_timer: bool,
 }
+
+/// What the `--restore-timer` line starts with, after `hearth: ` (`hearth bench snapshot`
+/// watches stderr for it).
+pub const RESTORE_TIMER_MARKER: &str = "restore-timer:";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -245,8 +253,16 @@ fn absolute(path: impl AsRef<std::path::Path>) -> PathBuf {
 /// Restores and runs the microVM until it stops; its exit status, as `hearth run`'s.
 pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
     let plan = args.plan()?;
+    let timer = args.restore_timer;
     let (status, driven) = run_driven(args.api_sock.as_deref(), move |sender| {
-        drive(&plan, &sender)
+        let driven = drive(&plan, &sender);
+        // The last request (the load with resume_vm, or the resume after the drive
+        // updates) is answered once every vCPU thread has been started or resumed.
+        if timer && driven.is_ok() {
+            let ms = crate::process_start().elapsed().as_secs_f64() * 1e3;
+            eprintln!("hearth: {RESTORE_TIMER_MARKER} vCPUs running after {ms:.3} ms");
+        }
+        driven
     })?;
     match driven {
         Some(Ok(())) => Ok(status),

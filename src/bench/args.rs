@@ -17,6 +17,8 @@ pub enum BenchCommand {
     Startup(StartupArgs),
     /// Start many microVMs at once: time to boot, memory, clean stop.
     Density(DensityArgs),
+    /// Snapshot creation and restore latency of hearth (and Firecracker), interleaved.
+    Snapshot(SnapshotArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,6 +70,38 @@ pub struct DensityArgs {
     pub timeout: u64,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// Measured snapshot creations per VM and restores per case.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub runs: usize,
+
+    /// Unmeasured rounds of each first.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub warmup: usize,
+
+    /// Comma-separated cases, or `all`: hearth-tiny, hearth-linux, firecracker-tiny.
+    #[arg(long, value_name = "LIST", default_value = "all")]
+    pub include: String,
+
+    /// Comma-separated guest RAM sizes (whole MiB), each case runs at every one.
+    #[arg(long, value_name = "SIZES", default_value = "128M,1G")]
+    pub memory: String,
+
+    /// Where snapshot.json, snapshot.svg and snapshot.md go (created if missing).
+    #[arg(long, value_name = "DIR", default_value = "bench-results")]
+    pub output: PathBuf,
+
+    /// Where the snapshot files are written (their on-disk size is this file system's);
+    /// default: the temporary directory.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+
+    /// Seconds a Linux guest may take to boot to its output loop.
+    #[arg(long, value_name = "SECONDS", default_value_t = 900)]
+    pub timeout: u64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DensityGuest {
     Tiny,
@@ -108,6 +142,23 @@ mod tests {
         assert_eq!(args.include, "hearth-tiny,unshare");
         assert_eq!(args.output, PathBuf::from("/tmp/x"));
         assert_eq!(args.command, "/bin/true");
+    }
+
+    #[test]
+    fn snapshot_defaults() {
+        let cli = Cli::try_parse_from(["hearth", "bench", "snapshot"]).unwrap();
+        let Some(Command::Bench(BenchArgs {
+            command: BenchCommand::Snapshot(args),
+        })) = cli.command
+        else {
+            panic!("not bench snapshot");
+        };
+        assert_eq!((args.runs, args.warmup), (20, 1));
+        assert_eq!(
+            (args.include.as_str(), args.memory.as_str()),
+            ("all", "128M,1G")
+        );
+        assert_eq!(args.snapshot_dir, None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! The SVG chart of the start-up distributions: one row per case and metric, every
+//! The SVG charts of the benchmarks' distributions: one row per case and metric, every
 //! sample as a dot on a logarithmic time axis (start-up times span microseconds of
 //! namespaces to tens of seconds of an emulated kernel boot), the min-max range as a line
-//! and the median as a bar.
+//! and the median as a bar. [`svg`] draws `hearth bench startup`'s report; [`rows_svg`]
+//! any rows.
 
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
@@ -14,11 +15,11 @@ pub enum ChartError {
     Draw(String),
 }
 
-/// One row of the chart.
-struct Row {
-    label: String,
-    samples: Vec<f64>,
-    median: f64,
+/// One row of the chart: samples in milliseconds.
+pub struct Row {
+    pub label: String,
+    pub samples: Vec<f64>,
+    pub median: f64,
 }
 
 fn rows(report: &StartupReport) -> Vec<Row> {
@@ -47,28 +48,8 @@ fn rows(report: &StartupReport) -> Vec<Row> {
     rows
 }
 
-/// The chart as an SVG document.
+/// The start-up chart as an SVG document.
 pub fn svg(report: &StartupReport) -> Result<String, ChartError> {
-    let rows = rows(report);
-    let mut text = String::new();
-    let height = 120 + 36 * rows.len().max(1) as u32;
-    {
-        let root = SVGBackend::with_string(&mut text, (960, height)).into_drawing_area();
-        draw(&root, &rows, report).map_err(|e| ChartError::Draw(e.to_string()))?;
-        root.present()
-            .map_err(|e| ChartError::Draw(e.to_string()))?;
-    }
-    Ok(text)
-}
-
-type DrawResult = Result<(), Box<dyn std::error::Error>>;
-
-fn draw(
-    root: &DrawingArea<SVGBackend, plotters::coord::Shift>,
-    rows: &[Row],
-    report: &StartupReport,
-) -> DrawResult {
-    root.fill(&WHITE)?;
     let failed: Vec<&str> = report
         .cases
         .iter()
@@ -80,6 +61,31 @@ fn draw(
     } else {
         format!("hearth bench startup (no result: {})", failed.join(", "))
     };
+    rows_svg(&caption, "time from spawn (log scale)", &rows(report))
+}
+
+/// A chart of `rows`, top to bottom, as an SVG document.
+pub fn rows_svg(caption: &str, x_desc: &str, rows: &[Row]) -> Result<String, ChartError> {
+    let mut text = String::new();
+    let height = 120 + 36 * rows.len().max(1) as u32;
+    {
+        let root = SVGBackend::with_string(&mut text, (960, height)).into_drawing_area();
+        draw(&root, rows, caption, x_desc).map_err(|e| ChartError::Draw(e.to_string()))?;
+        root.present()
+            .map_err(|e| ChartError::Draw(e.to_string()))?;
+    }
+    Ok(text)
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn draw(
+    root: &DrawingArea<SVGBackend, plotters::coord::Shift>,
+    rows: &[Row],
+    caption: &str,
+    x_desc: &str,
+) -> DrawResult {
+    root.fill(&WHITE)?;
     let all = rows.iter().flat_map(|r| r.samples.iter().copied());
     let (lo, hi) = all.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
@@ -95,7 +101,7 @@ fn draw(
         .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(200)
+        .y_label_area_size(250)
         .build_cartesian_2d((lo..hi).log_scale(), (0..last).into_segmented())?;
     let label = |v: &SegmentValue<i32>| match v {
         SegmentValue::CenterOf(k) => usize::try_from(last - k)
@@ -109,7 +115,7 @@ fn draw(
         .y_labels(rows.len().max(1))
         .y_label_formatter(&label)
         .x_label_formatter(&|ms| super::report::format_ms(*ms))
-        .x_desc("time from spawn (log scale)")
+        .x_desc(x_desc)
         .disable_y_mesh()
         .draw()?;
 

@@ -4,9 +4,12 @@
 //! Guest RAM is found as the anonymous mapping(s) exactly as large as the guest's memory
 //! (hearth maps each RAM region in one `mmap`; a guest of up to 3 GiB has one region).
 //! What remains is hearth's own code, heap, stacks and device state, plus its share of
-//! shared libraries (none: hearth is static).
+//! shared libraries (none: hearth is static). A VM restored from a snapshot has its guest
+//! RAM mapped from the snapshot's memory file instead (`restored_vmm_memory`): there the
+//! guest RAM is the mappings of that file, its resident pages read from the file or
+//! written by the guest since.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -74,6 +77,33 @@ pub fn vmm_memory(pid: u32, guest_bytes: u64) -> Result<VmmMemory, MemoryError> 
     })
 }
 
+/// [`process_memory`] and the guest RAM of a VM whose RAM is mapped from `mem_file`.
+pub fn restored_vmm_memory(
+    pid: u32,
+    guest_bytes: u64,
+    mem_file: &Path,
+) -> Result<VmmMemory, MemoryError> {
+    let totals = process_memory(pid)?;
+    let (smaps, _) = read(pid, "smaps")?;
+    // /proc shows the path the file was opened by, resolved.
+    let mem_file = std::fs::canonicalize(mem_file).unwrap_or_else(|_| mem_file.to_owned());
+    let wanted = mem_file.to_string_lossy();
+    let mappings: Vec<Mapping> = parse_smaps(&smaps)
+        .into_iter()
+        .filter(|m| m.path.as_deref() == Some(wanted.as_ref()))
+        .collect();
+    let guest_rss_kib = mappings.iter().map(|m| m.rss_kib).sum();
+    Ok(VmmMemory {
+        pid,
+        guest_mib: guest_bytes >> 20,
+        rss_kib: totals.rss_kib,
+        pss_kib: totals.pss_kib,
+        guest_rss_kib,
+        overhead_kib: totals.pss_kib.saturating_sub(guest_rss_kib),
+        guest_mapping_found: !mappings.is_empty(),
+    })
+}
+
 /// The value of a `Name:   123 kB` line.
 fn field_kib(line: &str, name: &str) -> Option<u64> {
     let rest = line.strip_prefix(name)?.strip_prefix(':')?;
@@ -98,6 +128,8 @@ fn parse_rollup(text: &str) -> Option<ProcessMemory> {
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Mapping {
     anonymous: bool,
+    /// The mapped file, or a name such as `[stack]`.
+    path: Option<String>,
     size_kib: u64,
     rss_kib: u64,
 }
@@ -118,6 +150,7 @@ fn parse_smaps(text: &str) -> Vec<Mapping> {
             let anonymous = fields.len() == 5 && fields[4] == "0";
             mappings.push(Mapping {
                 anonymous,
+                path: header_path(line).map(str::to_owned),
                 ..Mapping::default()
             });
         } else if let Some(last) = mappings.last_mut() {
@@ -129,6 +162,17 @@ fn parse_smaps(text: &str) -> Vec<Mapping> {
         }
     }
     mappings
+}
+
+/// What follows the five fixed fields of a mapping header (address range, permissions,
+/// offset, device, inode): the path, which may hold spaces.
+fn header_path(line: &str) -> Option<&str> {
+    let mut rest = line;
+    for _ in 0..5 {
+        rest = rest.trim_start();
+        rest = &rest[rest.find(char::is_whitespace)?..];
+    }
+    Some(rest.trim()).filter(|path| !path.is_empty())
 }
 
 /// Resident KiB of the anonymous mappings exactly `guest_bytes` large, if any.
@@ -162,6 +206,9 @@ Pss:                  40 kB
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
 Size:              65536 kB
 Rss:                  12 kB
+7f0020000000-7f0028000000 rw-p 00000000 08:01 4321                       /tmp/snap dir/vm.mem
+Size:             131072 kB
+Rss:                 300 kB
 ";
 
     #[test]
@@ -173,9 +220,14 @@ Rss:                  12 kB
     #[test]
     fn parses_mappings() {
         let maps = parse_smaps(SMAPS);
-        assert_eq!(maps.len(), 4);
+        assert_eq!(maps.len(), 5);
         assert!(!maps[0].anonymous && maps[1].anonymous && !maps[3].anonymous);
         assert_eq!(maps[2].size_kib, 132);
+        assert_eq!(maps[0].path.as_deref(), Some("/usr/bin/hearth"));
+        assert_eq!(maps[1].path, None);
+        assert_eq!(maps[3].path.as_deref(), Some("[stack]"));
+        assert_eq!(maps[4].path.as_deref(), Some("/tmp/snap dir/vm.mem"));
+        assert_eq!(maps[4].rss_kib, 300);
     }
 
     #[test]
@@ -190,6 +242,35 @@ Rss:                  12 kB
             })
         );
         assert_eq!(parse_rollup("Rss: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn finds_a_file_mapping_of_our_own() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("hearth-memory-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("guest.mem");
+        std::fs::write(&path, vec![1u8; 64 << 10]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a new private read-only mapping of a file we opened; unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                64 << 10,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let memory = restored_vmm_memory(std::process::id(), 64 << 10, &path).unwrap();
+        // SAFETY: the mapping made above, of that length, no longer used.
+        unsafe { libc::munmap(addr, 64 << 10) };
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(memory.guest_mapping_found);
+        assert_eq!(memory.guest_rss_kib, 64);
+        assert_eq!(memory.overhead_kib, memory.pss_kib - 64);
     }
 
     #[test]

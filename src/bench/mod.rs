@@ -2,6 +2,7 @@
 //!
 //! - `startup.rs`: `hearth bench startup`, the interleaved start-up comparison;
 //! - `density.rs`: `hearth bench density`, many microVMs at once;
+//! - `snapshot/`: `hearth bench snapshot`, snapshot creation and restore latency;
 //! - `cases.rs`: what each start-up case runs; `process.rs`: spawning, timing, reaping;
 //! - `stats.rs`, `report.rs`, `chart.rs`: statistics, Markdown/JSON and SVG output;
 //! - `memory.rs`: PSS and guest-RAM accounting of a running VMM;
@@ -15,13 +16,14 @@ pub mod fixtures;
 pub mod memory;
 pub mod process;
 pub mod report;
+mod snapshot;
 mod startup;
 pub mod stats;
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-pub use args::{BenchArgs, BenchCommand, DensityArgs, DensityGuest, StartupArgs};
+pub use args::{BenchArgs, BenchCommand, DensityArgs, DensityGuest, SnapshotArgs, StartupArgs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -48,6 +50,7 @@ pub fn run(args: BenchArgs) -> Result<u8, BenchError> {
     match args.command {
         BenchCommand::Startup(args) => startup::run(&args),
         BenchCommand::Density(args) => density::run(&args),
+        BenchCommand::Snapshot(args) => snapshot::run(&args),
     }
 }
 
@@ -94,7 +97,12 @@ pub(crate) struct WorkDir(PathBuf);
 
 impl WorkDir {
     pub(crate) fn new(what: &str) -> Self {
-        WorkDir(std::env::temp_dir().join(format!("hearth-bench-{what}-{}", std::process::id())))
+        Self::under(&std::env::temp_dir(), what)
+    }
+
+    /// One in `parent` rather than the temporary directory.
+    pub(crate) fn under(parent: &Path, what: &str) -> Self {
+        WorkDir(parent.join(format!("hearth-bench-{what}-{}", std::process::id())))
     }
 
     pub(crate) fn path(&self) -> &Path {

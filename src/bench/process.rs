@@ -43,6 +43,9 @@ pub struct Invocation {
     pub args: Vec<OsString>,
     /// A line on stderr containing this marks boot complete (hearth's `--boot-timer`).
     pub boot_marker: Option<&'static str>,
+    /// A line on stdout that is exactly this (surrounding white space aside) marks the
+    /// guest's program running.
+    pub output_line: Option<&'static str>,
 }
 
 impl Invocation {
@@ -51,6 +54,7 @@ impl Invocation {
             program: program.into(),
             args: Vec::new(),
             boot_marker: None,
+            output_line: None,
         }
     }
 
@@ -70,6 +74,11 @@ impl Invocation {
 
     pub fn boot_marker(mut self, marker: &'static str) -> Self {
         self.boot_marker = Some(marker);
+        self
+    }
+
+    pub fn output_line(mut self, line: &'static str) -> Self {
+        self.output_line = Some(line);
         self
     }
 
@@ -95,44 +104,92 @@ pub struct Exit {
     pub timed_out: bool,
 }
 
-/// A stream read on its own thread, keeping its last [`TAIL_BYTES`] and the moment a line
-/// containing the marker arrived.
+/// Which lines of a stream mark an event.
+#[derive(Clone, Copy, Debug)]
+enum Marker {
+    /// A line containing this.
+    Contains(&'static str),
+    /// A line that is this, surrounding white space (a console's `\r`) aside.
+    Line(&'static str),
+}
+
+impl Marker {
+    fn matches(self, line: &[u8]) -> bool {
+        match self {
+            Marker::Contains(text) => contains(line, text.as_bytes()),
+            Marker::Line(text) => line.trim_ascii() == text.as_bytes(),
+        }
+    }
+}
+
+/// A stream read on its own thread, keeping its last [`TAIL_BYTES`], the moment its first
+/// byte arrived and the moment a line matching the marker arrived.
 struct StreamWatch {
     tail: Arc<Mutex<Vec<u8>>>,
+    first_byte_at: Arc<Mutex<Option<Instant>>>,
     marker_at: Arc<Mutex<Option<Instant>>>,
     done: Receiver<()>,
 }
 
 impl StreamWatch {
-    fn start(source: impl Read + Send + 'static, marker: Option<&'static str>) -> Self {
+    fn start(source: impl Read + Send + 'static, marker: Option<Marker>) -> Self {
         let tail = Arc::new(Mutex::new(Vec::new()));
+        let first_byte_at = Arc::new(Mutex::new(None));
         let marker_at = Arc::new(Mutex::new(None));
         let (tx, done) = mpsc::channel();
-        let (sink, seen) = (Arc::clone(&tail), Arc::clone(&marker_at));
+        let (sink, first, seen) = (
+            Arc::clone(&tail),
+            Arc::clone(&first_byte_at),
+            Arc::clone(&marker_at),
+        );
         thread::spawn(move || {
             let mut reader = BufReader::new(source);
             let mut line = Vec::new();
-            // A read error ends the watch like end-of-file.
-            while let Ok(1..) = reader.read_until(b'\n', &mut line) {
-                let now = Instant::now();
+            let mut line_at = Instant::now();
+            let check = |line: &[u8], at: Instant| {
                 if let Some(marker) = marker {
                     let mut seen = lock(&seen);
-                    if seen.is_none() && contains(&line, marker.as_bytes()) {
-                        *seen = Some(now);
+                    if seen.is_none() && marker.matches(line) {
+                        *seen = Some(at);
                     }
                 }
-                let mut tail = lock(&sink);
-                tail.extend_from_slice(&line);
-                if tail.len() > TAIL_BYTES {
-                    let cut = tail.len() - TAIL_BYTES;
-                    tail.drain(..cut);
+            };
+            loop {
+                // Chunk by chunk rather than line by line, so that the first byte is
+                // timed when it arrives, not when its line is complete.
+                let chunk = match reader.fill_buf() {
+                    Ok([]) => break,
+                    Ok(chunk) => chunk,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    // A read error ends the watch like end-of-file.
+                    Err(_) => break,
+                };
+                line_at = Instant::now();
+                lock(&first).get_or_insert(line_at);
+                let (used, complete) = match chunk.iter().position(|&b| b == b'\n') {
+                    Some(newline) => (newline + 1, true),
+                    None => (chunk.len(), false),
+                };
+                line.extend_from_slice(&chunk[..used]);
+                reader.consume(used);
+                // A line without an end is kept whole only up to the tail's size.
+                if !complete && line.len() < TAIL_BYTES {
+                    continue;
                 }
+                if complete {
+                    check(&line, line_at);
+                }
+                push_tail(&mut lock(&sink), &line);
                 line.clear();
             }
+            // The last line may end without a newline.
+            check(&line, line_at);
+            push_tail(&mut lock(&sink), &line);
             let _ = tx.send(());
         });
         StreamWatch {
             tail,
+            first_byte_at,
             marker_at,
             done,
         }
@@ -140,6 +197,15 @@ impl StreamWatch {
 
     fn text(&self) -> String {
         String::from_utf8_lossy(&lock(&self.tail)).into_owned()
+    }
+}
+
+/// Appends `bytes` to `tail`, keeping its last [`TAIL_BYTES`].
+fn push_tail(tail: &mut Vec<u8>, bytes: &[u8]) {
+    tail.extend_from_slice(bytes);
+    if tail.len() > TAIL_BYTES {
+        let cut = tail.len() - TAIL_BYTES;
+        tail.drain(..cut);
     }
 }
 
@@ -177,9 +243,14 @@ impl Spawned {
         })?;
         let pid = child.id() as libc::pid_t;
         // Both streams were piped just above.
-        let stdout = StreamWatch::start(child.stdout.take().expect("piped stdout"), None);
-        let stderr =
-            StreamWatch::start(child.stderr.take().expect("piped stderr"), inv.boot_marker);
+        let stdout = StreamWatch::start(
+            child.stdout.take().expect("piped stdout"),
+            inv.output_line.map(Marker::Line),
+        );
+        let stderr = StreamWatch::start(
+            child.stderr.take().expect("piped stderr"),
+            inv.boot_marker.map(Marker::Contains),
+        );
         // The child is reaped here with wait4, never through `child`, which is dropped
         // without waiting.
         drop(child);
@@ -199,6 +270,21 @@ impl Spawned {
 
     pub fn pid(&self) -> u32 {
         self.pid as u32
+    }
+
+    /// Just before the child was spawned: what the other times count from.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// When the first byte came on stdout, if one did.
+    pub fn first_output_at(&self) -> Option<Instant> {
+        *lock(&self.stdout.first_byte_at)
+    }
+
+    /// When the invocation's `output_line` came on stdout, if it did.
+    pub fn output_line_at(&self) -> Option<Instant> {
+        *lock(&self.stdout.marker_at)
     }
 
     /// When the boot marker came on stderr, if it did.
@@ -409,6 +495,27 @@ mod tests {
     fn timeout_kills_the_group() {
         let err = measure(&sh("sleep 30 & wait"), 0, Duration::from_millis(200)).unwrap_err();
         assert!(err.contains("killed"), "{err}");
+    }
+
+    #[test]
+    fn times_the_first_byte_and_a_whole_marked_line() {
+        let inv = sh(
+            "printf 'no newline yet'; sleep 0.2; echo; echo 'not ready'; \
+                      printf '  ready\\r\\n'; exec sleep 30",
+        )
+        .output_line("ready");
+        let mut child = Spawned::start(&inv).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.output_line_at().is_none() && Instant::now() < deadline {
+            assert!(child.poll(Duration::from_millis(10)).unwrap().is_none());
+        }
+        let first = child.first_output_at().expect("first byte");
+        let ready = child.output_line_at().expect("the marked line");
+        // The first byte came 0.2 s before its line was complete.
+        assert!(ready.duration_since(first) >= Duration::from_millis(150));
+        assert!(first >= child.started());
+        child.signal_group(libc::SIGKILL);
+        assert!(child.wait(Duration::from_secs(10)).unwrap().status.signal() == Some(9));
     }
 
     #[test]

@@ -9,6 +9,14 @@
 //! handler also sets the run page's `immediate_exit`, so a kick that lands just before
 //! KVM_RUN is not lost: that KVM_RUN returns at once and the thread reads its events. A
 //! paused vCPU is parked on the channel, not in KVM_RUN, so kicks do not wake it.
+//!
+//! The thread is started with the vCPU ([`Vcpu::new`]) and waits, idle, until
+//! [`Vcpu::start`] hands the vCPU over; it answers at once, so a start returns once the
+//! vCPU runs (or is parked). A new thread waits for the scheduler to place it, on a busy
+//! host until the next tick (3-8 ms were seen on the project's 2-core machines between
+//! spawning a vCPU thread and its first instruction, after the VM was otherwise ready); a
+//! waiting thread that is woken runs at once. Firecracker's vCPU threads also exist before
+//! they run.
 
 pub mod exit;
 pub mod state;
@@ -17,7 +25,7 @@ use std::cell::Cell;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
 use kvm_ioctls::VcpuFd;
@@ -121,6 +129,9 @@ pub enum VcpuResponse {
     Refused(String),
 }
 
+/// How long a start may take to reach the vCPU's thread.
+const VCPU_START_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -188,6 +199,46 @@ pub struct Vcpu {
     /// The guest TSC when the vCPU parked, written back when it resumes (see
     /// [`arch::tsc`]).
     held_tsc: Option<u64>,
+    /// The thread that will run this vCPU, until it is handed over.
+    thread: Option<VcpuThread>,
+}
+
+/// A vCPU thread waiting for its vCPU (see the module documentation), and the channels
+/// its [`VcpuHandle`] will use.
+struct VcpuThread {
+    handoff: Sender<(Vcpu, bool)>,
+    events: Sender<VcpuEvent>,
+    responses: Receiver<VcpuResponse>,
+    thread: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    fn spawn(index: u8) -> Result<Self, VcpuError> {
+        let (handoff, taken) = mpsc::channel::<(Vcpu, bool)>();
+        let (events, event_rx) = mpsc::channel();
+        let (response_tx, responses) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                // The thread may start before the VMM blocks the terminating signals for
+                // its signalfd (`hearth run` builds the VM first), so it blocks them
+                // itself: they must reach the event loop, not end the process here.
+                if let Err(e) = crate::vmm::block_terminating_signals() {
+                    log::warn!("vCPU {index}: cannot block the terminating signals: {e}");
+                }
+                // A vCPU dropped unstarted (a build that failed) closes the channel.
+                if let Ok((vcpu, paused)) = taken.recv() {
+                    vcpu.run(event_rx, response_tx, paused);
+                }
+            })
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(Self {
+            handoff,
+            events,
+            responses,
+            thread,
+        })
+    }
 }
 
 impl Vcpu {
@@ -214,6 +265,7 @@ impl Vcpu {
             mem,
             compat: (profile == CpuProfile::Compat).then(|| arch::compat_hook(index)),
             held_tsc: None,
+            thread: Some(VcpuThread::spawn(index)?),
         })
     }
 
@@ -289,26 +341,46 @@ impl Vcpu {
         self.start_with(true)
     }
 
-    fn start_with(self, paused: bool) -> Result<VcpuHandle, VcpuError> {
+    /// Hands the vCPU to its thread and waits (at most [`VCPU_START_TIMEOUT`]) until the
+    /// thread has taken it: running, or parked when `paused`.
+    fn start_with(mut self, paused: bool) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
-        let (event_tx, event_rx) = mpsc::channel();
-        let (response_tx, response_rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || self.run(event_rx, response_tx, paused))
-            .map_err(|source| VcpuError::Spawn { index, source })?;
-        Ok(VcpuHandle {
+        let thread = match self.thread.take() {
+            Some(thread) => thread,
+            None => VcpuThread::spawn(index)?,
+        };
+        let handle = VcpuHandle {
             index,
-            events: event_tx,
-            responses: response_rx,
-            thread,
-        })
+            events: thread.events,
+            responses: thread.responses,
+            thread: thread.thread,
+        };
+        thread
+            .handoff
+            .send((self, paused))
+            .map_err(|_| VcpuError::Stopped { index })?;
+        let taken = if paused {
+            VcpuEvent::Pause
+        } else {
+            VcpuEvent::Resume
+        };
+        handle.wait_for(&taken, Instant::now() + VCPU_START_TIMEOUT)?;
+        Ok(handle)
     }
 
     /// The thread: runs the guest, reading events between exits, until told to finish,
     /// the VM is to stop, or the handle is gone.
     fn run(mut self, events: Receiver<VcpuEvent>, responses: Sender<VcpuResponse>, paused: bool) {
         let _kick_target = KickTarget::register(&mut self.fd);
+        // What `start_with` waits for.
+        let started = if paused {
+            VcpuResponse::Paused
+        } else {
+            VcpuResponse::Resumed
+        };
+        if responses.send(started).is_err() {
+            return;
+        }
         let mut paused = paused;
         if paused {
             // Restored and not resumed yet: its TSC waits, like a paused vCPU's.

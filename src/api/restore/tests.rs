@@ -178,6 +178,20 @@ fn the_command_line_needs_both_files_and_paused_needs_a_socket() {
             &["--state", "s", "--mem", "m", "--vsock-override", ""],
             ErrorKind::InvalidValue,
         ),
+        // A paused VM's vCPUs run only when a client resumes it: nothing to time.
+        (
+            &[
+                "--state",
+                "s",
+                "--mem",
+                "m",
+                "--api-sock",
+                "a",
+                "--paused",
+                "--restore-timer",
+            ],
+            ErrorKind::ArgumentConflict,
+        ),
     ] {
         assert_eq!(args(argv).unwrap_err().kind(), kind, "{argv:?}");
     }
@@ -198,7 +212,12 @@ fn the_command_line_needs_both_files_and_paused_needs_a_socket() {
     ])
     .unwrap();
     assert_eq!(parsed.api_sock.as_deref(), Some(Path::new("/run/a.sock")));
-    assert!(parsed.paused);
+    assert!(parsed.paused && !parsed.restore_timer);
+    assert!(
+        args(&["--state", "s", "--mem", "m", "--restore-timer"])
+            .unwrap()
+            .restore_timer
+    );
     assert_eq!(parsed.net_overrides, ["a=b"]);
     assert_eq!(parsed.disk_overrides, ["c=d", "e=f"]);
 }
