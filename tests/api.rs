@@ -31,7 +31,7 @@ struct Vmm {
 impl Vmm {
     /// `hearth --api-sock DIR/api.sock --id test-vm EXTRA...`, once its socket answers.
     fn start(extra: &[&str]) -> Vmm {
-        let dir = TempDir::new("api");
+        let dir = TempDir::short("api");
         let sock = dir.join("api.sock");
         let mut cmd = hearth();
         cmd.arg("--api-sock").arg(&sock).args(["--id", "test-vm"]);
@@ -770,7 +770,7 @@ fn firecracker_rs_sdk_launches_and_drives_hearth() {
     if !kvm_available() {
         return;
     }
-    let dir = TempDir::new("api-sdk");
+    let dir = TempDir::short("api-sdk");
     let sock = dir.join("fc.sock");
     let console = dir.join("console.log");
     let mut instance = FirecrackerOption::new(common::HEARTH)
@@ -871,7 +871,7 @@ fn firecracker_config_file_boots_a_guest_without_api() {
     if !kvm_available() {
         return;
     }
-    let dir = TempDir::new("api-config");
+    let dir = TempDir::short("api-config");
     let config = write_config(&dir, "vm.json", &payload("hello", Format::Elf64), json!({}));
     let mut cmd = hearth();
     cmd.args(["--no-api", "--config-file"]).arg(&config);
@@ -920,7 +920,7 @@ fn config_file_with_api_and_hearth_run_with_api_sock() {
         return;
     }
     // firecracker shape: the file boots the guest, the API serves it while it runs.
-    let dir = TempDir::new("api-config-sock");
+    let dir = TempDir::short("api-config-sock");
     let kernel = payload("keyboard", Format::Elf64);
     let console = dir.join("console.log");
     let config = write_config(
@@ -947,7 +947,7 @@ fn config_file_with_api_and_hearth_run_with_api_sock() {
     vmm.stop_with_ctrl_alt_del_raw();
 
     // `hearth run ... --api-sock`: a VM from the command line, served by the API.
-    let dir = TempDir::new("api-run");
+    let dir = TempDir::short("api-run");
     let sock = dir.join("api.sock");
     let console = dir.join("console.log");
     let mut cmd = hearth();
@@ -998,7 +998,7 @@ fn signals_before_start_remove_the_socket_and_refused_flags_fail() {
     common::assert_exit_code(&out, 128 + libc::SIGTERM);
     assert!(!vmm.sock.exists(), "the API socket was left behind");
 
-    let dir = TempDir::new("api-flags");
+    let dir = TempDir::short("api-flags");
     for (flags, expected) in [
         (
             vec!["--metrics-path", "/tmp/m"],

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
@@ -72,7 +71,7 @@ impl Vmm {
 
     fn wait_for_socket(running: Running, sock: PathBuf, dir: TempDir) -> Vmm {
         let deadline = Instant::now() + RUN_TIMEOUT;
-        while UnixStream::connect(&sock).is_err() {
+        while hearth::uds::connect(&sock).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "the API socket never answered\n{}",

@@ -1,4 +1,5 @@
-//! Fuzz harnesses for hearth's guest-facing code.
+//! Fuzz harnesses for hearth's code that parses what it cannot trust: what a guest writes,
+//! what clients send, and the snapshot files a restore is handed.
 //!
 //! Each `fuzz_targets/<name>.rs` is a one-line libFuzzer entry point that calls `run` in
 //! the module of the same name here, so the harnesses can also be unit-tested (the seeds
@@ -9,10 +10,12 @@
 //! wastes executions on inputs the harness refuses.
 
 pub mod agent_protocol;
+pub mod alloc_meter;
 pub mod api_request;
 pub mod chain;
 pub mod input;
 pub mod seeds;
+pub mod snapshot_state;
 pub mod virtio_blk_request;
 pub mod virtio_mmio_registers;
 pub mod virtio_net_tx;

@@ -49,6 +49,9 @@ pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     for (name, bytes) in crate::api_request::seeds() {
         seeds.push(("api_request", name, bytes));
     }
+    for (name, bytes) in crate::snapshot_state::seeds() {
+        seeds.push(("snapshot_state", name, bytes));
+    }
     seeds
 }
 

@@ -7,13 +7,14 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{RunState, Vmm, VmmError};
-use crate::config::RestoreConfig;
+use crate::config::{RestoreConfig, MAX_VCPUS};
 use crate::device_manager::{AttachedDeviceState, VirtioDeviceState};
 use crate::devices::bus::lock;
 use crate::devices::control::ControlState;
 use crate::devices::legacy::cmos::CmosState;
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::SerialState;
+use crate::snapshot::format::bounded_vec;
 use crate::snapshot::{self, HostFacts, Saved, SnapshotError};
 use crate::vstate::vcpu::VcpuState;
 use crate::vstate::vm::VmState;
@@ -34,7 +35,9 @@ pub enum OverrideError {
 /// memory layout and the host facts (CPU profile included) are in the file's container.
 #[derive(Serialize, Deserialize)]
 pub struct VmmState {
-    /// In index order; each with the compat layer's own state when it ran with it.
+    /// In index order; each with the compat layer's own state when it ran with it. At most
+    /// `MAX_VCPUS` are read back (see [`bounded_vec`]).
+    #[serde(deserialize_with = "bounded_vec::<_, _, { MAX_VCPUS as usize }>")]
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub devices: DevicesState,
@@ -272,6 +275,51 @@ mod tests {
             Err(OverrideError::NoVsock)
         ));
         assert_eq!(backing(&state), ["/a.img", "tap0", "/b.img", "tap1"]);
+    }
+
+    /// The encoding of a `VmmState` whose vCPU list announces `count` and holds `vcpus`
+    /// (encoded), with the test devices.
+    fn encoded_state(count: u64, vcpus: &[u8]) -> Vec<u8> {
+        let mut bytes = postcard::to_stdvec(&count).unwrap();
+        bytes.extend_from_slice(vcpus);
+        // The VM's five register blocks, each zero-length (read back as zeroes).
+        bytes.extend_from_slice(&[0; 5]);
+        bytes.extend(postcard::to_stdvec(&devices(false)).unwrap());
+        bytes.push(0); // no front-end document
+        bytes
+    }
+
+    /// A vCPU state whose CPUID list announces `announced` entries and holds `present`,
+    /// everything zero or empty: its 12 fields are one byte each, a CPUID entry too.
+    fn empty_vcpu(announced: u64, present: usize) -> Vec<u8> {
+        let mut bytes = postcard::to_stdvec(&announced).unwrap();
+        bytes.resize(bytes.len() + present, 0);
+        bytes.extend_from_slice(&[0; 11]);
+        bytes
+    }
+
+    #[test]
+    fn a_hostile_state_cannot_make_a_restore_allocate_for_it() {
+        let decode = |bytes: &[u8]| postcard::from_bytes::<VmmState>(bytes);
+        let vcpus = |count: usize| empty_vcpu(0, 0).repeat(count);
+        let max = MAX_VCPUS as usize;
+        let state = decode(&encoded_state(max as u64, &vcpus(max))).unwrap();
+        assert_eq!(state.vcpus.len(), max);
+        assert!(state
+            .vcpus
+            .iter()
+            .all(|v| v.msrs.is_empty() && v.regs.rip == 0));
+        assert_eq!(state.devices.virtio, devices(false).virtio);
+        // 12 bytes of file are 6 KiB of vCPU state: 100,000 of them would be 600 MiB.
+        for count in [max + 1, 100_000] {
+            assert!(decode(&encoded_state(count as u64, &vcpus(count))).is_err());
+        }
+        assert!(decode(&encoded_state(1 << 60, &vcpus(1))).is_err());
+        // A CPUID entry is 40 bytes from 1: as many as KVM takes, no more.
+        let state = decode(&encoded_state(1, &empty_vcpu(256, 256))).unwrap();
+        assert_eq!(state.vcpus[0].cpuid.len(), 256);
+        assert!(decode(&encoded_state(1, &empty_vcpu(257, 257))).is_err());
+        assert!(decode(&encoded_state(1, &empty_vcpu(1 << 40, 300))).is_err());
     }
 
     /// The payload goes through the state file's encoding (postcard) intact.

@@ -209,11 +209,22 @@ pub fn line_after<'a>(stdout: &'a str, marker: &str) -> Option<&'a str> {
 
 /// An ext4 image of `size_mib` MiB holding `files` (name, contents), made with
 /// `mkfs.ext4 -d` (e2fsprogs) in `dir`.
-pub fn make_ext4_image(dir: &Path, name: &str, size_mib: u64, files: &[(&str, &str)]) -> PathBuf {
+pub fn make_ext4_image<C: AsRef<[u8]>>(
+    dir: &Path,
+    name: &str,
+    size_mib: u64,
+    files: &[(&str, C)],
+) -> PathBuf {
     let root = dir.join(format!("{name}.root"));
     std::fs::create_dir_all(&root).expect("create image root");
     for (file, contents) in files {
         std::fs::write(root.join(file), contents).expect("write image file");
+        // Executables on the image (test programs) keep working: everything is 0755.
+        std::fs::set_permissions(
+            root.join(file),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("make image file executable");
     }
     let image = dir.join(format!("{name}.img"));
     let file = std::fs::File::create(&image).expect("create image");

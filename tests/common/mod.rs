@@ -390,6 +390,14 @@ impl TempDir {
         Self::new_in(Path::new(env!("CARGO_TARGET_TMPDIR")), prefix)
     }
 
+    /// Creates a fresh directory under the system temp dir (`/tmp`), for sockets that
+    /// clients other than hearth's must reach: curl and firecracker-rs-sdk cannot connect
+    /// to a path longer than a socket address holds (107 bytes), which a deep checkout's
+    /// target dir exceeds. (hearth's own clients can: `hearth::uds`.)
+    pub fn short(prefix: &str) -> Self {
+        Self::new_in(&std::env::temp_dir(), prefix)
+    }
+
     /// Creates a fresh directory under `base`.
     pub fn new_in(base: &Path, prefix: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);

@@ -358,31 +358,61 @@ impl CpuFeatures {
     }
 
     /// Why a guest given `self` cannot run on a host that offers `host`, in one phrase; `None`
-    /// when it can: same vendor and every feature bit of `self` offered by `host`.
+    /// when it can: same vendor and every feature bit of `self` offered by `host`. A register
+    /// listed twice offers the bits of both (a saved CPU always passes against itself). The
+    /// phrase stays short whatever a snapshot's header says: vendors are cut to
+    /// `MAX_SHOWN_VENDOR` characters, and past `MAX_NAMED_FEATURES` missing features the
+    /// rest are counted.
     pub fn missing_on(&self, host: &CpuFeatures) -> Option<String> {
         if self.vendor != host.vendor {
             return Some(format!(
-                "the snapshot's CPU vendor is {:?}, this host's is {:?}",
-                self.vendor, host.vendor
+                "the snapshot's CPU vendor is {}, this host's is {}",
+                shown_vendor(&self.vendor),
+                shown_vendor(&host.vendor)
             ));
         }
-        let mut missing = Vec::new();
+        let mut named = Vec::new();
+        let mut missing = 0usize;
         for word in &self.words {
             let offered = host
                 .words
                 .iter()
-                .find(|w| {
+                .filter(|w| {
                     (w.leaf, w.subleaf, w.register) == (word.leaf, word.subleaf, word.register)
                 })
-                .map_or(0, |w| w.bits);
+                .fold(0, |bits, w| bits | w.bits);
             let lacking = word.bits & !offered;
-            missing.extend(
-                (0..32)
-                    .filter(|bit| lacking & (1 << bit) != 0)
-                    .map(|bit| feature_name(word.leaf, word.subleaf, word.register, bit)),
-            );
+            for bit in (0..32).filter(|bit| lacking & (1 << bit) != 0) {
+                missing += 1;
+                if named.len() < MAX_NAMED_FEATURES {
+                    named.push(feature_name(word.leaf, word.subleaf, word.register, bit));
+                }
+            }
         }
-        (!missing.is_empty()).then(|| format!("this host's CPU lacks {}", missing.join(", ")))
+        if missing == 0 {
+            return None;
+        }
+        let mut phrase = format!("this host's CPU lacks {}", named.join(", "));
+        if missing > named.len() {
+            phrase.push_str(&format!(" and {} more", missing - named.len()));
+        }
+        Some(phrase)
+    }
+}
+
+/// Missing features named in [`CpuFeatures::missing_on`]'s phrase; the rest are counted.
+const MAX_NAMED_FEATURES: usize = 12;
+/// Characters of a vendor string shown (a real one has 12).
+const MAX_SHOWN_VENDOR: usize = 16;
+
+/// `vendor` quoted, cut to [`MAX_SHOWN_VENDOR`] characters.
+fn shown_vendor(vendor: &str) -> String {
+    let mut chars = vendor.chars();
+    let shown: String = chars.by_ref().take(MAX_SHOWN_VENDOR).collect();
+    if chars.next().is_some() {
+        format!("{shown:?}...")
+    } else {
+        format!("{shown:?}")
     }
 }
 
@@ -463,6 +493,54 @@ mod tests {
         );
     }
 
+    /// What a hostile snapshot header can list: the phrase stays one short line.
+    #[test]
+    fn long_lists_and_vendors_are_cut_short() {
+        let mut saved = intel(0, 0);
+        saved.words = (0..1000)
+            .map(|leaf| FeatureWord {
+                leaf,
+                subleaf: 0,
+                register: Ecx,
+                bits: u32::MAX,
+            })
+            .collect();
+        let phrase = saved.missing_on(&intel(0, 0)).unwrap();
+        // 32,000 bits, less the 12 named and the one the host has (1.0 ECX bit 31).
+        assert!(
+            phrase.starts_with("this host's CPU lacks cpuid 0x0.0 ecx bit 0, ")
+                && phrase.ends_with("cpuid 0x0.0 ecx bit 11 and 31987 more"),
+            "{phrase}"
+        );
+        saved.vendor = "\n".repeat(5000);
+        let phrase = saved.missing_on(&intel(0, 0)).unwrap();
+        assert_eq!(
+            phrase,
+            format!(
+                "the snapshot's CPU vendor is \"{}\"..., this host's is \"GenuineIntel\"",
+                "\\n".repeat(16)
+            )
+        );
+    }
+
+    /// A register listed twice offers both values' bits: a saved CPU passes against itself
+    /// however its header lists it.
+    #[test]
+    fn a_register_listed_twice_offers_both() {
+        let mut saved = intel(1 << 16, 1 << 26);
+        let inverted: Vec<_> = saved
+            .words
+            .iter()
+            .map(|w| FeatureWord {
+                bits: !w.bits,
+                ..*w
+            })
+            .collect();
+        saved.words.extend(inverted);
+        assert_eq!(saved.missing_on(&saved), None);
+        assert!(saved.missing_on(&intel(1 << 16, 1 << 26)).is_some());
+    }
+
     #[test]
     fn vcpu_count_and_os_state_are_not_features() {
         // HTT follows the vCPU count: a 2-vCPU snapshot restores where a 1-vCPU probe lacks it.
@@ -482,6 +560,12 @@ mod tests {
         }
         // Every x86-64 CPU has SSE2, and the host CPU's leaf 1 is one of those added.
         assert_eq!(plain.missing_on(&widened), None);
-        assert!(widened.missing_on(&plain).unwrap().contains("sse2"));
+        let sse2 = |f: &CpuFeatures| {
+            f.words
+                .iter()
+                .any(|w| (w.leaf, w.register) == (1, Edx) && w.bits & (1 << 26) != 0)
+        };
+        assert!(!sse2(&plain) && sse2(&widened));
+        assert!(widened.missing_on(&plain).is_some());
     }
 }

@@ -13,6 +13,7 @@ use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{msr, CompatState};
+use crate::snapshot::format::bounded_vec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -37,6 +38,8 @@ pub enum StateError {
 /// One vCPU, saved.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
+    /// At most what one KVM_SET_CPUID2 takes, the most a restore can give back.
+    #[serde(deserialize_with = "bounded_vec::<_, _, KVM_MAX_CPUID_ENTRIES>")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// The MSRs of KVM's index list this vCPU could read, in that order (IA32_TSC before
     /// TSC_DEADLINE, as restoring needs).
