@@ -326,27 +326,13 @@ fn remote_snapshot_then_restore_carries_the_guest_on() {
     restored.expect_end(CTRL_ALT_DEL_STATUS);
 }
 
-/// The numbers the `counter` payload printed, in order ("count N" lines; a line still
-/// being written is left out).
-fn counts_in(text: &str) -> Vec<u32> {
-    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
-    complete
-        .lines()
-        .map(|line| {
-            line.strip_prefix("count ")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("unexpected serial line {line:?} in {text:?}"))
-        })
-        .collect()
-}
-
 /// Waits until `log` shows a count above `past`; returns what it printed.
 #[track_caller]
 fn wait_for_count_past(log: &Path, prefix: &str, past: u32, vmm: &mut common::Running) -> String {
     let deadline = Instant::now() + RUN_TIMEOUT;
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if counts_in(&format!("{prefix}{text}"))
+        if common::counter_counts(&format!("{prefix}{text}"))
             .last()
             .is_some_and(|&n| n > past)
         {
@@ -395,7 +381,7 @@ fn a_killed_vmm_restores_in_new_processes_that_count_on() {
     );
     common::assert_exit_code(&out, 0);
     let printed = std::fs::read_to_string(&log).expect("the original console");
-    let last = *counts_in(&printed)
+    let last = *common::counter_counts(&printed)
         .last()
         .expect("counted before the snapshot");
     running.signal(libc::SIGKILL);
@@ -434,7 +420,7 @@ fn a_killed_vmm_restores_in_new_processes_that_count_on() {
         clone.signal(libc::SIGTERM);
         let out = clone.finish(RUN_TIMEOUT);
         common::assert_exit_code(&out, 128 + libc::SIGTERM);
-        let all = counts_in(&format!(
+        let all = common::counter_counts(&format!(
             "{printed}{}",
             std::fs::read_to_string(&log).expect("a clone's console")
         ));

@@ -363,20 +363,7 @@ fn config_file_boots_like_the_flags() {
 /// The numbers the `counter` payload has printed so far, in order (a line still being
 /// written is left out).
 fn counts(log: &Path) -> Vec<u32> {
-    counts_in(&fs::read_to_string(log).unwrap_or_default())
-}
-
-/// The numbers in the counter payload's output `text`.
-fn counts_in(text: &str) -> Vec<u32> {
-    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
-    complete
-        .lines()
-        .map(|line| {
-            line.strip_prefix("count ")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("unexpected serial line {line:?} in {text:?}"))
-        })
-        .collect()
+    common::counter_counts(&fs::read_to_string(log).unwrap_or_default())
 }
 
 /// Waits up to [`common::RUN_TIMEOUT`] until the payload has counted past `past`.
@@ -664,7 +651,7 @@ where
 /// count, as if the guest had never stopped (a line cut by the snapshot is finished in
 /// `log`).
 fn counts_after(printed: &str, log: &Path) -> Vec<u32> {
-    counts_in(&format!(
+    common::counter_counts(&format!(
         "{printed}{}",
         fs::read_to_string(log).unwrap_or_default()
     ))
@@ -696,7 +683,9 @@ fn a_snapshot_restores_into_vms_that_count_on() {
     }
     let dir = TempDir::new("snapshot");
     let snapshot = snapshot_counter(dir.path(), &["--cpus", "2"]);
-    let last = *counts_in(&snapshot.printed).last().expect("counted");
+    let last = *common::counter_counts(&snapshot.printed)
+        .last()
+        .expect("counted");
     let mem_meta = fs::metadata(&snapshot.mem).expect("memory file");
     assert_eq!(mem_meta.len(), 32 << 20);
     {

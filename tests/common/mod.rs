@@ -423,3 +423,17 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.path);
     }
 }
+
+/// The numbers the `counter` payload printed in `text`, in order ("count N" lines; a line
+/// still being written is left out).
+pub fn counter_counts(text: &str) -> Vec<u32> {
+    let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+    complete
+        .lines()
+        .map(|line| {
+            line.strip_prefix("count ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("unexpected serial line {line:?} in {text:?}"))
+        })
+        .collect()
+}
