@@ -264,6 +264,54 @@ mod tests {
     }
 
     /// The guest TSC saved with a vCPU's state.
+    /// A one-vCPU VM running the counting loop (it has counted past 3), or `None` (said on
+    /// stderr) where there is no KVM.
+    struct Counting {
+        kvm: KvmContext,
+        profile: CpuProfile,
+        mem: GuestMemory,
+        msrs: MsrIndex,
+        vm: Vm,
+        handle: VcpuHandle,
+        counted: Recorder,
+    }
+
+    impl Counting {
+        fn start() -> Option<Self> {
+            let kvm = match KvmContext::open() {
+                Ok(kvm) => kvm,
+                Err(e) => {
+                    eprintln!("skipping: {}", crate::error_chain(&e));
+                    return None;
+                }
+            };
+            install_kick_handler().unwrap();
+            let profile = crate::config::CpuProfileChoice::Auto.resolve();
+            let mem = create_guest_memory(16 << 20).unwrap();
+            mem.write_slice(&COUNT_LOOP, GuestAddress(CODE)).unwrap();
+            let msrs: MsrIndex = kvm.msr_index_list().unwrap().into();
+            let vm = Vm::new(&kvm).unwrap();
+            vm.set_up_platform(&mem).unwrap().wait().unwrap();
+            let (vcpu, counted) = vcpu_on(&vm, &mem, profile);
+            let boot = BootEntry {
+                entry: GuestAddress(CODE),
+                protocol: BootProtocol::Pvh,
+            };
+            vcpu.configure(&kvm, 1, Some(boot)).unwrap();
+            let handle = vcpu.start().unwrap();
+            counted.wait_for_more_than(3);
+            Some(Self {
+                kvm,
+                profile,
+                mem,
+                msrs,
+                vm,
+                handle,
+                counted,
+            })
+        }
+    }
+
     fn saved_tsc(state: &VcpuState) -> u64 {
         let tsc = state.msrs.iter().find(|msr| msr.index == msr::IA32_TSC);
         tsc.expect("IA32_TSC is saved").data
@@ -276,29 +324,20 @@ mod tests {
     /// skipped on a nested-PVM host, whose guests read the host's TSC.
     #[test]
     fn a_pause_does_not_show_in_the_guest_tsc() {
-        let kvm = match KvmContext::open() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipping: {}", crate::error_chain(&e));
-                return;
-            }
+        // The VM and its memory are held (not dropped) while the vCPU runs.
+        let Some(Counting {
+            kvm: _kvm,
+            mem: _mem,
+            vm: _vm,
+            msrs,
+            handle,
+            counted,
+            ..
+        }) = Counting::start()
+        else {
+            return;
         };
-        install_kick_handler().unwrap();
-        let profile = crate::config::CpuProfileChoice::Auto.resolve();
-        let mem = create_guest_memory(16 << 20).unwrap();
-        mem.write_slice(&COUNT_LOOP, GuestAddress(CODE)).unwrap();
-        let msrs: MsrIndex = kvm.msr_index_list().unwrap().into();
         let deadline = || Instant::now() + Duration::from_secs(5);
-        let vm = Vm::new(&kvm).unwrap();
-        vm.set_up_platform(&mem).unwrap().wait().unwrap();
-        let (vcpu, counted) = vcpu_on(&vm, &mem, profile);
-        let boot = BootEntry {
-            entry: GuestAddress(CODE),
-            protocol: BootProtocol::Pvh,
-        };
-        vcpu.configure(&kvm, 1, Some(boot)).unwrap();
-        let handle = vcpu.start().unwrap();
-        counted.wait_for_more_than(3);
 
         handle.send_event(VcpuEvent::Pause).unwrap();
         handle.wait_for(&VcpuEvent::Pause, deadline()).unwrap();
@@ -336,30 +375,19 @@ mod tests {
     /// controllers, PIT and clock), and the count goes on from exactly where it stopped.
     #[test]
     fn a_saved_vcpu_goes_on_in_a_new_vm() {
-        let kvm = match KvmContext::open() {
-            Ok(kvm) => kvm,
-            Err(e) => {
-                eprintln!("skipping: {}", crate::error_chain(&e));
-                return;
-            }
+        let Some(Counting {
+            kvm,
+            profile,
+            mem,
+            msrs,
+            vm: first,
+            handle,
+            counted,
+        }) = Counting::start()
+        else {
+            return;
         };
-        install_kick_handler().unwrap();
-        let profile = crate::config::CpuProfileChoice::Auto.resolve();
-        let mem = create_guest_memory(16 << 20).unwrap();
-        mem.write_slice(&COUNT_LOOP, GuestAddress(CODE)).unwrap();
-        let msrs: MsrIndex = kvm.msr_index_list().unwrap().into();
         let deadline = || Instant::now() + Duration::from_secs(5);
-
-        let first = Vm::new(&kvm).unwrap();
-        first.set_up_platform(&mem).unwrap().wait().unwrap();
-        let (vcpu, counted) = vcpu_on(&first, &mem, profile);
-        let boot = BootEntry {
-            entry: GuestAddress(CODE),
-            protocol: BootProtocol::Pvh,
-        };
-        vcpu.configure(&kvm, 1, Some(boot)).unwrap();
-        let handle = vcpu.start().unwrap();
-        counted.wait_for_more_than(3);
         // A running vCPU does not hand out its state.
         assert!(handle.save_state(msrs.clone(), deadline()).is_err());
         handle.send_event(VcpuEvent::Pause).unwrap();
