@@ -320,6 +320,15 @@ pub struct NetworkOverride {
     pub host_dev_name: String,
 }
 
+/// hearth's extension of `PUT /snapshot/load`: another image for a drive, opened instead
+/// of the saved one (its size may differ: the guest is told to re-read the capacity).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    pub drive_id: String,
+    pub path_on_host: PathBuf,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockOverride {
@@ -347,6 +356,13 @@ pub struct SnapshotLoadParams {
     pub network_overrides: Vec<NetworkOverride>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
+    /// hearth's extension (Firecracker has no such field): new images for drives.
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub drive_overrides: Vec<DriveOverride>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub clock_realtime: bool,
     /// "Snapshot", "None", "Transparent" or "2M".

@@ -1,9 +1,10 @@
 //! `hearth restore --state S --mem M [...]`: a microVM restored from a snapshot in one
 //! command. The command line becomes a [`RestorePlan`], the requests a Firecracker
-//! client would send: `PUT /serial` for a new console file, `PUT /snapshot/load` (with
-//! the network and vsock overrides), and
-//! for each `--disk-override` a `PATCH /drives/{id}` between a load that leaves the VM
-//! paused and the `PATCH /vm` that resumes it (Firecracker's way to move a disk). An
+//! client would send: `PUT /serial` for a new console file and `PUT /snapshot/load`
+//! with the network and vsock overrides and, hearth's extension, `drive_overrides`
+//! (each `--disk-override` opens another image in the drive's place at the load, so a
+//! snapshot whose image has moved, or a template whose drive is a placeholder, restores
+//! without ever opening the saved path; the guest is told to re-read the capacity). An
 //! empty VMM in the firecracker shape serves these requests in-process, through the same
 //! controllers as the API (`shape::run_driven`), so a restore behaves exactly as the
 //! same requests on a socket; with `--api-sock` the API serves the VM as well.
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 
 use super::action::{ApiError, VmmAction};
 use super::models::{
-    MemoryBackend, MemoryBackendType, NetworkOverride, PartialDrive, Serial, SnapshotLoadParams,
+    DriveOverride, MemoryBackend, MemoryBackendType, NetworkOverride, Serial, SnapshotLoadParams,
     VsockOverride,
 };
 use super::shape::{run_driven, ShapeError};
@@ -78,10 +79,6 @@ pub enum RestoreError {
     Duplicate { flag: &'static str, id: String },
     #[error("cannot load the snapshot")]
     Load(#[source] ApiError),
-    #[error("cannot give drive \"{0}\" its new image")]
-    Drive(String, #[source] ApiError),
-    #[error("cannot resume the restored microVM")]
-    Resume(#[source] ApiError),
     #[error("the restore stopped unexpectedly")]
     DriverPanicked,
     #[error(transparent)]
@@ -91,12 +88,7 @@ pub enum RestoreError {
 impl RestoreError {
     /// The VMM stopped (a signal) before the restore finished: not the restore's fault.
     fn vmm_gone(&self) -> bool {
-        matches!(
-            self,
-            Self::Load(ApiError::VmmGone)
-                | Self::Drive(_, ApiError::VmmGone)
-                | Self::Resume(ApiError::VmmGone)
-        )
+        matches!(self, Self::Load(ApiError::VmmGone))
     }
 }
 
@@ -106,10 +98,6 @@ pub struct RestorePlan {
     /// The console, set before the load.
     pub serial: Option<Serial>,
     pub load: SnapshotLoadParams,
-    /// New images for drives, applied while the loaded VM is paused.
-    pub drives: Vec<PartialDrive>,
-    /// Resume after the drive updates (the load resumes by itself when there are none).
-    pub resume: bool,
 }
 
 impl RestorePlan {
@@ -122,10 +110,6 @@ impl RestorePlan {
             .map(VmmAction::PutSerial)
             .collect();
         actions.push(VmmAction::LoadSnapshot(self.load.clone()));
-        actions.extend(self.drives.iter().cloned().map(VmmAction::PatchDrive));
-        if self.resume {
-            actions.push(VmmAction::Resume);
-        }
         actions
     }
 }
@@ -159,7 +143,7 @@ impl RestoreArgs {
         }
 
         let mut drive_ids = HashSet::new();
-        let mut drives = Vec::with_capacity(self.disk_overrides.len());
+        let mut drive_overrides = Vec::with_capacity(self.disk_overrides.len());
         for value in &self.disk_overrides {
             let (drive_id, path) = split_override("--disk-override", value, "ID=PATH")?;
             check_id("--disk-override", value, "drive id", drive_id)?;
@@ -172,17 +156,15 @@ impl RestoreArgs {
                     id: drive_id.to_string(),
                 });
             }
-            drives.push(PartialDrive {
+            drive_overrides.push(DriveOverride {
                 drive_id: drive_id.to_string(),
-                path_on_host: Some(absolute(path)),
-                rate_limiter: None,
+                path_on_host: absolute(path),
             });
         }
 
         let vsock_override = self.vsock_override.as_ref().map(|path| VsockOverride {
             uds_path: absolute(path),
         });
-        let resume_at_load = !self.paused && drives.is_empty();
         Ok(RestorePlan {
             serial: self.serial_out.as_ref().map(|path| Serial {
                 serial_out_path: Some(absolute(path)),
@@ -197,14 +179,13 @@ impl RestoreArgs {
                 }),
                 enable_diff_snapshots: false,
                 track_dirty_pages: false,
-                resume_vm: resume_at_load,
+                resume_vm: !self.paused,
                 network_overrides,
                 vsock_override,
+                drive_overrides,
                 clock_realtime: false,
                 huge_pages: None,
             },
-            resume: !self.paused && !drives.is_empty(),
-            drives,
         })
     }
 }
@@ -275,28 +256,14 @@ pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
 /// Sends the plan's requests in order. When one is refused, the VMM is shut down (the
 /// restore has failed, and a half-restored VM must not linger) and the refusal returned.
 fn drive(plan: &RestorePlan, vmm: &ActionSender) -> Result<(), RestoreError> {
-    let result = plan.actions().into_iter().try_for_each(|action| {
-        let refused = refusal(&action);
-        vmm.dispatch(action).map(drop).map_err(refused)
-    });
+    let result = plan
+        .actions()
+        .into_iter()
+        .try_for_each(|action| vmm.dispatch(action).map(drop).map_err(RestoreError::Load));
     if result.is_err() {
         let _ = vmm.dispatch(VmmAction::Shutdown);
     }
     result
-}
-
-/// How a refusal of `action` is reported.
-fn refusal(action: &VmmAction) -> impl FnOnce(ApiError) -> RestoreError {
-    let drive = match action {
-        VmmAction::PatchDrive(drive) => Some(drive.drive_id.clone()),
-        _ => None,
-    };
-    let resume = *action == VmmAction::Resume;
-    move |err| match drive {
-        Some(id) => RestoreError::Drive(id, err),
-        None if resume => RestoreError::Resume(err),
-        None => RestoreError::Load(err),
-    }
 }
 
 #[cfg(test)]

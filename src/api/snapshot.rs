@@ -13,7 +13,9 @@ use super::models::{
 };
 use super::resources::VmResources;
 use crate::builder::{self, BuildError, LoadedSnapshot};
-use crate::config::{CpuProfileChoice, NetOverride, RestoreConfig, SerialConfig, VmConfig};
+use crate::config::{
+    CpuProfileChoice, DiskOverride, NetOverride, RestoreConfig, SerialConfig, VmConfig,
+};
 use crate::device_manager::VirtioDeviceState;
 use crate::vmm::Vmm;
 
@@ -87,6 +89,16 @@ pub fn load(params: &SnapshotLoadParams, console: Option<&Serial>) -> Result<Loa
         restore.nets.push(NetOverride {
             index,
             tap: over.host_dev_name.clone(),
+        });
+    }
+    for over in &params.drive_overrides {
+        let index = resources.drive_index(&over.drive_id).ok_or_else(|| {
+            ApiError::invalid(format!("the snapshot has no drive \"{}\"", over.drive_id))
+        })?;
+        resources.set_drive_path(&over.drive_id, over.path_on_host.clone());
+        restore.disks.push(DiskOverride {
+            index,
+            path: over.path_on_host.clone(),
         });
     }
     if let Some(over) = &params.vsock_override {

@@ -85,28 +85,26 @@ fn overrides_become_firecrackers_requests() {
             uds_path: "/run/v.sock".into()
         })
     );
-    assert!(!plan.load.resume_vm, "drives change while the VM is paused");
-    assert!(plan.resume);
-    assert_eq!(
-        plan.drives[0].path_on_host.as_deref(),
-        Some(Path::new("/images/a=b.img"))
-    );
-    let relative = plan.drives[1].path_on_host.as_deref().unwrap();
-    assert!(relative.is_absolute() && relative.ends_with("relative.img"));
+    // The drives are opened in place of the saved ones at the load, which resumes.
+    assert!(plan.load.resume_vm);
+    let drives = &plan.load.drive_overrides;
+    assert_eq!(drives[0].drive_id, "rootfs");
+    assert_eq!(drives[0].path_on_host, Path::new("/images/a=b.img"));
+    assert_eq!(drives[1].drive_id, "data");
+    assert!(drives[1].path_on_host.is_absolute());
+    assert!(drives[1].path_on_host.ends_with("relative.img"));
     let actions = plan.actions();
-    assert_eq!(actions.len(), 4);
-    assert!(matches!(&actions[1], VmmAction::PatchDrive(d) if d.drive_id == "rootfs"));
-    assert!(matches!(&actions[2], VmmAction::PatchDrive(d) if d.drive_id == "data"));
-    assert_eq!(actions[3], VmmAction::Resume);
+    assert_eq!(actions.len(), 1);
+    assert!(matches!(&actions[0], VmmAction::LoadSnapshot(_)));
 }
 
 #[test]
 fn paused_restores_do_not_resume() {
     let paused = plan(&["--api-sock", "/run/a.sock", "--paused"]).unwrap();
-    assert!(!paused.load.resume_vm && !paused.resume);
+    assert!(!paused.load.resume_vm);
     let with_disk = plan(&["--api-sock", "a", "--paused", "--disk-override", "d=x"]).unwrap();
-    assert!(!with_disk.load.resume_vm && !with_disk.resume);
-    assert_eq!(with_disk.actions().len(), 2);
+    assert!(!with_disk.load.resume_vm);
+    assert_eq!(with_disk.actions().len(), 1);
 }
 
 #[test]
@@ -264,19 +262,7 @@ fn the_driver_sends_the_plan_and_shuts_down_after_a_refusal() {
         "cannot load the snapshot: checksum mismatch: the file is corrupt"
     );
     assert_eq!(seen, [plan.actions()[0].clone(), VmmAction::Shutdown]);
-
-    let (result, seen) = drive_against(&plan, |action| match action {
-        VmmAction::PatchDrive(_) => Err(ApiError::invalid("no drive \"rootfs\"")),
-        _ => Ok(VmmData::Empty),
-    });
-    let err = result.unwrap_err();
-    assert_eq!(
-        crate::error_chain(&err),
-        "cannot give drive \"rootfs\" its new image: no drive \"rootfs\""
-    );
-    assert!(!err.vmm_gone());
-    assert_eq!(seen.last(), Some(&VmmAction::Shutdown));
-    assert!(!seen.contains(&VmmAction::Resume));
+    assert!(!RestoreError::Load(ApiError::invalid("x")).vmm_gone());
 
     // A VMM that stopped (a signal) is not the restore's failure.
     let (result, _) = drive_against(&plan, |_| Err(ApiError::VmmGone));

@@ -99,11 +99,16 @@ impl Block {
         self.config.path = path.to_path_buf();
         self.config_space = config_space(capacity, self.disk.read_only());
         self.params.capacity = capacity;
-        // Also while paused: the interrupt is pending in KVM until the guest runs again.
+        self.announce_config_change();
+        Ok(())
+    }
+
+    /// Tells an activated driver to re-read the configuration space (the capacity). Also
+    /// while paused: the interrupt is pending in KVM until the guest runs again.
+    pub fn announce_config_change(&self) {
         if let DeviceState::Activated(active) = self.core.state() {
             active.interrupt.signal_config_change();
         }
-        Ok(())
     }
 
     /// True between activate and reset.

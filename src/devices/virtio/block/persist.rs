@@ -1,5 +1,6 @@
 //! What a snapshot keeps of a virtio-blk device: its configuration (the caller may point
-//! `config.path` at another copy of the image before restoring), the capacity the guest
+//! `config.path` at another image before restoring, even one of another size: the
+//! device manager then tells the guest to re-read the capacity), the capacity the guest
 //! was told, and the virtio state. Requests are served synchronously, so none is in
 //! flight in a paused device: the queue indices say everything.
 
@@ -13,7 +14,7 @@ const DEVICE: &str = "virtio-blk";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
     pub config: BlockConfig,
-    /// In 512-byte sectors; the restored image must have the same size.
+    /// In 512-byte sectors.
     pub capacity: u64,
     pub core: DeviceCoreState,
 }
@@ -34,17 +35,6 @@ impl Block {
             device: DEVICE,
             source: Box::new(e),
         })?;
-        if block.capacity() != state.capacity {
-            return Err(RestoreError::Mismatch {
-                device: DEVICE,
-                what: format!(
-                    "disk image \"{}\" holds {} sectors, the guest knows {}",
-                    state.config.path.display(),
-                    block.capacity(),
-                    state.capacity
-                ),
-            });
-        }
         block.core.restore(&state.core)?;
         Ok(block)
     }
@@ -144,18 +134,15 @@ mod tests {
     }
 
     #[test]
-    fn restore_refuses_another_disk() {
+    fn restore_takes_another_size_but_not_other_features() {
         let image = TempImage::new(IMAGE_SIZE);
         let state = new_block(&image, false).save();
 
+        // Another size is the device manager's to announce; the device takes the new one.
         let smaller = TempImage::new(IMAGE_SIZE / 2);
         let mut moved = state.clone();
         moved.config.path = smaller.path().to_owned();
-        let error = Block::restore(&moved).err().unwrap();
-        assert!(matches!(error, RestoreError::Mismatch { .. }), "{error}");
-        assert!(error
-            .to_string()
-            .ends_with("holds 64 sectors, the guest knows 128"));
+        assert_eq!(Block::restore(&moved).unwrap().capacity(), 64);
 
         // Read-only offers other features than the saved writable disk.
         let mut read_only = state.clone();
