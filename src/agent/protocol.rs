@@ -24,12 +24,16 @@
 //!    image is absent the host sends [`Message::ImageLoad`], the root filesystem as a tar
 //!    stream in [`Message::ImageData`] frames and [`Message::ImageEnd`]; the agent answers
 //!    [`Message::ImageStatus`] (present) or [`Message::Error`].
-//! 3. The host sends one request: [`Message::Run`] or [`Message::Shutdown`].
-//! 4. For `Run`: the agent answers [`Message::Started`] (or `Error`), then streams
+//! 3. Optional, first after `Hello`: [`Message::Refresh`] (fresh entropy and the host's
+//!    wall-clock time, for a VM restored from a template that shares both with every
+//!    other clone), answered by [`Message::Refreshed`] once the guest RNG is reseeded
+//!    and its clock set.
+//! 4. The host sends one request: [`Message::Run`] or [`Message::Shutdown`].
+//! 5. For `Run`: the agent answers [`Message::Started`] (or `Error`), then streams
 //!    [`Message::Stdout`] / [`Message::Stderr`] while the host streams [`Message::Stdin`],
 //!    [`Message::StdinEof`], [`Message::Signal`] and [`Message::Resize`]; the session ends
 //!    with [`Message::Exit`] after the process has exited and its output was sent.
-//! 5. For `Shutdown` (machine): the agent stops every container, answers `Exit { status: 0 }`,
+//! 6. For `Shutdown` (machine): the agent stops every container, answers `Exit { status: 0 }`,
 //!    syncs and powers the VM off.
 
 use std::io::{self, Read, Write};
@@ -62,6 +66,9 @@ pub const FORWARDED_SIGNALS: [i32; 7] = [
 ];
 
 /// What the agent runs as, given on the kernel command line as `hearth.mode=`.
+/// The most entropy one [`Message::Refresh`] carries.
+pub const MAX_REFRESH_ENTROPY: usize = 256;
+
 pub const MODE_CONTAINER: &str = "container";
 /// See [`MODE_CONTAINER`].
 pub const MODE_MACHINE: &str = "machine";
@@ -168,6 +175,13 @@ pub enum Message {
         digest: String,
         present: bool,
     },
+    /// Reseed the guest's RNG with `entropy` (1 to [`MAX_REFRESH_ENTROPY`] bytes from the
+    /// host's RNG) and set its wall clock to `realtime_ns` (since the Unix epoch).
+    Refresh {
+        entropy: Vec<u8>,
+        realtime_ns: u64,
+    },
+    Refreshed,
     Started {
         pid: i32,
     },
@@ -193,11 +207,13 @@ mod kind {
     pub const IMAGE_DATA: u8 = 10;
     pub const IMAGE_END: u8 = 11;
     pub const IMAGE_STATUS: u8 = 12;
+    pub const REFRESH: u8 = 13;
     pub const STARTED: u8 = 32;
     pub const STDOUT: u8 = 33;
     pub const STDERR: u8 = 34;
     pub const EXIT: u8 = 35;
     pub const ERROR: u8 = 36;
+    pub const REFRESHED: u8 = 37;
 }
 
 /// Why a frame could not be read or written.
@@ -323,6 +339,15 @@ impl Message {
                     present: *present,
                 }),
             ),
+            Message::Refresh {
+                entropy,
+                realtime_ns,
+            } => {
+                let mut body = realtime_ns.to_le_bytes().to_vec();
+                body.extend_from_slice(entropy);
+                (kind::REFRESH, body)
+            }
+            Message::Refreshed => (kind::REFRESHED, Vec::new()),
             Message::Started { pid } => (kind::STARTED, pid.to_le_bytes().to_vec()),
             Message::Stdout(data) => (kind::STDOUT, data.clone()),
             Message::Stderr(data) => (kind::STDERR, data.clone()),
@@ -376,6 +401,23 @@ impl Message {
                     present: body.present,
                 }
             }
+            kind::REFRESH => {
+                let entropy = payload.get(8..).unwrap_or_default();
+                if entropy.is_empty() || entropy.len() > MAX_REFRESH_ENTROPY {
+                    return Err(ProtocolError::Malformed {
+                        kind: "refresh",
+                        reason: format!(
+                            "{} bytes, expected 8 of time and 1 to {MAX_REFRESH_ENTROPY} of entropy",
+                            payload.len()
+                        ),
+                    });
+                }
+                Message::Refresh {
+                    entropy: entropy.to_vec(),
+                    realtime_ns: u64::from_le_bytes(fixed("refresh", &payload[..8])?),
+                }
+            }
+            kind::REFRESHED => Message::Refreshed,
             kind::STARTED => Message::Started {
                 pid: i32::from_le_bytes(fixed("started", payload)?),
             },
@@ -543,6 +585,11 @@ mod tests {
                 digest: "sha256:00".into(),
                 present: true,
             },
+            Message::Refresh {
+                entropy: vec![7; 32],
+                realtime_ns: 1_796_000_000_000_000_000,
+            },
+            Message::Refreshed,
             Message::Started { pid: 42 },
             Message::Stdout(b"out".to_vec()),
             Message::Stderr(Vec::new()),
@@ -656,6 +703,26 @@ mod tests {
         payload.extend_from_slice(tail);
         let msg = Message::decode(kind::RUN, &payload).unwrap();
         write_message(&mut Vec::new(), &msg).unwrap();
+    }
+
+    #[test]
+    fn refreshes_need_time_and_bounded_entropy() {
+        for len in [0, 7, 8, 8 + MAX_REFRESH_ENTROPY + 1] {
+            assert!(
+                matches!(
+                    Message::decode(kind::REFRESH, &vec![1; len]),
+                    Err(ProtocolError::Malformed {
+                        kind: "refresh",
+                        ..
+                    })
+                ),
+                "{len} bytes"
+            );
+        }
+        let max = Message::decode(kind::REFRESH, &vec![1; 8 + MAX_REFRESH_ENTROPY]).unwrap();
+        assert!(
+            matches!(max, Message::Refresh { entropy, .. } if entropy.len() == MAX_REFRESH_ENTROPY)
+        );
     }
 
     #[test]

@@ -189,12 +189,13 @@ pub fn power_off() -> ! {
 }
 
 /// A duplicate of the host connection, for the panic hook's last word.
-static LAST_WORD: OnceLock<File> = OnceLock::new();
+static LAST_WORD: Mutex<Option<File>> = Mutex::new(None);
 
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         log::error!("{info}");
-        if let Some(stream) = LAST_WORD.get() {
+        // A panic while the lock is held must still power off: never wait for it.
+        if let Ok(Some(stream)) = LAST_WORD.try_lock().as_deref() {
             let _ = write_message(
                 &mut &*stream,
                 &Message::Error(format!("the guest agent failed: {info}")),
@@ -586,27 +587,37 @@ fn vsock_accept(listener: &OwnedFd) -> io::Result<File> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// Container VM: one session with the host, then power off.
+/// Container VM: one session with the host, then power off. A connection that ends
+/// before the host asked for anything is the mark of a restore from a template (the
+/// template's builder connected, the VM was saved, and the restore reset every vsock
+/// connection): the agent connects again and serves the new host.
 fn container_main(agent: &Arc<Agent>, fatal: Option<String>) -> ! {
-    let stream = match connect_host(AGENT_PORT) {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("{}", error_chain(&e));
+    loop {
+        let stream = match connect_host(AGENT_PORT) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("{}", error_chain(&e));
+                power_off();
+            }
+        };
+        if let (Ok(dup), Ok(mut last)) = (stream.try_clone(), LAST_WORD.lock()) {
+            *last = Some(dup);
+        }
+        if let Some(text) = fatal {
+            let _ = write_message(&mut &stream, &Message::Hello { version: VERSION });
+            let _ = write_message(&mut &stream, &Message::Error(text));
             power_off();
         }
-    };
-    if let Ok(dup) = stream.try_clone() {
-        let _ = LAST_WORD.set(dup);
+        match agent.serve(stream) {
+            Ok(Outcome::Idle) => {
+                log::info!("the host connection ended before any request; connecting again");
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => log::error!("session: {}", error_chain(&e)),
+        }
+        power_off()
     }
-    if let Some(text) = fatal {
-        let _ = write_message(&mut &stream, &Message::Hello { version: VERSION });
-        let _ = write_message(&mut &stream, &Message::Error(text));
-        power_off();
-    }
-    if let Err(e) = agent.serve(stream) {
-        log::error!("session: {}", error_chain(&e));
-    }
-    power_off()
 }
 
 /// Machine: serve sessions concurrently until one asks for a shutdown. After a fatal
@@ -642,7 +653,7 @@ fn machine_main(agent: &Arc<Agent>, fatal: Option<String>) -> ! {
             .name("session".into())
             .spawn(move || match agent.serve(stream) {
                 Ok(Outcome::PowerOff) => power_off(),
-                Ok(Outcome::Done) => {}
+                Ok(Outcome::Done | Outcome::Idle) => {}
                 Err(e) => log::info!("session: {}", error_chain(&e)),
             });
         if let Err(e) = spawned {

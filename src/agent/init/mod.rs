@@ -45,6 +45,7 @@ pub mod image;
 pub mod launch;
 pub mod net;
 pub mod reaper;
+pub mod refresh;
 pub mod resolve;
 pub mod sandbox;
 pub mod session;

@@ -22,6 +22,7 @@ use super::image::ImageStore;
 use super::launch::{self, Launch, Launcher, ParentIo};
 use super::net;
 use super::reaper::Reaper;
+use super::refresh;
 use super::sandbox::{Lower, Plan, Target};
 use super::sys;
 use crate::agent::protocol::{
@@ -45,6 +46,10 @@ pub enum AgentMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Done,
+    /// The connection ended before the host asked for anything but a [`Message::Refresh`]:
+    /// in a container VM restored from a template, the restore reset it (the template's
+    /// builder connected, then the VM was saved), and the agent connects again.
+    Idle,
     /// The host asked the machine to shut down.
     PowerOff,
 }
@@ -171,12 +176,37 @@ impl Agent {
             }
             None => return Ok(Outcome::Done),
         }
+        // Nothing asked of the agent yet: a connection that ends now is not a failure.
+        let mut idle = true;
         loop {
-            let msg = match link.recv()? {
-                Some(msg) => msg,
-                None => return Ok(Outcome::Done),
+            let msg = match link.recv() {
+                Ok(Some(msg)) => msg,
+                Ok(None) | Err(ProtocolError::Io(_)) if idle => return Ok(Outcome::Idle),
+                Ok(None) => return Ok(Outcome::Done),
+                Err(e) => return Err(e.into()),
             };
+            if !matches!(msg, Message::Refresh { .. }) {
+                idle = false;
+            }
             match msg {
+                Message::Refresh {
+                    entropy,
+                    realtime_ns,
+                } => {
+                    let refreshed = refresh::reseed(&entropy)
+                        .map_err(|e| format!("cannot reseed the guest RNG: {e}"))
+                        .and_then(|()| {
+                            refresh::set_clock(realtime_ns)
+                                .map_err(|e| format!("cannot set the guest clock: {e}"))
+                        });
+                    match refreshed {
+                        Ok(()) => link.send(&Message::Refreshed)?,
+                        Err(text) => {
+                            link.send(&Message::Error(text))?;
+                            return Ok(Outcome::Done);
+                        }
+                    }
+                }
                 Message::ImageQuery { digest } if self.config.mode == AgentMode::Machine => {
                     link.send(&match self.images.present(&digest) {
                         Ok(present) => Message::ImageStatus { digest, present },
@@ -355,6 +385,20 @@ impl Agent {
         if spec.argv.is_empty() {
             link.send(&Message::Error("nothing to run: empty argv".into()))?;
             return Ok(());
+        }
+        // A VM restored from a template learns its disks' sizes asynchronously.
+        let disks = match &spec.rootfs {
+            Rootfs::Device { path, .. } => Some(path.as_str()),
+            _ => None,
+        };
+        let disks = disks
+            .into_iter()
+            .chain(spec.volumes.iter().map(|v| v.device.as_str()));
+        for disk in disks {
+            if let Err(e) = refresh::wait_for_disk(disk) {
+                link.send(&Message::Error(format!("disk {disk}: {e}")))?;
+                return Ok(());
+            }
         }
         if let Some(config) = &spec.net {
             if let Err(e) = net::configure("eth0", config) {
