@@ -145,6 +145,9 @@ pub enum Command {
     /// Long-lived Linux VMs that host several containers.
     #[command(subcommand)]
     Machine(MachineCommand),
+    /// The booted-VM snapshots fresh container VMs and machines start from.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Benchmarks: start-up against containers and other VMMs, VM density, snapshots.
     Bench(crate::bench::BenchArgs),
     /// Drive a running VMM through its API socket (info, pause, resume, snapshot,
@@ -232,6 +235,11 @@ pub struct ContainerRunArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub boot_timeout: u64,
 
+    /// Boot the fresh microVM's kernel instead of restoring it from a template (a
+    /// snapshot of a booted agent VM, made on first use; see `hearth template`).
+    #[arg(long)]
+    pub no_template: bool,
+
     /// The image: an OCI layout directory, an OCI archive, a `docker save` tarball, or a
     /// root filesystem directory or tarball.
     #[arg(value_name = "IMAGE")]
@@ -310,6 +318,30 @@ pub struct MachineStartArgs {
     /// Give up if the agent has not answered after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub boot_timeout: u64,
+
+    /// Boot the machine's kernel instead of restoring it from a template (a snapshot
+    /// of a booted machine, made on first use; see `hearth template`).
+    #[arg(long)]
+    pub no_template: bool,
+}
+
+/// `hearth template ...`: the snapshots container VMs and machines are restored from.
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// List the templates: key, size, age.
+    List,
+    /// Delete templates by id (as `list` shows it, or a unique prefix of it).
+    Rm {
+        #[arg(value_name = "ID", required = true)]
+        ids: Vec<String>,
+    },
+    /// Delete every template, or with --stale only those no current kernel, agent or
+    /// hearth binary can use any more.
+    Prune {
+        /// Keep templates whose kernel, initramfs and hearth binary are unchanged.
+        #[arg(long)]
+        stale: bool,
+    },
 }
 
 /// `hearth run` options: the VM either from the flags or from a config file. Both become

@@ -90,6 +90,10 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             eprintln!("hearth: {}", error_chain(&err));
             125
         })),
+        Command::Template(cmd) => Ok(container::template::command(&cmd).unwrap_or_else(|err| {
+            eprintln!("hearth: {}", error_chain(&err));
+            1
+        })),
         Command::Bench(args) => Ok(bench::run(args)?),
         Command::Remote(args) => {
             api::remote::run(&args, &mut std::io::stdout().lock())?;

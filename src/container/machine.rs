@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::session::{self, Signals};
+use super::template::TemplateStore;
 use super::vm::{self, VmSpec};
 use super::ContainerError;
 use crate::agent::protocol::{Rootfs, RunSpec, MODE_MACHINE};
@@ -40,6 +41,9 @@ pub struct MachineInfo {
     pub kernel: PathBuf,
     /// Seconds since the epoch.
     pub started: u64,
+    /// The template it was restored from (`None`: booted).
+    #[serde(default)]
+    pub template: Option<String>,
 }
 
 /// A machine's state directory and files.
@@ -69,9 +73,10 @@ impl Machine {
         self.dir.join("console.log")
     }
 
-    /// The VMM's configuration file; its path on the VMM's command line identifies it.
-    fn config_file(&self) -> PathBuf {
-        self.dir.join(vm::CONFIG_FILE)
+    /// The VMM's API socket; its path on the VMM's command line identifies the VMM
+    /// (booted with `hearth run --config` or restored with `hearth restore`).
+    fn api_socket(&self) -> PathBuf {
+        self.dir.join(vm::API_SOCKET)
     }
 
     pub fn info(&self) -> Option<MachineInfo> {
@@ -82,7 +87,7 @@ impl Machine {
     /// The VMM's pid, if that process is alive and still this machine's VMM.
     pub fn running_pid(&self) -> Option<i32> {
         let info = self.info()?;
-        pid_is_vmm(info.pid, &self.config_file()).then_some(info.pid)
+        pid_is_vmm(info.pid, &self.api_socket()).then_some(info.pid)
     }
 
     fn err(&self, reason: impl Into<String>) -> ContainerError {
@@ -101,8 +106,8 @@ impl Machine {
     }
 }
 
-/// True when `pid` is a live (not zombie) `hearth run` serving `socket`.
-fn pid_is_vmm(pid: i32, config_file: &Path) -> bool {
+/// True when `pid` is a live (not zombie) VMM serving the API socket `api_socket`.
+fn pid_is_vmm(pid: i32, api_socket: &Path) -> bool {
     if pid <= 0 {
         return false;
     }
@@ -116,10 +121,10 @@ fn pid_is_vmm(pid: i32, config_file: &Path) -> bool {
         return false;
     }
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let expected = config_file.as_os_str().as_bytes();
+    let expected = api_socket.as_os_str().as_bytes();
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
     args.windows(2)
-        .any(|pair| pair[0] == b"--config" && pair[1] == expected)
+        .any(|pair| pair[0] == b"--api-sock" && pair[1] == expected)
 }
 
 /// Dispatches `hearth machine ...`.
@@ -198,7 +203,24 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
         state_dir: machine.dir.clone(),
         detached: true,
     };
-    let mut child = vm::spawn(&spec)?;
+    let template = if args.no_template {
+        None
+    } else {
+        let template_spec = VmSpec {
+            // A machine's agent needs no per-machine data until its first session.
+            detached: true,
+            ..spec.clone()
+        };
+        Some(TemplateStore::default_location().obtain(
+            &template_spec,
+            args.boot_timeout,
+            &|| false,
+        )?)
+    };
+    let mut child = match &template {
+        Some(template) => vm::spawn_restore(&spec, template)?,
+        None => vm::spawn(&spec)?,
+    };
     let info = MachineInfo {
         name: machine.name.clone(),
         pid: child.id() as i32,
@@ -206,6 +228,7 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
         memory_mib: spec.memory_mib,
         kernel,
         started: now_secs(),
+        template: template.as_ref().map(|t| t.id.clone()),
     };
     let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
     fs::write(machine.info_path(), json).map_err(ContainerError::io("writing machine.json"))?;
@@ -218,10 +241,16 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
                 vm::log_tail(&machine.console_log(), 3)
             )));
         }
-        if machine.socket().exists()
-            && session::connect_agent(&machine.socket(), Duration::from_secs(3)).is_ok()
-        {
-            break;
+        if machine.socket().exists() {
+            if let Ok(mut stream) =
+                session::connect_agent(&machine.socket(), Duration::from_secs(3))
+            {
+                // A clone of a template shares its RNG state and clock with the others.
+                if template.is_some() {
+                    session::refresh(&mut stream)?;
+                }
+                break;
+            }
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
@@ -256,7 +285,7 @@ pub fn stop(name: &str) -> Result<(), ContainerError> {
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     let deadline = Instant::now() + STOP_TIMEOUT;
-    while pid_is_vmm(pid, &machine.config_file()) {
+    while pid_is_vmm(pid, &machine.api_socket()) {
         if Instant::now() >= deadline {
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -370,14 +399,14 @@ mod tests {
 
     #[test]
     fn only_a_live_vmm_counts_as_running() {
-        let config = Path::new("/x/machines/dev/vm.json");
+        let config = Path::new("/x/machines/dev/api.sock");
         assert!(!pid_is_vmm(0, config));
         assert!(!pid_is_vmm(-1, config));
-        // Our own process is alive but not a VMM reading that file.
+        // Our own process is alive but not a VMM serving that socket.
         assert!(!pid_is_vmm(std::process::id() as i32, config));
-        // A process started with `--config FILE` is, while it lives.
+        // A process started with `--api-sock PATH` is, while it lives.
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30; true", "--config"])
+            .args(["-c", "sleep 30; true", "--api-sock"])
             .arg(config)
             .spawn()
             .unwrap();
@@ -390,7 +419,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(pid_is_vmm(pid, config));
-        assert!(!pid_is_vmm(pid, Path::new("/x/machines/other/vm.json")));
+        assert!(!pid_is_vmm(pid, Path::new("/x/machines/other/api.sock")));
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!pid_is_vmm(pid, config));

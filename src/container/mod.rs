@@ -18,6 +18,7 @@ pub mod initramfs;
 pub mod machine;
 pub mod run;
 pub mod session;
+pub mod template;
 pub mod vm;
 
 use std::path::{Path, PathBuf};

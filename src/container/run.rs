@@ -1,8 +1,10 @@
 //! `hearth container run`: one container, in a fresh microVM or in a running machine.
 //!
 //! Fresh microVM, in order: prepare the image (cached ext4), build or reuse the agent
-//! initramfs, listen on the vsock socket's port-1024 path, start the VMM, wait for the
-//! agent to connect, run the process, wait for the VM to power off, clean up.
+//! initramfs, listen on the vsock socket's port-1024 path, start the VMM (restored from
+//! the template for VMs of this shape, made on first use, or with `--no-template`
+//! booted), wait for the agent to connect (a restored agent first gets fresh entropy
+//! and the time), run the process, wait for the VM to power off, clean up.
 
 use std::fs;
 use std::os::unix::net::UnixListener;
@@ -11,6 +13,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use super::session::{self, Signals};
+use super::template::TemplateStore;
 use super::vm::{self, VmSpec};
 use super::{ContainerError, ProcessSpec};
 use crate::agent::protocol::{
@@ -342,11 +345,27 @@ fn fresh_vm(
         state_dir: dir.path.clone(),
         detached: false,
     };
-    let mut child = vm::spawn(&vm_spec)?;
+    let template = (!args.no_template).then(|| {
+        TemplateStore::default_location()
+            .obtain(&vm_spec, args.boot_timeout, &|| signals.pending() != 0)
+    });
+    let template = match template.transpose() {
+        Err(ContainerError::Vm(reason)) if reason.starts_with("interrupted") => {
+            return Ok(128 + signals.pending())
+        }
+        other => other?,
+    };
+    let mut child = match &template {
+        Some(template) => vm::spawn_restore(&vm_spec, template)?,
+        None => vm::spawn(&vm_spec)?,
+    };
     let outcome = (|| {
         let stream = wait_for_agent(&listener, &mut child, &vm_spec, args.boot_timeout, signals)?;
         let mut stream = stream;
         session::hello(&mut stream)?;
+        if template.is_some() {
+            session::refresh(&mut stream)?;
+        }
         Ok(session::run_process(stream, spec, signals)?)
     })();
     let poweroff_timeout = match &outcome {

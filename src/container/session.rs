@@ -38,6 +38,8 @@ pub enum SessionError {
     Refused(String),
     #[error("reading the image to send: {0}")]
     Image(io::Error),
+    #[error("cannot read entropy for the guest: {0}")]
+    Entropy(io::Error),
 }
 
 type SharedStream = Arc<Mutex<UnixStream>>;
@@ -359,6 +361,47 @@ fn relay_output(reader: &mut UnixStream) -> Result<i32, SessionError> {
             None => return Err(SessionError::Closed),
         }
     }
+}
+
+/// Gives the agent of a VM restored from a template fresh entropy and the wall-clock time
+/// (every clone of the template wakes with the same RNG state and the template's clock),
+/// and waits until the guest has taken both.
+pub fn refresh(stream: &mut UnixStream) -> Result<(), SessionError> {
+    let mut entropy = vec![0u8; 64];
+    getrandom(&mut entropy).map_err(SessionError::Entropy)?;
+    let realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    match request(
+        stream,
+        &Message::Refresh {
+            entropy,
+            realtime_ns,
+        },
+    )? {
+        Message::Refreshed => Ok(()),
+        _ => Err(SessionError::Unexpected("reply to refresh")),
+    }
+}
+
+/// Fills `buf` from the host's RNG.
+fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe the unfilled part of `buf`.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }
 
 /// Asks a machine's agent to stop its containers and power off.

@@ -10,12 +10,14 @@
 //! an unblocked signal mask, and for container VMs `PR_SET_PDEATHSIG`, so the VM dies
 //! with its front end.
 
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use super::template::Template;
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::NetConfig;
@@ -29,6 +31,9 @@ pub const GUEST_CID: u32 = 3;
 
 /// The VMM's configuration file, in the VM's state directory.
 pub const CONFIG_FILE: &str = "vm.json";
+
+/// The VMM's API socket, in the VM's state directory.
+pub const API_SOCKET: &str = "api.sock";
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -89,10 +94,15 @@ impl VmSpec {
     pub fn config_path(&self) -> PathBuf {
         self.state_dir.join(CONFIG_FILE)
     }
+
+    /// The VMM's API socket (Firecracker's API: `hearth remote`, pause, snapshot, ...).
+    pub fn api_socket(&self) -> PathBuf {
+        self.state_dir.join(API_SOCKET)
+    }
 }
 
-/// Writes the VM's configuration file and starts `hearth run --config` on it. The VMM's
-/// stderr is appended to the console log.
+/// Writes the VM's configuration file and starts `hearth run --config` on it, serving
+/// the API on [`VmSpec::api_socket`]. The VMM's stderr is appended to the console log.
 pub fn spawn(spec: &VmSpec) -> Result<Child, SpawnError> {
     let config = spec.vm_config().map_err(SpawnError::Config)?;
     let json = config.to_json().map_err(SpawnError::Config)?;
@@ -101,11 +111,42 @@ pub fn spawn(spec: &VmSpec) -> Result<Child, SpawnError> {
         path: config_path.clone(),
         source,
     })?;
+    let mut args: Vec<OsString> = vec!["run".into(), "--config".into(), config_path.into()];
+    args.extend(["--api-sock".into(), spec.api_socket().into()]);
+    launch(spec, args)
+}
+
+/// Starts `hearth restore` of `template` as the VM `spec` describes: its disks, taps,
+/// vsock socket, console and API socket replace the template's (which must have the
+/// same device slots: see `template::TemplateKey`).
+pub fn spawn_restore(spec: &VmSpec, template: &Template) -> Result<Child, SpawnError> {
+    spec.vm_config().map_err(SpawnError::Config)?;
+    let mut args: Vec<OsString> = vec!["restore".into()];
+    let mut flag = |name: &str, value: OsString| {
+        args.push(name.into());
+        args.push(value);
+    };
+    flag("--state", template.state.clone().into());
+    flag("--mem", template.mem.clone().into());
+    flag("--api-sock", spec.api_socket().into());
+    flag("--vsock-override", spec.vsock_socket.clone().into());
+    flag("--serial-out", spec.console_log.clone().into());
+    // The ids `hearth run --config` gives unnamed disks and NICs (see api::resources).
+    for (index, disk) in spec.disks.iter().enumerate() {
+        let mut value = OsString::from(format!("disk{index}="));
+        value.push(&disk.path);
+        flag("--disk-override", value);
+    }
+    for (index, nic) in spec.nets.iter().enumerate() {
+        flag("--net-override", format!("net{index}={}", nic.tap).into());
+    }
+    launch(spec, args)
+}
+
+fn launch(spec: &VmSpec, args: Vec<OsString>) -> Result<Child, SpawnError> {
     let log = append(&spec.console_log).map_err(SpawnError::Start)?;
     let mut cmd = Command::new(std::env::current_exe().map_err(SpawnError::Start)?);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&config_path)
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
