@@ -30,6 +30,7 @@ use crate::devices::legacy::serial::{
 };
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::exit::ExitSignal;
 use crate::snapshot::{Snapshot, SnapshotError, StateFile};
@@ -179,6 +180,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let disks = attach_disks(&mut virtio, config)?;
     attach_nets(&mut virtio, config)?;
     attach_vsock(&mut virtio, config)?;
+    attach_rng(&mut virtio, config)?;
 
     let cmdline_size = load_kernel_cmdline(&mem, config, &kernel, &mmio_devices)?;
     arch::mptable::setup_mptable(&mem, config.vcpu_count).map_err(BuildError::Mptable)?;
@@ -670,6 +672,18 @@ fn attach_vsock(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), Buil
             source: Box::new(e),
         })?;
         virtio.attach("vsock0", device)?;
+    }
+    Ok(())
+}
+
+/// The virtio-rng entropy device, when `--rng` is given.
+fn attach_rng(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildError> {
+    if let Some(rng) = &config.rng {
+        let device = Rng::new(rng).map_err(|e| BuildError::Device {
+            name: "virtio-rng",
+            source: Box::new(e),
+        })?;
+        virtio.attach("rng0", device)?;
     }
     Ok(())
 }

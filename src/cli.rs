@@ -9,6 +9,7 @@ use crate::config::{
     parse_memory_size, split_cmdline, ConfigError, CpuProfileChoice, SpecError, VmConfig,
     DEFAULT_CMDLINE,
 };
+use crate::devices::virtio::rng::RngConfig;
 
 /// hearth: a lightweight KVM microVM monitor.
 #[derive(Debug, Parser)]
@@ -355,7 +356,7 @@ pub struct RunArgs {
         value_name = "FILE",
         conflicts_with_all = [
             "kernel", "initrd", "cmdline", "cpus", "memory", "serial", "disks", "nets",
-            "vsock", "boot_timer", "cpu_profile",
+            "vsock", "rng", "boot_timer", "cpu_profile",
         ]
     )]
     pub config: Option<PathBuf>,
@@ -399,6 +400,11 @@ pub struct RunArgs {
     /// to the Unix socket PATH_P.
     #[arg(long, value_name = "SPEC")]
     pub vsock: Option<String>,
+
+    /// A virtio-rng entropy device, filled from the host's getrandom, so the guest never
+    /// waits for entropy.
+    #[arg(long)]
+    pub rng: bool,
 
     /// Print the time from process start to the guest's boot-complete signal on stderr.
     #[arg(long)]
@@ -473,6 +479,7 @@ impl RunArgs {
             vsock: (self.vsock.as_deref())
                 .map(|spec| parse("--vsock", spec))
                 .transpose()?,
+            rng: self.rng.then(RngConfig::default),
             boot_timer: self.boot_timer,
             cpu_profile: self.cpu_profile,
         })
@@ -559,6 +566,7 @@ mod tests {
             "tap=tap0",
             "--vsock",
             "cid=3,socket=/run/v.sock",
+            "--rng",
             "--cpu-profile",
             "host",
         ])
@@ -577,6 +585,7 @@ mod tests {
         }];
         expected.nets = vec!["tap=tap0".parse().unwrap()];
         expected.vsock = Some("cid=3,socket=/run/v.sock".parse().unwrap());
+        expected.rng = Some(RngConfig::default());
         expected.cpu_profile = CpuProfileChoice::Host;
         assert_eq!(config, expected);
     }
@@ -638,6 +647,7 @@ mod tests {
             &["--memory", "1G"],
             &["--disk", "path=d"],
             &["--boot-timer"],
+            &["--rng"],
             &["--cpu-profile", "host"],
         ] {
             let argv: Vec<&str> = ["--config", "vm.json"]

@@ -19,6 +19,7 @@ use crate::arch::layout;
 use crate::arch::pvm;
 use crate::devices::virtio::block::{self, BlockConfig};
 use crate::devices::virtio::net::{self, NetConfig};
+use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::{self, VsockConfig};
 
 pub use restore::{DiskOverride, NetOverride, RestoreConfig};
@@ -192,6 +193,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-rng entropy device (JSON `"rng": {}`), served from the host's getrandom.
+    #[serde(default)]
+    pub rng: Option<RngConfig>,
     /// Print the time to the guest's boot-complete signal on stderr.
     #[serde(default)]
     pub boot_timer: bool,
@@ -247,6 +251,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            rng: None,
             boot_timer: false,
             cpu_profile: CpuProfileChoice::default(),
         }

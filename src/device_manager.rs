@@ -21,6 +21,7 @@ use crate::devices::virtio::block::{Block, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, NetState};
 use crate::devices::virtio::persist::{MmioTransportState, RestoreError};
+use crate::devices::virtio::rng::{Rng, RngState};
 use crate::devices::virtio::vsock::{Vsock, VsockState};
 use crate::devices::virtio::{Interrupt, Pausable, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
@@ -74,6 +75,7 @@ pub enum VirtioDeviceState {
     Block(BlockState),
     Net(NetState),
     Vsock(VsockState),
+    Rng(RngState),
 }
 
 /// One attached device, saved: where it was, its transport's registers, its own state.
@@ -100,6 +102,7 @@ pub enum VirtioHandle {
     Block(Arc<Mutex<Block>>),
     Net(Arc<Mutex<Net>>),
     Vsock(Arc<Mutex<Vsock>>),
+    Rng(Arc<Mutex<Rng>>),
 }
 
 impl VirtioHandle {
@@ -108,6 +111,7 @@ impl VirtioHandle {
             Self::Block(device) => VirtioDeviceState::Block(lock(device).save()),
             Self::Net(device) => VirtioDeviceState::Net(lock(device).save()),
             Self::Vsock(device) => VirtioDeviceState::Vsock(lock(device).save()),
+            Self::Rng(device) => VirtioDeviceState::Rng(lock(device).save()),
         }
     }
 
@@ -117,6 +121,7 @@ impl VirtioHandle {
             VirtioDeviceState::Block(state) => Block::restore(state)?.into(),
             VirtioDeviceState::Net(state) => Net::restore(state)?.into(),
             VirtioDeviceState::Vsock(state) => Vsock::restore(state)?.into(),
+            VirtioDeviceState::Rng(state) => Rng::restore(state)?.into(),
         })
     }
 
@@ -125,6 +130,7 @@ impl VirtioHandle {
             Self::Block(device) => device.clone(),
             Self::Net(device) => device.clone(),
             Self::Vsock(device) => device.clone(),
+            Self::Rng(device) => device.clone(),
         }
     }
 
@@ -133,6 +139,7 @@ impl VirtioHandle {
             Self::Block(device) => Box::new(device.clone()),
             Self::Net(device) => Box::new(device.clone()),
             Self::Vsock(device) => Box::new(device.clone()),
+            Self::Rng(device) => Box::new(device.clone()),
         }
     }
 
@@ -142,6 +149,7 @@ impl VirtioHandle {
             Self::Block(device) => &**device,
             Self::Net(device) => &**device,
             Self::Vsock(device) => &**device,
+            Self::Rng(device) => &**device,
         }
     }
 }
@@ -161,6 +169,12 @@ impl From<Net> for VirtioHandle {
 impl From<Vsock> for VirtioHandle {
     fn from(device: Vsock) -> Self {
         Self::Vsock(Arc::new(Mutex::new(device)))
+    }
+}
+
+impl From<Rng> for VirtioHandle {
+    fn from(device: Rng) -> Self {
+        Self::Rng(Arc::new(Mutex::new(device)))
     }
 }
 
@@ -548,8 +562,8 @@ mod tests {
         write(0x70, 0xf);
     }
 
-    /// Saved devices come back in their windows, in order, with the same state; the one
-    /// the driver was running is active again.
+    /// Saved devices come back in their windows, in order, with the same state; those
+    /// the driver was running are active again.
     #[test]
     fn saved_devices_come_back_in_their_slots() {
         let kvm = match crate::vstate::kvm::KvmContext::open() {
@@ -578,13 +592,20 @@ mod tests {
                     .attach_virtio(&name, block.into(), &vm, &mem, &mut bus, &mut event_loop)
                     .unwrap();
             }
+            let rng = Rng::new(&Default::default()).unwrap();
+            manager
+                .attach_virtio("rng0", rng.into(), &vm, &mem, &mut bus, &mut event_loop)
+                .unwrap();
             bring_up(&manager.devices()[1].transport, 0x10000);
+            bring_up(&manager.devices()[2].transport, 0x20000);
             manager.pause_all(&mut event_loop).unwrap();
             manager.save()
         };
         assert!(!saved[0].transport.device_active());
         assert!(saved[1].transport.device_active());
         assert_eq!(saved[1].base, slot(1).base);
+        assert!(matches!(saved[2].device, VirtioDeviceState::Rng(_)));
+        assert!(saved[2].transport.device_active());
 
         let vm = Vm::new(&kvm).unwrap();
         let mut event_loop = EventLoop::new().unwrap();
@@ -608,5 +629,9 @@ mod tests {
             panic!("not a block device");
         };
         assert!(lock(second).is_activated());
+        let VirtioHandle::Rng(rng) = &manager.devices()[2].device else {
+            panic!("not an entropy device");
+        };
+        assert!(lock(rng).is_activated());
     }
 }

@@ -159,6 +159,7 @@ fn curl_configures_starts_and_stops_a_guest() {
             "/vsock",
             json!({"guest_cid": 3, "uds_path": vmm.dir.join("v.sock")}),
         ),
+        ("PUT", "/entropy", json!({})),
     ] {
         let (status, answer) = vmm.curl(method, path, Some(body));
         assert_eq!(status, 204, "{method} {path}: {answer}");
@@ -187,6 +188,7 @@ fn curl_configures_starts_and_stops_a_guest() {
         json!(payload("keyboard", Format::Elf64))
     );
     assert_eq!(config["vsock"]["guest_cid"], 3);
+    assert_eq!(config["entropy"], json!({}));
 
     // A running disk gets a new image; the VM's configuration follows.
     let (status, answer) = vmm.curl(
@@ -554,6 +556,13 @@ fn bad_requests_get_a_fault_and_the_vmm_keeps_serving() {
             "/balloon",
             Some(r#"{"amount_mib": 1}"#),
             "does not implement the balloon device",
+        ),
+        bad(
+            "entropy rate limiter",
+            "PUT",
+            "/entropy",
+            Some(r#"{"rate_limiter": {"bandwidth": {"size": 1024, "refill_time": 100}}}"#),
+            "does not support a rate limiter on the entropy device",
         ),
         bad_raw(
             "oversized body",

@@ -336,7 +336,8 @@ fn syscall_from_user_mode_needs_compat_on_pvm() {
     );
 }
 
-/// `hearth run --config FILE` boots what the flags would: hearth's JSON config file.
+/// `hearth run --config FILE` boots what the flags would: hearth's JSON config file (with
+/// an entropy device, which the payload leaves alone).
 #[test]
 fn config_file_boots_like_the_flags() {
     if !kvm_available() {
@@ -350,6 +351,7 @@ fn config_file_boots_like_the_flags() {
         "mem_size": "32M",
         "serial": "stdio",
         "cpu_profile": "auto",
+        "rng": {},
     });
     fs::write(&config, json.to_string()).expect("write config file");
     let out = run_hearth(
@@ -673,8 +675,9 @@ fn wait_for_counts_after(printed: &str, log: &Path, past: u32) -> Vec<u32> {
     }
 }
 
-/// A two-vCPU VM snapshotted while paused writes a sparse memory file and a small state
-/// file; two VMs restored from the one snapshot (one running at once, one paused until
+/// A two-vCPU VM with an entropy device, snapshotted while paused, writes a sparse memory
+/// file and a small state file that holds the device; two VMs restored from the one
+/// snapshot (one running at once, one paused until
 /// its controller resumes it) both count on from where the original stopped.
 #[test]
 fn a_snapshot_restores_into_vms_that_count_on() {
@@ -682,7 +685,21 @@ fn a_snapshot_restores_into_vms_that_count_on() {
         return;
     }
     let dir = TempDir::new("snapshot");
-    let snapshot = snapshot_counter(dir.path(), &["--cpus", "2"]);
+    let snapshot = snapshot_counter(dir.path(), &["--cpus", "2", "--rng"]);
+    {
+        use hearth::device_manager::VirtioDeviceState;
+        let kvm = hearth::vstate::kvm::KvmContext::open().unwrap();
+        let (saved, _) = hearth::snapshot::load::<hearth::vmm::persist::VmmState>(
+            &kvm,
+            &snapshot.state,
+            &snapshot.mem,
+        )
+        .expect("the snapshot loads");
+        let devices = &saved.payload.devices.virtio;
+        assert_eq!(devices.len(), 1, "one virtio device");
+        assert_eq!(devices[0].name, "rng0");
+        assert!(matches!(devices[0].device, VirtioDeviceState::Rng(_)));
+    }
     let last = *common::counter_counts(&snapshot.printed)
         .last()
         .expect("counted");

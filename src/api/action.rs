@@ -5,9 +5,9 @@
 use std::fmt;
 
 use super::models::{
-    BootSource, Drive, FullVmConfig, InstanceInfo, Logger, MachineConfig, MachineConfigUpdate,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, Serial, SnapshotCreateParams,
-    SnapshotLoadParams, Vsock,
+    BootSource, Drive, Entropy, FullVmConfig, InstanceInfo, Logger, MachineConfig,
+    MachineConfigUpdate, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
+    SnapshotCreateParams, SnapshotLoadParams, Vsock,
 };
 
 /// One request to the VMM.
@@ -37,6 +37,8 @@ pub enum VmmAction {
     PatchNetworkInterface(PartialNetworkInterface),
     /// `PUT /vsock`
     PutVsock(Vsock),
+    /// `PUT /entropy`
+    PutEntropy(Entropy),
     /// `PUT /serial`
     PutSerial(Serial),
     /// `PUT /logger`
@@ -76,6 +78,7 @@ impl VmmAction {
             Self::PutNetworkInterface(_) => "PUT /network-interfaces",
             Self::PatchNetworkInterface(_) => "PATCH /network-interfaces",
             Self::PutVsock(_) => "PUT /vsock",
+            Self::PutEntropy(_) => "PUT /entropy",
             Self::PutSerial(_) => "PUT /serial",
             Self::PutLogger(_) => "PUT /logger",
             Self::InstanceStart => "InstanceStart",

@@ -100,6 +100,7 @@ impl PrebootController {
             VmmAction::PutDrive(drive) => empty(res.put_drive(drive)),
             VmmAction::PutNetworkInterface(iface) => empty(res.put_net(iface)),
             VmmAction::PutVsock(vsock) => empty(res.set_vsock(vsock)),
+            VmmAction::PutEntropy(entropy) => empty(res.set_entropy(entropy)),
             VmmAction::PutSerial(serial) => empty(res.set_serial(serial)),
             VmmAction::PutLogger(logger) => empty(apply_logger(&logger)),
             VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
@@ -108,7 +109,8 @@ impl PrebootController {
                 if res.boot_source.is_some()
                     || !res.drives.is_empty()
                     || !res.nets.is_empty()
-                    || res.vsock.is_some() =>
+                    || res.vsock.is_some()
+                    || res.entropy.is_some() =>
             {
                 Err(ApiError::invalid(
                     "loading a snapshot is not allowed after configuring boot-specific resources",
@@ -269,6 +271,7 @@ impl RuntimeController {
             | VmmAction::PutDrive(_)
             | VmmAction::PutNetworkInterface(_)
             | VmmAction::PutVsock(_)
+            | VmmAction::PutEntropy(_)
             | VmmAction::PutSerial(_)
             | VmmAction::PutLogger(_)
             | VmmAction::LoadSnapshot(_)) => Err(ApiError::AfterStart(action.describe())),
@@ -406,18 +409,29 @@ mod tests {
             Preboot::Load(params) if params == load
         ));
         // Once something is configured, a snapshot (which brings its own VM) is refused.
-        controller.resources.vsock = Some(super::super::models::Vsock {
-            guest_cid: 3,
-            uds_path: "/v.sock".into(),
-            vsock_id: None,
-        });
-        let Preboot::Answer(Err(err)) = controller.handle(VmmAction::LoadSnapshot(load)) else {
+        let entropy = VmmAction::PutEntropy(Default::default());
+        assert!(matches!(
+            controller.handle(entropy),
+            Preboot::Answer(Ok(VmmData::Empty))
+        ));
+        let Preboot::Answer(Err(err)) = controller.handle(VmmAction::LoadSnapshot(load.clone()))
+        else {
             panic!("snapshot load accepted after configuring");
         };
         assert_eq!(
             err.to_string(),
             "loading a snapshot is not allowed after configuring boot-specific resources"
         );
+        controller.resources.entropy = None;
+        controller.resources.vsock = Some(super::super::models::Vsock {
+            guest_cid: 3,
+            uds_path: "/v.sock".into(),
+            vsock_id: None,
+        });
+        assert!(matches!(
+            controller.handle(VmmAction::LoadSnapshot(load)),
+            Preboot::Answer(Err(_))
+        ));
     }
 
     #[test]
@@ -494,6 +508,7 @@ mod tests {
         for action in [
             VmmAction::InstanceStart,
             VmmAction::PutMachineConfig(Default::default()),
+            VmmAction::PutEntropy(Default::default()),
             VmmAction::LoadSnapshot(
                 serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap(),
             ),

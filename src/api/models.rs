@@ -230,6 +230,15 @@ pub struct Vsock {
     pub vsock_id: Option<String>,
 }
 
+/// `PUT /entropy`, and the configuration document's `entropy` section: the virtio-rng
+/// device. hearth takes no rate limiter (one without buckets limits nothing).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entropy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
 /// `PUT /serial`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -425,7 +434,7 @@ pub struct FullVmConfig {
     #[serde(default)]
     pub vsock: Option<Vsock>,
     #[serde(default)]
-    pub entropy: Option<serde_json::Value>,
+    pub entropy: Option<Entropy>,
     /// Not in Firecracker's document; hearth adds its serial console here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<Serial>,

@@ -6,16 +6,15 @@ use serde::de::DeserializeOwned;
 
 use super::action::{ApiError, VmmAction};
 use super::models::{
-    ActionType, BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate,
-    NetworkInterface, PartialDrive, PartialNetworkInterface, Serial, SnapshotCreateParams,
-    SnapshotLoadParams, Vm, VmState, Vsock,
+    ActionType, BootSource, Drive, Entropy, InstanceActionInfo, Logger, MachineConfig,
+    MachineConfigUpdate, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
+    SnapshotCreateParams, SnapshotLoadParams, Vm, VmState, Vsock,
 };
 
 /// Firecracker endpoints hearth has no device or feature for, and what they are.
 const NOT_IMPLEMENTED: &[(&str, &str)] = &[
     ("balloon", "the balloon device (/balloon)"),
     ("cpu-config", "custom CPU templates (/cpu-config)"),
-    ("entropy", "the entropy device (/entropy)"),
     ("hotplug", "memory hot-plugging (/hotplug)"),
     ("metrics", "metrics (/metrics)"),
     ("mmds", "the microVM metadata service (/mmds)"),
@@ -83,7 +82,7 @@ pub fn parse_request(method: &str, path: &str, body: Option<&[u8]>) -> Result<Vm
                 (method, resource, id),
                 (
                     "PUT",
-                    "actions" | "boot-source" | "logger" | "serial" | "vsock",
+                    "actions" | "boot-source" | "entropy" | "logger" | "serial" | "vsock",
                     None
                 ) | ("PUT", "snapshot", Some("create" | "load"))
                     | ("PUT" | "PATCH", "machine-config", None)
@@ -117,6 +116,7 @@ fn parse_with_body(
         ("logger", _) => VmmAction::PutLogger(json::<Logger>(body)?),
         ("serial", _) => VmmAction::PutSerial(json::<Serial>(body)?),
         ("vsock", _) => VmmAction::PutVsock(json::<Vsock>(body)?),
+        ("entropy", _) => VmmAction::PutEntropy(json::<Entropy>(body)?),
         ("snapshot", Some("create")) => {
             VmmAction::CreateSnapshot(json::<SnapshotCreateParams>(body)?)
         }
@@ -271,6 +271,15 @@ mod tests {
                 "/vsock",
                 r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#,
                 |a| matches!(a, VmmAction::PutVsock(v) if v.guest_cid == 3),
+            ),
+            ("PUT", "/entropy", "{}", |a| {
+                *a == VmmAction::PutEntropy(Entropy::default())
+            }),
+            (
+                "PUT",
+                "/entropy",
+                r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+                |a| matches!(a, VmmAction::PutEntropy(e) if e.rate_limiter.is_some()),
             ),
             (
                 "PUT",
@@ -432,6 +441,11 @@ mod tests {
                 "mem_backend",
             ),
             ("PUT", "/snapshot/other", "{}", "invalid request method"),
+            ("PUT", "/entropy", "", "a PUT request needs a JSON body"),
+            ("GET", "/entropy", "", "invalid request method"),
+            ("PATCH", "/entropy", "{}", "invalid request method"),
+            ("PUT", "/entropy/x", "{}", "invalid request method"),
+            ("PUT", "/entropy", r#"{"rate": 1}"#, "unknown field `rate`"),
             (
                 "PUT",
                 "/balloon",

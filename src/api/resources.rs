@@ -1,5 +1,6 @@
 //! The microVM's configuration as the API builds it up: Firecracker's documents
-//! (boot source, machine configuration, drives, network interfaces, vsock, serial),
+//! (boot source, machine configuration, drives, network interfaces, vsock, entropy,
+//! serial),
 //! checked as each arrives, and turned into hearth's [`VmConfig`] at `InstanceStart` by
 //! [`VmResources::to_vm_config`], the one place where the two shapes meet (with
 //! [`VmResources::from_vm_config`] for the other direction, for `hearth run --api-sock`).
@@ -8,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use super::action::ApiError;
 use super::models::{
-    BootSource, Drive, FullVmConfig, HugePages, IoEngine, MachineConfig, MachineConfigUpdate,
-    NetworkInterface, RateLimiter, Serial, Vsock,
+    BootSource, Drive, Entropy, FullVmConfig, HugePages, IoEngine, MachineConfig,
+    MachineConfigUpdate, NetworkInterface, RateLimiter, Serial, Vsock,
 };
 use crate::config::{
     check_readable_file, parse_memory_size, split_cmdline, CpuProfileChoice, SerialConfig,
@@ -17,6 +18,7 @@ use crate::config::{
 };
 use crate::devices::virtio::block::{BlockConfig, ID_BYTES};
 use crate::devices::virtio::net::{parse_mac, NetConfig};
+use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
 
 /// Everything configured so far.
@@ -28,6 +30,7 @@ pub struct VmResources {
     pub drives: Vec<Drive>,
     pub nets: Vec<NetworkInterface>,
     pub vsock: Option<Vsock>,
+    pub entropy: Option<Entropy>,
     pub serial: Option<Serial>,
     /// `--boot-timer`.
     pub boot_timer: bool,
@@ -166,6 +169,14 @@ impl VmResources {
         Ok(())
     }
 
+    pub fn set_entropy(&mut self, entropy: Entropy) -> Result<(), ApiError> {
+        if RateLimiter::limits_anything(&entropy.rate_limiter) {
+            return Err(unsupported("a rate limiter on the entropy device"));
+        }
+        self.entropy = Some(entropy);
+        Ok(())
+    }
+
     pub fn set_serial(&mut self, serial: Serial) -> Result<(), ApiError> {
         if serial.rate_limiter.is_some() {
             return Err(unsupported("a rate limiter on the serial console"));
@@ -238,6 +249,7 @@ impl VmResources {
                 guest_cid: u64::from(v.guest_cid),
                 uds_path: v.uds_path.clone(),
             }),
+            rng: self.entropy.as_ref().map(|_| RngConfig::default()),
             boot_timer: self.boot_timer,
             cpu_profile: CpuProfileChoice::Auto,
         };
@@ -309,6 +321,7 @@ impl VmResources {
                 uds_path: v.uds_path.clone(),
                 vsock_id: None,
             }),
+            entropy: config.rng.as_ref().map(|_| Entropy::default()),
             serial: match &config.serial {
                 SerialConfig::File(path) => Some(Serial {
                     serial_out_path: Some(path.clone()),
@@ -330,6 +343,7 @@ impl VmResources {
             drives: doc.drives,
             nets: doc.network_interfaces,
             vsock: doc.vsock,
+            entropy: doc.entropy,
             serial: doc.serial,
             boot_timer: false,
         }
@@ -343,6 +357,7 @@ impl VmResources {
             machine_config: Some(self.machine.clone()),
             network_interfaces: self.nets.clone(),
             vsock: self.vsock.clone(),
+            entropy: self.entropy.clone(),
             serial: self.serial.clone(),
             ..FullVmConfig::default()
         }
@@ -437,6 +452,11 @@ mod tests {
             vsock_id: None,
         })
         .unwrap();
+        // Clients send an empty rate limiter: it limits nothing.
+        res.set_entropy(Entropy {
+            rate_limiter: Some(RateLimiter::default()),
+        })
+        .unwrap();
         let config = res.to_vm_config().unwrap();
         assert_eq!(config.boot_args, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(config.init_args.as_deref(), Some("/init arg"));
@@ -444,6 +464,7 @@ mod tests {
         assert!(!config.disks[0].read_only && config.disks[1].read_only);
         assert_eq!(config.nets[0].mac, Some([6, 0, 0xac, 0x10, 0, 2]));
         assert_eq!(config.vsock.as_ref().unwrap().guest_cid, 3);
+        assert_eq!(config.rng, Some(RngConfig::default()));
         assert_eq!((config.vcpu_count, config.mem_size), (1, 128 << 20));
         assert_eq!(config.serial, SerialConfig::Stdio);
         assert_eq!(res.drive_index("rootfs"), Some(0));
@@ -452,6 +473,10 @@ mod tests {
         let back = VmResources::from_vm_config(&config);
         assert_eq!(back.drives[0].drive_id, "rootfs");
         assert_eq!(back.nets[0].guest_mac.as_deref(), Some("06:00:ac:10:00:02"));
+        assert_eq!(back.entropy, Some(Entropy::default()));
+        assert_eq!(back.to_full_config().entropy, Some(Entropy::default()));
+        let without = VmResources::from_vm_config(&VmConfig::new("/k"));
+        assert_eq!(without.to_full_config().entropy, None);
         assert_eq!(
             back.boot_source.unwrap().boot_args.as_deref(),
             Some("console=ttyS0 root=/dev/vda rw -- /init arg")
@@ -563,6 +588,17 @@ mod tests {
                 vsock_id: None
             })
             .is_err());
+        let limited: Entropy = serde_json::from_value(serde_json::json!({
+            "rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}
+        }))
+        .unwrap();
+        let err = res.set_entropy(limited).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert_eq!(
+            err.to_string(),
+            "hearth does not support a rate limiter on the entropy device"
+        );
+        assert_eq!(res.entropy, None);
         assert_eq!(truncate("ééé", 5), "éé");
     }
 }

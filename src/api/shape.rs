@@ -275,7 +275,6 @@ fn apply_config(doc: FullVmConfig, resources: &mut VmResources) -> Result<(), Ap
         ("metrics", doc.metrics.is_some()),
         ("memory-hotplug", doc.memory_hotplug.is_some()),
         ("mmds-config", doc.mmds_config.is_some()),
-        ("entropy", doc.entropy.is_some()),
         ("pmem", !doc.pmem.is_empty()),
     ];
     if let Some((section, _)) = unsupported.iter().find(|(_, present)| *present) {
@@ -307,6 +306,9 @@ fn apply_config(doc: FullVmConfig, resources: &mut VmResources) -> Result<(), Ap
     }
     if let Some(vsock) = doc.vsock {
         resources.set_vsock(vsock)?;
+    }
+    if let Some(entropy) = doc.entropy {
+        resources.set_entropy(entropy)?;
     }
     if let Some(serial) = doc.serial {
         resources.set_serial(serial)?;
@@ -465,17 +467,25 @@ mod tests {
         let good = write(
             "good.json",
             serde_json::json!({"boot-source": boot,
-                               "machine-config": {"vcpu_count": 2, "mem_size_mib": 64}}),
+                               "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},
+                               "entropy": {}}),
         );
         let mut res = VmResources::default();
         load_config_file(&good, &mut res).unwrap();
         assert_eq!(res.machine.vcpu_count, 2);
+        assert_eq!(res.to_vm_config().unwrap().rng, Some(Default::default()));
 
         for (name, json, expected) in [
             (
                 "balloon.json",
                 serde_json::json!({"boot-source": boot, "balloon": {"amount_mib": 1}}),
                 "\"balloon\" section",
+            ),
+            (
+                "entropy.json",
+                serde_json::json!({"boot-source": boot, "entropy":
+                    {"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}}),
+                "rate limiter on the entropy device",
             ),
             (
                 "unknown.json",

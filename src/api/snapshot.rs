@@ -161,6 +161,7 @@ fn saved_resources(loaded: &LoadedSnapshot) -> Result<VmResources, ApiError> {
             VirtioDeviceState::Block(block) => config.disks.push(block.config.clone()),
             VirtioDeviceState::Net(net) => config.nets.push(net.config.clone()),
             VirtioDeviceState::Vsock(vsock) => config.vsock = Some(vsock.config.clone()),
+            VirtioDeviceState::Rng(rng) => config.rng = Some(rng.config.clone()),
         }
     }
     let mut resources = VmResources::from_vm_config(&config);

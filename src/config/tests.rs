@@ -261,7 +261,39 @@ fn devices_that_pass() {
         guest_cid: u64::from(u32::MAX) - 1,
         uds_path: "/run/v.sock".into(),
     });
+    config.rng = Some(RngConfig::default());
     config.validate().unwrap();
+}
+
+/// The entropy device has nothing to get wrong but its spelling: `"rng": {}` turns it on,
+/// `null` or no key leaves it out, and options it does not have are refused.
+#[test]
+fn the_entropy_device_in_json() {
+    let kernel = temp_file("kernel-rng", 4096);
+    let json = |rng: &str| {
+        format!(
+            r#"{{"kernel": "{}", "mem_size": "128M", "cpu_profile": "host"{rng}}}"#,
+            kernel.display()
+        )
+    };
+    let config: VmConfig = serde_json::from_str(&json(r#", "rng": {}"#)).unwrap();
+    assert_eq!(config.rng, Some(RngConfig::default()));
+    config.validate().unwrap();
+    for off in ["", r#", "rng": null"#] {
+        let config: VmConfig = serde_json::from_str(&json(off)).unwrap();
+        assert_eq!(config.rng, None, "{off}");
+        config.validate().unwrap();
+    }
+    for bad in [
+        r#", "rng": {"rate_limiter": {}}"#,
+        r#", "rng": true"#,
+        r#", "entropy": {}"#,
+    ] {
+        assert!(
+            serde_json::from_str::<VmConfig>(&json(bad)).is_err(),
+            "{bad}"
+        );
+    }
 }
 
 #[test]
@@ -291,12 +323,14 @@ fn json_round_trips() {
         guest_cid: 3,
         uds_path: "/run/v.sock".into(),
     });
+    config.rng = Some(RngConfig::default());
     config.boot_timer = true;
     config.cpu_profile = CpuProfileChoice::Compat;
     let json = config.to_json().unwrap();
     assert!(json.contains(r#""mac": "52:54:00:12:34:56""#), "{json}");
     assert!(json.contains(r#""unix": "/run/console.sock""#), "{json}");
     assert!(json.contains(r#""cpu_profile": "compat""#), "{json}");
+    assert!(json.contains(r#""rng": {}"#), "{json}");
     let back: VmConfig = serde_json::from_str(&json).unwrap();
     assert_eq!(back, config);
 }

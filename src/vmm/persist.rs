@@ -70,6 +70,8 @@ impl DevicesState {
                 VirtioDeviceState::Block(block) => disks.push(&mut block.config.path),
                 VirtioDeviceState::Net(net) => nets.push(&mut net.config.tap),
                 VirtioDeviceState::Vsock(state) => vsock = Some(&mut state.config.uds_path),
+                // Nothing on the host to point elsewhere.
+                VirtioDeviceState::Rng(_) => {}
             }
         }
         let missing = |kind, index, count| OverrideError::NoSuchDevice { kind, index, count };
@@ -152,6 +154,7 @@ mod tests {
     use crate::devices::virtio::block::{BlockConfig, BlockState};
     use crate::devices::virtio::net::{NetConfig, NetState};
     use crate::devices::virtio::persist::{DeviceCoreState, MmioTransportState};
+    use crate::devices::virtio::rng::{RngConfig, RngState};
     use crate::devices::virtio::vsock::{VsockConfig, VsockState};
     use crate::exit::ExitSignal;
 
@@ -187,7 +190,8 @@ mod tests {
         })
     }
 
-    /// Two disks around a NIC, then a second NIC.
+    /// Two disks around a NIC, then a second NIC and an entropy device (and a vsock
+    /// device when `vsock`).
     fn devices(vsock: bool) -> DevicesState {
         let exit = Arc::new(ExitSignal::new().unwrap());
         let serial = SerialDevice::new(
@@ -200,10 +204,17 @@ mod tests {
             attached(1, net("tap0")),
             attached(2, block("/b.img")),
             attached(3, net("tap1")),
+            attached(
+                4,
+                VirtioDeviceState::Rng(RngState {
+                    config: RngConfig::default(),
+                    core: DeviceCoreState::default(),
+                }),
+            ),
         ];
         if vsock {
             virtio.push(attached(
-                4,
+                5,
                 VirtioDeviceState::Vsock(VsockState {
                     config: VsockConfig {
                         guest_cid: 3,
@@ -232,6 +243,7 @@ mod tests {
                 VirtioDeviceState::Block(b) => b.config.path.display().to_string(),
                 VirtioDeviceState::Net(n) => n.config.tap.clone(),
                 VirtioDeviceState::Vsock(v) => v.config.uds_path.display().to_string(),
+                VirtioDeviceState::Rng(_) => "rng".to_string(),
             })
             .collect()
     }
@@ -252,7 +264,14 @@ mod tests {
         state.apply_overrides(&restore).unwrap();
         assert_eq!(
             backing(&state),
-            ["/a.img", "tap9", "/copy-of-b.img", "tap1", "/run/w.sock"]
+            [
+                "/a.img",
+                "tap9",
+                "/copy-of-b.img",
+                "tap1",
+                "rng",
+                "/run/w.sock"
+            ]
         );
     }
 
@@ -274,7 +293,7 @@ mod tests {
             state.apply_overrides(&restore),
             Err(OverrideError::NoVsock)
         ));
-        assert_eq!(backing(&state), ["/a.img", "tap0", "/b.img", "tap1"]);
+        assert_eq!(backing(&state), ["/a.img", "tap0", "/b.img", "tap1", "rng"]);
     }
 
     /// The encoding of a `VmmState` whose vCPU list announces `count` and holds `vcpus`

@@ -28,6 +28,7 @@ pub mod device;
 pub mod mmio;
 pub mod net;
 pub mod persist;
+pub mod rng;
 pub mod vsock;
 
 pub use device::{

@@ -1,0 +1,118 @@
+//! The entropy device's event-loop side: the request queue's eventfd is watched from
+//! `init` for the device's whole life (except while paused); a notification is served
+//! when the device is active and only consumed otherwise.
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+
+use super::device::Rng;
+use crate::devices::virtio::Pausable;
+
+const TOKEN_QUEUE: u32 = 0;
+
+impl Rng {
+    fn sync_watches(&mut self, ops: &mut EventOps) {
+        self.core
+            .sync_queue_watches(ops, &[TOKEN_QUEUE], "virtio-rng");
+    }
+}
+
+impl MutEventSubscriber for Rng {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.sync_watches(ops);
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if self.core.is_paused() {
+            // Left in the counter for `resume`.
+            return;
+        }
+        match events.data() {
+            TOKEN_QUEUE => {
+                self.core.read_queue_event(0);
+                self.process_queue();
+            }
+            other => log::debug!("virtio-rng: unexpected event token {other}"),
+        }
+    }
+}
+
+impl Pausable for Rng {
+    fn pause(&mut self, ops: &mut EventOps) {
+        self.core.set_paused(true);
+        self.sync_watches(ops);
+    }
+
+    fn resume(&mut self, ops: &mut EventOps) {
+        self.core.set_paused(false);
+        self.sync_watches(ops);
+        self.process_queue();
+    }
+
+    fn is_paused(&self) -> bool {
+        self.core.is_paused()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use event_manager::{EventManager, SubscriberOps};
+
+    use super::super::device::tests::{memory, new_rng, random, Driver, DATA, VERSION_1, WRITE};
+    use super::*;
+    use crate::devices::bus::lock;
+    use crate::devices::virtio::VirtioDevice;
+
+    /// Served from the event loop once active; while paused a notification is not
+    /// served, not even by a direct call, and resuming serves it.
+    #[test]
+    fn serves_from_the_event_loop_and_pauses() {
+        let mem = memory();
+        let rng = Arc::new(Mutex::new(new_rng()));
+        let mut manager = EventManager::<Arc<Mutex<Rng>>>::new().unwrap();
+        let id = manager.add_subscriber(rng.clone());
+        // What KVM signals when the driver writes QueueNotify: the device's own eventfd.
+        let kvm_evt = lock(&rng).queue_events()[0].try_clone().unwrap();
+        let (interrupt, irq) = Driver::interrupt();
+
+        // Before activation a notification is consumed and nothing is served.
+        let mut driver = Driver::new(&mem);
+        driver.post(&[(DATA, 32, WRITE)]);
+        kvm_evt.write(1).unwrap();
+        assert_eq!(manager.run_with_timeout(0).unwrap(), 1);
+        assert!(driver.used().is_empty());
+
+        // What was queued before DRIVER_OK is served once the event loop takes over.
+        driver
+            .activate(&mut lock(&rng), interrupt, VERSION_1)
+            .unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(driver.used(), [(0, 32)]);
+        assert_eq!(irq.read().unwrap(), 1);
+
+        lock(&rng).pause(&mut manager.event_ops(id).unwrap());
+        lock(&rng).pause(&mut manager.event_ops(id).unwrap());
+        assert!(lock(&rng).is_paused());
+        driver.post(&[(DATA + 0x1000, 32, WRITE)]);
+        kvm_evt.write(1).unwrap();
+        assert_eq!(manager.run_with_timeout(50).unwrap(), 0);
+        lock(&rng).process_queue();
+        assert_eq!(driver.used().len(), 1);
+        assert!(irq.read().is_err());
+
+        lock(&rng).resume(&mut manager.event_ops(id).unwrap());
+        assert!(!lock(&rng).is_paused());
+        assert_eq!(driver.used(), [(0, 32), (1, 32)]);
+        assert!(random(&driver.read(DATA + 0x1000, 32)));
+        assert_eq!(irq.read().unwrap(), 1);
+        // The counter left from the pause is consumed without serving anything twice.
+        assert_eq!(manager.run_with_timeout(0).unwrap(), 1);
+        assert_eq!(driver.used().len(), 2);
+
+        driver.post(&[(DATA + 0x2000, 32, WRITE)]);
+        kvm_evt.write(1).unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(driver.used().len(), 3);
+    }
+}
