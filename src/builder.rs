@@ -19,7 +19,10 @@ use crate::arch::boot::{BootProtocol, InitrdRegion};
 use crate::arch::{self, layout};
 use crate::config::{ConfigError, RestoreConfig, SerialConfig, VmConfig};
 use crate::console::InputSource;
-use crate::device_manager::{AttachedDeviceState, EventLoop, MmioDeviceManager, VirtioHandle};
+use crate::device_manager::{
+    AttachedDeviceState, EventLoop, MmioDeviceManager, VirtioDeviceState, VirtioHandle,
+};
+use crate::devices::bus::lock;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::control::{BootCompletePort, Control, ControlPage, ExitPort};
 use crate::devices::legacy::acpi_pm::AcpiSleep;
@@ -343,6 +346,8 @@ pub fn build_from_loaded(
     // The interrupt controllers, PIT and clock: KVM_SET_CLOCK updates every vCPU's
     // kvmclock, so it goes after the vCPUs exist (none has run).
     vm.restore_state(&state.vm)?;
+    // Only now, or the restored interrupt controllers would drop the interrupt.
+    announce_resized_disks(&disks, &state.devices.virtio);
 
     let mut vmm = Vmm::new(
         kvm,
@@ -711,6 +716,21 @@ fn restore_virtio_devices(
         }
     }
     Ok(disks)
+}
+
+/// Disks restored on an image of another size than the saved one (a template's empty
+/// placeholder replaced by a container's image): their drivers must re-read the capacity.
+fn announce_resized_disks(disks: &[Arc<Mutex<Block>>], saved: &[AttachedDeviceState]) {
+    let saved = saved.iter().filter_map(|attached| match &attached.device {
+        VirtioDeviceState::Block(block) => Some(block.capacity),
+        _ => None,
+    });
+    for (disk, saved_capacity) in disks.iter().zip(saved) {
+        let disk = lock(disk);
+        if disk.capacity() != saved_capacity {
+            disk.announce_config_change();
+        }
+    }
 }
 
 /// The i8042 (keyboard on IRQ 1, reset), the CMOS clock and the ACPI sleep registers

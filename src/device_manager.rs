@@ -329,16 +329,6 @@ impl MmioDeviceManager {
                     .map_err(restore_err)
             },
         )?;
-        // A disk restored on another image (a template's placeholder replaced by the
-        // container's image): the driver must re-read the capacity.
-        if let (VirtioHandle::Block(block), VirtioDeviceState::Block(saved)) =
-            (&device, &state.device)
-        {
-            let block = lock(block);
-            if block.capacity() != saved.capacity {
-                block.announce_config_change();
-            }
-        }
         Ok(device)
     }
 

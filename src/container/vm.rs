@@ -21,6 +21,7 @@ use super::template::Template;
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
 
 /// Boot options of every agent VM; `hearth.mode=` selects the agent's role.
@@ -87,6 +88,8 @@ impl VmSpec {
             guest_cid: GUEST_CID.into(),
             uds_path: self.vsock_socket.clone(),
         });
+        // Guests never wait for entropy (clones of a template least of all).
+        config.rng = Some(RngConfig::default());
         config.validate()?;
         Ok(config)
     }

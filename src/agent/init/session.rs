@@ -161,8 +161,17 @@ impl Agent {
             stream: Arc::new(stream),
             write: Mutex::new(()),
         });
-        link.send(&Message::Hello { version: VERSION })?;
-        match link.recv()? {
+        // Until the host asks for something, a connection that ends is not a failure: a
+        // template's builder may have saved the VM at any point after reading our Hello.
+        match link.send(&Message::Hello { version: VERSION }) {
+            Err(ProtocolError::Io(_)) => return Ok(Outcome::Idle),
+            other => other?,
+        }
+        let hello = match link.recv() {
+            Ok(None) | Err(ProtocolError::Io(_)) => return Ok(Outcome::Idle),
+            other => other?,
+        };
+        match hello {
             Some(Message::Hello { version }) if version == VERSION => {}
             Some(Message::Hello { version }) => {
                 link.send(&Message::Error(format!(
@@ -174,9 +183,8 @@ impl Agent {
                 link.send(&Message::Error("expected Hello first".into()))?;
                 return Ok(Outcome::Done);
             }
-            None => return Ok(Outcome::Done),
+            None => return Ok(Outcome::Idle),
         }
-        // Nothing asked of the agent yet: a connection that ends now is not a failure.
         let mut idle = true;
         loop {
             let msg = match link.recv() {
