@@ -5,6 +5,10 @@
 //! The vsock paths are exercised both ways: a container VM's agent connects out to the
 //! host listener `<socket>_1024`; a machine's agent listens and every host command
 //! reaches it with `CONNECT 1024`.
+//!
+//! Fresh container VMs and machines are restored from templates (snapshots of booted
+//! agent VMs) unless `--no-template`; the tests share one template directory, so each
+//! VM shape boots once per run, and the tests that matter on both paths run on both.
 
 mod common;
 
@@ -33,10 +37,17 @@ fn state_dir(scratch: &Path) -> PathBuf {
         .join("deeper-than-a-unix-socket-address".repeat(3))
 }
 
+/// The templates every test of this run restores from (one boot per VM shape).
+fn shared_templates() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("container-templates-{}", std::process::id()))
+}
+
 /// `hearth ARGS` with the cache, state and artifacts of this test run.
 fn hearth(scratch: &Path) -> Command {
     let mut cmd = common::hearth();
     cmd.env("HEARTH_CACHE", scratch.join("cache"))
+        .env("HEARTH_TEMPLATES", shared_templates())
         .env("HEARTH_STATE", state_dir(scratch))
         .env("HEARTH_GUEST_KERNEL", minimal_kernel())
         .env("HEARTH_INIT", env!("CARGO_BIN_EXE_hearth-init"));
@@ -59,11 +70,22 @@ fn oci_image(dir: &Path, layers: &[SampleLayer]) -> PathBuf {
 }
 
 #[test]
-fn options_stdin_and_separate_streams_reach_the_container() {
-    let dir = scratch("options");
+fn options_stdin_and_separate_streams_reach_a_restored_container() {
+    options_stdin_and_separate_streams(&[]);
+}
+
+#[test]
+fn options_stdin_and_separate_streams_reach_a_booted_container() {
+    options_stdin_and_separate_streams(&["--no-template"]);
+}
+
+fn options_stdin_and_separate_streams(path: &[&str]) {
+    let dir = scratch(&format!("options{}", path.join("")));
     let image = oci_image(&dir, &[]);
     let mut cmd = hearth(&dir);
-    cmd.args(["container", "run", "-i", "-e", "GREETING=hi", "-w", "/work"])
+    cmd.args(["container", "run"])
+        .args(path)
+        .args(["-i", "-e", "GREETING=hi", "-w", "/work"])
         .args(["-u", "1000:1000"])
         .arg(&image)
         .args([
@@ -235,13 +257,14 @@ fn a_machine_hosts_isolated_containers() {
     let out = run(start);
     assert_status(&out, 0);
 
-    // The guest kernel keeps user space to the register state it saves: the agent warns
-    // at boot otherwise (on nested PVM, AVX state would leak between guest tasks).
-    let console = machine_console(&dir, &name);
-    assert!(
-        !console.contains("extended register state"),
-        "console:\n{console}"
-    );
+    // The machine's VMM serves Firecracker's API in the machine's state directory.
+    let mut cmd = hearth(&dir);
+    cmd.args(["remote", "--api-sock"])
+        .arg(machine_dir(&dir, &name).join("api.sock"))
+        .arg("info");
+    let out = run(cmd);
+    assert_status(&out, 0);
+    assert!(stdout_of(&out).contains("Running"), "{}", describe(&out));
 
     // ... and user space's AVX registers survive task switches and signal handlers.
     let mut cmd = hearth(&dir);
@@ -337,4 +360,242 @@ fn a_machine_hosts_isolated_containers() {
     cmd.args(["machine", "list"]);
     let out = run(cmd);
     assert!(!stdout_of(&out).contains(&name), "{}", describe(&out));
+}
+
+/// Volumes (a directory copied into a writable disk, an ext4 image read-only) and a NIC
+/// on a tap in a network namespace this test creates, with the address given on the
+/// command line: the container sees and uses each, restored or booted alike.
+fn volumes_and_network(path: &[&str]) {
+    use common::netns::{net_tests_possible, NetNs};
+    if !net_tests_possible() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "CI must be able to run the network tests"
+        );
+        return;
+    }
+    let dir = scratch(&format!("volumes{}", path.join("")));
+    let image = oci_image(&dir, &[]);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("in"), "from the host\n").unwrap();
+    let ro_image = dir.join("ro.ext4");
+    let ro_source = dir.join("ro-source");
+    std::fs::create_dir_all(&ro_source).unwrap();
+    std::fs::write(ro_source.join("fixed"), "read-only\n").unwrap();
+    hearth::image::build_ext4(&ro_source, &ro_image, 1 << 20).expect("build an ext4 image");
+
+    let ns = NetNs::new("hearth-ctest-");
+    ns.add_tap("tap0", "10.77.0.1/24");
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run"])
+        .args(path)
+        .args(["--network", "tap=tap0,ip=10.77.0.2/24"])
+        .arg("-v")
+        .arg(format!("{}:/data", data.display()))
+        .arg("-v")
+        .arg(format!("{}:/ro:ro", ro_image.display()))
+        .arg(&image)
+        .args([
+            "sh",
+            "-c",
+            "cat /data/in /ro/fixed; echo written > /data/new && cat /data/new; \
+             touch /ro/nope 2>/dev/null || echo ro-refused; \
+             ping -c 1 -W 10 10.77.0.1 >/dev/null && echo ping-ok",
+        ]);
+    let mut wrapped = ns.exec(&cmd);
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            wrapped.env(key, value);
+        }
+    }
+    let out = run(wrapped);
+    assert_status(&out, 0);
+    assert_eq!(
+        stdout_of(&out),
+        "from the host\nread-only\nwritten\nro-refused\nping-ok\n",
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn volumes_and_network_reach_a_restored_container() {
+    volumes_and_network(&[]);
+}
+
+#[test]
+fn volumes_and_network_reach_a_booted_container() {
+    volumes_and_network(&["--no-template"]);
+}
+
+/// The bytes a container printed on the line after `prefix`.
+fn line_after<'a>(stdout: &'a str, prefix: &str) -> Option<&'a str> {
+    stdout
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .map(str::trim)
+}
+
+#[test]
+fn two_clones_of_one_template_are_isolated_and_random() {
+    let dir = scratch("clones");
+    let image = oci_image(&dir, &[]);
+    // Whichever clone starts first may make the template; both are restored from it.
+    let script = "echo random=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'); \
+                  echo boot=$(cat /proc/sys/kernel/random/boot_id)";
+    let mut a = hearth(&dir);
+    a.args(["container", "run"]).arg(&image).args([
+        "sh",
+        "-c",
+        &format!("{script}; touch /only-in-a; sleep 600 & echo ready; wait"),
+    ]);
+    let a = Running::start(a, Stdio::null());
+    a.expect_stdout_within(b"ready\n", MINIMAL_TIMEOUT);
+
+    let mut b = hearth(&dir);
+    b.args(["container", "run"]).arg(&image).args([
+        "sh",
+        "-c",
+        &format!("{script}; ls /only-in-a 2>/dev/null || echo no-file; ps -o args"),
+    ]);
+    let b = run(b);
+    assert_status(&b, 0);
+    assert!(
+        !stderr_of(&b).contains("making template"),
+        "the second clone made a template\n{}",
+        describe(&b)
+    );
+    a.signal(libc::SIGTERM);
+    let a = a.finish(Duration::from_secs(60));
+
+    let (a_out, b_out) = (stdout_of(&a), stdout_of(&b));
+    let random = |out: &str| line_after(out, "random=").unwrap_or_default().to_string();
+    assert_eq!(random(&a_out).len(), 32, "{}", describe(&a));
+    assert_eq!(random(&b_out).len(), 32, "{}", describe(&b));
+    assert_ne!(
+        random(&a_out),
+        random(&b_out),
+        "two clones read the same bytes from /dev/urandom"
+    );
+    assert!(
+        b_out.contains("no-file\n"),
+        "b sees a's file\n{}",
+        describe(&b)
+    );
+    assert!(
+        !b_out.contains("sleep 600"),
+        "b sees a's process\n{}",
+        describe(&b)
+    );
+}
+
+#[test]
+fn templates_follow_the_kernel_and_corrupt_ones_are_made_again() {
+    let dir = scratch("template-life");
+    let image = oci_image(&dir, &[]);
+    // A template directory of this test's own: it corrupts and outdates its templates.
+    let templates = dir.join("templates");
+    let kernel = dir.join("vmlinux");
+    std::fs::copy(minimal_kernel(), &kernel).unwrap();
+    let container_run = |expect_making: bool, expect_warning: bool| {
+        let mut cmd = hearth(&dir);
+        cmd.env("HEARTH_TEMPLATES", &templates)
+            .args(["container", "run", "--kernel"])
+            .arg(&kernel)
+            .arg(&image)
+            .args(["echo", "ran"]);
+        let out = run(cmd);
+        assert_status(&out, 0);
+        assert_eq!(stdout_of(&out), "ran\n", "{}", describe(&out));
+        let stderr = stderr_of(&out);
+        assert_eq!(
+            stderr.contains("making template"),
+            expect_making,
+            "{}",
+            describe(&out)
+        );
+        assert_eq!(
+            stderr.contains("is unusable"),
+            expect_warning,
+            "{}",
+            describe(&out)
+        );
+    };
+    let template_list = || {
+        let mut cmd = hearth(&dir);
+        cmd.env("HEARTH_TEMPLATES", &templates)
+            .args(["template", "list"]);
+        let out = run(cmd);
+        assert_status(&out, 0);
+        stdout_of(&out)
+    };
+    container_run(true, false);
+    container_run(false, false);
+    let list = template_list();
+    let ids: Vec<String> = list
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "{list}");
+    assert!(list.contains("current"), "{list}");
+
+    // A damaged state file is found out before it is used, and the template is made again.
+    let state = templates.join(&ids[0]).join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&state, bytes).unwrap();
+    container_run(true, true);
+
+    // Another kernel (here the same file, rewritten) gets a template of its own.
+    let content = std::fs::read(&kernel).unwrap();
+    std::fs::remove_file(&kernel).unwrap();
+    std::fs::write(&kernel, content).unwrap();
+    container_run(true, false);
+    let list = template_list();
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert_eq!(list.matches("stale").count(), 1, "{list}");
+    let mut prune = hearth(&dir);
+    prune
+        .env("HEARTH_TEMPLATES", &templates)
+        .args(["template", "prune", "--stale"]);
+    assert_status(&run(prune), 0);
+    let list = template_list();
+    assert_eq!(list.lines().count(), 2, "{list}");
+    assert!(!list.contains("stale"), "{list}");
+}
+
+#[test]
+fn a_booted_machine_runs_commands() {
+    let dir = scratch("machine-booted");
+    let name = format!("b{}", std::process::id());
+    let guard = MachineGuard {
+        scratch: dir.clone(),
+        name: name.clone(),
+    };
+    let mut start = hearth(&dir);
+    start.args(["machine", "start", &name, "--no-template"]);
+    let out = run(start);
+    assert_status(&out, 0);
+    assert!(!stderr_of(&out).contains("template"), "{}", describe(&out));
+
+    // The guest kernel keeps user space to the register state it saves: the agent warns
+    // at boot otherwise (on nested PVM, AVX state would leak between guest tasks).
+    let console = machine_console(&dir, &name);
+    assert!(
+        !console.contains("extended register state"),
+        "console:\n{console}"
+    );
+    let mut cmd = hearth(&dir);
+    cmd.args(["machine", "run", &name, "--", "uname", "-s"]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    assert_eq!(stdout_of(&out), "Linux\n");
+    let mut cmd = hearth(&dir);
+    cmd.args(["machine", "stop", &name]);
+    assert_status(&run(cmd), 0);
+    std::mem::forget(guard);
 }

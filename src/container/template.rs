@@ -12,7 +12,7 @@
 //! The shape is the [`TemplateKey`]: everything that makes two booted VMs differ
 //! (kernel, agent initramfs, full kernel command line, CPU profile, vCPUs, memory, the
 //! device slots, the hearth binary and snapshot format). A template lives in
-//! `<cache>/templates/<id>/` (`template.json`, `state`, `mem`, `boot.log`), `<id>` being
+//! `<cache>/templates/<id>/` (`$HEARTH_TEMPLATES/<id>/` when set) (`template.json`, `state`, `mem`, `boot.log`), `<id>` being
 //! a hash of the key; it is built in a temporary directory and renamed into place, under
 //! an exclusive lock on `<id>.lock` so that concurrent first uses build it once. One that
 //! does not match its key or whose state file fails its checks is rebuilt, with a warning.
@@ -163,8 +163,12 @@ impl TemplateStore {
         Self { root: root.into() }
     }
 
+    /// `$HEARTH_TEMPLATES`, or `templates` in the cache directory.
     pub fn default_location() -> Self {
-        Self::new(super::cache_dir().join("templates"))
+        match std::env::var_os("HEARTH_TEMPLATES") {
+            Some(dir) => Self::new(dir),
+            None => Self::new(super::cache_dir().join("templates")),
+        }
     }
 
     /// The template for VMs like `spec`, made now if there is none (or none usable).
@@ -178,9 +182,21 @@ impl TemplateStore {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Template, ContainerError> {
         let key = TemplateKey::of(spec)?;
+        self.obtain_for(&key, &|dir: &Path| {
+            build(spec, &key, dir, boot_timeout, cancelled)
+        })
+    }
+
+    /// The template for `key`, made by `make` (into the empty directory it is given,
+    /// which must then hold `state`, `mem` and `template.json`) if there is none usable.
+    fn obtain_for(
+        &self,
+        key: &TemplateKey,
+        make: &dyn Fn(&Path) -> Result<(), ContainerError>,
+    ) -> Result<Template, ContainerError> {
         let id = key.id();
         let dir = self.root.join(&id);
-        if let Ok(template) = check(&dir, &key) {
+        if let Ok(template) = check(&dir, key) {
             return Ok(template);
         }
         fs::create_dir_all(&self.root).map_err(ContainerError::io(format!(
@@ -189,7 +205,7 @@ impl TemplateStore {
         )))?;
         let _lock = Lock::exclusive(&self.root.join(format!("{id}.lock")))?;
         // Made by another hearth while this one waited for the lock?
-        let why = match check(&dir, &key) {
+        let why = match check(&dir, key) {
             Ok(template) => return Ok(template),
             Err(why) => why,
         };
@@ -205,8 +221,7 @@ impl TemplateStore {
             "creating {}",
             building.display()
         )))?;
-        let made = build(spec, &key, &building, boot_timeout, cancelled);
-        if let Err(e) = made {
+        if let Err(e) = make(&building) {
             let _ = fs::remove_dir_all(&building);
             return Err(e);
         }
@@ -480,19 +495,23 @@ fn build(
     for (index, _) in spec.disks.iter().enumerate() {
         let _ = fs::remove_file(dir.join(format!("slot{index}.img")));
     }
+    write_info(dir, key, started.elapsed())?;
+    progress.done();
+    Ok(())
+}
+
+/// Writes `template.json`, the last file of a template made in `dir`.
+fn write_info(dir: &Path, key: &TemplateKey, took: Duration) -> Result<(), ContainerError> {
     let info = TemplateInfo {
         key: key.clone(),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        build_seconds: started.elapsed().as_secs_f64(),
+        build_seconds: took.as_secs_f64(),
     };
     let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
-    fs::write(dir.join("template.json"), json)
-        .map_err(ContainerError::io("writing template.json"))?;
-    progress.done();
-    Ok(())
+    fs::write(dir.join("template.json"), json).map_err(ContainerError::io("writing template.json"))
 }
 
 /// The template VM's VMM, killed however the build ends.
@@ -678,6 +697,83 @@ mod tests {
         fs::write(t.join("state"), b"not a snapshot").unwrap();
         let err = check(&t, &k).unwrap_err();
         assert!(err.contains("state"), "{err}");
+    }
+
+    /// Makes a template's files as a build would: a valid (empty) state file, a memory
+    /// file of the key's size, template.json.
+    fn fake_build(dir: &Path, key: &TemplateKey) -> Result<(), ContainerError> {
+        use crate::snapshot::{HostFacts, Snapshot};
+        use crate::vstate::memory::MemoryLayout;
+        let host = HostFacts::for_guest(&[], CpuProfile::Host);
+        Snapshot::new(host, MemoryLayout::default(), 0u32)
+            .write(&dir.join("state"))
+            .unwrap();
+        File::create(dir.join("mem"))
+            .unwrap()
+            .set_len(key.memory_mib << 20)
+            .unwrap();
+        write_info(dir, key, Duration::ZERO)
+    }
+
+    #[test]
+    fn concurrent_first_uses_make_one_template_and_corrupt_ones_are_made_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Barrier};
+
+        let dir = TempDir::new("template-once");
+        let k = key(dir.path());
+        let root = dir.path().join("templates");
+        let made = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(Barrier::new(3));
+        let users: Vec<_> = (0..3)
+            .map(|_| {
+                let (k, root, made, barrier) =
+                    (k.clone(), root.clone(), made.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    TemplateStore::new(root)
+                        .obtain_for(&k, &|building: &Path| {
+                            made.fetch_add(1, Ordering::SeqCst);
+                            // Long enough for the others to find the lock taken.
+                            std::thread::sleep(Duration::from_millis(200));
+                            fake_build(building, &k)
+                        })
+                        .unwrap()
+                        .id
+                })
+            })
+            .collect();
+        let ids: Vec<String> = users.into_iter().map(|u| u.join().unwrap()).collect();
+        assert_eq!(made.load(Ordering::SeqCst), 1);
+        assert!(ids.iter().all(|id| *id == k.id()), "{ids:?}");
+
+        // A damaged state file is found out and the template made again.
+        let store = TemplateStore::new(&root);
+        let state = root.join(k.id()).join("state");
+        let mut bytes = fs::read(&state).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&state, bytes).unwrap();
+        let again = store
+            .obtain_for(&k, &|building: &Path| {
+                made.fetch_add(1, Ordering::SeqCst);
+                fake_build(building, &k)
+            })
+            .unwrap();
+        assert_eq!(made.load(Ordering::SeqCst), 2);
+        assert!(StateFile::read(&again.state).is_ok());
+
+        // A failed build leaves nothing behind.
+        let mut other = k.clone();
+        other.vcpus = 2;
+        let err = store
+            .obtain_for(&other, &|_: &Path| Err(ContainerError::Vm("no boot".into())))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "no boot");
+        assert_eq!(store.entries().len(), 1);
+        assert!(fs::read_dir(&root)
+            .unwrap()
+            .all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')));
     }
 
     #[test]

@@ -12,7 +12,7 @@
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -142,6 +142,16 @@ pub fn spawn_restore(spec: &VmSpec, template: &Template) -> Result<Child, SpawnE
     }
     for (index, nic) in spec.nets.iter().enumerate() {
         flag("--net-override", format!("net{index}={}", nic.tap).into());
+    }
+    // The guest's boot messages are the template's; say where they are.
+    if let Ok(mut log) = append(&spec.console_log) {
+        let boot_log = template.state.with_file_name("boot.log");
+        let _ = writeln!(
+            log,
+            "hearth: restored from template {}; its boot messages are in {}",
+            template.id,
+            boot_log.display()
+        );
     }
     launch(spec, args)
 }
