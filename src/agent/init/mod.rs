@@ -49,6 +49,7 @@ pub mod resolve;
 pub mod sandbox;
 pub mod session;
 pub mod sys;
+pub mod timing;
 pub mod xstate;
 
 use std::ffi::OsStr;

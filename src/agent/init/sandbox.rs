@@ -22,12 +22,14 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use super::net;
 use super::resolve::{self, Candidate, Identity, LookupError, ResolveError};
 use super::sys;
+use super::timing;
 use crate::agent::protocol::{Network, RunSpec};
 
 /// First argument that selects the sandbox role of the binary.
@@ -44,6 +46,9 @@ pub const SETUP_FAILED: i32 = 125;
 pub struct Plan {
     pub spec: RunSpec,
     pub target: Target,
+    /// Send step marks on the sync pipe (debug logging, see [`timing`]).
+    #[serde(default)]
+    pub marks: bool,
 }
 
 /// Where the process runs.
@@ -102,13 +107,52 @@ fn ctx<T>(r: io::Result<T>, what: impl FnOnce() -> String) -> Result<T, SandboxE
     })
 }
 
+/// This process's step marks not yet sent; `None` when the plan asks for none.
+static MARKS: Mutex<Option<Vec<(u64, String)>>> = Mutex::new(None);
+
+fn marks() -> std::sync::MutexGuard<'static, Option<Vec<(u64, String)>>> {
+    MARKS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records that `step` has just ended (the text is only built when marks are on).
+fn mark(step: impl FnOnce() -> String) {
+    if let Some(list) = marks().as_mut() {
+        list.push((sys::monotonic_us(), step()));
+    }
+}
+
+/// Sends a mark on the late-marks pipe (the supervisor, after the sync pipe closed).
+fn late_mark(step: &str) {
+    if marks().is_some() {
+        let line = timing::mark_line(sys::monotonic_us(), step);
+        // SAFETY: writes from a valid buffer; the descriptor was passed by the agent
+        // along with a plan that asks for marks (a closed one only fails the write).
+        unsafe {
+            libc::write(
+                timing::LATE_MARKS_FD,
+                line.as_ptr() as *const libc::c_void,
+                line.len(),
+            )
+        };
+    }
+}
+
 /// The writing end of the sync pipe.
 struct SyncPipe(Option<File>);
 
 impl SyncPipe {
+    /// Writes `line`, after the marks recorded so far, in one `write`.
     fn send(&mut self, line: &str) {
+        let mut text = String::new();
+        if let Some(list) = marks().as_mut() {
+            for (us, step) in list.drain(..) {
+                text.push_str(&timing::mark_line(us, &step));
+            }
+        }
+        text.push_str(line);
+        text.push('\n');
         if let Some(f) = &mut self.0 {
-            let _ = f.write_all(format!("{line}\n").as_bytes());
+            let _ = f.write_all(text.as_bytes());
         }
     }
 
@@ -124,6 +168,7 @@ impl SyncPipe {
 
 /// Entry point of `hearth-init sandbox`; returns the exit status.
 pub fn main() -> i32 {
+    let started = sys::monotonic_us();
     // The agent passes fds 3 and 4; refuse to adopt descriptors that are not open.
     for fd in [PLAN_FD, SYNC_FD] {
         // SAFETY: F_GETFD only queries the descriptor.
@@ -146,6 +191,10 @@ pub fn main() -> i32 {
             return SETUP_FAILED;
         }
     };
+    if plan.marks {
+        *marks() = Some(vec![(started, "started (exec done)".into())]);
+        mark(|| "plan read".into());
+    }
     run(plan, sync)
 }
 
@@ -169,6 +218,7 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
                 SETUP_FAILED
             }
             Ok(0) => {
+                forked_child();
                 if let Err(e) = setup_container(spec, lower, state_dir, cgroup.is_some()) {
                     sync.error(&e);
                     std::process::exit(SETUP_FAILED);
@@ -176,6 +226,7 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
                 exec_process(spec, &mut sync, resolve::DEFAULT_PATH)
             }
             Ok(child) => {
+                mark(|| "forked the container's init".into());
                 sync.send(&format!("pid {child}"));
                 sync.close();
                 supervise(child)
@@ -186,8 +237,12 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
                 sync.error(&e);
                 SETUP_FAILED
             }
-            Ok(0) => exec_process(spec, &mut sync, resolve::DEFAULT_PATH),
+            Ok(0) => {
+                forked_child();
+                exec_process(spec, &mut sync, resolve::DEFAULT_PATH)
+            }
             Ok(child) => {
+                mark(|| "forked the container's init".into());
                 sync.send(&format!("pid {child}"));
                 sync.close();
                 supervise(child)
@@ -196,10 +251,19 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
     }
 }
 
+/// In a forked child: the marks inherited from the parent are the parent's to send.
+fn forked_child() {
+    if let Some(list) = marks().as_mut() {
+        list.clear();
+    }
+    mark(|| "container init runs (fork done)".into());
+}
+
 /// Joins the cgroup, unshares the namespaces and forks; returns 0 in the child.
 fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>) -> Result<i32, SandboxError> {
     if let Some(dir) = cgroup {
         enter_new_cgroup(dir, spec)?;
+        mark(|| format!("cgroup {} created and joined", dir.display()));
     }
     let mut flags =
         libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
@@ -214,10 +278,28 @@ fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>) -> Result<i32, SandboxEr
     if unsafe { libc::unshare(flags) } < 0 {
         return Err(sys_err("cannot create the container namespaces"));
     }
+    mark(|| format!("unshare {}", namespace_names(flags)));
     // SAFETY: this process is single-threaded (a fresh exec), so the child may do anything.
     ctx(unsafe { sys::fork() }, || {
         "cannot fork the container".into()
     })
+}
+
+/// The namespaces in `flags`, for the marks.
+fn namespace_names(flags: libc::c_int) -> String {
+    [
+        (libc::CLONE_NEWNS, "mnt"),
+        (libc::CLONE_NEWUTS, "uts"),
+        (libc::CLONE_NEWIPC, "ipc"),
+        (libc::CLONE_NEWPID, "pid"),
+        (libc::CLONE_NEWNET, "net"),
+        (libc::CLONE_NEWCGROUP, "cgroup"),
+    ]
+    .iter()
+    .filter(|(flag, _)| flags & flag != 0)
+    .map(|(_, name)| *name)
+    .collect::<Vec<_>>()
+    .join(",")
 }
 
 fn enter_new_cgroup(dir: &Path, spec: &RunSpec) -> Result<(), SandboxError> {
@@ -273,13 +355,18 @@ fn mount_ctx(
     flags: libc::c_ulong,
     data: Option<&str>,
 ) -> Result<(), SandboxError> {
-    ctx(sys::mount(source, target, fstype, flags, data), || {
+    let what = || {
         format!(
-            "cannot mount {} on {}",
+            "mount {} on {}",
             source.or(fstype).unwrap_or("none"),
             target.display()
         )
-    })
+    };
+    ctx(sys::mount(source, target, fstype, flags, data), || {
+        format!("cannot {}", what())
+    })?;
+    mark(what);
+    Ok(())
 }
 
 fn mkdir(path: &Path) -> Result<(), SandboxError> {
@@ -306,6 +393,7 @@ fn setup_container(
     for dir in [&lower_mnt, &rw, &rootfs] {
         mkdir(dir)?;
     }
+    mark(|| "state dirs created".into());
     let lower_dir = match lower {
         Lower::Device { path, fstype } => {
             mount_ctx(Some(path), &lower_mnt, Some(fstype), libc::MS_RDONLY, None)?;
@@ -317,6 +405,7 @@ fn setup_container(
     let (upper, work) = (rw.join("upper"), rw.join("work"));
     mkdir(&upper)?;
     mkdir(&work)?;
+    mark(|| "upper and work dirs created".into());
     for dir in [&lower_dir, &upper, &work] {
         let text = dir.to_string_lossy();
         if text.contains([',', ':']) || !dir.is_absolute() {
@@ -348,6 +437,7 @@ fn setup_container(
     ctx(std::env::set_current_dir("/"), || {
         "cannot chdir to /".into()
     })?;
+    mark(|| "pivot_root".into());
 
     mount_special(old, own_cgroup)?;
     for volume in &spec.volumes {
@@ -366,11 +456,13 @@ fn setup_container(
     }
     if let Some(name) = &spec.hostname {
         write_host_files(name, spec)?;
+        mark(|| "/etc/hostname and /etc/hosts written".into());
     }
     ctx(sys::umount_detach(old), || {
         "cannot detach the old root".into()
     })?;
     let _ = std::fs::remove_dir(old);
+    mark(|| "old root detached".into());
 
     if let Some(name) = &spec.hostname {
         // SAFETY: the pointer and length describe the bytes of `name`.
@@ -381,9 +473,11 @@ fn setup_container(
                 source: io::Error::last_os_error(),
             });
         }
+        mark(|| "sethostname".into());
     }
     if spec.network == Network::None {
         net::set_up("lo")?;
+        mark(|| "lo up".into());
     }
     Ok(())
 }
@@ -426,6 +520,7 @@ fn mount_special(old: &Path, own_cgroup: bool) -> Result<(), SandboxError> {
         ctx(sys::touch(&target), || {
             format!("cannot create {}", target.display())
         })?;
+        mark(|| format!("touch {}", target.display()));
         let source = old.join("dev").join(node);
         mount_ctx(
             Some(&source.to_string_lossy()),
@@ -458,6 +553,7 @@ fn mount_special(old: &Path, own_cgroup: bool) -> Result<(), SandboxError> {
             format!("cannot create /dev/{link}")
         })?;
     }
+    mark(|| "/dev links".into());
     Ok(())
 }
 
@@ -544,10 +640,12 @@ fn supervise(child: i32) -> i32 {
             libc::sigaction(sig, &action, std::ptr::null_mut());
         }
     }
-    match sys::waitpid(child) {
+    let status = match sys::waitpid(child) {
         Ok(status) => sys::status_code(status),
         Err(_) => SETUP_FAILED,
-    }
+    };
+    late_mark("the container's init exited (supervisor's waitpid returned)");
+    status
 }
 
 fn probe(path: &Path) -> Candidate {
@@ -663,7 +761,9 @@ fn fail(err: LookupError) -> ! {
 /// Applies user, cwd and environment and execs the spec's program; never returns.
 fn exec_process(spec: &RunSpec, sync: &mut SyncPipe, default_path: &str) -> ! {
     let prepared = match prepare(spec, default_path).and_then(|p| {
+        mark(|| "user, environment and cwd resolved".into());
         become_user(spec, &p)?;
+        mark(|| "became the user".into());
         Ok(p)
     }) {
         Ok(p) => p,
@@ -674,6 +774,7 @@ fn exec_process(spec: &RunSpec, sync: &mut SyncPipe, default_path: &str) -> ! {
     };
     let program = spec.argv.first().map(String::as_str).unwrap_or("");
     let path = resolve::search_path(program, resolve::env_get(&prepared.env, "PATH"), probe);
+    mark(|| format!("found {program:?} in PATH, exec follows"));
     // From here on the process is the container's: report what goes wrong on its stderr.
     sync.send("ok");
     sync.close();
@@ -741,6 +842,7 @@ mod tests {
                 state_dir: "/run/hearth/c/1".into(),
                 cgroup: Some("/sys/fs/cgroup/hearth-1".into()),
             },
+            marks: false,
         };
         let text = serde_json::to_vec(&plan).unwrap();
         let back: Plan = serde_json::from_slice(&text).unwrap();

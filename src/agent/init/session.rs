@@ -24,6 +24,7 @@ use super::net;
 use super::reaper::Reaper;
 use super::sandbox::{Lower, Plan, Target};
 use super::sys;
+use super::timing::Marks;
 use crate::agent::protocol::{
     read_message, write_message, Message, ProtocolError, Rootfs, RunSpec, VERSION,
 };
@@ -296,6 +297,7 @@ impl Agent {
                         state_dir: self.config.state_root.join(&id),
                         cgroup,
                     },
+                    marks: false,
                 };
                 return Ok((plan, Some(id)));
             }
@@ -304,6 +306,7 @@ impl Agent {
             Plan {
                 spec: spec.clone(),
                 target,
+                marks: false,
             },
             None,
         ))
@@ -352,6 +355,22 @@ impl Agent {
         S: Send + Sync + 'static,
         for<'a> &'a S: Read + Write,
     {
+        let marks = Marks::start(&format!("run {}", spec.name.as_deref().unwrap_or("-")));
+        let result = self.run_marked(link, spec, &marks);
+        marks.log();
+        result
+    }
+
+    fn run_marked<S>(
+        self: &Arc<Self>,
+        link: &Arc<Link<S>>,
+        spec: RunSpec,
+        marks: &Marks,
+    ) -> Result<(), SessionError>
+    where
+        S: Send + Sync + 'static,
+        for<'a> &'a S: Read + Write,
+    {
         if spec.argv.is_empty() {
             link.send(&Message::Error("nothing to run: empty argv".into()))?;
             return Ok(());
@@ -361,8 +380,9 @@ impl Agent {
                 link.send(&Message::Error(error_chain(&e)))?;
                 return Ok(());
             }
+            marks.mark("eth0 configured");
         }
-        let (plan, name) = match self.plan(&spec) {
+        let (mut plan, name) = match self.plan(&spec) {
             Ok(p) => p,
             Err(text) => {
                 link.send(&Message::Error(text))?;
@@ -373,7 +393,9 @@ impl Agent {
             agent: self,
             name: name.clone(),
         };
-        let launched = launch::launch(&self.reaper, &self.config.launcher, &plan);
+        plan.marks = marks.enabled();
+        marks.mark("planned");
+        let launched = launch::launch(&self.reaper, &self.config.launcher, &plan, marks);
         let running = match launched {
             Err(e) => {
                 self.cleanup(&plan);
@@ -396,10 +418,13 @@ impl Agent {
         link.send(&Message::Started {
             pid: running.target,
         })?;
-        let status = self.attend(link, running.target, running.exit, running.io)?;
+        marks.mark("Started sent");
+        let status = self.attend(link, running.target, running.exit, running.io, marks)?;
         self.cleanup(&plan);
         drop(_name);
+        marks.mark("cleaned up");
         link.send(&Message::Exit { status })?;
+        marks.mark("Exit sent");
         Ok(())
     }
 
@@ -410,6 +435,7 @@ impl Agent {
         target: i32,
         exit: Receiver<i32>,
         io: ParentIo,
+        marks: &Marks,
     ) -> Result<i32, SessionError>
     where
         S: Send + Sync + 'static,
@@ -462,11 +488,13 @@ impl Agent {
         }
 
         let status = exit.recv().map(sys::status_code).unwrap_or(255);
+        marks.mark("process exited (reaped)");
         exited.store(true, Ordering::SeqCst);
         drop(exit_w);
         for pump in pumps {
             let _ = pump.join();
         }
+        marks.mark("output forwarded");
         Ok(status)
     }
 

@@ -262,6 +262,18 @@ pub fn sync() {
     unsafe { libc::sync() };
 }
 
+/// CLOCK_MONOTONIC in microseconds: one clock that the agent and its sandbox processes
+/// share, so their step marks line up.
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid place for the kernel to store the time.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
 /// This process's id.
 pub fn getpid() -> i32 {
     // SAFETY: getpid has no preconditions.
