@@ -61,6 +61,10 @@ pub enum Target {
         lower: Lower,
         state_dir: PathBuf,
         cgroup: Option<PathBuf>,
+        /// The only container of its VM (a container VM): the UTS and IPC namespaces,
+        /// which only keep sibling containers apart, are the VM's own.
+        #[serde(default)]
+        alone: bool,
     },
     /// Inside the running container whose PID-namespace init is `pid` (VM pid).
     Join { pid: i32, cgroup: Option<PathBuf> },
@@ -212,7 +216,8 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
             lower,
             state_dir,
             cgroup,
-        } => match start_sandbox(spec, cgroup.as_deref()) {
+            alone,
+        } => match start_sandbox(spec, cgroup.as_deref(), *alone) {
             Err(e) => {
                 sync.error(&e);
                 SETUP_FAILED
@@ -260,13 +265,17 @@ fn forked_child() {
 }
 
 /// Joins the cgroup, unshares the namespaces and forks; returns 0 in the child.
-fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>) -> Result<i32, SandboxError> {
+fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>, alone: bool) -> Result<i32, SandboxError> {
     if let Some(dir) = cgroup {
         enter_new_cgroup(dir, spec)?;
         mark(|| format!("cgroup {} created and joined", dir.display()));
     }
-    let mut flags =
-        libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
+    // The mount and PID namespaces give the container its own root and PID 1 even
+    // alone in its VM; UTS and IPC ones only matter next to other containers.
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+    if !alone {
+        flags |= libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    }
     if spec.network == Network::None {
         flags |= libc::CLONE_NEWNET;
     }
@@ -439,7 +448,7 @@ fn setup_container(
     })?;
     mark(|| "pivot_root".into());
 
-    mount_special(old, own_cgroup)?;
+    mount_special(own_cgroup)?;
     for volume in &spec.volumes {
         let target = check_abs("volume target", &volume.target)?;
         let device = check_abs("volume device", &volume.device)?;
@@ -482,9 +491,19 @@ fn setup_container(
     Ok(())
 }
 
+/// The character devices of a container's /dev: name, major, minor, mode (as docker's).
+const DEV_NODES: [(&str, u32, u32, u32); 6] = [
+    ("null", 1, 3, 0o666),
+    ("zero", 1, 5, 0o666),
+    ("full", 1, 7, 0o666),
+    ("random", 1, 8, 0o666),
+    ("urandom", 1, 9, 0o666),
+    ("tty", 5, 0, 0o666),
+];
+
 /// /proc, /sys (with the container's cgroup, read-only) and a minimal /dev in the new
-/// root; device nodes come from `old`/dev.
-fn mount_special(old: &Path, own_cgroup: bool) -> Result<(), SandboxError> {
+/// root.
+fn mount_special(own_cgroup: bool) -> Result<(), SandboxError> {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mkdir(Path::new("/proc"))?;
     mount_ctx(Some("proc"), Path::new("/proc"), Some("proc"), nosuid, None)?;
@@ -515,21 +534,21 @@ fn mount_special(old: &Path, own_cgroup: bool) -> Result<(), SandboxError> {
         libc::MS_NOSUID | libc::MS_STRICTATIME,
         Some("mode=755,size=65536k"),
     )?;
-    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let target = dev.join(node);
-        ctx(sys::touch(&target), || {
-            format!("cannot create {}", target.display())
-        })?;
-        mark(|| format!("touch {}", target.display()));
-        let source = old.join("dev").join(node);
-        mount_ctx(
-            Some(&source.to_string_lossy()),
-            &target,
-            None,
-            libc::MS_BIND,
-            None,
-        )?;
-    }
+    // Fresh nodes of the same devices as the VM's: one mknod each, where a bind mount
+    // of the VM's node takes a file and a mount.
+    // Without a umask for the nodes: every user may use them, as in the VM.
+    let umask = sys::umask(0);
+    let made = DEV_NODES
+        .iter()
+        .try_for_each(|&(node, major, minor, mode)| {
+            let target = dev.join(node);
+            ctx(sys::mknod_char(&target, mode, major, minor), || {
+                format!("cannot create {}", target.display())
+            })
+        });
+    sys::umask(umask);
+    made?;
+    mark(|| "/dev nodes created".into());
     let pts = dev.join("pts");
     mkdir(&pts)?;
     mount_ctx(
@@ -841,6 +860,7 @@ mod tests {
                 },
                 state_dir: "/run/hearth/c/1".into(),
                 cgroup: Some("/sys/fs/cgroup/hearth-1".into()),
+                alone: false,
             },
             marks: false,
         };

@@ -282,10 +282,16 @@ impl Agent {
                     _ => unreachable!("matched above"),
                 };
                 let id = self.reserve(spec.name.as_deref())?;
+                // A container VM runs one container: without limits to apply, a cgroup
+                // of its own would separate it from nothing (and costs a mkdir and an
+                // rmdir in cgroupfs, both slow in the guest).
+                let alone = self.config.mode == AgentMode::Container;
+                let limited = spec.memory_limit.is_some() || spec.cpus.is_some();
                 let cgroup = self
                     .config
                     .cgroup_root
                     .as_ref()
+                    .filter(|_| limited || !alone)
                     .map(|root| root.join(format!("hearth-{id}")));
                 if let Some(c) = self.registry().get_mut(&id) {
                     c.cgroup = cgroup.clone();
@@ -296,6 +302,7 @@ impl Agent {
                         lower,
                         state_dir: self.config.state_root.join(&id),
                         cgroup,
+                        alone,
                     },
                     marks: false,
                 };
