@@ -4,8 +4,9 @@
 //! it allocate, read files and fork again freely.
 //!
 //! * [`Target::Host`]: apply user, environment and cwd, then exec in place.
-//! * [`Target::Sandbox`]: join a new cgroup, `unshare` mount/UTS/IPC/PID (and network)
-//!   namespaces and fork. The child, PID 1 of the new PID namespace, builds the overlay
+//! * [`Target::Sandbox`]: join a new cgroup (if the plan names one), `unshare` mount,
+//!   PID, UTS and IPC (the last two not for a container alone in its VM) and network
+//!   namespaces (for `Network::None`) and fork. The child, PID 1 of the new PID namespace, builds the overlay
 //!   root, pivots into it and execs; this process stays as its supervisor: it forwards
 //!   signals and exits with the child's status.
 //! * [`Target::Join`]: enter a running container's namespaces and cgroup, fork, exec.
