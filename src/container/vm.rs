@@ -27,6 +27,30 @@ use crate::devices::virtio::vsock::VsockConfig;
 /// Boot options of every agent VM; `hearth.mode=` selects the agent's role.
 pub const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 quiet";
 
+/// Environment variable with the agent's log level (`hearth.log=`; e.g. `debug` logs the
+/// timed steps of every container start to the VM's console log).
+pub const AGENT_LOG_ENV: &str = "HEARTH_AGENT_LOG";
+
+/// The levels the agent knows (see `agent::init`).
+const AGENT_LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// The guest command line for an agent in `mode`, with `hearth.log=` when `agent_log`
+/// names a level.
+pub fn boot_args(mode: &str, agent_log: Option<&str>) -> String {
+    let mut args = format!("{AGENT_CMDLINE} hearth.mode={mode}");
+    match agent_log.map(str::trim).filter(|l| !l.is_empty()) {
+        Some(level) if AGENT_LOG_LEVELS.contains(&level) => {
+            args.push_str(&format!(" hearth.log={level}"));
+        }
+        Some(level) => log::warn!(
+            "ignoring {AGENT_LOG_ENV}={level:?} (expected one of {})",
+            AGENT_LOG_LEVELS.join(", ")
+        ),
+        None => {}
+    }
+    args
+}
+
 /// The guest CID of agent VMs (each VM has its own vsock device, so one value suffices).
 pub const GUEST_CID: u32 = 3;
 
@@ -77,7 +101,7 @@ impl VmSpec {
     pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
         let mut config = VmConfig::new(&self.kernel);
         config.initrd = Some(self.initrd.clone());
-        config.boot_args = format!("{AGENT_CMDLINE} hearth.mode={}", self.mode);
+        config.boot_args = boot_args(self.mode, std::env::var(AGENT_LOG_ENV).ok().as_deref());
         config.vcpu_count =
             u8::try_from(self.cpus).map_err(|_| ConfigError::VcpuCount(self.cpus))?;
         config.mem_size = self.memory_mib << 20;
@@ -247,7 +271,7 @@ mod tests {
         let config = spec.vm_config().unwrap();
         assert_eq!(
             config.boot_args,
-            format!("{AGENT_CMDLINE} hearth.mode=container")
+            boot_args("container", std::env::var(AGENT_LOG_ENV).ok().as_deref())
         );
         assert_eq!(config.init_args, None);
         assert_eq!((config.vcpu_count, config.mem_size), (2, 320 << 20));
@@ -263,6 +287,25 @@ mod tests {
 
         spec.cpus = 300;
         assert!(matches!(spec.vm_config(), Err(ConfigError::VcpuCount(300))));
+    }
+
+    #[test]
+    fn agent_log_level_goes_on_the_command_line() {
+        assert_eq!(
+            boot_args("machine", None),
+            format!("{AGENT_CMDLINE} hearth.mode=machine")
+        );
+        assert_eq!(
+            boot_args("container", Some("debug")),
+            format!("{AGENT_CMDLINE} hearth.mode=container hearth.log=debug")
+        );
+        // Words that are not levels never reach the kernel command line.
+        for bad in ["", "loud", "debug hearth.mode=machine"] {
+            assert_eq!(
+                boot_args("container", Some(bad)),
+                format!("{AGENT_CMDLINE} hearth.mode=container")
+            );
+        }
     }
 
     #[test]

@@ -119,7 +119,8 @@ pub fn parse_cmdline(text: &str) -> BootArgs {
     args
 }
 
-/// One-line messages on /dev/console, `hearth-init: ` first.
+/// One-line messages on /dev/console: `hearth-init: `, the monotonic clock in ms (since
+/// the guest booted, the clock of the step marks, see [`super::timing`]), the text.
 struct ConsoleLog {
     out: Mutex<Option<File>>,
 }
@@ -133,12 +134,7 @@ impl log::Log for ConsoleLog {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let level = match record.level() {
-            log::Level::Error => "error: ",
-            log::Level::Warn => "warning: ",
-            _ => "",
-        };
-        let line = format!("hearth-init: {level}{}\n", record.args());
+        let line = console_line(sys::monotonic_us(), record.level(), record.args());
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         if out.is_none() {
             *out = sys::open(Path::new("/dev/console"), libc::O_WRONLY | libc::O_NOCTTY)
@@ -156,6 +152,17 @@ impl log::Log for ConsoleLog {
     }
 
     fn flush(&self) {}
+}
+
+/// One console log line (with its newline), stamped with the monotonic time `now_us`.
+fn console_line(now_us: u64, level: log::Level, text: &std::fmt::Arguments) -> String {
+    let level = match level {
+        log::Level::Error => "error: ",
+        log::Level::Warn => "warning: ",
+        _ => "",
+    };
+    let (ms, tenths) = (now_us / 1000, now_us % 1000 / 100);
+    format!("hearth-init: [{ms:>7}.{tenths} ms] {level}{text}\n")
 }
 
 fn init_logging(level: Option<&str>) {
@@ -789,6 +796,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, vec![std::ffi::OsString::from("proc")]);
+    }
+
+    #[test]
+    fn console_lines_carry_the_time() {
+        assert_eq!(
+            console_line(41_234_567, log::Level::Debug, &format_args!("run 1: plan")),
+            "hearth-init: [  41234.5 ms] run 1: plan\n"
+        );
+        assert_eq!(
+            console_line(7_000, log::Level::Warn, &format_args!("x")),
+            "hearth-init: [      7.0 ms] warning: x\n"
+        );
     }
 
     #[test]

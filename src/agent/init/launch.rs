@@ -13,6 +13,7 @@ use std::sync::mpsc::Receiver;
 use super::reaper::Reaper;
 use super::sandbox::{Plan, PLAN_FD, SANDBOX_ARG, SYNC_FD};
 use super::sys;
+use super::timing::{self, Marks};
 
 /// How the agent re-executes itself as the sandbox.
 pub struct Launcher {
@@ -97,9 +98,11 @@ pub struct SyncReport {
     pub pid: Option<i32>,
     pub ok: bool,
     pub error: Option<String>,
+    /// Step marks of the sandbox (see [`timing`]).
+    pub marks: Vec<(u64, String)>,
 }
 
-/// Parses the sync pipe's lines (`pid N`, `ok`, `error TEXT`) in any order.
+/// Parses the sync pipe's lines (`pid N`, `ok`, `error TEXT`, `mark US STEP`) in any order.
 pub fn parse_sync(text: &str) -> SyncReport {
     let mut report = SyncReport::default();
     for line in text.lines() {
@@ -109,6 +112,8 @@ pub fn parse_sync(text: &str) -> SyncReport {
             report.ok = true;
         } else if let Some(err) = line.strip_prefix("error ") {
             report.error.get_or_insert_with(|| err.to_string());
+        } else if let Some(mark) = timing::parse_mark_line(line) {
+            report.marks.push(mark);
         }
     }
     report
@@ -170,8 +175,14 @@ pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
 }
 
 /// Starts `plan` through the sandbox role and waits until it has either failed or is
-/// about to exec the program.
-pub fn launch(reaper: &Reaper, launcher: &Launcher, plan: &Plan) -> Result<Launch, LaunchError> {
+/// about to exec the program. The steps go into `marks`, the sandbox's too when
+/// `plan.marks` asks for them.
+pub fn launch(
+    reaper: &Reaper,
+    launcher: &Launcher,
+    plan: &Plan,
+    marks: &Marks,
+) -> Result<Launch, LaunchError> {
     let spec = &plan.spec;
     // Child ends (stdin, stdout, stderr) and the agent's ends.
     let (child_in, child_out, child_err, io) = if spec.tty {
@@ -217,17 +228,29 @@ pub fn launch(reaper: &Reaper, launcher: &Launcher, plan: &Plan) -> Result<Launc
         )
     };
 
+    marks.mark("launch: stdio ready");
     let plan_fd = write_plan(plan).map_err(LaunchError::Plan)?;
     let (sync_r, sync_w) = sys::pipe().map_err(LaunchError::Sync)?;
+    let late = if plan.marks {
+        let (r, w) = sys::pipe().map_err(LaunchError::Sync)?;
+        marks.set_late(File::from(r));
+        Some(w)
+    } else {
+        None
+    };
+    marks.mark("launch: plan written");
 
     // Everything the child needs is prepared here.
-    let moves: [(RawFd, RawFd); 5] = [
+    let mut moves = vec![
         (child_in.as_raw_fd(), 0),
         (child_out.as_raw_fd(), 1),
         (child_err.as_raw_fd(), 2),
         (plan_fd.as_raw_fd(), PLAN_FD),
         (sync_w.as_raw_fd(), SYNC_FD),
     ];
+    if let Some(w) = &late {
+        moves.push((w.as_raw_fd(), timing::LATE_MARKS_FD));
+    }
     let arg0 = c"hearth-init";
     let arg1 = sys::cstr(SANDBOX_ARG).map_err(LaunchError::Plan)?;
     let argv = [arg0.as_ptr(), arg1.as_ptr(), std::ptr::null()];
@@ -238,7 +261,8 @@ pub fn launch(reaper: &Reaper, launcher: &Launcher, plan: &Plan) -> Result<Launc
     let (pid, exit) = reaper
         .spawn(|| spawn_child(&moves, exe, &argv, &envp))
         .map_err(LaunchError::Fork)?;
-    drop((child_in, child_out, child_err, plan_fd, sync_w));
+    marks.mark("launch: sandbox spawned (posix_spawn returned)");
+    drop((child_in, child_out, child_err, plan_fd, sync_w, late));
 
     let mut text = Vec::new();
     File::from(sync_r)
@@ -246,6 +270,10 @@ pub fn launch(reaper: &Reaper, launcher: &Launcher, plan: &Plan) -> Result<Launc
         .read_to_end(&mut text)
         .map_err(LaunchError::Sync)?;
     let report = parse_sync(&String::from_utf8_lossy(&text));
+    marks.mark("launch: sync pipe closed (setup over)");
+    for (us, step) in &report.marks {
+        marks.at(*us, format!("sandbox: {step}"));
+    }
     if report.ok && report.error.is_none() {
         return Ok(Launch::Running(Running {
             pid,
@@ -378,8 +406,14 @@ mod tests {
             SyncReport {
                 pid: Some(42),
                 ok: true,
-                error: None
+                error: None,
+                marks: Vec::new(),
             }
+        );
+        let r = parse_sync("mark 10 plan read\npid 3\nmark 12 forked\nok\n");
+        assert_eq!(
+            r.marks,
+            vec![(10, "plan read".to_string()), (12, "forked".to_string())]
         );
         let r = parse_sync("pid 7\nerror cannot mount: EBUSY\n");
         assert_eq!(r.error.as_deref(), Some("cannot mount: EBUSY"));

@@ -36,7 +36,9 @@
 //! Processes are started by re-executing the binary as `hearth-init sandbox` (see
 //! [`sandbox`]). The VM's state: images in `/var/lib/hearth/images/<hex>`, container
 //! mount points in `/run/hearth/c/<id>`, cgroups `/sys/fs/cgroup/hearth-<id>` (the id is
-//! the container name, or a number).
+//! the container name, or a number; a container VM makes one only for `--memory` or
+//! `--cpus` limits). `hearth.log=debug` logs the timed steps of every start
+//! ([`timing`]).
 //!
 //! [`AGENT_PORT`]: crate::agent::protocol::AGENT_PORT
 
@@ -50,6 +52,7 @@ pub mod resolve;
 pub mod sandbox;
 pub mod session;
 pub mod sys;
+pub mod timing;
 pub mod xstate;
 
 use std::ffi::OsStr;

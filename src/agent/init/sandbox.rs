@@ -4,8 +4,9 @@
 //! it allocate, read files and fork again freely.
 //!
 //! * [`Target::Host`]: apply user, environment and cwd, then exec in place.
-//! * [`Target::Sandbox`]: join a new cgroup, `unshare` mount/UTS/IPC/PID (and network)
-//!   namespaces and fork. The child, PID 1 of the new PID namespace, builds the overlay
+//! * [`Target::Sandbox`]: join a new cgroup (if the plan names one), `unshare` mount,
+//!   PID, UTS and IPC (the last two not for a container alone in its VM) and network
+//!   namespaces (for `Network::None`) and fork. The child, PID 1 of the new PID namespace, builds the overlay
 //!   root, pivots into it and execs; this process stays as its supervisor: it forwards
 //!   signals and exits with the child's status.
 //! * [`Target::Join`]: enter a running container's namespaces and cgroup, fork, exec.
@@ -22,12 +23,14 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use super::net;
 use super::resolve::{self, Candidate, Identity, LookupError, ResolveError};
 use super::sys;
+use super::timing;
 use crate::agent::protocol::{Network, RunSpec};
 
 /// First argument that selects the sandbox role of the binary.
@@ -44,6 +47,9 @@ pub const SETUP_FAILED: i32 = 125;
 pub struct Plan {
     pub spec: RunSpec,
     pub target: Target,
+    /// Send step marks on the sync pipe (debug logging, see [`timing`]).
+    #[serde(default)]
+    pub marks: bool,
 }
 
 /// Where the process runs.
@@ -56,6 +62,10 @@ pub enum Target {
         lower: Lower,
         state_dir: PathBuf,
         cgroup: Option<PathBuf>,
+        /// The only container of its VM (a container VM): the UTS and IPC namespaces,
+        /// which only keep sibling containers apart, are the VM's own.
+        #[serde(default)]
+        alone: bool,
     },
     /// Inside the running container whose PID-namespace init is `pid` (VM pid).
     Join { pid: i32, cgroup: Option<PathBuf> },
@@ -102,13 +112,52 @@ fn ctx<T>(r: io::Result<T>, what: impl FnOnce() -> String) -> Result<T, SandboxE
     })
 }
 
+/// This process's step marks not yet sent; `None` when the plan asks for none.
+static MARKS: Mutex<Option<Vec<(u64, String)>>> = Mutex::new(None);
+
+fn marks() -> std::sync::MutexGuard<'static, Option<Vec<(u64, String)>>> {
+    MARKS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records that `step` has just ended (the text is only built when marks are on).
+fn mark(step: impl FnOnce() -> String) {
+    if let Some(list) = marks().as_mut() {
+        list.push((sys::monotonic_us(), step()));
+    }
+}
+
+/// Sends a mark on the late-marks pipe (the supervisor, after the sync pipe closed).
+fn late_mark(step: &str) {
+    if marks().is_some() {
+        let line = timing::mark_line(sys::monotonic_us(), step);
+        // SAFETY: writes from a valid buffer; the descriptor was passed by the agent
+        // along with a plan that asks for marks (a closed one only fails the write).
+        unsafe {
+            libc::write(
+                timing::LATE_MARKS_FD,
+                line.as_ptr() as *const libc::c_void,
+                line.len(),
+            )
+        };
+    }
+}
+
 /// The writing end of the sync pipe.
 struct SyncPipe(Option<File>);
 
 impl SyncPipe {
+    /// Writes `line`, after the marks recorded so far, in one `write`.
     fn send(&mut self, line: &str) {
+        let mut text = String::new();
+        if let Some(list) = marks().as_mut() {
+            for (us, step) in list.drain(..) {
+                text.push_str(&timing::mark_line(us, &step));
+            }
+        }
+        text.push_str(line);
+        text.push('\n');
         if let Some(f) = &mut self.0 {
-            let _ = f.write_all(format!("{line}\n").as_bytes());
+            let _ = f.write_all(text.as_bytes());
         }
     }
 
@@ -124,6 +173,7 @@ impl SyncPipe {
 
 /// Entry point of `hearth-init sandbox`; returns the exit status.
 pub fn main() -> i32 {
+    let started = sys::monotonic_us();
     // The agent passes fds 3 and 4; refuse to adopt descriptors that are not open.
     for fd in [PLAN_FD, SYNC_FD] {
         // SAFETY: F_GETFD only queries the descriptor.
@@ -146,6 +196,10 @@ pub fn main() -> i32 {
             return SETUP_FAILED;
         }
     };
+    if plan.marks {
+        *marks() = Some(vec![(started, "started (exec done)".into())]);
+        mark(|| "plan read".into());
+    }
     run(plan, sync)
 }
 
@@ -163,12 +217,14 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
             lower,
             state_dir,
             cgroup,
-        } => match start_sandbox(spec, cgroup.as_deref()) {
+            alone,
+        } => match start_sandbox(spec, cgroup.as_deref(), *alone) {
             Err(e) => {
                 sync.error(&e);
                 SETUP_FAILED
             }
             Ok(0) => {
+                forked_child();
                 if let Err(e) = setup_container(spec, lower, state_dir, cgroup.is_some()) {
                     sync.error(&e);
                     std::process::exit(SETUP_FAILED);
@@ -176,6 +232,7 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
                 exec_process(spec, &mut sync, resolve::DEFAULT_PATH)
             }
             Ok(child) => {
+                mark(|| "forked the container's init".into());
                 sync.send(&format!("pid {child}"));
                 sync.close();
                 supervise(child)
@@ -186,8 +243,12 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
                 sync.error(&e);
                 SETUP_FAILED
             }
-            Ok(0) => exec_process(spec, &mut sync, resolve::DEFAULT_PATH),
+            Ok(0) => {
+                forked_child();
+                exec_process(spec, &mut sync, resolve::DEFAULT_PATH)
+            }
             Ok(child) => {
+                mark(|| "forked the container's init".into());
                 sync.send(&format!("pid {child}"));
                 sync.close();
                 supervise(child)
@@ -196,13 +257,26 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
     }
 }
 
+/// In a forked child: the marks inherited from the parent are the parent's to send.
+fn forked_child() {
+    if let Some(list) = marks().as_mut() {
+        list.clear();
+    }
+    mark(|| "container init runs (fork done)".into());
+}
+
 /// Joins the cgroup, unshares the namespaces and forks; returns 0 in the child.
-fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>) -> Result<i32, SandboxError> {
+fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>, alone: bool) -> Result<i32, SandboxError> {
     if let Some(dir) = cgroup {
         enter_new_cgroup(dir, spec)?;
+        mark(|| format!("cgroup {} created and joined", dir.display()));
     }
-    let mut flags =
-        libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWPID;
+    // The mount and PID namespaces give the container its own root and PID 1 even
+    // alone in its VM; UTS and IPC ones only matter next to other containers.
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID;
+    if !alone {
+        flags |= libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    }
     if spec.network == Network::None {
         flags |= libc::CLONE_NEWNET;
     }
@@ -214,10 +288,28 @@ fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>) -> Result<i32, SandboxEr
     if unsafe { libc::unshare(flags) } < 0 {
         return Err(sys_err("cannot create the container namespaces"));
     }
+    mark(|| format!("unshare {}", namespace_names(flags)));
     // SAFETY: this process is single-threaded (a fresh exec), so the child may do anything.
     ctx(unsafe { sys::fork() }, || {
         "cannot fork the container".into()
     })
+}
+
+/// The namespaces in `flags`, for the marks.
+fn namespace_names(flags: libc::c_int) -> String {
+    [
+        (libc::CLONE_NEWNS, "mnt"),
+        (libc::CLONE_NEWUTS, "uts"),
+        (libc::CLONE_NEWIPC, "ipc"),
+        (libc::CLONE_NEWPID, "pid"),
+        (libc::CLONE_NEWNET, "net"),
+        (libc::CLONE_NEWCGROUP, "cgroup"),
+    ]
+    .iter()
+    .filter(|(flag, _)| flags & flag != 0)
+    .map(|(_, name)| *name)
+    .collect::<Vec<_>>()
+    .join(",")
 }
 
 fn enter_new_cgroup(dir: &Path, spec: &RunSpec) -> Result<(), SandboxError> {
@@ -273,13 +365,18 @@ fn mount_ctx(
     flags: libc::c_ulong,
     data: Option<&str>,
 ) -> Result<(), SandboxError> {
-    ctx(sys::mount(source, target, fstype, flags, data), || {
+    let what = || {
         format!(
-            "cannot mount {} on {}",
+            "mount {} on {}",
             source.or(fstype).unwrap_or("none"),
             target.display()
         )
-    })
+    };
+    ctx(sys::mount(source, target, fstype, flags, data), || {
+        format!("cannot {}", what())
+    })?;
+    mark(what);
+    Ok(())
 }
 
 fn mkdir(path: &Path) -> Result<(), SandboxError> {
@@ -306,6 +403,7 @@ fn setup_container(
     for dir in [&lower_mnt, &rw, &rootfs] {
         mkdir(dir)?;
     }
+    mark(|| "state dirs created".into());
     let lower_dir = match lower {
         Lower::Device { path, fstype } => {
             mount_ctx(Some(path), &lower_mnt, Some(fstype), libc::MS_RDONLY, None)?;
@@ -317,6 +415,7 @@ fn setup_container(
     let (upper, work) = (rw.join("upper"), rw.join("work"));
     mkdir(&upper)?;
     mkdir(&work)?;
+    mark(|| "upper and work dirs created".into());
     for dir in [&lower_dir, &upper, &work] {
         let text = dir.to_string_lossy();
         if text.contains([',', ':']) || !dir.is_absolute() {
@@ -348,8 +447,9 @@ fn setup_container(
     ctx(std::env::set_current_dir("/"), || {
         "cannot chdir to /".into()
     })?;
+    mark(|| "pivot_root".into());
 
-    mount_special(old, own_cgroup)?;
+    mount_special(own_cgroup)?;
     for volume in &spec.volumes {
         let target = check_abs("volume target", &volume.target)?;
         let device = check_abs("volume device", &volume.device)?;
@@ -366,11 +466,13 @@ fn setup_container(
     }
     if let Some(name) = &spec.hostname {
         write_host_files(name, spec)?;
+        mark(|| "/etc/hostname and /etc/hosts written".into());
     }
     ctx(sys::umount_detach(old), || {
         "cannot detach the old root".into()
     })?;
     let _ = std::fs::remove_dir(old);
+    mark(|| "old root detached".into());
 
     if let Some(name) = &spec.hostname {
         // SAFETY: the pointer and length describe the bytes of `name`.
@@ -381,16 +483,28 @@ fn setup_container(
                 source: io::Error::last_os_error(),
             });
         }
+        mark(|| "sethostname".into());
     }
     if spec.network == Network::None {
         net::set_up("lo")?;
+        mark(|| "lo up".into());
     }
     Ok(())
 }
 
+/// The character devices of a container's /dev: name, major, minor, mode (as docker's).
+const DEV_NODES: [(&str, u32, u32, u32); 6] = [
+    ("null", 1, 3, 0o666),
+    ("zero", 1, 5, 0o666),
+    ("full", 1, 7, 0o666),
+    ("random", 1, 8, 0o666),
+    ("urandom", 1, 9, 0o666),
+    ("tty", 5, 0, 0o666),
+];
+
 /// /proc, /sys (with the container's cgroup, read-only) and a minimal /dev in the new
-/// root; device nodes come from `old`/dev.
-fn mount_special(old: &Path, own_cgroup: bool) -> Result<(), SandboxError> {
+/// root.
+fn mount_special(own_cgroup: bool) -> Result<(), SandboxError> {
     let nosuid = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mkdir(Path::new("/proc"))?;
     mount_ctx(Some("proc"), Path::new("/proc"), Some("proc"), nosuid, None)?;
@@ -421,20 +535,21 @@ fn mount_special(old: &Path, own_cgroup: bool) -> Result<(), SandboxError> {
         libc::MS_NOSUID | libc::MS_STRICTATIME,
         Some("mode=755,size=65536k"),
     )?;
-    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let target = dev.join(node);
-        ctx(sys::touch(&target), || {
-            format!("cannot create {}", target.display())
-        })?;
-        let source = old.join("dev").join(node);
-        mount_ctx(
-            Some(&source.to_string_lossy()),
-            &target,
-            None,
-            libc::MS_BIND,
-            None,
-        )?;
-    }
+    // Fresh nodes of the same devices as the VM's: one mknod each, where a bind mount
+    // of the VM's node takes a file and a mount.
+    // Without a umask for the nodes: every user may use them, as in the VM.
+    let umask = sys::umask(0);
+    let made = DEV_NODES
+        .iter()
+        .try_for_each(|&(node, major, minor, mode)| {
+            let target = dev.join(node);
+            ctx(sys::mknod_char(&target, mode, major, minor), || {
+                format!("cannot create {}", target.display())
+            })
+        });
+    sys::umask(umask);
+    made?;
+    mark(|| "/dev nodes created".into());
     let pts = dev.join("pts");
     mkdir(&pts)?;
     mount_ctx(
@@ -458,6 +573,7 @@ fn mount_special(old: &Path, own_cgroup: bool) -> Result<(), SandboxError> {
             format!("cannot create /dev/{link}")
         })?;
     }
+    mark(|| "/dev links".into());
     Ok(())
 }
 
@@ -544,10 +660,12 @@ fn supervise(child: i32) -> i32 {
             libc::sigaction(sig, &action, std::ptr::null_mut());
         }
     }
-    match sys::waitpid(child) {
+    let status = match sys::waitpid(child) {
         Ok(status) => sys::status_code(status),
         Err(_) => SETUP_FAILED,
-    }
+    };
+    late_mark("the container's init exited (supervisor's waitpid returned)");
+    status
 }
 
 fn probe(path: &Path) -> Candidate {
@@ -663,7 +781,9 @@ fn fail(err: LookupError) -> ! {
 /// Applies user, cwd and environment and execs the spec's program; never returns.
 fn exec_process(spec: &RunSpec, sync: &mut SyncPipe, default_path: &str) -> ! {
     let prepared = match prepare(spec, default_path).and_then(|p| {
+        mark(|| "user, environment and cwd resolved".into());
         become_user(spec, &p)?;
+        mark(|| "became the user".into());
         Ok(p)
     }) {
         Ok(p) => p,
@@ -674,6 +794,7 @@ fn exec_process(spec: &RunSpec, sync: &mut SyncPipe, default_path: &str) -> ! {
     };
     let program = spec.argv.first().map(String::as_str).unwrap_or("");
     let path = resolve::search_path(program, resolve::env_get(&prepared.env, "PATH"), probe);
+    mark(|| format!("found {program:?} in PATH, exec follows"));
     // From here on the process is the container's: report what goes wrong on its stderr.
     sync.send("ok");
     sync.close();
@@ -740,7 +861,9 @@ mod tests {
                 },
                 state_dir: "/run/hearth/c/1".into(),
                 cgroup: Some("/sys/fs/cgroup/hearth-1".into()),
+                alone: false,
             },
+            marks: false,
         };
         let text = serde_json::to_vec(&plan).unwrap();
         let back: Plan = serde_json::from_slice(&text).unwrap();

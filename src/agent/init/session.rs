@@ -25,6 +25,7 @@ use super::reaper::Reaper;
 use super::refresh;
 use super::sandbox::{Lower, Plan, Target};
 use super::sys;
+use super::timing::Marks;
 use crate::agent::protocol::{
     read_message, write_message, Message, ProtocolError, Rootfs, RunSpec, VERSION,
 };
@@ -319,10 +320,16 @@ impl Agent {
                     _ => unreachable!("matched above"),
                 };
                 let id = self.reserve(spec.name.as_deref())?;
+                // A container VM runs one container: without limits to apply, a cgroup
+                // of its own would separate it from nothing (and costs a mkdir and an
+                // rmdir in cgroupfs, both slow in the guest).
+                let alone = self.config.mode == AgentMode::Container;
+                let limited = spec.memory_limit.is_some() || spec.cpus.is_some();
                 let cgroup = self
                     .config
                     .cgroup_root
                     .as_ref()
+                    .filter(|_| limited || !alone)
                     .map(|root| root.join(format!("hearth-{id}")));
                 if let Some(c) = self.registry().get_mut(&id) {
                     c.cgroup = cgroup.clone();
@@ -333,7 +340,9 @@ impl Agent {
                         lower,
                         state_dir: self.config.state_root.join(&id),
                         cgroup,
+                        alone,
                     },
+                    marks: false,
                 };
                 return Ok((plan, Some(id)));
             }
@@ -342,6 +351,7 @@ impl Agent {
             Plan {
                 spec: spec.clone(),
                 target,
+                marks: false,
             },
             None,
         ))
@@ -390,6 +400,22 @@ impl Agent {
         S: Send + Sync + 'static,
         for<'a> &'a S: Read + Write,
     {
+        let marks = Marks::start(&format!("run {}", spec.name.as_deref().unwrap_or("-")));
+        let result = self.run_marked(link, spec, &marks);
+        marks.log();
+        result
+    }
+
+    fn run_marked<S>(
+        self: &Arc<Self>,
+        link: &Arc<Link<S>>,
+        spec: RunSpec,
+        marks: &Marks,
+    ) -> Result<(), SessionError>
+    where
+        S: Send + Sync + 'static,
+        for<'a> &'a S: Read + Write,
+    {
         if spec.argv.is_empty() {
             link.send(&Message::Error("nothing to run: empty argv".into()))?;
             return Ok(());
@@ -413,8 +439,9 @@ impl Agent {
                 link.send(&Message::Error(error_chain(&e)))?;
                 return Ok(());
             }
+            marks.mark("eth0 configured");
         }
-        let (plan, name) = match self.plan(&spec) {
+        let (mut plan, name) = match self.plan(&spec) {
             Ok(p) => p,
             Err(text) => {
                 link.send(&Message::Error(text))?;
@@ -425,7 +452,9 @@ impl Agent {
             agent: self,
             name: name.clone(),
         };
-        let launched = launch::launch(&self.reaper, &self.config.launcher, &plan);
+        plan.marks = marks.enabled();
+        marks.mark("planned");
+        let launched = launch::launch(&self.reaper, &self.config.launcher, &plan, marks);
         let running = match launched {
             Err(e) => {
                 self.cleanup(&plan);
@@ -448,10 +477,13 @@ impl Agent {
         link.send(&Message::Started {
             pid: running.target,
         })?;
-        let status = self.attend(link, running.target, running.exit, running.io)?;
+        marks.mark("Started sent");
+        let status = self.attend(link, running.target, running.exit, running.io, marks)?;
         self.cleanup(&plan);
         drop(_name);
+        marks.mark("cleaned up");
         link.send(&Message::Exit { status })?;
+        marks.mark("Exit sent");
         Ok(())
     }
 
@@ -462,6 +494,7 @@ impl Agent {
         target: i32,
         exit: Receiver<i32>,
         io: ParentIo,
+        marks: &Marks,
     ) -> Result<i32, SessionError>
     where
         S: Send + Sync + 'static,
@@ -514,11 +547,13 @@ impl Agent {
         }
 
         let status = exit.recv().map(sys::status_code).unwrap_or(255);
+        marks.mark("process exited (reaped)");
         exited.store(true, Ordering::SeqCst);
         drop(exit_w);
         for pump in pumps {
             let _ = pump.join();
         }
+        marks.mark("output forwarded");
         Ok(status)
     }
 

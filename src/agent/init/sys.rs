@@ -218,17 +218,25 @@ pub fn mkdir_all(path: &Path) -> io::Result<()> {
     std::fs::create_dir_all(path)
 }
 
-/// Creates an empty regular file if nothing exists at `path` (a bind-mount target).
-pub fn touch(path: &Path) -> io::Result<()> {
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
+/// Creates the character device node `path` with permission bits `mode` (less the
+/// umask).
+pub fn mknod_char(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a valid C string; mknod only reads it.
+    check(unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            libc::S_IFCHR | mode,
+            libc::makedev(major, minor),
+        )
+    })
+    .map(drop)
+}
+
+/// Sets the file mode creation mask; returns the previous one.
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe { libc::umask(mask) }
 }
 
 /// Marks every descriptor from `first` up as close-on-exec (best effort).
@@ -260,6 +268,18 @@ pub fn cloexec_from(first: RawFd) {
 pub fn sync() {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
+}
+
+/// CLOCK_MONOTONIC in microseconds: one clock that the agent and its sandbox processes
+/// share, so their step marks line up.
+pub fn monotonic_us() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid place for the kernel to store the time.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
 }
 
 /// This process's id.
