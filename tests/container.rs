@@ -449,7 +449,8 @@ fn two_clones_of_one_template_are_isolated_and_random() {
     a.args(["container", "run"]).arg(&image).args([
         "sh",
         "-c",
-        &format!("{script}; touch /only-in-a; sleep 600 & echo ready; wait"),
+        // PID 1 of its namespace: SIGTERM does nothing unless trapped.
+        &format!("trap 'exit 0' TERM; {script}; touch /only-in-a; sleep 600 & echo ready; wait"),
     ]);
     let a = Running::start(a, Stdio::null());
     a.expect_stdout_within(b"ready\n", MINIMAL_TIMEOUT);

@@ -229,7 +229,7 @@ impl TemplateStore {
             "moving the template into {}",
             dir.display()
         )))?;
-        check(&dir, &key)
+        check(&dir, key)
             .map_err(|why| ContainerError::Vm(format!("the template just made is unusable: {why}")))
     }
 
@@ -767,13 +767,17 @@ mod tests {
         let mut other = k.clone();
         other.vcpus = 2;
         let err = store
-            .obtain_for(&other, &|_: &Path| Err(ContainerError::Vm("no boot".into())))
+            .obtain_for(&other, &|_: &Path| {
+                Err(ContainerError::Vm("no boot".into()))
+            })
             .unwrap_err();
         assert_eq!(err.to_string(), "no boot");
         assert_eq!(store.entries().len(), 1);
-        assert!(fs::read_dir(&root)
+        assert!(fs::read_dir(&root).unwrap().all(|e| !e
             .unwrap()
-            .all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')));
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.')));
     }
 
     #[test]

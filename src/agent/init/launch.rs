@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::mpsc::Receiver;
 
 use super::reaper::Reaper;
-use super::sandbox::{Plan, PLAN_FD, SANDBOX_ARG, SYNC_FD};
+use super::sandbox::{Plan, Target, PLAN_FD, SANDBOX_ARG, STATUS_FD, SYNC_FD};
 use super::sys;
 use super::timing::{self, Marks};
 
@@ -78,6 +78,9 @@ pub struct Running {
     pub target: i32,
     /// Raw wait status of `pid`.
     pub exit: Receiver<i32>,
+    /// A container alone in its VM: the pipe its exit status (4 bytes, little endian)
+    /// comes through before its supervisor has ended (which it never does).
+    pub status: Option<File>,
     pub io: ParentIo,
 }
 
@@ -238,6 +241,10 @@ pub fn launch(
     } else {
         None
     };
+    let early_status = match plan.target {
+        Target::Sandbox { alone: true, .. } => Some(sys::pipe().map_err(LaunchError::Sync)?),
+        _ => None,
+    };
     marks.mark("launch: plan written");
 
     // Everything the child needs is prepared here.
@@ -251,6 +258,9 @@ pub fn launch(
     if let Some(w) = &late {
         moves.push((w.as_raw_fd(), timing::LATE_MARKS_FD));
     }
+    if let Some((_, w)) = &early_status {
+        moves.push((w.as_raw_fd(), STATUS_FD));
+    }
     let arg0 = c"hearth-init";
     let arg1 = sys::cstr(SANDBOX_ARG).map_err(LaunchError::Plan)?;
     let argv = [arg0.as_ptr(), arg1.as_ptr(), std::ptr::null()];
@@ -262,6 +272,10 @@ pub fn launch(
         .spawn(|| spawn_child(&moves, exe, &argv, &envp))
         .map_err(LaunchError::Fork)?;
     marks.mark("launch: sandbox spawned (posix_spawn returned)");
+    let status = early_status.map(|(r, w)| {
+        drop(w);
+        File::from(r)
+    });
     drop((child_in, child_out, child_err, plan_fd, sync_w, late));
 
     let mut text = Vec::new();
@@ -279,6 +293,7 @@ pub fn launch(
             pid,
             target: report.pid.unwrap_or(pid),
             exit,
+            status,
             io,
         }));
     }

@@ -39,6 +39,9 @@ pub const SANDBOX_ARG: &str = "sandbox";
 pub const PLAN_FD: RawFd = 3;
 /// Descriptor of the sync pipe to the agent.
 pub const SYNC_FD: RawFd = 4;
+/// A container alone in its VM: where the supervisor reports the container's exit status
+/// (4 bytes, little endian) the moment it is known; see [`supervise`].
+pub const STATUS_FD: RawFd = 6;
 /// Exit status of a sandbox whose setup failed (docker's "daemon error" status).
 pub const SETUP_FAILED: i32 = 125;
 
@@ -235,7 +238,7 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
                 mark(|| "forked the container's init".into());
                 sync.send(&format!("pid {child}"));
                 sync.close();
-                supervise(child)
+                supervise(child, *alone)
             }
         },
         Target::Join { pid, cgroup } => match join(*pid, cgroup.as_deref()) {
@@ -251,7 +254,7 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
                 mark(|| "forked the container's init".into());
                 sync.send(&format!("pid {child}"));
                 sync.close();
-                supervise(child)
+                supervise(child, false)
             }
         },
     }
@@ -641,7 +644,7 @@ extern "C" fn forward_signal(sig: libc::c_int) {
 }
 
 /// Stays with the container process: forwards signals, exits with its status.
-fn supervise(child: i32) -> i32 {
+fn supervise(child: i32, alone: bool) -> i32 {
     CHILD.store(child, Ordering::Relaxed);
     // Hold no copy of the container's stdio: the agent sees EOF when the container ends.
     if let Ok(null) = sys::open(Path::new("/dev/null"), libc::O_RDWR) {
@@ -665,6 +668,21 @@ fn supervise(child: i32) -> i32 {
         Err(_) => SETUP_FAILED,
     };
     late_mark("the container's init exited (supervisor's waitpid returned)");
+    if alone {
+        // The VM ends with its only container. Were the supervisor to exit, the kernel
+        // would tear the container's mount namespace down first (every mount of its
+        // root: most of a second in an emulated guest kernel) before anyone learnt the
+        // status. So it reports the status and stays until the VM stops.
+        let bytes = status.to_le_bytes();
+        // SAFETY: writes 4 bytes from a valid buffer to the agent's status pipe.
+        let written = unsafe { libc::write(STATUS_FD, bytes.as_ptr().cast(), bytes.len()) };
+        if written == bytes.len() as isize {
+            loop {
+                // SAFETY: pause has no preconditions; forwarded signals interrupt it.
+                unsafe { libc::pause() };
+            }
+        }
+    }
     status
 }
 

@@ -478,10 +478,25 @@ impl Agent {
             pid: running.target,
         })?;
         marks.mark("Started sent");
-        let status = self.attend(link, running.target, running.exit, running.io, marks)?;
-        self.cleanup(&plan);
+        let alone = running.status.is_some();
+        let exit = Exit {
+            reaped: running.exit,
+            early: running.status,
+        };
+        let status = self.attend(link, running.target, exit, running.io, marks)?;
+        if alone {
+            // The VM ends with its only container: nothing to clean up but the data of
+            // writable volumes, which must be on the host's files before the host,
+            // told the status, stops the VM.
+            if spec_has_writable_volumes(&plan) {
+                sys::sync();
+                marks.mark("synced");
+            }
+        } else {
+            self.cleanup(&plan);
+            marks.mark("cleaned up");
+        }
         drop(_name);
-        marks.mark("cleaned up");
         link.send(&Message::Exit { status })?;
         marks.mark("Exit sent");
         Ok(())
@@ -492,7 +507,7 @@ impl Agent {
         &self,
         link: &Arc<Link<S>>,
         target: i32,
-        exit: Receiver<i32>,
+        exit: Exit,
         io: ParentIo,
         marks: &Marks,
     ) -> Result<i32, SessionError>
@@ -546,8 +561,8 @@ impl Agent {
             )?;
         }
 
-        let status = exit.recv().map(sys::status_code).unwrap_or(255);
-        marks.mark("process exited (reaped)");
+        let status = exit.wait();
+        marks.mark("process exited");
         exited.store(true, Ordering::SeqCst);
         drop(exit_w);
         for pump in pumps {
@@ -578,6 +593,32 @@ impl Agent {
             }
         }
     }
+}
+
+/// Where a started process's exit status comes from.
+struct Exit {
+    /// The raw wait status of the process the agent started.
+    reaped: Receiver<i32>,
+    /// A container alone in its VM: its status from its supervisor, which never ends.
+    early: Option<File>,
+}
+
+impl Exit {
+    /// The process's shell-style status (255 when it cannot be known).
+    fn wait(self) -> i32 {
+        if let Some(mut file) = self.early {
+            let mut bytes = [0u8; 4];
+            if file.read_exact(&mut bytes).is_ok() {
+                return i32::from_le_bytes(bytes);
+            }
+            // The supervisor ended without a word (it crashed): its own status tells.
+        }
+        self.reaped.recv().map(sys::status_code).unwrap_or(255)
+    }
+}
+
+fn spec_has_writable_volumes(plan: &Plan) -> bool {
+    plan.spec.volumes.iter().any(|v| !v.readonly)
 }
 
 fn remove_cgroup(dir: &std::path::Path) {
