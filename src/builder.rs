@@ -31,6 +31,7 @@ use crate::devices::legacy::serial::{
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::vsock::Vsock;
+use crate::devices::vmgenid::{VmGenId, VmGenIdError, VmGenIdState};
 use crate::exit::ExitSignal;
 use crate::snapshot::{Snapshot, SnapshotError, StateFile};
 use crate::vmm::persist::{OverrideError, VmmState};
@@ -103,6 +104,8 @@ pub enum BuildError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Override(#[from] OverrideError),
+    #[error(transparent)]
+    VmGenId(#[from] VmGenIdError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +182,13 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let disks = attach_disks(&mut virtio, config)?;
     attach_nets(&mut virtio, config)?;
     attach_vsock(&mut virtio, config)?;
+    let vmgenid = VmGenId::new(
+        &mem,
+        VmGenIdState {
+            address: layout::VMGENID_START,
+            irq: layout::GED_IRQ,
+        },
+    )?;
 
     let cmdline_size = load_kernel_cmdline(&mem, config, &kernel, &mmio_devices)?;
     arch::mptable::setup_mptable(&mem, config.vcpu_count).map_err(BuildError::Mptable)?;
@@ -232,7 +242,12 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         control,
         cpu_profile,
         mmio_devices,
-        RuntimeDevices { i8042, disks, cmos },
+        RuntimeDevices {
+            i8042,
+            disks,
+            cmos,
+            vmgenid,
+        },
     ))
 }
 
@@ -341,6 +356,7 @@ pub fn build_from_loaded(
     // The interrupt controllers, PIT and clock: KVM_SET_CLOCK updates every vCPU's
     // kvmclock, so it goes after the vCPUs exist (none has run).
     vm.restore_state(&state.vm)?;
+    let vmgenid = restore_vmgenid(&vm, &mem, &devices.vmgenid)?;
 
     let mut vmm = Vmm::new(
         kvm,
@@ -353,12 +369,45 @@ pub fn build_from_loaded(
         control,
         cpu_profile,
         mmio_devices,
-        RuntimeDevices { i8042, disks, cmos },
+        RuntimeDevices {
+            i8042,
+            disks,
+            cmos,
+            vmgenid,
+        },
     );
     if !restore.resume {
         vmm.start_paused(state.vm.clock);
     }
     Ok(vmm)
+}
+
+/// A new VM generation ID in place of the saved one, announced to the guest with the
+/// saved GED interrupt: every VM restored from one snapshot gets an ID of its own, and the
+/// guest reseeds its RNG. Goes after the interrupt controllers are restored (the edge is
+/// latched in the IOAPIC's saved routing) and before any vCPU runs (none may see the old ID
+/// after the restore).
+fn restore_vmgenid(
+    vm: &Vm,
+    mem: &GuestMemory,
+    state: &VmGenIdState,
+) -> Result<VmGenId, BuildError> {
+    // KVM ignores a line it has no route for, so a bad IRQ would fail silently.
+    if state.irq >= layout::IOAPIC_NUM_PINS {
+        return Err(SnapshotError::Inconsistent(format!(
+            "its VM generation ID interrupt is GSI {}, not an IOAPIC pin",
+            state.irq
+        ))
+        .into());
+    }
+    let vmgenid = VmGenId::restore(mem, state)?;
+    vmgenid.notify(vm)?;
+    log::info!(
+        "VM generation ID at {:#x} renewed, GED IRQ {} raised",
+        state.address,
+        state.irq
+    );
+    Ok(vmgenid)
 }
 
 /// Loads an ELF vmlinux (PVH entry preferred when the image has one) or a bzImage.
