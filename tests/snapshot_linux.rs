@@ -162,6 +162,16 @@ fn a_restored_linux_guest_finishes_its_disk_io() {
     assert_eq!(reason, ExitReason::GuestExit(0), "{after}");
     assert_eq!(ged_interrupts(&before), Some(0), "{before}");
     assert_eq!(ged_interrupts(&after), Some(1), "{after}");
+    // The GED's _EVT and VGEN's ADDR ran in the guest's AML interpreter without complaint.
+    for console in [&before, &after] {
+        assert!(!console.contains("ACPI Error"), "{console}");
+        assert!(!console.contains("ACPI BIOS Error"), "{console}");
+    }
+    for line in before.lines().chain(after.lines()) {
+        if line.contains("ACPI:Ged") || line.contains("HRTHVGID") {
+            eprintln!("guest: {line}");
+        }
+    }
     assert_eq!(
         read_from_ext4_image(&disk, "/after.txt").as_deref(),
         Some("restored\n")
