@@ -392,14 +392,7 @@ fn restore_vmgenid(
     mem: &GuestMemory,
     state: &VmGenIdState,
 ) -> Result<VmGenId, BuildError> {
-    // KVM ignores a line it has no route for, so a bad IRQ would fail silently.
-    if state.irq >= layout::IOAPIC_NUM_PINS {
-        return Err(SnapshotError::Inconsistent(format!(
-            "its VM generation ID interrupt is GSI {}, not an IOAPIC pin",
-            state.irq
-        ))
-        .into());
-    }
+    check_vmgenid_irq(state)?;
     let vmgenid = VmGenId::restore(mem, state)?;
     vmgenid.notify(vm)?;
     log::info!(
@@ -408,6 +401,18 @@ fn restore_vmgenid(
         state.irq
     );
     Ok(vmgenid)
+}
+
+/// KVM answers KVM_IRQ_LINE for a GSI it has no route for with success, so a saved
+/// interrupt that is no IOAPIC pin would leave the guest unaware of its new ID.
+fn check_vmgenid_irq(state: &VmGenIdState) -> Result<(), SnapshotError> {
+    if state.irq >= layout::IOAPIC_NUM_PINS {
+        return Err(SnapshotError::Inconsistent(format!(
+            "its VM generation ID interrupt is GSI {}, not an IOAPIC pin",
+            state.irq
+        )));
+    }
+    Ok(())
 }
 
 /// Loads an ELF vmlinux (PVH entry preferred when the image has one) or a bzImage.
@@ -838,6 +843,21 @@ fn attach_control_device(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_vmgenid_irq_must_be_an_ioapic_pin() {
+        let state = |irq| VmGenIdState {
+            address: layout::VMGENID_START,
+            irq,
+        };
+        assert!(check_vmgenid_irq(&state(layout::GED_IRQ)).is_ok());
+        let err = check_vmgenid_irq(&state(layout::IOAPIC_NUM_PINS)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("VM generation ID interrupt is GSI 24"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn elf_identity_checks() {
