@@ -35,6 +35,7 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
+use crate::devices::vmgenid::{VmGenId, VmGenIdError, VmGenIdState};
 use crate::exit::ExitSignal;
 use crate::snapshot::{Snapshot, SnapshotError, StateFile};
 use crate::vmm::persist::{OverrideError, VmmState};
@@ -107,6 +108,8 @@ pub enum BuildError {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Override(#[from] OverrideError),
+    #[error(transparent)]
+    VmGenId(#[from] VmGenIdError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +187,13 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     attach_nets(&mut virtio, config)?;
     attach_vsock(&mut virtio, config)?;
     attach_rng(&mut virtio, config)?;
+    let vmgenid = VmGenId::new(
+        &mem,
+        VmGenIdState {
+            address: layout::VMGENID_START,
+            irq: layout::GED_IRQ,
+        },
+    )?;
 
     let cmdline_size = load_kernel_cmdline(&mem, config, &kernel, &mmio_devices)?;
     arch::mptable::setup_mptable(&mem, config.vcpu_count).map_err(BuildError::Mptable)?;
@@ -237,7 +247,12 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         control,
         cpu_profile,
         mmio_devices,
-        RuntimeDevices { i8042, disks, cmos },
+        RuntimeDevices {
+            i8042,
+            disks,
+            cmos,
+            vmgenid,
+        },
     ))
 }
 
@@ -346,8 +361,9 @@ pub fn build_from_loaded(
     // The interrupt controllers, PIT and clock: KVM_SET_CLOCK updates every vCPU's
     // kvmclock, so it goes after the vCPUs exist (none has run).
     vm.restore_state(&state.vm)?;
-    // Only now, or the restored interrupt controllers would drop the interrupt.
+    // Only now, or the restored interrupt controllers would drop the interrupts.
     announce_resized_disks(&disks, &state.devices.virtio);
+    let vmgenid = restore_vmgenid(&vm, &mem, &devices.vmgenid)?;
 
     let mut vmm = Vmm::new(
         kvm,
@@ -360,12 +376,50 @@ pub fn build_from_loaded(
         control,
         cpu_profile,
         mmio_devices,
-        RuntimeDevices { i8042, disks, cmos },
+        RuntimeDevices {
+            i8042,
+            disks,
+            cmos,
+            vmgenid,
+        },
     );
     if !restore.resume {
         vmm.start_paused(state.vm.clock);
     }
     Ok(vmm)
+}
+
+/// A new VM generation ID in place of the saved one, announced to the guest with the
+/// saved GED interrupt: every VM restored from one snapshot gets an ID of its own, and the
+/// guest reseeds its RNG. Goes after the interrupt controllers are restored (the edge is
+/// latched in the IOAPIC's saved routing) and before any vCPU runs (none may see the old ID
+/// after the restore).
+fn restore_vmgenid(
+    vm: &Vm,
+    mem: &GuestMemory,
+    state: &VmGenIdState,
+) -> Result<VmGenId, BuildError> {
+    check_vmgenid_irq(state)?;
+    let vmgenid = VmGenId::restore(mem, state)?;
+    vmgenid.notify(vm)?;
+    log::info!(
+        "VM generation ID at {:#x} renewed, GED IRQ {} raised",
+        state.address,
+        state.irq
+    );
+    Ok(vmgenid)
+}
+
+/// KVM answers KVM_IRQ_LINE for a GSI it has no route for with success, so a saved
+/// interrupt that is no IOAPIC pin would leave the guest unaware of its new ID.
+fn check_vmgenid_irq(state: &VmGenIdState) -> Result<(), SnapshotError> {
+    if state.irq >= layout::IOAPIC_NUM_PINS {
+        return Err(SnapshotError::Inconsistent(format!(
+            "its VM generation ID interrupt is GSI {}, not an IOAPIC pin",
+            state.irq
+        )));
+    }
+    Ok(())
 }
 
 /// Loads an ELF vmlinux (PVH entry preferred when the image has one) or a bzImage.
@@ -823,6 +877,21 @@ fn attach_control_device(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_vmgenid_irq_must_be_an_ioapic_pin() {
+        let state = |irq| VmGenIdState {
+            address: layout::VMGENID_START,
+            irq,
+        };
+        assert!(check_vmgenid_irq(&state(layout::GED_IRQ)).is_ok());
+        let err = check_vmgenid_irq(&state(layout::IOAPIC_NUM_PINS)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("VM generation ID interrupt is GSI 24"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn elf_identity_checks() {

@@ -1,12 +1,14 @@
 //! Snapshots of a Linux guest. In process: a guest that has mounted a virtio-blk disk is
 //! paused and snapshotted in the middle of a command, and a VM restored from the snapshot
 //! finishes the command through the restored devices (reading and writing the disk), with
-//! its vsock device moved to a new socket. Through the binaries: a booted guest serving
-//! commands over vsock (tests/programs/vsock_exec.c) is snapshotted with `hearth remote`,
-//! its VMM killed, and `hearth restore` brings it back in a new process whose vsock
-//! socket has moved; a command sent through that socket runs in the guest and reads the
-//! disk. Needs the minimal guest kernel (see tests/common/linux.rs), e2fsprogs
-//! and a C compiler with static glibc.
+//! its vsock device moved to a new socket; the guest's vmgenid driver has bound the VM
+//! generation ID device, and the restored guest takes the GED interrupt that announces
+//! the new ID. Through the binaries: a booted guest serving commands over vsock
+//! (tests/programs/vsock_exec.c) is snapshotted with `hearth remote`, its VMM killed, and
+//! `hearth restore` brings it back in a new process whose vsock socket has moved; a
+//! command sent through that socket runs in the guest and reads the disk. Needs the
+//! minimal guest kernel (see tests/common/linux.rs), e2fsprogs and a C compiler with
+//! static glibc.
 
 mod common;
 
@@ -78,9 +80,13 @@ fn a_restored_linux_guest_finishes_its_disk_io() {
     // The guest is paused during the sleep; only the restored VM reads the file (so the
     // read goes through the restored virtio-blk device, not the page cache) and writes.
     // The markers are computed so the kernel's echo of its command line does not hold them.
+    // The GED's line of /proc/interrupts (named "ACPI:Ged") is printed before the pause
+    // and after the restore, and the vmgenid driver's directory lists the device it bound.
     let command = concat!(
-        r#"sh -c "mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && echo READY-\$((40+2)) && "#,
-        r#"sleep 4 && cat /mnt/d/greeting.txt && echo restored > /mnt/d/after.txt && "#,
+        r#"sh -c "mkdir -p /mnt/d && mount -t ext4 /dev/vda /mnt/d && "#,
+        r#"ls /sys/bus/acpi/drivers/vmgenid && grep Ged /proc/interrupts && "#,
+        r#"echo READY-\$((40+2)) && sleep 4 && grep Ged /proc/interrupts && "#,
+        r#"cat /mnt/d/greeting.txt && echo restored > /mnt/d/after.txt && "#,
         r#"umount /mnt/d && echo DONE-\$((50+5))""#
     );
     let args = linux_args(
@@ -129,6 +135,10 @@ fn a_restored_linux_guest_finishes_its_disk_io() {
     original.join().unwrap().expect("the original VM ran");
     let before = fs::read_to_string(&log).unwrap();
     assert!(!before.contains("DONE-55"), "{before}");
+    assert!(
+        before.contains("HRTHVGID:00"),
+        "vmgenid did not bind:\n{before}"
+    );
     assert!(saved.memory_data_bytes < 128 << 20);
 
     let restored_log = dir.join("restored.log");
@@ -150,10 +160,30 @@ fn a_restored_linux_guest_finishes_its_disk_io() {
     assert!(after.contains("hello disk"), "{after}");
     assert!(after.contains("DONE-55"), "{after}");
     assert_eq!(reason, ExitReason::GuestExit(0), "{after}");
+    assert_eq!(ged_interrupts(&before), Some(0), "{before}");
+    assert_eq!(ged_interrupts(&after), Some(1), "{after}");
+    // The GED's _EVT and VGEN's ADDR ran in the guest's AML interpreter without complaint.
+    for console in [&before, &after] {
+        assert!(!console.contains("ACPI Error"), "{console}");
+        assert!(!console.contains("ACPI BIOS Error"), "{console}");
+    }
+    for line in before.lines().chain(after.lines()) {
+        if line.contains("ACPI:Ged") || line.contains("HRTHVGID") {
+            eprintln!("guest: {line}");
+        }
+    }
     assert_eq!(
         read_from_ext4_image(&disk, "/after.txt").as_deref(),
         Some("restored\n")
     );
+}
+
+/// The count of GED interrupts (summed over the CPUs) in the last line of /proc/interrupts
+/// on `console`, e.g. ` 23:   1   IO-APIC  23-edge   ACPI:Ged`.
+fn ged_interrupts(console: &str) -> Option<u64> {
+    let line = console.lines().rev().find(|l| l.contains("ACPI:Ged"))?;
+    let counts = line.split_whitespace().skip(1);
+    Some(counts.map_while(|field| field.parse::<u64>().ok()).sum())
 }
 
 /// tests/programs/vsock_exec.c, built static into `dir`; its bytes.

@@ -351,11 +351,10 @@ fn varint(n: u64) -> Vec<u8> {
 const EMPTY_VCPU: [u8; 12] = [0; 12];
 
 /// Seed inputs: the real file as a restore reads it here and on any host (from a file),
-/// broken by a flipped bit, a cut, a
-/// format version and a trailing byte, and hostile files with valid checksums: length
-/// prefixes of 2^60 for the vCPUs, the regions, the front end and the CPU vendor, 1000
-/// vCPUs of 12 bytes each (6 MiB decoded), a thousand feature words, and feature words
-/// listed twice.
+/// broken by a flipped bit, a cut, the next format version and a trailing byte, and
+/// hostile files with valid checksums: length prefixes of 2^60 for the vCPUs, the regions,
+/// the front end and the CPU vendor, 1000 vCPUs of 12 bytes each (6 MiB decoded), a
+/// thousand feature words, and feature words listed twice.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let with = |mode: u8, file: &[u8]| [&[mode][..], file].concat();
     let (header, body) = fixture_parts();
@@ -368,8 +367,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 
     let mut flipped = FIXTURE.to_vec();
     flipped[FIXTURE.len() / 2] ^= 0x08;
-    let mut version_2 = FIXTURE.to_vec();
-    version_2[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let mut other_version = FIXTURE.to_vec();
+    other_version[8..12].copy_from_slice(&(hearth::snapshot::FORMAT_VERSION + 1).to_le_bytes());
     let mut trailing = FIXTURE.to_vec();
     trailing.push(0);
 
@@ -413,8 +412,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             with(FACTS_OWN | THROUGH_FILE, &FIXTURE[..FIXTURE.len() - 1000]),
         ),
         (
-            "format_version_2",
-            with(FACTS_OWN | THROUGH_FILE, &version_2),
+            "another_format_version",
+            with(FACTS_OWN | THROUGH_FILE, &other_version),
         ),
         (
             "trailing_byte_resealed",
@@ -544,10 +543,11 @@ mod tests {
                 FIXTURE.len()
             )
         );
-        let version = refused("format_version_2");
+        let version = refused("another_format_version");
         assert!(
             version.starts_with(&format!(
-                "format version 2 (written by hearth {}) is not supported",
+                "format version {} (written by hearth {}) is not supported",
+                hearth::snapshot::FORMAT_VERSION + 1,
                 fixture_snapshot().header.hearth_version
             )),
             "{version}"

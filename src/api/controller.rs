@@ -447,6 +447,14 @@ mod tests {
             i8042: Arc::new(Mutex::new(I8042::new(exit.clone(), None))),
             disks: Vec::new(),
             cmos: Arc::new(Mutex::new(crate::devices::legacy::cmos::Cmos::new())),
+            vmgenid: crate::devices::vmgenid::VmGenId::new(
+                &crate::vstate::memory::create_guest_memory(2 << 20).unwrap(),
+                crate::devices::vmgenid::VmGenIdState {
+                    address: 0xdf000,
+                    irq: 23,
+                },
+            )
+            .unwrap(),
         };
         let (sender, requests) = mpsc::channel();
         let endpoint = ApiEndpoint {

@@ -4,3 +4,4 @@ pub mod bus;
 pub mod control;
 pub mod legacy;
 pub mod virtio;
+pub mod vmgenid;

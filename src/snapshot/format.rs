@@ -34,8 +34,9 @@ use super::host::HostFacts;
 use crate::vstate::memory::MemoryLayout;
 
 pub const MAGIC: [u8; 8] = *b"HEARTHST";
-/// The version this hearth writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version this hearth writes. 2: the devices' state holds the VM generation ID's
+/// address and interrupt.
+pub const FORMAT_VERSION: u32 = 2;
 /// The versions this hearth reads.
 pub const SUPPORTED_FORMAT_VERSIONS: &[u32] = &[FORMAT_VERSION];
 /// The hearth release, recorded in every header.
@@ -500,7 +501,7 @@ mod tests {
             decode(&bytes).unwrap_err().to_string(),
             format!(
                 "format version 7 (written by hearth {HEARTH_VERSION}) is not supported; this \
-                 hearth ({HEARTH_VERSION}) reads version 1"
+                 hearth ({HEARTH_VERSION}) reads version {FORMAT_VERSION}"
             )
         );
         // A header that does not start with a version string is not quoted.
@@ -508,9 +509,21 @@ mod tests {
         assert_eq!(
             decode(&bytes).unwrap_err().to_string(),
             format!(
-                "format version 7 is not supported; this hearth ({HEARTH_VERSION}) reads version 1"
+                "format version 7 is not supported; this hearth ({HEARTH_VERSION}) reads version \
+                 {FORMAT_VERSION}"
             )
         );
+    }
+
+    #[test]
+    fn a_version_1_snapshot_is_refused() {
+        // Version 1 saved no VM generation ID, which a restore must renew.
+        let mut bytes = sample().to_bytes().unwrap();
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        assert!(decode(&bytes)
+            .unwrap_err()
+            .to_string()
+            .starts_with("format version 1 (written by hearth"));
     }
 
     #[test]

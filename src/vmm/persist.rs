@@ -14,6 +14,7 @@ use crate::devices::control::ControlState;
 use crate::devices::legacy::cmos::CmosState;
 use crate::devices::legacy::i8042::I8042State;
 use crate::devices::legacy::serial::SerialState;
+use crate::devices::vmgenid::VmGenIdState;
 use crate::snapshot::format::bounded_vec;
 use crate::snapshot::{self, HostFacts, Saved, SnapshotError};
 use crate::vstate::vcpu::VcpuState;
@@ -56,6 +57,8 @@ pub struct DevicesState {
     pub control: ControlState,
     /// In the order they were attached, which is the order to restore them in.
     pub virtio: Vec<AttachedDeviceState>,
+    /// A restore writes a new ID there and raises the interrupt.
+    pub vmgenid: VmGenIdState,
 }
 
 impl DevicesState {
@@ -133,6 +136,7 @@ impl Vmm {
                 cmos: lock(&self.devices.cmos).save(),
                 control: self.control.save(),
                 virtio: self.mmio_devices.save(),
+                vmgenid: self.devices.vmgenid.save(),
             },
             frontend: None,
         })
@@ -232,6 +236,10 @@ mod tests {
                 boot_completed: true,
             },
             virtio,
+            vmgenid: VmGenIdState {
+                address: 0xdf000,
+                irq: 23,
+            },
         }
     }
 

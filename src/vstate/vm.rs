@@ -44,6 +44,12 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot raise IRQ {irq} (KVM_IRQ_LINE)")]
+    IrqLine {
+        irq: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot read the guest clock (KVM_GET_CLOCK)")]
     GetClock(#[source] kvm_ioctls::Error),
     #[error("cannot set the guest clock (KVM_SET_CLOCK)")]
@@ -124,6 +130,17 @@ impl Vm {
         self.fd
             .register_irqfd(evt, irq)
             .map_err(|source| VmError::Irqfd { irq, source })
+    }
+
+    /// One edge on `irq` (a GSI of the in-kernel IOAPIC): for a device that interrupts too
+    /// seldom to keep an irqfd.
+    pub fn pulse_irq(&self, irq: u32) -> Result<(), VmError> {
+        for level in [true, false] {
+            self.fd
+                .set_irq_line(irq, level)
+                .map_err(|source| VmError::IrqLine { irq, source })?;
+        }
+        Ok(())
     }
 
     pub fn fd(&self) -> &VmFd {

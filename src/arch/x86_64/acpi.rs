@@ -1,13 +1,16 @@
 //! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, MADT and a DSDT describing
-//! the serial port, the virtio-mmio windows and the S5 (power-off) sleep state.
+//! the serial port, the virtio-mmio windows, the VM generation ID with the Generic Event
+//! Device that announces its changes, and the S5 (power-off) sleep state.
 //!
 //! Hardware-reduced ACPI has no PM1 blocks, GPEs or SCI: the guest powers off through the
-//! FADT sleep control register alone, and finds every device through the DSDT. That also
+//! FADT sleep control register alone, finds every device through the DSDT, and hears of
+//! platform events through a Generic Event Device (GED) interrupt. That also
 //! means Linux runs without a legacy PIC (`nr_legacy_irqs() == 0`) and maps no ISA IRQ on its
 //! own: an interrupt works only if some table names it, which is why COM1 is in the DSDT.
 
 use acpi_tables::aml::{
-    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope, IO,
+    Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify, Package,
+    Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -19,7 +22,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::layout::{
     ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, ACPI_TABLES_END, ACPI_TABLES_START,
-    APIC_START, IOAPIC_START, RSDP_START, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
+    APIC_START, GED_IRQ, IOAPIC_START, RSDP_START, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
+    VMGENID_START,
 };
 
 /// A virtio-mmio window to announce in the DSDT.
@@ -84,6 +88,14 @@ const TIMER_GSI: u32 = 2;
 /// MADT "all processors" ACPI processor UID for the LINT1 NMI entry.
 const ALL_PROCESSORS: u8 = 0xff;
 
+/// The VM generation ID device's own hardware ID; guests bind it by its compatible ID, the
+/// name Microsoft's VM generation ID specification gives (Linux's vmgenid driver matches
+/// `VM_GEN_COUNTER`).
+const VMGENID_HID: &str = "HRTHVGID";
+const VMGENID_CID: &str = "VM_GEN_COUNTER";
+/// ACPI Notify value that tells the VM generation ID device its ID changed.
+const VMGENID_CHANGED: u8 = 0x80;
+
 const DSDT_REVISION: u8 = 2; // 64-bit AML integers
 const TABLE_ALIGNMENT: u64 = 8;
 
@@ -127,6 +139,35 @@ fn virtio_device(uid: usize, device: &AcpiMmioDevice) -> Result<Vec<u8>, AcpiErr
     Ok(aml_bytes(&Device::new(path, vec![&hid, &uid_name, &crs])))
 }
 
+/// `VGEN`, the VM generation ID: its `ADDR` package holds the low and high 32 bits of the
+/// ID's guest-physical address. `GED_`, a Generic Event Device whose one edge-triggered
+/// interrupt runs `_EVT` (with the GSI as Arg0), which tells `VGEN` its ID changed; the
+/// VMM raises that interrupt after it wrote a new ID.
+fn vmgenid_devices() -> Vec<u8> {
+    let low = VMGENID_START as u32;
+    let high = (VMGENID_START >> 32) as u32;
+    let hid = Name::new("_HID".into(), &VMGENID_HID);
+    let cid = Name::new("_CID".into(), &VMGENID_CID);
+    let ddn = Name::new("_DDN".into(), &VMGENID_CID);
+    let addr = Name::new("ADDR".into(), &Package::new(vec![&low, &high]));
+    let mut bytes = aml_bytes(&Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr]));
+
+    let ged_hid = Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = Name::new("_UID".into(), &0u8);
+    let irq = Interrupt::new(true, true, false, false, GED_IRQ);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&irq]));
+    let vgen = Path::new("\\_SB_.VGEN");
+    let notify = Notify::new(&vgen, &VMGENID_CHANGED);
+    let is_ged_irq = Equal::new(&Arg(0), &GED_IRQ);
+    let on_ged_irq = If::new(&is_ged_irq, vec![&notify]);
+    let evt = Method::new("_EVT".into(), 1, true, vec![&on_ged_irq]);
+    bytes.extend(aml_bytes(&Device::new(
+        "GED_".into(),
+        vec![&ged_hid, &ged_uid, &crs, &evt],
+    )));
+    bytes
+}
+
 fn dsdt(devices: &[AcpiMmioDevice]) -> Result<Vec<u8>, AcpiError> {
     if devices.len() > MAX_DEVICES {
         return Err(AcpiError::TooManyDevices(devices.len()));
@@ -139,6 +180,7 @@ fn dsdt(devices: &[AcpiMmioDevice]) -> Result<Vec<u8>, AcpiError> {
     for (uid, device) in devices.iter().enumerate() {
         system_bus.extend(virtio_device(uid, device)?);
     }
+    system_bus.extend(vmgenid_devices());
     body.extend(Scope::raw("\\_SB_".into(), system_bus));
 
     let mut table = Sdt::new(
@@ -257,7 +299,7 @@ fn build_tables(
 
 /// Writes the RSDP at `RSDP_START` and the XSDT, FADT, MADT (one enabled local APIC per vCPU,
 /// the IOAPIC, ISA IRQ 0 → GSI 2) and DSDT (`_S5_`, COM1, one `LNRO0005` device per
-/// virtio-mmio window) between `ACPI_TABLES_START` and `ACPI_TABLES_END`. Returns the RSDP
+/// virtio-mmio window, the VM generation ID and its GED) between `ACPI_TABLES_START` and `ACPI_TABLES_END`. Returns the RSDP
 /// address for the boot protocol structures.
 pub fn create_acpi_tables(
     mem: &GuestMemoryMmap,
@@ -450,6 +492,36 @@ mod tests {
         let mut serial_irq = vec![0x89, 0x06, 0x00, 0x03, 0x01];
         serial_irq.extend_from_slice(&SERIAL_IRQ.to_le_bytes());
         assert_eq!(count(dsdt, &serial_irq), 1);
+    }
+
+    #[test]
+    fn dsdt_names_the_vm_generation_id_and_its_ged() {
+        let tables = written_tables(1, &devices(2));
+        let dsdt = table(&tables, b"DSDT");
+        // The device, and the path `_EVT` notifies.
+        assert_eq!(count(dsdt, b"VGEN"), 2);
+        assert_eq!(count(dsdt, b"HRTHVGID"), 1);
+        // _CID and _DDN.
+        assert_eq!(count(dsdt, b"VM_GEN_COUNTER\0"), 2);
+        // Name(ADDR, Package(2) { DWordPrefix low, Zero }).
+        let mut addr = b"ADDR".to_vec();
+        addr.extend_from_slice(&[0x12, 0x08, 0x02, 0x0c]);
+        addr.extend_from_slice(&(VMGENID_START as u32).to_le_bytes());
+        addr.push(0x00);
+        assert_eq!(count(dsdt, &addr), 1);
+
+        assert_eq!(count(dsdt, b"GED_"), 1);
+        assert_eq!(count(dsdt, b"ACPI0013\0"), 1);
+        let mut ged_irq = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+        ged_irq.extend_from_slice(&GED_IRQ.to_le_bytes());
+        assert_eq!(count(dsdt, &ged_irq), 1);
+        // Method(_EVT, 1, Serialized) { If (LEqual(Arg0, GED_IRQ)) {
+        //     Notify(\_SB_.VGEN, 0x80) } }
+        assert_eq!(count(dsdt, b"_EVT\x09\xa0"), 1);
+        assert_eq!(count(dsdt, &[0x93, 0x68, 0x0a, GED_IRQ as u8]), 1);
+        let mut notify = b"\x86\\\x2e_SB_VGEN".to_vec();
+        notify.extend_from_slice(&[0x0a, VMGENID_CHANGED]);
+        assert_eq!(count(dsdt, &notify), 1);
     }
 
     #[test]

@@ -99,9 +99,9 @@ struct MemoryMapEntry {
 }
 
 /// The guest's memory map: RAM below the EBDA, the EBDA-to-1 MiB firmware area (MP table,
-/// ACPI tables) reserved, RAM from 1 MiB to the end of low RAM, and RAM above 4 GiB. Only
-/// ranges that are backed by guest memory are reported as RAM; whatever else lies in
-/// [MMIO32_START, 4 GiB) stays out of the map altogether.
+/// VM generation ID, ACPI tables) reserved, RAM from 1 MiB to the end of low RAM, and RAM
+/// above 4 GiB. Only ranges that are backed by guest memory are reported as RAM; whatever
+/// else lies in [MMIO32_START, 4 GiB) stays out of the map altogether.
 fn memory_map(mem: &GuestMemoryMmap) -> Vec<MemoryMapEntry> {
     let usable_windows = [
         (0, EBDA_START),
@@ -296,7 +296,9 @@ pub fn configure_pvh_boot(
 mod tests {
     use super::*;
     use crate::arch::x86_64::arch_memory_regions;
-    use crate::arch::x86_64::layout::{CMDLINE_START, CONTROL_PAGE_START, RSDP_START};
+    use crate::arch::x86_64::layout::{
+        CMDLINE_START, CONTROL_PAGE_START, RSDP_START, VMGENID_PAGE_SIZE, VMGENID_START,
+    };
 
     fn guest_memory(size: u64) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&arch_memory_regions(size)).unwrap()
@@ -332,6 +334,8 @@ mod tests {
         );
         assert!(!is_ram(&map, RSDP_START));
         assert!(!is_ram(&map, CONTROL_PAGE_START));
+        assert!(!is_ram(&map, VMGENID_START));
+        assert!(!is_ram(&map, VMGENID_START + VMGENID_PAGE_SIZE - 1));
 
         let hdr = params.hdr;
         assert_eq!({ hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);

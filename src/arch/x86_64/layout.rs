@@ -13,6 +13,7 @@
 //! 0x0000_9000 │ boot page tables (PML4, PDPT, 4 × PD: identity map of the low 4 GiB)
 //! 0x0002_0000 │ kernel command line
 //! 0x0009_fc00 ┼ EBDA: MP table                              (reserved)
+//! 0x000d_f000 │ VM generation ID page                      (reserved)
 //! 0x000e_0000 │ ACPI RSDP and tables                       (reserved)
 //! 0x0010_0000 ┼ high memory: kernel, initrd at the top of low RAM
 //! 0xc000_0000 ┼ 32-bit MMIO hole: control page, virtio-mmio windows, IOAPIC, LAPIC
@@ -59,8 +60,18 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// The MP floating pointer and table live at the start of the EBDA, where Linux scans.
 pub const MPTABLE_START: u64 = EBDA_START;
-/// End (exclusive) of the space the MP table may fill: it must not run into the ACPI area.
-pub const MPTABLE_END: u64 = RSDP_START;
+/// End (exclusive) of the space the MP table may fill: it must not run into the VM
+/// generation ID page.
+pub const MPTABLE_END: u64 = VMGENID_START;
+
+/// The VM generation ID (16 bytes, the DSDT's `VGEN.ADDR` points here) at the start of a
+/// page of its own in the reserved firmware area, so the guest never uses it as RAM and
+/// Linux maps it without taking it from the allocator.
+pub const VMGENID_START: u64 = 0xdf000;
+/// The page reserved for it.
+pub const VMGENID_PAGE_SIZE: u64 = 0x1000;
+const _: () =
+    assert!(VMGENID_START >= EBDA_START && VMGENID_START + VMGENID_PAGE_SIZE <= RSDP_START);
 
 /// ACPI RSDP, inside the BIOS read-only area that Linux scans (0xE0000-0xFFFFF).
 pub const RSDP_START: u64 = 0xe0000;
@@ -111,8 +122,11 @@ pub const I8042_KEYBOARD_IRQ: u32 = 1;
 pub const SERIAL_IRQ: u32 = 4;
 /// First GSI handed to virtio-mmio devices.
 pub const IRQ_VIRTIO_BASE: u32 = 5;
-/// Last GSI usable by devices.
-pub const IRQ_MAX: u32 = IOAPIC_NUM_PINS - 1;
+/// The ACPI Generic Event Device's interrupt, which tells the guest that the VM
+/// generation ID changed: the last IOAPIC pin, out of the virtio devices' way.
+pub const GED_IRQ: u32 = IOAPIC_NUM_PINS - 1;
+/// Last GSI usable by virtio devices.
+pub const IRQ_MAX: u32 = GED_IRQ - 1;
 
 /// COM1 16550 UART: base port and width.
 pub const SERIAL_PORT_BASE: u64 = 0x3f8;
