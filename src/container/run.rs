@@ -374,6 +374,9 @@ fn fresh_vm(
         // The agent has the container's data on the disks (it syncs writable volumes
         // before it reports the exit): nothing in the VM is worth its orderly power-off,
         // which costs about a second of guest kernel time here.
+        // (With the agent's log on, the agent writes its timeline after the exit: let
+        // it, and power the VM off itself.)
+        Ok(_) if std::env::var_os(vm::AGENT_LOG_ENV).is_some() => POWEROFF_TIMEOUT,
         Ok(_) => {
             // SAFETY: kill(2) on our own child, which has not been reaped yet.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
