@@ -36,8 +36,9 @@ pub struct StartupArgs {
     pub output: PathBuf,
 
     /// Comma-separated cases, or `all`: hearth-tiny, hearth-linux, hearth-container,
-    /// hearth-machine, crun, runc, unshare, qemu-tiny, qemu-linux, firecracker-tiny,
-    /// firecracker-linux.
+    /// hearth-container-template, hearth-machine, hearth-machine-start,
+    /// hearth-machine-start-template, crun, runc, unshare, qemu-tiny, qemu-linux,
+    /// firecracker-tiny, firecracker-linux.
     #[arg(long, value_name = "LIST", default_value = "all")]
     pub include: String,
 
