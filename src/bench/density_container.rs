@@ -1,6 +1,6 @@
 //! `hearth bench density --guest container`: N container VMs started at once, all
-//! restored from one template, each running `sleep` behind a first line `ready` on its
-//! stdout. Reports the time until every container runs, the creation rate, each VMM's
+//! restored from one template, each running `sleep` under a shell that first prints
+//! `ready` on its stdout. Reports the time until every container runs, the creation rate, each VMM's
 //! memory and how much of its guest RAM (the template's memory file, mapped
 //! copy-on-write) it shares with the others, then stops them all with SIGTERM to their
 //! front ends and checks that nothing is left.
@@ -25,9 +25,12 @@ use super::report::{format_kib, format_ms};
 use super::{hearth_exe, write_output, BenchError, DensityArgs, Progress, WorkDir};
 use crate::config::parse_memory_size;
 
-/// What each container prints once it runs, then what it runs.
+/// What each container prints once it runs, then what it runs. The shell stays, with a
+/// trap: as the container's first process it would otherwise ignore the SIGTERM its
+/// front end forwards (as a bare `sleep` does), and the containers could not be stopped
+/// the way a user stops them.
 const READY_LINE: &str = "ready";
-const IDLE_SCRIPT: &str = "echo ready; exec sleep 3600";
+const IDLE_SCRIPT: &str = "trap 'exit 143' TERM; echo ready; sleep 3600 & wait";
 /// Settling time after the last container is ready before memory is read.
 const SETTLE: Duration = Duration::from_millis(500);
 /// How long a VMM may outlive its front end (it dies with it, by its parent-death
@@ -350,7 +353,7 @@ fn markdown(r: &ContainerDensityReport) -> String {
     let _ = writeln!(
         out,
         "hearth bench density: {} container VMs restored from one template{}{}, each running \
-         `sh -c '{IDLE_SCRIPT}'`\n",
+         `sh -c \"{IDLE_SCRIPT}\"`\n",
         r.vms,
         r.vm_memory_mib
             .map_or(String::new(), |mib| format!(", {mib} MiB guest RAM each")),
