@@ -77,11 +77,43 @@ fn unknown_case_is_a_usage_error() {
         BENCH_TIMEOUT,
     );
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("unknown case \"docker\""),
+        stderr.contains("unknown case \"docker\""),
         "{}",
         describe(&out)
     );
+    // The message lists every case, the template ones among them.
+    for known in [
+        "hearth-container,",
+        "hearth-container-template",
+        "hearth-machine-start,",
+        "hearth-machine-start-template",
+    ] {
+        assert!(stderr.contains(known), "{known}: {}", describe(&out));
+    }
+}
+
+/// Container density checks its options before it starts anything.
+#[test]
+fn container_density_refuses_bad_options() {
+    for (args, expected) in [
+        (["--vms", "0"], "--vms must be at least 1"),
+        (["--memory", "lots"], "lots"),
+    ] {
+        let out = run_hearth(
+            ["bench", "density", "--guest", "container"]
+                .into_iter()
+                .chain(args),
+            BENCH_TIMEOUT,
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(expected),
+            "{expected}: {}",
+            describe(&out)
+        );
+    }
 }
 
 /// `hearth bench snapshot` with the tiny guest at two sizes: snapshots are created and

@@ -36,8 +36,9 @@ pub struct StartupArgs {
     pub output: PathBuf,
 
     /// Comma-separated cases, or `all`: hearth-tiny, hearth-linux, hearth-container,
-    /// hearth-machine, crun, runc, unshare, qemu-tiny, qemu-linux, firecracker-tiny,
-    /// firecracker-linux.
+    /// hearth-container-template, hearth-machine, hearth-machine-start,
+    /// hearth-machine-start-template, crun, runc, unshare, qemu-tiny, qemu-linux,
+    /// firecracker-tiny, firecracker-linux.
     #[arg(long, value_name = "LIST", default_value = "all")]
     pub include: String,
 
@@ -52,12 +53,15 @@ pub struct DensityArgs {
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub vms: usize,
 
-    /// Guest RAM of each VM.
-    #[arg(long, value_name = "SIZE", default_value = "64M")]
-    pub memory: String,
+    /// Guest RAM of each VM (tiny, linux; default 64M); for container guests the
+    /// containers' memory limit (`hearth container run --memory`: the VM gets 64 MiB
+    /// more; default none, a 256 MiB VM).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
 
-    /// What each VM runs: the tiny payload that idles after signalling boot, or the
-    /// minimal Linux kernel running `sleep`.
+    /// What each VM runs: the tiny payload that idles after signalling boot, the
+    /// minimal Linux kernel running `sleep`, or a container (`hearth container run` of
+    /// the busybox rootfs running `sleep`, restored from one template).
     #[arg(long, value_enum, default_value_t = DensityGuest::Tiny)]
     pub guest: DensityGuest,
 
@@ -65,7 +69,7 @@ pub struct DensityArgs {
     #[arg(long, value_name = "DIR", default_value = "bench-results")]
     pub output: PathBuf,
 
-    /// Seconds to wait for every VM to signal boot.
+    /// Seconds to wait for every VM to signal boot (containers: to print that they run).
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub timeout: u64,
 }
@@ -106,6 +110,7 @@ pub struct SnapshotArgs {
 pub enum DensityGuest {
     Tiny,
     Linux,
+    Container,
 }
 
 #[cfg(test)]
@@ -171,7 +176,30 @@ mod tests {
             panic!("not bench density");
         };
         assert_eq!(args.vms, 5);
-        assert_eq!(args.memory, "64M");
+        assert_eq!(args.memory, None);
         assert_eq!(args.guest, DensityGuest::Tiny);
+    }
+
+    #[test]
+    fn density_of_containers() {
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "bench",
+            "density",
+            "--guest",
+            "container",
+            "--memory",
+            "32M",
+        ])
+        .unwrap();
+        let Some(Command::Bench(BenchArgs {
+            command: BenchCommand::Density(args),
+        })) = cli.command
+        else {
+            panic!("not bench density");
+        };
+        assert_eq!(args.guest, DensityGuest::Container);
+        assert_eq!(args.memory.as_deref(), Some("32M"));
+        assert!(Cli::try_parse_from(["hearth", "bench", "density", "--guest", "docker"]).is_err());
     }
 }

@@ -7,9 +7,14 @@
 //! tiny-payload cases run no command: they measure the VMM alone.
 //!
 //! Ratios (see [`CaseId::baseline`]): tiny-payload cases are compared with `hearth-tiny`,
-//! guest-kernel cases with `hearth-linux`, and container-like cases (crun, runc, unshare,
-//! hearth containers) with `hearth-container`, hearth's fresh-microVM container. When the
+//! guest-kernel cases with `hearth-linux`, container-like cases (crun, runc, unshare,
+//! hearth containers) with `hearth-container`, hearth's fresh-microVM container booting
+//! its kernel, and `hearth-machine-start-template` with `hearth-machine-start`. When the
 //! baseline has no result (not selected, or failed), `hearth-tiny` is used instead.
+//!
+//! The `-template` cases restore their VM from a template (see `container::template`);
+//! their twins pass `--no-template` and boot. A template is made on first use, so each
+//! template case runs once unmeasured before the first round ([`Runner::makes_template`]).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -29,6 +34,10 @@ pub const TINY_MEMORY: &str = "64M";
 pub const LINUX_MEMORY: &str = "128M";
 /// The machine `hearth-machine` starts and stops.
 pub const MACHINE_NAME: &str = "hearth-bench";
+/// The machine `hearth-machine-start` boots and stops in every sample.
+pub const MACHINE_START_NAME: &str = "hearth-bench-start";
+/// The machine `hearth-machine-start-template` restores and stops in every sample.
+pub const MACHINE_START_TEMPLATE_NAME: &str = "hearth-bench-start-template";
 
 const TINY_TIMEOUT: Duration = Duration::from_secs(60);
 const LINUX_TIMEOUT: Duration = Duration::from_secs(600);
@@ -47,7 +56,10 @@ pub enum CaseId {
     HearthTiny,
     HearthLinux,
     HearthContainer,
+    HearthContainerTemplate,
     HearthMachine,
+    HearthMachineStart,
+    HearthMachineStartTemplate,
     Crun,
     Runc,
     Unshare,
@@ -59,11 +71,14 @@ pub enum CaseId {
 
 impl CaseId {
     /// Every case, in report order.
-    pub const ALL: [CaseId; 11] = [
+    pub const ALL: [CaseId; 14] = [
         CaseId::HearthTiny,
         CaseId::HearthLinux,
         CaseId::HearthContainer,
+        CaseId::HearthContainerTemplate,
         CaseId::HearthMachine,
+        CaseId::HearthMachineStart,
+        CaseId::HearthMachineStartTemplate,
         CaseId::Crun,
         CaseId::Runc,
         CaseId::Unshare,
@@ -78,7 +93,10 @@ impl CaseId {
             CaseId::HearthTiny => "hearth-tiny",
             CaseId::HearthLinux => "hearth-linux",
             CaseId::HearthContainer => "hearth-container",
+            CaseId::HearthContainerTemplate => "hearth-container-template",
             CaseId::HearthMachine => "hearth-machine",
+            CaseId::HearthMachineStart => "hearth-machine-start",
+            CaseId::HearthMachineStartTemplate => "hearth-machine-start-template",
             CaseId::Crun => "crun",
             CaseId::Runc => "runc",
             CaseId::Unshare => "unshare",
@@ -97,8 +115,17 @@ impl CaseId {
         match self {
             CaseId::HearthTiny => "hearth microVM, tiny payload: spawn -> guest runs -> exit",
             CaseId::HearthLinux => "hearth microVM, minimal Linux kernel + busybox initramfs",
-            CaseId::HearthContainer => "hearth container run, fresh microVM",
+            CaseId::HearthContainer => "hearth container run --no-template, fresh microVM booting",
+            CaseId::HearthContainerTemplate => {
+                "hearth container run, fresh microVM restored from a template"
+            }
             CaseId::HearthMachine => "hearth container run inside a running hearth machine",
+            CaseId::HearthMachineStart => {
+                "hearth machine start --no-template (boots) until it returns, then machine stop"
+            }
+            CaseId::HearthMachineStartTemplate => {
+                "hearth machine start (restores a template) until it returns, then machine stop"
+            }
             CaseId::Crun => "crun run, OCI bundle of the rootfs",
             CaseId::Runc => "runc run, OCI bundle of the rootfs",
             CaseId::Unshare => "unshare --fork --pid --mount --root (namespace-only floor)",
@@ -116,12 +143,24 @@ impl CaseId {
             CaseId::HearthLinux | CaseId::QemuLinux | CaseId::FirecrackerLinux => {
                 CaseId::HearthLinux
             }
+            CaseId::HearthMachineStart | CaseId::HearthMachineStartTemplate => {
+                CaseId::HearthMachineStart
+            }
             CaseId::HearthContainer
+            | CaseId::HearthContainerTemplate
             | CaseId::HearthMachine
             | CaseId::Crun
             | CaseId::Runc
             | CaseId::Unshare => CaseId::HearthContainer,
         }
+    }
+
+    /// Whether the case restores from a template (made on first use).
+    pub fn uses_template(self) -> bool {
+        matches!(
+            self,
+            CaseId::HearthContainerTemplate | CaseId::HearthMachineStartTemplate
+        )
     }
 
     /// Whether the case boots the minimal kernel with the test initramfs.
@@ -169,6 +208,13 @@ pub struct Runner {
     pub setup: Option<Invocation>,
     /// Run once after the last sample, whatever happened.
     pub teardown: Option<Invocation>,
+    /// Run right after `invocation` succeeds, as part of the same sample: the sample is
+    /// both together, and `invocation`'s exit is its ready time (`machine start` returning,
+    /// then `machine stop`).
+    pub then: Option<Invocation>,
+    /// The case restores from a template: one unmeasured sample before the first round
+    /// makes the template if it is missing, so that no measured sample builds it.
+    pub makes_template: bool,
     /// How this case was adapted to the host, for the report.
     pub note: Option<String>,
 }
@@ -182,6 +228,8 @@ impl Runner {
             unique_id_prefix: None,
             setup: None,
             teardown: None,
+            then: None,
+            makes_template: false,
             note: None,
         }
     }
@@ -287,12 +335,25 @@ pub fn runner(case: CaseId, env: &CaseEnv) -> Result<Runner, NotRun> {
         }
         CaseId::HearthContainer => Runner::new(
             env.hearth()
-                .args(["container", "run"])
+                .args(["container", "run", "--no-template"])
                 .arg(env.container_image())
                 .args(command),
             0,
             CONTAINER_TIMEOUT,
         ),
+        CaseId::HearthContainerTemplate => Runner {
+            makes_template: true,
+            ..Runner::new(
+                env.hearth()
+                    .args(["container", "run"])
+                    .arg(env.container_image())
+                    .args(command),
+                0,
+                CONTAINER_TIMEOUT,
+            )
+        },
+        CaseId::HearthMachineStart => machine_start(env, MACHINE_START_NAME, false),
+        CaseId::HearthMachineStartTemplate => machine_start(env, MACHINE_START_TEMPLATE_NAME, true),
         CaseId::HearthMachine => Runner {
             setup: Some(env.hearth().args(["machine", "start", MACHINE_NAME])),
             teardown: Some(env.hearth().args(["machine", "stop", MACHINE_NAME])),
@@ -397,6 +458,21 @@ pub fn runner(case: CaseId, env: &CaseEnv) -> Result<Runner, NotRun> {
             firecracker(env, kernel, Some(initrd), LINUX_TIMEOUT)?
         }
     })
+}
+
+/// `hearth machine start NAME` (restored from the template, or booted) until it returns,
+/// then `hearth machine stop NAME`. Each case has its own machine, apart from
+/// `hearth-machine`'s.
+fn machine_start(env: &CaseEnv, name: &str, template: bool) -> Runner {
+    let mut start = env.hearth().args(["machine", "start", name]);
+    if !template {
+        start = start.arg("--no-template");
+    }
+    Runner {
+        then: Some(env.hearth().args(["machine", "stop", name])),
+        makes_template: template,
+        ..Runner::new(start, 0, CONTAINER_TIMEOUT)
+    }
 }
 
 /// QEMU's microvm machine with KVM, the serial console on stdout, and isa-debug-exit on
@@ -510,6 +586,116 @@ mod tests {
         for case in CaseId::ALL {
             assert!(case.baseline().name().starts_with("hearth-"));
             assert_eq!(case.baseline().baseline(), case.baseline());
+        }
+    }
+
+    #[test]
+    fn template_cases_compare_with_their_booting_twins() {
+        assert_eq!(
+            CaseId::HearthContainerTemplate.baseline(),
+            CaseId::HearthContainer
+        );
+        assert_eq!(
+            CaseId::HearthMachineStartTemplate.baseline(),
+            CaseId::HearthMachineStart
+        );
+        assert_eq!(
+            CaseId::HearthMachineStart.baseline(),
+            CaseId::HearthMachineStart
+        );
+        assert_eq!(CaseId::Crun.baseline(), CaseId::HearthContainer);
+        let with_template: Vec<CaseId> = CaseId::ALL
+            .into_iter()
+            .filter(|c| c.uses_template())
+            .collect();
+        assert_eq!(
+            with_template,
+            [
+                CaseId::HearthContainerTemplate,
+                CaseId::HearthMachineStartTemplate
+            ]
+        );
+        for case in with_template {
+            assert!(case.name().ends_with("-template"));
+            assert_eq!(
+                CaseId::parse(case.name().trim_end_matches("-template")),
+                Some(case.baseline())
+            );
+        }
+    }
+
+    #[test]
+    fn include_list_takes_the_template_cases() {
+        assert_eq!(
+            parse_include("crun,hearth-machine-start-template,hearth-container-template").unwrap(),
+            vec![
+                CaseId::HearthContainerTemplate,
+                CaseId::HearthMachineStartTemplate,
+                CaseId::Crun
+            ]
+        );
+    }
+
+    fn test_env_runner(case: CaseId) -> Runner {
+        let dir = PathBuf::from("/nonexistent/fixtures");
+        let fixtures = Fixtures {
+            tiny: dir.join("tiny"),
+            idle: dir.join("idle"),
+            rootfs: dir.join("rootfs"),
+            bundle: dir.join("bundle"),
+            kernel: Err("no kernel in unit tests".into()),
+            initramfs: Err("no initramfs in unit tests".into()),
+            dir,
+        };
+        let env = CaseEnv {
+            hearth: Path::new("/usr/bin/hearth"),
+            fixtures: &fixtures,
+            command: &["/bin/true".to_owned()],
+        };
+        runner(case, &env).unwrap()
+    }
+
+    fn args_of(inv: &Invocation) -> Vec<String> {
+        inv.args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn container_cases_boot_or_restore() {
+        let boot = test_env_runner(CaseId::HearthContainer);
+        assert_eq!(
+            args_of(&boot.invocation)[..3],
+            ["container", "run", "--no-template"]
+        );
+        assert!(!boot.makes_template);
+        let restore = test_env_runner(CaseId::HearthContainerTemplate);
+        assert!(!args_of(&restore.invocation).contains(&"--no-template".to_owned()));
+        assert!(restore.makes_template && restore.then.is_none());
+    }
+
+    #[test]
+    fn machine_start_cases_start_then_stop_their_own_machine() {
+        for (case, name, template) in [
+            (CaseId::HearthMachineStart, MACHINE_START_NAME, false),
+            (
+                CaseId::HearthMachineStartTemplate,
+                MACHINE_START_TEMPLATE_NAME,
+                true,
+            ),
+        ] {
+            assert_ne!(name, MACHINE_NAME);
+            let runner = test_env_runner(case);
+            let mut start = vec!["machine", "start", name];
+            if !template {
+                start.push("--no-template");
+            }
+            assert_eq!(args_of(&runner.invocation), start);
+            let stop = runner.then.as_ref().expect("a stop after the start");
+            assert_eq!(args_of(stop), ["machine", "stop", name]);
+            assert_eq!(runner.makes_template, template);
+            assert!(runner.setup.is_none() && runner.teardown.is_none());
         }
     }
 

@@ -37,6 +37,13 @@ fn rows(report: &StartupReport) -> Vec<Row> {
                 median: summary.median,
             });
         }
+        if let Some(summary) = case.ready_ms {
+            rows.push(Row {
+                label: format!("{} (ready)", case.id.name()),
+                samples: case.samples.iter().filter_map(|s| s.ready_ms).collect(),
+                median: summary.median,
+            });
+        }
         if let Some(summary) = case.wall_ms {
             rows.push(Row {
                 label: format!("{} (exit)", case.id.name()),

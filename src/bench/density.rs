@@ -1,6 +1,6 @@
 //! `hearth bench density`: starts N microVMs at once, waits until every one has signalled
 //! boot, measures their memory, stops them all with SIGTERM and checks that nothing is
-//! left running.
+//! left running. Containers (`--guest container`) are in `density_container.rs`.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -15,10 +15,12 @@ use super::report::{format_kib, format_ms};
 use super::{hearth_exe, write_output, BenchError, DensityArgs, DensityGuest, Progress, WorkDir};
 use crate::config::parse_memory_size;
 
+/// Guest RAM of the tiny and Linux VMs unless `--memory` says otherwise.
+const DEFAULT_MEMORY: &str = "64M";
 /// How long each VM gets to end after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// hearth's exit status after SIGTERM: 128 + 15.
-const SIGTERM_STATUS: i32 = 128 + libc::SIGTERM;
+pub(super) const SIGTERM_STATUS: i32 = 128 + libc::SIGTERM;
 /// Settling time after the last boot signal before memory is read (Linux: /init starts
 /// the idle command after signalling).
 const SETTLE_TINY: Duration = Duration::from_millis(300);
@@ -53,8 +55,12 @@ pub(super) fn run(args: &DensityArgs) -> Result<u8, BenchError> {
     if args.vms == 0 {
         return Err(BenchError::Usage("--vms must be at least 1".to_owned()));
     }
+    if args.guest == DensityGuest::Container {
+        return super::density_container::run(args);
+    }
+    let guest_memory = args.memory.as_deref().unwrap_or(DEFAULT_MEMORY);
     let guest_bytes =
-        parse_memory_size(&args.memory).map_err(|e| BenchError::Usage(crate::error_chain(&e)))?;
+        parse_memory_size(guest_memory).map_err(|e| BenchError::Usage(crate::error_chain(&e)))?;
     let progress = Progress::new();
     let hearth = hearth_exe()?;
     let work = WorkDir::new("density");
@@ -66,7 +72,7 @@ pub(super) fn run(args: &DensityArgs) -> Result<u8, BenchError> {
         .args([
             "run",
             "--memory",
-            &args.memory,
+            guest_memory,
             "--boot-timer",
             "--serial",
             "none",
@@ -180,7 +186,7 @@ pub(super) fn run(args: &DensityArgs) -> Result<u8, BenchError> {
     let report = DensityReport {
         vms: args.vms,
         guest: if linux_guest { "linux" } else { "tiny" },
-        guest_memory: args.memory.clone(),
+        guest_memory: guest_memory.to_owned(),
         all_booted_ms,
         spawn_ms,
         creation_rate_per_s: all_booted_ms.map(|t| args.vms as f64 / (t / 1000.0)),
@@ -209,7 +215,7 @@ pub(super) fn run(args: &DensityArgs) -> Result<u8, BenchError> {
     Ok(if ok { 0 } else { 1 })
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
@@ -234,13 +240,7 @@ fn markdown(r: &DensityReport) -> String {
     );
     row(
         "creation rate",
-        r.creation_rate_per_s.map_or("-".to_owned(), |v| {
-            if v < 1.0 {
-                format!("{v:.3} VMs/s")
-            } else {
-                format!("{v:.1} VMs/s")
-            }
-        }),
+        r.creation_rate_per_s.map_or("-".to_owned(), format_rate),
     );
     let boots: Vec<f64> = r.boot_ms.iter().flatten().copied().collect();
     if let Some(s) = super::stats::Summary::of(&boots) {
@@ -307,8 +307,17 @@ fn markdown(r: &DensityReport) -> String {
     out
 }
 
+/// VMs per second, with three decimals below one.
+pub(super) fn format_rate(per_s: f64) -> String {
+    if per_s < 1.0 {
+        format!("{per_s:.3} VMs/s")
+    } else {
+        format!("{per_s:.1} VMs/s")
+    }
+}
+
 /// `MemAvailable` from /proc/meminfo, KiB.
-fn mem_available_kib() -> Option<u64> {
+pub(super) fn mem_available_kib() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))
@@ -317,7 +326,7 @@ fn mem_available_kib() -> Option<u64> {
 }
 
 /// Pids of processes whose command line mentions `needle`.
-fn processes_using(needle: &str) -> Vec<u32> {
+pub(super) fn processes_using(needle: &str) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

@@ -8,6 +8,10 @@
 //! RAM mapped from the snapshot's memory file instead (`restored_vmm_memory`): there the
 //! guest RAM is the mappings of that file, its resident pages read from the file or
 //! written by the guest since.
+//!
+//! VMs restored from one template map the same memory file copy-on-write, so pages none
+//! of them has written are one page-cache page mapped by all ([`file_mapping_sharing`]
+//! tells how much of a process's mapping is shared that way and how much is its own).
 
 use std::path::{Path, PathBuf};
 
@@ -104,6 +108,50 @@ pub fn restored_vmm_memory(
     })
 }
 
+/// How the resident pages of a process's mappings of one file are shared, summed over
+/// those mappings, in KiB (from `/proc/PID/smaps`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FileMappingSharing {
+    pub size_kib: u64,
+    pub rss_kib: u64,
+    /// This process's proportional share: shared pages count 1/N for N mappers.
+    pub pss_kib: u64,
+    /// `Shared_Clean + Shared_Dirty`: resident pages other processes map too (for a
+    /// template's memory file, the pages the clones have read and none has written).
+    pub shared_kib: u64,
+    /// `Private_Clean + Private_Dirty`: pages only this process maps (its copies of the
+    /// pages it wrote, and file pages no other process has mapped).
+    pub private_kib: u64,
+}
+
+/// The sharing of `pid`'s mappings of `file`; `None` when it maps no such file.
+pub fn file_mapping_sharing(
+    pid: u32,
+    file: &Path,
+) -> Result<Option<FileMappingSharing>, MemoryError> {
+    let (smaps, _) = read(pid, "smaps")?;
+    // /proc shows the path the file was opened by, resolved.
+    let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned());
+    Ok(sharing_of(&smaps, &file.to_string_lossy()))
+}
+
+fn sharing_of(smaps: &str, path: &str) -> Option<FileMappingSharing> {
+    let mappings: Vec<Mapping> = parse_smaps(smaps)
+        .into_iter()
+        .filter(|m| m.path.as_deref() == Some(path))
+        .collect();
+    (!mappings.is_empty()).then(|| {
+        let sum = |f: fn(&Mapping) -> u64| mappings.iter().map(f).sum::<u64>();
+        FileMappingSharing {
+            size_kib: sum(|m| m.size_kib),
+            rss_kib: sum(|m| m.rss_kib),
+            pss_kib: sum(|m| m.pss_kib),
+            shared_kib: sum(|m| m.shared_kib),
+            private_kib: sum(|m| m.private_kib),
+        }
+    })
+}
+
 /// The value of a `Name:   123 kB` line.
 fn field_kib(line: &str, name: &str) -> Option<u64> {
     let rest = line.strip_prefix(name)?.strip_prefix(':')?;
@@ -132,6 +180,11 @@ struct Mapping {
     path: Option<String>,
     size_kib: u64,
     rss_kib: u64,
+    pss_kib: u64,
+    /// `Shared_Clean + Shared_Dirty`.
+    shared_kib: u64,
+    /// `Private_Clean + Private_Dirty`.
+    private_kib: u64,
 }
 
 /// Mapping headers look like `7f..-7f.. rw-p 00000000 00:00 0    [path]`.
@@ -158,6 +211,16 @@ fn parse_smaps(text: &str) -> Vec<Mapping> {
                 last.size_kib = v;
             } else if let Some(v) = field_kib(line, "Rss") {
                 last.rss_kib = v;
+            } else if let Some(v) = field_kib(line, "Pss") {
+                last.pss_kib = v;
+            } else if let Some(v) =
+                field_kib(line, "Shared_Clean").or_else(|| field_kib(line, "Shared_Dirty"))
+            {
+                last.shared_kib += v;
+            } else if let Some(v) =
+                field_kib(line, "Private_Clean").or_else(|| field_kib(line, "Private_Dirty"))
+            {
+                last.private_kib += v;
             }
         }
     }
@@ -228,6 +291,89 @@ Rss:                 300 kB
         assert_eq!(maps[3].path.as_deref(), Some("[stack]"));
         assert_eq!(maps[4].path.as_deref(), Some("/tmp/snap dir/vm.mem"));
         assert_eq!(maps[4].rss_kib, 300);
+    }
+
+    /// Two mappings of one template memory file (a clone maps it in pieces when its RAM
+    /// has a hole), and another file.
+    const CLONE_SMAPS: &str = "\
+7f0020000000-7f0024000000 rw-p 00000000 08:01 4321                       /cache/templates/ab12/mem
+Size:              65536 kB
+Rss:                 900 kB
+Pss:                 500 kB
+Pss_Dirty:           100 kB
+Shared_Clean:        780 kB
+Shared_Dirty:         20 kB
+Private_Clean:        30 kB
+Private_Dirty:        70 kB
+7f0024000000-7f0028000000 rw-p 04000000 08:01 4321                       /cache/templates/ab12/mem
+Size:              65536 kB
+Rss:                 100 kB
+Pss:                  60 kB
+Shared_Clean:         80 kB
+Shared_Dirty:          0 kB
+Private_Clean:         0 kB
+Private_Dirty:        20 kB
+7f0030000000-7f0030001000 r--p 00000000 08:01 99                         /cache/templates/ab12/mem.old
+Size:                  4 kB
+Rss:                   4 kB
+Pss:                   4 kB
+Shared_Clean:          0 kB
+Private_Clean:         4 kB
+";
+
+    #[test]
+    fn splits_a_file_mapping_into_shared_and_private() {
+        assert_eq!(
+            sharing_of(CLONE_SMAPS, "/cache/templates/ab12/mem"),
+            Some(FileMappingSharing {
+                size_kib: 131072,
+                rss_kib: 1000,
+                pss_kib: 560,
+                shared_kib: 880,
+                private_kib: 120,
+            })
+        );
+        assert_eq!(
+            sharing_of(CLONE_SMAPS, "/cache/templates/ab12/mem.old").map(|s| s.private_kib),
+            Some(4)
+        );
+        assert_eq!(sharing_of(CLONE_SMAPS, "/cache/templates/ab12"), None);
+        // Pss_Dirty is not Pss.
+        assert_eq!(parse_smaps(CLONE_SMAPS)[0].pss_kib, 500);
+    }
+
+    #[test]
+    fn a_private_file_mapping_of_our_own_is_private() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("hearth-sharing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("template.mem");
+        std::fs::write(&path, vec![1u8; 64 << 10]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: a new private read-only mapping of a file we opened; unmapped below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                64 << 10,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        let sharing = file_mapping_sharing(std::process::id(), &path);
+        // SAFETY: the mapping made above, of that length, no longer used.
+        unsafe { libc::munmap(addr, 64 << 10) };
+        std::fs::remove_dir_all(&dir).unwrap();
+        let sharing = sharing.unwrap().expect("the mapping is found");
+        assert_eq!((sharing.size_kib, sharing.rss_kib), (64, 64));
+        // Nobody else maps the file: every resident page is ours alone.
+        assert_eq!((sharing.shared_kib, sharing.private_kib), (0, 64));
+        assert_eq!(
+            file_mapping_sharing(std::process::id(), &dir.join("gone")).unwrap(),
+            None
+        );
     }
 
     #[test]

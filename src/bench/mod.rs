@@ -1,7 +1,8 @@
 //! `hearth bench`: measures hearth against real processes, child by child.
 //!
 //! - `startup.rs`: `hearth bench startup`, the interleaved start-up comparison;
-//! - `density.rs`: `hearth bench density`, many microVMs at once;
+//! - `density.rs`: `hearth bench density`, many microVMs at once (`density_container.rs`:
+//!   many container VMs from one template);
 //! - `snapshot/`: `hearth bench snapshot`, snapshot creation and restore latency;
 //! - `cases.rs`: what each start-up case runs; `process.rs`: spawning, timing, reaping;
 //! - `stats.rs`, `report.rs`, `chart.rs`: statistics, Markdown/JSON and SVG output;
@@ -12,6 +13,7 @@ mod args;
 pub mod cases;
 pub mod chart;
 mod density;
+mod density_container;
 pub mod fixtures;
 pub mod memory;
 pub mod process;
@@ -29,6 +31,9 @@ pub use args::{BenchArgs, BenchCommand, DensityArgs, DensityGuest, SnapshotArgs,
 pub enum BenchError {
     #[error("{0}")]
     Usage(String),
+    /// A step the whole benchmark depends on failed (e.g. making a template).
+    #[error("{0}")]
+    Step(String),
     #[error("cannot prepare the benchmark fixtures")]
     Fixtures(#[from] fixtures::FixtureError),
     #[error("cannot write \"{path}\"")]

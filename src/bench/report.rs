@@ -61,6 +61,9 @@ pub struct Sample {
     pub wall_ms: f64,
     /// Spawn to the boot-complete signal, for cases that report one.
     pub boot_ms: Option<f64>,
+    /// Spawn to the exit of the sample's first command, for cases that run a second one
+    /// after it (`hearth machine start` returning: the machine accepts work).
+    pub ready_ms: Option<f64>,
     /// Peak RSS of the process tree (see `process`), KiB.
     pub max_rss_kib: u64,
 }
@@ -77,6 +80,7 @@ pub struct CaseReport {
     pub samples: Vec<Sample>,
     pub wall_ms: Option<Summary>,
     pub boot_ms: Option<Summary>,
+    pub ready_ms: Option<Summary>,
     pub max_rss_kib: Option<Summary>,
     /// The case the ratio is against (its own baseline, or `hearth-tiny` as a fallback).
     pub ratio_to: Option<CaseId>,
@@ -90,6 +94,7 @@ impl CaseReport {
     pub fn new(id: CaseId, samples: Vec<Sample>, error: Option<String>) -> Self {
         let walls: Vec<f64> = samples.iter().map(|s| s.wall_ms).collect();
         let boots: Vec<f64> = samples.iter().filter_map(|s| s.boot_ms).collect();
+        let readies: Vec<f64> = samples.iter().filter_map(|s| s.ready_ms).collect();
         let rss: Vec<f64> = samples.iter().map(|s| s.max_rss_kib as f64).collect();
         CaseReport {
             id,
@@ -103,6 +108,7 @@ impl CaseReport {
             note: None,
             wall_ms: Summary::of(&walls),
             boot_ms: Summary::of(&boots),
+            ready_ms: Summary::of(&readies),
             max_rss_kib: Summary::of(&rss),
             samples,
             ratio_to: None,
@@ -214,7 +220,22 @@ pub fn markdown(report: &StartupReport) -> String {
                 if let Some(boot) = case.boot_ms {
                     push_row(&mut out, name, "spawn -> boot signal", &boot, "", "");
                 }
-                push_row(&mut out, name, "spawn -> exit", &wall, &ratio, &rss);
+                if let Some(ready) = case.ready_ms {
+                    push_row(
+                        &mut out,
+                        name,
+                        "spawn -> ready (start returned)",
+                        &ready,
+                        "",
+                        "",
+                    );
+                }
+                let whole = if case.ready_ms.is_some() {
+                    "spawn -> exit (start + stop)"
+                } else {
+                    "spawn -> exit"
+                };
+                push_row(&mut out, name, whole, &wall, &ratio, &rss);
             }
             (status, _) => {
                 let what = match status {
@@ -314,7 +335,15 @@ pub(crate) mod tests {
             round,
             wall_ms,
             boot_ms,
+            ready_ms: None,
             max_rss_kib: 2048,
+        }
+    }
+
+    fn start_stop(round: usize, ready_ms: f64, wall_ms: f64) -> Sample {
+        Sample {
+            ready_ms: Some(ready_ms),
+            ..sample(round, wall_ms, None)
         }
     }
 
@@ -378,6 +407,63 @@ pub(crate) mod tests {
         assert_eq!(unshare.ratio, Some(3.0 / 25.0));
         assert_eq!(report.cases[0].ratio, Some(1.0));
         assert_eq!(report.cases[2].ratio, None);
+    }
+
+    #[test]
+    fn template_cases_ratio_against_their_twins() {
+        let mut cases = vec![
+            CaseReport::new(
+                CaseId::HearthContainer,
+                vec![sample(0, 40_000.0, None)],
+                None,
+            ),
+            CaseReport::new(
+                CaseId::HearthContainerTemplate,
+                vec![sample(0, 800.0, None)],
+                None,
+            ),
+            CaseReport::new(
+                CaseId::HearthMachineStart,
+                vec![start_stop(0, 30_000.0, 31_000.0)],
+                None,
+            ),
+            CaseReport::new(
+                CaseId::HearthMachineStartTemplate,
+                vec![start_stop(0, 300.0, 620.0)],
+                None,
+            ),
+            CaseReport::new(CaseId::Crun, vec![sample(0, 40.0, None)], None),
+        ];
+        compute_ratios(&mut cases);
+        let ratio = |i: usize| (cases[i].ratio_to.map(CaseId::name), cases[i].ratio);
+        assert_eq!(ratio(1), (Some("hearth-container"), Some(0.02)));
+        assert_eq!(ratio(2), (Some("hearth-machine-start"), Some(1.0)));
+        assert_eq!(ratio(3), (Some("hearth-machine-start"), Some(0.02)));
+        assert_eq!(ratio(4), (Some("hearth-container"), Some(0.001)));
+        assert_eq!(cases[3].ready_ms.unwrap().median, 300.0);
+        assert_eq!(cases[1].ready_ms, None);
+
+        let mut report = example_report();
+        report.cases = cases;
+        let text = markdown(&report);
+        assert!(
+            text.contains(
+                "| hearth-machine-start-template | spawn -> ready (start returned) | 1 | 300 ms |"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("| hearth-machine-start-template | spawn -> exit (start + stop) | 1 |"),
+            "{text}"
+        );
+        assert!(text.contains("0.02x hearth-machine-start |"), "{text}");
+        assert!(text.contains("0.02x hearth-container |"), "{text}");
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("| hearth-machine-start"))
+        {
+            assert_eq!(line.matches('|').count(), 10, "{line}");
+        }
     }
 
     #[test]
