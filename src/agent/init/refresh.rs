@@ -69,6 +69,23 @@ fn size_file(device: &Path) -> Option<PathBuf> {
     Some(Path::new("/sys/class/block").join(name).join("size"))
 }
 
+/// Read-ahead of the container's disks, KiB. Every request costs the guest kernel an
+/// interrupt and its completion, which are slow when its code is emulated; programs are
+/// paged in from a cold cache, so fewer, larger reads start them sooner.
+const DISK_READ_AHEAD_KIB: u32 = 4096;
+
+/// Sets the read-ahead of the block device `device` (best effort: a device without the
+/// sysfs file is left as it is).
+pub fn tune_disk(device: &str) {
+    let Some(size) = size_file(Path::new(device)) else {
+        return;
+    };
+    let file = size.with_file_name("queue").join("read_ahead_kb");
+    if let Err(e) = sys::write_text(&file, &DISK_READ_AHEAD_KIB.to_string()) {
+        log::debug!("cannot set {}: {e}", file.display());
+    }
+}
+
 /// Waits until the block device `device` has a non-zero size. A template's disks are
 /// empty placeholders: the restore gives each its real image and the guest learns the
 /// size from the configuration-change interrupt, handled by a kernel worker some time

@@ -433,6 +433,7 @@ impl Agent {
                 link.send(&Message::Error(format!("disk {disk}: {e}")))?;
                 return Ok(());
             }
+            refresh::tune_disk(disk);
         }
         if let Some(config) = &spec.net {
             if let Err(e) = net::configure("eth0", config) {
