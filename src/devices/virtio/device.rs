@@ -411,6 +411,63 @@ pub fn drain_queue<'m>(
     drained
 }
 
+/// The event-loop side of a device with one queue that is served synchronously
+/// (virtio-blk, virtio-rng): the queue's eventfd is watched from `init` for the device's
+/// whole life (except while paused); a notification is served when the device is active
+/// and only consumed otherwise. `$device` needs a `core: DeviceCore` field and a
+/// `process_queue(&mut self)` method.
+#[macro_export]
+macro_rules! single_queue_event_handler {
+    ($device:ty, $name:literal) => {
+        impl $device {
+            fn sync_watches(&mut self, ops: &mut event_manager::EventOps) {
+                self.core.sync_queue_watches(ops, &[0], $name);
+            }
+        }
+
+        impl event_manager::MutEventSubscriber for $device {
+            fn init(&mut self, ops: &mut event_manager::EventOps) {
+                self.sync_watches(ops);
+            }
+
+            fn process(
+                &mut self,
+                events: event_manager::Events,
+                _ops: &mut event_manager::EventOps,
+            ) {
+                if self.core.is_paused() {
+                    // Left in the counter for `resume`.
+                    return;
+                }
+                match events.data() {
+                    0 => {
+                        self.core.read_queue_event(0);
+                        self.process_queue();
+                    }
+                    other => log::debug!(concat!($name, ": unexpected event token {}"), other),
+                }
+            }
+        }
+
+        impl $crate::devices::virtio::Pausable for $device {
+            fn pause(&mut self, ops: &mut event_manager::EventOps) {
+                self.core.set_paused(true);
+                self.sync_watches(ops);
+            }
+
+            fn resume(&mut self, ops: &mut event_manager::EventOps) {
+                self.core.set_paused(false);
+                self.sync_watches(ops);
+                self.process_queue();
+            }
+
+            fn is_paused(&self) -> bool {
+                self.core.is_paused()
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 pub(crate) mod test_util {
     use virtio_queue::{Queue, QueueT};

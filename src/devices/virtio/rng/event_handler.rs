@@ -1,57 +1,10 @@
-//! The entropy device's event-loop side: the request queue's eventfd is watched from
-//! `init` for the device's whole life (except while paused); a notification is served
-//! when the device is active and only consumed otherwise.
-
-use event_manager::{EventOps, Events, MutEventSubscriber};
+//! The entropy device's event-loop side (see [`single_queue_event_handler`]).
+//!
+//! [`single_queue_event_handler`]: crate::single_queue_event_handler
 
 use super::device::Rng;
-use crate::devices::virtio::Pausable;
 
-const TOKEN_QUEUE: u32 = 0;
-
-impl Rng {
-    fn sync_watches(&mut self, ops: &mut EventOps) {
-        self.core
-            .sync_queue_watches(ops, &[TOKEN_QUEUE], "virtio-rng");
-    }
-}
-
-impl MutEventSubscriber for Rng {
-    fn init(&mut self, ops: &mut EventOps) {
-        self.sync_watches(ops);
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if self.core.is_paused() {
-            // Left in the counter for `resume`.
-            return;
-        }
-        match events.data() {
-            TOKEN_QUEUE => {
-                self.core.read_queue_event(0);
-                self.process_queue();
-            }
-            other => log::debug!("virtio-rng: unexpected event token {other}"),
-        }
-    }
-}
-
-impl Pausable for Rng {
-    fn pause(&mut self, ops: &mut EventOps) {
-        self.core.set_paused(true);
-        self.sync_watches(ops);
-    }
-
-    fn resume(&mut self, ops: &mut EventOps) {
-        self.core.set_paused(false);
-        self.sync_watches(ops);
-        self.process_queue();
-    }
-
-    fn is_paused(&self) -> bool {
-        self.core.is_paused()
-    }
-}
+crate::single_queue_event_handler!(Rng, "virtio-rng");
 
 #[cfg(test)]
 mod tests {
@@ -62,6 +15,7 @@ mod tests {
     use super::super::device::tests::{memory, new_rng, random, Driver, DATA, VERSION_1, WRITE};
     use super::*;
     use crate::devices::bus::lock;
+    use crate::devices::virtio::Pausable;
     use crate::devices::virtio::VirtioDevice;
 
     /// Served from the event loop once active; while paused a notification is not
