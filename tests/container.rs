@@ -365,7 +365,7 @@ fn a_machine_hosts_isolated_containers() {
 /// Volumes (a directory copied into a writable disk, an ext4 image read-only) and a NIC
 /// on a tap in a network namespace this test creates, with the address given on the
 /// command line: the container sees and uses each, restored or booted alike.
-fn volumes_and_network(path: &[&str]) {
+fn volumes_and_network(path: &[&str]) -> Option<String> {
     use common::netns::{net_tests_possible, NetNs};
     if !net_tests_possible() {
         assert_ne!(
@@ -373,9 +373,9 @@ fn volumes_and_network(path: &[&str]) {
             Ok("true"),
             "CI must be able to run the network tests"
         );
-        return;
+        return None;
     }
-    let dir = scratch(&format!("volumes{}", path.join("")));
+    let dir = scratch(&format!("volumes{}{}", path.join(""), random_suffix()));
     let image = oci_image(&dir, &[]);
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -402,7 +402,8 @@ fn volumes_and_network(path: &[&str]) {
             "-c",
             "cat /data/in /ro/fixed; echo written > /data/new && cat /data/new; \
              touch /ro/nope 2>/dev/null || echo ro-refused; \
-             ping -c 1 -W 10 10.77.0.1 >/dev/null && echo ping-ok",
+             ping -c 1 -W 10 10.77.0.1 >/dev/null && echo ping-ok; \
+             cat /sys/class/net/eth0/address",
         ]);
     let mut wrapped = ns.exec(&cmd);
     for (key, value) in cmd.get_envs() {
@@ -412,17 +413,40 @@ fn volumes_and_network(path: &[&str]) {
     }
     let out = run(wrapped);
     assert_status(&out, 0);
+    let stdout = stdout_of(&out);
+    let (expected, mac) = stdout.rsplit_once("ping-ok\n").unwrap_or_default();
     assert_eq!(
-        stdout_of(&out),
-        "from the host\nread-only\nwritten\nro-refused\nping-ok\n",
+        expected,
+        "from the host\nread-only\nwritten\nro-refused\n",
         "{}",
         describe(&out)
     );
+    let mac = mac.trim().to_string();
+    let first = u8::from_str_radix(mac.get(..2).unwrap_or_default(), 16).unwrap_or(1);
+    assert!(
+        mac.len() == 17 && first & 1 == 0 && first & 2 == 2,
+        "eth0 has no local unicast MAC address: {mac:?}"
+    );
+    Some(mac)
+}
+
+/// A distinct suffix for the scratch directory of each call.
+fn random_suffix() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("-{}", NEXT.fetch_add(1, Ordering::SeqCst))
 }
 
 #[test]
-fn volumes_and_network_reach_a_restored_container() {
-    volumes_and_network(&[]);
+fn volumes_and_network_reach_restored_containers_with_macs_of_their_own() {
+    if let Some(first) = volumes_and_network(&[]) {
+        let second = volumes_and_network(&[]);
+        assert_ne!(
+            Some(first),
+            second,
+            "two clones of one template share a MAC address"
+        );
+    }
 }
 
 #[test]

@@ -146,6 +146,10 @@ pub struct RunSpec {
     pub name: Option<String>,
     /// Initial terminal size (rows, cols) when `tty`.
     pub term_size: Option<(u16, u16)>,
+    /// eth0's MAC address (`52:54:00:12:34:56`), set before eth0 is configured: a VM
+    /// restored from a template would otherwise have the template's.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// One protocol message.
@@ -561,6 +565,7 @@ mod tests {
             net: None,
             name: Some("c1".into()),
             term_size: None,
+            mac: None,
         }
     }
 

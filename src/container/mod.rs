@@ -216,6 +216,7 @@ impl ProcessSpec {
             } else {
                 None
             },
+            mac: None,
         }
     }
 }

@@ -357,6 +357,11 @@ fn fresh_vm(
         }
         other => other?,
     };
+    if template.is_some() && network.tap.is_some() {
+        // Every clone of the template would otherwise have the template's MAC address.
+        let mac = net::random_mac().map_err(|e| ContainerError::Vm(e.to_string()))?;
+        spec.mac = Some(net::format_mac(&mac));
+    }
     let mut child = match &template {
         Some(template) => vm::spawn_restore(&vm_spec, template)?,
         None => vm::spawn(&vm_spec)?,

@@ -434,6 +434,7 @@ mod tests {
             net: None,
             name: None,
             term_size: None,
+            mac: None,
         }
     }
 

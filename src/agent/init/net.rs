@@ -14,6 +14,8 @@ pub enum NetError {
     BadAddress(String),
     #[error("invalid gateway {0:?}")]
     BadGateway(String),
+    #[error("invalid MAC address {0:?}")]
+    BadMac(String),
     #[error("interface name {0:?} is too long")]
     BadName(String),
     #[error("cannot {what} on {ifname}")]
@@ -112,6 +114,22 @@ impl Ctl {
         req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         self.ioctl(libc::SIOCSIFFLAGS, &mut req, "bring up", ifname)
     }
+}
+
+/// Gives `ifname` the hardware address `mac` (`52:54:00:12:34:56`).
+pub fn set_mac(ifname: &str, mac: &str) -> Result<(), NetError> {
+    let bytes = crate::devices::virtio::net::parse_mac(mac)
+        .map_err(|_| NetError::BadMac(mac.to_string()))?;
+    let ctl = Ctl::new()?;
+    let mut req = Ctl::ifreq(ifname)?;
+    // SAFETY: sockaddr is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+    addr.sa_family = libc::ARPHRD_ETHER;
+    for (dst, src) in addr.sa_data.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_hwaddr = addr;
+    ctl.ioctl(libc::SIOCSIFHWADDR, &mut req, "set the MAC address", ifname)
 }
 
 /// Brings an interface up (e.g. `lo`).

@@ -435,6 +435,12 @@ impl Agent {
             }
             refresh::tune_disk(disk);
         }
+        if let Some(mac) = &spec.mac {
+            if let Err(e) = net::set_mac("eth0", mac) {
+                link.send(&Message::Error(error_chain(&e)))?;
+                return Ok(());
+            }
+        }
         if let Some(config) = &spec.net {
             if let Err(e) = net::configure("eth0", config) {
                 link.send(&Message::Error(error_chain(&e)))?;

@@ -66,6 +66,7 @@ fn spec(argv: &[&str]) -> RunSpec {
         net: None,
         name: None,
         term_size: None,
+        mac: None,
     }
 }
 
