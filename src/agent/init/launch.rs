@@ -1,5 +1,6 @@
 //! Starting a session's process: its stdio (pipes, or a pty), the [`Plan`] for the
-//! sandbox role, the fork/exec of the agent binary as that role, and the sync pipe that
+//! sandbox role, the fork/exec of the agent binary as that role (or the hand-off of the
+//! descriptors to one [`Launcher::prestart`] started earlier), and the sync pipe that
 //! says whether setup worked. The fork happens in the multi-threaded agent, so the
 //! child does nothing but move descriptors into place and exec (all prepared before).
 

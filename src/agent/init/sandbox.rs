@@ -1,7 +1,9 @@
 //! The sandbox process: a fresh, single-threaded re-execution of the agent binary
 //! (`/proc/self/exe sandbox`, plan on fd 3, sync pipe on fd 4) that sets up one process
 //! and execs it. Doing the setup here, not after a fork of the multi-threaded agent, lets
-//! it allocate, read files and fork again freely.
+//! it allocate, read files and fork again freely. A container VM's agent starts one at
+//! boot with [`WAIT_ARG`]: it receives those descriptors later ([`handoff`]) and then
+//! goes on exactly like one started with them in place.
 //!
 //! * [`Target::Host`]: apply user, environment and cwd, then exec in place.
 //! * [`Target::Sandbox`]: join a new cgroup (if the plan names one), `unshare` mount,
