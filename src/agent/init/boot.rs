@@ -723,10 +723,18 @@ pub fn pid1() -> ! {
             power_off();
         }
     };
+    let launcher = Launcher::current();
+    if mode == AgentMode::Container && fatal.is_none() {
+        // The container's sandbox process, started before a template snapshot is taken,
+        // saves every container of that template its spawn and exec.
+        if let Err(e) = launcher.prestart(&reaper) {
+            log::warn!("{}", error_chain(&e));
+        }
+    }
     let agent = Agent::new(
         AgentConfig {
             mode,
-            launcher: Launcher::current(),
+            launcher,
             images: PathBuf::from("/var/lib/hearth/images"),
             state_root: PathBuf::from("/run/hearth/c"),
             cgroup_root,

@@ -1,5 +1,6 @@
 //! Starting a session's process: its stdio (pipes, or a pty), the [`Plan`] for the
-//! sandbox role, the fork/exec of the agent binary as that role, and the sync pipe that
+//! sandbox role, the fork/exec of the agent binary as that role (or the hand-off of the
+//! descriptors to one [`Launcher::prestart`] started earlier), and the sync pipe that
 //! says whether setup worked. The fork happens in the multi-threaded agent, so the
 //! child does nothing but move descriptors into place and exec (all prepared before).
 
@@ -9,9 +10,11 @@ use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::mpsc::Receiver;
+use std::sync::Mutex;
 
+use super::handoff;
 use super::reaper::Reaper;
-use super::sandbox::{Plan, Target, PLAN_FD, SANDBOX_ARG, STATUS_FD, SYNC_FD};
+use super::sandbox::{Plan, Target, PLAN_FD, SANDBOX_ARG, STATUS_FD, SYNC_FD, WAIT_ARG};
 use super::sys;
 use super::timing::{self, Marks};
 
@@ -19,6 +22,16 @@ use super::timing::{self, Marks};
 pub struct Launcher {
     exe: CString,
     env: Vec<CString>,
+    /// A sandbox started ahead of time, waiting for its descriptors (see [`handoff`]);
+    /// the next launch takes it.
+    prestarted: Mutex<Option<Prestarted>>,
+}
+
+/// A waiting sandbox: registered with the reaper when it was spawned.
+struct Prestarted {
+    pid: i32,
+    exit: Receiver<i32>,
+    sock: OwnedFd,
 }
 
 impl Launcher {
@@ -27,7 +40,75 @@ impl Launcher {
         Self {
             exe: c"/proc/self/exe".to_owned(),
             env: Vec::new(),
+            prestarted: Mutex::new(None),
         }
+    }
+
+    /// Starts a sandbox process that waits for its descriptors, for the next [`launch`]
+    /// to hand them over instead of spawning one. A container VM does this before it
+    /// connects to the host, so that a template snapshot already holds the process.
+    /// It runs in the same session, with the same signal state, directory and (empty)
+    /// environment as one spawned at launch: the same [`spawn_child`] starts it.
+    pub fn prestart(&self, reaper: &Reaper) -> Result<(), LaunchError> {
+        let (ours, theirs) = handoff::socket_pair().map_err(LaunchError::Prestart)?;
+        let moves = [(theirs.as_raw_fd(), handoff::HANDOFF_FD)];
+        let wait = sys::cstr(WAIT_ARG).map_err(LaunchError::Plan)?;
+        let (pid, exit) = self.spawn(reaper, &moves, Some(&wait))?;
+        drop(theirs);
+        let mut slot = self.prestarted.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(Prestarted {
+            pid,
+            exit,
+            sock: ours,
+        });
+        Ok(())
+    }
+
+    /// The pre-started sandbox, if there is one and it is still waiting.
+    fn take_prestarted(&self) -> Option<Prestarted> {
+        let taken = self
+            .prestarted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        match taken.exit.try_recv() {
+            Err(std::sync::mpsc::TryRecvError::Empty) => Some(taken),
+            Ok(raw) => {
+                log::warn!(
+                    "the pre-started sandbox (pid {}) ended ({}); starting a new one",
+                    taken.pid,
+                    sys::describe_status(raw)
+                );
+                None
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+        }
+    }
+
+    /// Pid of the waiting sandbox, if any (tests check which process ran).
+    #[cfg(test)]
+    pub fn prestarted_pid(&self) -> Option<i32> {
+        let slot = self.prestarted.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().map(|p| p.pid)
+    }
+
+    /// Spawns `hearth-init sandbox [extra]` with `moves` in place.
+    fn spawn(
+        &self,
+        reaper: &Reaper,
+        moves: &[(RawFd, RawFd)],
+        extra: Option<&CString>,
+    ) -> Result<(i32, Receiver<i32>), LaunchError> {
+        let arg0 = c"hearth-init";
+        let arg1 = sys::cstr(SANDBOX_ARG).map_err(LaunchError::Plan)?;
+        let mut argv = vec![arg0.as_ptr(), arg1.as_ptr()];
+        argv.extend(extra.map(|a| a.as_ptr()));
+        argv.push(std::ptr::null());
+        let mut envp: Vec<*const libc::c_char> = self.env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        reaper
+            .spawn(|| spawn_child(moves, self.exe.as_ptr(), &argv, &envp))
+            .map_err(LaunchError::Fork)
     }
 
     /// The unit-test binary, whose constructor turns into the sandbox (see `sandbox`).
@@ -37,6 +118,7 @@ impl Launcher {
         Self {
             exe: sys::cstr(exe).expect("test binary path"),
             env: vec![sys::cstr(format!("{}=1", super::sandbox::TEST_SANDBOX_ENV)).unwrap()],
+            prestarted: Mutex::new(None),
         }
     }
 }
@@ -54,6 +136,8 @@ pub enum LaunchError {
     Plan(#[source] io::Error),
     #[error("cannot fork")]
     Fork(#[source] io::Error),
+    #[error("cannot pre-start the sandbox")]
+    Prestart(#[source] handoff::HandoffError),
     #[error("cannot read the sandbox's status")]
     Sync(#[source] io::Error),
 }
@@ -261,17 +345,27 @@ pub fn launch(
     if let Some((_, w)) = &early_status {
         moves.push((w.as_raw_fd(), STATUS_FD));
     }
-    let arg0 = c"hearth-init";
-    let arg1 = sys::cstr(SANDBOX_ARG).map_err(LaunchError::Plan)?;
-    let argv = [arg0.as_ptr(), arg1.as_ptr(), std::ptr::null()];
-    let mut envp: Vec<*const libc::c_char> = launcher.env.iter().map(|e| e.as_ptr()).collect();
-    envp.push(std::ptr::null());
-    let exe = launcher.exe.as_ptr();
-
-    let (pid, exit) = reaper
-        .spawn(|| spawn_child(&moves, exe, &argv, &envp))
-        .map_err(LaunchError::Fork)?;
-    marks.mark("launch: sandbox spawned (posix_spawn returned)");
+    let handed = launcher.take_prestarted().and_then(|p| {
+        match handoff::send(&p.sock, &moves) {
+            Ok(()) => Some((p.pid, p.exit)),
+            Err(e) => {
+                // Dropping our end lets the waiting process see the end and exit.
+                log::warn!("pre-started sandbox: {}", crate::error_chain(&e));
+                None
+            }
+        }
+    });
+    let (pid, exit) = match handed {
+        Some(started) => {
+            marks.mark("launch: sandbox handed its descriptors");
+            started
+        }
+        None => {
+            let started = launcher.spawn(reaper, &moves, None)?;
+            marks.mark("launch: sandbox spawned (posix_spawn returned)");
+            started
+        }
+    };
     let status = early_status.map(|(r, w)| {
         drop(w);
         File::from(r)

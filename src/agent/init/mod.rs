@@ -43,6 +43,7 @@
 //! [`AGENT_PORT`]: crate::agent::protocol::AGENT_PORT
 
 pub mod boot;
+pub mod handoff;
 pub mod image;
 pub mod launch;
 pub mod net;

@@ -1,7 +1,9 @@
 //! The sandbox process: a fresh, single-threaded re-execution of the agent binary
 //! (`/proc/self/exe sandbox`, plan on fd 3, sync pipe on fd 4) that sets up one process
 //! and execs it. Doing the setup here, not after a fork of the multi-threaded agent, lets
-//! it allocate, read files and fork again freely.
+//! it allocate, read files and fork again freely. A container VM's agent starts one at
+//! boot with [`WAIT_ARG`]: it receives those descriptors later ([`handoff`]) and then
+//! goes on exactly like one started with them in place.
 //!
 //! * [`Target::Host`]: apply user, environment and cwd, then exec in place.
 //! * [`Target::Sandbox`]: join a new cgroup (if the plan names one), `unshare` mount,
@@ -16,7 +18,7 @@
 //! `error <text>` (setup failed; the process exits 125). Exec failures after `ok` are
 //! reported like a shell does: one line on stderr and status 127 or 126.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
@@ -27,6 +29,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use super::handoff;
 use super::net;
 use super::resolve::{self, Candidate, Identity, LookupError, ResolveError};
 use super::sys;
@@ -174,8 +177,19 @@ impl SyncPipe {
     }
 }
 
+/// Second argument of a sandbox pre-started by the agent: its descriptors arrive on a
+/// socket (see [`handoff`]) instead of being in place at exec.
+pub const WAIT_ARG: &str = "--wait-for-descriptors";
+
 /// Entry point of `hearth-init sandbox`; returns the exit status.
 pub fn main() -> i32 {
+    let waited = std::env::args_os().nth(2).as_deref() == Some(OsStr::new(WAIT_ARG));
+    if waited {
+        if let Err(e) = handoff::receive_into_place() {
+            eprintln!("hearth-init: {}", crate::error_chain(&e));
+            return 2;
+        }
+    }
     let started = sys::monotonic_us();
     // The agent passes fds 3 and 4; refuse to adopt descriptors that are not open.
     for fd in [PLAN_FD, SYNC_FD] {
@@ -200,7 +214,12 @@ pub fn main() -> i32 {
         }
     };
     if plan.marks {
-        *marks() = Some(vec![(started, "started (exec done)".into())]);
+        let step = if waited {
+            "started (descriptors received)"
+        } else {
+            "started (exec done)"
+        };
+        *marks() = Some(vec![(started, step.into())]);
         mark(|| "plan read".into());
     }
     run(plan, sync)

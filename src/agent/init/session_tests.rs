@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 use super::*;
 use crate::agent::init::reaper::ReapMode;
 use crate::agent::init::resolve;
+use crate::agent::init::sandbox;
 use crate::agent::init::testutil::{is_root, TempDir};
 use crate::agent::protocol::{write_data, Network, MAX_PAYLOAD};
 
@@ -18,17 +19,27 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with(false)
+}
+
+/// With `prestart`, the launcher has a sandbox waiting for its descriptors.
+fn harness_with(prestart: bool) -> Harness {
     let dir = TempDir::new("agent");
+    let reaper = Reaper::start(ReapMode::Registered).unwrap();
+    let launcher = Launcher::for_tests();
+    if prestart {
+        launcher.prestart(&reaper).unwrap();
+    }
     let agent = Agent::new(
         AgentConfig {
             mode: AgentMode::Machine,
-            launcher: Launcher::for_tests(),
+            launcher,
             images: dir.path().join("images"),
             state_root: dir.path().join("state"),
             cgroup_root: None,
             host_path: "/usr/sbin:/usr/bin:/sbin:/bin".into(),
         },
-        Reaper::start(ReapMode::Registered).unwrap(),
+        reaper,
     );
     std::fs::create_dir_all(dir.path().join("images")).unwrap();
     std::fs::create_dir_all(dir.path().join("state")).unwrap();
@@ -161,6 +172,80 @@ fn host_process_output_and_status() {
     assert_eq!(lines[..2], ["out", "/root"]);
     assert!(!lines[2].is_empty());
     assert_eq!(t.exit, Some(3));
+}
+
+#[test]
+fn a_prestarted_sandbox_runs_like_a_spawned_one() {
+    let h = harness_with(true);
+    let waiting = h.agent.config.launcher.prestarted_pid().unwrap();
+    // What the process inherits from how its sandbox was started: session, signal
+    // mask and ignored signals, directory, descriptors.
+    let script = "[ \"$(cut -d' ' -f6 /proc/$$/stat)\" = $$ ] && echo leader; \
+                  grep -E '^Sig(Blk|Ign)' /proc/$$/status; pwd; ls /proc/$$/fd; \
+                  read line; echo \"$line\" >&2; exit 5";
+    let mut s = spec(&["sh", "-c", script]);
+    s.stdin = true;
+    let run_with_input = |s: RunSpec| {
+        let (mut host, session) = connect(&h.agent);
+        write_message(&mut host, &Message::Run(Box::new(s))).unwrap();
+        write_message(&mut host, &Message::Stdin(b"typed\n".to_vec())).unwrap();
+        let mut t = Transcript::default();
+        read_until(&mut host, &mut t, |_| false);
+        drop(host);
+        session.join().unwrap().unwrap();
+        t
+    };
+    let first = run_with_input(s.clone());
+    // The waiting process itself became the program (a host process execs in place).
+    assert_eq!(first.started, Some(waiting));
+    assert_eq!(h.agent.config.launcher.prestarted_pid(), None);
+    let second = run_with_input(s);
+    assert_ne!(second.started, Some(waiting));
+    assert!(first.out().starts_with("leader\n"), "{}", first.out());
+    assert_eq!(first.out(), second.out());
+    assert_eq!(
+        (first.stderr.as_slice(), first.exit),
+        (&b"typed\n"[..], Some(5))
+    );
+    assert_eq!(
+        (second.stderr.as_slice(), second.exit),
+        (&b"typed\n"[..], Some(5))
+    );
+}
+
+#[test]
+fn a_dead_prestarted_sandbox_is_replaced_by_a_spawned_one() {
+    let h = harness_with(true);
+    let waiting = h.agent.config.launcher.prestarted_pid().unwrap();
+    sys::kill(waiting, libc::SIGKILL).unwrap();
+    // The reaper's thread must have collected it before the launch looks.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{waiting}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {waiting} not reaped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let t = run(&h.agent, spec(&["echo", "hello"]));
+    assert_ne!(t.started, Some(waiting));
+    assert_eq!((t.out().as_str(), t.exit), ("hello\n", Some(0)));
+}
+
+#[test]
+fn the_sandbox_role_refuses_to_run_by_hand() {
+    let exe = std::env::current_exe().unwrap();
+    for args in [&["sandbox"][..], &["sandbox", sandbox::WAIT_ARG]] {
+        let out = std::process::Command::new(&exe)
+            .args(args)
+            .env(sandbox::TEST_SANDBOX_ENV, "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("hearth-init: "), "{args:?}: {err}");
+    }
 }
 
 impl Transcript {
