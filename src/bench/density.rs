@@ -51,6 +51,100 @@ struct DensityReport {
     leftover_pids: Vec<u32>,
 }
 
+/// How a process started by [`start_all`] shows it is ready, and how to speak of it.
+pub(super) struct Readiness {
+    /// When it became ready, if it has.
+    pub at: fn(&Spawned) -> Option<Instant>,
+    /// "VM", "container".
+    pub what: &'static str,
+    /// The progress line's word for the ready ones.
+    pub progress: &'static str,
+    /// The end of the error line of one that never became ready.
+    pub missing: String,
+}
+
+/// What [`start_all`] gives back.
+pub(super) struct StartedAll {
+    pub vms: Vec<Spawned>,
+    /// From the first spawn to the last.
+    pub spawn_ms: f64,
+    /// Each one's time from the first spawn until it was ready.
+    pub ready_ms: Vec<Option<f64>>,
+    /// When every one was ready (the last of `ready_ms`), if every one was.
+    pub all_ready_ms: Option<f64>,
+}
+
+/// Starts `count` copies of `invocation` at once and waits until each is ready, has
+/// ended, or `timeout` has passed; what went wrong goes to `errors`.
+pub(super) fn start_all(
+    invocation: &Invocation,
+    count: usize,
+    timeout: Duration,
+    progress: &Progress,
+    readiness: &Readiness,
+    errors: &mut Vec<String>,
+) -> StartedAll {
+    let what = readiness.what;
+    let start = Instant::now();
+    let mut vms = Vec::with_capacity(count);
+    for i in 0..count {
+        match Spawned::start(invocation) {
+            Ok(vm) => vms.push(vm),
+            Err(e) => errors.push(format!("{what} {i}: {}", crate::error_chain(&e))),
+        }
+    }
+    let spawn_ms = ms(start.elapsed());
+
+    let deadline = start + timeout;
+    let ready = |vm: &Spawned| (readiness.at)(vm).is_some();
+    let mut ended = vec![false; vms.len()];
+    loop {
+        let mut waiting = 0;
+        for (vm, ended) in vms.iter_mut().zip(&mut ended) {
+            if *ended || ready(vm) {
+                continue;
+            }
+            if let Ok(Some(_)) = vm.poll(Duration::ZERO) {
+                *ended = true;
+            } else {
+                waiting += 1;
+            }
+        }
+        let done = vms.iter().filter(|v| ready(v)).count();
+        progress.status(&format!(
+            "hearth bench density: {done}/{count} {} after {}",
+            readiness.progress,
+            format_ms(ms(start.elapsed()))
+        ));
+        if waiting == 0 || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ready_ms: Vec<Option<f64>> = vms
+        .iter()
+        .map(|v| (readiness.at)(v).map(|t| ms(t - start)))
+        .collect();
+    let all_ready = ready_ms.len() == count && ready_ms.iter().all(Option::is_some);
+    let all_ready_ms = all_ready.then(|| ready_ms.iter().flatten().copied().fold(0.0, f64::max));
+    for (i, (vm, ended)) in vms.iter().zip(&ended).enumerate() {
+        if !ready(vm) {
+            let why = if *ended { "ended" } else { "timed out" };
+            errors.push(format!(
+                "{what} {i} {why} {}: {}",
+                readiness.missing,
+                vm.output_tail(3)
+            ));
+        }
+    }
+    StartedAll {
+        vms,
+        spawn_ms,
+        ready_ms,
+        all_ready_ms,
+    }
+}
+
 pub(super) fn run(args: &DensityArgs) -> Result<u8, BenchError> {
     if args.vms == 0 {
         return Err(BenchError::Usage("--vms must be at least 1".to_owned()));
@@ -98,57 +192,26 @@ pub(super) fn run(args: &DensityArgs) -> Result<u8, BenchError> {
 
     let available_before = mem_available_kib();
     let mut errors = Vec::new();
-    let start = Instant::now();
-    let mut vms = Vec::with_capacity(args.vms);
-    for i in 0..args.vms {
-        match Spawned::start(&invocation) {
-            Ok(vm) => vms.push(vm),
-            Err(e) => errors.push(format!("VM {i}: {}", crate::error_chain(&e))),
-        }
-    }
-    let spawn_ms = ms(start.elapsed());
-
-    // Wait for every boot signal (or exit, or the timeout).
-    let deadline = start + Duration::from_secs(args.timeout);
-    let mut ended = vec![false; vms.len()];
-    loop {
-        let mut waiting = 0;
-        for (vm, ended) in vms.iter_mut().zip(&mut ended) {
-            if *ended || vm.boot_time().is_some() {
-                continue;
-            }
-            if let Ok(Some(_)) = vm.poll(Duration::ZERO) {
-                *ended = true;
-            } else {
-                waiting += 1;
-            }
-        }
-        let booted = vms.iter().filter(|v| v.boot_time().is_some()).count();
-        progress.status(&format!(
-            "hearth bench density: {booted}/{} booted after {}",
-            args.vms,
-            format_ms(ms(start.elapsed()))
-        ));
-        if waiting == 0 || Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let boot_ms: Vec<Option<f64>> = vms
-        .iter()
-        .map(|v| v.boot_at().map(|t| ms(t - start)))
-        .collect();
-    let all_booted = boot_ms.len() == args.vms && boot_ms.iter().all(Option::is_some);
-    let all_booted_ms = all_booted.then(|| boot_ms.iter().flatten().copied().fold(0.0, f64::max));
-    for (i, (vm, ended)) in vms.iter().zip(&ended).enumerate() {
-        if vm.boot_time().is_none() {
-            let why = if *ended { "ended" } else { "timed out" };
-            errors.push(format!(
-                "VM {i} {why} before signalling boot: {}",
-                vm.output_tail(3)
-            ));
-        }
-    }
+    let readiness = Readiness {
+        at: Spawned::boot_at,
+        what: "VM",
+        progress: "booted",
+        missing: "before signalling boot".to_owned(),
+    };
+    let StartedAll {
+        mut vms,
+        spawn_ms,
+        ready_ms: boot_ms,
+        all_ready_ms: all_booted_ms,
+    } = start_all(
+        &invocation,
+        args.vms,
+        Duration::from_secs(args.timeout),
+        &progress,
+        &readiness,
+        &mut errors,
+    );
+    let all_booted = all_booted_ms.is_some();
 
     std::thread::sleep(if linux_guest {
         SETTLE_LINUX
@@ -203,15 +266,31 @@ pub(super) fn run(args: &DensityArgs) -> Result<u8, BenchError> {
         errors,
         leftover_pids,
     };
-    let text = markdown(&report);
+    let ok = report.errors.is_empty() && report.leftover_pids.is_empty() && all_booted;
+    publish(args, &progress, &markdown(&report), &report, ok)
+}
+
+/// Prints the report's Markdown, writes it and the JSON to `density.md` and
+/// `density.json` in the output directory; exit status 0 when `ok`.
+pub(super) fn publish<R: Serialize>(
+    args: &DensityArgs,
+    progress: &Progress,
+    text: &str,
+    report: &R,
+    ok: bool,
+) -> Result<u8, BenchError> {
     let json = write_output(
         &args.output,
         "density.json",
-        &serde_json::to_string_pretty(&report)?,
+        &serde_json::to_string_pretty(report)?,
     )?;
+    let md = write_output(&args.output, "density.md", text)?;
     print!("{text}");
-    progress.line(&format!("hearth bench density: wrote {}", json.display()));
-    let ok = report.errors.is_empty() && report.leftover_pids.is_empty() && all_booted;
+    progress.line(&format!(
+        "hearth bench density: wrote {} and {}",
+        json.display(),
+        md.display()
+    ));
     Ok(if ok { 0 } else { 1 })
 }
 

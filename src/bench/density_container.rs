@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::density::{
-    format_rate, mem_available_kib, ms, processes_using, SIGTERM_STATUS, STOP_TIMEOUT,
+    format_rate, mem_available_kib, ms, processes_using, publish, start_all, Readiness, StartedAll,
+    SIGTERM_STATUS, STOP_TIMEOUT,
 };
 use super::fixtures::Fixtures;
 use super::memory::{file_mapping_sharing, process_memory, FileMappingSharing, ProcessMemory};
 use super::process::{measure, Invocation, Spawned};
 use super::report::{format_kib, format_ms};
-use super::{hearth_exe, write_output, BenchError, DensityArgs, Progress, WorkDir};
+use super::{hearth_exe, BenchError, DensityArgs, Progress, WorkDir};
 use crate::config::parse_memory_size;
 
 /// What each container prints once it runs, then what it runs. The shell stays, with a
@@ -118,56 +119,26 @@ pub(super) fn run(args: &DensityArgs) -> Result<u8, BenchError> {
 
     let available_before = mem_available_kib();
     let mut errors = Vec::new();
-    let start = Instant::now();
-    let mut vms = Vec::with_capacity(args.vms);
-    for i in 0..args.vms {
-        match Spawned::start(&idle) {
-            Ok(vm) => vms.push(vm),
-            Err(e) => errors.push(format!("container {i}: {}", crate::error_chain(&e))),
-        }
-    }
-    let spawn_ms = ms(start.elapsed());
-
-    let deadline = start + Duration::from_secs(args.timeout);
-    let mut ended = vec![false; vms.len()];
-    loop {
-        let mut waiting = 0;
-        for (vm, ended) in vms.iter_mut().zip(&mut ended) {
-            if *ended || vm.output_line_at().is_some() {
-                continue;
-            }
-            if let Ok(Some(_)) = vm.poll(Duration::ZERO) {
-                *ended = true;
-            } else {
-                waiting += 1;
-            }
-        }
-        let ready = vms.iter().filter(|v| v.output_line_at().is_some()).count();
-        progress.status(&format!(
-            "hearth bench density: {ready}/{} containers running after {}",
-            args.vms,
-            format_ms(ms(start.elapsed()))
-        ));
-        if waiting == 0 || Instant::now() >= deadline {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let ready_ms: Vec<Option<f64>> = vms
-        .iter()
-        .map(|v| v.output_line_at().map(|t| ms(t - start)))
-        .collect();
-    let all_ready = ready_ms.len() == args.vms && ready_ms.iter().all(Option::is_some);
-    let all_ready_ms = all_ready.then(|| ready_ms.iter().flatten().copied().fold(0.0, f64::max));
-    for (i, (vm, ended)) in vms.iter().zip(&ended).enumerate() {
-        if vm.output_line_at().is_none() {
-            let why = if *ended { "ended" } else { "timed out" };
-            errors.push(format!(
-                "container {i} {why} before it printed {READY_LINE:?}: {}",
-                vm.output_tail(3)
-            ));
-        }
-    }
+    let readiness = Readiness {
+        at: Spawned::output_line_at,
+        what: "container",
+        progress: "containers running",
+        missing: format!("before it printed {READY_LINE:?}"),
+    };
+    let StartedAll {
+        mut vms,
+        spawn_ms,
+        ready_ms,
+        all_ready_ms,
+    } = start_all(
+        &idle,
+        args.vms,
+        Duration::from_secs(args.timeout),
+        &progress,
+        &readiness,
+        &mut errors,
+    );
+    let all_ready = all_ready_ms.is_some();
 
     std::thread::sleep(SETTLE);
     let available_up = mem_available_kib();
@@ -239,16 +210,8 @@ pub(super) fn run(args: &DensityArgs) -> Result<u8, BenchError> {
         errors,
         leftover_pids,
     };
-    let text = markdown(&report);
-    let json = write_output(
-        &args.output,
-        "density.json",
-        &serde_json::to_string_pretty(&report)?,
-    )?;
-    print!("{text}");
-    progress.line(&format!("hearth bench density: wrote {}", json.display()));
     let ok = report.errors.is_empty() && report.leftover_pids.is_empty() && all_ready;
-    Ok(if ok { 0 } else { 1 })
+    publish(args, &progress, &markdown(&report), &report, ok)
 }
 
 /// The memory of the container whose front end is `front_end`, and the template memory
