@@ -615,16 +615,11 @@ fn attach_serial(
             (Box::new(file), None)
         }
         SerialConfig::Unix(path) => {
-            // A stale socket from an earlier run is replaced; any other file is not.
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                use std::os::unix::fs::FileTypeExt;
-                if meta.file_type().is_socket() {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-            let listener = crate::uds::bind(path).map_err(|e| BuildError::Device {
+            // A stale socket from an earlier run is replaced; another VM's live console,
+            // or any other file, is not.
+            let listener = crate::uds::listen_fresh(path).map_err(|e| BuildError::Device {
                 name: "serial",
-                source: format!("cannot listen on \"{}\": {e}", path.display()).into(),
+                source: Box::new(e),
             })?;
             let sink = SocketSink::default();
             (

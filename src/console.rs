@@ -173,12 +173,33 @@ impl ConsoleInput {
         }
     }
 
-    /// End of input: the guest keeps running without a console input.
+    /// End of input: the guest keeps running without a console input. A socket console
+    /// takes its next client.
     fn source_closed(&mut self, ops: &mut EventOps) {
         self.unwatch_source(ops);
         if let InputSource::Socket { client, sink, .. } = &mut self.source {
             sink.attach(None);
-            *client = None;
+            if client.take().is_some() {
+                self.watch_listener(ops, true);
+            }
+        }
+    }
+
+    /// Whether connections to the serial socket are accepted: only while it has no
+    /// client. Later ones wait in the listen backlog (as with QEMU's socket consoles), so
+    /// a connection never takes the console from the client that has it.
+    fn watch_listener(&self, ops: &mut EventOps, on: bool) {
+        let InputSource::Socket { listener, .. } = &self.source else {
+            return;
+        };
+        let events = Events::with_data(listener, TOKEN_LISTENER, EventSet::IN);
+        let result = if on {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
+        if let Err(e) = result {
+            log::warn!("serial socket watch: {e}");
         }
     }
 
@@ -193,7 +214,7 @@ impl ConsoleInput {
                 return;
             }
         };
-        // A new client replaces the old one.
+        self.watch_listener(ops, false);
         self.unwatch_source(ops);
         let output = stream.try_clone().ok();
         if let InputSource::Socket { client, sink, .. } = &mut self.source {
@@ -214,11 +235,7 @@ impl MutEventSubscriber for ConsoleInput {
         )) {
             log::warn!("console flow control unavailable: {e}");
         }
-        if let InputSource::Socket { listener, .. } = &self.source {
-            if let Err(e) = ops.add(Events::with_data(listener, TOKEN_LISTENER, EventSet::IN)) {
-                log::warn!("serial socket not watched: {e}");
-            }
-        }
+        self.watch_listener(ops, true);
         self.watch_source(ops);
     }
 

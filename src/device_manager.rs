@@ -194,6 +194,12 @@ pub struct MmioDeviceManager {
     devices: Vec<AttachedDevice>,
 }
 
+/// How many virtio devices one VM can have: a window and an IRQ each.
+pub fn max_virtio_devices() -> usize {
+    let max_by_irq = u64::from(layout::IRQ_MAX - layout::IRQ_VIRTIO_BASE + 1);
+    layout::VIRTIO_MMIO_MAX_DEVICES.min(max_by_irq) as usize
+}
+
 impl MmioDeviceManager {
     pub fn new() -> Self {
         Self::default()
@@ -235,8 +241,7 @@ impl MmioDeviceManager {
     /// The next free window and IRQ.
     fn allocate(&self) -> Result<(u64, u32), DeviceManagerError> {
         let index = self.devices.len() as u64;
-        let max_by_irq = u64::from(layout::IRQ_MAX - layout::IRQ_VIRTIO_BASE + 1);
-        let max = layout::VIRTIO_MMIO_MAX_DEVICES.min(max_by_irq);
+        let max = max_virtio_devices() as u64;
         if index >= max {
             return Err(DeviceManagerError::TooManyDevices(max));
         }

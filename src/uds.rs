@@ -21,6 +21,65 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     via_short_path(path, |p| UnixListener::bind(p))
 }
 
+/// Why [`listen_fresh`] would not listen.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("\"{path}\" exists and is not a socket")]
+    NotASocket { path: PathBuf },
+    #[error("\"{path}\" is in use by another process")]
+    InUse { path: PathBuf },
+    #[error("cannot inspect \"{path}\"")]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: Error,
+    },
+    #[error("cannot remove stale socket \"{path}\"")]
+    RemoveStale {
+        path: PathBuf,
+        #[source]
+        source: Error,
+    },
+    #[error("cannot listen on \"{path}\"")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: Error,
+    },
+}
+
+/// Listens on `path` like [`bind`], first removing a stale socket there (one nothing
+/// listens on, left by an earlier run) but refusing a live one (another VM's console or
+/// vsock: taking it over would cut that VM off) and any other kind of file.
+pub fn listen_fresh(path: &Path) -> std::result::Result<UnixListener, ListenError> {
+    use std::os::unix::fs::FileTypeExt;
+    let owned = || path.to_path_buf();
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ListenError::NotASocket { path: owned() })
+        }
+        Ok(_) => match connect_nonblocking(path) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+                .map_err(|source| ListenError::RemoveStale {
+                    path: owned(),
+                    source,
+                })?,
+            _ => return Err(ListenError::InUse { path: owned() }),
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ListenError::Inspect {
+                path: owned(),
+                source,
+            })
+        }
+    }
+    bind(path).map_err(|source| ListenError::Bind {
+        path: owned(),
+        source,
+    })
+}
+
 /// Connects to the listener at `path`, however long it is.
 pub fn connect(path: &Path) -> Result<UnixStream> {
     via_short_path(path, |p| UnixStream::connect(p))
@@ -132,6 +191,34 @@ mod tests {
             .join("e".repeat(60));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn listen_fresh_replaces_stale_sockets_only() {
+        let dir = deep_dir("fresh");
+        let path = dir.join("c.sock");
+        // Stale: bound, then its listener gone.
+        drop(bind(&path).unwrap());
+        let live = listen_fresh(&path).unwrap();
+        // Live: refused, and left working.
+        assert!(matches!(
+            listen_fresh(&path),
+            Err(ListenError::InUse { path: p }) if p == path
+        ));
+        assert!(connect(&path).is_ok());
+        drop(live);
+        std::fs::remove_file(&path).unwrap();
+        // Not a socket: refused, untouched.
+        std::fs::write(&path, b"keep").unwrap();
+        assert!(matches!(
+            listen_fresh(&path),
+            Err(ListenError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+        std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("hearth-uds-fresh-{}", std::process::id())),
+        )
+        .unwrap();
     }
 
     #[test]

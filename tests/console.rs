@@ -66,7 +66,8 @@ fn terminating_signals_stop_the_vm_cleanly() {
     }
 }
 
-/// `--serial unix=PATH`: hearth replaces a stale socket at PATH, listens, sends the guest's
+/// `--serial unix=PATH`: hearth replaces a stale socket at PATH (but not a live one),
+/// listens, sends the guest's
 /// output to the client and the client's input to the guest, keeps its own stdout free of
 /// guest output, and removes the socket when it exits.
 #[test]
@@ -89,6 +90,19 @@ fn serial_unix_socket_carries_both_directions() {
     );
 
     let mut client = connect(&socket, &vm);
+    // A second VM on the same path is refused, in one line, and does not take the
+    // console over: the first VM's client goes on working below.
+    let second = common::run_with_timeout(
+        payload_command(&echo_payload(), &["--serial", &serial]),
+        RUN_TIMEOUT,
+    );
+    assert_exit_code(&second, 1);
+    let stderr = common::stderr_of(&second);
+    assert!(
+        stderr.lines().count() == 1 && stderr.contains("is in use by another process"),
+        "{}",
+        describe(&second)
+    );
     let from_guest = Capture::start(client.try_clone().expect("clone the socket"));
     // Guest output from before a client connects is dropped, so "echo ready" may be
     // missed: the echo of our own bytes shows that both directions work.

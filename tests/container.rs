@@ -178,6 +178,15 @@ fn bad_container_arguments_fail_cleanly() {
             "is not running",
         ),
         (vec!["machine", "start", "bad/name"], "invalid"),
+        (
+            [
+                &["container", "run"][..],
+                &["-v", "/tmp:/data"].repeat(14),
+                &["/tmp", "true"],
+            ]
+            .concat(),
+            "14 volumes: a container VM takes at most 13",
+        ),
     ] {
         let mut cmd = hearth(&dir);
         cmd.args(&args);

@@ -46,6 +46,9 @@ pub enum ContainerError {
     },
     #[error("{0}")]
     Vm(String),
+    /// A signal came while the VM was being made or booted; hearth exits 128+signal.
+    #[error("interrupted while booting")]
+    Interrupted,
     #[error("machine {name}: {reason}")]
     Machine { name: String, reason: String },
 }

@@ -126,6 +126,12 @@ pub fn parse_network(spec: &str) -> Result<NetworkArg, ContainerError> {
     })
 }
 
+/// How many volumes a container VM has room for: every virtio device but the image's
+/// disk, the NIC, the vsock and the entropy device.
+fn max_volumes(nic: bool) -> usize {
+    crate::device_manager::max_virtio_devices() - 3 - usize::from(nic)
+}
+
 /// The parts of a run spec both modes share.
 fn base_spec(args: &ContainerRunArgs, process: ProcessSpec, rootfs: Rootfs) -> RunSpec {
     let mut spec = process.into_run_spec(&args.process, rootfs);
@@ -160,6 +166,14 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
         .map(|v| parse_volume(v))
         .collect::<Result<Vec<_>, _>>()?;
     let network = parse_network(&args.network)?;
+    let most = max_volumes(network.tap.is_some());
+    if args.machine.is_none() && volumes.len() > most {
+        return Err(ContainerError::Usage(format!(
+            "{} volumes: a container VM takes at most {most} (with{} a NIC)",
+            volumes.len(),
+            if network.tap.is_some() { "" } else { "out" }
+        )));
+    }
     if args.process.tty && terminal_is_missing() {
         return Err(ContainerError::Usage(
             "-t needs a terminal on stdin or stdout".into(),
@@ -311,11 +325,6 @@ fn fresh_vm(
             readonly: volume.readonly,
         });
     }
-    if disks.len() > 20 {
-        return Err(ContainerError::Usage(
-            "too many volumes (at most 19)".into(),
-        ));
-    }
     let vsock = dir.path.join("v.sock");
     let listen_path = PathBuf::from(format!("{}_{AGENT_PORT}", vsock.display()));
     let listener = crate::uds::bind(&listen_path).map_err(ContainerError::io(format!(
@@ -352,9 +361,7 @@ fn fresh_vm(
             .obtain(&vm_spec, args.boot_timeout, &|| signals.pending() != 0)
     });
     let template = match template.transpose() {
-        Err(ContainerError::Vm(reason)) if reason.starts_with("interrupted") => {
-            return Ok(128 + signals.pending())
-        }
+        Err(ContainerError::Interrupted) => return Ok(128 + signals.pending()),
         other => other?,
     };
     if template.is_some() && network.tap.is_some() {
@@ -404,9 +411,7 @@ fn fresh_vm(
             }
             Ok(status)
         }
-        Err(ContainerError::Vm(reason)) if reason.starts_with("interrupted") => {
-            Ok(128 + signals.pending())
-        }
+        Err(ContainerError::Interrupted) => Ok(128 + signals.pending()),
         Err(err) => {
             dir.keep = true;
             Err(ContainerError::Vm(format!(
@@ -446,7 +451,7 @@ fn wait_for_agent(
             )));
         }
         if signals.pending() != 0 {
-            return Err(ContainerError::Vm("interrupted while booting".into()));
+            return Err(ContainerError::Interrupted);
         }
         if Instant::now() >= deadline {
             return Err(ContainerError::Vm(format!(
@@ -502,6 +507,12 @@ mod tests {
             let err = parse_volume(bad).unwrap_err().to_string();
             assert!(err.starts_with(&format!("-v {bad}: ")), "{err}");
         }
+    }
+
+    #[test]
+    fn the_volume_limit_leaves_room_for_the_other_devices() {
+        assert_eq!(max_volumes(false), 13);
+        assert_eq!(max_volumes(true), 12);
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl TemplateStore {
     /// The template for VMs like `spec`, made now if there is none (or none usable).
     /// `spec`'s disks and taps are used while making it; its state directory is not.
     /// `cancelled` is polled while the template VM boots; when it says so, the build is
-    /// abandoned with [`ContainerError::Vm`] "interrupted while booting".
+    /// abandoned with [`ContainerError::Interrupted`].
     pub fn obtain(
         &self,
         spec: &VmSpec,
@@ -465,7 +465,7 @@ fn build(
             )));
         }
         if cancelled() {
-            return Err(ContainerError::Vm("interrupted while booting".into()));
+            return Err(ContainerError::Interrupted);
         }
         if Instant::now() >= deadline {
             return Err(ContainerError::Vm(format!(

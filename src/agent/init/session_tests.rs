@@ -180,8 +180,12 @@ fn a_prestarted_sandbox_runs_like_a_spawned_one() {
     let waiting = h.agent.config.launcher.prestarted_pid().unwrap();
     // What the process inherits from how its sandbox was started: session, signal
     // mask and ignored signals, directory, descriptors.
+    // The shell reads its own status with builtins only: while it forks a command it
+    // may block signals for a moment, which a forked reader could catch.
     let script = "[ \"$(cut -d' ' -f6 /proc/$$/stat)\" = $$ ] && echo leader; \
-                  grep -E '^Sig(Blk|Ign)' /proc/$$/status; pwd; ls /proc/$$/fd; \
+                  while read -r key value; do \
+                  case $key in SigBlk:|SigIgn:) echo \"$key $value\";; esac; \
+                  done < /proc/$$/status; pwd; ls /proc/$$/fd; \
                   read line; echo \"$line\" >&2; exit 5";
     let mut s = spec(&["sh", "-c", script]);
     s.stdin = true;

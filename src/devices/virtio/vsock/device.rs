@@ -6,9 +6,7 @@
 //! [`Vsock::process_rx`] and keeps the host sockets' watches in line with the muxer.
 
 use std::collections::HashMap;
-use std::io::ErrorKind;
 use std::os::fd::RawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::sync::Arc;
 
 use event_manager::EventSet;
@@ -19,7 +17,6 @@ use super::muxer::Muxer;
 use super::packet::{self, MAX_PACKET_LEN, MAX_PAYLOAD_LEN};
 use super::{valid_guest_cid, VsockConfig, VsockError};
 use crate::devices::virtio::{drain_queue, ActivateError, DeviceCore, Interrupt, VirtioDevice};
-use crate::uds::connect_nonblocking;
 use crate::vstate::memory::GuestMemory;
 
 /// `VIRTIO_ID_VSOCK`.
@@ -56,33 +53,13 @@ impl Vsock {
             return Err(VsockError::InvalidCid(config.guest_cid));
         }
         let path = &config.uds_path;
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(VsockError::NotASocket { path: path.clone() })
-            }
-            Ok(_) => match connect_nonblocking(path) {
-                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-                    std::fs::remove_file(path).map_err(|source| VsockError::RemoveStale {
-                        path: path.clone(),
-                        source,
-                    })?;
-                }
-                _ => return Err(VsockError::InUse { path: path.clone() }),
-            },
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(VsockError::Inspect {
-                    path: path.clone(),
-                    source,
-                })
-            }
-        }
-        let bind_error = |source| VsockError::Bind {
-            path: path.clone(),
-            source,
-        };
-        let listener = crate::uds::bind(path).map_err(bind_error)?;
-        listener.set_nonblocking(true).map_err(bind_error)?;
+        let listener = crate::uds::listen_fresh(path).map_err(VsockError::Listen)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| VsockError::Bind {
+                path: path.clone(),
+                source,
+            })?;
         let core = DeviceCore::new(AVAIL_FEATURES, &QUEUE_SIZES).map_err(VsockError::Queues)?;
         Ok(Self {
             core,

@@ -59,22 +59,8 @@ pub struct VsockConfig {
 pub enum VsockError {
     #[error("guest CID {0} is invalid: it must be between 3 and 4294967294")]
     InvalidCid(u64),
-    #[error("\"{path}\" exists and is not a socket")]
-    NotASocket { path: PathBuf },
-    #[error("\"{path}\" is in use by another process")]
-    InUse { path: PathBuf },
-    #[error("cannot inspect \"{path}\"")]
-    Inspect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot remove stale socket \"{path}\"")]
-    RemoveStale {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(crate::uds::ListenError),
     #[error("cannot listen on \"{path}\"")]
     Bind {
         path: PathBuf,

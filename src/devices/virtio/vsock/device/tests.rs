@@ -24,6 +24,7 @@ use super::super::VSOCK_HOST_CID;
 use super::*;
 use crate::devices::virtio::device::test_util::configure_queue;
 use crate::devices::virtio::{ActivateError, Interrupt};
+use crate::uds::ListenError;
 use crate::vstate::memory::GuestMemory;
 
 pub(crate) const NEXT: u16 = VRING_DESC_F_NEXT as u16;
@@ -599,7 +600,7 @@ fn new_refuses_what_is_not_a_socket() {
     std::fs::write(&file, b"keep me").unwrap();
     assert!(matches!(
         vsock_error(3, &file),
-        VsockError::NotASocket { path } if path == file
+        VsockError::Listen(ListenError::NotASocket { path }) if path == file
     ));
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
 
@@ -607,7 +608,7 @@ fn new_refuses_what_is_not_a_socket() {
     std::fs::create_dir(&subdir).unwrap();
     assert!(matches!(
         vsock_error(3, &subdir),
-        VsockError::NotASocket { .. }
+        VsockError::Listen(ListenError::NotASocket { .. })
     ));
     assert!(subdir.is_dir());
 
@@ -618,18 +619,18 @@ fn new_refuses_what_is_not_a_socket() {
     std::os::unix::fs::symlink(&target, &link).unwrap();
     assert!(matches!(
         vsock_error(3, &link),
-        VsockError::NotASocket { .. }
+        VsockError::Listen(ListenError::NotASocket { .. })
     ));
 
     // A path through a regular file cannot be inspected; one through a missing
     // directory cannot be bound.
     assert!(matches!(
         vsock_error(3, &file.join("v.sock")),
-        VsockError::Inspect { .. }
+        VsockError::Listen(ListenError::Inspect { .. })
     ));
     assert!(matches!(
         vsock_error(3, &dir.path().join("missing/v.sock")),
-        VsockError::Bind { .. }
+        VsockError::Listen(ListenError::Bind { .. })
     ));
 }
 
@@ -640,7 +641,7 @@ fn new_refuses_a_socket_in_use() {
     let listener = std::os::unix::net::UnixListener::bind(&uds).unwrap();
     assert!(matches!(
         vsock_error(3, &uds),
-        VsockError::InUse { path } if path == uds
+        VsockError::Listen(ListenError::InUse { path }) if path == uds
     ));
     // The other process's socket is untouched and still works.
     assert!(UnixStream::connect(&uds).is_ok());
@@ -648,7 +649,10 @@ fn new_refuses_a_socket_in_use() {
 
     // So is a live vsock device's.
     let (_dir, uds, _vsock) = new_vsock();
-    assert!(matches!(vsock_error(4, &uds), VsockError::InUse { .. }));
+    assert!(matches!(
+        vsock_error(4, &uds),
+        VsockError::Listen(ListenError::InUse { .. })
+    ));
     assert!(UnixStream::connect(&uds).is_ok());
 }
 
