@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 
 use common::{
     announce_skip, describe, hearth, kvm_available, payload, run_hearth, run_payload,
-    run_with_timeout, stderr_of, Format, TempDir, PAYLOAD_MEMORY, RUN_TIMEOUT,
+    run_with_timeout, stderr_of, Format, Need, TempDir, PAYLOAD_MEMORY, RUN_TIMEOUT,
 };
 
 /// Asserts hearth's own error report: exit 1, stderr exactly one non-empty line starting
@@ -278,14 +278,16 @@ fn kvm_device_permission_denied() {
         .output()
         .is_ok_and(|o| o.status.success());
     let skip = match kvm_mode {
-        _ if euid != 0 => Some("not running as root".to_owned()),
-        Err(e) => Some(format!("{KVM}: {e}")),
-        Ok(mode) if mode & 0o006 != 0 => Some(format!("{KVM} is accessible to others")),
-        Ok(_) if !has_setpriv => Some("setpriv (util-linux) not found".to_owned()),
+        _ if euid != 0 => Some((Need::Root, "not running as root".to_owned())),
+        Err(e) => Some((Need::Kvm, format!("{KVM}: {e}"))),
+        Ok(mode) if mode & 0o006 != 0 => {
+            Some((Need::Kvm, format!("{KVM} is accessible to others")))
+        }
+        Ok(_) if !has_setpriv => Some((Need::Tools, "setpriv (util-linux) not found".to_owned())),
         Ok(_) => None,
     };
-    if let Some(reason) = skip {
-        announce_skip(&reason);
+    if let Some((need, reason)) = skip {
+        announce_skip(need, &reason);
         return;
     }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     announce_skip, assert_exit_code, assert_stdout_contains, describe, kvm_available, payload,
-    payload_command, stderr_of, stdout_of, Capture, Format, Running, TempDir, HEARTH,
+    payload_command, stderr_of, stdout_of, Capture, Format, Need, Running, TempDir, HEARTH,
     PAYLOAD_MEMORY, RUN_TIMEOUT,
 };
 
@@ -169,7 +169,10 @@ fn tty_console_raw_mode_ctrl_a_x_quits_and_restores() {
         return;
     }
     if !script_available() {
-        announce_skip("util-linux `script` is not installed; cannot run hearth on a terminal");
+        announce_skip(
+            Need::Tools,
+            "util-linux `script` is not installed; cannot run hearth on a terminal",
+        );
         return;
     }
     let hearth_run = format!(

@@ -13,21 +13,21 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use common::{announce_skip, TempDir};
+use common::{announce_skip, Need, TempDir};
 use hearth::error_chain;
 use hearth::image::sample::{self, SampleLayer};
 use hearth::image::{build_ext4, prepare, ImageCache};
 
 fn prerequisites() -> bool {
     if let Err(e) = SampleLayer::busybox_base() {
-        announce_skip(&format!("no usable busybox ({e})"));
+        announce_skip(Need::Tools, &format!("no usable busybox ({e})"));
         return false;
     }
     if !["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
         .iter()
         .any(|p| Path::new(p).exists())
     {
-        announce_skip("mkfs.ext4 missing (install e2fsprogs)");
+        announce_skip(Need::Tools, "mkfs.ext4 missing (install e2fsprogs)");
         return false;
     }
     true

@@ -18,7 +18,7 @@ use hearth::exit::ExitReason;
 
 use common::{
     announce_skip, assert_exit_code, assert_stdout_contains, describe, kvm_available, payload,
-    run_hearth, run_payload, stderr_of, stdout_of, Format, TempDir, HELLO, MEMTOUCH_MEMORY,
+    run_hearth, run_payload, stderr_of, stdout_of, Format, Need, TempDir, HELLO, MEMTOUCH_MEMORY,
     RUN_TIMEOUT,
 };
 
@@ -320,7 +320,7 @@ fn syscall_from_user_mode_needs_compat_on_pvm() {
         return;
     }
     if !Path::new("/sys/module/kvm_pvm").exists() {
-        announce_skip("not a nested PVM host (no /sys/module/kvm_pvm)");
+        announce_skip(Need::Pvm, "not a nested PVM host (no /sys/module/kvm_pvm)");
         return;
     }
     let out = boot("syscall", Format::Elf64, &["--cpu-profile", "host"]);

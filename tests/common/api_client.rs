@@ -23,7 +23,7 @@ pub fn curl_available() -> bool {
             std::env::var("CI").as_deref() != Ok("true"),
             "curl is missing; .ci/run installs it"
         );
-        super::announce_skip("curl is not installed");
+        super::announce_skip(super::Need::Tools, "curl is not installed");
     }
     found
 }

@@ -367,15 +367,59 @@ pub fn kvm_available() -> bool {
     match OpenOptions::new().read(true).write(true).open(KVM) {
         Ok(_) => true,
         Err(e) => {
-            announce_skip(&format!("{KVM} not available ({e})"));
+            announce_skip(Need::Kvm, &format!("{KVM} not available ({e})"));
             false
         }
     }
 }
 
-/// Prints a loud SKIPPED line naming the current test and why it is not running.
-pub fn announce_skip(reason: &str) {
+/// What a test may find missing and skip for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// `/dev/kvm`, read-write.
+    Kvm,
+    /// Running as root (taps, namespaces, mounts, other users).
+    Root,
+    /// Network namespaces and taps (iproute2).
+    Netns,
+    /// The tools the tests run (busybox, mkfs.ext4, curl, script, setpriv).
+    Tools,
+    /// A nested-PVM host (tests of the compat layer's PVM-only paths).
+    Pvm,
+}
+
+impl Need {
+    fn name(self) -> &'static str {
+        match self {
+            Need::Kvm => "kvm",
+            Need::Root => "root",
+            Need::Netns => "netns",
+            Need::Tools => "tools",
+            Need::Pvm => "pvm",
+        }
+    }
+}
+
+/// Whether `$HEARTH_REQUIRE` (a comma-separated list of [`Need`] names, or `all`) says
+/// `need` must be there. `.ci/run` sets it, so that CI proves the tiers it claims to run.
+fn required(need: Need) -> bool {
+    std::env::var("HEARTH_REQUIRE")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .any(|word| word == "all" || word == need.name())
+}
+
+/// Prints a loud SKIPPED line naming the current test and why it is not running; fails
+/// the test instead when `$HEARTH_REQUIRE` requires `need`.
+#[track_caller]
+pub fn announce_skip(need: Need, reason: &str) {
     let test = thread::current().name().unwrap_or("<unknown>").to_owned();
+    assert!(
+        !required(need),
+        "HEARTH_REQUIRE requires {}, but {reason}: test `{test}` cannot run",
+        need.name()
+    );
     eprintln!("SKIPPED: {reason}; test `{test}` did not run");
 }
 

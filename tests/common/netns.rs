@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Output, Stdio};
 use std::thread;
 
-use super::{announce_skip, describe, kvm_available};
+use super::{announce_skip, describe, kvm_available, Need};
 
 /// A network namespace `<prefix><pid>` with its loopback up, deleted (with its taps and
 /// everything else in it) on drop, also when the test panics.
@@ -133,7 +133,10 @@ pub fn net_tests_possible() -> bool {
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        announce_skip("not root (network namespaces and tap devices need it)");
+        announce_skip(
+            Need::Root,
+            "not root (network namespaces and tap devices need it)",
+        );
         return false;
     }
     let ip_works = Command::new("ip")
@@ -143,7 +146,7 @@ pub fn net_tests_possible() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ip_works {
-        announce_skip("`ip` (iproute2) not found");
+        announce_skip(Need::Netns, "`ip` (iproute2) not found");
         return false;
     }
     true
