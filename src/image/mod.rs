@@ -48,8 +48,9 @@ pub use ext4::build_ext4;
 
 use store::{sniff, Compression, Store, TarStore};
 
-/// Default `PATH` of images that do not set one (plain root filesystems).
-pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Default `PATH` (docker's): of images that do not set one (plain root filesystems),
+/// and of a container whose environment has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Everything that can go wrong while reading an image or building its root filesystem.
 ///
@@ -171,7 +172,7 @@ impl Default for ImageConfig {
         ImageConfig {
             entrypoint: Vec::new(),
             cmd: vec!["/bin/sh".to_string()],
-            env: vec![DEFAULT_PATH.to_string()],
+            env: vec![format!("PATH={DEFAULT_PATH}")],
             working_dir: None,
             user: None,
         }

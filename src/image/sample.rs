@@ -509,7 +509,7 @@ fn image(extra_layers: &[SampleLayer]) -> Result<(Vec<Vec<u8>>, Vec<u8>), ImageE
         "os": "linux",
         "created": "2023-11-14T22:13:20Z",
         "config": {
-            "Env": [DEFAULT_PATH],
+            "Env": [format!("PATH={DEFAULT_PATH}")],
             "Cmd": ["sh"],
             "WorkingDir": "/",
         },

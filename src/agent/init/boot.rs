@@ -22,6 +22,7 @@ use super::xstate;
 use crate::agent::protocol::{
     write_message, Message, AGENT_PORT, MODE_CONTAINER, MODE_MACHINE, VERSION,
 };
+use crate::devices::virtio::vsock::VSOCK_HOST_CID;
 use crate::error_chain;
 
 /// Set in the environment of the agent re-executed from the new root.
@@ -29,7 +30,6 @@ const STAGE_ENV: &str = "HEARTH_INIT_STAGE";
 /// `PATH` of the agent and of `Rootfs::Host` processes without one.
 pub const MACHINE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// The host's vsock CID.
-const HOST_CID: u32 = 2;
 /// How long a container VM keeps trying to reach the host.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -518,7 +518,7 @@ fn connect_host(port: u32) -> Result<File, BootError> {
     let deadline = Instant::now() + CONNECT_PATIENCE;
     loop {
         let attempt = vsock_socket().and_then(|sock| {
-            let addr = vsock_addr(HOST_CID, port);
+            let addr = vsock_addr(VSOCK_HOST_CID as u32, port);
             // SAFETY: `addr` is a valid sockaddr_vm and the length matches it.
             let ret = unsafe {
                 libc::connect(
@@ -820,7 +820,7 @@ mod tests {
 
     #[test]
     fn vsock_address_layout() {
-        let a = vsock_addr(HOST_CID, AGENT_PORT);
+        let a = vsock_addr(VSOCK_HOST_CID as u32, AGENT_PORT);
         assert_eq!(a.svm_family, libc::AF_VSOCK as libc::sa_family_t);
         assert_eq!((a.svm_cid, a.svm_port), (2, 1024));
     }

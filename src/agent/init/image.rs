@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 /// Why an image could not be looked up or loaded.
 #[derive(Debug, thiserror::Error)]
-pub enum ImageError {
+pub enum ImageStoreError {
     #[error("invalid image digest {0:?} (expected sha256:<64 hex digits>)")]
     BadDigest(String),
     #[error("image {0} is being loaded by another session")]
@@ -26,11 +26,11 @@ pub enum ImageError {
 }
 
 /// The hex part of a `sha256:<64 lowercase hex>` digest.
-pub fn digest_hex(digest: &str) -> Result<&str, ImageError> {
+pub fn digest_hex(digest: &str) -> Result<&str, ImageStoreError> {
     let hex = digest
         .strip_prefix("sha256:")
         .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-        .ok_or_else(|| ImageError::BadDigest(digest.to_string()))?;
+        .ok_or_else(|| ImageStoreError::BadDigest(digest.to_string()))?;
     Ok(hex)
 }
 
@@ -54,17 +54,17 @@ impl ImageStore {
     }
 
     /// Where the image with this digest lives (whether or not it is present).
-    pub fn path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+    pub fn path(&self, digest: &str) -> Result<PathBuf, ImageStoreError> {
         Ok(self.root.join(digest_hex(digest)?))
     }
 
-    pub fn present(&self, digest: &str) -> Result<bool, ImageError> {
+    pub fn present(&self, digest: &str) -> Result<bool, ImageStoreError> {
         Ok(self.path(digest)?.is_dir())
     }
 
     /// Unpacks a tar (or gzip-compressed tar) stream as the image `digest`. Entries with
     /// absolute paths or `..` are refused; owners, modes and mtimes are kept.
-    pub fn load(&self, digest: &str, reader: impl Read) -> Result<(), ImageError> {
+    pub fn load(&self, digest: &str, reader: impl Read) -> Result<(), ImageStoreError> {
         let hex = digest_hex(digest)?.to_string();
         if !self
             .loading
@@ -72,7 +72,7 @@ impl ImageStore {
             .unwrap_or_else(|p| p.into_inner())
             .insert(hex.clone())
         {
-            return Err(ImageError::Busy(digest.to_string()));
+            return Err(ImageStoreError::Busy(digest.to_string()));
         }
         let result = self.load_locked(&hex, reader);
         self.loading
@@ -82,9 +82,9 @@ impl ImageStore {
         result
     }
 
-    fn load_locked(&self, hex: &str, reader: impl Read) -> Result<(), ImageError> {
+    fn load_locked(&self, hex: &str, reader: impl Read) -> Result<(), ImageStoreError> {
         let digest = format!("sha256:{hex}");
-        let unpack = |source| ImageError::Unpack {
+        let unpack = |source| ImageStoreError::Unpack {
             digest: digest.clone(),
             source,
         };
@@ -95,7 +95,7 @@ impl ImageStore {
         }
         std::fs::create_dir_all(&tmp).map_err(unpack)?;
         let result = unpack_tar(reader, &tmp).map_err(|e| match e {
-            UnpackError::Unsafe(p) => ImageError::UnsafePath(p),
+            UnpackError::Unsafe(p) => ImageStoreError::UnsafePath(p),
             UnpackError::Io(e) => unpack(e),
         });
         if let Err(e) = result {
@@ -255,13 +255,16 @@ mod tests {
         let store = ImageStore::new(dir.path());
         for name in ["../evil", "a/../../evil", "/abs"] {
             let err = store.load(DIGEST, &raw_entry(name)[..]).unwrap_err();
-            assert!(matches!(err, ImageError::UnsafePath(_)), "{name}: {err}");
+            assert!(
+                matches!(err, ImageStoreError::UnsafePath(_)),
+                "{name}: {err}"
+            );
             assert!(!store.present(DIGEST).unwrap());
         }
         assert!(!dir.path().parent().unwrap().join("evil").exists());
         assert!(matches!(
             store.load("sha256:1", io::empty()),
-            Err(ImageError::BadDigest(_))
+            Err(ImageStoreError::BadDigest(_))
         ));
     }
 

@@ -4,8 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// `PATH` of a container whose environment has none (docker's default).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use crate::image::DEFAULT_PATH;
 
 /// Why a user, group, program or limit could not be resolved.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
