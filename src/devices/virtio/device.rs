@@ -470,7 +470,19 @@ macro_rules! single_queue_event_handler {
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    use std::sync::Arc;
+
     use virtio_queue::{Queue, QueueT};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    use crate::devices::virtio::Interrupt;
+
+    /// A device interrupt, and a second handle on its irqfd for the test to read.
+    pub(crate) fn observed_interrupt() -> (Arc<Interrupt>, EventFd) {
+        let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
+        let observer = irqfd.try_clone().unwrap();
+        (Arc::new(Interrupt::new(irqfd)), observer)
+    }
 
     /// Gives a device's `queue` the configuration of `template` (a queue made by
     /// virtio-queue's mock), as a driver would through the transport, from the state the
@@ -495,16 +507,11 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
-    use super::test_util::configure_queue;
+    use super::test_util::{configure_queue, observed_interrupt as interrupt};
     use super::*;
 
     fn memory() -> GuestMemory {
         GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    fn interrupt() -> (Arc<Interrupt>, EventFd) {
-        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        (Arc::new(Interrupt::new(irq.try_clone().unwrap())), irq)
     }
 
     /// `count` one-descriptor chains, descriptor i at 0x8_0000 + i * 0x100.

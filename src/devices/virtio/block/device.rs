@@ -259,11 +259,11 @@ pub(super) mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
     use vm_memory::{Address, Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
     use crate::devices::virtio::block::test_util::{guest_memory, pattern, TempImage};
     use crate::devices::virtio::device::test_util::configure_queue;
+    use crate::devices::virtio::device::test_util::observed_interrupt;
     use crate::devices::virtio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 
     pub const IMAGE_SIZE: usize = 64 << 10;
@@ -296,13 +296,6 @@ pub(super) mod tests {
                 next_desc: 0,
                 requests: 0,
             }
-        }
-
-        /// An interrupt whose irqfd the test can read.
-        pub fn interrupt() -> (Arc<Interrupt>, EventFd) {
-            let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
-            let observer = irqfd.try_clone().unwrap();
-            (Arc::new(Interrupt::new(irqfd)), observer)
         }
 
         /// The transport's part: points the device's queue at this driver's rings, acks
@@ -479,7 +472,7 @@ pub(super) mod tests {
         let image = TempImage::new(IMAGE_SIZE);
         let mut block = new_block(&image, false);
         let mut driver = Driver::new(&mem);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
         let features = block.avail_features();
         driver
             .activate(&mut block, interrupt.clone(), features)
@@ -524,7 +517,7 @@ pub(super) mod tests {
         let image = TempImage::new(IMAGE_SIZE);
         let mut block = new_block(&image, false);
         let mut driver = Driver::new(&mem);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
         let features = block.avail_features();
         driver
             .activate(&mut block, interrupt.clone(), features)
@@ -567,7 +560,7 @@ pub(super) mod tests {
         let image = TempImage::new(IMAGE_SIZE);
         let mut block = new_block(&image, true);
         let mut driver = Driver::new(&mem);
-        let (interrupt, _irq) = Driver::interrupt();
+        let (interrupt, _irq) = observed_interrupt();
         driver.activate(&mut block, interrupt, u64::MAX).unwrap();
         mem.write_slice(&[0u8; 512], GuestAddress(DATA)).unwrap();
         let write = driver.submit(VIRTIO_BLK_T_OUT, 0, &[readable(DATA, 512)]);
@@ -588,7 +581,7 @@ pub(super) mod tests {
         let image = TempImage::new(IMAGE_SIZE);
         let mut block = new_block(&image, false);
         let mut driver = Driver::new(&mem);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
         let features = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
         driver.activate(&mut block, interrupt, features).unwrap();
 
@@ -615,7 +608,7 @@ pub(super) mod tests {
         let image = TempImage::new(IMAGE_SIZE);
         let mut block = new_block(&image, false);
         let driver = Driver::new(&mem);
-        let (interrupt, _irq) = Driver::interrupt();
+        let (interrupt, _irq) = observed_interrupt();
 
         // The driver never set the queue up.
         let unset = block.activate(mem.clone(), interrupt.clone());
@@ -641,7 +634,7 @@ pub(super) mod tests {
         let image = TempImage::new(IMAGE_SIZE);
         let mut block = new_block(&image, false);
         let mut driver = Driver::new(&mem);
-        let (interrupt, _irq) = Driver::interrupt();
+        let (interrupt, _irq) = observed_interrupt();
         driver.activate(&mut block, interrupt, 0).unwrap();
 
         // A head index past the queue: an empty chain, returned to nobody.
@@ -662,7 +655,7 @@ pub(super) mod tests {
         let image = TempImage::new(IMAGE_SIZE);
         let mut block = new_block(&image, false);
         let mut driver = Driver::new(&mem);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
         driver.activate(&mut block, interrupt, 0).unwrap();
         block.reset();
         assert!(!block.is_active());

@@ -18,6 +18,7 @@ mod tests {
     use crate::devices::bus::lock;
     use crate::devices::virtio::block::device::tests::{new_block, Driver, IMAGE_SIZE};
     use crate::devices::virtio::block::test_util::{guest_memory, TempImage};
+    use crate::devices::virtio::device::test_util::observed_interrupt;
     use crate::devices::virtio::Pausable;
     use crate::devices::virtio::VirtioDevice;
 
@@ -36,7 +37,7 @@ mod tests {
         let mut manager = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
         manager.add_subscriber(block.clone());
         let kvm_evt = kvm_eventfd(&block);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
 
         // Notifications before activation are consumed and nothing is touched.
         kvm_evt.write(1).unwrap();
@@ -90,7 +91,7 @@ mod tests {
         let mut manager = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
         manager.add_subscriber(block.clone());
         let kvm_evt = kvm_eventfd(&block);
-        let (interrupt, _irq) = Driver::interrupt();
+        let (interrupt, _irq) = observed_interrupt();
 
         let driver = Driver::new(&mem);
         driver
@@ -120,7 +121,7 @@ mod tests {
         let mut manager = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
         let id = manager.add_subscriber(block.clone());
         let kvm_evt = kvm_eventfd(&block);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
         let mut driver = Driver::new(&mem);
         driver
             .activate(&mut lock(&block), interrupt, FEATURES)

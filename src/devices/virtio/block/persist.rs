@@ -53,6 +53,7 @@ mod tests {
     use super::super::test_util::{guest_memory, TempImage};
     use super::*;
     use crate::devices::bus::lock;
+    use crate::devices::virtio::device::test_util::observed_interrupt;
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::persist::test_util::running;
     use crate::devices::virtio::persist::MmioTransportState;
@@ -80,7 +81,7 @@ mod tests {
         let mem = guest_memory();
         let image = TempImage::new(IMAGE_SIZE);
         let mut driver = Driver::new(&mem);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
         let state = {
             let mut block = new_block(&image, false);
             driver

@@ -159,10 +159,10 @@ pub(super) mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
     use vm_memory::{Bytes, GuestAddress};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
     use crate::devices::virtio::device::test_util::configure_queue;
+    use crate::devices::virtio::device::test_util::observed_interrupt;
     use crate::devices::virtio::{ActivateError, Interrupt};
     use crate::vstate::memory::GuestMemory;
 
@@ -196,13 +196,6 @@ pub(super) mod tests {
                 mem,
                 next_desc: 0,
             }
-        }
-
-        /// An interrupt whose irqfd the test can read.
-        pub fn interrupt() -> (Arc<Interrupt>, EventFd) {
-            let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
-            let observer = irqfd.try_clone().unwrap();
-            (Arc::new(Interrupt::new(irqfd)), observer)
         }
 
         /// The transport's part: points the device's queue at this driver's rings, acks
@@ -287,7 +280,7 @@ pub(super) mod tests {
         let mem = memory();
         let mut rng = new_rng();
         let mut driver = Driver::new(&mem);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
         driver.activate(&mut rng, interrupt, VERSION_1).unwrap();
 
         // Two segments (one empty) make one 64-byte request; then a 40-byte one.
@@ -315,7 +308,7 @@ pub(super) mod tests {
         let mem = memory();
         let mut rng = new_rng();
         let mut driver = Driver::new(&mem);
-        let (interrupt, _irq) = Driver::interrupt();
+        let (interrupt, _irq) = observed_interrupt();
         driver.activate(&mut rng, interrupt, VERSION_1).unwrap();
         driver.post(&[(DATA, 64, WRITE)]);
         rng.process_queue();
@@ -334,7 +327,7 @@ pub(super) mod tests {
         let mem = memory();
         let mut rng = new_rng();
         let mut driver = Driver::new(&mem);
-        let (interrupt, _irq) = Driver::interrupt();
+        let (interrupt, _irq) = observed_interrupt();
         driver.activate(&mut rng, interrupt, VERSION_1).unwrap();
 
         // Device-readable: what the guest gave the device to read.
@@ -379,7 +372,7 @@ pub(super) mod tests {
         let mem = memory();
         let mut rng = new_rng();
         let mut driver = Driver::new(&mem);
-        let (interrupt, _irq) = Driver::interrupt();
+        let (interrupt, _irq) = observed_interrupt();
         driver.activate(&mut rng, interrupt, VERSION_1).unwrap();
         let segment = MAX_REQUEST_BYTES as u32;
         driver.post(&[
@@ -434,7 +427,7 @@ pub(super) mod tests {
         let mem = memory();
         let mut rng = new_rng();
         let mut driver = Driver::new(&mem);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
         driver.post(&[(DATA, 16, WRITE)]);
         rng.process_queue();
         assert!(driver.used().is_empty());
@@ -453,7 +446,7 @@ pub(super) mod tests {
         let mem = memory();
         let mut rng = new_rng();
         let mut driver = Driver::new(&mem);
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
         driver
             .activate(&mut rng, interrupt, AVAIL_FEATURES)
             .unwrap();

@@ -15,6 +15,7 @@ mod tests {
     use super::super::device::tests::{memory, new_rng, random, Driver, DATA, VERSION_1, WRITE};
     use super::*;
     use crate::devices::bus::lock;
+    use crate::devices::virtio::device::test_util::observed_interrupt;
     use crate::devices::virtio::Pausable;
     use crate::devices::virtio::VirtioDevice;
 
@@ -28,7 +29,7 @@ mod tests {
         let id = manager.add_subscriber(rng.clone());
         // What KVM signals when the driver writes QueueNotify: the device's own eventfd.
         let kvm_evt = lock(&rng).queue_events()[0].try_clone().unwrap();
-        let (interrupt, irq) = Driver::interrupt();
+        let (interrupt, irq) = observed_interrupt();
 
         // Before activation a notification is consumed and nothing is served.
         let mut driver = Driver::new(&mem);

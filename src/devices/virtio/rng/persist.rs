@@ -44,6 +44,7 @@ mod tests {
     use super::super::device::tests::{memory, new_rng, random, Driver, DATA, VERSION_1, WRITE};
     use super::*;
     use crate::devices::bus::lock;
+    use crate::devices::virtio::device::test_util::observed_interrupt;
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::persist::test_util::running;
     use crate::devices::virtio::VirtioDevice;
@@ -73,7 +74,7 @@ mod tests {
     fn a_restored_active_device_goes_on() {
         let mem = memory();
         let mut driver = Driver::new(&mem);
-        let (interrupt, _irq) = Driver::interrupt();
+        let (interrupt, _irq) = observed_interrupt();
         let state = {
             let mut rng = new_rng();
             driver
