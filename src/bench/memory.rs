@@ -342,36 +342,60 @@ Private_Clean:         4 kB
         assert_eq!(parse_smaps(CLONE_SMAPS)[0].pss_kib, 500);
     }
 
+    /// A 64 KiB file in a directory of its own, mapped private, read-only and populated
+    /// into this process; unmapped and removed on drop.
+    struct MappedFile {
+        dir: std::path::PathBuf,
+        path: std::path::PathBuf,
+        addr: *mut libc::c_void,
+    }
+
+    impl MappedFile {
+        const LEN: usize = 64 << 10;
+
+        fn new(tag: &str, name: &str) -> Self {
+            use std::os::fd::AsRawFd;
+            let dir = std::env::temp_dir().join(format!("hearth-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(name);
+            std::fs::write(&path, vec![1u8; Self::LEN]).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: a new private read-only mapping of a file we opened; unmapped on drop.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    Self::LEN,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(addr, libc::MAP_FAILED);
+            Self { dir, path, addr }
+        }
+    }
+
+    impl Drop for MappedFile {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in `new`, of that length, no longer used.
+            unsafe { libc::munmap(self.addr, Self::LEN) };
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     #[test]
     fn a_private_file_mapping_of_our_own_is_private() {
-        use std::os::fd::AsRawFd;
-        let dir = std::env::temp_dir().join(format!("hearth-sharing-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("template.mem");
-        std::fs::write(&path, vec![1u8; 64 << 10]).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: a new private read-only mapping of a file we opened; unmapped below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                64 << 10,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_POPULATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        let sharing = file_mapping_sharing(std::process::id(), &path);
-        // SAFETY: the mapping made above, of that length, no longer used.
-        unsafe { libc::munmap(addr, 64 << 10) };
-        std::fs::remove_dir_all(&dir).unwrap();
+        let mapped = MappedFile::new("sharing", "template.mem");
+        let sharing = file_mapping_sharing(std::process::id(), &mapped.path);
+        let gone = mapped.dir.join("gone");
+        drop(mapped);
         let sharing = sharing.unwrap().expect("the mapping is found");
         assert_eq!((sharing.size_kib, sharing.rss_kib), (64, 64));
         // Nobody else maps the file: every resident page is ours alone.
         assert_eq!((sharing.shared_kib, sharing.private_kib), (0, 64));
         assert_eq!(
-            file_mapping_sharing(std::process::id(), &dir.join("gone")).unwrap(),
+            file_mapping_sharing(std::process::id(), &gone).unwrap(),
             None
         );
     }
@@ -392,28 +416,9 @@ Private_Clean:         4 kB
 
     #[test]
     fn finds_a_file_mapping_of_our_own() {
-        use std::os::fd::AsRawFd;
-        let dir = std::env::temp_dir().join(format!("hearth-memory-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("guest.mem");
-        std::fs::write(&path, vec![1u8; 64 << 10]).unwrap();
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: a new private read-only mapping of a file we opened; unmapped below.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                64 << 10,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_POPULATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(addr, libc::MAP_FAILED);
-        let memory = restored_vmm_memory(std::process::id(), 64 << 10, &path).unwrap();
-        // SAFETY: the mapping made above, of that length, no longer used.
-        unsafe { libc::munmap(addr, 64 << 10) };
-        std::fs::remove_dir_all(&dir).unwrap();
+        let mapped = MappedFile::new("memory", "guest.mem");
+        let memory = restored_vmm_memory(std::process::id(), 64 << 10, &mapped.path).unwrap();
+        drop(mapped);
         assert!(memory.guest_mapping_found);
         assert_eq!(memory.guest_rss_kib, 64);
         assert_eq!(memory.overhead_kib, memory.pss_kib - 64);
