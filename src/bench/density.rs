@@ -294,6 +294,18 @@ pub(super) fn publish<R: Serialize>(
     Ok(if ok { 0 } else { 1 })
 }
 
+/// "min / median / max" of the known times, if there are any.
+pub(super) fn min_median_max(times_ms: &[Option<f64>]) -> Option<String> {
+    let known: Vec<f64> = times_ms.iter().flatten().copied().collect();
+    let s = super::stats::Summary::of(&known)?;
+    Some(format!(
+        "{} / {} / {}",
+        format_ms(s.min),
+        format_ms(s.median),
+        format_ms(s.max)
+    ))
+}
+
 pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -321,17 +333,8 @@ fn markdown(r: &DensityReport) -> String {
         "creation rate",
         r.creation_rate_per_s.map_or("-".to_owned(), format_rate),
     );
-    let boots: Vec<f64> = r.boot_ms.iter().flatten().copied().collect();
-    if let Some(s) = super::stats::Summary::of(&boots) {
-        row(
-            "boot signal per VM (min / median / max)",
-            format!(
-                "{} / {} / {}",
-                format_ms(s.min),
-                format_ms(s.median),
-                format_ms(s.max)
-            ),
-        );
+    if let Some(spread) = min_median_max(&r.boot_ms) {
+        row("boot signal per VM (min / median / max)", spread);
     }
     row(
         "total PSS (per VM)",

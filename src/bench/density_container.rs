@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::density::{
-    format_rate, mem_available_kib, ms, processes_using, publish, start_all, Readiness, StartedAll,
-    SIGTERM_STATUS, STOP_TIMEOUT,
+    format_rate, mem_available_kib, min_median_max, ms, processes_using, publish, start_all,
+    Readiness, StartedAll, SIGTERM_STATUS, STOP_TIMEOUT,
 };
 use super::fixtures::Fixtures;
 use super::memory::{file_mapping_sharing, process_memory, FileMappingSharing, ProcessMemory};
@@ -341,17 +341,8 @@ fn markdown(r: &ContainerDensityReport) -> String {
         "creation rate",
         r.creation_rate_per_s.map_or("-".to_owned(), format_rate),
     );
-    let readies: Vec<f64> = r.ready_ms.iter().flatten().copied().collect();
-    if let Some(s) = super::stats::Summary::of(&readies) {
-        row(
-            "ready per container (min / median / max)",
-            format!(
-                "{} / {} / {}",
-                format_ms(s.min),
-                format_ms(s.median),
-                format_ms(s.max)
-            ),
-        );
+    if let Some(spread) = min_median_max(&r.ready_ms) {
+        row("ready per container (min / median / max)", spread);
     }
     row(
         "VMM PSS, total (per VM)",
