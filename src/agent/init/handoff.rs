@@ -105,6 +105,25 @@ fn cmsg_space(fds: usize) -> usize {
     unsafe { libc::CMSG_SPACE((fds * std::mem::size_of::<RawFd>()) as u32) as usize }
 }
 
+fn iovec(data: &mut [u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: data.as_mut_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    }
+}
+
+/// A message of the one buffer `iov` and the first `controllen` bytes of `cmsg`; both
+/// must outlive every use of it.
+fn msghdr(iov: &mut libc::iovec, cmsg: &mut CmsgBuf, controllen: usize) -> libc::msghdr {
+    // SAFETY: a zeroed msghdr is valid (null names, no iovecs) before it is filled in.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = controllen as _;
+    msg
+}
+
 /// Sends `moves` (source descriptor, target number) over `sock` in one message.
 pub fn send(sock: &OwnedFd, moves: &[(RawFd, RawFd)]) -> Result<(), HandoffError> {
     let mut data = MAGIC.to_vec();
@@ -115,16 +134,8 @@ pub fn send(sock: &OwnedFd, moves: &[(RawFd, RawFd)]) -> Result<(), HandoffError
     let mut cmsg = CmsgBuf([0; 128]);
     let space = cmsg_space(moves.len());
     debug_assert!(space <= cmsg.0.len());
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: a zeroed msghdr is valid (null names, no iovecs) before it is filled in.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
+    let mut iov = iovec(&mut data);
+    let msg = msghdr(&mut iov, &mut cmsg, space);
     // SAFETY: msg_control points at `space` bytes of the aligned buffer (at most its
     // size: MAX_FDS descriptors need 48), so CMSG_FIRSTHDR returns a header inside it
     // and CMSG_DATA has room for `moves.len()` descriptors, written unaligned.
@@ -153,16 +164,8 @@ pub fn send(sock: &OwnedFd, moves: &[(RawFd, RawFd)]) -> Result<(), HandoffError
 pub fn receive(sock: RawFd) -> Result<Vec<(RawFd, OwnedFd)>, HandoffError> {
     let mut data = [0u8; 64];
     let mut cmsg = CmsgBuf([0; 128]);
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: a zeroed msghdr is valid (null names, no iovecs) before it is filled in.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.0.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = cmsg_space(MAX_FDS) as _;
+    let mut iov = iovec(&mut data);
+    let mut msg = msghdr(&mut iov, &mut cmsg, cmsg_space(MAX_FDS));
     let got = loop {
         // SAFETY: msg points at the live data and control buffers, sized as declared.
         let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
