@@ -17,6 +17,7 @@ pub mod devices;
 pub mod exit;
 pub mod image;
 pub mod logger;
+pub mod random;
 pub mod snapshot;
 pub mod terminal;
 #[cfg(test)]

@@ -368,7 +368,7 @@ fn relay_output(reader: &mut UnixStream) -> Result<i32, SessionError> {
 /// and waits until the guest has taken both.
 pub fn refresh(stream: &mut UnixStream) -> Result<(), SessionError> {
     let mut entropy = vec![0u8; 64];
-    getrandom(&mut entropy).map_err(SessionError::Entropy)?;
+    crate::random::fill(&mut entropy).map_err(SessionError::Entropy)?;
     let realtime_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -383,25 +383,6 @@ pub fn refresh(stream: &mut UnixStream) -> Result<(), SessionError> {
         Message::Refreshed => Ok(()),
         _ => Err(SessionError::Unexpected("reply to refresh")),
     }
-}
-
-/// Fills `buf` from the host's RNG.
-fn getrandom(buf: &mut [u8]) -> io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let rest = &mut buf[filled..];
-        // SAFETY: the pointer and length describe the unfilled part of `buf`.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-            continue;
-        }
-        filled += n as usize;
-    }
-    Ok(())
 }
 
 /// Asks a machine's agent to stop its containers and power off.

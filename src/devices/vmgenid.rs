@@ -95,21 +95,7 @@ impl VmGenId {
 /// fallback.
 fn random_id() -> Result<[u8; VMGENID_SIZE], VmGenIdError> {
     let mut id = [0u8; VMGENID_SIZE];
-    let mut filled = 0;
-    while filled < id.len() {
-        let rest = &mut id[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`, which is valid
-        // for writes of that length.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(VmGenIdError::Random(err));
-        }
-        filled += n as usize;
-    }
+    crate::random::fill(&mut id).map_err(VmGenIdError::Random)?;
     Ok(id)
 }
 

@@ -99,20 +99,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 /// A random unicast, locally administered MAC address.
 pub fn random_mac() -> Result<[u8; 6], NetError> {
     let mut mac = [0u8; 6];
-    let mut filled = 0;
-    while filled < mac.len() {
-        let rest = &mut mac[filled..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(NetError::RandomMac(error));
-        }
-        filled += n as usize;
-    }
+    crate::random::fill(&mut mac).map_err(NetError::RandomMac)?;
     Ok(locally_administered(mac))
 }
 
