@@ -174,15 +174,30 @@ impl CaseId {
 
 /// Parses `--include`: comma-separated case names, or `all`.
 pub fn parse_include(list: &str) -> Result<Vec<CaseId>, String> {
+    select_cases(list, &CaseId::ALL, CaseId::name)
+}
+
+/// Parses an `--include` list of the cases `all` (in report order) named by `name`:
+/// comma-separated names, or `all`. The selection comes back in report order, whatever
+/// the order given, each case once.
+pub fn select_cases<C: Copy + PartialEq>(
+    list: &str,
+    all: &[C],
+    name: fn(C) -> &'static str,
+) -> Result<Vec<C>, String> {
     if list.trim() == "all" {
-        return Ok(CaseId::ALL.to_vec());
+        return Ok(all.to_vec());
     }
     let mut cases = Vec::new();
-    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let case = CaseId::parse(name).ok_or_else(|| {
-            let known: Vec<&str> = CaseId::ALL.iter().map(|c| c.name()).collect();
-            format!("unknown case {name:?} (known: {})", known.join(", "))
-        })?;
+    for wanted in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let case = all
+            .iter()
+            .copied()
+            .find(|&c| name(c) == wanted)
+            .ok_or_else(|| {
+                let known: Vec<&str> = all.iter().map(|&c| name(c)).collect();
+                format!("unknown case {wanted:?} (known: {})", known.join(", "))
+            })?;
         if !cases.contains(&case) {
             cases.push(case);
         }
@@ -190,8 +205,7 @@ pub fn parse_include(list: &str) -> Result<Vec<CaseId>, String> {
     if cases.is_empty() {
         return Err("no case selected".to_owned());
     }
-    // Report order, whatever the order given.
-    cases.sort_by_key(|c| CaseId::ALL.iter().position(|a| a == c));
+    cases.sort_by_key(|c| all.iter().position(|a| a == c));
     Ok(cases)
 }
 

@@ -145,27 +145,7 @@ impl RestorePath {
 
 /// Parses `--include`: comma-separated case names, or `all`; in report order.
 fn parse_include(list: &str) -> Result<Vec<CaseId>, String> {
-    if list.trim() == "all" {
-        return Ok(CaseId::ALL.to_vec());
-    }
-    let mut cases = Vec::new();
-    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let case = CaseId::ALL
-            .into_iter()
-            .find(|c| c.name() == name)
-            .ok_or_else(|| {
-                let known: Vec<&str> = CaseId::ALL.iter().map(|c| c.name()).collect();
-                format!("unknown case {name:?} (known: {})", known.join(", "))
-            })?;
-        if !cases.contains(&case) {
-            cases.push(case);
-        }
-    }
-    if cases.is_empty() {
-        return Err("no case selected".to_owned());
-    }
-    cases.sort_by_key(|c| CaseId::ALL.iter().position(|a| a == c));
-    Ok(cases)
+    super::cases::select_cases(list, &CaseId::ALL, CaseId::name)
 }
 
 /// Parses `--memory`: comma-separated sizes in whole MiB (Firecracker's unit), smallest
