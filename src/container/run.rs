@@ -374,9 +374,8 @@ fn fresh_vm(
         None => vm::spawn(&vm_spec)?,
     };
     let outcome = (|| {
-        let stream = wait_for_agent(&listener, &mut child, &vm_spec, args.boot_timeout, signals)?;
-        let mut stream = stream;
-        session::hello(&mut stream)?;
+        let mut stream =
+            wait_for_agent(&listener, &mut child, &vm_spec, args.boot_timeout, signals)?;
         if template.is_some() {
             session::refresh(&mut stream)?;
         }
@@ -424,7 +423,8 @@ fn fresh_vm(
     }
 }
 
-/// Accepts the agent's connection while watching the VMM, our signals and the clock.
+/// Accepts the agent's connection and says hello, while watching the VMM, our signals
+/// and the clock.
 fn wait_for_agent(
     listener: &UnixListener,
     child: &mut Child,
@@ -433,17 +433,7 @@ fn wait_for_agent(
     signals: &Signals,
 ) -> Result<std::os::unix::net::UnixStream, ContainerError> {
     let deadline = Instant::now() + Duration::from_secs(timeout_s);
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                stream
-                    .set_nonblocking(false)
-                    .map_err(ContainerError::io("agent connection"))?;
-                return Ok(stream);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(ContainerError::io("accepting the agent connection")(e)),
-        }
+    session::accept_agent(listener, || {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(ContainerError::Vm(format!(
                 "the VM stopped ({status}) before its agent connected; console: {}",
@@ -458,8 +448,8 @@ fn wait_for_agent(
                 "the guest agent did not connect within {timeout_s} s"
             )));
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        Ok(())
+    })
 }
 
 /// Waits for the VMM to exit after the agent powered the VM off; kills it if it hangs.

@@ -8,7 +8,8 @@
 //! frames never interleave.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,8 @@ pub enum SessionError {
     Unexpected(&'static str),
     #[error("agent closed the connection before the process exited")]
     Closed,
+    #[error("accepting the agent's connection: {0}")]
+    Accept(io::Error),
     #[error("cannot connect to {path}: {source}")]
     Connect { path: String, source: io::Error },
     #[error("vsock CONNECT to the agent was refused: {0:?}")]
@@ -203,13 +206,96 @@ pub fn connect_agent(socket: &Path, timeout: Duration) -> Result<UnixStream, Ses
 /// Exchanges `Hello` messages and checks the version.
 pub fn hello(stream: &mut UnixStream) -> Result<(), SessionError> {
     write_message(stream, &Message::Hello { version: VERSION })?;
-    match read_message(stream)? {
+    check_hello(read_message(stream)?)
+}
+
+fn check_hello(reply: Option<Message>) -> Result<(), SessionError> {
+    match reply {
         Some(Message::Hello { version }) if version == VERSION => Ok(()),
         Some(Message::Hello { version }) => Err(SessionError::Version(version)),
         Some(Message::Error(text)) => Err(SessionError::Agent(text)),
         Some(_) => Err(SessionError::Unexpected("non-hello")),
         None => Err(SessionError::Closed),
     }
+}
+
+/// How long an agent that has started its `Hello` gets to finish it.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts the agent's connection on the non-blocking `listener` and says hello;
+/// `check` runs between polls and stops the wait with its error (the VMM died, a signal,
+/// the clock).
+///
+/// The agent connects again only once its previous connection is dead, so a newer
+/// connection replaces one still waiting for its `Hello`, and one that ends before its
+/// `Hello` is forgotten. Both happen to a guest restored from a template, whose vsock
+/// connections a reset ends: the guest learns of it asynchronously, and it sends
+/// nothing for a connection it drops that way.
+pub fn accept_agent<E: From<SessionError>>(
+    listener: &UnixListener,
+    mut check: impl FnMut() -> Result<(), E>,
+) -> Result<UnixStream, E> {
+    let mut candidate: Option<UnixStream> = None;
+    loop {
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if candidate.take().is_some() {
+                        log::debug!("the agent connected again; its earlier connection is dead");
+                    }
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(SessionError::Accept)?;
+                    let sent = write_message(&mut &stream, &Message::Hello { version: VERSION });
+                    candidate = sent.is_ok().then_some(stream);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(SessionError::Accept(e).into()),
+            }
+        }
+        if let Some(stream) = candidate.as_ref().filter(|s| poll_in(&[s.as_fd()], 0)) {
+            stream
+                .set_read_timeout(Some(HELLO_TIMEOUT))
+                .map_err(SessionError::Accept)?;
+            match read_message(&mut &*stream) {
+                Ok(None) | Err(ProtocolError::Io(_)) => {
+                    log::debug!("an agent connection ended before its Hello");
+                    candidate = None;
+                }
+                Ok(reply) => {
+                    check_hello(reply)?;
+                    stream
+                        .set_read_timeout(None)
+                        .map_err(SessionError::Accept)?;
+                    return Ok(candidate.take().expect("the candidate was just read"));
+                }
+                Err(e) => return Err(SessionError::from(e).into()),
+            }
+        }
+        check()?;
+        let mut fds = vec![listener.as_fd()];
+        fds.extend(candidate.as_ref().map(|s| s.as_fd()));
+        poll_in(&fds, ACCEPT_POLL_MS);
+    }
+}
+
+/// How long one wait of [`accept_agent`] lasts before it checks on the VM again.
+const ACCEPT_POLL_MS: i32 = 20;
+
+/// Waits up to `timeout_ms` for any of `fds` to be readable (or hung up); true if one is.
+fn poll_in(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> bool {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `polls` is a valid array of pollfd of the given length, and its
+    // descriptors are borrowed for the call.
+    let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
+    n > 0
 }
 
 /// Sends a request that the agent answers with one message.
@@ -397,6 +483,76 @@ pub fn shutdown(stream: &mut UnixStream) -> Result<(), SessionError> {
 mod tests {
     use super::*;
     use crate::agent::protocol::{Network, Rootfs};
+
+    /// An agent end of a connection to `path`: it reads the host's Hello, then answers
+    /// with its own (`answer`), hangs up (`!answer`), or neither while `keep` holds it.
+    fn agent_connects(path: &Path, answer: bool) -> UnixStream {
+        let mut stream = UnixStream::connect(path).unwrap();
+        assert!(matches!(
+            read_message(&mut stream).unwrap(),
+            Some(Message::Hello { .. })
+        ));
+        if answer {
+            write_message(&mut stream, &Message::Hello { version: VERSION }).unwrap();
+        }
+        stream
+    }
+
+    fn listener(dir: &crate::testutil::TempDir) -> (UnixListener, std::path::PathBuf) {
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        (listener, path)
+    }
+
+    /// A restored guest's first connection can die silently (its late transport reset):
+    /// the agent's next connection is the one that gets the session.
+    #[test]
+    fn a_newer_agent_connection_replaces_a_silent_one() {
+        let dir = crate::testutil::TempDir::new("accept-agent");
+        let (listener, path) = listener(&dir);
+        let agent = std::thread::spawn(move || {
+            let silent = agent_connects(&path, false);
+            let mut live = agent_connects(&path, true);
+            // The host talks on the live one only.
+            let msg = read_message(&mut live).unwrap();
+            drop(silent);
+            msg
+        });
+        let mut stream = accept_agent::<SessionError>(&listener, || Ok(())).unwrap();
+        write_message(&mut stream, &Message::Shutdown).unwrap();
+        assert!(matches!(agent.join().unwrap(), Some(Message::Shutdown)));
+    }
+
+    #[test]
+    fn an_agent_connection_that_ends_before_hello_is_forgotten() {
+        let dir = crate::testutil::TempDir::new("accept-agent");
+        let (listener, path) = listener(&dir);
+        let agent = std::thread::spawn(move || {
+            drop(agent_connects(&path, false));
+            let mut live = agent_connects(&path, true);
+            read_message(&mut live).unwrap()
+        });
+        let mut stream = accept_agent::<SessionError>(&listener, || Ok(())).unwrap();
+        write_message(&mut stream, &Message::Shutdown).unwrap();
+        assert!(matches!(agent.join().unwrap(), Some(Message::Shutdown)));
+    }
+
+    #[test]
+    fn waiting_for_the_agent_stops_when_the_check_fails() {
+        let dir = crate::testutil::TempDir::new("accept-agent");
+        let (listener, _path) = listener(&dir);
+        let mut polls = 0;
+        let result = accept_agent::<SessionError>(&listener, || {
+            polls += 1;
+            if polls == 3 {
+                Err(SessionError::Closed)
+            } else {
+                Ok(())
+            }
+        });
+        assert!(matches!(result, Err(SessionError::Closed)));
+    }
 
     fn spec() -> RunSpec {
         RunSpec {

@@ -435,29 +435,7 @@ fn build(
         None
     };
     let mut child = ChildGuard(vm::spawn(&build_spec)?);
-    // The agent is ready for work once it has said hello (a container VM's agent then
-    // waits for its request; a machine's agent serves every session alike).
-    let _session = loop {
-        let ready = match &listener {
-            Some(listener) => match listener.accept() {
-                Ok((mut stream, _)) => {
-                    stream
-                        .set_nonblocking(false)
-                        .map_err(ContainerError::io("agent connection"))?;
-                    session::hello(&mut stream)?;
-                    Some(stream)
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
-                Err(e) => return Err(ContainerError::io("accepting the agent connection")(e)),
-            },
-            None if build_spec.vsock_socket.exists() => {
-                session::connect_agent(&build_spec.vsock_socket, Duration::from_secs(3)).ok()
-            }
-            None => None,
-        };
-        if let Some(stream) = ready {
-            break stream;
-        }
+    let mut check = || {
         if let Ok(Some(status)) = child.0.try_wait() {
             return Err(ContainerError::Vm(format!(
                 "the template VM stopped ({status}) while booting; console: {}",
@@ -474,7 +452,22 @@ fn build(
             )));
         }
         progress.tick();
-        std::thread::sleep(Duration::from_millis(20));
+        Ok(())
+    };
+    // The agent is ready for work once it has said hello (a container VM's agent then
+    // waits for its request; a machine's agent serves every session alike).
+    let _session = match &listener {
+        Some(listener) => session::accept_agent(listener, &mut check)?,
+        None => loop {
+            if build_spec.vsock_socket.exists() {
+                let timeout = Duration::from_secs(3);
+                if let Ok(stream) = session::connect_agent(&build_spec.vsock_socket, timeout) {
+                    break stream;
+                }
+            }
+            check()?;
+            std::thread::sleep(Duration::from_millis(20));
+        },
     };
     let api = ApiClient::new(build_spec.api_socket(), API_TIMEOUT);
     let api_err = |what: &str| {

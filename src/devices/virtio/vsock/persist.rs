@@ -7,6 +7,7 @@
 //! 5.10.6.6, what a device does after migration).
 
 use serde::{Deserialize, Serialize};
+use virtio_queue::QueueT;
 
 use super::device::EVENT_QUEUE;
 use super::{Vsock, VsockConfig};
@@ -79,7 +80,9 @@ impl Vsock {
                 Some(written as u32)
             },
         );
-        if !sent {
+        if sent {
+            self.reset_unacked = Some(queues[EVENT_QUEUE].next_avail());
+        } else {
             log::warn!("virtio-vsock: no event buffer to tell the guest its connections are gone");
         }
     }
@@ -124,8 +127,9 @@ mod tests {
         ));
     }
 
-    /// The restored, active device tells the guest its connections are gone, then serves
-    /// the TX queue from where the saved device stopped.
+    /// The restored, active device tells the guest its connections are gone, then, once
+    /// the guest has handled that, serves the TX queue from where the saved device
+    /// stopped.
     #[test]
     fn restored_active_device_resets_the_transport_and_goes_on() {
         let mem = memory();
@@ -163,7 +167,13 @@ mod tests {
         assert_eq!(event, EVENT_TRANSPORT_RESET);
         assert!(driver.interrupts() > 0);
 
+        // Until the driver has handled the reset (it posts its event buffer again), a
+        // packet waits: a connection opened now would die in the late reset.
         driver.send(guest_header(OP_RW, 1, 2), b"after");
+        lock(&vsock).process_tx();
+        assert_eq!(driver.tx.used().len(), 1);
+        assert!(driver.received().is_empty());
+        driver.event.add(&[(8, WRITE)], |_| {});
         lock(&vsock).process_tx();
         assert_eq!(driver.tx.used().len(), 2);
         assert_eq!(ops(&driver.received()), [OP_RST]);
