@@ -37,6 +37,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::vmgenid::{VmGenId, VmGenIdError, VmGenIdState};
 use crate::exit::ExitSignal;
+use crate::metrics::METRICS;
 use crate::snapshot::{Snapshot, SnapshotError, StateFile};
 use crate::vmm::persist::{OverrideError, VmmState};
 use crate::vmm::{ConsoleSetup, RuntimeDevices, Vmm};
@@ -699,8 +700,10 @@ fn attach_disks(
             name: "virtio-blk",
             source: Box::new(e),
         })?;
+        let name = format!("disk{index}");
+        METRICS.register_block(disk.id.as_deref().unwrap_or(&name), block.metrics());
         let block = Arc::new(Mutex::new(block));
-        virtio.attach(&format!("disk{index}"), VirtioHandle::Block(block.clone()))?;
+        virtio.attach(&name, VirtioHandle::Block(block.clone()))?;
         disks.push(block);
     }
     Ok(disks)
@@ -713,7 +716,9 @@ fn attach_nets(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), Build
             name: "virtio-net",
             source: Box::new(e),
         })?;
-        virtio.attach(&format!("net{index}"), device)?;
+        let name = format!("net{index}");
+        METRICS.register_net(&name, device.metrics());
+        virtio.attach(&name, device)?;
     }
     Ok(())
 }
@@ -725,6 +730,7 @@ fn attach_vsock(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), Buil
             name: "virtio-vsock",
             source: Box::new(e),
         })?;
+        METRICS.register_vsock(device.metrics());
         virtio.attach("vsock0", device)?;
     }
     Ok(())
@@ -737,6 +743,7 @@ fn attach_rng(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildE
             name: "virtio-rng",
             source: Box::new(e),
         })?;
+        METRICS.register_rng(device.metrics());
         virtio.attach("rng0", device)?;
     }
     Ok(())
@@ -760,6 +767,16 @@ fn restore_virtio_devices(
                 virtio.event_loop,
             )
             .map_err(BuildError::DeviceManager)?;
+        match (&device, &state.device) {
+            (VirtioHandle::Block(block), VirtioDeviceState::Block(saved)) => {
+                let id = saved.config.id.as_deref().unwrap_or(&state.name);
+                METRICS.register_block(id, lock(block).metrics());
+            }
+            (VirtioHandle::Net(net), _) => METRICS.register_net(&state.name, lock(net).metrics()),
+            (VirtioHandle::Vsock(vsock), _) => METRICS.register_vsock(lock(vsock).metrics()),
+            (VirtioHandle::Rng(rng), _) => METRICS.register_rng(lock(rng).metrics()),
+            _ => {}
+        }
         if let VirtioHandle::Block(block) = device {
             disks.push(block);
         }

@@ -74,7 +74,8 @@ pub struct FirecrackerArgs {
     /// Write hearth's log to this file or named pipe instead of stderr.
     #[arg(long, value_name = "PATH")]
     pub log_path: Option<PathBuf>,
-    /// Refused: hearth has no metrics.
+    /// Write the metrics (one JSON object per line) to this file or named pipe, every
+    /// 60 s, on FlushMetrics and at exit.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
     /// Print the time from process start to the guest's boot-complete signal on stderr.
@@ -418,6 +419,11 @@ pub struct RunArgs {
     /// Serve Firecracker's HTTP API on this Unix socket while the VM runs.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+
+    /// Append the metrics (one JSON object per line) to this file or named pipe every
+    /// 60 s, on the API's FlushMetrics and at exit.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
 }
 
 /// Why `hearth run`'s arguments do not make a VM.
@@ -746,13 +752,23 @@ mod tests {
         assert!(bare.check().is_err());
         let mixed = Cli::try_parse_from(["hearth", "--id", "x", "run", "--kernel", "k"]).unwrap();
         assert!(mixed.check().is_err());
-        let run =
-            Cli::try_parse_from(["hearth", "run", "--kernel", "k", "--api-sock", "/s"]).unwrap();
+        let run = Cli::try_parse_from([
+            "hearth",
+            "run",
+            "--kernel",
+            "k",
+            "--api-sock",
+            "/s",
+            "--metrics-path",
+            "/m",
+        ])
+        .unwrap();
         run.check().unwrap();
         let Some(Command::Run(args)) = run.command else {
             panic!("expected run");
         };
         assert_eq!(args.api_sock, Some(PathBuf::from("/s")));
+        assert_eq!(args.metrics_path, Some(PathBuf::from("/m")));
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod devices;
 pub mod exit;
 pub mod image;
 pub mod logger;
+pub mod metrics;
 pub mod random;
 pub mod snapshot;
 pub mod terminal;
@@ -64,6 +65,8 @@ pub enum Error {
     Remote(#[from] api::remote::RemoteError),
     #[error(transparent)]
     Restore(#[from] api::restore::RestoreError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// Runs a parsed command line; returns the process exit status.
@@ -75,6 +78,9 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
     match command {
         Command::Run(args) => {
             let config = args.vm_config()?;
+            if let Some(path) = &args.metrics_path {
+                metrics::init(path)?;
+            }
             match &args.api_sock {
                 Some(path) => Ok(api::shape::run_with_api(&config, path)?),
                 None => run_vm(&config),
@@ -100,7 +106,12 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             api::remote::run(&args, &mut std::io::stdout().lock())?;
             Ok(0)
         }
-        Command::Restore(args) => Ok(api::restore::run(&args)?),
+        Command::Restore(args) => {
+            if let Some(path) = &args.metrics_path {
+                metrics::init(path)?;
+            }
+            Ok(api::restore::run(&args)?)
+        }
     }
 }
 

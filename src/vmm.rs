@@ -1,6 +1,6 @@
 //! The running VM: starts the vCPU threads, runs the event loop on the calling thread
-//! (console input, terminating signals, exit requests, and a [`ControlHook`] for whoever
-//! drives the VM: pause, resume), and tears everything down in order: stop and join every
+//! (console input, terminating signals, exit requests, the periodic metrics flush, and a
+//! [`ControlHook`] for whoever drives the VM: pause, resume), and tears everything down in order: stop and join every
 //! vCPU, restore the terminal, then close the VM.
 
 pub mod control;
@@ -25,6 +25,7 @@ use crate::devices::legacy::serial::{InputSpace, SerialDevice};
 use crate::devices::virtio::block::Block;
 use crate::devices::vmgenid::VmGenId;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::metrics::PeriodicFlush;
 use crate::terminal::RawTerminal;
 use crate::vstate::kvm::{KvmContext, KvmError};
 use crate::vstate::memory::GuestMemory;
@@ -226,6 +227,12 @@ impl Vmm {
         self.event_loop
             .add_subscriber(Box::new(ExitWatcher(self.exit.clone())));
         self.event_loop.add_subscriber(Box::new(signals));
+        match PeriodicFlush::new() {
+            Ok(flusher) => {
+                self.event_loop.add_subscriber(Box::new(flusher));
+            }
+            Err(e) => log::warn!("no periodic metrics flush: cannot create its timer: {e}"),
+        }
 
         let raw_terminal = match self.console.input {
             Some(InputSource::Stdin { interactive: true }) => {
@@ -256,6 +263,8 @@ impl Vmm {
             });
         }
         self.stop_vcpus();
+        // The last counts, vCPU exits included, as Firecracker writes them at exit.
+        crate::metrics::flush_and_log();
         drop(raw_terminal);
         if let Some(path) = &self.console.socket_path {
             let _ = std::fs::remove_file(path);

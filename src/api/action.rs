@@ -6,7 +6,7 @@ use std::fmt;
 
 use super::models::{
     BootSource, Drive, Entropy, FullVmConfig, InstanceInfo, Logger, MachineConfig,
-    MachineConfigUpdate, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
+    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
     SnapshotCreateParams, SnapshotLoadParams, Vsock,
 };
 
@@ -43,6 +43,10 @@ pub enum VmmAction {
     PutSerial(Serial),
     /// `PUT /logger`
     PutLogger(Logger),
+    /// `PUT /metrics`
+    PutMetrics(Metrics),
+    /// `GET /metrics`: hearth's extension, the counters as `FlushMetrics` writes them.
+    GetMetrics,
     /// `PUT /actions` `InstanceStart`
     InstanceStart,
     /// `PUT /actions` `SendCtrlAltDel`
@@ -81,6 +85,8 @@ impl VmmAction {
             Self::PutEntropy(_) => "PUT /entropy",
             Self::PutSerial(_) => "PUT /serial",
             Self::PutLogger(_) => "PUT /logger",
+            Self::PutMetrics(_) => "PUT /metrics",
+            Self::GetMetrics => "GET /metrics",
             Self::InstanceStart => "InstanceStart",
             Self::SendCtrlAltDel => "SendCtrlAltDel",
             Self::FlushMetrics => "FlushMetrics",
@@ -102,6 +108,8 @@ pub enum VmmData {
     Version(String),
     MachineConfig(MachineConfig),
     FullVmConfig(Box<FullVmConfig>),
+    /// The metrics, already JSON.
+    Metrics(String),
 }
 
 /// Why a request was refused. Each is answered 400 with its text as `fault_message`, as

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::mpsc;
 
 use super::action::{ActionResult, ApiError, VmmAction, VmmData};
-use super::models::{InstanceInfo, InstanceState, Logger};
+use super::models::{InstanceInfo, InstanceState, Logger, Metrics};
 use super::resources::VmResources;
 use super::{ApiEndpoint, EventfdWaker};
 use crate::devices::bus::lock;
@@ -103,7 +103,9 @@ impl PrebootController {
             VmmAction::PutEntropy(entropy) => empty(res.set_entropy(entropy)),
             VmmAction::PutSerial(serial) => empty(res.set_serial(serial)),
             VmmAction::PutLogger(logger) => empty(apply_logger(&logger)),
-            VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
+            VmmAction::PutMetrics(metrics) => empty(apply_metrics(&metrics)),
+            VmmAction::FlushMetrics => flush_metrics(),
+            VmmAction::GetMetrics => get_metrics(),
             // As Firecracker: a snapshot brings its whole VM, so nothing may be set up yet.
             VmmAction::LoadSnapshot(_)
                 if res.boot_source.is_some()
@@ -263,7 +265,8 @@ impl RuntimeController {
             VmmAction::CreateSnapshot(params) => {
                 super::snapshot::create(vm, &params, &self.resources)
             }
-            VmmAction::FlushMetrics => Err(ApiError::NotImplemented("metrics (/metrics)")),
+            VmmAction::FlushMetrics => flush_metrics(),
+            VmmAction::GetMetrics => get_metrics(),
             action @ (VmmAction::InstanceStart
             | VmmAction::PutMachineConfig(_)
             | VmmAction::PatchMachineConfig(_)
@@ -274,6 +277,7 @@ impl RuntimeController {
             | VmmAction::PutEntropy(_)
             | VmmAction::PutSerial(_)
             | VmmAction::PutLogger(_)
+            | VmmAction::PutMetrics(_)
             | VmmAction::LoadSnapshot(_)) => Err(ApiError::AfterStart(action.describe())),
         }
     }
@@ -341,6 +345,33 @@ pub fn apply_logger(logger: &Logger) -> Result<(), ApiError> {
         log::set_max_level(level);
     }
     Ok(())
+}
+
+/// `PUT /metrics` (and the metrics section of a configuration file): where the metrics
+/// go, once.
+pub fn apply_metrics(metrics: &Metrics) -> Result<(), ApiError> {
+    crate::metrics::init(&metrics.metrics_path)
+        .map_err(|e| ApiError::invalid(crate::error_chain(&e)))
+}
+
+/// `FlushMetrics`: writes the metrics now; does nothing when no destination is set, as in
+/// Firecracker.
+fn flush_metrics() -> ActionResult {
+    match crate::metrics::flush() {
+        Ok(true) => Ok(VmmData::Empty),
+        Ok(false) => {
+            log::debug!("FlushMetrics: no metrics destination is set (PUT /metrics)");
+            Ok(VmmData::Empty)
+        }
+        Err(e) => Err(ApiError::Runtime(crate::error_chain(&e))),
+    }
+}
+
+fn get_metrics() -> ActionResult {
+    crate::metrics::METRICS
+        .to_json()
+        .map(VmmData::Metrics)
+        .map_err(|e| ApiError::Runtime(crate::error_chain(&e)))
 }
 
 /// Firecracker's level names, in any case.
@@ -533,6 +564,16 @@ mod tests {
         );
         let patch = serde_json::from_str(r#"{"drive_id": "nope"}"#).unwrap();
         assert!(handle(VmmAction::PatchDrive(patch)).is_err());
+        let Ok(VmmData::Metrics(json)) = handle(VmmAction::GetMetrics) else {
+            panic!("no metrics");
+        };
+        let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(json["vcpu"]["exits_io_in"].is_u64(), "{json}");
+        let put = VmmAction::PutMetrics(Metrics {
+            metrics_path: "/tmp/m".into(),
+        });
+        let err = handle(put).unwrap_err().to_string();
+        assert!(err.contains("only possible before InstanceStart"), "{err}");
         assert!(!exit.is_requested(), "no refusal stops the VM");
         assert!(matches!(handle(VmmAction::Shutdown), Ok(VmmData::Empty)));
         assert_eq!(exit.reason(), Some(ExitReason::Shutdown));

@@ -434,6 +434,7 @@ impl Server {
                     conn.output.extend(response);
                 }
                 Err(e) => {
+                    crate::metrics::METRICS.api.requests_malformed.inc();
                     log::info!("API: refused a request: {e}");
                     conn.input.clear();
                     conn.closing = true;
@@ -451,6 +452,7 @@ impl Server {
             Ok(_) => 200,
             Err(e) => e.status(),
         };
+        crate::metrics::METRICS.api.record_status(status);
         log::info!("API: {} {} -> {status}", request.method, request.path);
         match result {
             Ok(data) => success_response(&data, request.close),
@@ -476,6 +478,7 @@ fn success_response(data: &VmmData, close: bool) -> Vec<u8> {
         }),
         VmmData::MachineConfig(config) => serde_json::to_string(config),
         VmmData::FullVmConfig(config) => serde_json::to_string(config),
+        VmmData::Metrics(json) => Ok(json.clone()),
     };
     match json {
         Ok(body) => http::render_response(200, Some(&body), close),

@@ -265,6 +265,14 @@ pub struct Logger {
     pub module: Option<String>,
 }
 
+/// `PUT /metrics`, and the `metrics` section of a configuration file: where the
+/// metrics go (see `crate::metrics`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    pub metrics_path: PathBuf,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ActionType {
     FlushMetrics,
@@ -417,8 +425,8 @@ pub struct FullVmConfig {
     pub logger: Option<Logger>,
     #[serde(rename = "machine-config", default)]
     pub machine_config: Option<MachineConfig>,
-    #[serde(default)]
-    pub metrics: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
     #[serde(rename = "memory-hotplug", default)]
     pub memory_hotplug: Option<serde_json::Value>,
     #[serde(rename = "mmds-config", default)]

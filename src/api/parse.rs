@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use super::action::{ApiError, VmmAction};
 use super::models::{
     ActionType, BootSource, Drive, Entropy, InstanceActionInfo, Logger, MachineConfig,
-    MachineConfigUpdate, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
+    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
     SnapshotCreateParams, SnapshotLoadParams, Vm, VmState, Vsock,
 };
 
@@ -16,7 +16,6 @@ const NOT_IMPLEMENTED: &[(&str, &str)] = &[
     ("balloon", "the balloon device (/balloon)"),
     ("cpu-config", "custom CPU templates (/cpu-config)"),
     ("hotplug", "memory hot-plugging (/hotplug)"),
-    ("metrics", "metrics (/metrics)"),
     ("mmds", "the microVM metadata service (/mmds)"),
     ("pmem", "persistent memory devices (/pmem)"),
 ];
@@ -73,6 +72,7 @@ pub fn parse_request(method: &str, path: &str, body: Option<&[u8]>) -> Result<Vm
                 ("", None) => Ok(VmmAction::GetInstanceInfo),
                 ("version", None) => Ok(VmmAction::GetVersion),
                 ("machine-config", None) => Ok(VmmAction::GetMachineConfig),
+                ("metrics", None) => Ok(VmmAction::GetMetrics),
                 ("vm", Some("config")) => Ok(VmmAction::GetFullVmConfig),
                 _ => Err(invalid()),
             }
@@ -82,7 +82,13 @@ pub fn parse_request(method: &str, path: &str, body: Option<&[u8]>) -> Result<Vm
                 (method, resource, id),
                 (
                     "PUT",
-                    "actions" | "boot-source" | "entropy" | "logger" | "serial" | "vsock",
+                    "actions"
+                        | "boot-source"
+                        | "entropy"
+                        | "logger"
+                        | "metrics"
+                        | "serial"
+                        | "vsock",
                     None
                 ) | ("PUT", "snapshot", Some("create" | "load"))
                     | ("PUT" | "PATCH", "machine-config", None)
@@ -114,6 +120,7 @@ fn parse_with_body(
         },
         ("boot-source", _) => VmmAction::PutBootSource(json::<BootSource>(body)?),
         ("logger", _) => VmmAction::PutLogger(json::<Logger>(body)?),
+        ("metrics", _) => VmmAction::PutMetrics(json::<Metrics>(body)?),
         ("serial", _) => VmmAction::PutSerial(json::<Serial>(body)?),
         ("vsock", _) => VmmAction::PutVsock(json::<Vsock>(body)?),
         ("entropy", _) => VmmAction::PutEntropy(json::<Entropy>(body)?),
@@ -308,6 +315,13 @@ mod tests {
                 r#"{"action_type": "FlushMetrics"}"#,
                 |a| *a == VmmAction::FlushMetrics,
             ),
+            (
+                "PUT",
+                "/metrics",
+                r#"{"metrics_path": "/m"}"#,
+                |a| matches!(a, VmmAction::PutMetrics(m) if m.metrics_path.as_os_str() == "/m"),
+            ),
+            ("GET", "/metrics", "", |a| *a == VmmAction::GetMetrics),
             ("PATCH", "/vm", r#"{"state": "Paused"}"#, |a| {
                 *a == VmmAction::Pause
             }),
@@ -458,7 +472,10 @@ mod tests {
                 "",
                 "hearth does not implement the microVM metadata service",
             ),
-            ("PUT", "/metrics", "{}", "hearth does not implement metrics"),
+            ("PUT", "/metrics", "{}", "missing field `metrics_path`"),
+            ("PUT", "/metrics", "", "a PUT request needs a JSON body"),
+            ("PATCH", "/metrics", "{}", "invalid request method"),
+            ("GET", "/metrics/x", "", "invalid request method"),
             ("PUT", "/boot-source", "\u{0}\u{ff}", "invalid JSON body"),
             (
                 "PUT",

@@ -359,6 +359,8 @@ impl VmResources {
             vsock: self.vsock.clone(),
             entropy: self.entropy.clone(),
             serial: self.serial.clone(),
+            metrics: crate::metrics::destination()
+                .map(|metrics_path| super::models::Metrics { metrics_path }),
             ..FullVmConfig::default()
         }
     }

@@ -61,6 +61,11 @@ pub struct RestoreArgs {
     /// Print the time from process start until the restored vCPUs run, on stderr.
     #[arg(long, conflicts_with = "paused")]
     pub restore_timer: bool,
+
+    /// Append the metrics (one JSON object per line) to this file or named pipe every
+    /// 60 s, on the API's FlushMetrics and at exit.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
 }
 
 /// What the `--restore-timer` line starts with, after `hearth: ` (`hearth bench snapshot`

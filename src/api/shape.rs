@@ -15,7 +15,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::action::{ApiError, VmmData};
-use super::controller::{apply_logger, parse_level, Preboot, PrebootController, RuntimeController};
+use super::controller::{
+    apply_logger, apply_metrics, parse_level, Preboot, PrebootController, RuntimeController,
+};
 use super::models::FullVmConfig;
 use super::resources::VmResources;
 use super::{channel as api_channel, http, serve_http, start_server};
@@ -199,9 +201,6 @@ fn apply_flags(args: &FirecrackerArgs) -> Result<(), ShapeError> {
             "{flag} is not supported: {why}"
         )))
     };
-    if args.metrics_path.is_some() {
-        return refuse("--metrics-path", "hearth has no metrics");
-    }
     if args.seccomp_filter.is_some() {
         return refuse("--seccomp-filter", "hearth has no seccomp filters yet");
     }
@@ -227,6 +226,11 @@ fn apply_flags(args: &FirecrackerArgs) -> Result<(), ShapeError> {
     }
     if args.no_seccomp {
         log::info!("--no-seccomp: hearth has no seccomp filters yet, so this changes nothing");
+    }
+    if let Some(path) = &args.metrics_path {
+        crate::metrics::init(path).map_err(|e| {
+            ShapeError::InvalidFlag(format!("--metrics-path: {}", crate::error_chain(&e)))
+        })?;
     }
     if args.http_api_max_payload_size == Some(0) {
         return Err(ShapeError::InvalidFlag(
@@ -272,7 +276,6 @@ fn apply_config(doc: FullVmConfig, resources: &mut VmResources) -> Result<(), Ap
     let unsupported = [
         ("balloon", doc.balloon.is_some()),
         ("cpu-config", doc.cpu_config.is_some()),
-        ("metrics", doc.metrics.is_some()),
         ("memory-hotplug", doc.memory_hotplug.is_some()),
         ("mmds-config", doc.mmds_config.is_some()),
         ("pmem", !doc.pmem.is_empty()),
@@ -284,6 +287,9 @@ fn apply_config(doc: FullVmConfig, resources: &mut VmResources) -> Result<(), Ap
     }
     if let Some(logger) = &doc.logger {
         apply_logger(logger)?;
+    }
+    if let Some(metrics) = &doc.metrics {
+        apply_metrics(metrics)?;
     }
     if let Some(machine) = doc.machine_config {
         resources.set_machine_config(machine)?;
@@ -434,13 +440,13 @@ mod tests {
     #[test]
     fn refused_flags_say_why() {
         let args = FirecrackerArgs {
-            metrics_path: Some("/tmp/m".into()),
+            module: Some("api".into()),
             ..FirecrackerArgs::default()
         };
         let err = apply_flags(&args).unwrap_err().to_string();
         assert_eq!(
             err,
-            "--metrics-path is not supported: hearth has no metrics"
+            "--module is not supported: hearth's log cannot be filtered by module"
         );
         let args = FirecrackerArgs {
             level: Some("chatty".into()),

@@ -505,11 +505,13 @@ impl Vcpu {
         let index = self.index;
         let exit = KvmExit::from_run(self.fd.run());
         let action = classify(index, &exit, self.compat.as_deref());
+        crate::metrics::METRICS.vcpu.record_exit(&exit, &action);
         // A hook's port write needs the vCPU, which `exit` borrows: copy the bytes out.
         let mut hook_write = None;
         let action = match (action, exit) {
             (VcpuAction::IoBus, KvmExit::PortIn { port, data }) => {
                 if !self.io_bus.read(u64::from(port), data) {
+                    crate::metrics::METRICS.vcpu.unclaimed_io.inc();
                     log::trace!("vCPU {index}: unclaimed port read {port:#x}");
                     data.fill(0xff);
                 }
@@ -517,12 +519,14 @@ impl Vcpu {
             }
             (VcpuAction::IoBus, KvmExit::PortOut { port, data }) => {
                 if !self.io_bus.write(u64::from(port), data) {
+                    crate::metrics::METRICS.vcpu.unclaimed_io.inc();
                     log::trace!("vCPU {index}: unclaimed port write {port:#x} {data:x?}");
                 }
                 VcpuAction::Resume
             }
             (VcpuAction::MmioBus, KvmExit::MmioRead { addr, data }) => {
                 if !self.mmio_bus.read(addr, data) {
+                    crate::metrics::METRICS.vcpu.unclaimed_mmio.inc();
                     log::debug!("vCPU {index}: unclaimed MMIO read {addr:#x}");
                     data.fill(0xff);
                 }
@@ -530,6 +534,7 @@ impl Vcpu {
             }
             (VcpuAction::MmioBus, KvmExit::MmioWrite { addr, data }) => {
                 if !self.mmio_bus.write(addr, data) {
+                    crate::metrics::METRICS.vcpu.unclaimed_mmio.inc();
                     log::debug!("vCPU {index}: unclaimed MMIO write {addr:#x} {data:x?}");
                 }
                 VcpuAction::Resume

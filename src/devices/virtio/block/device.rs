@@ -17,6 +17,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
+use super::counted::Counted;
 use super::disk::DiskFile;
 use super::request::{
     self, DiskParams, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SEG_MAX, SIZE_MAX,
@@ -25,6 +26,7 @@ use super::{BlockConfig, BlockError, ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{
     drain_queue, ActivateError, DeviceCore, DeviceState, Interrupt, VirtioDevice,
 };
+use crate::metrics::BlockMetrics;
 use crate::vstate::memory::GuestMemory;
 
 /// One request queue.
@@ -41,6 +43,7 @@ pub struct Block {
     config_space: Vec<u8>,
     /// What requests may do; the negotiated parts are set at activation.
     params: DiskParams,
+    metrics: Arc<BlockMetrics>,
 }
 
 impl Block {
@@ -73,7 +76,13 @@ impl Block {
                 write_zeroes: false,
             },
             disk,
+            metrics: Arc::default(),
         })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
     }
 
     /// Disk size in 512-byte sectors.
@@ -122,7 +131,11 @@ impl Block {
         let Some((queues, active)) = self.core.active() else {
             return;
         };
-        let (disk, params) = (&mut self.disk, &self.params);
+        let params = &self.params;
+        let disk = &mut Counted {
+            disk: &mut self.disk,
+            metrics: &self.metrics,
+        };
         drain_queue(
             &mut queues[0],
             &active.mem,
@@ -505,6 +518,17 @@ pub(super) mod tests {
             .unwrap();
         assert_eq!(&id[..5], b"disk0");
         assert_eq!(id[5..], [0; 15]);
+        let metrics = block.metrics();
+        let counts = [
+            metrics.write_requests.get(),
+            metrics.write_bytes.get(),
+            metrics.read_requests.get(),
+            metrics.read_bytes.get(),
+            metrics.flush_requests.get(),
+            metrics.other_requests.get(),
+            metrics.invalid_requests.get(),
+        ];
+        assert_eq!(counts, [1, 1024, 1, 1024, 1, 1, 0]);
 
         // One interrupt for the whole batch.
         assert_eq!(irq.read().unwrap(), 1);

@@ -15,6 +15,7 @@
 //! `VirtioDevice` on vCPU threads, and the same `Arc` is added to the event manager, which
 //! implements `MutEventSubscriber` for `Arc<Mutex<T>>`.
 
+mod counted;
 mod device;
 mod disk;
 mod event_handler;

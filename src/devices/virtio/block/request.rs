@@ -65,6 +65,11 @@ pub trait Backend {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// `[offset, offset + len)` reads as zeroes afterwards; `unmap` allows deallocation.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// A request is done: its type, when the header could be read, and how it ended.
+    /// For counting; the request's effects are all made by then.
+    fn request_done(&mut self, request_type: Option<u32>, outcome: Result<(), &RequestError>) {
+        let _ = (request_type, outcome);
+    }
 }
 
 /// Why a request failed; each maps to the status byte the guest gets.
@@ -141,7 +146,13 @@ where
         log::debug!("virtio-blk: chain without a usable status descriptor");
         return 0;
     };
-    let (status, data_len) = match execute(&layout, mem, backend, disk) {
+    let header = parse_header(&layout, mem);
+    let request_type = header.as_ref().ok().map(|&(request_type, _)| request_type);
+    let result = header.and_then(|(request_type, sector)| {
+        execute(&layout, request_type, sector, mem, backend, disk)
+    });
+    backend.request_done(request_type, result.as_ref().map(drop));
+    let (status, data_len) = match result {
         Ok(len) => (VIRTIO_BLK_S_OK as u8, len),
         Err(RequestError::Io(e)) => {
             log::warn!("virtio-blk: disk I/O failed: {e}");
@@ -193,9 +204,24 @@ where
     })
 }
 
-/// Runs the request; returns the data bytes written into guest memory.
+/// The request's type and sector, from a chain that is not too long.
+fn parse_header<M: GuestMemory + ?Sized>(
+    layout: &ChainLayout,
+    mem: &M,
+) -> Result<(u32, u64), RequestError> {
+    if layout.too_long {
+        return Err(RequestError::TooManyDescriptors);
+    }
+    let header = layout.descriptors.first().ok_or(RequestError::NoHeader)?;
+    read_header(header, mem)
+}
+
+/// Runs the request whose header [`parse_header`] read; returns the data bytes written
+/// into guest memory.
 fn execute<M, B>(
     layout: &ChainLayout,
+    request_type: u32,
+    sector: u64,
     mem: &M,
     backend: &mut B,
     disk: &DiskParams,
@@ -204,14 +230,7 @@ where
     M: GuestMemory + ?Sized,
     B: Backend,
 {
-    if layout.too_long {
-        return Err(RequestError::TooManyDescriptors);
-    }
-    let (header, data) = layout
-        .descriptors
-        .split_first()
-        .ok_or(RequestError::NoHeader)?;
-    let (request_type, sector) = read_header(header, mem)?;
+    let data = layout.descriptors.get(1..).unwrap_or_default();
     match request_type {
         VIRTIO_BLK_T_IN => {
             let len = check_transfer(data, mem, disk, sector, true)?;

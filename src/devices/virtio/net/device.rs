@@ -31,6 +31,7 @@ use super::{format_mac, random_mac, NetConfig, NetError};
 use crate::devices::virtio::{
     drain_queue, ActivateError, DeviceCore, Drained, Interrupt, VirtioDevice,
 };
+use crate::metrics::NetMetrics;
 use crate::vstate::memory::GuestMemory;
 
 /// Maximum size of the RX and TX queues.
@@ -104,6 +105,7 @@ pub(super) fn process_tx_queue(
     interrupt: &Interrupt,
     features: u64,
     buffer: &mut [u8],
+    metrics: &NetMetrics,
     mut send: impl FnMut(&[u8]),
 ) -> Drained {
     drain_queue(queue, mem, interrupt, BUDGET, |chain| {
@@ -111,7 +113,10 @@ pub(super) fn process_tx_queue(
             .and_then(|len| prepare_tx_frame(&mut buffer[..len], features).map(|()| len));
         match frame {
             Ok(len) => send(&buffer[..len]),
-            Err(e) => log::debug!("virtio-net: dropped a TX frame: {e}"),
+            Err(e) => {
+                metrics.tx_dropped.inc();
+                log::debug!("virtio-net: dropped a TX frame: {e}");
+            }
         }
         Some(0)
     })
@@ -130,14 +135,21 @@ pub(super) struct RxState {
     buffers: VecDeque<(u16, RxBuffer)>,
     frame: Vec<u8>,
     pending: Option<usize>,
+    metrics: Arc<NetMetrics>,
 }
 
 impl RxState {
+    #[cfg(test)]
     pub(super) fn new() -> Self {
+        Self::counted_in(Arc::default())
+    }
+
+    pub(super) fn counted_in(metrics: Arc<NetMetrics>) -> Self {
         Self {
             buffers: VecDeque::new(),
             frame: vec![0; MAX_BUFFER_LEN],
             pending: None,
+            metrics,
         }
     }
 
@@ -201,6 +213,7 @@ impl RxState {
             };
             if too_big {
                 log::debug!("virtio-net: dropped a {len}-byte RX frame larger than the buffers");
+                self.metrics.rx_dropped.inc();
                 self.pending = None;
                 return Delivery::Dropped;
             }
@@ -231,6 +244,10 @@ impl RxState {
         }
         *used = true;
         self.pending = None;
+        self.metrics.rx_packets.inc();
+        self.metrics
+            .rx_bytes
+            .add(len.saturating_sub(VNET_HDR_LEN) as u64);
         Delivery::Delivered
     }
 
@@ -260,6 +277,7 @@ impl RxState {
                     Ok(n) => {
                         // Shorter than a header, or longer than the buffer (truncated).
                         log::debug!("virtio-net: ignored a {n}-byte read from the tap");
+                        self.metrics.rx_dropped.inc();
                         frames += 1;
                         continue;
                     }
@@ -306,6 +324,7 @@ pub struct Net {
     pub(super) tap_watched: bool,
     pub(super) tap_failed: bool,
     tx_failures: u64,
+    metrics: Arc<NetMetrics>,
 }
 
 impl Net {
@@ -317,6 +336,7 @@ impl Net {
             None => random_mac()?,
         };
         let core = DeviceCore::new(AVAIL_FEATURES, &QUEUE_MAX_SIZES).map_err(NetError::Queues)?;
+        let metrics = Arc::<NetMetrics>::default();
         log::info!(
             "virtio-net: tap device \"{}\", guest MAC {}",
             config.tap,
@@ -327,12 +347,18 @@ impl Net {
             tap,
             mac,
             config: config_space(mac),
-            rx: RxState::new(),
+            rx: RxState::counted_in(metrics.clone()),
             tx_buffer: vec![0; MAX_BUFFER_LEN],
             tap_watched: false,
             tap_failed: false,
             tx_failures: 0,
+            metrics,
         })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
     }
 
     /// The guest's MAC address.
@@ -368,6 +394,7 @@ impl Net {
             active.interrupt.notify_used(queue, &active.mem);
         }
         if let Some(e) = error {
+            self.metrics.rx_errors.inc();
             log::error!(
                 "virtio-net: cannot read from tap device \"{}\", the guest receives no more: {e}",
                 self.tap.name()
@@ -384,14 +411,23 @@ impl Net {
         };
         let tap = &self.tap;
         let failures = &mut self.tx_failures;
+        let metrics = &self.metrics;
         let drained = process_tx_queue(
             &mut queues[TX_QUEUE],
             &active.mem,
             &active.interrupt,
             features,
             &mut self.tx_buffer,
-            |frame| {
-                if let Err(e) = tap.write(frame) {
+            metrics,
+            |frame| match tap.write(frame) {
+                Ok(_) => {
+                    metrics.tx_packets.inc();
+                    metrics
+                        .tx_bytes
+                        .add(frame.len().saturating_sub(VNET_HDR_LEN) as u64);
+                }
+                Err(e) => {
+                    metrics.tx_errors.inc();
                     // Once loudly; a tap that is down or gone fails every frame.
                     if *failures == 0 {
                         log::warn!(
@@ -576,9 +612,16 @@ pub(super) mod tests {
         let mut buffer = vec![0; MAX_BUFFER_LEN];
         let mut sent = Vec::new();
         let (interrupt, irq) = interrupt();
-        let drained = process_tx_queue(&mut queue, &mem, &interrupt, ALL, &mut buffer, |frame| {
-            sent.push(frame.to_vec())
-        });
+        let metrics = NetMetrics::default();
+        let drained = process_tx_queue(
+            &mut queue,
+            &mem,
+            &interrupt,
+            ALL,
+            &mut buffer,
+            &metrics,
+            |frame| sent.push(frame.to_vec()),
+        );
         assert_eq!(
             drained,
             Drained {
@@ -592,6 +635,7 @@ pub(super) mod tests {
             used_entries(&mock),
             [(0, 0), (2, 0), (3, 0), (5, 0), (6, 0), (7, 0)]
         );
+        assert_eq!(metrics.tx_dropped.get(), 4);
     }
 
     fn rx_frame(state: &mut RxState, payload_len: usize, tag: u8) -> Vec<u8> {
@@ -636,6 +680,8 @@ pub(super) mod tests {
             1
         );
         assert_eq!(delivered[VNET_HDR_LEN..], frame[VNET_HDR_LEN..]);
+        let metrics = &state.metrics;
+        assert_eq!((metrics.rx_packets.get(), metrics.rx_bytes.get()), (1, 100));
     }
 
     #[test]
@@ -812,6 +858,8 @@ pub(super) mod tests {
             reads.next().ok_or_else(|| io::ErrorKind::WouldBlock.into())
         });
         assert!(!used && error.is_none() && !state.has_pending_frame());
+        assert_eq!(state.metrics.rx_dropped.get(), 2);
+        assert_eq!(state.metrics.rx_packets.get(), 0);
         let (_, error) = state.process(&mut queue, &mem, ALL, |_| {
             Err(io::Error::from_raw_os_error(libc::EBADFD))
         });
@@ -827,7 +875,16 @@ pub(super) mod tests {
         mock.avail().idx().store(100);
         let mut buffer = vec![0; MAX_BUFFER_LEN];
         let (interrupt, _irq) = interrupt();
-        let drained = process_tx_queue(&mut queue, &mem, &interrupt, ALL, &mut buffer, |_| {});
+        let metrics = NetMetrics::default();
+        let drained = process_tx_queue(
+            &mut queue,
+            &mem,
+            &interrupt,
+            ALL,
+            &mut buffer,
+            &metrics,
+            |_| {},
+        );
         assert!(!drained.used);
 
         let mut state = RxState::new();

@@ -8,6 +8,7 @@
 //! the queue's eventfd fires.
 
 use std::io;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -18,6 +19,7 @@ use vm_memory::GuestMemory as GuestMemoryTrait;
 use super::{RngConfig, RngError};
 use crate::devices::virtio::buffer::parse_writable_chain;
 use crate::devices::virtio::{drain_queue, DeviceCore, VirtioDevice};
+use crate::metrics::RngMetrics;
 
 /// One request queue.
 pub const QUEUE_SIZES: [u16; 1] = [256];
@@ -31,6 +33,7 @@ pub struct Rng {
     pub(super) core: DeviceCore,
     /// Where the host's bytes wait on their way to the guest, reused for every request.
     buffer: Vec<u8>,
+    metrics: Arc<RngMetrics>,
 }
 
 impl Rng {
@@ -39,7 +42,13 @@ impl Rng {
         Ok(Self {
             core,
             buffer: vec![0; MAX_REQUEST_BYTES],
+            metrics: Arc::default(),
         })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<RngMetrics> {
+        self.metrics.clone()
     }
 
     /// True between activate and reset.
@@ -53,13 +62,20 @@ impl Rng {
         let Some((queues, active)) = self.core.active() else {
             return;
         };
-        let (mem, buffer) = (&active.mem, &mut self.buffer);
+        let (mem, buffer, metrics) = (&active.mem, &mut self.buffer, &self.metrics);
         drain_queue(
             &mut queues[0],
             mem,
             &active.interrupt,
             usize::MAX,
-            |chain| Some(fill_chain(mem, chain, buffer, host_entropy)),
+            |chain| {
+                let entropy =
+                    |buf: &mut [u8]| host_entropy(buf).inspect_err(|_| metrics.errors.inc());
+                let len = fill_chain(mem, chain, buffer, entropy);
+                metrics.requests.inc();
+                metrics.bytes.add(u64::from(len));
+                Some(len)
+            },
         );
     }
 }
@@ -301,6 +317,13 @@ pub(super) mod tests {
         assert_eq!(driver.read(DATA + 0x2000 + 40, 8), [0; 8]);
         // One interrupt for the batch.
         assert_eq!(irq.read().unwrap(), 1);
+        let metrics = rng.metrics();
+        let counts = [
+            metrics.requests.get(),
+            metrics.bytes.get(),
+            metrics.errors.get(),
+        ];
+        assert_eq!(counts, [2, 104, 0]);
     }
 
     #[test]

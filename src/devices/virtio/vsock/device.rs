@@ -88,6 +88,11 @@ impl Vsock {
         self.guest_cid
     }
 
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<crate::metrics::VsockMetrics> {
+        self.muxer.metrics()
+    }
+
     /// Live connections (host- or guest-initiated).
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()

@@ -15,12 +15,14 @@ use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use event_manager::EventSet;
 
 use super::connection::{Connection, State, CONN_BUF_SIZE};
 use super::packet::*;
 use super::VSOCK_HOST_CID;
+use crate::metrics::VsockMetrics;
 use crate::uds::connect_nonblocking;
 
 /// Most connections a guest can hold open.
@@ -72,6 +74,7 @@ pub struct Muxer {
     next_local_port: u32,
     /// Closed host streams, kept open until the event loop has unwatched them.
     retired: Vec<UnixStream>,
+    metrics: Arc<VsockMetrics>,
 }
 
 impl Muxer {
@@ -87,7 +90,13 @@ impl Muxer {
             rst_queue: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             retired: Vec::new(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        self.metrics.clone()
     }
 
     pub fn connection_count(&self) -> usize {
@@ -175,6 +184,7 @@ impl Muxer {
                         || self.connections.len() >= MAX_CONNECTIONS
                     {
                         log::warn!("virtio-vsock: too many connections, refusing one");
+                        self.metrics.conns_refused.inc();
                         continue;
                     }
                     if let Err(e) = stream.set_nonblocking(true) {
@@ -223,13 +233,16 @@ impl Muxer {
                 "virtio-vsock: bad handshake from the host: {:?}",
                 String::from_utf8_lossy(&line)
             );
+            self.metrics.conns_refused.inc();
             self.retired.push(stream);
             return;
         };
         if self.connections.len() >= MAX_CONNECTIONS {
+            self.metrics.conns_refused.inc();
             self.retired.push(stream);
             return;
         }
+        self.metrics.conns_added.inc();
         let local_port = self.allocate_local_port(peer_port);
         let key = (local_port, peer_port);
         self.by_fd.insert(fd, key);
@@ -260,6 +273,7 @@ impl Muxer {
 
     fn remove(&mut self, key: ConnKey) {
         if let Some(conn) = self.connections.remove(&key) {
+            self.metrics.conns_removed.inc();
             self.by_fd.remove(&conn.stream.as_raw_fd());
             self.retired.push(conn.stream);
         }
@@ -310,6 +324,7 @@ impl Muxer {
                 continue;
             };
             let fwd_cnt = conn.fwd_cnt();
+            self.metrics.rx_bytes.add(out.len as u64);
             let header = self.header(key, out.op, out.flags, fwd_cnt);
             if out.op == OP_RST {
                 self.remove(key);
@@ -351,7 +366,10 @@ impl Muxer {
                 return;
             }
             (OP_RESPONSE, State::LocalInit) => conn.established(key.0),
-            (OP_RW, State::Established) => conn.guest_data(payload),
+            (OP_RW, State::Established) => {
+                self.metrics.tx_bytes.add(payload.len() as u64);
+                conn.guest_data(payload)
+            }
             (OP_SHUTDOWN, State::Established) => conn.guest_shutdown(header.flags),
             (OP_CREDIT_REQUEST, State::Established) => conn.request_credit_update(),
             // The header's credit fields were all it carried.
@@ -367,12 +385,14 @@ impl Muxer {
     fn guest_connect(&mut self, header: &VsockHeader) {
         if self.connections.len() >= MAX_CONNECTIONS {
             log::debug!("virtio-vsock: connection limit reached");
+            self.metrics.conns_refused.inc();
             self.reject(header);
             return;
         }
         let path = port_path(&self.uds_path, header.dst_port);
         match connect_nonblocking(&path) {
             Ok(stream) => {
+                self.metrics.conns_added.inc();
                 let key = (header.dst_port, header.src_port);
                 self.by_fd.insert(stream.as_raw_fd(), key);
                 self.connections.insert(
@@ -386,6 +406,7 @@ impl Muxer {
                     "virtio-vsock: guest connection to \"{}\" refused: {e}",
                     path.display()
                 );
+                self.metrics.conns_refused.inc();
                 self.reject(header);
             }
         }

@@ -349,6 +349,16 @@ fn guest_connects_to_a_host_listener() {
     assert_eq!(ops(&packets), [OP_RST, OP_RST]);
     assert_eq!((packets[0].0.src_port, packets[0].0.dst_port), (1235, 5001));
     assert_eq!(packets[0].0.dst_cid, GUEST_CID);
+
+    let m = h.muxer.metrics();
+    let counts = [
+        m.conns_added.get(),
+        m.conns_removed.get(),
+        m.conns_refused.get(),
+        m.tx_bytes.get(),
+        m.rx_bytes.get(),
+    ];
+    assert_eq!(counts, [1, 1, 2, 10, 11]);
 }
 
 #[test]
