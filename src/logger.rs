@@ -77,6 +77,7 @@ impl RateLimiter {
             Verdict::Print { suppressed: 0 }
         } else {
             window.suppressed += 1;
+            crate::metrics::METRICS.logger.missed_log_count.inc();
             Verdict::Drop
         }
     }

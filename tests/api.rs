@@ -467,11 +467,18 @@ fn bad_requests_get_a_fault_and_the_vmm_keeps_serving() {
             "unknown variant `Reboot`",
         ),
         bad(
-            "metrics",
+            "metrics without a path",
             "PUT",
-            "/actions",
-            Some(r#"{"action_type": "FlushMetrics"}"#),
-            "metrics",
+            "/metrics",
+            Some(r#"{"path": "/tmp/m"}"#),
+            "unknown field `path`",
+        ),
+        bad(
+            "metrics to a missing directory",
+            "PUT",
+            "/metrics",
+            Some(r#"{"metrics_path": "/nonexistent/dir/m"}"#),
+            "cannot open the metrics file \"/nonexistent/dir/m\"",
         ),
         bad(
             "start without kernel",
@@ -774,7 +781,9 @@ fn http_behaves_like_firecrackers_server() {
 #[test]
 fn firecracker_rs_sdk_launches_and_drives_hearth() {
     use firecracker_rs_sdk::firecracker::FirecrackerOption;
-    use firecracker_rs_sdk::models::{BootSource, InstanceState, MachineConfiguration};
+    use firecracker_rs_sdk::models::{
+        ActionType, BootSource, InstanceState, MachineConfiguration, Metrics,
+    };
 
     if !kvm_available() {
         return;
@@ -818,6 +827,12 @@ fn firecracker_rs_sdk_launches_and_drives_hearth() {
             huge_pages: None,
         })
         .expect("PUT /machine-config");
+    let metrics_path = dir.join("metrics.json");
+    instance
+        .put_metrics(&Metrics {
+            metrics_path: metrics_path.clone(),
+        })
+        .expect("PUT /metrics");
     let machine = instance
         .get_machine_configuration()
         .expect("GET /machine-config");
@@ -836,6 +851,39 @@ fn firecracker_rs_sdk_launches_and_drives_hearth() {
     }
     let info = instance.describe_instance().expect("GET / while running");
     assert_eq!(info.state, InstanceState::Running);
+    instance
+        .create_sync_action(ActionType::FlushMetrics)
+        .expect("FlushMetrics");
+    let flushed = std::fs::read_to_string(&metrics_path).expect("FlushMetrics wrote the file");
+    let line: Value = serde_json::from_str(flushed.lines().last().expect("a line"))
+        .expect("the metrics are JSON");
+    // The guest printed on the serial port, and the SDK's requests so far succeeded.
+    assert!(line["vcpu"]["exits_io_out"].as_u64() > Some(0), "{line}");
+    assert!(line["api"]["requests_ok"].as_u64() >= Some(5), "{line}");
+    assert_eq!(line["api"]["requests_failed"], 0, "{line}");
+    assert_eq!(line["metrics"]["flushes"], 1, "{line}");
+    // GET /metrics (hearth's extension) answers the same document, counted on.
+    let (status, now) = call(&sock, "GET", "/metrics", "");
+    assert_eq!(status, 200, "{now}");
+    assert!(now["vcpu"]["exits_io_out"].as_u64() >= line["vcpu"]["exits_io_out"].as_u64());
+    assert!(now["api"]["requests_ok"].as_u64() > line["api"]["requests_ok"].as_u64());
+    // The path is set before start, once.
+    instance
+        .put_metrics(&Metrics {
+            metrics_path: dir.join("other.json"),
+        })
+        .expect_err("PUT /metrics after start");
+    let body = json!({"metrics_path": dir.join("other.json")}).to_string();
+    let (status, fault) = call(&sock, "PUT", "/metrics", &body);
+    assert_eq!(status, 400);
+    let fault = fault["fault_message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        fault.contains("only possible before InstanceStart"),
+        "{fault}"
+    );
     let config = instance.get_export_vm_config().expect("GET /vm/config");
     assert_eq!(config.machine_config.map(|m| m.mem_size_mib), Some(32));
     instance.pause().expect("PATCH /vm Paused");
@@ -888,11 +936,13 @@ fn firecracker_config_file_boots_a_guest_without_api() {
     common::assert_exit_code(&out, 0);
     common::assert_stdout_contains(&out, common::HELLO);
 
+    // The metrics section works: the VMM's last flush, at exit, has the guest's exits.
+    let metrics = dir.join("metrics.json");
     let exit7 = write_config(
         &dir,
         "exit7.json",
         &payload("exit_7", Format::Elf64),
-        json!({}),
+        json!({"metrics": {"metrics_path": metrics}}),
     );
     let out = Running::start(
         {
@@ -904,6 +954,14 @@ fn firecracker_config_file_boots_a_guest_without_api() {
     )
     .finish(RUN_TIMEOUT);
     common::assert_exit_code(&out, 7);
+    let text = std::fs::read_to_string(&metrics).expect("the metrics file");
+    let last: Value = serde_json::from_str(text.lines().last().expect("a flush")).unwrap();
+    // exit_7 ends through the control device's MMIO page.
+    assert!(
+        last["vcpu"]["exits_mmio_write"].as_u64() > Some(0),
+        "{last}"
+    );
+    assert_eq!(last["block"], json!({}), "{last}");
 
     // Sections hearth has no device for are refused by name, before anything starts.
     let mmds = write_config(
@@ -1010,8 +1068,8 @@ fn signals_before_start_remove_the_socket_and_refused_flags_fail() {
     let dir = TempDir::short("api-flags");
     for (flags, expected) in [
         (
-            vec!["--metrics-path", "/tmp/m"],
-            "--metrics-path is not supported: hearth has no metrics",
+            vec!["--metrics-path", "/nonexistent/dir/m"],
+            "--metrics-path: cannot open the metrics file \"/nonexistent/dir/m\"",
         ),
         (
             vec!["--seccomp-filter", "f"],
