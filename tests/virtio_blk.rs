@@ -1,6 +1,6 @@
 //! virtio-blk end to end: a Linux guest mounts, reads and writes ext4 images given with
-//! `--disk`, sees their ids, cannot write a read-only disk; and a writable image cannot be
-//! used by two hearth processes at once.
+//! `--disk`, sees their ids, cannot write a read-only disk, and the disks' metrics count
+//! what it did; and a writable image cannot be used by two hearth processes at once.
 
 mod common;
 
@@ -16,7 +16,8 @@ use common::{
     Format, Running, TempDir,
 };
 
-/// One boot covers a writable disk, a read-only disk, both ids, and a device reset.
+/// One boot covers a writable disk, a read-only disk, both ids, a device reset, and the
+/// metrics written at exit (`--metrics-path`).
 #[test]
 fn minimal_kernel_reads_writes_and_respects_read_only_disks() {
     if !kvm_available() {
@@ -44,6 +45,7 @@ fn minimal_kernel_reads_writes_and_respects_read_only_disks() {
     );
     let data_spec = format!("path={},id=data-disk", data.display());
     let frozen_spec = format!("path={},ro=on,id=frozen-disk", frozen.display());
+    let metrics = dir.path().join("metrics.json");
     let out = boot_linux(
         &minimal_guest(),
         command,
@@ -56,6 +58,8 @@ fn minimal_kernel_reads_writes_and_respects_read_only_disks() {
             &data_spec,
             "--disk",
             &frozen_spec,
+            "--metrics-path",
+            metrics.to_str().unwrap(),
         ],
     );
     assert_exit_code(&out, 0);
@@ -93,6 +97,29 @@ fn minimal_kernel_reads_writes_and_respects_read_only_disks() {
         frozen_before,
         "the read-only image changed"
     );
+
+    // The last line is the flush at exit; each disk is reported under its id.
+    let text = std::fs::read_to_string(&metrics).expect("the metrics file");
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a flush")).expect("JSON");
+    let count = |path: &[&str]| {
+        let value = path.iter().fold(&last, |v, key| &v[*key]);
+        value
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {path:?} in {last}"))
+    };
+    assert!(count(&["block", "data-disk", "read_bytes"]) > 0, "{last}");
+    assert!(
+        count(&["block", "data-disk", "read_requests"]) > 0,
+        "{last}"
+    );
+    assert!(count(&["block", "data-disk", "write_bytes"]) > 0, "{last}");
+    assert!(count(&["block", "frozen-disk", "read_bytes"]) > 0, "{last}");
+    assert_eq!(count(&["block", "frozen-disk", "write_bytes"]), 0, "{last}");
+    assert_eq!(count(&["block", "data-disk", "io_errors"]), 0, "{last}");
+    // Every queue notification is an MMIO write; the console is port I/O.
+    assert!(count(&["vcpu", "exits_mmio_write"]) > 0, "{last}");
+    assert!(count(&["vcpu", "exits_io_out"]) > 0, "{last}");
 }
 
 /// The image lock: a second VM on a writable image is refused while the first runs.
