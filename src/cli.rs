@@ -19,6 +19,11 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = LogLevel::Warn, global = true)]
     pub log_level: LogLevel,
 
+    /// How hearth's log lines look: text, or one JSON object per line (time, level,
+    /// target, message).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -500,6 +505,21 @@ pub enum LogLevel {
     Info,
     Debug,
     Trace,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl From<LogFormat> for crate::logger::Format {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => Self::Text,
+            LogFormat::Json => Self::Json,
+        }
+    }
 }
 
 impl From<LogLevel> for log::LevelFilter {

@@ -71,7 +71,7 @@ pub enum Error {
 
 /// Runs a parsed command line; returns the process exit status.
 pub fn run_cli(cli: Cli) -> Result<u8, Error> {
-    logger::init(cli.log_level.into());
+    logger::init(cli.log_level.into(), cli.log_format.into());
     let Some(command) = cli.command else {
         return Ok(api::shape::run_firecracker(&cli.firecracker)?);
     };

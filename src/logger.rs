@@ -1,6 +1,8 @@
 //! A small `log` backend: one line per record on stderr (or in the file given with
 //! `--log-path` or `PUT /logger`), never on stdout (which carries the guest's serial
-//! console).
+//! console). A line is text (`[seconds-since-start LEVEL target] message`) or, with
+//! `--log-format json`, one JSON object: `time` (UTC, RFC 3339), `level`, `target`,
+//! `message`.
 //!
 //! A guest can make hearth log: every malformed request it posts may produce a warning,
 //! and the `virtio-queue` crate reports a bad ring at error level. So that a malicious
@@ -13,7 +15,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -26,8 +28,18 @@ const WINDOW: Duration = Duration::from_secs(1);
 /// Crates whose messages are about what the guest did: demoted to debug.
 const GUEST_DRIVEN_TARGETS: &[&str] = &["virtio_queue"];
 
+/// How each record is written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 struct StderrLogger {
     start: Instant,
+    format: Format,
     limiter: Mutex<RateLimiter>,
 }
 
@@ -112,21 +124,27 @@ impl Log for StderrLogger {
         let Verdict::Print { suppressed } = verdict else {
             return;
         };
-        let elapsed = now.duration_since(self.start);
-        let stamp = format!("{:>4}.{:06}", elapsed.as_secs(), elapsed.subsec_micros());
+        let stamp = match self.format {
+            Format::Text => {
+                let elapsed = now.duration_since(self.start);
+                format!("{:>4}.{:06}", elapsed.as_secs(), elapsed.subsec_micros())
+            }
+            Format::Json => rfc3339(SystemTime::now()),
+        };
         let level = effective_level(record.level(), record.target());
         let mut text = String::new();
         if suppressed > 0 {
-            text.push_str(&format!(
-                "[{stamp} WARN  {}] {suppressed} more messages were suppressed\n",
-                record.target()
+            let note = format!("{suppressed} more messages were suppressed");
+            text.push_str(&line(
+                self.format,
+                &stamp,
+                Level::Warn,
+                record.target(),
+                &note,
             ));
         }
-        text.push_str(&format!(
-            "[{stamp} {level:<5} {}] {}\n",
-            record.target(),
-            record.args()
-        ));
+        let message = record.args().to_string();
+        text.push_str(&line(self.format, &stamp, level, record.target(), &message));
         // One write per record so lines from several threads do not interleave.
         let mut file = LOG_FILE.lock().unwrap_or_else(|p| p.into_inner());
         match file.as_mut() {
@@ -142,11 +160,64 @@ impl Log for StderrLogger {
     fn flush(&self) {}
 }
 
-/// Installs the logger at `level`. Calling it twice keeps the first logger and only changes
-/// the level.
-pub fn init(level: LevelFilter) {
+/// One record as one line, newline included.
+fn line(format: Format, stamp: &str, level: Level, target: &str, message: &str) -> String {
+    match format {
+        Format::Text => format!("[{stamp} {level:<5} {target}] {message}\n"),
+        Format::Json => {
+            let record = serde_json::json!({
+                "time": stamp,
+                "level": level.as_str(),
+                "target": target,
+                "message": message,
+            });
+            format!("{record}\n")
+        }
+    }
+}
+
+/// `time` as `2026-12-06T15:55:13.123456Z`.
+fn rfc3339(time: SystemTime) -> String {
+    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+    let of_day = secs % 86_400;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        of_day / 3600,
+        of_day % 3600 / 60,
+        of_day % 60,
+        since_epoch.subsec_micros()
+    )
+}
+
+/// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's algorithm:
+/// shift to years starting in March, so the leap day ends a year, then count 400-year
+/// eras).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * month_from_march + 2) / 5 + 1) as u32;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Installs the logger at `level`, writing `format`. Calling it twice keeps the first
+/// logger and only changes the level.
+pub fn init(level: LevelFilter, format: Format) {
     let _ = log::set_boxed_logger(Box::new(StderrLogger {
         start: crate::process_start(),
+        format,
         limiter: Mutex::new(RateLimiter::default()),
     }));
     log::set_max_level(level);
@@ -186,6 +257,48 @@ mod tests {
             limiter.check("a", t0 + WINDOW),
             Verdict::Print { suppressed: 0 }
         );
+    }
+
+    #[test]
+    fn json_lines_are_one_object_each() {
+        let text = line(
+            Format::Text,
+            "   1.000002",
+            Level::Info,
+            "hearth::vmm",
+            "VM paused",
+        );
+        assert_eq!(text, "[   1.000002 INFO  hearth::vmm] VM paused\n");
+        let stamp = rfc3339(UNIX_EPOCH + Duration::from_micros(1_709_164_800_000_042));
+        assert_eq!(stamp, "2024-02-29T00:00:00.000042Z");
+        let json = line(
+            Format::Json,
+            &stamp,
+            Level::Warn,
+            "hearth::api",
+            "a \"quoted\"\nline",
+        );
+        assert_eq!(json.matches('\n').count(), 1, "{json}");
+        let record: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            record,
+            serde_json::json!({
+                "time": "2024-02-29T00:00:00.000042Z",
+                "level": "WARN",
+                "target": "hearth::api",
+                "message": "a \"quoted\"\nline",
+            })
+        );
+    }
+
+    #[test]
+    fn dates_are_gregorian() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(11_017), (2000, 3, 1));
+        assert_eq!(civil_from_days(20_818), (2026, 12, 31));
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
     }
 
     #[test]
