@@ -65,8 +65,8 @@ pub trait Backend {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// `[offset, offset + len)` reads as zeroes afterwards; `unmap` allows deallocation.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
-    /// A request is done: its type, when the header could be read, and how it ended.
-    /// For counting; the request's effects are all made by then.
+    /// A request was carried out or refused (its status byte is written next): its type,
+    /// when the header could be read, and how it ended. For counting.
     fn request_done(&mut self, request_type: Option<u32>, outcome: Result<(), &RequestError>) {
         let _ = (request_type, outcome);
     }
@@ -204,7 +204,7 @@ where
     })
 }
 
-/// The request's type and sector, from a chain that is not too long.
+/// The request's type and sector; refuses a chain that is too long or has no header.
 fn parse_header<M: GuestMemory + ?Sized>(
     layout: &ChainLayout,
     mem: &M,
