@@ -261,10 +261,19 @@ fn minimal_kernel_pings_and_streams_over_a_tap() {
     ns.add_tap(TAP, &format!("{HOST_IP}/24"));
 
     let net = format!("tap={TAP},mac={GUEST_MAC}");
+    let dir = TempDir::new("net-metrics");
+    let metrics = dir.path().join("metrics.json");
     let args = linux_args(
         &minimal_guest(),
         &guest_command(),
-        &["--memory", "256M", "--net", &net],
+        &[
+            "--memory",
+            "256M",
+            "--net",
+            &net,
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+        ],
     );
     let mut hearth = Command::new(HEARTH);
     hearth.args(&args);
@@ -385,6 +394,24 @@ fn minimal_kernel_pings_and_streams_over_a_tap() {
         "whole run {:.1} s; guest sha256 {guest_sum}",
         started.elapsed().as_secs_f64()
     );
+
+    // The metrics written at exit count the stream and the pings on the interface.
+    let text = std::fs::read_to_string(&metrics).expect("the metrics file");
+    let last: serde_json::Value =
+        serde_json::from_str(text.lines().last().expect("a flush")).expect("JSON");
+    let nic = &last["net"]["net0"];
+    let count = |name: &str| {
+        nic[name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {name}: {last}"))
+    };
+    assert!(count("tx_bytes") >= STREAM_LEN as u64, "{last}");
+    assert!(
+        count("tx_packets") > 0 && count("rx_packets") >= 3,
+        "{last}"
+    );
+    assert_eq!((count("tx_errors"), count("rx_errors")), (0, 0), "{last}");
+    eprintln!("metrics at exit: {nic}");
 }
 
 /// A tap that does not exist is a setup error (exit 1, one stderr line naming it), and
