@@ -18,6 +18,7 @@ pub mod exit;
 pub mod image;
 pub mod logger;
 pub mod random;
+pub mod rate_limiter;
 pub mod snapshot;
 pub mod terminal;
 #[cfg(test)]
