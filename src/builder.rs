@@ -184,7 +184,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         manager: &mut mmio_devices,
     };
     let disks = attach_disks(&mut virtio, config)?;
-    attach_nets(&mut virtio, config)?;
+    let nets = attach_nets(&mut virtio, config)?;
     attach_vsock(&mut virtio, config)?;
     attach_rng(&mut virtio, config)?;
     let vmgenid = VmGenId::new(
@@ -250,6 +250,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         RuntimeDevices {
             i8042,
             disks,
+            nets,
             cmos,
             vmgenid,
         },
@@ -336,7 +337,7 @@ pub fn build_from_loaded(
         event_loop: &mut event_loop,
         manager: &mut mmio_devices,
     };
-    let disks = restore_virtio_devices(&mut virtio, &devices.virtio)?;
+    let (disks, nets) = restore_virtio_devices(&mut virtio, &devices.virtio)?;
 
     let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio_bus);
@@ -379,6 +380,7 @@ pub fn build_from_loaded(
         RuntimeDevices {
             i8042,
             disks,
+            nets,
             cmos,
             vmgenid,
         },
@@ -707,15 +709,21 @@ fn attach_disks(
 }
 
 /// One virtio-net device per `--net`, in order (eth0, eth1, ...).
-fn attach_nets(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildError> {
+fn attach_nets(
+    virtio: &mut VirtioAttach,
+    config: &VmConfig,
+) -> Result<Vec<Arc<Mutex<Net>>>, BuildError> {
+    let mut nets = Vec::with_capacity(config.nets.len());
     for (index, net) in config.nets.iter().enumerate() {
         let device = Net::new(net).map_err(|e| BuildError::Device {
             name: "virtio-net",
             source: Box::new(e),
         })?;
-        virtio.attach(&format!("net{index}"), device)?;
+        let device = Arc::new(Mutex::new(device));
+        virtio.attach(&format!("net{index}"), VirtioHandle::Net(device.clone()))?;
+        nets.push(device);
     }
-    Ok(())
+    Ok(nets)
 }
 
 /// The virtio-vsock device, when `--vsock` is given.
@@ -743,12 +751,14 @@ fn attach_rng(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildE
 }
 
 /// Every saved virtio device, back in its window and IRQ, in the order it was saved.
-/// Returns the disks, in that order.
+/// Returns the disks and the NICs, each in that order.
+#[allow(clippy::type_complexity)]
 fn restore_virtio_devices(
     virtio: &mut VirtioAttach,
     saved: &[AttachedDeviceState],
-) -> Result<Vec<Arc<Mutex<Block>>>, BuildError> {
+) -> Result<(Vec<Arc<Mutex<Block>>>, Vec<Arc<Mutex<Net>>>), BuildError> {
     let mut disks = Vec::new();
+    let mut nets = Vec::new();
     for state in saved {
         let device = virtio
             .manager
@@ -760,11 +770,13 @@ fn restore_virtio_devices(
                 virtio.event_loop,
             )
             .map_err(BuildError::DeviceManager)?;
-        if let VirtioHandle::Block(block) = device {
-            disks.push(block);
+        match device {
+            VirtioHandle::Block(block) => disks.push(block),
+            VirtioHandle::Net(net) => nets.push(net),
+            _ => {}
         }
     }
-    Ok(disks)
+    Ok((disks, nets))
 }
 
 /// Disks restored on an image of another size than the saved one (a template's empty

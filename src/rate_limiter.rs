@@ -23,7 +23,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events};
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Serialize, Serializer};
 use vmm_sys_util::timerfd::TimerFd;
 
 /// The shortest wait the timer is armed for, so a nearly full bucket costs at most a
@@ -31,8 +32,9 @@ use vmm_sys_util::timerfd::TimerFd;
 const MIN_WAIT: Duration = Duration::from_millis(1);
 const NANOS_PER_MILLI: u128 = 1_000_000;
 
-/// One token bucket as configured (Firecracker's `TokenBucket` object).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// One token bucket as configured (Firecracker's `TokenBucket` object). In JSON an absent
+/// burst is left out (see [`RateLimiterConfig`]'s `Serialize`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenBucketConfig {
     /// Tokens the bucket holds when full.
@@ -61,8 +63,8 @@ impl TokenBucketConfig {
 }
 
 /// A rate limiter as configured (Firecracker's `RateLimiter` object): `bandwidth` in
-/// bytes, `ops` in operations. The default limits nothing.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// bytes, `ops` in operations. The default limits nothing, and is `{}` in JSON.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimiterConfig {
     #[serde(default)]
@@ -98,6 +100,45 @@ impl RateLimiterConfig {
             bandwidth: self.bandwidth.filter(TokenBucketConfig::limits),
             ops: self.ops.filter(TokenBucketConfig::limits),
         }
+    }
+}
+
+// Absent options are left out of human-readable output (JSON config files and API
+// answers stay short) but always written in binary encodings: postcard, which snapshots
+// use, has no field names and must see every field, in the order `Deserialize` reads them.
+
+impl Serialize for TokenBucketConfig {
+    fn serialize<S: Serializer>(&self, out: S) -> Result<S::Ok, S::Error> {
+        let skip_burst = out.is_human_readable() && self.one_time_burst.is_none();
+        let mut state = out.serialize_struct("TokenBucketConfig", 3 - usize::from(skip_burst))?;
+        state.serialize_field("size", &self.size)?;
+        if skip_burst {
+            state.skip_field("one_time_burst")?;
+        } else {
+            state.serialize_field("one_time_burst", &self.one_time_burst)?;
+        }
+        state.serialize_field("refill_time", &self.refill_time)?;
+        state.end()
+    }
+}
+
+impl Serialize for RateLimiterConfig {
+    fn serialize<S: Serializer>(&self, out: S) -> Result<S::Ok, S::Error> {
+        let human = out.is_human_readable();
+        let fields = [("bandwidth", &self.bandwidth), ("ops", &self.ops)];
+        let len = fields
+            .iter()
+            .filter(|(_, bucket)| !human || bucket.is_some())
+            .count();
+        let mut state = out.serialize_struct("RateLimiterConfig", len)?;
+        for (key, bucket) in fields {
+            if human && bucket.is_none() {
+                state.skip_field(key)?;
+            } else {
+                state.serialize_field(key, bucket)?;
+            }
+        }
+        state.end()
     }
 }
 

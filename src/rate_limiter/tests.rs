@@ -308,3 +308,38 @@ fn configuration_updates_follow_firecracker() {
         "refill_time is required"
     );
 }
+
+#[test]
+fn json_leaves_absent_options_out_and_postcard_keeps_every_field() {
+    let config = RateLimiterConfig {
+        bandwidth: Some(TokenBucketConfig::per_second(10, None)),
+        ops: None,
+    };
+    assert_eq!(
+        serde_json::to_string(&config).unwrap(),
+        r#"{"bandwidth":{"size":10,"refill_time":1000}}"#
+    );
+    assert_eq!(
+        serde_json::to_string(&RateLimiterConfig::default()).unwrap(),
+        "{}"
+    );
+    for config in [
+        config,
+        RateLimiterConfig::default(),
+        RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig::per_second(u64::MAX, Some(7))),
+        },
+    ] {
+        let json = serde_json::to_string(&config).unwrap();
+        assert_eq!(
+            serde_json::from_str::<RateLimiterConfig>(&json).unwrap(),
+            config
+        );
+        let bytes = postcard::to_stdvec(&config).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<RateLimiterConfig>(&bytes).unwrap(),
+            config
+        );
+    }
+}

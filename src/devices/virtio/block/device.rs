@@ -25,6 +25,7 @@ use super::{BlockConfig, BlockError, ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{
     drain_queue, ActivateError, DeviceCore, DeviceState, Interrupt, VirtioDevice,
 };
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::vstate::memory::GuestMemory;
 
 /// One request queue.
@@ -41,6 +42,8 @@ pub struct Block {
     config_space: Vec<u8>,
     /// What requests may do; the negotiated parts are set at activation.
     params: DiskParams,
+    /// Requests wait here when their bytes or their count exceed the configured rate.
+    pub(super) limiter: RateLimiter,
 }
 
 impl Block {
@@ -61,6 +64,7 @@ impl Block {
         let read_only = disk.read_only();
         let core =
             DeviceCore::new(features(read_only), &QUEUE_SIZES).map_err(BlockError::Queues)?;
+        let limiter = RateLimiter::new(&config.rate_limiter).map_err(BlockError::RateLimiter)?;
         Ok(Self {
             core,
             config: config.clone(),
@@ -73,6 +77,7 @@ impl Block {
                 write_zeroes: false,
             },
             disk,
+            limiter,
         })
     }
 
@@ -116,20 +121,51 @@ impl Block {
         self.core.is_activated()
     }
 
-    /// Serves every available request; signals the guest when the queue says it wants to
-    /// hear about the used buffers. Does nothing while the device is inactive or paused.
+    /// Serves every available request the rate limiter lets through; signals the guest
+    /// when the queue says it wants to hear about the used buffers. A request the limiter
+    /// holds back stays first on the ring, and the limiter's timer brings the event loop
+    /// back for it. Does nothing while the device is inactive or paused.
     pub fn process_queue(&mut self) {
         let Some((queues, active)) = self.core.active() else {
             return;
         };
-        let (disk, params) = (&mut self.disk, &self.params);
+        let (disk, params, limiter) = (&mut self.disk, &self.params, &mut self.limiter);
+        let mem = &active.mem;
         drain_queue(
             &mut queues[0],
-            &active.mem,
+            mem,
             &active.interrupt,
             usize::MAX,
-            |chain| Some(request::process_chain(chain, &active.mem, disk, params)),
+            |chain| {
+                let bytes = request::transfer_len(chain.clone(), mem);
+                limiter
+                    .consume_request(bytes)
+                    .then(|| request::process_chain(chain, mem, disk, params))
+            },
         );
+    }
+
+    /// The limiter's timer fired: serve what it held back.
+    pub(super) fn on_rate_limiter_timer(&mut self) {
+        if self.limiter.on_timer() {
+            self.process_queue();
+        }
+    }
+
+    /// Changes the rate limiter on a running device (`PATCH /drives`): a bucket given
+    /// replaces the one in force, an omitted one stays. The event loop then serves what a
+    /// throttle held back, under the new limits.
+    pub fn update_rate_limiter(&mut self, update: &RateLimiterConfig) {
+        self.limiter.update(update);
+        self.config.rate_limiter = self.limiter.config();
+        if let Err(e) = self.core.queue_events()[0].write(1) {
+            log::warn!("virtio-blk: cannot wake the event loop after a limiter change: {e}");
+        }
+    }
+
+    /// The rate limiter, for its configuration and throttle count.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
     }
 }
 
@@ -276,6 +312,7 @@ pub(super) mod tests {
             path: image.path().to_owned(),
             read_only,
             id: Some("disk0".into()),
+            rate_limiter: Default::default(),
         })
         .unwrap()
     }
@@ -457,6 +494,7 @@ pub(super) mod tests {
             path: image.path().to_owned(),
             read_only: true,
             id: Some(id.into()),
+            rate_limiter: Default::default(),
         };
         let err = Block::new(&config("abcdefghijklmnopqrstu")).err().unwrap();
         assert_eq!(

@@ -31,6 +31,7 @@ use super::{format_mac, random_mac, NetConfig, NetError};
 use crate::devices::virtio::{
     drain_queue, ActivateError, DeviceCore, Drained, Interrupt, VirtioDevice,
 };
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::vstate::memory::GuestMemory;
 
 /// Maximum size of the RX and TX queues.
@@ -97,18 +98,23 @@ fn return_chain(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
 }
 
 /// Sends every chain on the TX queue through `send` and returns it, at most [`BUDGET`]
-/// of them.
+/// of them. `admit` is asked with each frame's length (0 for a frame that is dropped)
+/// before it goes; a frame it refuses stays first on the ring and draining stops.
 pub(super) fn process_tx_queue(
     queue: &mut Queue,
     mem: &GuestMemory,
     interrupt: &Interrupt,
     features: u64,
     buffer: &mut [u8],
+    mut admit: impl FnMut(usize) -> bool,
     mut send: impl FnMut(&[u8]),
 ) -> Drained {
     drain_queue(queue, mem, interrupt, BUDGET, |chain| {
         let frame = read_tx_frame(mem, chain, buffer)
             .and_then(|len| prepare_tx_frame(&mut buffer[..len], features).map(|()| len));
+        if !admit(*frame.as_ref().unwrap_or(&0)) {
+            return None;
+        }
         match frame {
             Ok(len) => send(&buffer[..len]),
             Err(e) => log::debug!("virtio-net: dropped a TX frame: {e}"),
@@ -130,6 +136,8 @@ pub(super) struct RxState {
     buffers: VecDeque<(u16, RxBuffer)>,
     frame: Vec<u8>,
     pending: Option<usize>,
+    /// The pending frame went past the rate limiter already.
+    admitted: bool,
 }
 
 impl RxState {
@@ -138,6 +146,7 @@ impl RxState {
             buffers: VecDeque::new(),
             frame: vec![0; MAX_BUFFER_LEN],
             pending: None,
+            admitted: false,
         }
     }
 
@@ -155,6 +164,7 @@ impl RxState {
     pub(super) fn reset(&mut self) {
         self.buffers.clear();
         self.pending = None;
+        self.admitted = false;
     }
 
     /// How many of the buffers held, from the front, the pending frame of `len` needs.
@@ -202,6 +212,7 @@ impl RxState {
             if too_big {
                 log::debug!("virtio-net: dropped a {len}-byte RX frame larger than the buffers");
                 self.pending = None;
+                self.admitted = false;
                 return Delivery::Dropped;
             }
             let position = queue.next_avail();
@@ -231,18 +242,34 @@ impl RxState {
         }
         *used = true;
         self.pending = None;
+        self.admitted = false;
         Delivery::Delivered
     }
 
-    /// Moves frames from `receive` (the tap) into the guest until there is none left, no
-    /// room for the next, or the budget is spent. Returns whether any chain was used, and
-    /// the error that stopped `receive` other than `WouldBlock`.
+    /// [`Self::process_limited`] with nothing limited.
+    #[cfg(test)]
     pub(super) fn process(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemory,
         features: u64,
+        receive: impl FnMut(&mut [u8]) -> io::Result<usize>,
+    ) -> (bool, Option<io::Error>) {
+        self.process_limited(queue, mem, features, receive, |_| true)
+    }
+
+    /// Moves frames from `receive` (the tap) into the guest until there is none left, no
+    /// room for the next, `admit` (asked once per frame, with its length) refuses one, or
+    /// the budget is spent. A refused frame stays pending, so the tap is not read until
+    /// it went. Returns whether any chain was used, and the error that stopped `receive`
+    /// other than `WouldBlock`.
+    pub(super) fn process_limited(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+        features: u64,
         mut receive: impl FnMut(&mut [u8]) -> io::Result<usize>,
+        mut admit: impl FnMut(usize) -> bool,
     ) -> (bool, Option<io::Error>) {
         let mut used = false;
         // RX notifications are only wanted while a frame waits for room.
@@ -267,6 +294,14 @@ impl RxState {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return (used, Some(e)),
                 }
+            }
+            if !self.admitted {
+                // The header is the device's, not traffic: only the frame counts.
+                let len = self.pending.unwrap_or(0).saturating_sub(VNET_HDR_LEN);
+                if !admit(len) {
+                    break;
+                }
+                self.admitted = true;
             }
             match self.deliver(queue, mem, features, &mut used) {
                 Delivery::Delivered | Delivery::Dropped => frames += 1,
@@ -306,6 +341,9 @@ pub struct Net {
     pub(super) tap_watched: bool,
     pub(super) tap_failed: bool,
     tx_failures: u64,
+    /// Frames to the guest, and frames from it, wait here when they exceed the rate.
+    pub(super) rx_limiter: RateLimiter,
+    pub(super) tx_limiter: RateLimiter,
 }
 
 impl Net {
@@ -317,6 +355,10 @@ impl Net {
             None => random_mac()?,
         };
         let core = DeviceCore::new(AVAIL_FEATURES, &QUEUE_MAX_SIZES).map_err(NetError::Queues)?;
+        let rx_limiter =
+            RateLimiter::new(&config.rx_rate_limiter).map_err(NetError::RateLimiter)?;
+        let tx_limiter =
+            RateLimiter::new(&config.tx_rate_limiter).map_err(NetError::RateLimiter)?;
         log::info!(
             "virtio-net: tap device \"{}\", guest MAC {}",
             config.tap,
@@ -332,7 +374,47 @@ impl Net {
             tap_watched: false,
             tap_failed: false,
             tx_failures: 0,
+            rx_limiter,
+            tx_limiter,
         })
+    }
+
+    /// The configuration in force (the limiters as changed since), for saving.
+    pub fn config(&self) -> NetConfig {
+        NetConfig {
+            tap: self.tap_name().to_string(),
+            mac: Some(self.mac),
+            rx_rate_limiter: self.rx_limiter.config(),
+            tx_rate_limiter: self.tx_limiter.config(),
+        }
+    }
+
+    /// Changes the rate limiters on a running device (`PATCH /network-interfaces`): in
+    /// each limiter given, a bucket given replaces the one in force and an omitted one
+    /// stays. What a throttle held back is served again, under the new limits.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) {
+        for (update, limiter, queue) in [
+            (rx, &mut self.rx_limiter, RX_QUEUE),
+            (tx, &mut self.tx_limiter, TX_QUEUE),
+        ] {
+            if let Some(update) = update {
+                limiter.update(update);
+                if let Err(e) = self.core.queue_events()[queue].write(1) {
+                    log::warn!(
+                        "virtio-net: cannot wake the event loop after a limiter change: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The receive and transmit rate limiters, for their configuration and throttle counts.
+    pub fn rate_limiters(&self) -> (&RateLimiter, &RateLimiter) {
+        (&self.rx_limiter, &self.tx_limiter)
     }
 
     /// The guest's MAC address.
@@ -360,10 +442,14 @@ impl Net {
             return;
         };
         let queue = &mut queues[RX_QUEUE];
-        let tap = &self.tap;
-        let (used, error) = self
-            .rx
-            .process(queue, &active.mem, features, |buf| tap.read(buf));
+        let (tap, limiter) = (&self.tap, &mut self.rx_limiter);
+        let (used, error) = self.rx.process_limited(
+            queue,
+            &active.mem,
+            features,
+            |buf| tap.read(buf),
+            |len| limiter.consume_request(len as u64),
+        );
         if used {
             active.interrupt.notify_used(queue, &active.mem);
         }
@@ -382,7 +468,7 @@ impl Net {
         let Some((queues, active)) = self.core.active() else {
             return;
         };
-        let tap = &self.tap;
+        let (tap, limiter) = (&self.tap, &mut self.tx_limiter);
         let failures = &mut self.tx_failures;
         let drained = process_tx_queue(
             &mut queues[TX_QUEUE],
@@ -390,6 +476,7 @@ impl Net {
             &active.interrupt,
             features,
             &mut self.tx_buffer,
+            |len| limiter.consume_request(len.saturating_sub(VNET_HDR_LEN) as u64),
             |frame| {
                 if let Err(e) = tap.write(frame) {
                     // Once loudly; a tap that is down or gone fails every frame.
@@ -576,9 +663,15 @@ pub(super) mod tests {
         let mut buffer = vec![0; MAX_BUFFER_LEN];
         let mut sent = Vec::new();
         let (interrupt, irq) = interrupt();
-        let drained = process_tx_queue(&mut queue, &mem, &interrupt, ALL, &mut buffer, |frame| {
-            sent.push(frame.to_vec())
-        });
+        let drained = process_tx_queue(
+            &mut queue,
+            &mem,
+            &interrupt,
+            ALL,
+            &mut buffer,
+            |_| true,
+            |frame| sent.push(frame.to_vec()),
+        );
         assert_eq!(
             drained,
             Drained {
@@ -636,6 +729,94 @@ pub(super) mod tests {
             1
         );
         assert_eq!(delivered[VNET_HDR_LEN..], frame[VNET_HDR_LEN..]);
+    }
+
+    /// A frame the RX limiter refuses stays pending (the tap is not read meanwhile) and is
+    /// asked about once more when it goes, with its length without the header; a frame
+    /// with no room yet is not charged twice.
+    #[test]
+    fn rx_frames_wait_for_the_limiter() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut state = RxState::new();
+        let mut reads = 0;
+        let mut one_frame = |buf: &mut [u8]| {
+            reads += 1;
+            if reads > 1 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let frame = tx_frame(100);
+            buf[..frame.len()].copy_from_slice(&frame);
+            Ok(frame.len())
+        };
+        let mut asked = Vec::new();
+        let (used, error) = state.process_limited(&mut queue, &mem, ALL, &mut one_frame, |len| {
+            asked.push(len);
+            false
+        });
+        assert!(!used && error.is_none());
+        assert!(state.has_pending_frame());
+        assert_eq!(asked, [100]);
+        // Admitted now, but no buffer yet: pending, and charged once only.
+        let (used, _) = state.process_limited(&mut queue, &mem, ALL, &mut one_frame, |len| {
+            asked.push(len);
+            true
+        });
+        assert!(!used && state.has_pending_frame());
+        add_chain(&mock, 0, &[(0x10_0000, 2048, WRITE)]);
+        let (used, _) = state.process_limited(&mut queue, &mem, ALL, &mut one_frame, |len| {
+            asked.push(len);
+            true
+        });
+        assert!(used && !state.has_pending_frame());
+        assert_eq!(asked, [100, 100]);
+        assert_eq!(reads, 2);
+        assert_eq!(used_entries(&mock), [(0, (VNET_HDR_LEN + 100) as u32)]);
+    }
+
+    /// A frame the TX limiter refuses stays first on the ring, sent after.
+    #[test]
+    fn tx_frames_wait_for_the_limiter() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let good = tx_frame(60);
+        mem.write_slice(&good, GuestAddress(0x12_0000)).unwrap();
+        add_chain(&mock, 0, &[(0x12_0000, good.len() as u32, 0)]);
+        add_chain(&mock, 1, &[(0x12_0000, good.len() as u32, 0)]);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut buffer = vec![0; MAX_BUFFER_LEN];
+        let (interrupt, _irq) = interrupt();
+        let mut sent = 0;
+        let mut allowance = 1;
+        let mut admit = |len: usize| {
+            assert_eq!(len, good.len());
+            allowance > 0 && {
+                allowance -= 1;
+                true
+            }
+        };
+        process_tx_queue(
+            &mut queue,
+            &mem,
+            &interrupt,
+            ALL,
+            &mut buffer,
+            &mut admit,
+            |_| sent += 1,
+        );
+        assert_eq!((sent, used_entries(&mock).len()), (1, 1));
+        assert_eq!(queue.next_avail(), 1);
+        process_tx_queue(
+            &mut queue,
+            &mem,
+            &interrupt,
+            ALL,
+            &mut buffer,
+            |_| true,
+            |_| sent += 1,
+        );
+        assert_eq!((sent, used_entries(&mock)), (2, vec![(0, 0), (1, 0)]));
     }
 
     #[test]
@@ -827,7 +1008,15 @@ pub(super) mod tests {
         mock.avail().idx().store(100);
         let mut buffer = vec![0; MAX_BUFFER_LEN];
         let (interrupt, _irq) = interrupt();
-        let drained = process_tx_queue(&mut queue, &mem, &interrupt, ALL, &mut buffer, |_| {});
+        let drained = process_tx_queue(
+            &mut queue,
+            &mem,
+            &interrupt,
+            ALL,
+            &mut buffer,
+            |_| true,
+            |_| {},
+        );
         assert!(!drained.used);
 
         let mut state = RxState::new();
