@@ -67,7 +67,9 @@ impl TokenBucketConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimiterConfig {
-    #[serde(default)]
+    /// `banwidth` is how firecracker-rs-sdk 0.1 spells it; taking it too lets that
+    /// client set a bandwidth limit at all.
+    #[serde(default, alias = "banwidth")]
     pub bandwidth: Option<TokenBucketConfig>,
     #[serde(default)]
     pub ops: Option<TokenBucketConfig>,

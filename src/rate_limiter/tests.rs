@@ -303,6 +303,12 @@ fn configuration_updates_follow_firecracker() {
     assert_eq!(parsed.bandwidth.unwrap().one_time_burst, Some(4096));
     assert_eq!(parsed.ops.unwrap().refill_time, 500);
     assert!(serde_json::from_str::<RateLimiterConfig>(r#"{"bw": {}}"#).is_err());
+    // firecracker-rs-sdk 0.1's spelling, with its nulls.
+    let sdk: RateLimiterConfig = serde_json::from_str(
+        r#"{"banwidth": {"one_time_burst": null, "refill_time": 10, "size": 5}, "ops": null}"#,
+    )
+    .unwrap();
+    assert_eq!(sdk.bandwidth.unwrap().size, 5);
     assert!(
         serde_json::from_str::<RateLimiterConfig>(r#"{"ops": {"size": 1}}"#).is_err(),
         "refill_time is required"
