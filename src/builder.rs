@@ -185,7 +185,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         manager: &mut mmio_devices,
     };
     let disks = attach_disks(&mut virtio, config)?;
-    attach_nets(&mut virtio, config)?;
+    let nets = attach_nets(&mut virtio, config)?;
     attach_vsock(&mut virtio, config)?;
     attach_rng(&mut virtio, config)?;
     let vmgenid = VmGenId::new(
@@ -251,6 +251,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         RuntimeDevices {
             i8042,
             disks,
+            nets,
             cmos,
             vmgenid,
         },
@@ -337,7 +338,7 @@ pub fn build_from_loaded(
         event_loop: &mut event_loop,
         manager: &mut mmio_devices,
     };
-    let disks = restore_virtio_devices(&mut virtio, &devices.virtio)?;
+    let (disks, nets) = restore_virtio_devices(&mut virtio, &devices.virtio)?;
 
     let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio_bus);
@@ -380,6 +381,7 @@ pub fn build_from_loaded(
         RuntimeDevices {
             i8042,
             disks,
+            nets,
             cmos,
             vmgenid,
         },
@@ -710,7 +712,11 @@ fn attach_disks(
 }
 
 /// One virtio-net device per `--net`, in order (eth0, eth1, ...).
-fn attach_nets(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildError> {
+fn attach_nets(
+    virtio: &mut VirtioAttach,
+    config: &VmConfig,
+) -> Result<Vec<Arc<Mutex<Net>>>, BuildError> {
+    let mut nets = Vec::with_capacity(config.nets.len());
     for (index, net) in config.nets.iter().enumerate() {
         let device = Net::new(net).map_err(|e| BuildError::Device {
             name: "virtio-net",
@@ -718,9 +724,11 @@ fn attach_nets(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), Build
         })?;
         let name = format!("net{index}");
         METRICS.register_net(&name, device.metrics());
-        virtio.attach(&name, device)?;
+        let device = Arc::new(Mutex::new(device));
+        virtio.attach(&name, VirtioHandle::Net(device.clone()))?;
+        nets.push(device);
     }
-    Ok(())
+    Ok(nets)
 }
 
 /// The virtio-vsock device, when `--vsock` is given.
@@ -750,12 +758,14 @@ fn attach_rng(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildE
 }
 
 /// Every saved virtio device, back in its window and IRQ, in the order it was saved.
-/// Returns the disks, in that order.
+/// Returns the disks and the NICs, each in that order.
+#[allow(clippy::type_complexity)]
 fn restore_virtio_devices(
     virtio: &mut VirtioAttach,
     saved: &[AttachedDeviceState],
-) -> Result<Vec<Arc<Mutex<Block>>>, BuildError> {
+) -> Result<(Vec<Arc<Mutex<Block>>>, Vec<Arc<Mutex<Net>>>), BuildError> {
     let mut disks = Vec::new();
+    let mut nets = Vec::new();
     for state in saved {
         let device = virtio
             .manager
@@ -777,11 +787,13 @@ fn restore_virtio_devices(
             (VirtioHandle::Rng(rng), _) => METRICS.register_rng(lock(rng).metrics()),
             _ => {}
         }
-        if let VirtioHandle::Block(block) = device {
-            disks.push(block);
+        match device {
+            VirtioHandle::Block(block) => disks.push(block),
+            VirtioHandle::Net(net) => nets.push(net),
+            _ => {}
         }
     }
-    Ok(disks)
+    Ok((disks, nets))
 }
 
 /// Disks restored on an image of another size than the saved one (a template's empty

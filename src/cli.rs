@@ -9,7 +9,6 @@ use crate::config::{
     parse_memory_size, split_cmdline, ConfigError, CpuProfileChoice, SpecError, VmConfig,
     DEFAULT_CMDLINE,
 };
-use crate::devices::virtio::rng::RngConfig;
 
 /// hearth: a lightweight KVM microVM monitor.
 #[derive(Debug, Parser)]
@@ -391,13 +390,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC", default_value = "stdio")]
     pub serial: String,
 
-    /// A virtio-blk disk backed by a raw image: path=FILE[,ro=on][,id=NAME]. Repeatable.
-    /// A comma in a value is written twice.
+    /// A virtio-blk disk backed by a raw image: path=FILE[,ro=on][,id=NAME], limited with
+    /// [,bw=BYTES][,iops=N][,burst=BYTES] per second. Repeatable. A comma in a value is
+    /// written twice.
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
 
-    /// A virtio-net interface on an existing tap device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX].
-    /// Repeatable.
+    /// A virtio-net interface on an existing tap device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX],
+    /// limited with [,rx_bw=BYTES][,tx_bw=BYTES][,rx_ops=N][,tx_ops=N][,burst=BYTES] per
+    /// second. Repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
 
@@ -408,9 +409,10 @@ pub struct RunArgs {
     pub vsock: Option<String>,
 
     /// A virtio-rng entropy device, filled from the host's getrandom, so the guest never
-    /// waits for entropy.
-    #[arg(long)]
-    pub rng: bool,
+    /// waits for entropy. An optional SPEC limits it: [bw=BYTES][,ops=N][,burst=BYTES]
+    /// per second.
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
+    pub rng: Option<String>,
 
     /// Print the time from process start to the guest's boot-complete signal on stderr.
     #[arg(long)]
@@ -490,7 +492,9 @@ impl RunArgs {
             vsock: (self.vsock.as_deref())
                 .map(|spec| parse("--vsock", spec))
                 .transpose()?,
-            rng: self.rng.then(RngConfig::default),
+            rng: (self.rng.as_deref())
+                .map(|spec| parse("--rng", spec))
+                .transpose()?,
             boot_timer: self.boot_timer,
             cpu_profile: self.cpu_profile,
         })
@@ -539,6 +543,8 @@ impl From<LogLevel> for log::LevelFilter {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_MEM_SIZE;
+    use crate::devices::virtio::rng::RngConfig;
+    use crate::rate_limiter::TokenBucketConfig;
 
     #[test]
     fn run_defaults() {
@@ -587,9 +593,12 @@ mod tests {
             "--serial",
             "none",
             "--disk",
-            &format!("path={},ro=on", disk.to_str().unwrap().replace(',', ",,")),
+            &format!(
+                "path={},ro=on,bw=10M,iops=100,burst=1M",
+                disk.to_str().unwrap().replace(',', ",,")
+            ),
             "--net",
-            "tap=tap0",
+            "tap=tap0,rx_bw=1M,tx_ops=50",
             "--vsock",
             "cid=3,socket=/run/v.sock",
             "--rng",
@@ -608,12 +617,26 @@ mod tests {
             path: disk,
             read_only: true,
             id: None,
+            rate_limiter: crate::rate_limiter::RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig::per_second(10 << 20, Some(1 << 20))),
+                ops: Some(TokenBucketConfig::per_second(100, None)),
+            },
         }];
-        expected.nets = vec!["tap=tap0".parse().unwrap()];
+        let mut nic: crate::devices::virtio::net::NetConfig = "tap=tap0".parse().unwrap();
+        nic.rx_rate_limiter.bandwidth = Some(TokenBucketConfig::per_second(1 << 20, None));
+        nic.tx_rate_limiter.ops = Some(TokenBucketConfig::per_second(50, None));
+        expected.nets = vec![nic];
         expected.vsock = Some("cid=3,socket=/run/v.sock".parse().unwrap());
         expected.rng = Some(RngConfig::default());
         expected.cpu_profile = CpuProfileChoice::Host;
         assert_eq!(config, expected);
+
+        let args = run_args(&["--kernel", kernel.to_str().unwrap(), "--rng", "bw=4K"]).unwrap();
+        let rng = args.vm_config().unwrap().rng.unwrap();
+        assert_eq!(
+            rng.rate_limiter.bandwidth,
+            Some(TokenBucketConfig::per_second(4096, None))
+        );
     }
 
     #[test]
@@ -652,6 +675,21 @@ mod tests {
                 "--serial",
                 "tcp=1",
                 "invalid --serial \"tcp=1\": expected stdio, none, file=PATH or unix=PATH",
+            ),
+            (
+                "--disk",
+                "path=/d,bw=ten",
+                "invalid --disk \"path=/d,bw=ten\": bw \"ten\" is not a positive whole number with an optional K, M or G suffix",
+            ),
+            (
+                "--net",
+                "tap=t,burst=1M",
+                "invalid --net \"tap=t,burst=1M\": burst= needs a bandwidth (rx_bw= or tx_bw=)",
+            ),
+            (
+                "--rng",
+                "ops=0",
+                "invalid --rng \"ops=0\": ops \"0\" is not a positive whole number with an optional K, M or G suffix",
             ),
             (
                 "--cpus",

@@ -453,6 +453,7 @@ mod tests {
                 path: image.path().to_owned(),
                 read_only: true,
                 id: None,
+                rate_limiter: Default::default(),
             })
             .unwrap()
         };
@@ -505,6 +506,7 @@ mod tests {
                 path: image.path().to_owned(),
                 read_only: false,
                 id: None,
+                rate_limiter: Default::default(),
             })
             .unwrap();
             attach_without_kvm(&mut manager, block.into(), &mut event_loop);
@@ -580,6 +582,7 @@ mod tests {
                     path: image.path().to_owned(),
                     read_only: false,
                     id: None,
+                    rate_limiter: Default::default(),
                 })
                 .unwrap();
                 let name = format!("disk{index}");

@@ -19,6 +19,7 @@ pub mod image;
 pub mod logger;
 pub mod metrics;
 pub mod random;
+pub mod rate_limiter;
 pub mod snapshot;
 pub mod terminal;
 #[cfg(test)]

@@ -172,6 +172,8 @@ pub struct BlockMetrics {
     pub invalid_requests: Counter,
     /// Requests that failed in the host's I/O (the guest got VIRTIO_BLK_S_IOERR).
     pub io_errors: Counter,
+    /// Times a request had to wait for the rate limiter.
+    pub throttled: Counter,
 }
 
 /// One virtio-net device.
@@ -194,6 +196,10 @@ pub struct NetMetrics {
     pub tx_dropped: Counter,
     /// Frames the tap refused.
     pub tx_errors: Counter,
+    /// Times a received frame had to wait for the receive rate limiter.
+    pub rx_throttled: Counter,
+    /// Times a frame the guest sent had to wait for the transmit rate limiter.
+    pub tx_throttled: Counter,
 }
 
 /// The virtio-vsock device.
@@ -221,6 +227,8 @@ pub struct RngMetrics {
     pub bytes: Counter,
     /// Requests answered with no bytes because the host's getrandom failed.
     pub errors: Counter,
+    /// Times a request had to wait for the rate limiter.
+    pub throttled: Counter,
 }
 
 /// API requests, by outcome.

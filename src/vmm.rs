@@ -23,6 +23,7 @@ use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{InputSpace, SerialDevice};
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::Net;
 use crate::devices::vmgenid::VmGenId;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::PeriodicFlush;
@@ -78,6 +79,8 @@ pub struct RuntimeDevices {
     pub i8042: Arc<Mutex<I8042>>,
     /// The virtio-blk devices, in the order of `VmConfig::disks`.
     pub disks: Vec<Arc<Mutex<Block>>>,
+    /// The virtio-net devices, in the order of `VmConfig::nets`.
+    pub nets: Vec<Arc<Mutex<Net>>>,
     pub cmos: Arc<Mutex<Cmos>>,
     /// Where the guest finds the VM generation ID, for snapshots.
     pub vmgenid: VmGenId,

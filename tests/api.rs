@@ -199,6 +199,17 @@ fn curl_configures_starts_and_stops_a_guest() {
     assert_eq!(status, 204, "{answer}");
     let (_, config) = vmm.curl("GET", "/vm/config", None);
     assert_eq!(config["drives"][1]["path_on_host"], json!(data2));
+    // And a rate limiter, with Firecracker's update rule: the ops bucket given is added,
+    // the bandwidth bucket omitted stays absent.
+    let ops = json!({"size": 1000, "refill_time": 1000});
+    let (status, answer) = vmm.curl(
+        "PATCH",
+        "/drives/data",
+        Some(json!({"drive_id": "data", "rate_limiter": {"ops": ops}})),
+    );
+    assert_eq!(status, 204, "{answer}");
+    let (_, config) = vmm.curl("GET", "/vm/config", None);
+    assert_eq!(config["drives"][1]["rate_limiter"], json!({"ops": ops}));
     let (status, _) = vmm.curl(
         "PATCH",
         "/network-interfaces/eth0",
@@ -320,7 +331,7 @@ fn bad_requests_get_a_fault_and_the_vmm_keeps_serving() {
     );
     let drive_limited = format!(
         r#"{{"drive_id": "d", "path_on_host": "{img}", "is_root_device": false,
-             "rate_limiter": {{"bandwidth": {{"size": 1, "refill_time": 100}}}}}}"#
+             "rate_limiter": {{"bandwidth": {{"size": 1}}}}}}"#
     );
     let leaked = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let preboot = [
@@ -418,11 +429,11 @@ fn bad_requests_get_a_fault_and_the_vmm_keeps_serving() {
             "Async",
         ),
         bad(
-            "drive rate limiter",
+            "drive rate limiter without a refill time",
             "PUT",
             "/drives/d",
             Some(leaked(drive_limited)),
-            "rate limiters",
+            "refill_time",
         ),
         bad(
             "id mismatch",
@@ -565,11 +576,11 @@ fn bad_requests_get_a_fault_and_the_vmm_keeps_serving() {
             "does not implement the balloon device",
         ),
         bad(
-            "entropy rate limiter",
+            "entropy rate limiter with an unknown bucket",
             "PUT",
             "/entropy",
-            Some(r#"{"rate_limiter": {"bandwidth": {"size": 1024, "refill_time": 100}}}"#),
-            "does not support a rate limiter on the entropy device",
+            Some(r#"{"rate_limiter": {"bytes": {"size": 1024, "refill_time": 100}}}"#),
+            "bytes",
         ),
         bad_raw(
             "oversized body",
@@ -782,7 +793,8 @@ fn http_behaves_like_firecrackers_server() {
 fn firecracker_rs_sdk_launches_and_drives_hearth() {
     use firecracker_rs_sdk::firecracker::FirecrackerOption;
     use firecracker_rs_sdk::models::{
-        ActionType, BootSource, InstanceState, MachineConfiguration, Metrics,
+        ActionType, BootSource, Drive, EntropyDevice, InstanceState, MachineConfiguration, Metrics,
+        PartialDrive, RateLimiter, TokenBucket,
     };
 
     if !kvm_available() {
@@ -837,6 +849,37 @@ fn firecracker_rs_sdk_launches_and_drives_hearth() {
         .get_machine_configuration()
         .expect("GET /machine-config");
     assert_eq!((machine.vcpu_count, machine.mem_size_mib), (1, 32));
+    // Rate limiters, as the SDK sends them (it spells bandwidth "banwidth").
+    let bucket = |size| TokenBucket {
+        one_time_burst: None,
+        refill_time: 1000,
+        size,
+    };
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(1 << 20))
+        .unwrap();
+    instance
+        .put_guest_drive_by_id(&Drive {
+            drive_id: "data".into(),
+            partuuid: None,
+            is_root_device: false,
+            cache_type: None,
+            is_read_only: false,
+            path_on_host: image,
+            rate_limiter: Some(RateLimiter::new(bucket(10 << 20), bucket(100))),
+            io_engine: None,
+            socket: None,
+        })
+        .expect("PUT /drives with a rate limiter");
+    instance
+        .put_entropy_device(&EntropyDevice {
+            rate_limiter: Some(RateLimiter {
+                bandwidth: Some(bucket(4096)),
+                ops: None,
+            }),
+        })
+        .expect("PUT /entropy with a rate limiter");
     let version = instance.get_firecracker_version().expect("GET /version");
     assert_eq!(version.firecracker_version, env!("CARGO_PKG_VERSION"));
     instance.start().expect("InstanceStart");
@@ -885,7 +928,38 @@ fn firecracker_rs_sdk_launches_and_drives_hearth() {
         "{fault}"
     );
     let config = instance.get_export_vm_config().expect("GET /vm/config");
-    assert_eq!(config.machine_config.map(|m| m.mem_size_mib), Some(32));
+    assert_eq!(
+        config.machine_config.as_ref().map(|m| m.mem_size_mib),
+        Some(32)
+    );
+    // The SDK reads the drives under "drive" (Firecracker says "drives"): look with
+    // hearth's own client.
+    let drive_limiter = || {
+        let (status, config) = common::api_client::call(&sock, "GET", "/vm/config", "");
+        assert_eq!(status, 200);
+        config["drives"][0]["rate_limiter"].clone()
+    };
+    assert_eq!(
+        drive_limiter(),
+        json!({"bandwidth": {"size": 10 << 20, "refill_time": 1000},
+               "ops": {"size": 100, "refill_time": 1000}})
+    );
+    instance
+        .patch_guest_drive_by_id(&PartialDrive {
+            drive_id: "data".into(),
+            path_on_host: None,
+            rate_limiter: Some(RateLimiter {
+                bandwidth: None,
+                ops: Some(bucket(200)),
+            }),
+        })
+        .expect("PATCH /drives with a rate limiter");
+    // The bandwidth bucket, omitted, stays.
+    assert_eq!(
+        drive_limiter(),
+        json!({"bandwidth": {"size": 10 << 20, "refill_time": 1000},
+               "ops": {"size": 200, "refill_time": 1000}})
+    );
     instance.pause().expect("PATCH /vm Paused");
     assert_eq!(
         instance

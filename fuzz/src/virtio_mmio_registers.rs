@@ -147,6 +147,7 @@ pub fn run(data: &[u8]) -> Outcome {
             path: path.into(),
             read_only: selector & 2 != 0,
             id: Some("fuzz".into()),
+            rate_limiter: Default::default(),
         })
         .expect("open the memfd image");
         Device::Block(Arc::new(Mutex::new(block)), file)

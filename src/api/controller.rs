@@ -202,19 +202,14 @@ impl RuntimeController {
                 .map(|()| VmmData::Empty)
                 .map_err(|e| ApiError::Runtime(format!("cannot send Ctrl+Alt+Del: {e}"))),
             VmmAction::PatchDrive(patch) => {
-                if super::models::RateLimiter::limits_anything(&patch.rate_limiter) {
-                    return Err(ApiError::Unsupported(
-                        "hearth does not support rate limiters on drives".into(),
-                    ));
-                }
                 let index = self
                     .resources
                     .drive_index(&patch.drive_id)
                     .ok_or_else(|| ApiError::invalid(format!("no drive \"{}\"", patch.drive_id)))?;
+                let disk = self.devices.disks.get(index).ok_or_else(|| {
+                    ApiError::Runtime(format!("drive \"{}\" has no device", patch.drive_id))
+                })?;
                 if let Some(path) = patch.path_on_host {
-                    let disk = self.devices.disks.get(index).ok_or_else(|| {
-                        ApiError::Runtime(format!("drive \"{}\" has no device", patch.drive_id))
-                    })?;
                     lock(disk).replace_image(&path).map_err(|e| {
                         ApiError::Runtime(format!(
                             "cannot update drive \"{}\": {}",
@@ -224,28 +219,34 @@ impl RuntimeController {
                     })?;
                     self.resources.set_drive_path(&patch.drive_id, path);
                 }
+                if let Some(update) = &patch.rate_limiter {
+                    let mut disk = lock(disk);
+                    disk.update_rate_limiter(update);
+                    let now = disk.rate_limiter().config();
+                    self.resources.set_drive_rate_limiter(&patch.drive_id, now);
+                }
                 Ok(VmmData::Empty)
             }
             VmmAction::PatchNetworkInterface(patch) => {
-                if !self
-                    .resources
-                    .nets
-                    .iter()
-                    .any(|n| n.iface_id == patch.iface_id)
-                {
-                    return Err(ApiError::invalid(format!(
-                        "no network interface \"{}\"",
+                let index = self.resources.net_index(&patch.iface_id).ok_or_else(|| {
+                    ApiError::invalid(format!("no network interface \"{}\"", patch.iface_id))
+                })?;
+                let net = self.devices.nets.get(index).ok_or_else(|| {
+                    ApiError::Runtime(format!(
+                        "network interface \"{}\" has no device",
                         patch.iface_id
-                    )));
-                }
-                // Only rate limiters can change; an update without buckets changes nothing.
-                if super::models::RateLimiter::limits_anything(&patch.rx_rate_limiter)
-                    || super::models::RateLimiter::limits_anything(&patch.tx_rate_limiter)
-                {
-                    return Err(ApiError::Unsupported(
-                        "hearth does not support rate limiters on network interfaces".into(),
-                    ));
-                }
+                    ))
+                })?;
+                // Only rate limiters can change.
+                let mut net = lock(net);
+                net.update_rate_limiters(
+                    patch.rx_rate_limiter.as_ref(),
+                    patch.tx_rate_limiter.as_ref(),
+                );
+                let (rx, tx) = net.rate_limiters();
+                let (rx, tx) = (rx.config(), tx.config());
+                self.resources
+                    .set_net_rate_limiters(&patch.iface_id, rx, tx);
                 Ok(VmmData::Empty)
             }
             // As with Firecracker, asking for the state the VM is in succeeds.
@@ -477,6 +478,7 @@ mod tests {
         let devices = RuntimeDevices {
             i8042: Arc::new(Mutex::new(I8042::new(exit.clone(), None))),
             disks: Vec::new(),
+            nets: Vec::new(),
             cmos: Arc::new(Mutex::new(crate::devices::legacy::cmos::Cmos::new())),
             vmgenid: crate::devices::vmgenid::VmGenId::new(
                 &crate::vstate::memory::create_guest_memory(2 << 20).unwrap(),

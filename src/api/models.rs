@@ -5,11 +5,15 @@
 //! is optional (clients serialize absent options that way).
 //!
 //! These types only describe what was sent. What hearth accepts of it (a CPU template,
-//! rate limiters, huge pages ...) is decided in `controller.rs`.
+//! huge pages ...) is decided in `controller.rs`.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+/// Firecracker's `RateLimiter` and `TokenBucket` objects are hearth's inert limiter
+/// configuration itself.
+pub use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
 /// `GET /`: who we are and in what state the microVM is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,34 +120,6 @@ impl MachineConfigUpdate {
     }
 }
 
-/// One token bucket of a rate limiter.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenBucket {
-    pub size: u64,
-    #[serde(default)]
-    pub one_time_burst: Option<u64>,
-    pub refill_time: u64,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimiter {
-    #[serde(default)]
-    pub bandwidth: Option<TokenBucket>,
-    #[serde(default)]
-    pub ops: Option<TokenBucket>,
-}
-
-impl RateLimiter {
-    /// A limiter without buckets limits nothing (clients send such empty objects).
-    pub fn limits_anything(limiter: &Option<RateLimiter>) -> bool {
-        limiter
-            .as_ref()
-            .is_some_and(|l| l.bandwidth.is_some() || l.ops.is_some())
-    }
-}
-
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CacheType {
     #[default]
@@ -175,7 +151,7 @@ pub struct Drive {
     #[serde(default, deserialize_with = "null_as_default")]
     pub io_engine: IoEngine,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<RateLimiter>,
+    pub rate_limiter: Option<RateLimiterConfig>,
     /// vhost-user-block backend socket (not supported by hearth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
@@ -189,7 +165,7 @@ pub struct PartialDrive {
     #[serde(default)]
     pub path_on_host: Option<PathBuf>,
     #[serde(default)]
-    pub rate_limiter: Option<RateLimiter>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /network-interfaces/{iface_id}`.
@@ -203,9 +179,9 @@ pub struct NetworkInterface {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rx_rate_limiter: Option<RateLimiter>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tx_rate_limiter: Option<RateLimiter>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PATCH /network-interfaces/{iface_id}`: new rate limiters for a running interface.
@@ -214,9 +190,9 @@ pub struct NetworkInterface {
 pub struct PartialNetworkInterface {
     pub iface_id: String,
     #[serde(default)]
-    pub rx_rate_limiter: Option<RateLimiter>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
     #[serde(default)]
-    pub tx_rate_limiter: Option<RateLimiter>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /vsock`.
@@ -231,12 +207,12 @@ pub struct Vsock {
 }
 
 /// `PUT /entropy`, and the configuration document's `entropy` section: the virtio-rng
-/// device. hearth takes no rate limiter (one without buckets limits nothing).
+/// device and its rate limiter.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entropy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<RateLimiter>,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `PUT /serial`.
@@ -246,7 +222,7 @@ pub struct Serial {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial_out_path: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rate_limiter: Option<TokenBucket>,
+    pub rate_limiter: Option<TokenBucketConfig>,
 }
 
 /// `PUT /logger`.
@@ -545,20 +521,5 @@ mod tests {
         let out = serde_json::to_value(&config).unwrap();
         assert!(out.get("boot-source").is_some() && out.get("machine-config").is_some());
         assert!(serde_json::from_str::<FullVmConfig>(r#"{"boot_source": {}}"#).is_err());
-    }
-
-    #[test]
-    fn empty_rate_limiters_limit_nothing() {
-        assert!(!RateLimiter::limits_anything(&None));
-        assert!(!RateLimiter::limits_anything(&Some(RateLimiter::default())));
-        let bucket = TokenBucket {
-            size: 1,
-            one_time_burst: None,
-            refill_time: 100,
-        };
-        assert!(RateLimiter::limits_anything(&Some(RateLimiter {
-            bandwidth: Some(bucket),
-            ops: None
-        })));
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::action::ApiError;
 use super::models::{
     BootSource, Drive, Entropy, FullVmConfig, HugePages, IoEngine, MachineConfig,
-    MachineConfigUpdate, NetworkInterface, RateLimiter, Serial, Vsock,
+    MachineConfigUpdate, NetworkInterface, RateLimiterConfig, Serial, Vsock,
 };
 use crate::config::{
     check_readable_file, parse_memory_size, split_cmdline, CpuProfileChoice, SerialConfig,
@@ -96,9 +96,6 @@ impl VmResources {
                 "io_engine \"Async\": hearth's disks use synchronous I/O (\"Sync\")",
             ));
         }
-        if RateLimiter::limits_anything(&drive.rate_limiter) {
-            return Err(unsupported("rate limiters on drives"));
-        }
         let path = drive.path_on_host.as_deref().ok_or_else(|| {
             ApiError::invalid(format!("drive \"{}\" needs path_on_host", drive.drive_id))
         })?;
@@ -123,11 +120,6 @@ impl VmResources {
     pub fn put_net(&mut self, iface: NetworkInterface) -> Result<(), ApiError> {
         if iface.mtu.is_some() {
             return Err(unsupported("mtu: hearth's virtio-net does not offer one"));
-        }
-        if RateLimiter::limits_anything(&iface.rx_rate_limiter)
-            || RateLimiter::limits_anything(&iface.tx_rate_limiter)
-        {
-            return Err(unsupported("rate limiters on network interfaces"));
         }
         if iface.host_dev_name.is_empty() {
             return Err(ApiError::invalid("host_dev_name is empty"));
@@ -170,9 +162,6 @@ impl VmResources {
     }
 
     pub fn set_entropy(&mut self, entropy: Entropy) -> Result<(), ApiError> {
-        if RateLimiter::limits_anything(&entropy.rate_limiter) {
-            return Err(unsupported("a rate limiter on the entropy device"));
-        }
         self.entropy = Some(entropy);
         Ok(())
     }
@@ -215,6 +204,7 @@ impl VmResources {
                 read_only,
                 // The guest reads the drive's id as the disk serial, cut to what fits.
                 id: Some(truncate(&drive.drive_id, ID_BYTES)),
+                rate_limiter: limiter(&drive.rate_limiter),
             });
         }
         let nets = self
@@ -229,6 +219,8 @@ impl VmResources {
                         .map(parse_mac)
                         .transpose()
                         .map_err(ApiError::invalid)?,
+                    rx_rate_limiter: limiter(&n.rx_rate_limiter),
+                    tx_rate_limiter: limiter(&n.tx_rate_limiter),
                 })
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
@@ -249,7 +241,9 @@ impl VmResources {
                 guest_cid: u64::from(v.guest_cid),
                 uds_path: v.uds_path.clone(),
             }),
-            rng: self.entropy.as_ref().map(|_| RngConfig::default()),
+            rng: self.entropy.as_ref().map(|e| RngConfig {
+                rate_limiter: limiter(&e.rate_limiter),
+            }),
             boot_timer: self.boot_timer,
             cpu_profile: CpuProfileChoice::Auto,
         };
@@ -281,7 +275,7 @@ impl VmResources {
                 partuuid: None,
                 cache_type: Default::default(),
                 io_engine: IoEngine::Sync,
-                rate_limiter: None,
+                rate_limiter: document(&disk.rate_limiter),
                 socket: None,
             })
             .collect();
@@ -299,8 +293,8 @@ impl VmResources {
                         .join(":")
                 }),
                 mtu: None,
-                rx_rate_limiter: None,
-                tx_rate_limiter: None,
+                rx_rate_limiter: document(&net.rx_rate_limiter),
+                tx_rate_limiter: document(&net.tx_rate_limiter),
             })
             .collect();
         Self {
@@ -321,7 +315,9 @@ impl VmResources {
                 uds_path: v.uds_path.clone(),
                 vsock_id: None,
             }),
-            entropy: config.rng.as_ref().map(|_| Entropy::default()),
+            entropy: config.rng.as_ref().map(|rng| Entropy {
+                rate_limiter: document(&rng.rate_limiter),
+            }),
             serial: match &config.serial {
                 SerialConfig::File(path) => Some(Serial {
                     serial_out_path: Some(path.clone()),
@@ -370,12 +366,48 @@ impl VmResources {
         self.ordered_drives().position(|d| d.drive_id == id)
     }
 
+    /// The index hearth's NIC list has for interface `id`.
+    pub fn net_index(&self, id: &str) -> Option<usize> {
+        self.nets.iter().position(|n| n.iface_id == id)
+    }
+
+    /// Records a drive's rate limiter after a successful `PATCH /drives`.
+    pub fn set_drive_rate_limiter(&mut self, id: &str, limiter: RateLimiterConfig) {
+        if let Some(drive) = self.drives.iter_mut().find(|d| d.drive_id == id) {
+            drive.rate_limiter = document(&limiter);
+        }
+    }
+
+    /// Records an interface's rate limiters after a successful
+    /// `PATCH /network-interfaces`.
+    pub fn set_net_rate_limiters(
+        &mut self,
+        id: &str,
+        rx: RateLimiterConfig,
+        tx: RateLimiterConfig,
+    ) {
+        if let Some(net) = self.nets.iter_mut().find(|n| n.iface_id == id) {
+            net.rx_rate_limiter = document(&rx);
+            net.tx_rate_limiter = document(&tx);
+        }
+    }
+
     /// Records a drive's new image after a successful `PATCH /drives`.
     pub fn set_drive_path(&mut self, id: &str, path: PathBuf) {
         if let Some(drive) = self.drives.iter_mut().find(|d| d.drive_id == id) {
             drive.path_on_host = Some(path);
         }
     }
+}
+
+/// A limiter as a document gives it (absent: no limit), as hearth's config holds it.
+fn limiter(document: &Option<RateLimiterConfig>) -> RateLimiterConfig {
+    document.unwrap_or_default().normalized()
+}
+
+/// A limiter as a document shows it: absent when it limits nothing.
+fn document(limiter: &RateLimiterConfig) -> Option<RateLimiterConfig> {
+    limiter.limits_anything().then(|| limiter.normalized())
 }
 
 fn unsupported(what: &str) -> ApiError {
@@ -445,7 +477,7 @@ mod tests {
             guest_mac: Some("06:00:ac:10:00:02".into()),
             mtu: None,
             rx_rate_limiter: None,
-            tx_rate_limiter: Some(RateLimiter::default()),
+            tx_rate_limiter: Some(RateLimiterConfig::default()),
         })
         .unwrap();
         res.set_vsock(Vsock {
@@ -456,7 +488,7 @@ mod tests {
         .unwrap();
         // Clients send an empty rate limiter: it limits nothing.
         res.set_entropy(Entropy {
-            rate_limiter: Some(RateLimiter::default()),
+            rate_limiter: Some(RateLimiterConfig::default()),
         })
         .unwrap();
         let config = res.to_vm_config().unwrap();
@@ -590,17 +622,63 @@ mod tests {
                 vsock_id: None
             })
             .is_err());
-        let limited: Entropy = serde_json::from_value(serde_json::json!({
-            "rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}
+        assert_eq!(truncate("ééé", 5), "éé");
+    }
+
+    #[test]
+    fn rate_limiters_reach_the_vm_config_and_come_back() {
+        let kernel = temp_file("kernel-rl", 4096);
+        let image = temp_file("disk-rl", 1 << 20);
+        let mut res = VmResources::default();
+        res.set_boot_source(BootSource {
+            kernel_image_path: kernel,
+            boot_args: None,
+            initrd_path: None,
+        })
+        .unwrap();
+        let limited: RateLimiterConfig = serde_json::from_value(serde_json::json!({
+            "bandwidth": {"size": 1048576, "one_time_burst": 4096, "refill_time": 1000},
+            "ops": {"size": 0, "refill_time": 1000}
         }))
         .unwrap();
-        let err = res.set_entropy(limited).unwrap_err();
-        assert_eq!(err.status(), 400);
+        let mut data = drive("data", &image, false);
+        data.rate_limiter = Some(limited);
+        res.put_drive(data).unwrap();
+        res.put_net(NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: None,
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: Some(limited),
+        })
+        .unwrap();
+        res.set_entropy(Entropy {
+            rate_limiter: Some(limited),
+        })
+        .unwrap();
+        let config = res.to_vm_config().unwrap();
+        // The ops bucket of size 0 limits nothing and is left out.
+        let expected = limited.normalized();
+        assert_eq!(expected.ops, None);
+        assert_eq!(config.disks[0].rate_limiter, expected);
+        assert_eq!(config.nets[0].rx_rate_limiter, RateLimiterConfig::default());
+        assert_eq!(config.nets[0].tx_rate_limiter, expected);
+        assert_eq!(config.rng.as_ref().unwrap().rate_limiter, expected);
+
+        let back = VmResources::from_vm_config(&config);
+        assert_eq!(back.drives[0].rate_limiter, Some(expected));
+        assert_eq!(back.nets[0].rx_rate_limiter, None);
+        assert_eq!(back.nets[0].tx_rate_limiter, Some(expected));
+        assert_eq!(back.entropy.unwrap().rate_limiter, Some(expected));
+
+        res.set_drive_rate_limiter("data", RateLimiterConfig::default());
+        assert_eq!(res.drives[0].rate_limiter, None);
+        res.set_net_rate_limiters("eth0", expected, RateLimiterConfig::default());
+        assert_eq!(res.net_index("eth0"), Some(0));
         assert_eq!(
-            err.to_string(),
-            "hearth does not support a rate limiter on the entropy device"
+            (res.nets[0].rx_rate_limiter, res.nets[0].tx_rate_limiter),
+            (Some(expected), None)
         );
-        assert_eq!(res.entropy, None);
-        assert_eq!(truncate("ééé", 5), "éé");
     }
 }

@@ -480,6 +480,15 @@ mod tests {
         load_config_file(&good, &mut res).unwrap();
         assert_eq!(res.machine.vcpu_count, 2);
         assert_eq!(res.to_vm_config().unwrap().rng, Some(Default::default()));
+        let limited = write(
+            "limited.json",
+            serde_json::json!({"boot-source": boot, "entropy":
+                {"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}}),
+        );
+        let mut res = VmResources::default();
+        load_config_file(&limited, &mut res).unwrap();
+        let rng = res.to_vm_config().unwrap().rng.unwrap();
+        assert_eq!(rng.rate_limiter.bandwidth.unwrap().size, 1);
 
         for (name, json, expected) in [
             (
@@ -490,8 +499,8 @@ mod tests {
             (
                 "entropy.json",
                 serde_json::json!({"boot-source": boot, "entropy":
-                    {"rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}}),
-                "rate limiter on the entropy device",
+                    {"rate_limiter": {"bandwidth": {"size": 1, "refill": 1}}}}),
+                "unknown field `refill`",
             ),
             (
                 "unknown.json",

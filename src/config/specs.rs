@@ -1,9 +1,18 @@
 //! The one-line text form of device configurations, as `hearth run` takes them:
 //!
-//! - disk: `path=FILE[,ro=on][,id=NAME]` ([`BlockConfig`])
-//! - NIC: `tap=NAME[,mac=XX:XX:XX:XX:XX:XX]` ([`NetConfig`])
+//! - disk: `path=FILE[,ro=on][,id=NAME][,bw=BYTES][,iops=N][,burst=BYTES]`
+//!   ([`BlockConfig`])
+//! - NIC: `tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,rx_bw=BYTES][,tx_bw=BYTES][,rx_ops=N]
+//!   [,tx_ops=N][,burst=BYTES]` ([`NetConfig`])
+//! - entropy device: empty or `[bw=BYTES][,ops=N][,burst=BYTES]` ([`RngConfig`])
 //! - vsock: `cid=N,socket=PATH` ([`VsockConfig`])
 //! - serial console: `stdio`, `none`, `file=PATH` or `unix=PATH` ([`SerialConfig`])
+//!
+//! Rates are per second: `bw` in bytes (K, M, G suffixes are powers of 1024), `iops` and
+//! `ops` in operations (suffixes are powers of 1000). Each becomes a token bucket of one
+//! second's worth that refills in 1000 ms; `burst` is a one-time burst in bytes added to
+//! every bandwidth bucket of the spec. A limiter from JSON with another refill time is
+//! written back as its per-second rate.
 //!
 //! Options are `key=value` separated by commas; a comma inside a value is written twice
 //! (`path=a,,b.img` is the file `a,b.img`), as QEMU does. `Display` writes that escape, so
@@ -20,7 +29,9 @@ use std::str::FromStr;
 use super::SerialConfig;
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::{format_mac, parse_mac, NetConfig, NetError};
+use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
+use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
 /// Why a spec does not parse. The caller names the spec and where it came from.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +52,98 @@ pub enum SpecError {
     Mac(NetError),
     #[error("expected stdio, none, file=PATH or unix=PATH")]
     Serial,
+    #[error("{key} \"{value}\" is not a positive whole number with an optional K, M or G suffix")]
+    Amount { key: &'static str, value: String },
+    #[error("{key} \"{value}\" is too large")]
+    AmountTooLarge { key: &'static str, value: String },
+    #[error("burst= needs a bandwidth ({0})")]
+    BurstWithoutBandwidth(&'static str),
+}
+
+/// A rate or size: a positive whole number with an optional K, M or G suffix (either
+/// case), powers of `unit` (1024 for bytes, 1000 for operations).
+fn parse_amount(key: &'static str, value: &str, unit: u64) -> Result<u64, SpecError> {
+    let bad = || SpecError::Amount {
+        key,
+        value: value.to_string(),
+    };
+    let (digits, power) = match value.char_indices().last() {
+        Some((at, c)) if c.is_ascii_alphabetic() => {
+            let power = match c.to_ascii_uppercase() {
+                'K' => 1,
+                'M' => 2,
+                'G' => 3,
+                _ => return Err(bad()),
+            };
+            (&value[..at], power)
+        }
+        _ => (value, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let too_large = || SpecError::AmountTooLarge {
+        key,
+        value: value.to_string(),
+    };
+    let number: u64 = digits.parse().map_err(|_| too_large())?;
+    let amount = unit
+        .checked_pow(power)
+        .and_then(|scale| number.checked_mul(scale))
+        .ok_or_else(too_large)?;
+    if amount == 0 {
+        return Err(bad());
+    }
+    Ok(amount)
+}
+
+/// The per-second limiter of `bytes` and `ops` (either may be absent), with `burst` on
+/// its bandwidth bucket.
+fn per_second(bytes: Option<u64>, ops: Option<u64>, burst: Option<u64>) -> RateLimiterConfig {
+    RateLimiterConfig {
+        bandwidth: bytes.map(|rate| TokenBucketConfig::per_second(rate, burst)),
+        ops: ops.map(|rate| TokenBucketConfig::per_second(rate, None)),
+    }
+}
+
+/// A bucket's rate per second, as the spec writes it (at least 1).
+fn rate(bucket: &TokenBucketConfig) -> u64 {
+    let per_second = u128::from(bucket.size) * 1000 / u128::from(bucket.refill_time.max(1));
+    u64::try_from(per_second).unwrap_or(u64::MAX).max(1)
+}
+
+/// Writes `,KEY=RATE` for each bucket of `limiter` that limits anything.
+fn write_limiter(
+    f: &mut fmt::Formatter,
+    limiter: &RateLimiterConfig,
+    bw_key: &str,
+    ops_key: &str,
+) -> fmt::Result {
+    let limiter = limiter.normalized();
+    if let Some(bucket) = &limiter.bandwidth {
+        write!(f, ",{bw_key}={}", rate(bucket))?;
+    }
+    if let Some(bucket) = &limiter.ops {
+        write!(f, ",{ops_key}={}", rate(bucket))?;
+    }
+    Ok(())
+}
+
+/// The one-time burst of the first bandwidth bucket that has one.
+fn write_burst<'a>(
+    f: &mut fmt::Formatter,
+    limiters: impl IntoIterator<Item = &'a RateLimiterConfig>,
+) -> fmt::Result {
+    let burst = limiters.into_iter().find_map(|l| {
+        l.normalized()
+            .bandwidth
+            .and_then(|b| b.one_time_burst)
+            .filter(|&b| b > 0)
+    });
+    match burst {
+        Some(burst) => write!(f, ",burst={burst}"),
+        None => Ok(()),
+    }
 }
 
 /// Splits `key=value,...` into pairs, keeping only `allowed` keys, each at most once. A
@@ -106,17 +209,26 @@ impl FromStr for BlockConfig {
         let mut path = None;
         let mut read_only = false;
         let mut id = None;
-        for (key, value) in parse_options(spec, &["path", "ro", "id"])? {
+        let (mut bw, mut iops, mut burst) = (None, None, None);
+        let keys = ["path", "ro", "id", "bw", "iops", "burst"];
+        for (key, value) in parse_options(spec, &keys)? {
             match key.as_str() {
                 "path" => path = Some(value),
                 "ro" => read_only = parse_switch("ro", &value)?,
+                "bw" => bw = Some(parse_amount("bw", &value, 1024)?),
+                "iops" => iops = Some(parse_amount("iops", &value, 1000)?),
+                "burst" => burst = Some(parse_amount("burst", &value, 1024)?),
                 _ => id = Some(value),
             }
+        }
+        if burst.is_some() && bw.is_none() {
+            return Err(SpecError::BurstWithoutBandwidth("bw="));
         }
         Ok(BlockConfig {
             path: non_empty(path, "path=FILE")?.into(),
             read_only,
             id,
+            rate_limiter: per_second(bw, iops, burst),
         })
     }
 }
@@ -130,7 +242,8 @@ impl fmt::Display for BlockConfig {
         if let Some(id) = &self.id {
             write!(f, ",id={}", escape(id))?;
         }
-        Ok(())
+        write_limiter(f, &self.rate_limiter, "bw", "iops")?;
+        write_burst(f, [&self.rate_limiter])
     }
 }
 
@@ -140,15 +253,28 @@ impl FromStr for NetConfig {
     fn from_str(spec: &str) -> Result<Self, SpecError> {
         let mut tap = None;
         let mut mac = None;
-        for (key, value) in parse_options(spec, &["tap", "mac"])? {
+        let (mut rx_bw, mut tx_bw, mut rx_ops, mut tx_ops, mut burst) =
+            (None, None, None, None, None);
+        let keys = ["tap", "mac", "rx_bw", "tx_bw", "rx_ops", "tx_ops", "burst"];
+        for (key, value) in parse_options(spec, &keys)? {
             match key.as_str() {
                 "tap" => tap = Some(value),
+                "rx_bw" => rx_bw = Some(parse_amount("rx_bw", &value, 1024)?),
+                "tx_bw" => tx_bw = Some(parse_amount("tx_bw", &value, 1024)?),
+                "rx_ops" => rx_ops = Some(parse_amount("rx_ops", &value, 1000)?),
+                "tx_ops" => tx_ops = Some(parse_amount("tx_ops", &value, 1000)?),
+                "burst" => burst = Some(parse_amount("burst", &value, 1024)?),
                 _ => mac = Some(parse_mac(&value).map_err(SpecError::Mac)?),
             }
+        }
+        if burst.is_some() && rx_bw.is_none() && tx_bw.is_none() {
+            return Err(SpecError::BurstWithoutBandwidth("rx_bw= or tx_bw="));
         }
         Ok(NetConfig {
             tap: non_empty(tap, "tap=NAME")?,
             mac,
+            rx_rate_limiter: per_second(rx_bw, rx_ops, burst),
+            tx_rate_limiter: per_second(tx_bw, tx_ops, burst),
         })
     }
 }
@@ -159,7 +285,52 @@ impl fmt::Display for NetConfig {
         if let Some(mac) = &self.mac {
             write!(f, ",mac={}", format_mac(mac))?;
         }
-        Ok(())
+        write_limiter(f, &self.rx_rate_limiter, "rx_bw", "rx_ops")?;
+        write_limiter(f, &self.tx_rate_limiter, "tx_bw", "tx_ops")?;
+        write_burst(f, [&self.rx_rate_limiter, &self.tx_rate_limiter])
+    }
+}
+
+/// `--rng` takes no value (an empty spec) or a limiter.
+impl FromStr for RngConfig {
+    type Err = SpecError;
+
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        if spec.is_empty() {
+            return Ok(RngConfig::default());
+        }
+        let (mut bw, mut ops, mut burst) = (None, None, None);
+        for (key, value) in parse_options(spec, &["bw", "ops", "burst"])? {
+            match key.as_str() {
+                "bw" => bw = Some(parse_amount("bw", &value, 1024)?),
+                "ops" => ops = Some(parse_amount("ops", &value, 1000)?),
+                _ => burst = Some(parse_amount("burst", &value, 1024)?),
+            }
+        }
+        if burst.is_some() && bw.is_none() {
+            return Err(SpecError::BurstWithoutBandwidth("bw="));
+        }
+        Ok(RngConfig {
+            rate_limiter: per_second(bw, ops, burst),
+        })
+    }
+}
+
+impl fmt::Display for RngConfig {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        // Written as the other specs write their options (`,key=value`), minus the comma.
+        let text = LimiterText(&self.rate_limiter).to_string();
+        f.write_str(text.strip_prefix(',').unwrap_or(&text))
+    }
+}
+
+/// A limiter's `,bw=...,ops=...,burst=...` options.
+struct LimiterText<'a>(&'a RateLimiterConfig);
+
+impl fmt::Display for LimiterText<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write_limiter(f, self.0, "bw", "ops")?;
+        write_burst(f, [self.0])
     }
 }
 
@@ -257,6 +428,13 @@ mod tests {
         fn maybe<T>(&mut self, make: impl FnOnce(&mut Self) -> T) -> Option<T> {
             self.next().is_multiple_of(2).then(|| make(self))
         }
+
+        /// A per-second limiter as the specs write them; `burst` on its bandwidth bucket.
+        fn limiter(&mut self, burst: Option<u64>) -> RateLimiterConfig {
+            let bw = self.maybe(|w| 1 + w.next());
+            let ops = self.maybe(|w| 1 + w.next() % 1000);
+            per_second(bw, ops, burst)
+        }
     }
 
     /// `config` → text → config gives `config` back, and the text is canonical.
@@ -277,11 +455,16 @@ mod tests {
     fn disks_round_trip() {
         let mut words = Words(1);
         for _ in 0..500 {
+            let burst = words.maybe(|w| 1 + w.next());
             let disk = BlockConfig {
                 path: words.text().into(),
                 read_only: words.next().is_multiple_of(2),
                 id: words.maybe(Words::text),
+                rate_limiter: words.limiter(burst),
             };
+            if burst.is_some() && disk.rate_limiter.bandwidth.is_none() {
+                continue;
+            }
             assert_round_trip(&disk);
         }
         for fixed in [
@@ -307,6 +490,7 @@ mod tests {
                 path: "/d.img".into(),
                 read_only: true,
                 id: Some("data".into()),
+                rate_limiter: RateLimiterConfig::default(),
             }
         );
         assert_eq!(disk.to_string(), "path=/d.img,ro=on,id=data");
@@ -323,10 +507,19 @@ mod tests {
                 *byte = words.next() as u8;
             }
             mac[0] &= !0x01;
+            let burst = words.maybe(|w| 1 + w.next());
             let nic = NetConfig {
                 tap: words.text(),
                 mac: words.maybe(|_| mac),
+                rx_rate_limiter: words.limiter(burst),
+                tx_rate_limiter: words.limiter(burst),
             };
+            let bandwidths =
+                [&nic.rx_rate_limiter, &nic.tx_rate_limiter].map(|l| l.bandwidth.is_some());
+            // A burst is written once, for every bandwidth bucket: both or none have it.
+            if burst.is_some() && bandwidths != [true, true] {
+                continue;
+            }
             assert_round_trip(&nic);
         }
         let nic: NetConfig = "mac=52:54:00:AB:cd:01,tap=tap0".parse().unwrap();
@@ -375,7 +568,7 @@ mod tests {
             ("path=/d,ro=maybe", "ro must be on or off"),
             (
                 "path=/d,size=1G",
-                "unknown option \"size\" (expected path, ro, id)",
+                "unknown option \"size\" (expected path, ro, id, bw, iops, burst)",
             ),
             ("path=/d,path=/e", "option \"path\" given twice"),
             ("path=/d,", "\"\" is not key=value"),
@@ -393,7 +586,7 @@ mod tests {
             ("tap=", "tap=NAME is required"),
             (
                 "tap=t,queues=2",
-                "unknown option \"queues\" (expected tap, mac)",
+                "unknown option \"queues\" (expected tap, mac, rx_bw, tx_bw, rx_ops, tx_ops, burst)",
             ),
             ("t0", "\"t0\" is not key=value"),
         ] {
@@ -433,5 +626,115 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn rates_become_per_second_buckets() {
+        let disk: BlockConfig = "path=/d,bw=10M,iops=1k,burst=64K".parse().unwrap();
+        assert_eq!(
+            disk.rate_limiter,
+            RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig {
+                    size: 10 << 20,
+                    one_time_burst: Some(64 << 10),
+                    refill_time: 1000
+                }),
+                ops: Some(TokenBucketConfig::per_second(1000, None)),
+            }
+        );
+        assert_eq!(
+            disk.to_string(),
+            "path=/d,bw=10485760,iops=1000,burst=65536"
+        );
+        let nic: NetConfig = "tap=t,rx_bw=1g,tx_ops=5,burst=1".parse().unwrap();
+        assert_eq!(
+            nic.rx_rate_limiter.bandwidth,
+            Some(TokenBucketConfig::per_second(1 << 30, Some(1)))
+        );
+        assert_eq!(nic.rx_rate_limiter.ops, None);
+        assert_eq!(nic.tx_rate_limiter.bandwidth, None);
+        assert_eq!(nic.tx_rate_limiter.ops.unwrap().size, 5);
+        assert_eq!(nic.to_string(), "tap=t,rx_bw=1073741824,tx_ops=5,burst=1");
+        let rng: RngConfig = "bw=1K,ops=2M".parse().unwrap();
+        assert_eq!(rng.to_string(), "bw=1024,ops=2000000");
+        assert_eq!(rng.to_string().parse::<RngConfig>().unwrap(), rng);
+        assert_eq!("".parse::<RngConfig>().unwrap(), RngConfig::default());
+        assert_eq!(RngConfig::default().to_string(), "");
+        // Another refill time is written as its rate per second.
+        let mut slow = disk.clone();
+        slow.rate_limiter = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 500,
+                one_time_burst: None,
+                refill_time: 250,
+            }),
+            ops: Some(TokenBucketConfig {
+                size: 0,
+                one_time_burst: None,
+                refill_time: 250,
+            }),
+        };
+        assert_eq!(slow.to_string(), "path=/d,bw=2000");
+    }
+
+    #[test]
+    fn bad_rates() {
+        for (spec, expected) in [
+            (
+                "path=/d,bw=0",
+                "bw \"0\" is not a positive whole number with an optional K, M or G suffix",
+            ),
+            (
+                "path=/d,bw=10MB",
+                "bw \"10MB\" is not a positive whole number with an optional K, M or G suffix",
+            ),
+            (
+                "path=/d,iops=-1",
+                "iops \"-1\" is not a positive whole number with an optional K, M or G suffix",
+            ),
+            (
+                "path=/d,iops=1.5k",
+                "iops \"1.5k\" is not a positive whole number with an optional K, M or G suffix",
+            ),
+            (
+                "path=/d,bw=M",
+                "bw \"M\" is not a positive whole number with an optional K, M or G suffix",
+            ),
+            (
+                "path=/d,bw=",
+                "bw \"\" is not a positive whole number with an optional K, M or G suffix",
+            ),
+            (
+                "path=/d,bw=99999999999G",
+                "bw \"99999999999G\" is too large",
+            ),
+            (
+                "path=/d,bw=99999999999999999999999",
+                "bw \"99999999999999999999999\" is too large",
+            ),
+            ("path=/d,iops=5,burst=1M", "burst= needs a bandwidth (bw=)"),
+        ] {
+            let err = spec.parse::<BlockConfig>().unwrap_err();
+            assert_eq!(err.to_string(), expected, "{spec}");
+        }
+        let err = "tap=t,rx_ops=1,burst=1".parse::<NetConfig>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "burst= needs a bandwidth (rx_bw= or tx_bw=)"
+        );
+        let err = "bw=1,size=2".parse::<RngConfig>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown option \"size\" (expected bw, ops, burst)"
+        );
+        assert!("burst=5".parse::<RngConfig>().is_err());
+        assert_eq!(
+            parse_amount("bw", "18446744073709551615", 1024).unwrap(),
+            u64::MAX
+        );
+        assert_eq!(
+            parse_amount("bw", "16777215G", 1024).unwrap(),
+            16777215 << 30
+        );
     }
 }

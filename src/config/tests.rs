@@ -190,6 +190,7 @@ fn bad_configs_are_rejected() {
         path: path.to_path_buf(),
         read_only: false,
         id: id.map(str::to_string),
+        rate_limiter: Default::default(),
     };
     let err = rejected(&kernel, |c| {
         c.disks = vec![disk(Some("abcdefghijklmnopqrstuvwxyz"), &image)]
@@ -209,6 +210,8 @@ fn bad_configs_are_rejected() {
     let nic = |tap: &str, mac| NetConfig {
         tap: tap.to_string(),
         mac,
+        rx_rate_limiter: Default::default(),
+        tx_rate_limiter: Default::default(),
     };
     for tap in ["", "a/b", "sixteen-bytes-xx", "with space"] {
         assert!(
@@ -252,10 +255,13 @@ fn devices_that_pass() {
         path: image,
         read_only: true,
         id: Some("x".repeat(block::ID_BYTES)),
+        rate_limiter: Default::default(),
     });
     config.nets.push(NetConfig {
         tap: "tap0".into(),
         mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+        rx_rate_limiter: Default::default(),
+        tx_rate_limiter: Default::default(),
     });
     config.vsock = Some(VsockConfig {
         guest_cid: u64::from(u32::MAX) - 1,
@@ -265,8 +271,8 @@ fn devices_that_pass() {
     config.validate().unwrap();
 }
 
-/// The entropy device has nothing to get wrong but its spelling: `"rng": {}` turns it on,
-/// `null` or no key leaves it out, and options it does not have are refused.
+/// `"rng": {}` turns the entropy device on, `null` or no key leaves it out, a rate
+/// limiter is Firecracker's object, and options it does not have are refused.
 #[test]
 fn the_entropy_device_in_json() {
     let kernel = temp_file("kernel-rng", 4096);
@@ -284,8 +290,15 @@ fn the_entropy_device_in_json() {
         assert_eq!(config.rng, None, "{off}");
         config.validate().unwrap();
     }
+    let limited: VmConfig = serde_json::from_str(&json(
+        r#", "rng": {"rate_limiter": {"bandwidth": {"size": 100, "refill_time": 10}}}"#,
+    ))
+    .unwrap();
+    let bucket = limited.rng.unwrap().rate_limiter.bandwidth.unwrap();
+    assert_eq!((bucket.size, bucket.refill_time), (100, 10));
     for bad in [
-        r#", "rng": {"rate_limiter": {}}"#,
+        r#", "rng": {"rate_limiter": {"bytes": {}}}"#,
+        r#", "rng": {"rate": 1}"#,
         r#", "rng": true"#,
         r#", "entropy": {}"#,
     ] {
@@ -314,10 +327,13 @@ fn json_round_trips() {
         path: "/img.ext4".into(),
         read_only: true,
         id: Some("root".into()),
+        rate_limiter: Default::default(),
     });
     config.nets.push(NetConfig {
         tap: "tap0".into(),
         mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+        rx_rate_limiter: Default::default(),
+        tx_rate_limiter: Default::default(),
     });
     config.vsock = Some(VsockConfig {
         guest_cid: 3,
@@ -330,7 +346,7 @@ fn json_round_trips() {
     assert!(json.contains(r#""mac": "52:54:00:12:34:56""#), "{json}");
     assert!(json.contains(r#""unix": "/run/console.sock""#), "{json}");
     assert!(json.contains(r#""cpu_profile": "compat""#), "{json}");
-    assert!(json.contains(r#""rng": {}"#), "{json}");
+    assert!(json.contains(r#""rng": {"#), "{json}");
     let back: VmConfig = serde_json::from_str(&json).unwrap();
     assert_eq!(back, config);
 }

@@ -300,6 +300,7 @@ fn fresh_vm(
         path: image_ext4.to_path_buf(),
         read_only: true,
         id: None,
+        rate_limiter: Default::default(),
     }];
     for (i, volume) in volumes.iter().enumerate() {
         let disk = if volume.host.is_dir() {
@@ -318,6 +319,7 @@ fn fresh_vm(
             path: disk,
             read_only: volume.readonly,
             id: None,
+            rate_limiter: Default::default(),
         });
         spec.volumes.push(Volume {
             device: format!("/dev/vd{}", (b'b' + i as u8) as char),
@@ -349,6 +351,8 @@ fn fresh_vm(
             .map(|tap| net::NetConfig {
                 tap: tap.clone(),
                 mac: None,
+                rx_rate_limiter: Default::default(),
+                tx_rate_limiter: Default::default(),
             })
             .collect(),
         vsock_socket: vsock,

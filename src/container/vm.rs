@@ -248,6 +248,7 @@ mod tests {
                     path: file("vol.ext4"),
                     read_only: false,
                     id: None,
+                    rate_limiter: Default::default(),
                 },
             ],
             nets: vec!["tap=t0".parse().unwrap()],

@@ -35,8 +35,9 @@ use crate::vstate::memory::MemoryLayout;
 
 pub const MAGIC: [u8; 8] = *b"HEARTHST";
 /// The version this hearth writes. 2: the devices' state holds the VM generation ID's
-/// address and interrupt.
-pub const FORMAT_VERSION: u32 = 2;
+/// address and interrupt. 3: each disk's, NIC's and entropy device's configuration holds
+/// its rate limiters.
+pub const FORMAT_VERSION: u32 = 3;
 /// The versions this hearth reads.
 pub const SUPPORTED_FORMAT_VERSIONS: &[u32] = &[FORMAT_VERSION];
 /// The hearth release, recorded in every header.
@@ -516,14 +517,17 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_snapshot_is_refused() {
-        // Version 1 saved no VM generation ID, which a restore must renew.
-        let mut bytes = sample().to_bytes().unwrap();
-        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
-        assert!(decode(&bytes)
-            .unwrap_err()
-            .to_string()
-            .starts_with("format version 1 (written by hearth"));
+    fn older_snapshots_are_refused() {
+        // Version 1 saved no VM generation ID, which a restore must renew; version 2 no
+        // rate limiters, so its device states do not decode as version 3's.
+        for version in [1u32, 2] {
+            let mut bytes = sample().to_bytes().unwrap();
+            bytes[8..12].copy_from_slice(&version.to_le_bytes());
+            assert!(decode(&bytes)
+                .unwrap_err()
+                .to_string()
+                .starts_with(&format!("format version {version} (written by hearth")));
+        }
     }
 
     #[test]

@@ -178,6 +178,7 @@ mod tests {
                 path: path.into(),
                 read_only: false,
                 id: None,
+                rate_limiter: Default::default(),
             },
             capacity: 8,
             core: DeviceCoreState::default(),
@@ -189,6 +190,8 @@ mod tests {
             config: NetConfig {
                 tap: tap.into(),
                 mac: Some([0x52, 0x54, 0, 0, 0, 1]),
+                rx_rate_limiter: Default::default(),
+                tx_rate_limiter: Default::default(),
             },
             core: DeviceCoreState::default(),
         })

@@ -411,17 +411,27 @@ pub fn drain_queue<'m>(
     drained
 }
 
-/// The event-loop side of a device with one queue that is served synchronously
-/// (virtio-blk, virtio-rng): the queue's eventfd is watched from `init` for the device's
-/// whole life (except while paused); a notification is served when the device is active
-/// and only consumed otherwise. `$device` needs a `core: DeviceCore` field and a
-/// `process_queue(&mut self)` method.
+/// The event-loop side of a device with one queue that is served synchronously, behind a
+/// rate limiter (virtio-blk, virtio-rng): the queue's eventfd and the limiter's timer are
+/// watched from `init` for the device's whole life (except while paused); a notification
+/// is served when the device is active and only consumed otherwise, and the timer serves
+/// what the limiter held back. `$device` needs a `core: DeviceCore` field, a `limiter:
+/// RateLimiter` field, and `process_queue(&mut self)` and `on_rate_limiter_timer(&mut
+/// self)` methods.
 #[macro_export]
 macro_rules! single_queue_event_handler {
     ($device:ty, $name:literal) => {
         impl $device {
+            /// The queue's event data; the limiter's timer has the next.
+            const TOKEN_QUEUE: u32 = 0;
+            const TOKEN_LIMITER: u32 = 1;
+
             fn sync_watches(&mut self, ops: &mut event_manager::EventOps) {
-                self.core.sync_queue_watches(ops, &[0], $name);
+                self.core
+                    .sync_queue_watches(ops, &[Self::TOKEN_QUEUE], $name);
+                let want = !self.core.is_paused();
+                self.limiter
+                    .sync_watch(ops, Self::TOKEN_LIMITER, want, $name);
             }
         }
 
@@ -436,14 +446,15 @@ macro_rules! single_queue_event_handler {
                 _ops: &mut event_manager::EventOps,
             ) {
                 if self.core.is_paused() {
-                    // Left in the counter for `resume`.
+                    // Left in the counter (and the timer) for `resume`.
                     return;
                 }
                 match events.data() {
-                    0 => {
+                    Self::TOKEN_QUEUE => {
                         self.core.read_queue_event(0);
                         self.process_queue();
                     }
+                    Self::TOKEN_LIMITER => self.on_rate_limiter_timer(),
                     other => log::debug!(concat!($name, ": unexpected event token {}"), other),
                 }
             }

@@ -27,6 +27,7 @@ use crate::devices::virtio::{
     drain_queue, ActivateError, DeviceCore, DeviceState, Interrupt, VirtioDevice,
 };
 use crate::metrics::BlockMetrics;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::vstate::memory::GuestMemory;
 
 /// One request queue.
@@ -44,6 +45,8 @@ pub struct Block {
     /// What requests may do; the negotiated parts are set at activation.
     params: DiskParams,
     metrics: Arc<BlockMetrics>,
+    /// Requests wait here when their bytes or their count exceed the configured rate.
+    pub(super) limiter: RateLimiter,
 }
 
 impl Block {
@@ -64,6 +67,7 @@ impl Block {
         let read_only = disk.read_only();
         let core =
             DeviceCore::new(features(read_only), &QUEUE_SIZES).map_err(BlockError::Queues)?;
+        let limiter = RateLimiter::new(&config.rate_limiter).map_err(BlockError::RateLimiter)?;
         Ok(Self {
             core,
             config: config.clone(),
@@ -77,6 +81,7 @@ impl Block {
             },
             disk,
             metrics: Arc::default(),
+            limiter,
         })
     }
 
@@ -125,24 +130,57 @@ impl Block {
         self.core.is_activated()
     }
 
-    /// Serves every available request; signals the guest when the queue says it wants to
-    /// hear about the used buffers. Does nothing while the device is inactive or paused.
+    /// Serves every available request the rate limiter lets through; signals the guest
+    /// when the queue says it wants to hear about the used buffers. A request the limiter
+    /// holds back stays first on the ring, and the limiter's timer brings the event loop
+    /// back for it. Does nothing while the device is inactive or paused.
     pub fn process_queue(&mut self) {
         let Some((queues, active)) = self.core.active() else {
             return;
         };
-        let params = &self.params;
+        let (params, limiter) = (&self.params, &mut self.limiter);
         let disk = &mut Counted {
             disk: &mut self.disk,
             metrics: &self.metrics,
         };
+        let mem = &active.mem;
         drain_queue(
             &mut queues[0],
-            &active.mem,
+            mem,
             &active.interrupt,
             usize::MAX,
-            |chain| Some(request::process_chain(chain, &active.mem, disk, params)),
+            |chain| {
+                let bytes = request::transfer_len(chain.clone(), mem);
+                if !limiter.consume_request(bytes) {
+                    disk.metrics.throttled.inc();
+                    return None;
+                }
+                Some(request::process_chain(chain, mem, disk, params))
+            },
         );
+    }
+
+    /// The limiter's timer fired: serve what it held back.
+    pub(super) fn on_rate_limiter_timer(&mut self) {
+        if self.limiter.on_timer() {
+            self.process_queue();
+        }
+    }
+
+    /// Changes the rate limiter on a running device (`PATCH /drives`): a bucket given
+    /// replaces the one in force, an omitted one stays. The event loop then serves what a
+    /// throttle held back, under the new limits.
+    pub fn update_rate_limiter(&mut self, update: &RateLimiterConfig) {
+        self.limiter.update(update);
+        self.config.rate_limiter = self.limiter.config();
+        if let Err(e) = self.core.queue_events()[0].write(1) {
+            log::warn!("virtio-blk: cannot wake the event loop after a limiter change: {e}");
+        }
+    }
+
+    /// The rate limiter, for its configuration and throttle count.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
     }
 }
 
@@ -289,6 +327,7 @@ pub(super) mod tests {
             path: image.path().to_owned(),
             read_only,
             id: Some("disk0".into()),
+            rate_limiter: Default::default(),
         })
         .unwrap()
     }
@@ -470,6 +509,7 @@ pub(super) mod tests {
             path: image.path().to_owned(),
             read_only: true,
             id: Some(id.into()),
+            rate_limiter: Default::default(),
         };
         let err = Block::new(&config("abcdefghijklmnopqrstu")).err().unwrap();
         assert_eq!(

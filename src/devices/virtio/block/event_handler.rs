@@ -153,4 +153,91 @@ mod tests {
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(driver.used().len(), 2);
     }
+
+    /// Requests beyond the limit wait on the ring, not lost, and the limiter's timer,
+    /// watched by the event loop, serves them later; pausing takes the timer out of the
+    /// loop; changing the limit serves what waits at once.
+    #[test]
+    fn throttled_requests_wait_for_the_timer_and_a_new_limit() {
+        use std::time::{Duration, Instant};
+
+        use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+
+        let mem = guest_memory();
+        let image = TempImage::new(IMAGE_SIZE);
+        let one_per_100ms = TokenBucketConfig {
+            size: 1,
+            one_time_burst: None,
+            refill_time: 100,
+        };
+        let block = Block::new(&crate::devices::virtio::block::BlockConfig {
+            path: image.path().to_owned(),
+            read_only: false,
+            id: None,
+            rate_limiter: RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(one_per_100ms),
+            },
+        })
+        .unwrap();
+        let block = Arc::new(Mutex::new(block));
+        let mut manager = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
+        let id = manager.add_subscriber(block.clone());
+        let (interrupt, _irq) = observed_interrupt();
+        let mut driver = Driver::new(&mem);
+        for _ in 0..3 {
+            driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        }
+        let start = Instant::now();
+        driver
+            .activate(&mut lock(&block), interrupt, FEATURES)
+            .unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        // One went; the others wait, and nothing is ready until the timer fires.
+        assert_eq!(driver.used().len(), 1);
+        assert!(lock(&block).rate_limiter().is_blocked());
+        assert_eq!(manager.run_with_timeout(0).unwrap(), 0);
+        while driver.used().len() < 3 && start.elapsed() < Duration::from_secs(5) {
+            manager.run_with_timeout(1000).unwrap();
+        }
+        assert_eq!(driver.used().len(), 3);
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        assert_eq!(lock(&block).rate_limiter().throttled_events(), 2);
+
+        // Paused, the timer is not watched; resuming serves what became due.
+        driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        kvm_eventfd(&block).write(1).unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        assert!(lock(&block).rate_limiter().is_blocked());
+        lock(&block).pause(&mut manager.event_ops(id).unwrap());
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(manager.run_with_timeout(0).unwrap(), 0);
+        let served = driver.used().len();
+        lock(&block).resume(&mut manager.event_ops(id).unwrap());
+        manager.run_with_timeout(1000).unwrap();
+        assert!(driver.used().len() > served);
+        while driver.used().len() < 5 && start.elapsed() < Duration::from_secs(5) {
+            manager.run_with_timeout(1000).unwrap();
+        }
+        assert_eq!(driver.used().len(), 5);
+
+        // A new limit: the omitted bandwidth bucket stays absent, the ops bucket goes.
+        for _ in 0..4 {
+            driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);
+        }
+        kvm_eventfd(&block).write(1).unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        assert!(driver.used().len() < 9);
+        lock(&block).update_rate_limiter(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig::default()),
+        });
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(driver.used().len(), 9);
+        assert_eq!(
+            lock(&block).save().config.rate_limiter,
+            RateLimiterConfig::default()
+        );
+    }
 }

@@ -7,8 +7,8 @@
 //!   a fuzz target can drive [`process_chain`] with a [`MemoryDisk`].
 //! - `disk.rs`: the host side, a locked raw image file read and written with
 //!   pread/pwrite straight into guest memory.
-//! - `event_handler.rs`: the event-manager subscriber that watches the queue's eventfd,
-//!   and pauses and resumes.
+//! - `event_handler.rs`: the event-manager subscriber that watches the queue's eventfd
+//!   and the rate limiter's timer, and pauses and resumes.
 //! - `persist.rs`: [`BlockState`], what a snapshot keeps of the device.
 //!
 //! The device is shared as `Arc<Mutex<Block>>`: the transport reaches it through
@@ -26,10 +26,12 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::rate_limiter::RateLimiterConfig;
+
 pub use device::Block;
 pub use disk::DiskFile;
 pub use persist::BlockState;
-pub use request::{process_chain, Backend, DiskParams, MemoryDisk};
+pub use request::{process_chain, transfer_len, Backend, DiskParams, MemoryDisk};
 
 /// Bytes in a sector, the unit of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -49,6 +51,10 @@ pub struct BlockConfig {
     /// What the guest reads with VIRTIO_BLK_T_GET_ID (its serial), at most [`ID_BYTES`].
     #[serde(default)]
     pub id: Option<String>,
+    /// Bytes read or written (`bandwidth`) and requests (`ops`); the default limits
+    /// nothing.
+    #[serde(default)]
+    pub rate_limiter: RateLimiterConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +85,8 @@ pub enum BlockError {
     IdTooLong { id: String, len: usize },
     #[error("cannot set up the disk's request queue")]
     Queues(#[source] crate::devices::virtio::QueueSetupError),
+    #[error("cannot create the disk's rate limiter")]
+    RateLimiter(#[source] std::io::Error),
 }
 
 #[cfg(test)]

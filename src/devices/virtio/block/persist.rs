@@ -74,6 +74,25 @@ mod tests {
         assert_eq!(restored.save(), state);
     }
 
+    #[test]
+    fn the_rate_limiter_survives_a_snapshot() {
+        use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+
+        let image = TempImage::new(IMAGE_SIZE);
+        let mut block = new_block(&image, true);
+        let limit = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::per_second(10 << 20, Some(1 << 20))),
+            ops: Some(TokenBucketConfig::per_second(100, None)),
+        };
+        block.update_rate_limiter(&limit);
+        let state = block.save();
+        assert_eq!(state.config.rate_limiter, limit);
+        drop(block);
+        let bytes = postcard::to_stdvec(&state).unwrap();
+        let restored = Block::restore(&postcard::from_bytes(&bytes).unwrap()).unwrap();
+        assert_eq!(restored.rate_limiter().config(), limit);
+    }
+
     /// The restored device goes on where the saved one stopped: it serves the next
     /// request the driver makes available, and only that one.
     #[test]

@@ -173,6 +173,32 @@ where
     }
 }
 
+/// The data bytes a read or write in `chain` moves (the sum of its data descriptors'
+/// lengths), for rate limiting; 0 for any other request and for a chain whose header
+/// cannot be read. It is what the guest asked for, checked later by [`process_chain`].
+pub fn transfer_len<M, I>(chain: I, mem: &M) -> u64
+where
+    M: GuestMemory + ?Sized,
+    I: IntoIterator<Item = Descriptor>,
+{
+    let mut descriptors = chain.into_iter().take(MAX_CHAIN_DESCRIPTORS);
+    let Some(Ok((request_type, _))) = descriptors.next().map(|h| read_header(&h, mem)) else {
+        return 0;
+    };
+    if request_type != VIRTIO_BLK_T_IN && request_type != VIRTIO_BLK_T_OUT {
+        return 0;
+    }
+    // Everything between the header and the status descriptor, the last one.
+    let mut total = 0u64;
+    let mut previous = None;
+    for desc in descriptors {
+        if let Some(len) = previous.replace(u64::from(desc.len())) {
+            total += len;
+        }
+    }
+    total
+}
+
 /// Finds the status descriptor: the last one, device-writable, in guest memory, and not
 /// the cut-off end of a chain that loops or runs on (it would still point onward).
 fn split_chain<M, I>(chain: I, mem: &M) -> Option<ChainLayout>

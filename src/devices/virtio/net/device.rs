@@ -23,7 +23,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 
 use super::header::{
-    bit, finish_rx_header, parse_rx_buffer, prepare_tx_frame, read_tx_frame, RxBuffer,
+    bit, finish_rx_header, parse_rx_buffer, prepare_tx_frame, read_tx_frame, FrameError, RxBuffer,
     MAX_BUFFER_LEN, VNET_HDR_LEN,
 };
 use super::tap::Tap;
@@ -32,6 +32,7 @@ use crate::devices::virtio::{
     drain_queue, ActivateError, DeviceCore, Drained, Interrupt, VirtioDevice,
 };
 use crate::metrics::NetMetrics;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 use crate::vstate::memory::GuestMemory;
 
 /// Maximum size of the RX and TX queues.
@@ -97,28 +98,22 @@ fn return_chain(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) {
     }
 }
 
-/// Sends every chain on the TX queue through `send` and returns it, at most [`BUDGET`]
-/// of them.
+/// Hands every chain on the TX queue to `handle` and returns it, at most [`BUDGET`] of
+/// them: the frame ready for the tap, or why it is malformed (it is dropped). `handle`
+/// returns false to hold a frame back (a rate limit): it stays first on the ring and
+/// draining stops.
 pub(super) fn process_tx_queue(
     queue: &mut Queue,
     mem: &GuestMemory,
     interrupt: &Interrupt,
     features: u64,
     buffer: &mut [u8],
-    metrics: &NetMetrics,
-    mut send: impl FnMut(&[u8]),
+    mut handle: impl FnMut(Result<&[u8], FrameError>) -> bool,
 ) -> Drained {
     drain_queue(queue, mem, interrupt, BUDGET, |chain| {
         let frame = read_tx_frame(mem, chain, buffer)
             .and_then(|len| prepare_tx_frame(&mut buffer[..len], features).map(|()| len));
-        match frame {
-            Ok(len) => send(&buffer[..len]),
-            Err(e) => {
-                metrics.tx_dropped.inc();
-                log::debug!("virtio-net: dropped a TX frame: {e}");
-            }
-        }
-        Some(0)
+        handle(frame.map(|len| &buffer[..len])).then_some(0)
     })
 }
 
@@ -136,6 +131,8 @@ pub(super) struct RxState {
     frame: Vec<u8>,
     pending: Option<usize>,
     metrics: Arc<NetMetrics>,
+    /// The pending frame went past the rate limiter already.
+    admitted: bool,
 }
 
 impl RxState {
@@ -150,6 +147,7 @@ impl RxState {
             frame: vec![0; MAX_BUFFER_LEN],
             pending: None,
             metrics,
+            admitted: false,
         }
     }
 
@@ -167,6 +165,7 @@ impl RxState {
     pub(super) fn reset(&mut self) {
         self.buffers.clear();
         self.pending = None;
+        self.admitted = false;
     }
 
     /// How many of the buffers held, from the front, the pending frame of `len` needs.
@@ -215,6 +214,7 @@ impl RxState {
                 log::debug!("virtio-net: dropped a {len}-byte RX frame larger than the buffers");
                 self.metrics.rx_dropped.inc();
                 self.pending = None;
+                self.admitted = false;
                 return Delivery::Dropped;
             }
             let position = queue.next_avail();
@@ -248,18 +248,34 @@ impl RxState {
         self.metrics
             .rx_bytes
             .add(len.saturating_sub(VNET_HDR_LEN) as u64);
+        self.admitted = false;
         Delivery::Delivered
     }
 
-    /// Moves frames from `receive` (the tap) into the guest until there is none left, no
-    /// room for the next, or the budget is spent. Returns whether any chain was used, and
-    /// the error that stopped `receive` other than `WouldBlock`.
+    /// [`Self::process_limited`] with nothing limited.
+    #[cfg(test)]
     pub(super) fn process(
         &mut self,
         queue: &mut Queue,
         mem: &GuestMemory,
         features: u64,
+        receive: impl FnMut(&mut [u8]) -> io::Result<usize>,
+    ) -> (bool, Option<io::Error>) {
+        self.process_limited(queue, mem, features, receive, |_| true)
+    }
+
+    /// Moves frames from `receive` (the tap) into the guest until there is none left, no
+    /// room for the next, `admit` (asked once per frame, with its length) refuses one, or
+    /// the budget is spent. A refused frame stays pending, so the tap is not read until
+    /// it went. Returns whether any chain was used, and the error that stopped `receive`
+    /// other than `WouldBlock`.
+    pub(super) fn process_limited(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMemory,
+        features: u64,
         mut receive: impl FnMut(&mut [u8]) -> io::Result<usize>,
+        mut admit: impl FnMut(usize) -> bool,
     ) -> (bool, Option<io::Error>) {
         let mut used = false;
         // RX notifications are only wanted while a frame waits for room.
@@ -285,6 +301,14 @@ impl RxState {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return (used, Some(e)),
                 }
+            }
+            if !self.admitted {
+                // The header is the device's, not traffic: only the frame counts.
+                let len = self.pending.unwrap_or(0).saturating_sub(VNET_HDR_LEN);
+                if !admit(len) {
+                    break;
+                }
+                self.admitted = true;
             }
             match self.deliver(queue, mem, features, &mut used) {
                 Delivery::Delivered | Delivery::Dropped => frames += 1,
@@ -325,6 +349,9 @@ pub struct Net {
     pub(super) tap_failed: bool,
     tx_failures: u64,
     metrics: Arc<NetMetrics>,
+    /// Frames to the guest, and frames from it, wait here when they exceed the rate.
+    pub(super) rx_limiter: RateLimiter,
+    pub(super) tx_limiter: RateLimiter,
 }
 
 impl Net {
@@ -337,6 +364,10 @@ impl Net {
         };
         let core = DeviceCore::new(AVAIL_FEATURES, &QUEUE_MAX_SIZES).map_err(NetError::Queues)?;
         let metrics = Arc::<NetMetrics>::default();
+        let rx_limiter =
+            RateLimiter::new(&config.rx_rate_limiter).map_err(NetError::RateLimiter)?;
+        let tx_limiter =
+            RateLimiter::new(&config.tx_rate_limiter).map_err(NetError::RateLimiter)?;
         log::info!(
             "virtio-net: tap device \"{}\", guest MAC {}",
             config.tap,
@@ -353,12 +384,52 @@ impl Net {
             tap_failed: false,
             tx_failures: 0,
             metrics,
+            rx_limiter,
+            tx_limiter,
         })
     }
 
     /// The device's counters.
     pub fn metrics(&self) -> Arc<NetMetrics> {
         self.metrics.clone()
+    }
+
+    /// The configuration in force (the limiters as changed since), for saving.
+    pub fn config(&self) -> NetConfig {
+        NetConfig {
+            tap: self.tap_name().to_string(),
+            mac: Some(self.mac),
+            rx_rate_limiter: self.rx_limiter.config(),
+            tx_rate_limiter: self.tx_limiter.config(),
+        }
+    }
+
+    /// Changes the rate limiters on a running device (`PATCH /network-interfaces`): in
+    /// each limiter given, a bucket given replaces the one in force and an omitted one
+    /// stays. What a throttle held back is served again, under the new limits.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) {
+        for (update, limiter, queue) in [
+            (rx, &mut self.rx_limiter, RX_QUEUE),
+            (tx, &mut self.tx_limiter, TX_QUEUE),
+        ] {
+            if let Some(update) = update {
+                limiter.update(update);
+                if let Err(e) = self.core.queue_events()[queue].write(1) {
+                    log::warn!(
+                        "virtio-net: cannot wake the event loop after a limiter change: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The receive and transmit rate limiters, for their configuration and throttle counts.
+    pub fn rate_limiters(&self) -> (&RateLimiter, &RateLimiter) {
+        (&self.rx_limiter, &self.tx_limiter)
     }
 
     /// The guest's MAC address.
@@ -386,10 +457,20 @@ impl Net {
             return;
         };
         let queue = &mut queues[RX_QUEUE];
-        let tap = &self.tap;
-        let (used, error) = self
-            .rx
-            .process(queue, &active.mem, features, |buf| tap.read(buf));
+        let (tap, limiter, metrics) = (&self.tap, &mut self.rx_limiter, &self.metrics);
+        let (used, error) = self.rx.process_limited(
+            queue,
+            &active.mem,
+            features,
+            |buf| tap.read(buf),
+            |len| {
+                let admitted = limiter.consume_request(len as u64);
+                if !admitted {
+                    metrics.rx_throttled.inc();
+                }
+                admitted
+            },
+        );
         if used {
             active.interrupt.notify_used(queue, &active.mem);
         }
@@ -409,7 +490,7 @@ impl Net {
         let Some((queues, active)) = self.core.active() else {
             return;
         };
-        let tap = &self.tap;
+        let (tap, limiter) = (&self.tap, &mut self.tx_limiter);
         let failures = &mut self.tx_failures;
         let metrics = &self.metrics;
         let drained = process_tx_queue(
@@ -418,27 +499,40 @@ impl Net {
             &active.interrupt,
             features,
             &mut self.tx_buffer,
-            metrics,
-            |frame| match tap.write(frame) {
-                Ok(_) => {
-                    metrics.tx_packets.inc();
-                    metrics
-                        .tx_bytes
-                        .add(frame.len().saturating_sub(VNET_HDR_LEN) as u64);
-                }
-                Err(e) => {
-                    metrics.tx_errors.inc();
-                    // Once loudly; a tap that is down or gone fails every frame.
-                    if *failures == 0 {
-                        log::warn!(
-                            "virtio-net: cannot send to tap device \"{}\": {e}",
-                            tap.name()
-                        );
-                    } else {
-                        log::debug!("virtio-net: cannot send to the tap: {e}");
+            |frame| {
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        metrics.tx_dropped.inc();
+                        log::debug!("virtio-net: dropped a TX frame: {e}");
+                        return true;
                     }
-                    *failures += 1;
+                };
+                let bytes = frame.len().saturating_sub(VNET_HDR_LEN) as u64;
+                if !limiter.consume_request(bytes) {
+                    metrics.tx_throttled.inc();
+                    return false;
                 }
+                match tap.write(frame) {
+                    Ok(_) => {
+                        metrics.tx_packets.inc();
+                        metrics.tx_bytes.add(bytes);
+                    }
+                    Err(e) => {
+                        metrics.tx_errors.inc();
+                        // Once loudly; a tap that is down or gone fails every frame.
+                        if *failures == 0 {
+                            log::warn!(
+                                "virtio-net: cannot send to tap device \"{}\": {e}",
+                                tap.name()
+                            );
+                        } else {
+                            log::debug!("virtio-net: cannot send to the tap: {e}");
+                        }
+                        *failures += 1;
+                    }
+                }
+                true
             },
         );
         if drained.more {
@@ -612,16 +706,14 @@ pub(super) mod tests {
         let mut buffer = vec![0; MAX_BUFFER_LEN];
         let mut sent = Vec::new();
         let (interrupt, irq) = interrupt();
-        let metrics = NetMetrics::default();
-        let drained = process_tx_queue(
-            &mut queue,
-            &mem,
-            &interrupt,
-            ALL,
-            &mut buffer,
-            &metrics,
-            |frame| sent.push(frame.to_vec()),
-        );
+        let mut dropped = 0;
+        let drained = process_tx_queue(&mut queue, &mem, &interrupt, ALL, &mut buffer, |frame| {
+            match frame {
+                Ok(frame) => sent.push(frame.to_vec()),
+                Err(_) => dropped += 1,
+            }
+            true
+        });
         assert_eq!(
             drained,
             Drained {
@@ -635,7 +727,7 @@ pub(super) mod tests {
             used_entries(&mock),
             [(0, 0), (2, 0), (3, 0), (5, 0), (6, 0), (7, 0)]
         );
-        assert_eq!(metrics.tx_dropped.get(), 4);
+        assert_eq!(dropped, 4);
     }
 
     fn rx_frame(state: &mut RxState, payload_len: usize, tag: u8) -> Vec<u8> {
@@ -682,6 +774,82 @@ pub(super) mod tests {
         assert_eq!(delivered[VNET_HDR_LEN..], frame[VNET_HDR_LEN..]);
         let metrics = &state.metrics;
         assert_eq!((metrics.rx_packets.get(), metrics.rx_bytes.get()), (1, 100));
+    }
+
+    /// A frame the RX limiter refuses stays pending (the tap is not read meanwhile) and is
+    /// asked about once more when it goes, with its length without the header; a frame
+    /// with no room yet is not charged twice.
+    #[test]
+    fn rx_frames_wait_for_the_limiter() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut state = RxState::new();
+        let mut reads = 0;
+        let mut one_frame = |buf: &mut [u8]| {
+            reads += 1;
+            if reads > 1 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let frame = tx_frame(100);
+            buf[..frame.len()].copy_from_slice(&frame);
+            Ok(frame.len())
+        };
+        let mut asked = Vec::new();
+        let (used, error) = state.process_limited(&mut queue, &mem, ALL, &mut one_frame, |len| {
+            asked.push(len);
+            false
+        });
+        assert!(!used && error.is_none());
+        assert!(state.has_pending_frame());
+        assert_eq!(asked, [100]);
+        // Admitted now, but no buffer yet: pending, and charged once only.
+        let (used, _) = state.process_limited(&mut queue, &mem, ALL, &mut one_frame, |len| {
+            asked.push(len);
+            true
+        });
+        assert!(!used && state.has_pending_frame());
+        add_chain(&mock, 0, &[(0x10_0000, 2048, WRITE)]);
+        let (used, _) = state.process_limited(&mut queue, &mem, ALL, &mut one_frame, |len| {
+            asked.push(len);
+            true
+        });
+        assert!(used && !state.has_pending_frame());
+        assert_eq!(asked, [100, 100]);
+        assert_eq!(reads, 2);
+        assert_eq!(used_entries(&mock), [(0, (VNET_HDR_LEN + 100) as u32)]);
+    }
+
+    /// A frame the TX limiter refuses stays first on the ring, sent after.
+    #[test]
+    fn tx_frames_wait_for_the_limiter() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let good = tx_frame(60);
+        mem.write_slice(&good, GuestAddress(0x12_0000)).unwrap();
+        add_chain(&mock, 0, &[(0x12_0000, good.len() as u32, 0)]);
+        add_chain(&mock, 1, &[(0x12_0000, good.len() as u32, 0)]);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let mut buffer = vec![0; MAX_BUFFER_LEN];
+        let (interrupt, _irq) = interrupt();
+        let mut sent = 0;
+        let mut allowance = 1;
+        let mut admit = |frame: Result<&[u8], FrameError>| {
+            assert_eq!(frame.map(<[u8]>::len).ok(), Some(good.len()));
+            allowance > 0 && {
+                allowance -= 1;
+                sent += 1;
+                true
+            }
+        };
+        process_tx_queue(&mut queue, &mem, &interrupt, ALL, &mut buffer, &mut admit);
+        assert_eq!((sent, used_entries(&mock).len()), (1, 1));
+        assert_eq!(queue.next_avail(), 1);
+        process_tx_queue(&mut queue, &mem, &interrupt, ALL, &mut buffer, |_| {
+            sent += 1;
+            true
+        });
+        assert_eq!((sent, used_entries(&mock)), (2, vec![(0, 0), (1, 0)]));
     }
 
     #[test]
@@ -875,16 +1043,7 @@ pub(super) mod tests {
         mock.avail().idx().store(100);
         let mut buffer = vec![0; MAX_BUFFER_LEN];
         let (interrupt, _irq) = interrupt();
-        let metrics = NetMetrics::default();
-        let drained = process_tx_queue(
-            &mut queue,
-            &mem,
-            &interrupt,
-            ALL,
-            &mut buffer,
-            &metrics,
-            |_| {},
-        );
+        let drained = process_tx_queue(&mut queue, &mem, &interrupt, ALL, &mut buffer, |_| true);
         assert!(!drained.used);
 
         let mut state = RxState::new();

@@ -1,7 +1,8 @@
-//! The event-loop side of virtio-net. The two queue eventfds are watched from `init` for
-//! the device's whole life (except while paused); the tap while a frame can be taken from
-//! it: the device is active and no frame waits for RX buffers, so a slow guest costs no
-//! busy loop and no frames.
+//! The event-loop side of virtio-net. The two queue eventfds and the two rate limiters'
+//! timers are watched from `init` for the device's whole life (except while paused); the
+//! tap while a frame can be taken from it: the device is active and no frame waits for RX
+//! buffers or for the RX limiter, so a slow guest costs no busy loop and no frames. A
+//! limiter's timer serves again the direction it held back.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -11,12 +12,19 @@ use crate::devices::virtio::Pausable;
 const TOKEN_RX: u32 = 0;
 const TOKEN_TX: u32 = 1;
 const TOKEN_TAP: u32 = 2;
+const TOKEN_RX_LIMITER: u32 = 3;
+const TOKEN_TX_LIMITER: u32 = 4;
 
 impl Net {
     /// Brings the epoll watch list in line with the device state.
     fn sync_watches(&mut self, ops: &mut EventOps) {
         self.core
             .sync_queue_watches(ops, &[TOKEN_RX, TOKEN_TX], "virtio-net");
+        let running = !self.core.is_paused();
+        self.rx_limiter
+            .sync_watch(ops, TOKEN_RX_LIMITER, running, "virtio-net");
+        self.tx_limiter
+            .sync_watch(ops, TOKEN_TX_LIMITER, running, "virtio-net");
         let want_tap = self.wants_tap();
         if want_tap != self.tap_watched {
             let events = Events::with_data(&self.tap, TOKEN_TAP, EventSet::IN);
@@ -69,6 +77,16 @@ impl MutEventSubscriber for Net {
             TOKEN_TX => {
                 self.core.read_queue_event(TX_QUEUE);
                 self.process_tx();
+            }
+            TOKEN_RX_LIMITER => {
+                if self.rx_limiter.on_timer() {
+                    self.process_rx();
+                }
+            }
+            TOKEN_TX_LIMITER => {
+                if self.tx_limiter.on_timer() {
+                    self.process_tx();
+                }
             }
             other => log::debug!("virtio-net: unexpected event token {other}"),
         }
@@ -160,6 +178,8 @@ mod tests {
                     let config = NetConfig {
                         tap: "tapE".into(),
                         mac: Some([2, 0, 0, 0, 0, 1]),
+                        rx_rate_limiter: Default::default(),
+                        tx_rate_limiter: Default::default(),
                     };
                     let net = Arc::new(Mutex::new(Net::new(&config).unwrap()));
                     let mut manager = Loop::new().unwrap();

@@ -20,6 +20,8 @@ pub mod tap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::rate_limiter::RateLimiterConfig;
+
 pub use device::Net;
 pub use persist::NetState;
 pub use tap::{Tap, TapError};
@@ -35,6 +37,13 @@ pub struct NetConfig {
     /// as `"52:54:00:12:34:56"`.
     #[serde(default, with = "mac_serde")]
     pub mac: Option<[u8; 6]>,
+    /// Frames to the guest: bytes (`bandwidth`) and frames (`ops`). The default limits
+    /// nothing.
+    #[serde(default)]
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// Frames from the guest, likewise.
+    #[serde(default)]
+    pub tx_rate_limiter: RateLimiterConfig,
 }
 
 /// MAC addresses in configuration files are written the way `--net mac=` takes them.
@@ -64,6 +73,8 @@ pub enum NetError {
     RandomMac(#[source] std::io::Error),
     #[error("cannot set up the network device's queues")]
     Queues(#[source] crate::devices::virtio::QueueSetupError),
+    #[error("cannot create the network device's rate limiter")]
+    RateLimiter(#[source] std::io::Error),
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (hex, either case). Multicast addresses are refused: a NIC
@@ -158,9 +169,14 @@ mod tests {
         let config = NetConfig {
             tap: "tap0".into(),
             mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+            rx_rate_limiter: Default::default(),
+            tx_rate_limiter: Default::default(),
         };
         let json = serde_json::to_string(&config).unwrap();
-        assert_eq!(json, r#"{"tap":"tap0","mac":"52:54:00:12:34:56"}"#);
+        assert_eq!(
+            json,
+            r#"{"tap":"tap0","mac":"52:54:00:12:34:56","rx_rate_limiter":{},"tx_rate_limiter":{}}"#
+        );
         assert_eq!(serde_json::from_str::<NetConfig>(&json).unwrap(), config);
         let plain: NetConfig = serde_json::from_str(r#"{"tap":"t"}"#).unwrap();
         assert_eq!(plain.mac, None);

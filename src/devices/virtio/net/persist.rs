@@ -19,7 +19,7 @@ const DEVICE: &str = "virtio-net";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetState {
-    /// The tap and the guest's MAC address (always set).
+    /// The tap, the guest's MAC address (always set) and the rate limiters.
     pub config: NetConfig,
     pub core: DeviceCoreState,
 }
@@ -31,10 +31,7 @@ impl Net {
             rx.next_avail = first;
         }
         NetState {
-            config: NetConfig {
-                tap: self.tap_name().to_string(),
-                mac: Some(self.mac()),
-            },
+            config: self.config(),
             core,
         }
     }
@@ -89,6 +86,8 @@ mod tests {
                     let config = NetConfig {
                         tap: "tapS".into(),
                         mac: Some([2, 0, 0, 0, 0, 7]),
+                        rx_rate_limiter: Default::default(),
+                        tx_rate_limiter: Default::default(),
                     };
                     let mem = memory();
                     let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);

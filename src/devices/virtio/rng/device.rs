@@ -20,6 +20,7 @@ use super::{RngConfig, RngError};
 use crate::devices::virtio::buffer::parse_writable_chain;
 use crate::devices::virtio::{drain_queue, DeviceCore, VirtioDevice};
 use crate::metrics::RngMetrics;
+use crate::rate_limiter::{RateLimiter, RateLimiterConfig};
 
 /// One request queue.
 pub const QUEUE_SIZES: [u16; 1] = [256];
@@ -34,15 +35,19 @@ pub struct Rng {
     /// Where the host's bytes wait on their way to the guest, reused for every request.
     buffer: Vec<u8>,
     metrics: Arc<RngMetrics>,
+    /// Requests wait here when their bytes or their count exceed the configured rate.
+    pub(super) limiter: RateLimiter,
 }
 
 impl Rng {
-    pub fn new(_config: &RngConfig) -> Result<Self, RngError> {
+    pub fn new(config: &RngConfig) -> Result<Self, RngError> {
         let core = DeviceCore::new(AVAIL_FEATURES, &QUEUE_SIZES).map_err(RngError::Queues)?;
+        let limiter = RateLimiter::new(&config.rate_limiter).map_err(RngError::RateLimiter)?;
         Ok(Self {
             core,
             buffer: vec![0; MAX_REQUEST_BYTES],
             metrics: Arc::default(),
+            limiter,
         })
     }
 
@@ -51,24 +56,60 @@ impl Rng {
         self.metrics.clone()
     }
 
+    /// The configuration in force, for saving.
+    pub fn config(&self) -> RngConfig {
+        RngConfig {
+            rate_limiter: self.limiter.config(),
+        }
+    }
+
+    /// Changes the rate limiter on a running device: a bucket given replaces the one in
+    /// force, an omitted one stays; what a throttle held back is served again.
+    pub fn update_rate_limiter(&mut self, update: &RateLimiterConfig) {
+        self.limiter.update(update);
+        if let Err(e) = self.core.queue_events()[0].write(1) {
+            log::warn!("virtio-rng: cannot wake the event loop after a limiter change: {e}");
+        }
+    }
+
+    /// The rate limiter, for its configuration and throttle count.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// The limiter's timer fired: serve what it held back.
+    pub(super) fn on_rate_limiter_timer(&mut self) {
+        if self.limiter.on_timer() {
+            self.process_queue();
+        }
+    }
+
     /// True between activate and reset.
     pub fn is_active(&self) -> bool {
         self.core.is_activated()
     }
 
-    /// Fills every available request; signals the guest when the queue says it wants to
-    /// hear about the used buffers. Does nothing while the device is inactive or paused.
+    /// Fills every available request the rate limiter lets through; signals the guest
+    /// when the queue says it wants to hear about the used buffers. A request the limiter
+    /// holds back stays first on the ring until its timer fires. Does nothing while the
+    /// device is inactive or paused.
     pub fn process_queue(&mut self) {
         let Some((queues, active)) = self.core.active() else {
             return;
         };
         let (mem, buffer, metrics) = (&active.mem, &mut self.buffer, &self.metrics);
+        let limiter = &mut self.limiter;
         drain_queue(
             &mut queues[0],
             mem,
             &active.interrupt,
             usize::MAX,
             |chain| {
+                let wanted = requested_len(mem, chain.clone(), buffer.len());
+                if !limiter.consume_request(wanted) {
+                    metrics.throttled.inc();
+                    return None;
+                }
                 let entropy =
                     |buf: &mut [u8]| host_entropy(buf).inspect_err(|_| metrics.errors.inc());
                 let len = fill_chain(mem, chain, buffer, entropy);
@@ -115,6 +156,16 @@ where
         .unwrap_or_else(|written| written);
     // At most `buffer.len()`, which the device keeps far below 4 GiB.
     u32::try_from(written).unwrap_or(0)
+}
+
+/// How many bytes [`fill_chain`] would give the request `descriptors` (at most `max`),
+/// for rate limiting; 0 for a chain it would return empty.
+pub fn requested_len<M, I>(mem: &M, descriptors: I, max: usize) -> u64
+where
+    M: GuestMemoryTrait + ?Sized,
+    I: IntoIterator<Item = Descriptor>,
+{
+    parse_writable_chain(mem, descriptors, 0).map_or(0, |chain| chain.capacity().min(max) as u64)
 }
 
 /// Fills `buf` from the host's random pool (the same one /dev/urandom reads) without ever

@@ -70,4 +70,49 @@ mod tests {
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(driver.used().len(), 3);
     }
+
+    /// Bytes beyond the limit wait on the ring; a new limit serves them, and a snapshot
+    /// keeps the limit in force.
+    #[test]
+    fn requests_beyond_the_limit_wait() {
+        use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+
+        let mem = memory();
+        let hourly_64_bytes = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 64,
+                one_time_burst: None,
+                refill_time: 3_600_000,
+            }),
+            ops: None,
+        };
+        let rng = Rng::new(&super::super::RngConfig {
+            rate_limiter: hourly_64_bytes,
+        })
+        .unwrap();
+        assert_eq!(rng.save().config.rate_limiter, hourly_64_bytes);
+        let rng = Arc::new(Mutex::new(rng));
+        let mut manager = EventManager::<Arc<Mutex<Rng>>>::new().unwrap();
+        manager.add_subscriber(rng.clone());
+        let (interrupt, _irq) = observed_interrupt();
+        let mut driver = Driver::new(&mem);
+        for i in 0..3 {
+            driver.post(&[(DATA + i * 0x1000, 32, WRITE)]);
+        }
+        driver
+            .activate(&mut lock(&rng), interrupt, VERSION_1)
+            .unwrap();
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(driver.used(), [(0, 32), (1, 32)]);
+        assert_eq!(lock(&rng).rate_limiter().throttled_events(), 1);
+
+        let faster = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::per_second(1 << 20, None)),
+            ops: None,
+        };
+        lock(&rng).update_rate_limiter(&faster);
+        manager.run_with_timeout(1000).unwrap();
+        assert_eq!(driver.used().len(), 3);
+        assert_eq!(lock(&rng).save().config.rate_limiter, faster);
+    }
 }

@@ -4,8 +4,8 @@
 //! - `device.rs`: the [`Rng`] device: features, activation, the request queue loop, and
 //!   [`fill_chain`], the one function that handles what the guest controls (a chain of
 //!   buffers to fill), a pure function of guest memory and an entropy source.
-//! - `event_handler.rs`: the event-manager subscriber that watches the queue's eventfd,
-//!   and pauses and resumes.
+//! - `event_handler.rs`: the event-manager subscriber that watches the queue's eventfd
+//!   and the rate limiter's timer, and pauses and resumes.
 //! - `persist.rs`: [`RngState`], what a snapshot keeps of the device.
 //!
 //! The device has no configuration space and offers no device-specific feature. It is
@@ -17,18 +17,26 @@ mod persist;
 
 use serde::{Deserialize, Serialize};
 
+use crate::rate_limiter::RateLimiterConfig;
+
 pub use device::{fill_chain, host_entropy, Rng, MAX_REQUEST_BYTES, QUEUE_SIZES};
 pub use persist::RngState;
 
-/// The entropy device as configured. It has no options yet: the struct keeps the config
-/// file's `"rng": {}` and the API's `PUT /entropy` body open to some (Firecracker's takes
-/// a rate limiter there), and refuses fields it does not know.
+/// The entropy device as configured (the config file's `"rng": {}`, the API's
+/// `PUT /entropy`); fields it does not know are refused.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RngConfig {}
+pub struct RngConfig {
+    /// Random bytes handed out (`bandwidth`) and requests (`ops`); the default limits
+    /// nothing.
+    #[serde(default)]
+    pub rate_limiter: RateLimiterConfig,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
     #[error("cannot set up the entropy device's request queue")]
     Queues(#[source] crate::devices::virtio::QueueSetupError),
+    #[error("cannot create the entropy device's rate limiter")]
+    RateLimiter(#[source] std::io::Error),
 }

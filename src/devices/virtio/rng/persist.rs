@@ -1,4 +1,5 @@
-//! What a snapshot keeps of a virtio-rng device: its configuration and the virtio state.
+//! What a snapshot keeps of a virtio-rng device: its configuration (the rate limiter
+//! included) and the virtio state.
 //! Requests are filled synchronously, so none is in flight in a paused device: the queue
 //! indices say everything.
 
@@ -18,7 +19,7 @@ pub struct RngState {
 impl Rng {
     pub fn save(&self) -> RngState {
         RngState {
-            config: RngConfig::default(),
+            config: self.config(),
             core: self.core.save(),
         }
     }
