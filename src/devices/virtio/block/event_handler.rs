@@ -203,6 +203,7 @@ mod tests {
         assert_eq!(driver.used().len(), 3);
         assert!(start.elapsed() >= Duration::from_millis(200));
         assert_eq!(lock(&block).rate_limiter().throttled_events(), 2);
+        assert_eq!(lock(&block).metrics().throttled.get(), 2);
 
         // Paused, the timer is not watched; resuming serves what became due.
         driver.submit(VIRTIO_BLK_T_FLUSH, 0, &[]);

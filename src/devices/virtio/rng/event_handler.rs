@@ -105,6 +105,7 @@ mod tests {
         manager.run_with_timeout(1000).unwrap();
         assert_eq!(driver.used(), [(0, 32), (1, 32)]);
         assert_eq!(lock(&rng).rate_limiter().throttled_events(), 1);
+        assert_eq!(lock(&rng).metrics().throttled.get(), 1);
 
         let faster = RateLimiterConfig {
             bandwidth: Some(TokenBucketConfig::per_second(1 << 20, None)),
