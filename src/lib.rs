@@ -18,6 +18,7 @@ pub mod exit;
 pub mod image;
 pub mod logger;
 pub mod random;
+pub mod seccomp;
 pub mod snapshot;
 pub mod terminal;
 #[cfg(test)]
@@ -64,17 +65,21 @@ pub enum Error {
     Remote(#[from] api::remote::RemoteError),
     #[error(transparent)]
     Restore(#[from] api::restore::RestoreError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// Runs a parsed command line; returns the process exit status.
 pub fn run_cli(cli: Cli) -> Result<u8, Error> {
     logger::init(cli.log_level.into());
     let Some(command) = cli.command else {
+        choose_seccomp(cli.firecracker.no_seccomp)?;
         return Ok(api::shape::run_firecracker(&cli.firecracker)?);
     };
     match command {
         Command::Run(args) => {
             let config = args.vm_config()?;
+            choose_seccomp(args.no_seccomp)?;
             match &args.api_sock {
                 Some(path) => Ok(api::shape::run_with_api(&config, path)?),
                 None => run_vm(&config),
@@ -100,8 +105,25 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             api::remote::run(&args, &mut std::io::stdout().lock())?;
             Ok(0)
         }
-        Command::Restore(args) => Ok(api::restore::run(&args)?),
+        Command::Restore(args) => {
+            choose_seccomp(args.no_seccomp)?;
+            Ok(api::restore::run(&args)?)
+        }
     }
+}
+
+/// For the commands that run a VMM: its threads are filtered (see [`seccomp`]) unless
+/// the user turned that off.
+fn choose_seccomp(no_seccomp: bool) -> Result<(), Error> {
+    if no_seccomp {
+        eprintln!(
+            "hearth: warning: --no-seccomp: the VMM runs without seccomp filters, so a guest \
+             that compromises it can make any syscall"
+        );
+    } else {
+        seccomp::enable()?;
+    }
+    Ok(())
 }
 
 /// Boots the configured VM and runs it to the end. An abnormal end (triple fault,

@@ -61,6 +61,10 @@ pub struct RestoreArgs {
     /// Print the time from process start until the restored vCPUs run, on stderr.
     #[arg(long, conflicts_with = "paused")]
     pub restore_timer: bool,
+
+    /// Run without the seccomp filters (for debugging; prints a warning).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// What the `--restore-timer` line starts with, after `hearth: ` (`hearth bench snapshot`
