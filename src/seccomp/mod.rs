@@ -206,6 +206,7 @@ fn runtime(rules: &mut Rules, pid: u32) -> BackendResult<()> {
             libc::SYS_close,
             libc::SYS_rt_sigprocmask, // raise(3) blocks signals around its tgkill
             libc::SYS_rt_sigreturn,   // returning from the vCPU kick and SIGSYS handlers
+            libc::SYS_restart_syscall, // the kernel resumes a wait a signal interrupted
             libc::SYS_sigaltstack,    // a Rust thread removes its guard stack as it ends
             libc::SYS_getpid,
             libc::SYS_gettid,
@@ -229,6 +230,8 @@ fn runtime(rules: &mut Rules, pid: u32) -> BackendResult<()> {
             u64::from(pid),
         )?])?],
     );
+    // Duplicating an eventfd or socket (`try_clone`) and descriptor flags.
+    rules.insert(libc::SYS_fcntl, fcntl_rules()?);
     // The SIGSYS handler resets SIGSYS to its default before it raises it again.
     rules.insert(
         libc::SYS_rt_sigaction,
@@ -263,6 +266,7 @@ fn vmm(rules: &mut Rules) -> BackendResult<()> {
             libc::SYS_fdatasync,
             libc::SYS_fallocate, // virtio-blk discard and write-zeroes
             libc::SYS_ftruncate, // snapshot files
+            libc::SYS_rename,    // a snapshot file is written aside, then renamed into place
             libc::SYS_openat,    // snapshots, drive swaps (PATCH /drives), metrics files
             libc::SYS_fstat,
             libc::SYS_newfstatat,
@@ -294,7 +298,6 @@ fn vmm(rules: &mut Rules) -> BackendResult<()> {
             libc::AF_UNIX as u64,
         )?])?],
     );
-    rules.insert(libc::SYS_fcntl, fcntl_rules()?);
     rules.insert(
         libc::SYS_ioctl,
         ioctl_rules(&[
@@ -321,7 +324,6 @@ fn vmm(rules: &mut Rules) -> BackendResult<()> {
 /// the device registers it writes (console output, device activation).
 fn vcpu(rules: &mut Rules) -> BackendResult<()> {
     allow(rules, &[libc::SYS_sendto]); // console output to a `--serial unix=` client
-    rules.insert(libc::SYS_fcntl, fcntl_rules()?);
     rules.insert(
         libc::SYS_ioctl,
         ioctl_rules(&[
@@ -363,7 +365,6 @@ fn api(rules: &mut Rules) -> BackendResult<()> {
             libc::SYS_shutdown,
         ],
     );
-    rules.insert(libc::SYS_fcntl, fcntl_rules()?);
     rules.insert(libc::SYS_ioctl, ioctl_rules(&[FIONBIO])?);
     Ok(())
 }

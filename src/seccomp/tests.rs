@@ -193,3 +193,100 @@ fn every_filter_compiles() {
         assert!(program.len() < 4096, "{kind:?}: {}", program.len());
     }
 }
+
+/// Syscalls no thread of a running VMM needs and a compromised one would use to leave
+/// the filter's reach: run programs, make threads or processes, trace or signal other
+/// processes, submit I/O the filter never sees (io_uring), load code into the kernel,
+/// change namespaces, mounts or credentials.
+const NEVER: [i64; 37] = [
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_fork,
+    libc::SYS_vfork,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_kill,
+    libc::SYS_tkill,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_kexec_load,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_setns,
+    libc::SYS_unshare,
+    libc::SYS_setuid,
+    libc::SYS_setgid,
+    libc::SYS_setresuid,
+    libc::SYS_capset,
+    libc::SYS_prctl,
+    libc::SYS_seccomp,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_userfaultfd,
+    libc::SYS_keyctl,
+    libc::SYS_pkey_mprotect,
+    libc::SYS_personality,
+    libc::SYS_mknodat,
+];
+
+#[test]
+fn no_list_allows_a_way_out() {
+    for kind in ThreadKind::ALL {
+        let rules = rules(kind, 1).unwrap();
+        for syscall in NEVER {
+            assert!(
+                !rules.contains_key(&syscall),
+                "{kind:?} allows syscall {syscall}"
+            );
+        }
+    }
+}
+
+#[test]
+fn wide_syscalls_are_only_allowed_with_their_arguments_checked() {
+    let checked = [
+        libc::SYS_ioctl,
+        libc::SYS_socket,
+        libc::SYS_mmap,
+        libc::SYS_mprotect,
+        libc::SYS_fcntl,
+        libc::SYS_tgkill,
+        libc::SYS_rt_sigaction,
+    ];
+    for kind in ThreadKind::ALL {
+        let rules = rules(kind, 1).unwrap();
+        for syscall in checked {
+            if let Some(patterns) = rules.get(&syscall) {
+                assert!(!patterns.is_empty(), "{kind:?} allows {syscall} unchecked");
+            }
+        }
+    }
+}
+
+/// The counts README.md's "Security: seccomp" table gives: change both together.
+#[test]
+fn list_sizes_match_the_readme() {
+    let sizes: Vec<(ThreadKind, usize)> = ThreadKind::ALL
+        .iter()
+        .map(|&kind| (kind, rules(kind, 1).unwrap().len()))
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            (ThreadKind::Vmm, 60),
+            (ThreadKind::Vcpu, 27),
+            (ThreadKind::Api, 32),
+            (ThreadKind::VmSetup, 26),
+            (ThreadKind::Driver, 25),
+        ]
+    );
+}
