@@ -231,7 +231,7 @@ fn runtime(rules: &mut Rules, pid: u32) -> BackendResult<()> {
         )?])?],
     );
     // Duplicating an eventfd or socket (`try_clone`) and descriptor flags.
-    rules.insert(libc::SYS_fcntl, fcntl_rules()?);
+    rules.insert(libc::SYS_fcntl, fcntl_rules(&[])?);
     // The SIGSYS handler resets SIGSYS to its default before it raises it again.
     rules.insert(
         libc::SYS_rt_sigaction,
@@ -271,7 +271,6 @@ fn vmm(rules: &mut Rules) -> BackendResult<()> {
             libc::SYS_fstat,
             libc::SYS_newfstatat,
             libc::SYS_statx,
-            libc::SYS_flock,  // a swapped-in writable image is locked like the first
             libc::SYS_unlink, // the API and console sockets, removed at exit
             libc::SYS_eventfd2,
             // vsock's host side: a guest connection to host port P connects to the
@@ -289,6 +288,8 @@ fn vmm(rules: &mut Rules) -> BackendResult<()> {
             libc::SYS_timerfd_gettime,
         ],
     );
+    // A disk image swapped in through the API is locked (F_OFD_SETLK) as at boot.
+    rules.insert(libc::SYS_fcntl, fcntl_rules(&[libc::F_OFD_SETLK])?);
     // Only Unix sockets: vsock's host side is the only socket made at run time.
     rules.insert(
         libc::SYS_socket,
@@ -338,8 +339,9 @@ fn vcpu(rules: &mut Rules) -> BackendResult<()> {
             KVM_GET_MSRS(),        // held TSC on pause; state saving
             KVM_SET_MSRS(),        // the TSC written back on resume
             KVM_KVMCLOCK_CTRL(),   // a pause tells the guest it was stopped
-            KVM_GET_CPUID2(),      // state saving, below
-            KVM_GET_XSAVE(),
+            KVM_GET_XSAVE(),       // compat layer: the guest's paravirtual xstate; state saving
+            KVM_SET_XSAVE(),
+            KVM_GET_CPUID2(), // state saving, below
             KVM_GET_XCRS(),
             KVM_GET_LAPIC(),
             KVM_GET_MP_STATE(),
@@ -378,9 +380,10 @@ fn vm_setup(rules: &mut Rules) -> BackendResult<()> {
     Ok(())
 }
 
-/// fcntl only to read and set descriptor and file status flags and to duplicate with
-/// close-on-exec (`try_clone`): no locks by fcntl, no leases, no pipe resizing.
-fn fcntl_rules() -> BackendResult<Vec<SeccompRule>> {
+/// fcntl only to read and set descriptor and file status flags, to duplicate with
+/// close-on-exec (`try_clone`), and the `extra` commands: no leases, no owner changes,
+/// no pipe resizing.
+fn fcntl_rules(extra: &[libc::c_int]) -> BackendResult<Vec<SeccompRule>> {
     [
         libc::F_GETFD,
         libc::F_SETFD,
@@ -389,6 +392,7 @@ fn fcntl_rules() -> BackendResult<Vec<SeccompRule>> {
         libc::F_DUPFD_CLOEXEC,
     ]
     .into_iter()
+    .chain(extra.iter().copied())
     .map(|cmd| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, cmd as u64)?]))
     .collect()
 }

@@ -47,7 +47,7 @@ pub(super) fn install_handler() -> std::io::Result<()> {
     result
 }
 
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler; for SIGSYS the
     // int at SI_SYSCALL_OFFSET is the syscall number (see `struct siginfo` in
     // include/uapi/asm-generic/siginfo.h).
@@ -57,13 +57,27 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             .cast::<i32>()
             .read()
     };
+    // SAFETY: the third argument of a SA_SIGINFO handler is the interrupted thread's
+    // ucontext; at a seccomp trap its registers hold the syscall's arguments.
+    let gregs = unsafe { (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
     let kind = KIND.with(Cell::get);
     let mut line = LineBuf::new();
     line.push(b"hearth: seccomp: the ");
     line.push(kind.as_bytes());
     line.push(b" thread made a forbidden syscall, number ");
     line.push_number(syscall);
-    line.push(b"; exiting with SIGSYS\n");
+    // The first three arguments: an ioctl's request, a socket's family, mmap's flags.
+    line.push(b" (arguments ");
+    for (i, reg) in [libc::REG_RDI, libc::REG_RSI, libc::REG_RDX]
+        .iter()
+        .enumerate()
+    {
+        if i > 0 {
+            line.push(b", ");
+        }
+        line.push_hex(gregs[*reg as usize] as u64);
+    }
+    line.push(b"); exiting with SIGSYS\n");
     // SAFETY: write(2) reads `line.len` initialised bytes of `line.bytes`.
     unsafe { libc::write(libc::STDERR_FILENO, line.bytes.as_ptr().cast(), line.len) };
     // SAFETY: resetting a signal to its default action and raising it are both
@@ -92,6 +106,22 @@ impl LineBuf {
         let take = text.len().min(self.bytes.len() - self.len);
         self.bytes[self.len..self.len + take].copy_from_slice(&text[..take]);
         self.len += take;
+    }
+
+    fn push_hex(&mut self, value: u64) {
+        let mut digits = [0u8; 16];
+        let mut rest = value;
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b"0123456789abcdef"[(rest & 0xf) as usize];
+            rest >>= 4;
+            if rest == 0 {
+                break;
+            }
+        }
+        self.push(b"0x");
+        self.push(&digits[start..]);
     }
 
     fn push_number(&mut self, value: i32) {
@@ -125,7 +155,11 @@ mod tests {
         line.push_number(59);
         line.push(b" ");
         line.push_number(-1);
-        assert_eq!(&line.bytes[..line.len], b"0 59 -1");
+        line.push(b" ");
+        line.push_hex(0);
+        line.push(b" ");
+        line.push_hex(0xae80);
+        assert_eq!(&line.bytes[..line.len], b"0 59 -1 0x0 0xae80");
     }
 
     #[test]
