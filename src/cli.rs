@@ -69,7 +69,7 @@ pub struct FirecrackerArgs {
     /// MicroVM identifier, reported by `GET /`.
     #[arg(long, value_name = "ID")]
     pub id: Option<String>,
-    /// Accepted: hearth has no seccomp filters yet.
+    /// Run without the seccomp filters (for debugging; prints a warning).
     #[arg(long)]
     pub no_seccomp: bool,
     /// Log level: Error, Warning, Info, Debug, Trace or Off (overrides --log-level).
@@ -103,7 +103,7 @@ pub struct FirecrackerArgs {
     /// Accepted and unused (Firecracker's start-time metrics).
     #[arg(long, value_name = "US")]
     pub parent_cpu_time_us: Option<u64>,
-    /// Refused: hearth has no seccomp filters.
+    /// Refused: hearth's seccomp filters are built in.
     #[arg(long, value_name = "FILE")]
     pub seccomp_filter: Option<String>,
     /// Refused: hearth's log cannot be filtered by module.
@@ -431,6 +431,9 @@ pub struct RunArgs {
     /// 60 s, on the API's FlushMetrics and at exit.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
+    /// Run without the seccomp filters (for debugging; prints a warning).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Why `hearth run`'s arguments do not make a VM.

@@ -20,6 +20,7 @@ pub mod logger;
 pub mod metrics;
 pub mod random;
 pub mod rate_limiter;
+pub mod seccomp;
 pub mod snapshot;
 pub mod terminal;
 #[cfg(test)]
@@ -68,12 +69,15 @@ pub enum Error {
     Restore(#[from] api::restore::RestoreError),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// Runs a parsed command line; returns the process exit status.
 pub fn run_cli(cli: Cli) -> Result<u8, Error> {
     logger::init(cli.log_level.into(), cli.log_format.into());
     let Some(command) = cli.command else {
+        choose_seccomp(cli.firecracker.no_seccomp)?;
         return Ok(api::shape::run_firecracker(&cli.firecracker)?);
     };
     match command {
@@ -82,6 +86,7 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             if let Some(path) = &args.metrics_path {
                 metrics::init(path)?;
             }
+            choose_seccomp(args.no_seccomp)?;
             match &args.api_sock {
                 Some(path) => Ok(api::shape::run_with_api(&config, path)?),
                 None => run_vm(&config),
@@ -111,9 +116,24 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             if let Some(path) = &args.metrics_path {
                 metrics::init(path)?;
             }
+            choose_seccomp(args.no_seccomp)?;
             Ok(api::restore::run(&args)?)
         }
     }
+}
+
+/// For the commands that run a VMM: its threads are filtered (see [`seccomp`]) unless
+/// the user turned that off.
+fn choose_seccomp(no_seccomp: bool) -> Result<(), Error> {
+    if no_seccomp {
+        eprintln!(
+            "hearth: warning: --no-seccomp: the VMM runs without seccomp filters, so a guest \
+             that compromises it can make any syscall"
+        );
+    } else {
+        seccomp::enable()?;
+    }
+    Ok(())
 }
 
 /// Boots the configured VM and runs it to the end. An abnormal end (triple fault,

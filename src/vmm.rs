@@ -53,6 +53,8 @@ const VCPU_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum VmmError {
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot create the event loop")]
     EventManager(#[source] event_manager::Error),
     #[error("event loop failed")]
@@ -252,7 +254,11 @@ impl Vmm {
             )));
         }
 
-        let mut result = self.start_vcpus();
+        // The VM is built and no guest instruction has run: from here on this thread
+        // only serves the VM (the vCPU threads filter themselves as they start).
+        let mut result = crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)
+            .map_err(VmmError::from)
+            .and_then(|()| self.start_vcpus());
         if result.is_ok() {
             control.start(&mut self);
             result = self.dispatch_until_exit(control);

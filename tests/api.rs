@@ -113,7 +113,7 @@ fn curl_configures_starts_and_stops_a_guest() {
     if !kvm_available() || !curl_available() {
         return;
     }
-    let vmm = Vmm::start(&["--no-seccomp", "--level", "Info"]);
+    let vmm = Vmm::start(&["--level", "Info"]);
     let (status, info) = vmm.curl("GET", "/", None);
     assert_eq!(status, 200);
     assert_eq!(info["state"], "Not started");
@@ -807,7 +807,6 @@ fn firecracker_rs_sdk_launches_and_drives_hearth() {
         .api_sock(&sock)
         .id("sdk-vm")
         .level("Info")
-        .no_seccomp()
         .stdout(&console)
         .stderr(dir.join("stderr.log"))
         .build()

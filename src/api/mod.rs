@@ -196,6 +196,7 @@ pub fn serve_http(
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Api);
             Server::new(listener, sender, server_stop, max_body).run();
             drop(stopped_sender);
         })

@@ -66,6 +66,9 @@ pub struct RestoreArgs {
     /// 60 s, on the API's FlushMetrics and at exit.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
+    /// Run without the seccomp filters (for debugging; prints a warning).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// What the `--restore-timer` line starts with, after `hearth: ` (`hearth bench snapshot`

@@ -168,7 +168,10 @@ where
         .transpose()?;
     let driver = std::thread::Builder::new()
         .name("driver".into())
-        .spawn(move || driver(sender))
+        .spawn(move || {
+            crate::seccomp::install_or_exit(crate::seccomp::ThreadKind::Driver);
+            driver(sender)
+        })
         .map_err(|e| ShapeError::Server(ServerError::Setup(e)))?;
     let controller = PrebootController::new(DEFAULT_ID.to_string(), VmResources::default());
     let status = match serve_until_start(controller, endpoint, &signals)? {
@@ -202,7 +205,10 @@ fn apply_flags(args: &FirecrackerArgs) -> Result<(), ShapeError> {
         )))
     };
     if args.seccomp_filter.is_some() {
-        return refuse("--seccomp-filter", "hearth has no seccomp filters yet");
+        return refuse(
+            "--seccomp-filter",
+            "hearth's filters are built in (see --no-seccomp)",
+        );
     }
     if args.module.is_some() {
         return refuse("--module", "hearth's log cannot be filtered by module");
@@ -223,9 +229,6 @@ fn apply_flags(args: &FirecrackerArgs) -> Result<(), ShapeError> {
                 path.display()
             ))
         })?;
-    }
-    if args.no_seccomp {
-        log::info!("--no-seccomp: hearth has no seccomp filters yet, so this changes nothing");
     }
     if let Some(path) = &args.metrics_path {
         crate::metrics::init(path).map_err(|e| {

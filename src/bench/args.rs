@@ -45,6 +45,12 @@ pub struct StartupArgs {
     /// The command every case runs in its root filesystem (split at spaces).
     #[arg(long, value_name = "COMMAND", default_value = "/bin/true")]
     pub command: String,
+
+    /// An extra flag for the `hearth run` of the hearth-tiny and hearth-linux cases
+    /// (e.g. `--hearth-flag=--no-seccomp`, to measure what the filters cost); repeatable.
+    /// The report notes it on those cases.
+    #[arg(long = "hearth-flag", value_name = "FLAG", allow_hyphen_values = true)]
+    pub hearth_flags: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,6 +153,27 @@ mod tests {
         assert_eq!(args.include, "hearth-tiny,unshare");
         assert_eq!(args.output, PathBuf::from("/tmp/x"));
         assert_eq!(args.command, "/bin/true");
+        assert!(args.hearth_flags.is_empty());
+    }
+
+    #[test]
+    fn startup_hearth_flags_repeat_and_may_start_with_dashes() {
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "bench",
+            "startup",
+            "--hearth-flag=--no-seccomp",
+            "--hearth-flag",
+            "--log-level=debug",
+        ])
+        .unwrap();
+        let Some(Command::Bench(BenchArgs {
+            command: BenchCommand::Startup(args),
+        })) = cli.command
+        else {
+            panic!("not bench startup");
+        };
+        assert_eq!(args.hearth_flags, ["--no-seccomp", "--log-level=debug"]);
     }
 
     #[test]

@@ -271,6 +271,8 @@ pub struct CaseEnv<'a> {
     pub hearth: &'a Path,
     pub fixtures: &'a Fixtures,
     pub command: &'a [String],
+    /// Extra flags for the cases' own `hearth run` (`--hearth-flag`).
+    pub hearth_flags: &'a [String],
 }
 
 impl CaseEnv<'_> {
@@ -292,6 +294,17 @@ impl CaseEnv<'_> {
 
     fn hearth(&self) -> Invocation {
         Invocation::new(self.hearth)
+    }
+
+    /// `hearth run` with the `--hearth-flag`s.
+    fn hearth_run(&self) -> Invocation {
+        self.hearth().arg("run").args(self.hearth_flags)
+    }
+
+    /// The report's note on a case that ran with `--hearth-flag`s.
+    fn hearth_flags_note(&self) -> Option<String> {
+        (!self.hearth_flags.is_empty())
+            .then(|| format!("hearth run given {}", self.hearth_flags.join(" ")))
     }
 }
 
@@ -320,21 +333,22 @@ fn optional_tool(name: &str, note: &str) -> Result<PathBuf, NotRun> {
 pub fn runner(case: CaseId, env: &CaseEnv) -> Result<Runner, NotRun> {
     let command = env.command;
     Ok(match case {
-        CaseId::HearthTiny => Runner::new(
-            env.hearth()
-                .arg("run")
-                .arg("--kernel")
-                .arg(&env.fixtures.tiny)
-                .args(["--memory", TINY_MEMORY, "--boot-timer"])
-                .boot_marker(BOOT_MARKER),
-            0,
-            TINY_TIMEOUT,
-        ),
+        CaseId::HearthTiny => Runner {
+            note: env.hearth_flags_note(),
+            ..Runner::new(
+                env.hearth_run()
+                    .arg("--kernel")
+                    .arg(&env.fixtures.tiny)
+                    .args(["--memory", TINY_MEMORY, "--boot-timer"])
+                    .boot_marker(BOOT_MARKER),
+                0,
+                TINY_TIMEOUT,
+            )
+        },
         CaseId::HearthLinux => {
             let (kernel, initrd) = env.kernel_and_initrd()?;
-            Runner::new(
-                env.hearth()
-                    .arg("run")
+            let runner = Runner::new(
+                env.hearth_run()
                     .arg("--kernel")
                     .arg(kernel)
                     .arg("--initrd")
@@ -345,7 +359,11 @@ pub fn runner(case: CaseId, env: &CaseEnv) -> Result<Runner, NotRun> {
                     .boot_marker(BOOT_MARKER),
                 0,
                 LINUX_TIMEOUT,
-            )
+            );
+            Runner {
+                note: env.hearth_flags_note(),
+                ..runner
+            }
         }
         CaseId::HearthContainer => Runner::new(
             env.hearth()
@@ -665,6 +683,7 @@ mod tests {
             hearth: Path::new("/usr/bin/hearth"),
             fixtures: &fixtures,
             command: &["/bin/true".to_owned()],
+            hearth_flags: &["--no-seccomp".to_owned()],
         };
         runner(case, &env).unwrap()
     }
@@ -674,6 +693,18 @@ mod tests {
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect()
+    }
+
+    #[test]
+    fn hearth_flags_go_to_the_cases_own_hearth_run() {
+        let tiny = test_env_runner(CaseId::HearthTiny);
+        assert_eq!(
+            args_of(&tiny.invocation)[..3],
+            ["run", "--no-seccomp", "--kernel"]
+        );
+        assert_eq!(tiny.note.as_deref(), Some("hearth run given --no-seccomp"));
+        let container = test_env_runner(CaseId::HearthContainer);
+        assert!(!args_of(&container.invocation).contains(&"--no-seccomp".to_owned()));
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub(super) fn run(args: &StartupArgs) -> Result<u8, BenchError> {
         hearth: &hearth,
         fixtures: &fixtures,
         command: &command,
+        hearth_flags: &args.hearth_flags,
     };
 
     let mut reports = Vec::new();

@@ -228,6 +228,15 @@ impl VcpuThread {
                 }
                 // A vCPU dropped unstarted (a build that failed) closes the channel.
                 if let Ok((vcpu, paused)) = taken.recv() {
+                    // Before the first KVM_RUN. A failure leaves `start_with` without an
+                    // answer, which it reports, and stops the VM.
+                    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                        vcpu.exit.request(ExitReason::VcpuFailure {
+                            vcpu: index,
+                            detail: crate::error_chain(&e),
+                        });
+                        return;
+                    }
                     vcpu.run(event_rx, response_tx, paused);
                 }
             })

@@ -60,6 +60,8 @@ pub enum VmError {
     SetupThread(#[source] std::io::Error),
     #[error("the thread that sets up the PIT and guest memory panicked")]
     SetupPanicked,
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// The VM's own state beside its vCPUs' and memory: KVM's in-kernel PIC pair, IOAPIC and
@@ -77,6 +79,9 @@ pub struct VmState {
 pub struct Vm {
     /// Shared only with a [`PlatformSetup`] thread while it runs; taken only by `drop`.
     fd: ManuallyDrop<Arc<VmFd>>,
+    /// An io_uring holding `fd` as a registered file, made with the VM so that the
+    /// running VMM's seccomp filter need not allow io_uring (see `Drop`).
+    ring: Option<OwnedFd>,
 }
 
 /// The PIT and the guest memory slots being set up on a thread of their own (see
@@ -100,8 +105,10 @@ impl Vm {
         fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
             .map_err(VmError::IdentityMap)?;
         fd.create_irq_chip().map_err(VmError::Irqchip)?;
+        let ring = ring_holding(fd.as_raw_fd());
         Ok(Self {
             fd: ManuallyDrop::new(Arc::new(fd)),
+            ring,
         })
     }
 
@@ -118,6 +125,7 @@ impl Vm {
         std::thread::Builder::new()
             .name("vm-setup".into())
             .spawn(move || {
+                crate::seccomp::install(crate::seccomp::ThreadKind::VmSetup)?;
                 create_pit(&fd)?;
                 register_memory(&fd, &mem)
             })
@@ -239,17 +247,18 @@ impl Vm {
 /// and mask notifiers), 13-20 ms, more than a tiny guest's whole boot. Exiting without
 /// closing the VM does not help, as the process's exit closes it the same way. An
 /// io_uring's teardown, though, runs in a kernel worker, and so does the release of the
-/// files registered with it: the VM fd is registered with a fresh ring, closed here
-/// (not the last reference then), and the ring closed after it. Where io_uring is not
-/// available (disabled, or refused by a seccomp filter) the VM is closed the slow way.
+/// files registered with it: the VM fd is registered with a ring when the VM is made,
+/// closed here (not the last reference then), and the ring closed after it. Where
+/// io_uring is not available (disabled, or refused by a seccomp filter) the VM is closed
+/// the slow way. The ring is made early so that the running VMM's seccomp filter allows
+/// neither io_uring_setup nor io_uring_enter: nothing is ever submitted to it.
 impl Drop for Vm {
     fn drop(&mut self) {
         // SAFETY: `fd` is taken once, here, and `self` is not used after. (A setup thread
         // abandoned by a failed build may hold the last reference; it then closes the VM.)
         let fd = unsafe { ManuallyDrop::take(&mut self.fd) };
-        let ring = ring_holding(fd.as_raw_fd());
         drop(fd);
-        drop(ring);
+        drop(self.ring.take());
     }
 }
 
