@@ -429,6 +429,9 @@ pub struct RunArgs {
     /// 60 s, on the API's FlushMetrics and at exit.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub jail: crate::jail::JailArgs,
 }
 
 /// Why `hearth run`'s arguments do not make a VM.
