@@ -138,6 +138,11 @@ impl Running {
         }
     }
 
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` to the child (e.g. `libc::SIGTERM`).
     pub fn signal(&self, signal: i32) {
         let pid = self.child.id() as libc::pid_t;
