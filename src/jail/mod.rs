@@ -318,6 +318,8 @@ pub fn enter(
         return Err(JailError::NotRoot(euid));
     }
     let plan = JailPlan::new(&jail.dir, config, sockets)?;
+    // Host facts the VMM looks up in /sys, which the jail does not have: cached now.
+    crate::arch::pvm::host_is_pvm();
     config.cpu_profile = match config.resolved_cpu_profile() {
         crate::config::CpuProfile::Host => crate::config::CpuProfileChoice::Host,
         crate::config::CpuProfile::Compat => crate::config::CpuProfileChoice::Compat,
