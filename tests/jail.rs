@@ -366,3 +366,79 @@ fn bad_jail_options_are_one_line_errors() {
     }
     assert!(existing.exists(), "an existing directory was touched");
 }
+
+/// `hearth restore --jail`: the state and memory files are mounted (not copied) into the
+/// jail, the restored VM runs there, and its API answers at the path asked for.
+#[test]
+fn a_snapshot_restores_into_a_jail() {
+    if !kvm_available() {
+        return;
+    }
+    if !is_root() {
+        announce_skip(Need::Root, "the jail needs root");
+        return;
+    }
+    let dir = TempDir::short("jail-restore");
+    let source_sock = dir.join("source.sock");
+    let mut args = idle_args(&["--api-sock", source_sock.to_str().unwrap()]);
+    args.retain(|a| a != "--jail");
+    let mut cmd = Command::new(HEARTH);
+    cmd.args(&args);
+    let source = Running::start(cmd, Stdio::null());
+    let remote = |sock: &Path, what: &[&str]| {
+        let mut cmd = Command::new(HEARTH);
+        cmd.args(["remote", "--api-sock", sock.to_str().unwrap()])
+            .args(what);
+        run_with_timeout(cmd, Duration::from_secs(60))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !source_sock.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
+    assert_exit_code(&remote(&source_sock, &["pause"]), 0);
+    let snap = [
+        "snapshot",
+        "--state",
+        state.to_str().unwrap(),
+        "--mem",
+        mem.to_str().unwrap(),
+    ];
+    assert_exit_code(&remote(&source_sock, &snap), 0);
+    source.signal(libc::SIGTERM);
+    source.finish(Duration::from_secs(30));
+
+    let api_sock = dir.join("restored.sock");
+    let mut cmd = Command::new(HEARTH);
+    cmd.args(["restore", "--state", state.to_str().unwrap()])
+        .args(["--mem", mem.to_str().unwrap()])
+        .args(["--api-sock", api_sock.to_str().unwrap(), "--jail"]);
+    let restored = Running::start(cmd, Stdio::null());
+    let child = jailed_child(restored.pid(), 65534);
+    let mountinfo = fs::read_to_string(format!("/proc/{child}/mountinfo")).unwrap();
+    for file in [&state, &mem] {
+        let file = file.canonicalize().unwrap();
+        let line = format!(" {} {} ", file.display(), file.display());
+        assert!(
+            mountinfo.contains(&line),
+            "{} not mounted\n{mountinfo}",
+            file.display()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api_sock.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (code, info) = common::api_client::call(&api_sock, "GET", "/", "");
+    assert_eq!(code, 200, "{info}");
+    assert_eq!(info["state"], "Running");
+    restored.signal(libc::SIGTERM);
+    let out = restored.finish(Duration::from_secs(30));
+    assert_exit_code(&out, 143);
+    assert!(
+        api_sock.symlink_metadata().is_err(),
+        "the socket link is left behind"
+    );
+}

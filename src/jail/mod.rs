@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use cgroup::{CgroupLimits, Hierarchy, CGROUP_ROOT};
-pub use plan::{host_path, Access, JailFile, JailPlan};
+pub use plan::{absolute_socket_path, canonical_file, host_path, Access, JailFile, JailPlan};
 
 use crate::config::VmConfig;
 
@@ -305,27 +305,39 @@ pub enum Side {
 
 /// Jails the process for the VM `config` (whose file paths become absolute; its CPU
 /// profile is resolved here, as /sys is not in the jail) with the extra sockets
-/// `sockets` (the API socket) and the taps `taps`. Call before reading any guest input
-/// and before starting any thread.
+/// `sockets` (the API socket). Call before reading any guest input and before starting
+/// any thread.
 pub fn enter(
     jail: &JailConfig,
     config: &mut VmConfig,
     sockets: &mut [&mut PathBuf],
 ) -> Result<Side, JailError> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 {
-        return Err(JailError::NotRoot(euid));
-    }
+    check_root()?;
     let plan = JailPlan::new(&jail.dir, config, sockets)?;
-    // Host facts the VMM looks up in /sys, which the jail does not have: cached now.
-    crate::arch::pvm::host_is_pvm();
     config.cpu_profile = match config.resolved_cpu_profile() {
         crate::config::CpuProfile::Host => crate::config::CpuProfileChoice::Host,
         crate::config::CpuProfile::Compat => crate::config::CpuProfileChoice::Compat,
     };
     let taps: Vec<String> = config.nets.iter().map(|n| n.tap.clone()).collect();
-    let host = HostSide::prepare(jail, &plan)?;
+    enter_plan(jail, &plan, &taps)
+}
+
+/// The jailed VMM must be started by root (it makes namespaces and mounts).
+pub fn check_root() -> Result<(), JailError> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(JailError::NotRoot(euid));
+    }
+    Ok(())
+}
+
+/// Jails the process with `plan`, opening the taps `taps` before privileges go.
+pub fn enter_plan(jail: &JailConfig, plan: &JailPlan, taps: &[String]) -> Result<Side, JailError> {
+    check_root()?;
+    // Host facts the VMM looks up in /sys, which the jail does not have: cached now.
+    crate::arch::pvm::host_is_pvm();
+    let host = HostSide::prepare(jail, plan)?;
     let pid = match fork_into_pid_namespace() {
         Ok(pid) => pid,
         Err(e) => {
@@ -334,7 +346,7 @@ pub fn enter(
         }
     };
     if pid == 0 {
-        inside(jail, &plan, &taps)?;
+        inside(jail, plan, taps)?;
         return Ok(Side::Jailed);
     }
     log::info!("jailed VMM is pid {pid} in {}", jail.dir.display());
@@ -633,6 +645,11 @@ fn build_tree(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
     let proc = root.join("proc");
     sys::make_dirs(&proc)?;
     sys::mount(None, &proc, Some("proc"), NO_SUID_DEV_EXEC, None)?;
+    // Socket directories first: a file in one is mounted on top of the directory's bind.
+    for dir in plan.socket_dirs() {
+        let host_dir = plan.host_path(&dir);
+        sys::bind(&host_dir, &host_dir, NO_SUID_DEV_EXEC)?;
+    }
     for file in &plan.files {
         let target = plan.host_path(&file.path);
         sys::make_mount_point(&target)?;
@@ -644,10 +661,6 @@ fn build_tree(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
             flags |= libc::MS_RDONLY;
         }
         sys::bind(&file.path, &target, flags)?;
-    }
-    for dir in plan.socket_dirs() {
-        let host_dir = plan.host_path(&dir);
-        sys::bind(&host_dir, &host_dir, NO_SUID_DEV_EXEC)?;
     }
     Ok(())
 }

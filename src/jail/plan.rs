@@ -46,11 +46,10 @@ impl JailPlan {
         config: &mut VmConfig,
         extra_sockets: &mut [&mut PathBuf],
     ) -> Result<Self, JailError> {
-        let mut files: BTreeMap<PathBuf, Access> = BTreeMap::new();
+        let mut files = Vec::new();
         let mut add = |path: &mut PathBuf, access: Access, what: &str| {
             *path = canonical_file(path, what)?;
-            let entry = files.entry(path.clone()).or_insert(access);
-            *entry = (*entry).max(access);
+            files.push((path.clone(), access));
             Ok::<_, JailError>(())
         };
         add(&mut config.kernel, Access::Read, "kernel")?;
@@ -69,7 +68,7 @@ impl JailPlan {
         match &mut config.serial {
             SerialConfig::File(path) => {
                 *path = absolute_socket_path(path)?;
-                files.insert(path.clone(), Access::Append);
+                files.push((path.clone(), Access::Append));
             }
             SerialConfig::Unix(path) => {
                 *path = absolute_socket_path(path)?;
@@ -85,9 +84,31 @@ impl JailPlan {
             **socket = absolute_socket_path(socket)?;
             sockets.push(socket.to_path_buf());
         }
+        Self::from_parts(root, files, sockets)
+    }
+
+    /// The plan for these files (absolute; one named twice gets the widest access asked
+    /// for) and sockets (absolute).
+    pub fn from_parts(
+        root: &Path,
+        files: Vec<(PathBuf, Access)>,
+        sockets: Vec<PathBuf>,
+    ) -> Result<Self, JailError> {
+        let mut merged: BTreeMap<PathBuf, Access> = BTreeMap::new();
+        for (path, access) in files {
+            if !path.is_absolute() {
+                return Err(JailError::File {
+                    what: "file".into(),
+                    path,
+                    source: std::io::Error::other("not an absolute path"),
+                });
+            }
+            let entry = merged.entry(path).or_insert(access);
+            *entry = (*entry).max(access);
+        }
         let plan = Self {
             root: root.to_path_buf(),
-            files: (files.into_iter())
+            files: (merged.into_iter())
                 .map(|(path, access)| JailFile { path, access })
                 .collect(),
             sockets,
@@ -142,7 +163,8 @@ pub fn host_path(root: &Path, path: &Path) -> PathBuf {
     root.join(relative)
 }
 
-fn canonical_file(path: &Path, what: &str) -> Result<PathBuf, JailError> {
+/// `path` made canonical; it must be an existing file (not a directory).
+pub fn canonical_file(path: &Path, what: &str) -> Result<PathBuf, JailError> {
     let canonical = path.canonicalize().map_err(|source| JailError::File {
         what: what.to_string(),
         path: path.to_path_buf(),
@@ -159,7 +181,7 @@ fn canonical_file(path: &Path, what: &str) -> Result<PathBuf, JailError> {
 }
 
 /// A path that need not exist yet: its directory made canonical, its name kept.
-fn absolute_socket_path(path: &Path) -> Result<PathBuf, JailError> {
+pub fn absolute_socket_path(path: &Path) -> Result<PathBuf, JailError> {
     let (Some(name), Some(dir)) = (path.file_name(), path.parent()) else {
         return Err(JailError::File {
             what: "socket".into(),
