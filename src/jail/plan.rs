@@ -121,6 +121,13 @@ impl JailPlan {
     /// at the same path as another.
     fn check(&self) -> Result<(), JailError> {
         let paths = (self.files.iter().map(|f| &f.path)).chain(&self.sockets);
+        if let Some(socket) = (self.sockets.iter()).find(|s| s.parent() == Some(Path::new("/"))) {
+            return Err(JailError::File {
+                what: "socket".into(),
+                path: socket.clone(),
+                source: std::io::Error::other("a socket needs a directory of its own, not /"),
+            });
+        }
         let mut seen = std::collections::HashSet::new();
         for path in paths {
             if let Some(reserved) = RESERVED.iter().find(|r| path.starts_with(r)) {
@@ -296,6 +303,11 @@ mod tests {
         let mut api = dir.0.join("s");
         let err = JailPlan::new(Path::new("/j"), &mut twice, &mut [&mut api]).unwrap_err();
         assert!(matches!(err, JailError::Twice(_)), "{err}");
+
+        let mut in_root = VmConfig::new(&kernel);
+        let mut api = PathBuf::from("/api.sock");
+        let err = JailPlan::new(Path::new("/j"), &mut in_root, &mut [&mut api]).unwrap_err();
+        assert!(crate::error_chain(&err).contains("not /"), "{err}");
     }
 
     #[test]
