@@ -185,15 +185,19 @@ fn jailed_linux_guest_with_a_disk_and_a_nic() {
     seen.insert(sock_dir.join("api.sock"));
     assert_eq!(seen, expected, "the jail holds other files");
 
-    // Mounts: the jail directory as /, its /dev and /proc, each file, the socket directory.
+    // Mounts: a tmpfs as /, its /dev and /proc, each file, the socket directory (the
+    // jail directory's copy of it on the host).
     let mountinfo = fs::read_to_string(format!("/proc/{child}/mountinfo")).unwrap();
-    let mounts: BTreeSet<(String, String)> = (mountinfo.lines())
+    // (root within its file system, mount point, file system type)
+    let mounts: Vec<(String, String, String)> = (mountinfo.lines())
         .map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (fields[3].to_string(), fields[4].to_string())
+            let (left, right) = line.split_once(" - ").unwrap();
+            let fields: Vec<&str> = left.split(' ').collect();
+            let fstype = right.split(' ').next().unwrap();
+            (fields[3].into(), fields[4].into(), fstype.into())
         })
         .collect();
-    let mount_points: BTreeSet<&str> = mounts.iter().map(|(_, point)| point.as_str()).collect();
+    let mount_points: BTreeSet<&str> = mounts.iter().map(|(_, point, _)| point.as_str()).collect();
     let wanted: BTreeSet<&str> = [
         "/",
         "/dev",
@@ -205,9 +209,20 @@ fn jailed_linux_guest_with_a_disk_and_a_nic() {
     ]
     .into();
     assert_eq!(mount_points, wanted, "{mountinfo}");
+    let fstype = |point: &str| {
+        (mounts.iter())
+            .find(|(_, p, _)| p == point)
+            .map(|(_, _, t)| t.as_str())
+    };
+    assert_eq!(fstype("/"), Some("tmpfs"), "{mountinfo}");
+    assert_eq!(fstype("/dev"), Some("tmpfs"), "{mountinfo}");
+    assert_eq!(fstype("/proc"), Some("proc"), "{mountinfo}");
+    let sock_root = format!("{}{}", jail_dir.display(), sock_dir.display());
     assert!(
-        mounts.contains(&(jail_dir.display().to_string(), "/".to_string())),
-        "/ is not the jail directory\n{mountinfo}"
+        mounts
+            .iter()
+            .any(|(root, point, _)| *root == sock_root && point == sock_dir.to_str().unwrap()),
+        "the socket directory is not the jail's\n{mountinfo}"
     );
     let cgroups = fs::read_to_string(format!("/proc/{child}/cgroup")).unwrap();
     assert!(

@@ -438,8 +438,8 @@ impl HostSide {
             }
         }
         cgroup::remove(&self.cgroups);
-        // The bind mounts lived in the child's mount namespace only: here the directory
-        // holds empty mount points, the sockets and their directories.
+        // The jail's tree lived in the child's mount namespace only: here the directory
+        // holds the socket directories and the sockets.
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             log::warn!("cannot remove the jail {}: {e}", self.dir.display());
         }
@@ -610,9 +610,13 @@ const DEVICES: [(&str, u32, u32); 4] = [
     ("/dev/null", 1, 3),
 ];
 
-/// Mounts, in the child's own mount namespace, the jail's tree: the directory itself, a
-/// small /dev, /proc of the new PID namespace, each file, each socket directory.
+/// Mounts, in the child's own mount namespace, the jail's tree: a small tmpfs over the
+/// jail directory (so the mount points of the files cost nothing on the host and vanish
+/// with the namespace), a /dev, /proc of the new PID namespace, the host's socket
+/// directories, each file.
 fn build_tree(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let root = &plan.root;
     sys::mount(
         None,
@@ -621,7 +625,28 @@ fn build_tree(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
         libc::MS_REC | libc::MS_PRIVATE,
         None,
     )?;
-    sys::mount(Some(root), root, None, libc::MS_BIND, None)?;
+    // The host side of each socket directory, held open while the tmpfs covers it.
+    let socket_dirs = (plan.socket_dirs().into_iter())
+        .map(|dir| {
+            let host_dir = plan.host_path(&dir);
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(&host_dir)
+                .map(|fd| (host_dir.clone(), fd))
+                .map_err(|source| JailError::Make {
+                    path: host_dir,
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    sys::mount(
+        None,
+        root,
+        Some("tmpfs"),
+        NO_SUID_DEV_EXEC,
+        Some("mode=0755,size=1m,nr_inodes=4096"),
+    )?;
     let dev = root.join("dev");
     sys::make_dirs(&dev)?;
     sys::mount(
@@ -646,10 +671,12 @@ fn build_tree(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
     sys::make_dirs(&proc)?;
     sys::mount(None, &proc, Some("proc"), NO_SUID_DEV_EXEC, None)?;
     // Socket directories first: a file in one is mounted on top of the directory's bind.
-    for dir in plan.socket_dirs() {
-        let host_dir = plan.host_path(&dir);
-        sys::bind(&host_dir, &host_dir, NO_SUID_DEV_EXEC)?;
+    for (target, host_dir) in &socket_dirs {
+        sys::make_dirs(target)?;
+        let source = PathBuf::from(format!("/proc/self/fd/{}", host_dir.as_raw_fd()));
+        sys::bind(&source, target, NO_SUID_DEV_EXEC)?;
     }
+    drop(socket_dirs);
     for file in &plan.files {
         let target = plan.host_path(&file.path);
         sys::make_mount_point(&target)?;
