@@ -82,14 +82,15 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
         Command::Run(args) => {
             let mut config = args.vm_config()?;
             let mut api_sock = args.api_sock.clone();
+            // Opened before the jail, which keeps the descriptor (and not the path).
+            if let Some(path) = &args.metrics_path {
+                metrics::init(path)?;
+            }
             if let Some(jail) = args.jail.config()? {
                 let mut sockets: Vec<&mut std::path::PathBuf> = api_sock.iter_mut().collect();
                 if let jail::Side::Parent(status) = jail::enter(&jail, &mut config, &mut sockets)? {
                     return Ok(status);
                 }
-            }
-            if let Some(path) = &args.metrics_path {
-                metrics::init(path)?;
             }
             match &api_sock {
                 Some(path) => Ok(api::shape::run_with_api(&config, path)?),

@@ -4,7 +4,7 @@
 //! it runs as the given uid/gid with no capabilities and no_new_privs, and the API socket
 //! is reachable at the path asked for. Afterwards the jail directory, the socket link and
 //! the cgroup are gone. Bad jail options are one-line errors; SIGTERM reaches the jailed
-//! VMM through the parent, and the exit status comes back.
+//! VMM through the parent, and the exit status (and the metrics) come back.
 
 mod common;
 
@@ -295,8 +295,15 @@ fn sigterm_reaches_the_jailed_vmm_and_its_status_comes_back() {
         return;
     }
     let id = format!("jailterm-{}", std::process::id());
+    let dir = TempDir::new("jail-term");
+    let metrics = dir.join("metrics.json");
     let mut cmd = Command::new(HEARTH);
-    cmd.args(idle_args(&["--jail-id", &id]));
+    cmd.args(idle_args(&[
+        "--jail-id",
+        &id,
+        "--metrics-path",
+        metrics.to_str().unwrap(),
+    ]));
     let running = Running::start(cmd, Stdio::null());
     let child = jailed_child(running.pid(), 65534);
     let status = fs::read_to_string(format!("/proc/{child}/status")).unwrap();
@@ -308,6 +315,12 @@ fn sigterm_reaches_the_jailed_vmm_and_its_status_comes_back() {
     let out = running.finish(Duration::from_secs(30));
     assert_exit_code(&out, 143);
     assert!(!Path::new("/run/hearth/jail").join(&id).exists());
+    // The metrics file is not in the jail: the VMM writes through the descriptor the
+    // front end opened.
+    let written = fs::read_to_string(&metrics).unwrap();
+    let last = written.lines().last().expect("metrics written at exit");
+    let json: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert!(json["vcpu"].is_object(), "{last}");
 }
 
 #[test]

@@ -560,7 +560,9 @@ fn exit_status(status: libc::c_int) -> u8 {
 /// The jailed child's half: everything from the namespaces to Landlock.
 fn inside(jail: &JailConfig, plan: &JailPlan, taps: &[String]) -> Result<(), JailError> {
     sys::set_parent_death_signal()?;
-    sys::close_inherited_fds()?;
+    // The metrics file, if any, was opened by the front end: its descriptor stays.
+    let keep: Vec<_> = crate::metrics::raw_fd().into_iter().collect();
+    sys::close_inherited_fds(&keep)?;
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     match &jail.netns {
         NetnsChoice::Inherit => {}

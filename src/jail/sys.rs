@@ -4,6 +4,7 @@
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
@@ -38,12 +39,35 @@ pub fn set_parent_death_signal() -> Result<(), JailError> {
     check("PR_SET_PDEATHSIG", ret.into())
 }
 
-/// Closes every inherited descriptor but stdin, stdout and stderr.
-pub fn close_inherited_fds() -> Result<(), JailError> {
-    // SAFETY: close_range only closes descriptors; nothing in this freshly forked,
-    // single-threaded child owns one above 2 yet.
-    let ret = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    check("closing inherited file descriptors", ret)
+/// Closes every inherited descriptor but stdin, stdout, stderr and `keep`.
+pub fn close_inherited_fds(keep: &[RawFd]) -> Result<(), JailError> {
+    for (first, last) in ranges_to_close(keep) {
+        // SAFETY: close_range only closes descriptors; in this freshly forked,
+        // single-threaded child nothing owns those in the range.
+        let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        check("closing inherited file descriptors", ret)?;
+    }
+    Ok(())
+}
+
+/// The ranges of descriptors from 3 up that are not in `keep`.
+fn ranges_to_close(keep: &[RawFd]) -> Vec<(u32, u32)> {
+    let mut keep: Vec<u32> = (keep.iter())
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut ranges = Vec::new();
+    let mut first = 3u32;
+    for fd in keep {
+        if fd > first {
+            ranges.push((first, fd - 1));
+        }
+        first = fd + 1;
+    }
+    ranges.push((first, u32::MAX));
+    ranges
 }
 
 pub fn join_netns(path: &Path) -> Result<(), JailError> {
@@ -278,4 +302,19 @@ fn clear_capabilities() -> Result<(), JailError> {
     // SAFETY: version 3 takes a header and two data elements, all valid for the call.
     let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) };
     check("capset", ret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_descriptors_split_the_ranges() {
+        assert_eq!(ranges_to_close(&[]), [(3, u32::MAX)]);
+        assert_eq!(ranges_to_close(&[1, 3]), [(4, u32::MAX)]);
+        assert_eq!(
+            ranges_to_close(&[9, 5, 5]),
+            [(3, 4), (6, 8), (10, u32::MAX)]
+        );
+    }
 }
