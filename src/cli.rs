@@ -431,9 +431,13 @@ pub struct RunArgs {
     /// 60 s, on the API's FlushMetrics and at exit.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
+
     /// Run without the seccomp filters (for debugging; prints a warning).
     #[arg(long)]
     pub no_seccomp: bool,
+
+    #[command(flatten)]
+    pub jail: crate::jail::JailArgs,
 }
 
 /// Why `hearth run`'s arguments do not make a VM.

@@ -434,30 +434,33 @@ pub fn parse_memory_size(value: &str) -> Result<u64, ConfigError> {
         value: value.to_string(),
         reason,
     };
+    let bytes = parse_byte_size(value).map_err(err)?;
+    check_memory_size(bytes).map_err(err)?;
+    Ok(bytes)
+}
+
+/// Parses sizes like `256M`, `1G`, `65536`, `512k` (binary suffixes) into bytes.
+pub fn parse_byte_size(value: &str) -> Result<u64, String> {
     let trimmed = value.trim();
     let digits_end = trimmed
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     let (digits, suffix) = trimmed.split_at(digits_end);
     if digits.is_empty() {
-        return Err(err(
-            "expected a number with an optional K, M or G suffix".into()
-        ));
+        return Err("expected a number with an optional K, M or G suffix".into());
     }
-    let number: u64 = digits.parse().map_err(|_| err("number too large".into()))?;
+    let number: u64 = digits.parse().map_err(|_| "number too large".to_string())?;
     let shift = match suffix {
         "" | "B" | "b" => 0,
         "K" | "k" | "KiB" => 10,
         "M" | "m" | "MiB" => 20,
         "G" | "g" | "GiB" => 30,
         "T" | "t" | "TiB" => 40,
-        _ => return Err(err(format!("unknown size suffix \"{suffix}\""))),
+        _ => return Err(format!("unknown size suffix \"{suffix}\"")),
     };
-    let bytes = number
+    number
         .checked_mul(1u64 << shift)
-        .ok_or_else(|| err("number too large".into()))?;
-    check_memory_size(bytes).map_err(err)?;
-    Ok(bytes)
+        .ok_or_else(|| "number too large".into())
 }
 
 /// `bytes` the way [`parse_memory_size`] reads it, with the largest exact suffix (`1T`,

@@ -16,6 +16,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod image;
+pub mod jail;
 pub mod logger;
 pub mod metrics;
 pub mod random;
@@ -71,6 +72,8 @@ pub enum Error {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
 }
 
 /// Runs a parsed command line; returns the process exit status.
@@ -82,12 +85,20 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
     };
     match command {
         Command::Run(args) => {
-            let config = args.vm_config()?;
+            let mut config = args.vm_config()?;
+            let mut api_sock = args.api_sock.clone();
+            // Opened before the jail, which keeps the descriptor (and not the path).
             if let Some(path) = &args.metrics_path {
                 metrics::init(path)?;
             }
+            if let Some(jail) = args.jail.config()? {
+                let mut sockets: Vec<&mut std::path::PathBuf> = api_sock.iter_mut().collect();
+                if let jail::Side::Parent(status) = jail::enter(&jail, &mut config, &mut sockets)? {
+                    return Ok(status);
+                }
+            }
             choose_seccomp(args.no_seccomp)?;
-            match &args.api_sock {
+            match &api_sock {
                 Some(path) => Ok(api::shape::run_with_api(&config, path)?),
                 None => run_vm(&config),
             }

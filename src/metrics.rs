@@ -385,6 +385,14 @@ pub fn init(path: &Path) -> Result<(), MetricsError> {
     Ok(())
 }
 
+/// The descriptor of the file [`init`] opened, if any: a jail keeps it open, so a jailed
+/// VMM writes its metrics without the path being in the jail.
+pub fn raw_fd() -> Option<std::os::fd::RawFd> {
+    use std::os::fd::AsRawFd;
+    let destination = DESTINATION.lock().unwrap_or_else(|p| p.into_inner());
+    destination.as_ref().map(|d| d.file.as_raw_fd())
+}
+
 /// The path [`init`] set, if any.
 pub fn destination() -> Option<PathBuf> {
     let destination = DESTINATION.lock().unwrap_or_else(|p| p.into_inner());

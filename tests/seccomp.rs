@@ -57,7 +57,7 @@ fn start_vmm(dir: &TempDir, extra: &[&str]) -> Running {
 fn wait_for_modes(vmm: &Running, mode: &str) -> Vec<(String, String)> {
     let deadline = Instant::now() + RUN_TIMEOUT;
     loop {
-        let modes = thread_modes(vmm.id());
+        let modes = thread_modes(vmm.pid());
         let names: Vec<&str> = modes.iter().map(|(name, _)| name.as_str()).collect();
         let complete = ["vcpu0", "vcpu1", "api"]
             .iter()

@@ -66,9 +66,13 @@ pub struct RestoreArgs {
     /// 60 s, on the API's FlushMetrics and at exit.
     #[arg(long, value_name = "PATH")]
     pub metrics_path: Option<PathBuf>,
+
     /// Run without the seccomp filters (for debugging; prints a warning).
     #[arg(long)]
     pub no_seccomp: bool,
+
+    #[command(flatten)]
+    pub jail: crate::jail::JailArgs,
 }
 
 /// What the `--restore-timer` line starts with, after `hearth: ` (`hearth bench snapshot`
@@ -91,6 +95,10 @@ pub enum RestoreError {
     DriverPanicked,
     #[error(transparent)]
     Shape(#[from] ShapeError),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+    #[error("cannot read the snapshot for the jail")]
+    JailSnapshot(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl RestoreError {
@@ -241,9 +249,20 @@ fn absolute(path: impl AsRef<std::path::Path>) -> PathBuf {
 
 /// Restores and runs the microVM until it stops; its exit status, as `hearth run`'s.
 pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
-    let plan = args.plan()?;
+    let mut plan = args.plan()?;
+    let mut api_sock = args.api_sock.clone();
+    if let Some(jail) = args.jail.config()? {
+        crate::jail::check_root()?;
+        let (files, sockets, taps) = jail_needs(&mut plan, &mut api_sock)?;
+        let jail_plan = crate::jail::JailPlan::from_parts(&jail.dir, files, sockets)?;
+        if let crate::jail::Side::Parent(status) =
+            crate::jail::enter_plan(&jail, &jail_plan, &taps)?
+        {
+            return Ok(status);
+        }
+    }
     let timer = args.restore_timer;
-    let (status, driven) = run_driven(args.api_sock.as_deref(), move |sender| {
+    let (status, driven) = run_driven(api_sock.as_deref(), move |sender| {
         let driven = drive(&plan, &sender);
         // The last request (the load with resume_vm, or the resume after the drive
         // updates) is answered once every vCPU thread has been started or resumed.
@@ -259,6 +278,94 @@ pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
         Some(Err(e)) => Err(e),
         None => Err(RestoreError::DriverPanicked),
     }
+}
+
+/// The host files (with the access each needs), sockets and taps a restore of `plan`
+/// uses, read from the snapshot's state file as the load will read it, with the paths in
+/// `plan` and `api_sock` made canonical (the jail mirrors each at its own path).
+type JailNeeds = (
+    Vec<(PathBuf, crate::jail::Access)>,
+    Vec<PathBuf>,
+    Vec<String>,
+);
+
+fn jail_needs(
+    plan: &mut RestorePlan,
+    api_sock: &mut Option<PathBuf>,
+) -> Result<JailNeeds, RestoreError> {
+    use crate::jail::{absolute_socket_path, canonical_file, Access};
+    use crate::snapshot::{HostFacts, StateFile};
+    let load = &mut plan.load;
+    load.snapshot_path = canonical_file(&load.snapshot_path, "snapshot state")?;
+    let mem = load
+        .mem_backend
+        .as_mut()
+        .expect("the plan names a memory file");
+    mem.backend_path = canonical_file(&mem.backend_path, "snapshot memory")?;
+    let boxed =
+        |e: &dyn std::error::Error| RestoreError::JailSnapshot(crate::error_chain(e).into());
+    let file = StateFile::read(&load.snapshot_path).map_err(|e| boxed(&e))?;
+    let kvm = crate::vstate::kvm::KvmContext::open().map_err(|e| boxed(&e))?;
+    let host = HostFacts::probe(&kvm, file.header().host.cpu_profile).map_err(|e| boxed(&e))?;
+    drop(kvm);
+    let snapshot = file
+        .into_snapshot::<crate::vmm::persist::VmmState>(&host)
+        .map_err(|e| boxed(&e))?;
+    let mut resources = super::snapshot::saved_resources_of(&snapshot).map_err(|e| boxed(&e))?;
+
+    let mut files = vec![
+        (load.snapshot_path.clone(), Access::Read),
+        (mem.backend_path.clone(), Access::Read),
+    ];
+    for over in &mut load.drive_overrides {
+        over.path_on_host = canonical_file(&over.path_on_host, "disk")?;
+        resources.set_drive_path(&over.drive_id, over.path_on_host.clone());
+    }
+    for drive in &resources.drives {
+        if let Some(path) = &drive.path_on_host {
+            let access = if drive.is_read_only.unwrap_or(false) {
+                Access::Read
+            } else {
+                Access::ReadWrite
+            };
+            files.push((path.clone(), access));
+        }
+    }
+    let taps = (resources.nets.iter())
+        .map(|net| {
+            (load.network_overrides.iter())
+                .find(|over| over.iface_id == net.iface_id)
+                .map_or_else(|| net.host_dev_name.clone(), |o| o.host_dev_name.clone())
+        })
+        .collect();
+    let mut sockets = Vec::new();
+    match (&mut load.vsock_override, &resources.vsock) {
+        (Some(over), _) => {
+            over.uds_path = absolute_socket_path(&over.uds_path)?;
+            sockets.push(over.uds_path.clone());
+        }
+        (None, Some(saved)) => sockets.push(saved.uds_path.clone()),
+        (None, None) => {}
+    }
+    if let Some(path) = plan
+        .serial
+        .as_mut()
+        .and_then(|s| s.serial_out_path.as_mut())
+    {
+        *path = absolute_socket_path(path)?;
+        files.push((path.clone(), Access::Append));
+    } else if let Some(path) = resources
+        .serial
+        .as_ref()
+        .and_then(|s| s.serial_out_path.clone())
+    {
+        files.push((path, Access::Append));
+    }
+    if let Some(path) = api_sock {
+        *path = absolute_socket_path(path)?;
+        sockets.push(path.clone());
+    }
+    Ok((files, sockets, taps))
 }
 
 /// Sends the plan's requests in order. When one is refused, the VMM is shut down (the

@@ -145,7 +145,15 @@ fn snapshot_error(err: BuildError) -> ApiError {
 /// restore may move them); for a snapshot taken without the API, one made from the
 /// devices, with ids `disk0`, `net0`, ... as `hearth run --api-sock` gives.
 fn saved_resources(loaded: &LoadedSnapshot) -> Result<VmResources, ApiError> {
-    let state = &loaded.snapshot.payload;
+    saved_resources_of(&loaded.snapshot)
+}
+
+/// [`saved_resources`] of a snapshot read but not loaded (a jailed restore lists the
+/// files it will need from it).
+pub(crate) fn saved_resources_of(
+    snapshot: &crate::snapshot::Snapshot<crate::vmm::persist::VmmState>,
+) -> Result<VmResources, ApiError> {
+    let state = &snapshot.payload;
     if let Some(document) = &state.frontend {
         let doc: FullVmConfig = serde_json::from_str(document).map_err(|e| {
             ApiError::Snapshot(format!("the snapshot's configuration is unreadable: {e}"))
@@ -154,7 +162,7 @@ fn saved_resources(loaded: &LoadedSnapshot) -> Result<VmResources, ApiError> {
     }
     let mut config = VmConfig::new(PathBuf::new());
     config.vcpu_count = state.vcpus.len() as u8;
-    config.mem_size = loaded.snapshot.layout.ram_size();
+    config.mem_size = snapshot.layout.ram_size();
     config.cpu_profile = CpuProfileChoice::Auto;
     for attached in &state.devices.virtio {
         match &attached.device {

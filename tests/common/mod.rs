@@ -139,7 +139,7 @@ impl Running {
     }
 
     /// The child's process id (for `/proc/PID`).
-    pub fn id(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 

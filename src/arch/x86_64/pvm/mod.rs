@@ -40,9 +40,11 @@ pub const GUEST_CMDLINE: &str = "noxsave nofsgsbase \
 /// The module that provides /dev/kvm on a nested-PVM host.
 const PVM_MODULE_PATH: &str = "/sys/module/kvm_pvm";
 
-/// Whether /dev/kvm on this host is the nested PVM module.
+/// Whether /dev/kvm on this host is the nested PVM module. Looked up once per process: a
+/// jailed VMM asks before it leaves /sys behind (see `jail::enter`).
 pub fn host_is_pvm() -> bool {
-    Path::new(PVM_MODULE_PATH).exists()
+    static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PVM.get_or_init(|| Path::new(PVM_MODULE_PATH).exists())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -141,10 +141,36 @@ fn check_is_tap(name: &str) -> io::Result<()> {
     }
 }
 
+/// Taps opened ahead by [`preopen`], each taken by the first [`Tap::open`] of its name.
+static PREOPENED: std::sync::Mutex<Vec<Tap>> = std::sync::Mutex::new(Vec::new());
+
+/// Opens the tap `name` now for a later [`Tap::open`] of the same name: a jailed VMM
+/// opens its taps while it still has the privileges (and the /dev/net/tun) to.
+pub fn preopen(name: &str) -> Result<(), TapError> {
+    let tap = Tap::open_now(name)?;
+    PREOPENED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(tap);
+    Ok(())
+}
+
 impl Tap {
     /// Opens the existing tap `name` (in the calling thread's network namespace) for frames
-    /// with a `virtio_net_hdr_v1` in front, non-blocking, with every offload off.
+    /// with a `virtio_net_hdr_v1` in front, non-blocking, with every offload off; or
+    /// hands over the one [`preopen`] opened.
     pub fn open(name: &str) -> Result<Self, TapError> {
+        let mut preopened = PREOPENED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(index) = preopened.iter().position(|tap| tap.name == name) {
+            return Ok(preopened.swap_remove(index));
+        }
+        drop(preopened);
+        Self::open_now(name)
+    }
+
+    fn open_now(name: &str) -> Result<Self, TapError> {
         let open_error = |source| TapError::Open {
             name: name.to_string(),
             source,

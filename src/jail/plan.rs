@@ -1,0 +1,324 @@
+//! Which host files and sockets a jailed VM needs, and where they go in the jail: each
+//! file is mirrored at its own absolute path under the jail directory (so the VM's config
+//! needs no rewriting beyond making its paths absolute), each socket is made by the VMM at
+//! its own path inside the jail and reached from the host through a symlink.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use super::JailError;
+use crate::config::{SerialConfig, VmConfig};
+
+/// What the jailed VMM may do with a mirrored file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    Read,
+    /// Appends (the serial console's file): created by the front end if missing.
+    Append,
+    ReadWrite,
+}
+
+/// One host file, bind-mounted at the same path inside the jail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JailFile {
+    pub path: PathBuf,
+    pub access: Access,
+}
+
+/// Everything a jail holds, worked out from the VM's config before any of it is made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JailPlan {
+    /// The jail directory on the host; `/` for the jailed VMM.
+    pub root: PathBuf,
+    pub files: Vec<JailFile>,
+    /// Sockets the VMM creates, at these absolute paths inside the jail.
+    pub sockets: Vec<PathBuf>,
+}
+
+/// Directories inside the jail that hearth itself fills; no VM file may live there.
+pub const RESERVED: [&str; 2] = ["/dev", "/proc"];
+
+impl JailPlan {
+    /// The plan for `config` (whose file paths become absolute and canonical, as the jail
+    /// mirrors them) and the extra sockets (the API socket), also made absolute.
+    pub fn new(
+        root: &Path,
+        config: &mut VmConfig,
+        extra_sockets: &mut [&mut PathBuf],
+    ) -> Result<Self, JailError> {
+        let mut files = Vec::new();
+        let mut add = |path: &mut PathBuf, access: Access, what: &str| {
+            *path = canonical_file(path, what)?;
+            files.push((path.clone(), access));
+            Ok::<_, JailError>(())
+        };
+        add(&mut config.kernel, Access::Read, "kernel")?;
+        if let Some(initrd) = &mut config.initrd {
+            add(initrd, Access::Read, "initrd")?;
+        }
+        for disk in &mut config.disks {
+            let access = if disk.read_only {
+                Access::Read
+            } else {
+                Access::ReadWrite
+            };
+            add(&mut disk.path, access, "disk")?;
+        }
+        let mut sockets = Vec::new();
+        match &mut config.serial {
+            SerialConfig::File(path) => {
+                *path = absolute_socket_path(path)?;
+                files.push((path.clone(), Access::Append));
+            }
+            SerialConfig::Unix(path) => {
+                *path = absolute_socket_path(path)?;
+                sockets.push(path.clone());
+            }
+            SerialConfig::Stdio | SerialConfig::None => {}
+        }
+        if let Some(vsock) = &mut config.vsock {
+            vsock.uds_path = absolute_socket_path(&vsock.uds_path)?;
+            sockets.push(vsock.uds_path.clone());
+        }
+        for socket in extra_sockets.iter_mut() {
+            **socket = absolute_socket_path(socket)?;
+            sockets.push(socket.to_path_buf());
+        }
+        Self::from_parts(root, files, sockets)
+    }
+
+    /// The plan for these files (absolute; one named twice gets the widest access asked
+    /// for) and sockets (absolute).
+    pub fn from_parts(
+        root: &Path,
+        files: Vec<(PathBuf, Access)>,
+        sockets: Vec<PathBuf>,
+    ) -> Result<Self, JailError> {
+        let mut merged: BTreeMap<PathBuf, Access> = BTreeMap::new();
+        for (path, access) in files {
+            if !path.is_absolute() {
+                return Err(JailError::File {
+                    what: "file".into(),
+                    path,
+                    source: std::io::Error::other("not an absolute path"),
+                });
+            }
+            let entry = merged.entry(path).or_insert(access);
+            *entry = (*entry).max(access);
+        }
+        let plan = Self {
+            root: root.to_path_buf(),
+            files: (merged.into_iter())
+                .map(|(path, access)| JailFile { path, access })
+                .collect(),
+            sockets,
+        };
+        plan.check()?;
+        Ok(plan)
+    }
+
+    /// No file or socket under a reserved directory, inside the jail directory itself, or
+    /// at the same path as another.
+    fn check(&self) -> Result<(), JailError> {
+        let paths = (self.files.iter().map(|f| &f.path)).chain(&self.sockets);
+        if let Some(socket) = (self.sockets.iter()).find(|s| s.parent() == Some(Path::new("/"))) {
+            return Err(JailError::File {
+                what: "socket".into(),
+                path: socket.clone(),
+                source: std::io::Error::other("a socket needs a directory of its own, not /"),
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for path in paths {
+            if let Some(reserved) = RESERVED.iter().find(|r| path.starts_with(r)) {
+                return Err(JailError::Reserved {
+                    path: path.clone(),
+                    reserved,
+                });
+            }
+            if path.starts_with(&self.root) || self.root.starts_with(path) {
+                return Err(JailError::InsideJail(path.clone()));
+            }
+            if !seen.insert(path) {
+                return Err(JailError::Twice(path.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `path` (absolute, as the jailed VMM sees it) is on the host.
+    pub fn host_path(&self, path: &Path) -> PathBuf {
+        host_path(&self.root, path)
+    }
+
+    /// The directories holding the sockets, each once, as the jailed VMM sees them.
+    pub fn socket_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = (self.sockets.iter())
+            .filter_map(|s| s.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+}
+
+/// `root` joined with the absolute `path`.
+pub fn host_path(root: &Path, path: &Path) -> PathBuf {
+    let relative: PathBuf = (path.components())
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect();
+    root.join(relative)
+}
+
+/// `path` made canonical; it must be an existing file (not a directory).
+pub fn canonical_file(path: &Path, what: &str) -> Result<PathBuf, JailError> {
+    let canonical = path.canonicalize().map_err(|source| JailError::File {
+        what: what.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if canonical.is_dir() {
+        return Err(JailError::File {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+            source: std::io::Error::other("a directory, not a file"),
+        });
+    }
+    Ok(canonical)
+}
+
+/// A path that need not exist yet: its directory made canonical, its name kept.
+pub fn absolute_socket_path(path: &Path) -> Result<PathBuf, JailError> {
+    let (Some(name), Some(dir)) = (path.file_name(), path.parent()) else {
+        return Err(JailError::File {
+            what: "socket".into(),
+            path: path.to_path_buf(),
+            source: std::io::Error::other("not a file name"),
+        });
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let dir = dir.canonicalize().map_err(|source| JailError::File {
+        what: "socket directory".into(),
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(dir.join(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::BlockConfig;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> Dir {
+        let dir = std::env::temp_dir().join(format!("hearth-plan-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir.canonicalize().unwrap())
+    }
+
+    fn touch(dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, b"x").unwrap();
+        path
+    }
+
+    #[test]
+    fn files_are_mirrored_with_their_access() {
+        let dir = scratch("mirror");
+        let kernel = touch(&dir.0, "vmlinux");
+        let ro = touch(&dir.0, "ro.img");
+        let rw = touch(&dir.0, "rw.img");
+        let mut config = VmConfig::new(&kernel);
+        config.disks = vec![
+            BlockConfig {
+                path: ro.clone(),
+                read_only: true,
+                id: None,
+                rate_limiter: Default::default(),
+            },
+            BlockConfig {
+                path: rw.clone(),
+                read_only: false,
+                id: None,
+                rate_limiter: Default::default(),
+            },
+            // The same image twice: writable wins.
+            BlockConfig {
+                path: dir.0.join(".").join("ro.img"),
+                read_only: false,
+                id: None,
+                rate_limiter: Default::default(),
+            },
+        ];
+        config.serial = SerialConfig::Unix(dir.0.join("console.sock"));
+        let mut api = dir.0.join("api.sock");
+        let plan = JailPlan::new(Path::new("/jail/x"), &mut config, &mut [&mut api]).unwrap();
+        let access = |p: &Path| plan.files.iter().find(|f| f.path == p).map(|f| f.access);
+        assert_eq!(access(&kernel), Some(Access::Read));
+        assert_eq!(access(&ro), Some(Access::ReadWrite));
+        assert_eq!(access(&rw), Some(Access::ReadWrite));
+        assert_eq!(plan.files.len(), 3);
+        assert_eq!(config.disks[2].path, ro);
+        assert_eq!(
+            plan.sockets,
+            [dir.0.join("console.sock"), dir.0.join("api.sock")]
+        );
+        assert_eq!(plan.socket_dirs(), std::slice::from_ref(&dir.0));
+        assert_eq!(
+            plan.host_path(&kernel),
+            Path::new("/jail/x").join(kernel.strip_prefix("/").unwrap())
+        );
+    }
+
+    #[test]
+    fn bad_paths_are_refused() {
+        let dir = scratch("bad");
+        let kernel = touch(&dir.0, "vmlinux");
+        let mut missing = VmConfig::new(dir.0.join("nope"));
+        let err = JailPlan::new(Path::new("/j"), &mut missing, &mut []).unwrap_err();
+        assert!(
+            crate::error_chain(&err).starts_with("cannot use kernel"),
+            "{err}"
+        );
+
+        let mut in_dev = VmConfig::new(&kernel);
+        in_dev.serial = SerialConfig::File("/dev/null".into());
+        let err = JailPlan::new(Path::new("/j"), &mut in_dev, &mut []).unwrap_err();
+        assert!(matches!(err, JailError::Reserved { .. }), "{err}");
+
+        let mut inside = VmConfig::new(&kernel);
+        let err = JailPlan::new(&dir.0, &mut inside, &mut []).unwrap_err();
+        assert!(matches!(err, JailError::InsideJail(_)), "{err}");
+
+        let mut twice = VmConfig::new(&kernel);
+        twice.serial = SerialConfig::Unix(dir.0.join("s"));
+        let mut api = dir.0.join("s");
+        let err = JailPlan::new(Path::new("/j"), &mut twice, &mut [&mut api]).unwrap_err();
+        assert!(matches!(err, JailError::Twice(_)), "{err}");
+
+        let mut in_root = VmConfig::new(&kernel);
+        let mut api = PathBuf::from("/api.sock");
+        let err = JailPlan::new(Path::new("/j"), &mut in_root, &mut [&mut api]).unwrap_err();
+        assert!(crate::error_chain(&err).contains("not /"), "{err}");
+    }
+
+    #[test]
+    fn host_paths_stay_under_the_root() {
+        assert_eq!(
+            host_path(Path::new("/r"), Path::new("/a/../b/./c")),
+            Path::new("/r/a/b/c")
+        );
+        assert_eq!(host_path(Path::new("/r"), Path::new("/")), Path::new("/r"));
+    }
+}
