@@ -148,7 +148,10 @@ fn write_burst<'a>(
 
 /// Splits `key=value,...` into pairs, keeping only `allowed` keys, each at most once. A
 /// doubled comma is a comma inside the value.
-fn parse_options(spec: &str, allowed: &[&str]) -> Result<Vec<(String, String)>, SpecError> {
+pub(crate) fn parse_options(
+    spec: &str,
+    allowed: &[&str],
+) -> Result<Vec<(String, String)>, SpecError> {
     let mut parts = Vec::new();
     let mut current = String::new();
     let mut chars = spec.chars().peekable();

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::parse_byte_size;
+use crate::config::specs::parse_options;
 
 /// Where cgroup hierarchies are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
@@ -38,11 +39,9 @@ impl CgroupLimits {
     /// `cpu=1.5,memory=512M,pids=64`, any subset.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut limits = Self::default();
-        for item in spec.split(',') {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| format!("expected KEY=VALUE, got \"{item}\""))?;
-            match key {
+        let options = parse_options(spec, &["cpu", "memory", "pids"]).map_err(|e| e.to_string())?;
+        for (key, value) in &options {
+            match key.as_str() {
                 "cpu" => {
                     let cpus: f64 = value
                         .parse()
@@ -67,7 +66,7 @@ impl CgroupLimits {
                         .ok_or_else(|| format!("pids \"{value}\" is not a positive number"))?;
                     limits.pids = Some(pids);
                 }
-                _ => return Err(format!("unknown key \"{key}\" (cpu, memory, pids)")),
+                _ => unreachable!("parse_options admits only the keys above"),
             }
         }
         Ok(limits)
@@ -231,12 +230,13 @@ mod tests {
             }
         );
         for (spec, error) in [
-            ("cpu", "expected KEY=VALUE, got \"cpu\""),
+            ("cpu", "\"cpu\" is not key=value"),
             ("cpu=0", "cpu \"0\" is not a CPU count (0.01-1024)"),
             ("cpu=NaN", "cpu \"NaN\" is not a CPU count (0.01-1024)"),
             ("pids=0", "pids \"0\" is not a positive number"),
             ("memory=1K", "memory \"1K\" is below 1 MiB"),
-            ("io=1", "unknown key \"io\" (cpu, memory, pids)"),
+            ("io=1", "unknown option \"io\" (expected cpu, memory, pids)"),
+            ("pids=1,pids=2", "option \"pids\" given twice"),
         ] {
             assert_eq!(CgroupLimits::parse(spec).unwrap_err(), error, "{spec}");
         }

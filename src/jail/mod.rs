@@ -70,11 +70,10 @@ impl Rlimits {
     /// `nofile=N,fsize=SIZE`, any subset, over the defaults.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut limits = Self::default();
-        for item in spec.split(',') {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| format!("expected KEY=VALUE, got \"{item}\""))?;
-            match key {
+        let options = crate::config::specs::parse_options(spec, &["nofile", "fsize"])
+            .map_err(|e| e.to_string())?;
+        for (key, value) in &options {
+            match key.as_str() {
                 "nofile" => {
                     limits.nofile = value
                         .parse()
@@ -88,7 +87,7 @@ impl Rlimits {
                             .map_err(|e| format!("fsize \"{value}\": {e}"))?,
                     );
                 }
-                _ => return Err(format!("unknown key \"{key}\" (nofile, fsize)")),
+                _ => unreachable!("parse_options admits only the keys above"),
             }
         }
         Ok(limits)
@@ -855,7 +854,7 @@ mod tests {
             ),
             (
                 &["--jail", "--rlimit", "core=0"],
-                "invalid --rlimit \"core=0\": unknown key \"core\" (nofile, fsize)",
+                "invalid --rlimit \"core=0\": unknown option \"core\" (expected nofile, fsize)",
             ),
         ] {
             let err = config(argv).unwrap_err();
