@@ -349,7 +349,7 @@ fn bad_jail_options_are_one_line_errors() {
         ),
         (
             vec!["--rlimit", "nproc=1"],
-            "hearth: invalid --rlimit \"nproc=1\": unknown key \"nproc\" (nofile, fsize)",
+            "hearth: invalid --rlimit \"nproc=1\": unknown option \"nproc\" (expected nofile, fsize)",
         ),
         (
             vec!["--jail-dir", existing.to_str().unwrap()],
