@@ -43,6 +43,10 @@ pub enum SessionError {
     Image(io::Error),
     #[error("cannot read entropy for the guest: {0}")]
     Entropy(io::Error),
+    #[error("the thread that reads the agent's messages ended abnormally")]
+    RelayFailed,
+    #[error("cannot filter the thread that reads the agent")]
+    Seccomp(#[source] crate::seccomp::SeccompError),
 }
 
 type SharedStream = Arc<Mutex<UnixStream>>;
@@ -405,7 +409,17 @@ pub fn run_process(
         let writer = writer.clone();
         std::thread::spawn(move || pump_stdin(writer));
     }
-    let result = relay_output(&mut reader);
+    // What the agent sends is parsed on a thread of its own, under a seccomp filter
+    // (the front end runs as root; the agent is the guest's).
+    let relay = std::thread::Builder::new()
+        .name("relay".into())
+        .spawn(move || {
+            crate::seccomp::install_now(crate::seccomp::ThreadKind::Relay)
+                .map_err(SessionError::Seccomp)?;
+            relay_output(&mut reader)
+        })
+        .map_err(|e| SessionError::Protocol(ProtocolError::Io(e)))?;
+    let result = relay.join().unwrap_or(Err(SessionError::RelayFailed));
     signals.detach();
     result
 }
@@ -598,6 +612,33 @@ mod tests {
         hello(&mut host).unwrap();
         let signals = Signals::default();
         assert_eq!(run_process(host, spec(), &signals).unwrap(), 7);
+    }
+
+    /// Whether a thread of this process named `name` runs under a seccomp filter.
+    fn filtered_thread(name: &str) -> bool {
+        let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+        tasks.flatten().any(|task| {
+            let read = |file| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+            read("comm").trim() == name && read("status").contains("Seccomp:\t2")
+        })
+    }
+
+    #[test]
+    fn the_agent_is_read_on_a_filtered_thread() {
+        let mut host = fake_agent(|a| {
+            let _ = read_message(a);
+            write_message(a, &Message::Hello { version: VERSION }).unwrap();
+            let _ = read_message(a);
+            write_message(a, &Message::Started { pid: 1 }).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !filtered_thread("relay") && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let status = if filtered_thread("relay") { 0 } else { 1 };
+            write_message(a, &Message::Exit { status }).unwrap();
+        });
+        hello(&mut host).unwrap();
+        assert_eq!(run_process(host, spec(), &Signals::default()).unwrap(), 0);
     }
 
     #[test]

@@ -72,15 +72,20 @@ pub enum ThreadKind {
     VmSetup,
     /// `hearth restore`'s client of the in-process API (`driver`).
     Driver,
+    /// The container front end's reader of its agent's messages (`relay`): the one
+    /// thread outside the VMM that parses what a guest sends, and writes the container's
+    /// output to the front end's stdout and stderr.
+    Relay,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Api,
         ThreadKind::VmSetup,
         ThreadKind::Driver,
+        ThreadKind::Relay,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +95,7 @@ impl ThreadKind {
             ThreadKind::Api => "api",
             ThreadKind::VmSetup => "vm-setup",
             ThreadKind::Driver => "driver",
+            ThreadKind::Relay => "relay",
         }
     }
 }
@@ -142,8 +148,10 @@ pub fn install_or_exit(kind: ThreadKind) {
     }
 }
 
-/// Installs `kind`'s filter on the calling thread, for good.
-fn install_now(kind: ThreadKind) -> Result<(), SeccompError> {
+/// Installs `kind`'s filter on the calling thread, for good, whether or not [`enable`]
+/// was called: for a thread that exists only to do that filtered work (the front end's
+/// [`ThreadKind::Relay`]), in a process that runs no VMM.
+pub fn install_now(kind: ThreadKind) -> Result<(), SeccompError> {
     let program = compile(kind, std::process::id())?;
     trap::install_handler().map_err(SeccompError::Handler)?;
     trap::set_thread_kind(kind.name());
@@ -182,6 +190,7 @@ pub fn rules(kind: ThreadKind, pid: u32) -> BackendResult<Rules> {
         ThreadKind::Api => api(&mut rules)?,
         ThreadKind::VmSetup => vm_setup(&mut rules)?,
         ThreadKind::Driver => {}
+        ThreadKind::Relay => relay(&mut rules),
     }
     Ok(rules)
 }
@@ -369,6 +378,12 @@ fn api(rules: &mut Rules) -> BackendResult<()> {
     );
     rules.insert(libc::SYS_ioctl, ioctl_rules(&[FIONBIO])?);
     Ok(())
+}
+
+/// The front end's relay: reads the agent's frames from its connection (a Unix socket
+/// to the VMM's vsock device) and writes the container's output with `write`.
+fn relay(rules: &mut Rules) {
+    allow(rules, &[libc::SYS_read, libc::SYS_recvfrom]);
 }
 
 /// The `vm-setup` thread: the in-kernel PIT and the guest memory slots.

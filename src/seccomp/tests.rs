@@ -190,6 +190,7 @@ fn only_the_vmm_thread_makes_sockets() {
         ThreadKind::Api,
         ThreadKind::VmSetup,
         ThreadKind::Driver,
+        ThreadKind::Relay,
     ] {
         assert_killed(kind, Attempt::UnixSocket);
     }
@@ -297,6 +298,7 @@ fn list_sizes_match_the_readme() {
             (ThreadKind::Api, 32),
             (ThreadKind::VmSetup, 26),
             (ThreadKind::Driver, 25),
+            (ThreadKind::Relay, 27),
         ]
     );
 }
