@@ -1,17 +1,16 @@
-//! Applying a layer (a tar stream) to a root filesystem directory, safely.
-//!
-//! The image is hostile. Every entry name is split into components; a `..` component is
-//! refused, a leading `/` or `./` ignored. The parent directories of an entry are resolved
-//! component by component inside the root the way a chroot would: symlinks are followed by
-//! hand (an absolute target restarts at the root, `..` stops at the root), so the result is
-//! always a chain of real directories under the root. The last component is never
-//! followed: whatever is there (a symlink included) is replaced. Hardlink targets are
-//! resolved the same way and must exist inside the root.
+//! Applying a layer (a tar stream) to a root filesystem directory, safely: tar entries,
+//! whiteouts, links, modes, owners and device nodes. Where an entry lands is decided by
+//! [`path`], which keeps every name and hard link target inside the root; this module never
+//! follows the last component of a name (whatever is there, a symlink included, is
+//! replaced), and never opens or changes anything by a path the kernel would resolve
+//! through a symlink.
 //!
 //! Whiteouts: `.wh.NAME` removes `NAME` as lower layers left it; `.wh..wh..opq` in a
 //! directory removes everything lower layers put in it. Entries of one tar come in any
 //! order, so the layer remembers what it wrote (and every ancestor of it) and the opaque
 //! directories are cleared when the layer ends, keeping exactly what this layer wrote.
+//!
+//! Public (not only to the crate) for the `image_layer` fuzz target.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr, OsString};
@@ -24,9 +23,9 @@ use std::path::{Path, PathBuf};
 use filetime::FileTime;
 
 use super::{remove_any, ImageError};
+use path::{components, printable, LinkTarget, PathError};
 
-/// Symlinks followed while resolving one name, as Linux's limit.
-const MAX_SYMLINKS: u32 = 40;
+pub(crate) mod path;
 
 /// What an entry is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,22 +60,8 @@ pub(crate) fn privileged() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The components of an entry name; `None` if one is `..`. Empty and `.` components are
-/// dropped, so `./a//b/` and `/a/b` are both `[a, b]`.
-fn components(raw: &[u8]) -> Option<Vec<OsString>> {
-    let mut out = Vec::new();
-    for part in raw.split(|&b| b == b'/') {
-        match part {
-            b"" | b"." => {}
-            b".." => return None,
-            p => out.push(OsStr::from_bytes(p).to_os_string()),
-        }
-    }
-    Some(out)
-}
-
 /// Writes the entries of one layer into a root filesystem directory.
-pub(crate) struct LayerWriter<'a> {
+pub struct LayerWriter<'a> {
     root: &'a Path,
     /// "layer 2 (sha256:…)", for messages.
     label: String,
@@ -93,7 +78,10 @@ pub(crate) struct LayerWriter<'a> {
 }
 
 impl<'a> LayerWriter<'a> {
-    pub(crate) fn new(root: &'a Path, label: String, whiteouts: bool) -> Self {
+    /// A writer for one layer into `root`; `label` ("layer 2 (sha256:…)") starts its
+    /// messages; `whiteouts` interprets `.wh.` names (image layers) or keeps them as files
+    /// (plain root filesystems).
+    pub fn new(root: &'a Path, label: String, whiteouts: bool) -> Self {
         LayerWriter {
             root,
             label,
@@ -131,77 +119,25 @@ impl<'a> LayerWriter<'a> {
         }
     }
 
-    /// Resolves the directory `comps` inside the root (see the module documentation).
-    /// Missing directories are created when `create`; otherwise a missing one gives `None`.
+    /// Resolves the directory `comps` inside the root (see [`path::resolve_dir`]).
     fn resolve_dir(
         &self,
         comps: &[OsString],
         create: bool,
         entry: &str,
     ) -> Result<Option<PathBuf>, ImageError> {
-        let mut pending: Vec<OsString> = comps.iter().rev().cloned().collect();
-        let mut current = PathBuf::new();
-        let mut links = 0;
-        while let Some(comp) = pending.pop() {
-            match comp.as_bytes() {
-                b"" | b"." => continue,
-                b".." => {
-                    current.pop(); // stops at the root
-                    continue;
-                }
-                _ => {}
-            }
-            let candidate = current.join(&comp);
-            let path = self.root.join(&candidate);
-            match fs::symlink_metadata(&path) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    links += 1;
-                    if links > MAX_SYMLINKS {
-                        return Err(self.refuse(entry, "has too many levels of symbolic links"));
-                    }
-                    let target = fs::read_link(&path).map_err(
-                        self.fail(entry, format!("cannot read link {}", path.display())),
-                    )?;
-                    let target = target.as_os_str().as_bytes();
-                    if target.starts_with(b"/") {
-                        current = PathBuf::new();
-                    }
-                    for part in target.split(|&b| b == b'/').rev() {
-                        pending.push(OsStr::from_bytes(part).to_os_string());
-                    }
-                }
-                Ok(m) if m.is_dir() => current = candidate,
-                Ok(_) => {
-                    return Err(self.refuse(
-                        entry,
-                        format!(
-                            "goes through {}, which is not a directory",
-                            candidate.display()
-                        ),
-                    ))
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    if !create {
-                        return Ok(None);
-                    }
-                    DirBuilder::new()
-                        .mode(0o755)
-                        .create(&path)
-                        .map_err(self.fail(entry, format!("cannot create {}", path.display())))?;
-                    current = candidate;
-                }
-                Err(e) => {
-                    return Err(self.fail(entry, format!("cannot stat {}", path.display()))(
-                        e,
-                    ))
-                }
-            }
+        path::resolve_dir(self.root, comps, create).map_err(|e| self.path_error(entry, e))
+    }
+
+    fn path_error(&self, entry: &str, err: PathError) -> ImageError {
+        match err {
+            PathError::Io { what, source } => self.fail(entry, what)(source),
+            refusal => self.refuse(entry, refusal.to_string()),
         }
-        Ok(Some(current))
     }
 
     /// Applies every entry of a tar stream.
-    pub(crate) fn apply_tar(&mut self, reader: &mut dyn Read) -> Result<(), ImageError> {
+    pub fn apply_tar(&mut self, reader: &mut dyn Read) -> Result<(), ImageError> {
         let read_err = |label: &str| {
             let what = format!("{label}: cannot read the tar stream");
             move |source| ImageError::Io { what, source }
@@ -311,7 +247,7 @@ impl<'a> LayerWriter<'a> {
         let rel = parent.join(&name);
         self.touch(&rel);
         let path = self.root.join(&rel);
-        let fail = |what: &str| self.fail(&shown, format!("cannot {what} {}", path.display()));
+        let fail = |what: &str| self.fail(&shown, format!("cannot {what} {}", printable(&path)));
 
         match kind {
             Kind::Dir => {
@@ -365,33 +301,17 @@ impl<'a> LayerWriter<'a> {
             }
             Kind::Hardlink(target) => {
                 let target_shown = String::from_utf8_lossy(&target).into_owned();
-                let Some(mut tcomps) = components(&target) else {
-                    return Err(self.refuse(
-                        &shown,
-                        format!("links to {target_shown:?}, which leaves the root"),
-                    ));
+                let refuse = |why: &str| {
+                    self.refuse(&shown, format!("links to {target_shown:?}, which {why}"))
                 };
-                let missing = || {
-                    self.refuse(
-                        &shown,
-                        format!("links to {target_shown:?}, which does not exist"),
-                    )
+                let tpath = match path::hardlink_target(self.root, &target)
+                    .map_err(|e| self.path_error(&shown, e))?
+                {
+                    LinkTarget::Found(rel) => self.root.join(rel),
+                    LinkTarget::LeavesRoot => return Err(refuse("leaves the root")),
+                    LinkTarget::Missing => return Err(refuse("does not exist")),
+                    LinkTarget::Directory => return Err(refuse("is a directory")),
                 };
-                let tname = tcomps.pop().ok_or_else(missing)?;
-                let tparent = self
-                    .resolve_dir(&tcomps, false, &shown)?
-                    .ok_or_else(missing)?;
-                let tpath = self.root.join(tparent.join(tname));
-                match fs::symlink_metadata(&tpath) {
-                    Ok(m) if m.is_dir() => {
-                        return Err(self.refuse(
-                            &shown,
-                            format!("links to {target_shown:?}, which is a directory"),
-                        ))
-                    }
-                    Ok(_) => {}
-                    Err(_) => return Err(missing()),
-                }
                 if tpath != path {
                     remove_any(&path).map_err(fail("replace"))?;
                     // linkat without AT_SYMLINK_FOLLOW: a symlink target is linked itself.
@@ -457,7 +377,7 @@ impl<'a> LayerWriter<'a> {
             if !self.touched.contains(&rel) {
                 let path = self.root.join(&rel);
                 remove_any(&path)
-                    .map_err(self.fail(shown, format!("cannot remove {}", path.display())))?;
+                    .map_err(self.fail(shown, format!("cannot remove {}", printable(&path))))?;
             }
         }
         Ok(())
@@ -489,8 +409,8 @@ impl<'a> LayerWriter<'a> {
                 log::warn!(
                     "{}: cannot set xattr {} on {}: {}",
                     self.label,
-                    String::from_utf8_lossy(name),
-                    path.display(),
+                    printable(Path::new(OsStr::from_bytes(name))),
+                    printable(path),
                     io::Error::last_os_error()
                 );
             }
@@ -498,7 +418,7 @@ impl<'a> LayerWriter<'a> {
     }
 
     /// Ends the layer: clears opaque directories and applies directory metadata.
-    pub(crate) fn finish(mut self) -> Result<(), ImageError> {
+    pub fn finish(mut self) -> Result<(), ImageError> {
         for dir in std::mem::take(&mut self.opaque) {
             self.clear_lower(&dir)?;
         }
@@ -507,8 +427,9 @@ impl<'a> LayerWriter<'a> {
         dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
         for (rel, meta) in dirs {
             let path = self.root.join(&rel);
-            let shown = rel.display().to_string();
-            let fail = |what: &str| self.fail(&shown, format!("cannot {what} {}", path.display()));
+            let shown = printable(&rel);
+            let fail =
+                |what: &str| self.fail(&shown, format!("cannot {what} {}", printable(&path)));
             match fs::symlink_metadata(&path) {
                 Ok(m) if m.is_dir() => {}
                 _ => continue, // replaced or removed later in the layer
@@ -528,24 +449,25 @@ impl<'a> LayerWriter<'a> {
     /// Removes what lower layers left in the opaque directory `rel`.
     fn clear_lower(&self, rel: &Path) -> Result<(), ImageError> {
         let dir = self.root.join(rel);
-        let shown = rel.display().to_string();
+        let shown = printable(rel);
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => {
-                return Err(self.fail(&shown, format!("cannot list {}", dir.display()))(
-                    e,
+                return Err(self
+                    .fail(&shown, format!("cannot list {}", printable(&dir)))(
+                    e
                 ))
             }
         };
         for entry in entries {
             let entry =
-                entry.map_err(self.fail(&shown, format!("cannot list {}", dir.display())))?;
+                entry.map_err(self.fail(&shown, format!("cannot list {}", printable(&dir))))?;
             let child = rel.join(entry.file_name());
             if !self.touched.contains(&child) {
                 let path = self.root.join(&child);
                 remove_any(&path)
-                    .map_err(self.fail(&shown, format!("cannot remove {}", path.display())))?;
+                    .map_err(self.fail(&shown, format!("cannot remove {}", printable(&path))))?;
             } else if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 self.clear_lower(&child)?;
             }
@@ -555,405 +477,4 @@ impl<'a> LayerWriter<'a> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use std::os::unix::fs::MetadataExt;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A fresh, empty directory under the system temp dir.
-    pub(crate) fn temp_dir(tag: &str) -> PathBuf {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "hearth-image-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = remove_any(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    /// A tar built entry by entry with raw (possibly malicious) names.
-    #[derive(Default)]
-    pub(crate) struct RawTar(Vec<u8>);
-
-    impl RawTar {
-        fn header(name: &[u8], kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
-            let mut h = tar::Header::new_gnu();
-            h.as_old_mut().name[..name.len()].copy_from_slice(name);
-            h.set_entry_type(kind);
-            h.set_size(size);
-            h.set_mode(mode);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(1_600_000_000);
-            h
-        }
-
-        fn push(&mut self, mut h: tar::Header, data: &[u8]) {
-            h.set_cksum();
-            self.0.extend_from_slice(h.as_bytes());
-            self.0.extend_from_slice(data);
-            let pad = (512 - data.len() % 512) % 512;
-            self.0.extend(std::iter::repeat_n(0, pad));
-        }
-
-        pub(crate) fn file(mut self, name: &str, data: &[u8]) -> Self {
-            let h = Self::header(
-                name.as_bytes(),
-                tar::EntryType::Regular,
-                data.len() as u64,
-                0o644,
-            );
-            self.push(h, data);
-            self
-        }
-
-        pub(crate) fn file_owned(mut self, name: &str, data: &[u8], mode: u32, uid: u64) -> Self {
-            let mut h = Self::header(
-                name.as_bytes(),
-                tar::EntryType::Regular,
-                data.len() as u64,
-                mode,
-            );
-            h.set_uid(uid);
-            h.set_gid(uid);
-            self.push(h, data);
-            self
-        }
-
-        pub(crate) fn dir(mut self, name: &str) -> Self {
-            let h = Self::header(name.as_bytes(), tar::EntryType::Directory, 0, 0o755);
-            self.push(h, b"");
-            self
-        }
-
-        pub(crate) fn link(mut self, name: &str, kind: tar::EntryType, target: &str) -> Self {
-            let mut h = Self::header(name.as_bytes(), kind, 0, 0o777);
-            h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
-            self.push(h, b"");
-            self
-        }
-
-        pub(crate) fn node(
-            mut self,
-            name: &str,
-            kind: tar::EntryType,
-            major: u32,
-            minor: u32,
-        ) -> Self {
-            let mut h = Self::header(name.as_bytes(), kind, 0, 0o666);
-            h.set_device_major(major).unwrap();
-            h.set_device_minor(minor).unwrap();
-            self.push(h, b"");
-            self
-        }
-
-        pub(crate) fn build(mut self) -> Vec<u8> {
-            self.0.extend(std::iter::repeat_n(0, 1024));
-            self.0
-        }
-    }
-
-    fn apply(root: &Path, n: usize, tar: Vec<u8>) -> Result<(), ImageError> {
-        let mut writer = LayerWriter::new(root, format!("layer {n}"), true);
-        writer.apply_tar(&mut &tar[..])?;
-        writer.finish()
-    }
-
-    #[test]
-    fn whiteout_deletes_lower_file() {
-        let root = temp_dir("wh");
-        apply(
-            &root,
-            1,
-            RawTar::default()
-                .file("etc/a", b"a")
-                .file("etc/b", b"b")
-                .build(),
-        )
-        .unwrap();
-        apply(&root, 2, RawTar::default().file("etc/.wh.a", b"").build()).unwrap();
-        assert!(!root.join("etc/a").exists());
-        assert!(!root.join("etc/.wh.a").exists());
-        assert_eq!(fs::read(root.join("etc/b")).unwrap(), b"b");
-        // A whiteout of a directory removes the tree; of a missing name does nothing.
-        apply(
-            &root,
-            3,
-            RawTar::default()
-                .file(".wh.etc", b"")
-                .file("x/.wh.y", b"")
-                .build(),
-        )
-        .unwrap();
-        assert!(!root.join("etc").exists());
-        fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn opaque_directory_keeps_only_this_layer() {
-        let root = temp_dir("opq");
-        let lower = RawTar::default()
-            .file("d/old", b"1")
-            .file("d/sub/old", b"2")
-            .file("d/keep-name", b"lower")
-            .file("other", b"3");
-        apply(&root, 1, lower.build()).unwrap();
-        // Marker in the middle of the layer's entries: order must not matter.
-        let upper = RawTar::default()
-            .file("d/new1", b"n1")
-            .file("d/.wh..wh..opq", b"")
-            .file("d/sub/new2", b"n2")
-            .file("d/keep-name", b"upper");
-        apply(&root, 2, upper.build()).unwrap();
-        let mut names: Vec<_> = fs::read_dir(root.join("d"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["keep-name", "new1", "sub"]);
-        assert_eq!(fs::read(root.join("d/keep-name")).unwrap(), b"upper");
-        assert!(!root.join("d/sub/old").exists());
-        assert!(root.join("d/sub/new2").exists());
-        assert!(root.join("other").exists());
-        fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn dot_dot_entries_are_refused() {
-        let root = temp_dir("dotdot");
-        let err = apply(
-            &root,
-            2,
-            RawTar::default().file("../etc/passwd", b"x").build(),
-        )
-        .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "layer 2: entry \"../etc/passwd\" leaves the root"
-        );
-        let err = apply(&root, 1, RawTar::default().file("a/../../b", b"x").build()).unwrap_err();
-        assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{err}");
-        let err = apply(&root, 1, RawTar::default().file("a/.wh...", b"").build()).unwrap_err();
-        assert!(matches!(err, ImageError::UnsafeEntry { .. }), "{err}");
-        fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn leading_slash_and_dot_are_stripped() {
-        let root = temp_dir("strip");
-        apply(
-            &root,
-            1,
-            RawTar::default()
-                .file("/abs", b"1")
-                .file("./rel", b"2")
-                .build(),
-        )
-        .unwrap();
-        assert!(root.join("abs").is_file() && root.join("rel").is_file());
-        fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn symlinks_never_lead_outside() {
-        let root = temp_dir("escape-root");
-        let outside = temp_dir("escape-outside");
-        let abs = outside.to_str().unwrap().to_string();
-        let layer1 = RawTar::default()
-            .link("link", tar::EntryType::Symlink, &abs)
-            .link("up", tar::EntryType::Symlink, "../../../../..")
-            .dir("d")
-            .link("d/loop", tar::EntryType::Symlink, "loop");
-        apply(&root, 1, layer1.build()).unwrap();
-        let layer2 = RawTar::default()
-            .file("link/x", b"in")
-            .file("up/y", b"in")
-            .file("up/tmp/z", b"in");
-        apply(&root, 2, layer2.build()).unwrap();
-        // Nothing outside; the writes landed under the root.
-        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
-        assert_eq!(
-            fs::read(root.join(abs.trim_start_matches('/')).join("x")).unwrap(),
-            b"in"
-        );
-        assert_eq!(fs::read(root.join("y")).unwrap(), b"in");
-        assert_eq!(fs::read(root.join("tmp/z")).unwrap(), b"in");
-        // The symlinks themselves are untouched, targets verbatim.
-        assert_eq!(fs::read_link(root.join("link")).unwrap(), outside);
-        assert_eq!(
-            fs::read_link(root.join("up")).unwrap(),
-            Path::new("../../../../..")
-        );
-        // A final component that is a symlink is replaced, not followed.
-        apply(
-            &root,
-            3,
-            RawTar::default().file("link", b"file now").build(),
-        )
-        .unwrap();
-        assert!(fs::symlink_metadata(root.join("link")).unwrap().is_file());
-        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
-        // A symlink loop is refused.
-        let err = apply(&root, 4, RawTar::default().file("d/loop/f", b"").build()).unwrap_err();
-        assert!(err.to_string().contains("too many levels"), "{err}");
-        fs::remove_dir_all(&root).unwrap();
-        fs::remove_dir_all(&outside).unwrap();
-    }
-
-    #[test]
-    fn hardlinks_stay_inside() {
-        let root = temp_dir("hardlink");
-        let layer = RawTar::default()
-            .file("a", b"data")
-            .link("b", tar::EntryType::Link, "./a")
-            .link("esc", tar::EntryType::Symlink, "/");
-        apply(&root, 1, layer.build()).unwrap();
-        let (a, b) = (root.join("a"), root.join("b"));
-        assert_eq!(
-            fs::metadata(&a).unwrap().ino(),
-            fs::metadata(&b).unwrap().ino()
-        );
-        let err = apply(
-            &root,
-            2,
-            RawTar::default()
-                .link("c", tar::EntryType::Link, "../etc/passwd")
-                .build(),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("leaves the root"), "{err}");
-        let err = apply(
-            &root,
-            2,
-            RawTar::default()
-                .link("c", tar::EntryType::Link, "nope")
-                .build(),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("does not exist"), "{err}");
-        // Through a symlinked directory: resolved inside the root (esc -> / is the root).
-        apply(
-            &root,
-            3,
-            RawTar::default()
-                .link("d", tar::EntryType::Link, "esc/a")
-                .build(),
-        )
-        .unwrap();
-        assert_eq!(
-            fs::metadata(root.join("d")).unwrap().ino(),
-            fs::metadata(&a).unwrap().ino()
-        );
-        fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn metadata_is_preserved() {
-        let root = temp_dir("meta");
-        let layer = RawTar::default()
-            .dir("bin")
-            .file_owned("bin/su", b"#!", 0o4755, 1000)
-            .link("bin/sh", tar::EntryType::Symlink, "busybox")
-            .file_owned("tmp-file", b"", 0o1777, 0)
-            .node("fifo", tar::EntryType::Fifo, 0, 0);
-        apply(&root, 1, layer.build()).unwrap();
-        let su = fs::metadata(root.join("bin/su")).unwrap();
-        assert_eq!(su.mode() & 0o7777, 0o4755);
-        assert_eq!(su.mtime(), 1_600_000_000);
-        if privileged() {
-            assert_eq!((su.uid(), su.gid()), (1000, 1000));
-        }
-        assert_eq!(
-            fs::read_link(root.join("bin/sh")).unwrap(),
-            Path::new("busybox")
-        );
-        assert_eq!(
-            fs::metadata(root.join("bin")).unwrap().mtime(),
-            1_600_000_000
-        );
-        assert_eq!(
-            fs::metadata(root.join("tmp-file")).unwrap().mode() & 0o7777,
-            0o1777
-        );
-        assert!(fs::symlink_metadata(root.join("fifo"))
-            .unwrap()
-            .file_type()
-            .is_fifo_like());
-        fs::remove_dir_all(&root).unwrap();
-    }
-
-    trait FifoLike {
-        fn is_fifo_like(&self) -> bool;
-    }
-    impl FifoLike for fs::FileType {
-        fn is_fifo_like(&self) -> bool {
-            std::os::unix::fs::FileTypeExt::is_fifo(self)
-        }
-    }
-
-    #[test]
-    fn device_nodes_as_root() {
-        if !privileged() {
-            return;
-        }
-        let root = temp_dir("dev");
-        apply(
-            &root,
-            1,
-            RawTar::default()
-                .node("dev/null", tar::EntryType::Char, 1, 3)
-                .build(),
-        )
-        .unwrap();
-        let m = fs::symlink_metadata(root.join("dev/null")).unwrap();
-        assert!(std::os::unix::fs::FileTypeExt::is_char_device(
-            &m.file_type()
-        ));
-        assert_eq!(m.rdev(), libc::makedev(1, 3));
-        fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn types_replace_each_other() {
-        let root = temp_dir("replace");
-        apply(
-            &root,
-            1,
-            RawTar::default().file("x/y", b"1").file("f", b"2").build(),
-        )
-        .unwrap();
-        apply(
-            &root,
-            2,
-            RawTar::default()
-                .file("x", b"file")
-                .dir("f")
-                .file("f/z", b"3")
-                .build(),
-        )
-        .unwrap();
-        assert!(root.join("x").is_file());
-        assert!(root.join("f/z").is_file());
-        let err = apply(
-            &root,
-            3,
-            RawTar::default().file("x/under-file", b"").build(),
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("not a directory"), "{err}");
-        fs::remove_dir_all(&root).unwrap();
-    }
-
-    #[test]
-    fn plain_mode_keeps_wh_files() {
-        let root = temp_dir("plain");
-        let tar = RawTar::default().file("a", b"").file(".wh.a", b"").build();
-        let mut writer = LayerWriter::new(&root, "rootfs".into(), false);
-        writer.apply_tar(&mut &tar[..]).unwrap();
-        writer.finish().unwrap();
-        assert!(root.join("a").exists() && root.join(".wh.a").exists());
-        fs::remove_dir_all(&root).unwrap();
-    }
-}
+pub(crate) mod tests;
