@@ -430,9 +430,8 @@ impl<'a> LayerWriter<'a> {
             let shown = printable(&rel);
             let fail =
                 |what: &str| self.fail(&shown, format!("cannot {what} {}", printable(&path)));
-            match fs::symlink_metadata(&path) {
-                Ok(m) if m.is_dir() => {}
-                _ => continue, // replaced or removed later in the layer
+            if !path::is_real_dir(self.root, &rel) {
+                continue; // replaced or removed later in the layer
             }
             if self.privileged {
                 std::os::unix::fs::lchown(&path, Some(meta.uid), Some(meta.gid))
@@ -448,6 +447,9 @@ impl<'a> LayerWriter<'a> {
 
     /// Removes what lower layers left in the opaque directory `rel`.
     fn clear_lower(&self, rel: &Path) -> Result<(), ImageError> {
+        if !path::is_real_dir(self.root, rel) {
+            return Ok(()); // replaced later in the layer: what is there now is this layer's
+        }
         let dir = self.root.join(rel);
         let shown = printable(rel);
         let entries = match fs::read_dir(&dir) {

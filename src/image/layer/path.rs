@@ -136,6 +136,23 @@ pub(crate) fn resolve_dir(
     Ok(Some(current))
 }
 
+/// Whether `rel` is still a real directory under `root`: it and every directory above it
+/// a directory, none a symlink. Work deferred to the end of a layer (directory metadata,
+/// clearing opaque directories) goes by paths recorded earlier, and a later entry may have
+/// replaced one of those directories by a symlink to anywhere, which the kernel would
+/// follow.
+pub(crate) fn is_real_dir(root: &Path, rel: &Path) -> bool {
+    let mut path = root.to_path_buf();
+    for comp in rel.components() {
+        path.push(comp);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Where a hard link's target is.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum LinkTarget {
@@ -241,6 +258,21 @@ mod tests {
         assert_eq!(target(b"d/../d/f"), LinkTarget::LeavesRoot);
         assert_eq!(target(b"nope/f"), LinkTarget::Missing);
         assert_eq!(target(b"./"), LinkTarget::Missing);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn real_dirs_have_no_symlink_on_the_way() {
+        let root = temp_dir("path-real");
+        fs::create_dir_all(root.join("d/e")).unwrap();
+        symlink("d", root.join("l")).unwrap();
+        fs::write(root.join("f"), b"").unwrap();
+        assert!(is_real_dir(&root, Path::new("")));
+        assert!(is_real_dir(&root, Path::new("d/e")));
+        assert!(!is_real_dir(&root, Path::new("l")));
+        assert!(!is_real_dir(&root, Path::new("l/e")));
+        assert!(!is_real_dir(&root, Path::new("f")));
+        assert!(!is_real_dir(&root, Path::new("missing")));
         fs::remove_dir_all(&root).unwrap();
     }
 

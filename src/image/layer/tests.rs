@@ -411,3 +411,32 @@ fn hostile_names_stay_on_one_line() {
     );
     fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn later_symlinks_do_not_redirect_deferred_work() {
+    // Regression (found writing the `image_layer` fuzz target's canary checks): directory
+    // metadata and opaque-directory clearing happen when the layer ends, by the paths
+    // recorded earlier. An entry replacing one of those directories (or a directory
+    // above it) by a symlink sent them out of the root: a chmod/chown/utime of, and a
+    // removal inside, whatever the symlink named on the host.
+    let root = temp_dir("late-link");
+    let outside = temp_dir("late-link-outside");
+    fs::create_dir(outside.join("sub")).unwrap();
+    fs::write(outside.join("keep"), b"k").unwrap();
+    let abs = outside.to_str().unwrap().to_string();
+    let sub_before = fs::metadata(outside.join("sub")).unwrap();
+    let layer = RawTar::default()
+        .dir("a/sub")
+        .dir("o")
+        .file("o/.wh..wh..opq", b"")
+        .link("a", tar::EntryType::Symlink, &abs)
+        .link("o", tar::EntryType::Symlink, &abs);
+    apply(&root, 1, layer.build()).unwrap();
+    assert_eq!(fs::read(outside.join("keep")).unwrap(), b"k");
+    let sub_after = fs::metadata(outside.join("sub")).unwrap();
+    assert_eq!(sub_after.mtime(), sub_before.mtime());
+    assert_eq!(sub_after.ctime(), sub_before.ctime());
+    assert_eq!(fs::read_link(root.join("a")).unwrap(), outside);
+    fs::remove_dir_all(&root).unwrap();
+    fs::remove_dir_all(&outside).unwrap();
+}
