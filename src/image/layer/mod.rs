@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use filetime::FileTime;
 
 use super::{remove_any, ImageError};
-use path::{components, printable, LinkTarget, PathError};
+use path::{components, printable, printable_error, LinkTarget, PathError};
 
 pub(crate) mod path;
 
@@ -140,7 +140,10 @@ impl<'a> LayerWriter<'a> {
     pub fn apply_tar(&mut self, reader: &mut dyn Read) -> Result<(), ImageError> {
         let read_err = |label: &str| {
             let what = format!("{label}: cannot read the tar stream");
-            move |source| ImageError::Io { what, source }
+            move |source| ImageError::Io {
+                what,
+                source: printable_error(source),
+            }
         };
         let mut archive = tar::Archive::new(reader);
         let entries = archive.entries().map_err(read_err(&self.label))?;
@@ -148,7 +151,7 @@ impl<'a> LayerWriter<'a> {
             let mut entry = entry.map_err(read_err(&self.label))?;
             let raw = entry.path_bytes().into_owned();
             let shown = String::from_utf8_lossy(&raw).into_owned();
-            let bad_header = |e| self.fail(&shown, "malformed tar header")(e);
+            let bad_header = |e| self.fail(&shown, "malformed tar header")(printable_error(e));
             let header = entry.header();
             let link = || {
                 entry

@@ -41,9 +41,22 @@ pub(crate) enum PathError {
 /// control characters, which are escaped so that a hostile name cannot break a message
 /// (or a log line) into several lines.
 pub(crate) fn printable(path: &Path) -> String {
-    let text = path.to_string_lossy();
+    printable_text(&path.to_string_lossy())
+}
+
+/// An error of the tar reader, whose messages quote raw header bytes (a name, a numeric
+/// field), with those made [`printable`].
+pub(crate) fn printable_error(err: io::Error) -> io::Error {
+    let text = err.to_string();
     if !text.chars().any(char::is_control) {
-        return text.into_owned();
+        return err;
+    }
+    io::Error::new(err.kind(), printable_text(&text))
+}
+
+fn printable_text(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
     }
     text.chars()
         .map(|c| {
@@ -280,5 +293,8 @@ mod tests {
     fn printable_escapes_control_characters_only() {
         assert_eq!(printable(Path::new("/a b/ü\"'")), "/a b/ü\"'");
         assert_eq!(printable(Path::new("a\nb\r\x1b")), "a\\nb\\r\\u{1b}");
+        let err = printable_error(io::Error::new(io::ErrorKind::InvalidData, "size for a\x18"));
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(err.to_string(), "size for a\\u{18}");
     }
 }

@@ -440,3 +440,22 @@ fn later_symlinks_do_not_redirect_deferred_work() {
     fs::remove_dir_all(&root).unwrap();
     fs::remove_dir_all(&outside).unwrap();
 }
+
+#[test]
+fn tar_reader_errors_stay_on_one_line() {
+    // Regression (found by the `image_layer` fuzz target, seed
+    // crash-tar-error-with-control-characters): the tar reader's errors quote the raw
+    // header name, so a name with control characters broke the message.
+    let root = temp_dir("tar-error");
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..4].copy_from_slice(b"a\x18\nb");
+    h.as_old_mut().size = [0x18; 12];
+    h.set_cksum();
+    let mut tar = h.as_bytes().to_vec();
+    tar.extend(std::iter::repeat_n(0, 1024));
+    let err = apply(&root, 1, tar).unwrap_err();
+    let text = crate::error_chain(&err);
+    assert!(!text.chars().any(char::is_control), "{text:?}");
+    assert!(text.contains("a\\u{18}\\nb"), "{text}");
+    fs::remove_dir_all(&root).unwrap();
+}
