@@ -1,7 +1,8 @@
 //! PID 1 of a hearth VM: mounts, leaving the initramfs, kernel modules, cgroups, the
-//! loopback interface, then the agent proper — one session to the host (container
-//! VMs) or a vsock listener with a thread per session (machines). PID 1 never exits:
-//! every way out, panics included, ends in `sync` and power-off.
+//! loopback interface, then the agent proper (`serve.rs`) — one session to the host
+//! (container VMs) or a vsock listener with a thread per session (machines), over the
+//! sockets of `vsock.rs`. PID 1 never exits: every way out, panics included, ends in
+//! `sync` and power-off.
 
 use std::ffi::CString;
 use std::fs::File;
