@@ -79,6 +79,7 @@ fn work() -> &'static Work {
         } else {
             std::env::temp_dir()
         };
+        remove_stale(&parent);
         let base = parent.join(format!("hearth-fuzz-layer-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
         fs::create_dir_all(base.join("root")).expect("cannot create the fuzz root");
@@ -103,6 +104,27 @@ fn work() -> &'static Work {
             base,
         }
     })
+}
+
+/// Removes the work directories of fuzzing processes that are gone (libFuzzer ends a
+/// process without running destructors, so each leaves its directory behind).
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("hearth-fuzz-layer-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Makes `root` a fresh empty directory, whatever a previous input left there.
