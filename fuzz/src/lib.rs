@@ -13,6 +13,7 @@ pub mod agent_protocol;
 pub mod alloc_meter;
 pub mod api_request;
 pub mod chain;
+pub mod image_layer;
 pub mod input;
 pub mod seeds;
 pub mod snapshot_state;

@@ -52,6 +52,9 @@ pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     for (name, bytes) in crate::snapshot_state::seeds() {
         seeds.push(("snapshot_state", name, bytes));
     }
+    for (name, bytes) in crate::image_layer::seeds() {
+        seeds.push(("image_layer", name, bytes));
+    }
     seeds
 }
 
@@ -941,6 +944,7 @@ pub fn agent_messages() -> Vec<hearth::agent::protocol::Message> {
         }),
         name: Some("c1".into()),
         term_size: Some((24, 80)),
+        mac: Some("52:54:00:12:34:56".into()),
     };
     let join = RunSpec {
         argv: Vec::new(),

@@ -29,7 +29,7 @@
 
 mod docker;
 mod ext4;
-mod layer;
+pub mod layer;
 mod oci;
 mod plain;
 pub mod sample;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use flate2::read::MultiGzDecoder;
 use sha2::{Digest, Sha256};
 
+use super::layer::path::printable_error;
 use super::{io_err, ImageError};
 
 /// Largest metadata file (index, manifest, config) read into memory.
@@ -243,7 +244,7 @@ impl TarStore {
         let shown = path.display().to_string();
         let err = |e| ImageError::Io {
             what: format!("cannot read tar archive {shown}"),
-            source: e,
+            source: printable_error(e),
         };
         let file = File::open(path).map_err(err)?;
         if file.metadata().map_err(err)?.len() < 512 {
@@ -271,7 +272,7 @@ impl TarStore {
         let shown = path.display().to_string();
         let err = |e| ImageError::Io {
             what: format!("cannot read tar archive {shown}"),
-            source: e,
+            source: printable_error(e),
         };
         let file = File::open(path).map_err(err)?;
         let mut archive = tar::Archive::new(MultiGzDecoder::new(BufReader::new(file)));
@@ -544,5 +545,24 @@ mod tests {
         assert!(!store.exists("three"));
         assert!(store.open("../etc/passwd").is_err());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn tar_reader_errors_stay_on_one_line() {
+        // The tar reader's errors quote raw header bytes (see layer/tests.rs).
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..4].copy_from_slice(b"a\x18\nb");
+        h.as_old_mut().size = [0x18; 12];
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend(std::iter::repeat_n(0, 1024));
+        let path =
+            std::env::temp_dir().join(format!("hearth-store-bad-{}.tar", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let err = TarStore::index_file(&path).err().unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let text = crate::error_chain(&err);
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+        assert!(text.contains("a\\u{18}\\nb"), "{text}");
     }
 }

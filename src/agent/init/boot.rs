@@ -1,38 +1,33 @@
 //! PID 1 of a hearth VM: mounts, leaving the initramfs, kernel modules, cgroups, the
-//! loopback interface, then the agent proper — one session to the host (container
-//! VMs) or a vsock listener with a thread per session (machines). PID 1 never exits:
-//! every way out, panics included, ends in `sync` and power-off.
+//! loopback interface, then the agent proper (`serve.rs`) — one session to the host
+//! (container VMs) or a vsock listener with a thread per session (machines), over the
+//! sockets of `vsock.rs`. PID 1 never exits: every way out, panics included, ends in
+//! `sync` and power-off.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
 use super::launch::Launcher;
 use super::net;
 use super::reaper::{ReapMode, Reaper};
-use super::session::{Agent, AgentConfig, AgentMode, Outcome};
+use super::serve;
+use super::session::{Agent, AgentConfig, AgentMode};
 use super::sys;
 use super::xstate;
-use crate::agent::protocol::{
-    write_message, Message, AGENT_PORT, MODE_CONTAINER, MODE_MACHINE, VERSION,
-};
-use crate::devices::virtio::vsock::VSOCK_HOST_CID;
+use crate::agent::protocol::{write_message, Message, MODE_CONTAINER, MODE_MACHINE};
 use crate::error_chain;
 
 /// Set in the environment of the agent re-executed from the new root.
 const STAGE_ENV: &str = "HEARTH_INIT_STAGE";
 /// `PATH` of the agent and of `Rootfs::Host` processes without one.
 pub const MACHINE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
-/// The host's vsock CID.
-/// How long a container VM keeps trying to reach the host.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
-
 /// What stops the VM from booting into the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -196,7 +191,7 @@ pub fn power_off() -> ! {
 }
 
 /// A duplicate of the host connection, for the panic hook's last word.
-static LAST_WORD: Mutex<Option<File>> = Mutex::new(None);
+pub(super) static LAST_WORD: Mutex<Option<File>> = Mutex::new(None);
 
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
@@ -494,181 +489,6 @@ fn install_busybox() {
     }
 }
 
-fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
-    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = cid;
-    addr.svm_port = port;
-    addr
-}
-
-fn vsock_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket creation.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the descriptor was just created and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Connects to the host, retrying while its listener or the transport is not ready.
-fn connect_host(port: u32) -> Result<File, BootError> {
-    let deadline = Instant::now() + CONNECT_PATIENCE;
-    loop {
-        let attempt = vsock_socket().and_then(|sock| {
-            let addr = vsock_addr(VSOCK_HOST_CID as u32, port);
-            // SAFETY: `addr` is a valid sockaddr_vm and the length matches it.
-            let ret = unsafe {
-                libc::connect(
-                    sock.as_raw_fd(),
-                    &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
-                    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-                )
-            };
-            if ret < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(File::from(sock))
-            }
-        });
-        match attempt {
-            Ok(stream) => return Ok(stream),
-            Err(e)
-                if Instant::now() < deadline
-                    && matches!(
-                        e.raw_os_error(),
-                        Some(
-                            libc::ECONNRESET
-                                | libc::ECONNREFUSED
-                                | libc::ETIMEDOUT
-                                | libc::ENODEV
-                                | libc::EHOSTUNREACH
-                                | libc::EINTR
-                        )
-                    ) =>
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(source) => return Err(BootError::Connect { port, source }),
-        }
-    }
-}
-
-fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
-    let sock = vsock_socket()?;
-    let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
-    // SAFETY: `addr` is a valid sockaddr_vm and the length matches it.
-    let ret = unsafe {
-        libc::bind(
-            sock.as_raw_fd(),
-            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: listen on a bound socket.
-    if unsafe { libc::listen(sock.as_raw_fd(), 16) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(sock)
-}
-
-fn vsock_accept(listener: &OwnedFd) -> io::Result<File> {
-    // SAFETY: null address pointers are allowed; the new socket is close-on-exec.
-    let fd = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: accept4 returned a fresh descriptor.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
-/// Container VM: one session with the host, then power off. A connection that ends
-/// before the host asked for anything is the mark of a restore from a template (the
-/// template's builder connected, the VM was saved, and the restore reset every vsock
-/// connection): the agent connects again and serves the new host.
-fn container_main(agent: &Arc<Agent>, fatal: Option<String>) -> ! {
-    loop {
-        let stream = match connect_host(AGENT_PORT) {
-            Ok(s) => s,
-            Err(e) => {
-                log::error!("{}", error_chain(&e));
-                power_off();
-            }
-        };
-        if let (Ok(dup), Ok(mut last)) = (stream.try_clone(), LAST_WORD.lock()) {
-            *last = Some(dup);
-        }
-        if let Some(text) = fatal {
-            let _ = write_message(&mut &stream, &Message::Hello { version: VERSION });
-            let _ = write_message(&mut &stream, &Message::Error(text));
-            power_off();
-        }
-        match agent.serve(stream) {
-            Ok(Outcome::Idle) => {
-                log::info!("the host connection ended before any request; connecting again");
-                continue;
-            }
-            Ok(_) => {}
-            Err(e) => log::error!("session: {}", error_chain(&e)),
-        }
-        power_off()
-    }
-}
-
-/// Machine: serve sessions concurrently until one asks for a shutdown. After a fatal
-/// boot error every session is answered with that error instead.
-fn machine_main(agent: &Arc<Agent>, fatal: Option<String>) -> ! {
-    let listener = match vsock_listen(AGENT_PORT) {
-        Ok(l) => l,
-        Err(source) => {
-            let e = BootError::Listen {
-                port: AGENT_PORT,
-                source,
-            };
-            log::error!("{}", error_chain(&e));
-            power_off();
-        }
-    };
-    loop {
-        let stream = match vsock_accept(&listener) {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("accept: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        if let Some(text) = &fatal {
-            let _ = write_message(&mut &stream, &Message::Hello { version: VERSION });
-            let _ = write_message(&mut &stream, &Message::Error(text.clone()));
-            continue;
-        }
-        let agent = agent.clone();
-        let spawned = std::thread::Builder::new()
-            .name("session".into())
-            .spawn(move || match agent.serve(stream) {
-                Ok(Outcome::PowerOff) => power_off(),
-                Ok(Outcome::Done | Outcome::Idle) => {}
-                Err(e) => log::info!("session: {}", error_chain(&e)),
-            });
-        if let Err(e) = spawned {
-            log::warn!("cannot start a session thread: {e}");
-        }
-    }
-}
-
 /// Everything PID 1 does, in order. Never returns.
 pub fn pid1() -> ! {
     install_panic_hook();
@@ -744,8 +564,8 @@ pub fn pid1() -> ! {
     );
     log::info!("ready ({})", args.mode.as_deref().unwrap_or("?"));
     match mode {
-        AgentMode::Container => container_main(&agent, fatal),
-        AgentMode::Machine => machine_main(&agent, fatal),
+        AgentMode::Container => serve::container_main(&agent, fatal),
+        AgentMode::Machine => serve::machine_main(&agent, fatal),
     }
 }
 
@@ -816,12 +636,5 @@ mod tests {
             console_line(7_000, log::Level::Warn, &format_args!("x")),
             "hearth-init: [      7.0 ms] warning: x\n"
         );
-    }
-
-    #[test]
-    fn vsock_address_layout() {
-        let a = vsock_addr(VSOCK_HOST_CID as u32, AGENT_PORT);
-        assert_eq!(a.svm_family, libc::AF_VSOCK as libc::sa_family_t);
-        assert_eq!((a.svm_cid, a.svm_port), (2, 1024));
     }
 }

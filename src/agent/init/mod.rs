@@ -51,9 +51,11 @@ pub mod reaper;
 pub mod refresh;
 pub mod resolve;
 pub mod sandbox;
+mod serve;
 pub mod session;
 pub mod sys;
 pub mod timing;
+mod vsock;
 pub mod xstate;
 
 use std::ffi::OsStr;
