@@ -157,6 +157,8 @@ fn jailed_linux_guest_with_a_disk_and_a_nic() {
         assert_eq!(field(&status, caps), "0000000000000000", "{caps}");
     }
     assert_eq!(field(&status, "NoNewPrivs:"), "1");
+    // Once the guest runs, every thread of the jailed VMM is under its seccomp filter.
+    common::wait_for_seccomp(child, "2", &["vcpu0", "api"], || running.describe_so_far());
 
     // The files: only what this VM needs, at their own paths, and the jail's devices.
     let kernel = guest.kernel.canonicalize().unwrap();

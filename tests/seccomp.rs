@@ -5,39 +5,12 @@
 
 mod common;
 
-use std::fs;
 use std::process::Stdio;
-use std::thread;
-use std::time::{Duration, Instant};
 
 use common::{
     assert_exit_code, assert_stdout_contains, kvm_available, payload, payload_command, Format,
     Running, TempDir, RUN_TIMEOUT,
 };
-
-/// The `Seccomp:` mode of every thread of `pid`, by thread name.
-fn thread_modes(pid: u32) -> Vec<(String, String)> {
-    let mut modes = Vec::new();
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return modes;
-    };
-    for task in tasks.flatten() {
-        // A thread may end between the listing and the reads.
-        let Ok(status) = fs::read_to_string(task.path().join("status")) else {
-            continue;
-        };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(name))
-                .map(|value| value.trim().to_string())
-                .unwrap_or_default()
-        };
-        modes.push((field("Name:"), field("Seccomp:")));
-    }
-    modes.sort();
-    modes
-}
 
 /// Starts the echo payload on 2 vCPUs with an API socket (threads: main `hearth`,
 /// vcpu0, vcpu1, api) and waits until it has printed its greeting.
@@ -55,23 +28,9 @@ fn start_vmm(dir: &TempDir, extra: &[&str]) -> Running {
 /// Waits until every thread of `vmm` reports `mode` and the vCPU and API threads are
 /// there; panics with what it last saw otherwise.
 fn wait_for_modes(vmm: &Running, mode: &str) -> Vec<(String, String)> {
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    loop {
-        let modes = thread_modes(vmm.pid());
-        let names: Vec<&str> = modes.iter().map(|(name, _)| name.as_str()).collect();
-        let complete = ["vcpu0", "vcpu1", "api"]
-            .iter()
-            .all(|thread| names.contains(thread));
-        if complete && modes.iter().all(|(_, seen)| seen == mode) {
-            return modes;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "threads of the VMM never all showed Seccomp: {mode}: {modes:?}\n{}",
-            vmm.describe_so_far()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_seccomp(vmm.pid(), mode, &["vcpu0", "vcpu1", "api"], || {
+        vmm.describe_so_far()
+    })
 }
 
 fn finish(mut vmm: Running) {

@@ -486,3 +486,52 @@ pub fn counter_counts(text: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The `Seccomp:` mode of every thread of `pid`, by thread name.
+pub fn thread_modes(pid: u32) -> Vec<(String, String)> {
+    let mut modes = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return modes;
+    };
+    for task in tasks.flatten() {
+        // A thread may end between the listing and the reads.
+        let Ok(status) = fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .map(|value| value.trim().to_string())
+                .unwrap_or_default()
+        };
+        modes.push((field("Name:"), field("Seccomp:")));
+    }
+    modes.sort();
+    modes
+}
+
+/// Waits until every thread of `pid` shows `Seccomp: mode` and the `threads` named are
+/// there; panics with what it last saw (and `context()`) otherwise.
+pub fn wait_for_seccomp(
+    pid: u32,
+    mode: &str,
+    threads: &[&str],
+    context: impl Fn() -> String,
+) -> Vec<(String, String)> {
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    loop {
+        let modes = thread_modes(pid);
+        let names: Vec<&str> = modes.iter().map(|(name, _)| name.as_str()).collect();
+        let complete = threads.iter().all(|thread| names.contains(thread));
+        if complete && modes.iter().all(|(_, seen)| seen == mode) {
+            return modes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "threads of process {pid} never all showed Seccomp: {mode}: {modes:?}\n{}",
+            context()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
