@@ -110,6 +110,9 @@ pub struct JailConfig {
     pub cgroup: CgroupLimits,
     #[serde(default)]
     pub rlimits: Rlimits,
+    /// A directory of the VM's own, bound into the jail at its own path (`--vm-dir`).
+    #[serde(default)]
+    pub vm_dir: Option<PathBuf>,
 }
 
 /// The jail's command-line options, shared by `hearth run` and `hearth restore`.
@@ -148,6 +151,10 @@ pub struct JailArgs {
     /// Resource limits: nofile=N,fsize=SIZE (default: nofile=2048, fsize unlimited).
     #[arg(long, value_name = "SPEC", requires = "jail")]
     pub rlimit: Option<String>,
+    /// A directory of this VM's alone (its sockets, the host's vsock listeners), bound
+    /// into the jail read-write at its own path and given to the jail's uid.
+    #[arg(long, value_name = "DIR", requires = "jail")]
+    pub vm_dir: Option<PathBuf>,
 }
 
 impl JailArgs {
@@ -202,6 +209,7 @@ impl JailArgs {
             netns,
             cgroup,
             rlimits,
+            vm_dir: self.vm_dir.clone(),
         }))
     }
 }
@@ -313,7 +321,7 @@ pub fn enter(
     sockets: &mut [&mut PathBuf],
 ) -> Result<Side, JailError> {
     check_root()?;
-    let plan = JailPlan::new(&jail.dir, config, sockets)?;
+    let plan = JailPlan::new(&jail.dir, config, sockets)?.with_vm_dirs(jail)?;
     config.cpu_profile = match config.resolved_cpu_profile() {
         crate::config::CpuProfile::Host => crate::config::CpuProfileChoice::Host,
         crate::config::CpuProfile::Compat => crate::config::CpuProfileChoice::Compat,
@@ -404,7 +412,13 @@ impl HostSide {
             std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(make_err(&host_dir))?;
         }
-        for socket in &plan.sockets {
+        // The VM's own directories are its uid's, and only it and root get in.
+        for dir in &plan.vm_dirs {
+            std::os::unix::fs::chown(dir, Some(jail.uid), Some(jail.gid)).map_err(make_err(dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(make_err(dir))?;
+        }
+        for socket in plan.linked_sockets() {
             claim_socket_path(socket)?;
             let target = plan.host_path(socket);
             std::os::unix::fs::symlink(&target, socket).map_err(make_err(socket))?;
@@ -679,6 +693,12 @@ fn build_tree(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
         sys::bind(&source, target, NO_SUID_DEV_EXEC)?;
     }
     drop(socket_dirs);
+    // The VM's own directories after the socket directories (one may lie in one).
+    for dir in &plan.vm_dirs {
+        let target = plan.host_path(dir);
+        sys::make_dirs(&target)?;
+        sys::bind(dir, &target, NO_SUID_DEV_EXEC)?;
+    }
     for file in &plan.files {
         let target = plan.host_path(&file.path);
         sys::make_mount_point(&target)?;
@@ -718,7 +738,7 @@ fn landlock_rules(plan: &JailPlan) -> Vec<(PathBuf, u64)> {
         rules.push((device.into(), READ_FILE | WRITE_FILE | IOCTL_DEV));
     }
     rules.push(("/proc".into(), READ_FILE | READ_DIR));
-    for dir in plan.socket_dirs() {
+    for dir in plan.socket_dirs().into_iter().chain(plan.vm_dirs.clone()) {
         rules.push((dir, MAKE_SOCK | REMOVE_FILE));
     }
     rules
@@ -790,6 +810,7 @@ mod tests {
                     nofile: 2048,
                     fsize: None
                 },
+                vm_dir: None,
             }
         );
         let default_id = config(&["--jail"]).unwrap().unwrap().id;
@@ -814,6 +835,8 @@ mod tests {
             "pids=32",
             "--rlimit",
             "nofile=512,fsize=1G",
+            "--vm-dir",
+            "/run/vm1",
         ])
         .unwrap()
         .unwrap();
@@ -821,6 +844,7 @@ mod tests {
         assert_eq!((jail.uid, jail.gid), (1000, 100));
         assert_eq!(jail.netns, NetnsChoice::Join("/run/netns/x".into()));
         assert_eq!(jail.cgroup.pids, Some(32));
+        assert_eq!(jail.vm_dir, Some(PathBuf::from("/run/vm1")));
         assert_eq!(
             jail.rlimits,
             Rlimits {
@@ -880,7 +904,12 @@ mod tests {
                     access: Access::ReadWrite,
                 },
             ],
-            sockets: vec!["/s/api.sock".into(), "/s/v.sock".into()],
+            sockets: vec![
+                "/s/api.sock".into(),
+                "/s/v.sock".into(),
+                "/vm/v.sock".into(),
+            ],
+            vm_dirs: vec!["/vm".into()],
         };
         let rules = landlock_rules(&plan);
         let rule = |p: &str| {
@@ -893,6 +922,12 @@ mod tests {
         assert_eq!(rule("/k") & landlock::WRITE_FILE, 0);
         assert_ne!(rule("/d") & landlock::WRITE_FILE, 0);
         assert_eq!(rule("/s"), landlock::MAKE_SOCK | landlock::REMOVE_FILE);
+        assert_eq!(rule("/vm"), landlock::MAKE_SOCK | landlock::REMOVE_FILE);
+        // A socket in the VM's own directory needs no socket directory besides it.
+        assert_eq!(
+            rules.iter().filter(|(p, _)| p == Path::new("/vm")).count(),
+            1
+        );
         assert_eq!(
             rules.iter().filter(|(p, _)| p == Path::new("/s")).count(),
             1
