@@ -609,6 +609,10 @@ fn inside(jail: &JailConfig, plan: &JailPlan, taps: &[String]) -> Result<(), Jai
         sys::set_rlimit(libc::RLIMIT_FSIZE, fsize)?;
     }
     sys::drop_privileges(jail.uid, jail.gid, last_cap)?;
+    // The kernel clears the parent-death signal when the credentials change: set it
+    // again, or a VMM whose supervisor is killed outright would outlive it. (The window
+    // between setresuid and here is a few instructions.)
+    sys::set_parent_death_signal()?;
     match landlock::restrict(&landlock_rules(plan)).map_err(JailError::Landlock)? {
         landlock::Outcome::Enforced { abi } => log::info!("Landlock ABI {abi} enforced"),
         landlock::Outcome::Unsupported => log::warn!("no Landlock in this kernel"),
