@@ -163,9 +163,14 @@ impl VmJail {
                 }
             })?;
         }
+        self.check(reads, writes)
+    }
+
+    /// Checks that the jail's uid may open `reads` and `writes` as the VMM will.
+    fn check(&self, reads: &[&Path], writes: &[&Path]) -> Result<(), SpawnError> {
         let checks = (reads.iter().map(|p| (p, false))).chain(writes.iter().map(|p| (p, true)));
         for (path, write) in checks {
-            let meta = std::fs::metadata(path).map_err(|source| SpawnError::Give {
+            let meta = std::fs::metadata(path).map_err(|source| SpawnError::JailCheck {
                 path: path.to_path_buf(),
                 source,
             })?;
@@ -212,6 +217,12 @@ pub enum SpawnError {
     Start(#[source] io::Error),
     #[error("cannot give \"{path}\" to the jailed VMM")]
     Give {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot check \"{path}\" for the jailed VMM")]
+    JailCheck {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -483,6 +494,25 @@ mod tests {
             bits(0o200),
             [(false, false), (false, false), (false, false)]
         );
+
+        // A file only its owner may use is named, with what to do.
+        let jail = VmJail::new("x", None);
+        let meta = std::fs::metadata(&file).unwrap();
+        if meta.uid() != jail.uid {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(jail.check(&[&file], &[]).is_ok());
+            let err = jail.check(&[], &[&file]).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "the jailed VMM (uid 65534, gid 65534) cannot read and write \"{}\": \
+                     chown it to 65534:65534, make it accessible to others, or use --no-jail",
+                    file.display()
+                )
+            );
+        }
+        let err = jail.check(&[&dir.join("missing")], &[]).unwrap_err();
+        assert!(matches!(err, SpawnError::JailCheck { .. }), "{err}");
     }
 
     #[test]
