@@ -338,7 +338,7 @@ pub fn build_from_loaded(
         event_loop: &mut event_loop,
         manager: &mut mmio_devices,
     };
-    let (disks, nets) = restore_virtio_devices(&mut virtio, &devices.virtio)?;
+    let (disks, nets, vsocks) = restore_virtio_devices(&mut virtio, &devices.virtio)?;
 
     let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio_bus);
@@ -365,6 +365,9 @@ pub fn build_from_loaded(
     vm.restore_state(&state.vm)?;
     // Only now, or the restored interrupt controllers would drop the interrupts.
     announce_resized_disks(&disks, &state.devices.virtio);
+    for vsock in &vsocks {
+        lock(vsock).repeat_reset_interrupt();
+    }
     let vmgenid = restore_vmgenid(&vm, &mem, &devices.vmgenid)?;
 
     let mut vmm = Vmm::new(
@@ -758,14 +761,22 @@ fn attach_rng(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildE
 }
 
 /// Every saved virtio device, back in its window and IRQ, in the order it was saved.
-/// Returns the disks and the NICs, each in that order.
+/// Returns the disks, the NICs and the vsock devices, each in that order.
 #[allow(clippy::type_complexity)]
 fn restore_virtio_devices(
     virtio: &mut VirtioAttach,
     saved: &[AttachedDeviceState],
-) -> Result<(Vec<Arc<Mutex<Block>>>, Vec<Arc<Mutex<Net>>>), BuildError> {
+) -> Result<
+    (
+        Vec<Arc<Mutex<Block>>>,
+        Vec<Arc<Mutex<Net>>>,
+        Vec<Arc<Mutex<Vsock>>>,
+    ),
+    BuildError,
+> {
     let mut disks = Vec::new();
     let mut nets = Vec::new();
+    let mut vsocks = Vec::new();
     for state in saved {
         let device = virtio
             .manager
@@ -790,10 +801,11 @@ fn restore_virtio_devices(
         match device {
             VirtioHandle::Block(block) => disks.push(block),
             VirtioHandle::Net(net) => nets.push(net),
+            VirtioHandle::Vsock(vsock) => vsocks.push(vsock),
             _ => {}
         }
     }
-    Ok((disks, nets))
+    Ok((disks, nets, vsocks))
 }
 
 /// Disks restored on an image of another size than the saved one (a template's empty

@@ -246,6 +246,11 @@ pub struct ContainerRunArgs {
     #[arg(long)]
     pub no_template: bool,
 
+    /// Run the fresh microVM's VMM without the jail it gets when hearth runs as root
+    /// (README "Security: the jail").
+    #[arg(long)]
+    pub no_jail: bool,
+
     /// The image: an OCI layout directory, an OCI archive, a `docker save` tarball, or a
     /// root filesystem directory or tarball.
     #[arg(value_name = "IMAGE")]
@@ -329,6 +334,11 @@ pub struct MachineStartArgs {
     /// of a booted machine, made on first use; see `hearth template`).
     #[arg(long)]
     pub no_template: bool,
+
+    /// Run the machine's VMM without the jail it gets when hearth runs as root
+    /// (README "Security: the jail").
+    #[arg(long)]
+    pub no_jail: bool,
 }
 
 /// `hearth template ...`: the snapshots container VMs and machines are restored from.

@@ -633,3 +633,111 @@ fn a_booted_machine_runs_commands() {
     assert_status(&run(cmd), 0);
     std::mem::forget(guard);
 }
+
+/// The VMM of the container front end `front_end`: its child (`--no-jail`), or that
+/// child's child once it has dropped root (the jailed VMM under the jail's supervisor).
+fn container_vmm(front_end: u32, jailed: bool) -> u32 {
+    let children = |pid: u32| -> Vec<u32> {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        tasks
+            .flatten()
+            .map(|task| std::fs::read_to_string(task.path().join("children")).unwrap_or_default())
+            .flat_map(|text| {
+                text.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for child in children(front_end) {
+            let candidates = if jailed { children(child) } else { vec![child] };
+            if let Some(&vmm) = candidates.first() {
+                if !jailed || status_field(vmm, "Uid:") != "0\t0\t0\t0" {
+                    return vmm;
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no VMM under the front end {front_end}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    (status.lines())
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Started as root, a container's VMM runs jailed: as `nobody`, without capabilities,
+/// in a root that holds none of the host's files, and still mapping the template's
+/// memory file (shared with every other clone); `--no-jail` runs it as hearth itself.
+#[test]
+fn a_container_vmm_is_jailed_unless_no_jail() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        common::announce_skip(common::Need::Root, "not root, so nothing is jailed");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = scratch("jailed");
+    let image = oci_image(&dir, &[]);
+    for jailed in [true, false] {
+        let mut cmd = hearth(&dir);
+        cmd.args(["container", "run", "-i"]);
+        if !jailed {
+            cmd.arg("--no-jail");
+        }
+        cmd.arg(&image)
+            .args(["sh", "-c", "echo ready; read line; echo got $line"]);
+        let mut running = Running::start(cmd, Stdio::piped());
+        running.expect_stdout_within(b"ready\n", MINIMAL_TIMEOUT);
+        let vmm = container_vmm(running.pid(), jailed);
+        let uid = status_field(vmm, "Uid:");
+        let cap_eff = status_field(vmm, "CapEff:");
+        let host_etc = Path::new(&format!("/proc/{vmm}/root/etc")).exists();
+        // The template's memory, mapped privately from the same file (so page cache
+        // pages stay shared), jailed or not.
+        let maps = std::fs::read_to_string(format!("/proc/{vmm}/maps")).unwrap_or_default();
+        let mem_inodes: Vec<u64> = std::fs::read_dir(shared_templates())
+            .unwrap()
+            .flatten()
+            .filter_map(|t| std::fs::metadata(t.path().join("mem")).ok())
+            .map(|m| m.ino())
+            .collect();
+        let maps_template = maps.lines().any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() >= 6
+                && fields[1].ends_with('p')
+                && fields[4]
+                    .parse()
+                    .is_ok_and(|ino: u64| mem_inodes.contains(&ino))
+        });
+        running.send(b"bye\n");
+        running.close_stdin();
+        let out = running.finish(MINIMAL_TIMEOUT);
+        assert_status(&out, 0);
+        assert_eq!(stdout_of(&out), "ready\ngot bye\n", "{}", describe(&out));
+        assert!(
+            maps_template,
+            "the VMM does not map the template's memory\n{maps}"
+        );
+        if jailed {
+            assert_eq!(uid, "65534\t65534\t65534\t65534", "jailed VMM {vmm}");
+            assert_eq!(cap_eff, "0000000000000000", "jailed VMM {vmm}");
+            assert!(!host_etc, "the jailed VMM {vmm} sees the host's /etc");
+        } else {
+            assert_eq!(uid, "0\t0\t0\t0", "unjailed VMM {vmm}");
+            assert_ne!(cap_eff, "0000000000000000", "unjailed VMM {vmm}");
+            assert!(host_etc, "the unjailed VMM {vmm} has no /etc");
+        }
+    }
+}

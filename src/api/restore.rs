@@ -254,7 +254,8 @@ pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
     if let Some(jail) = args.jail.config()? {
         crate::jail::check_root()?;
         let (files, sockets, taps) = jail_needs(&mut plan, &mut api_sock)?;
-        let jail_plan = crate::jail::JailPlan::from_parts(&jail.dir, files, sockets)?;
+        let jail_plan =
+            crate::jail::JailPlan::from_parts(&jail.dir, files, sockets)?.with_vm_dirs(&jail)?;
         if let crate::jail::Side::Parent(status) =
             crate::jail::enter_plan(&jail, &jail_plan, &taps)?
         {

@@ -6,7 +6,9 @@
 //! VMM's pid), `machine.json` (how it was started), `vm.json` (the VMM's configuration
 //! file) and `console.log` (serial console and VMM diagnostics). The VMM runs detached
 //! (its own session) and outlives `hearth machine start`; `hearth machine stop` asks the
-//! agent to power off and waits.
+//! agent to power off and waits. Started as root, the VMM is jailed (unless
+//! `--no-jail`): it makes its sockets in the jail, and the host reaches them through
+//! links at their usual paths.
 
 use std::fs;
 use std::io::Write;
@@ -19,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::session::{self, Signals};
 use super::template::TemplateStore;
-use super::vm::{self, VmSpec};
+use super::vm::{self, VmJail, VmSpec};
 use super::ContainerError;
 use crate::agent::protocol::{Rootfs, RunSpec, MODE_MACHINE};
 use crate::cli::{MachineCommand, MachineStartArgs, ProcessArgs};
@@ -71,6 +73,15 @@ impl Machine {
 
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+
+    /// The machine's jail (if its VMM is jailed): named after the state directory, so
+    /// that machines of the same name under other state directories do not meet.
+    fn jail(&self) -> VmJail {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(self.dir.as_os_str().as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        VmJail::new(format!("hearth-m-{hex}"), None)
     }
 
     /// The VMM's API socket; its path on the VMM's command line identifies the VMM
@@ -202,7 +213,10 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
         console_log: machine.console_log(),
         state_dir: machine.dir.clone(),
         detached: true,
+        jail: VmJail::wanted(args.no_jail).then(|| machine.jail()),
     };
+    // A jail left behind by a VMM of this machine killed outright.
+    machine.jail().remove_leftovers();
     let template = if args.no_template {
         None
     } else {
@@ -291,6 +305,7 @@ pub fn stop(name: &str) -> Result<(), ContainerError> {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             std::thread::sleep(Duration::from_millis(200));
             let _ = fs::remove_dir_all(&machine.dir);
+            machine.jail().remove_leftovers();
             return Err(machine.err("did not power off; killed it"));
         }
         std::thread::sleep(Duration::from_millis(50));

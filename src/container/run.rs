@@ -7,6 +7,7 @@
 //! and the time), run the process, wait for the VM to power off, clean up.
 
 use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::session::{self, Signals};
 use super::template::TemplateStore;
-use super::vm::{self, VmSpec};
+use super::vm::{self, VmJail, VmSpec};
 use super::{ContainerError, ProcessSpec};
 use crate::agent::protocol::{
     NetConfig, Network, Rootfs, RunSpec, Volume, AGENT_PORT, MODE_CONTAINER,
@@ -235,8 +236,9 @@ fn terminal_is_missing() -> bool {
     unsafe { libc::isatty(0) != 1 && libc::isatty(1) != 1 }
 }
 
-/// A per-run directory for the vsock socket, console log and volume images; removed on
-/// success, kept (and named in the error) on failure.
+/// A per-run directory for the console log and volume images, with `vm/` for the VMM's
+/// configuration, its sockets and our vsock listener (the VM's own directory, which a
+/// jailed VMM shares); removed on success, kept (and named in the error) on failure.
 struct RunDir {
     path: PathBuf,
     keep: bool,
@@ -251,7 +253,25 @@ impl RunDir {
         let path = base.join(format!("hearth-c-{}", super::random_id()));
         fs::create_dir(&path)
             .map_err(ContainerError::io(format!("creating {}", path.display())))?;
-        Ok(Self { path, keep: false })
+        let dir = Self { path, keep: false };
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir.vm_dir())
+            .map_err(ContainerError::io(format!(
+                "creating {}",
+                dir.vm_dir().display()
+            )))?;
+        Ok(dir)
+    }
+
+    fn vm_dir(&self) -> PathBuf {
+        self.path.join("vm")
+    }
+
+    /// The VM's jail: named after the run directory, which is unique.
+    fn jail(&self) -> VmJail {
+        let name = self.path.file_name().unwrap_or_default();
+        VmJail::new(name.to_string_lossy(), Some(self.vm_dir()))
     }
 }
 
@@ -296,6 +316,7 @@ fn fresh_vm(
     let kernel = super::guest_kernel(args.kernel.as_deref())?;
     let initrd = agent_initramfs(false)?;
     let mut dir = RunDir::create()?;
+    let mut jail = VmJail::wanted(args.no_jail).then(|| dir.jail());
     let mut disks = vec![BlockConfig {
         path: image_ext4.to_path_buf(),
         read_only: true,
@@ -311,6 +332,9 @@ fn fresh_vm(
                 VOLUME_FREE_BYTES
             };
             image::build_ext4(&volume.host, &out, free)?;
+            if let Some(jail) = jail.as_mut().filter(|_| !volume.readonly) {
+                jail.give.push(out.clone());
+            }
             out
         } else {
             volume.host.clone()
@@ -327,12 +351,16 @@ fn fresh_vm(
             readonly: volume.readonly,
         });
     }
-    let vsock = dir.path.join("v.sock");
+    let vsock = dir.vm_dir().join("v.sock");
     let listen_path = PathBuf::from(format!("{}_{AGENT_PORT}", vsock.display()));
     let listener = crate::uds::bind(&listen_path).map_err(ContainerError::io(format!(
         "listening on {}",
         listen_path.display()
     )))?;
+    if let Some(jail) = &mut jail {
+        // The jailed VMM connects to it for the agent.
+        jail.give.push(listen_path.clone());
+    }
     listener
         .set_nonblocking(true)
         .map_err(ContainerError::io("listener"))?;
@@ -357,8 +385,9 @@ fn fresh_vm(
             .collect(),
         vsock_socket: vsock,
         console_log: dir.path.join("console.log"),
-        state_dir: dir.path.clone(),
+        state_dir: dir.vm_dir(),
         detached: false,
+        jail,
     };
     let template = (!args.no_template).then(|| {
         TemplateStore::default_location()
@@ -407,6 +436,9 @@ fn fresh_vm(
         }
     };
     let stopped = wait_for_poweroff(&mut child, poweroff_timeout);
+    if let Some(jail) = &vm_spec.jail {
+        jail.remove_leftovers();
+    }
     match outcome {
         Ok(status) => {
             if let Err(reason) = stopped {

@@ -414,6 +414,9 @@ fn build(
         console_log: dir.join("boot.log"),
         state_dir: dir.to_path_buf(),
         detached: false,
+        // A jailed VMM could not write the snapshot: templates are made unjailed (their
+        // restores are jailed, with the template's files bound in read-only).
+        jail: None,
         ..spec.clone()
     };
     let deadline = Instant::now() + Duration::from_secs(boot_timeout);

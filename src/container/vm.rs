@@ -9,10 +9,16 @@
 //! it. The child gets its own process group (the terminal's Ctrl-C does not reach it),
 //! an unblocked signal mask, and for container VMs `PR_SET_PDEATHSIG`, so the VM dies
 //! with its front end.
+//!
+//! Started as root, the VMM runs in a jail ([`VmJail`], `hearth run --jail`; README
+//! "Security: the jail") unless the user says `--no-jail`: the front end gives the
+//! jail's uid what it must write or connect to, checks that it can open every file of
+//! the VM, and adds the jail's flags.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -75,10 +81,125 @@ pub struct VmSpec {
     pub vsock_socket: PathBuf,
     /// Serial console and VMM diagnostics go here.
     pub console_log: PathBuf,
-    /// Where the VMM's configuration file is written; lives as long as the VM.
+    /// Where the VMM's configuration file and API socket go; lives as long as the VM.
     pub state_dir: PathBuf,
     /// A machine: new session, no parent-death signal.
     pub detached: bool,
+    /// Run the VMM in this jail (`None`: unjailed).
+    pub jail: Option<VmJail>,
+}
+
+/// How the VMM of a container VM or a machine is jailed: as the jail's default uid and
+/// gid (`nobody`), in its own jail directory, with the VM's own directory bound in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmJail {
+    /// `--jail-id`: names the jail directory, so unique on the host.
+    pub id: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// `--vm-dir`: the directory of the VM's sockets and of the host's vsock listener,
+    /// reachable from both sides.
+    pub vm_dir: Option<PathBuf>,
+    /// Files the front end made for this VM that the jailed uid writes or connects to
+    /// (writable volume images, the vsock listener): given to it before the VMM starts.
+    pub give: Vec<PathBuf>,
+}
+
+impl VmJail {
+    pub fn new(id: impl Into<String>, vm_dir: Option<PathBuf>) -> Self {
+        Self {
+            id: id.into(),
+            uid: crate::jail::DEFAULT_UID,
+            gid: crate::jail::DEFAULT_GID,
+            vm_dir,
+            give: Vec::new(),
+        }
+    }
+
+    /// Whether VMs are jailed: when hearth runs as root, unless `--no-jail`.
+    pub fn wanted(no_jail: bool) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        !no_jail && unsafe { libc::geteuid() } == 0
+    }
+
+    /// The jail directory on the host.
+    pub fn dir(&self) -> PathBuf {
+        Path::new(crate::jail::DEFAULT_JAIL_PARENT).join(&self.id)
+    }
+
+    /// Removes what a jailed VMM killed outright (SIGKILL leaves its jail's supervisor no
+    /// time to clean up) left of its jail directory. Call once the VMM has exited.
+    pub fn remove_leftovers(&self) {
+        let dir = self.dir();
+        if dir.symlink_metadata().is_ok() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                log::warn!("cannot remove the jail {}: {e}", dir.display());
+            }
+        }
+    }
+
+    fn args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["--jail".into(), "--jail-id".into(), (&self.id).into()];
+        if let Some(dir) = &self.vm_dir {
+            args.extend(["--vm-dir".into(), dir.into()]);
+        }
+        args
+    }
+
+    /// Gives the jail's uid the console log and the files it was promised, then checks
+    /// that it may open each file the VMM opens (`reads`, `writes`), so that a file it
+    /// cannot use is named now, with what to do, rather than in the console log.
+    fn prepare(
+        &self,
+        console_log: &Path,
+        reads: &[&Path],
+        writes: &[&Path],
+    ) -> Result<(), SpawnError> {
+        for path in std::iter::once(console_log).chain(self.give.iter().map(PathBuf::as_path)) {
+            std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid)).map_err(|source| {
+                SpawnError::Give {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+        }
+        self.check(reads, writes)
+    }
+
+    /// Checks that the jail's uid may open `reads` and `writes` as the VMM will.
+    fn check(&self, reads: &[&Path], writes: &[&Path]) -> Result<(), SpawnError> {
+        let checks = (reads.iter().map(|p| (p, false))).chain(writes.iter().map(|p| (p, true)));
+        for (path, write) in checks {
+            let meta = std::fs::metadata(path).map_err(|source| SpawnError::JailCheck {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            if !may_open(&meta, self.uid, self.gid, write) {
+                return Err(SpawnError::JailAccess {
+                    uid: self.uid,
+                    gid: self.gid,
+                    verb: if write { "read and write" } else { "read" },
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the permission bits of a file let `uid`/`gid` (without supplementary groups,
+/// as in the jail) read it, and write it if `write`. ACLs are not looked at: the jail
+/// checks again by opening each file as the VMM will.
+fn may_open(meta: &std::fs::Metadata, uid: u32, gid: u32, write: bool) -> bool {
+    let shift = if meta.uid() == uid {
+        6
+    } else if meta.gid() == gid {
+        3
+    } else {
+        0
+    };
+    let wanted = if write { 0o6 } else { 0o4 };
+    (meta.mode() >> shift) & wanted == wanted
 }
 
 /// Why the VMM could not be started.
@@ -94,6 +215,25 @@ pub enum SpawnError {
     },
     #[error("cannot start the VMM")]
     Start(#[source] io::Error),
+    #[error("cannot give \"{path}\" to the jailed VMM")]
+    Give {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot check \"{path}\" for the jailed VMM")]
+    JailCheck {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the jailed VMM (uid {uid}, gid {gid}) cannot {verb} \"{path}\": chown it to {uid}:{gid}, make it accessible to others, or use --no-jail")]
+    JailAccess {
+        uid: u32,
+        gid: u32,
+        verb: &'static str,
+        path: PathBuf,
+    },
 }
 
 impl VmSpec {
@@ -126,6 +266,12 @@ impl VmSpec {
     pub fn api_socket(&self) -> PathBuf {
         self.state_dir.join(API_SOCKET)
     }
+
+    fn read_only_disks(&self) -> impl Iterator<Item = &Path> {
+        (self.disks.iter())
+            .filter(|d| d.read_only)
+            .map(|d| d.path.as_path())
+    }
 }
 
 /// Writes the VM's configuration file and starts `hearth run --config` on it, serving
@@ -140,7 +286,9 @@ pub fn spawn(spec: &VmSpec) -> Result<Child, SpawnError> {
     })?;
     let mut args: Vec<OsString> = vec!["run".into(), "--config".into(), config_path.into()];
     args.extend(["--api-sock".into(), spec.api_socket().into()]);
-    launch(spec, args)
+    let mut reads = vec![spec.kernel.as_path(), spec.initrd.as_path()];
+    reads.extend(spec.read_only_disks());
+    launch(spec, args, &reads)
 }
 
 /// Starts `hearth restore` of `template` as the VM `spec` describes: its disks, taps,
@@ -167,6 +315,8 @@ pub fn spawn_restore(spec: &VmSpec, template: &Template) -> Result<Child, SpawnE
     for (index, nic) in spec.nets.iter().enumerate() {
         flag("--net-override", format!("net{index}={}", nic.tap).into());
     }
+    let mut reads = vec![template.state.as_path(), template.mem.as_path()];
+    reads.extend(spec.read_only_disks());
     // The guest's boot messages are the template's; say where they are.
     if let Ok(mut log) = append(&spec.console_log) {
         let boot_log = template.state.with_file_name("boot.log");
@@ -177,11 +327,21 @@ pub fn spawn_restore(spec: &VmSpec, template: &Template) -> Result<Child, SpawnE
             boot_log.display()
         );
     }
-    launch(spec, args)
+    launch(spec, args, &reads)
 }
 
-fn launch(spec: &VmSpec, args: Vec<OsString>) -> Result<Child, SpawnError> {
+/// Starts `hearth ARGS`, jailed if the spec says so; `reads` are the files the VMM only
+/// reads (the writable disks are the spec's).
+fn launch(spec: &VmSpec, mut args: Vec<OsString>, reads: &[&Path]) -> Result<Child, SpawnError> {
     let log = append(&spec.console_log).map_err(SpawnError::Start)?;
+    if let Some(jail) = &spec.jail {
+        let writes: Vec<&Path> = (spec.disks.iter())
+            .filter(|d| !d.read_only)
+            .map(|d| d.path.as_path())
+            .collect();
+        jail.prepare(&spec.console_log, reads, &writes)?;
+        args.extend(jail.args());
+    }
     let mut cmd = Command::new(std::env::current_exe().map_err(SpawnError::Start)?);
     cmd.args(args)
         .stdin(Stdio::null())
@@ -256,6 +416,7 @@ mod tests {
             console_log: dir.join("console.log"),
             state_dir: dir.to_path_buf(),
             detached: false,
+            jail: None,
         }
     }
 
@@ -288,6 +449,70 @@ mod tests {
 
         spec.cpus = 300;
         assert!(matches!(spec.vm_config(), Err(ConfigError::VcpuCount(300))));
+    }
+
+    #[test]
+    fn jail_flags_and_permission_bits() {
+        let mut jail = VmJail::new("hearth-c-1", Some("/run/x/vm".into()));
+        assert_eq!((jail.uid, jail.gid), (65534, 65534));
+        assert_eq!(jail.dir(), Path::new("/run/hearth/jail/hearth-c-1"));
+        assert_eq!(
+            jail.args(),
+            ["--jail", "--jail-id", "hearth-c-1", "--vm-dir", "/run/x/vm"]
+        );
+        jail.vm_dir = None;
+        assert_eq!(jail.args(), ["--jail", "--jail-id", "hearth-c-1"]);
+
+        use std::os::unix::fs::PermissionsExt;
+        let dir = temp_dir();
+        let file = dir.join("bits");
+        std::fs::write(&file, b"x").unwrap();
+        let bits = |mode: u32| {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let meta = std::fs::metadata(&file).unwrap();
+            let (uid, gid) = (meta.uid(), meta.gid());
+            // As the owner, as a member of the group, as anyone else.
+            [
+                (
+                    may_open(&meta, uid, gid + 1, false),
+                    may_open(&meta, uid, gid + 1, true),
+                ),
+                (
+                    may_open(&meta, uid + 1, gid, false),
+                    may_open(&meta, uid + 1, gid, true),
+                ),
+                (
+                    may_open(&meta, uid + 1, gid + 1, false),
+                    may_open(&meta, uid + 1, gid + 1, true),
+                ),
+            ]
+        };
+        assert_eq!(bits(0o644), [(true, true), (true, false), (true, false)]);
+        assert_eq!(bits(0o600), [(true, true), (false, false), (false, false)]);
+        assert_eq!(bits(0o066), [(false, false), (true, true), (true, true)]);
+        assert_eq!(
+            bits(0o200),
+            [(false, false), (false, false), (false, false)]
+        );
+
+        // A file only its owner may use is named, with what to do.
+        let jail = VmJail::new("x", None);
+        let meta = std::fs::metadata(&file).unwrap();
+        if meta.uid() != jail.uid {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(jail.check(&[&file], &[]).is_ok());
+            let err = jail.check(&[], &[&file]).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "the jailed VMM (uid 65534, gid 65534) cannot read and write \"{}\": \
+                     chown it to 65534:65534, make it accessible to others, or use --no-jail",
+                    file.display()
+                )
+            );
+        }
+        let err = jail.check(&[&dir.join("missing")], &[]).unwrap_err();
+        assert!(matches!(err, SpawnError::JailCheck { .. }), "{err}");
     }
 
     #[test]

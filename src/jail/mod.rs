@@ -109,6 +109,9 @@ pub struct JailConfig {
     pub cgroup: CgroupLimits,
     #[serde(default)]
     pub rlimits: Rlimits,
+    /// A directory of the VM's own, bound into the jail at its own path (`--vm-dir`).
+    #[serde(default)]
+    pub vm_dir: Option<PathBuf>,
 }
 
 /// The jail's command-line options, shared by `hearth run` and `hearth restore`.
@@ -147,6 +150,10 @@ pub struct JailArgs {
     /// Resource limits: nofile=N,fsize=SIZE (default: nofile=2048, fsize unlimited).
     #[arg(long, value_name = "SPEC", requires = "jail")]
     pub rlimit: Option<String>,
+    /// A directory of this VM's alone (its sockets, the host's vsock listeners), bound
+    /// into the jail read-write at its own path and given to the jail's uid.
+    #[arg(long, value_name = "DIR", requires = "jail")]
+    pub vm_dir: Option<PathBuf>,
 }
 
 impl JailArgs {
@@ -201,6 +208,7 @@ impl JailArgs {
             netns,
             cgroup,
             rlimits,
+            vm_dir: self.vm_dir.clone(),
         }))
     }
 }
@@ -312,7 +320,7 @@ pub fn enter(
     sockets: &mut [&mut PathBuf],
 ) -> Result<Side, JailError> {
     check_root()?;
-    let plan = JailPlan::new(&jail.dir, config, sockets)?;
+    let plan = JailPlan::new(&jail.dir, config, sockets)?.with_vm_dirs(jail)?;
     config.cpu_profile = match config.resolved_cpu_profile() {
         crate::config::CpuProfile::Host => crate::config::CpuProfileChoice::Host,
         crate::config::CpuProfile::Compat => crate::config::CpuProfileChoice::Compat,
@@ -403,7 +411,13 @@ impl HostSide {
             std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(make_err(&host_dir))?;
         }
-        for socket in &plan.sockets {
+        // The VM's own directories are its uid's, and only it and root get in.
+        for dir in &plan.vm_dirs {
+            std::os::unix::fs::chown(dir, Some(jail.uid), Some(jail.gid)).map_err(make_err(dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(make_err(dir))?;
+        }
+        for socket in plan.linked_sockets() {
             claim_socket_path(socket)?;
             let target = plan.host_path(socket);
             std::os::unix::fs::symlink(&target, socket).map_err(make_err(socket))?;
@@ -594,6 +608,10 @@ fn inside(jail: &JailConfig, plan: &JailPlan, taps: &[String]) -> Result<(), Jai
         sys::set_rlimit(libc::RLIMIT_FSIZE, fsize)?;
     }
     sys::drop_privileges(jail.uid, jail.gid, last_cap)?;
+    // The kernel clears the parent-death signal when the credentials change: set it
+    // again, or a VMM whose supervisor is killed outright would outlive it. (The window
+    // between setresuid and here is a few instructions.)
+    sys::set_parent_death_signal()?;
     match landlock::restrict(&landlock_rules(plan)).map_err(JailError::Landlock)? {
         landlock::Outcome::Enforced { abi } => log::info!("Landlock ABI {abi} enforced"),
         landlock::Outcome::Unsupported => log::warn!("no Landlock in this kernel"),
@@ -678,6 +696,12 @@ fn build_tree(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
         sys::bind(&source, target, NO_SUID_DEV_EXEC)?;
     }
     drop(socket_dirs);
+    // The VM's own directories after the socket directories (one may lie in one).
+    for dir in &plan.vm_dirs {
+        let target = plan.host_path(dir);
+        sys::make_dirs(&target)?;
+        sys::bind(dir, &target, NO_SUID_DEV_EXEC)?;
+    }
     for file in &plan.files {
         let target = plan.host_path(&file.path);
         sys::make_mount_point(&target)?;
@@ -717,7 +741,7 @@ fn landlock_rules(plan: &JailPlan) -> Vec<(PathBuf, u64)> {
         rules.push((device.into(), READ_FILE | WRITE_FILE | IOCTL_DEV));
     }
     rules.push(("/proc".into(), READ_FILE | READ_DIR));
-    for dir in plan.socket_dirs() {
+    for dir in plan.socket_dirs().into_iter().chain(plan.vm_dirs.clone()) {
         rules.push((dir, MAKE_SOCK | REMOVE_FILE));
     }
     rules
@@ -789,6 +813,7 @@ mod tests {
                     nofile: 2048,
                     fsize: None
                 },
+                vm_dir: None,
             }
         );
         let default_id = config(&["--jail"]).unwrap().unwrap().id;
@@ -813,6 +838,8 @@ mod tests {
             "pids=32",
             "--rlimit",
             "nofile=512,fsize=1G",
+            "--vm-dir",
+            "/run/vm1",
         ])
         .unwrap()
         .unwrap();
@@ -820,6 +847,7 @@ mod tests {
         assert_eq!((jail.uid, jail.gid), (1000, 100));
         assert_eq!(jail.netns, NetnsChoice::Join("/run/netns/x".into()));
         assert_eq!(jail.cgroup.pids, Some(32));
+        assert_eq!(jail.vm_dir, Some(PathBuf::from("/run/vm1")));
         assert_eq!(
             jail.rlimits,
             Rlimits {
@@ -879,7 +907,12 @@ mod tests {
                     access: Access::ReadWrite,
                 },
             ],
-            sockets: vec!["/s/api.sock".into(), "/s/v.sock".into()],
+            sockets: vec![
+                "/s/api.sock".into(),
+                "/s/v.sock".into(),
+                "/vm/v.sock".into(),
+            ],
+            vm_dirs: vec!["/vm".into()],
         };
         let rules = landlock_rules(&plan);
         let rule = |p: &str| {
@@ -892,6 +925,12 @@ mod tests {
         assert_eq!(rule("/k") & landlock::WRITE_FILE, 0);
         assert_ne!(rule("/d") & landlock::WRITE_FILE, 0);
         assert_eq!(rule("/s"), landlock::MAKE_SOCK | landlock::REMOVE_FILE);
+        assert_eq!(rule("/vm"), landlock::MAKE_SOCK | landlock::REMOVE_FILE);
+        // A socket in the VM's own directory needs no socket directory besides it.
+        assert_eq!(
+            rules.iter().filter(|(p, _)| p == Path::new("/vm")).count(),
+            1
+        );
         assert_eq!(
             rules.iter().filter(|(p, _)| p == Path::new("/s")).count(),
             1

@@ -1,7 +1,9 @@
 //! Which host files and sockets a jailed VM needs, and where they go in the jail: each
 //! file is mirrored at its own absolute path under the jail directory (so the VM's config
 //! needs no rewriting beyond making its paths absolute), each socket is made by the VMM at
-//! its own path inside the jail and reached from the host through a symlink.
+//! its own path inside the jail and reached from the host through a symlink, unless it
+//! lives in a directory of the VM's own (`--vm-dir`), which is bound into the jail at its
+//! own path whole, so that the host's listeners there are reachable from the jail.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -33,6 +35,9 @@ pub struct JailPlan {
     pub files: Vec<JailFile>,
     /// Sockets the VMM creates, at these absolute paths inside the jail.
     pub sockets: Vec<PathBuf>,
+    /// Directories of the VM's own, bind-mounted read-write at their own paths and given
+    /// to the jail's uid: sockets in them are made there, without a link.
+    pub vm_dirs: Vec<PathBuf>,
 }
 
 /// Directories inside the jail that hearth itself fills; no VM file may live there.
@@ -112,15 +117,62 @@ impl JailPlan {
                 .map(|(path, access)| JailFile { path, access })
                 .collect(),
             sockets,
+            vm_dirs: Vec::new(),
         };
         plan.check()?;
         Ok(plan)
     }
 
+    /// Adds the VM's own directory of `jail`, if any (see [`Self::with_vm_dir`]).
+    pub fn with_vm_dirs(self, jail: &super::JailConfig) -> Result<Self, JailError> {
+        match &jail.vm_dir {
+            Some(dir) => self.with_vm_dir(dir),
+            None => Ok(self),
+        }
+    }
+
+    /// Adds the VM's own directory `dir` (made canonical): a directory made for this VM
+    /// alone, never one others share (a world-writable or sticky one such as /tmp is
+    /// refused), as it becomes the jail's uid's.
+    pub fn with_vm_dir(mut self, dir: &Path) -> Result<Self, JailError> {
+        let refuse = |why: &str| JailError::File {
+            what: "VM directory".into(),
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(why.to_string()),
+        };
+        let canonical = dir.canonicalize().map_err(|source| JailError::File {
+            what: "VM directory".into(),
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let meta = canonical.metadata().map_err(|source| JailError::File {
+            what: "VM directory".into(),
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(refuse("not a directory"));
+        }
+        if canonical.parent().is_none() {
+            return Err(refuse("not / (give the VM a directory of its own)"));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o1002 != 0 {
+            return Err(refuse(
+                "shared by everyone (world-writable or sticky): give the VM a directory of its own",
+            ));
+        }
+        self.vm_dirs.push(canonical);
+        self.check()?;
+        Ok(self)
+    }
+
     /// No file or socket under a reserved directory, inside the jail directory itself, or
     /// at the same path as another.
     fn check(&self) -> Result<(), JailError> {
-        let paths = (self.files.iter().map(|f| &f.path)).chain(&self.sockets);
+        let paths = (self.files.iter().map(|f| &f.path))
+            .chain(&self.sockets)
+            .chain(&self.vm_dirs);
         if let Some(socket) = (self.sockets.iter()).find(|s| s.parent() == Some(Path::new("/"))) {
             return Err(JailError::File {
                 what: "socket".into(),
@@ -151,9 +203,22 @@ impl JailPlan {
         host_path(&self.root, path)
     }
 
-    /// The directories holding the sockets, each once, as the jailed VMM sees them.
+    /// Whether `path` is in one of the VM's own directories.
+    pub fn in_vm_dir(&self, path: &Path) -> bool {
+        self.vm_dirs.iter().any(|dir| path.starts_with(dir))
+    }
+
+    /// The sockets the host reaches through a link into the jail: those outside the VM's
+    /// own directories.
+    pub fn linked_sockets(&self) -> impl Iterator<Item = &PathBuf> {
+        self.sockets.iter().filter(|s| !self.in_vm_dir(s))
+    }
+
+    /// The directories (as the jailed VMM sees them) holding the linked sockets, each
+    /// once: made in the jail directory on the host.
     pub fn socket_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = (self.sockets.iter())
+        let mut dirs: Vec<PathBuf> = self
+            .linked_sockets()
             .filter_map(|s| s.parent().map(Path::to_path_buf))
             .collect();
         dirs.sort();
@@ -311,6 +376,47 @@ mod tests {
         let mut api = PathBuf::from("/api.sock");
         let err = JailPlan::new(Path::new("/j"), &mut in_root, &mut [&mut api]).unwrap_err();
         assert!(crate::error_chain(&err).contains("not /"), "{err}");
+    }
+
+    #[test]
+    fn sockets_in_the_vm_dir_need_no_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("vmdir");
+        let kernel = touch(&dir.0, "vmlinux");
+        let own = dir.0.join("vm");
+        std::fs::create_dir(&own).unwrap();
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut config = VmConfig::new(&kernel);
+        config.vsock = Some(crate::devices::virtio::vsock::VsockConfig {
+            guest_cid: 3,
+            uds_path: own.join("v.sock"),
+        });
+        let mut api = dir.0.join("api.sock");
+        let plan = JailPlan::new(Path::new("/j"), &mut config, &mut [&mut api])
+            .unwrap()
+            .with_vm_dir(&dir.0.join(".").join("vm"))
+            .unwrap();
+        assert_eq!(plan.vm_dirs, std::slice::from_ref(&own));
+        assert!(plan.in_vm_dir(&own.join("v.sock")));
+        assert_eq!(plan.linked_sockets().collect::<Vec<_>>(), [&api]);
+        assert_eq!(plan.socket_dirs(), std::slice::from_ref(&dir.0));
+
+        // Shared directories, files, / and the jail's own are refused.
+        let shared = dir.0.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let refused = |path: &Path, root: &Path| {
+            let plan = JailPlan::from_parts(root, Vec::new(), Vec::new()).unwrap();
+            crate::error_chain(&plan.with_vm_dir(path).unwrap_err())
+        };
+        assert!(refused(&shared, Path::new("/j")).contains("shared by everyone"));
+        assert!(refused(Path::new("/tmp"), Path::new("/j")).contains("shared by everyone"));
+        assert!(refused(&kernel, Path::new("/j")).contains("not a directory"));
+        assert!(refused(Path::new("/"), Path::new("/j")).contains("not /"));
+        assert!(
+            refused(&dir.0.join("nope"), Path::new("/j")).starts_with("cannot use VM directory")
+        );
+        assert!(refused(&dir.0, &own.join("jail")).contains("inside (or holds) the jail"));
     }
 
     #[test]

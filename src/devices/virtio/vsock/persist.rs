@@ -50,6 +50,21 @@ impl Vsock {
         Ok(vsock)
     }
 
+    /// Raises the interrupt of the TRANSPORT_RESET posted at the activation again. A
+    /// restore activates the device before it restores the interrupt controllers, and KVM
+    /// delivers an irqfd's edge to an IOAPIC pin from a worker thread, so that first edge
+    /// may reach the IOAPIC before its saved state replaces it, and be lost: the guest
+    /// would never learn that its connections are gone. Call once the interrupt
+    /// controllers are restored; a second edge is at worst a spurious interrupt.
+    pub fn repeat_reset_interrupt(&mut self) {
+        if self.reset_unacked.is_none() {
+            return;
+        }
+        if let Some((_, active)) = self.core.active() {
+            active.interrupt.signal_used_queue();
+        }
+    }
+
     /// Puts a TRANSPORT_RESET event in the first usable event buffer. Buffers too small
     /// for an event go back empty.
     pub(super) fn send_transport_reset(&mut self) {
@@ -166,6 +181,10 @@ mod tests {
         let event: u32 = mem.read_obj(GuestAddress(event_buffer)).unwrap();
         assert_eq!(event, EVENT_TRANSPORT_RESET);
         assert!(driver.interrupts() > 0);
+        // Raised again once the interrupt controllers are restored, without a second event.
+        lock(&vsock).repeat_reset_interrupt();
+        assert!(driver.interrupts() > 0);
+        assert_eq!(driver.event.used().len(), 1);
 
         // Until the driver has handled the reset (it posts its event buffer again), a
         // packet waits: a connection opened now would die in the late reset.
@@ -177,6 +196,10 @@ mod tests {
         lock(&vsock).process_tx();
         assert_eq!(driver.tx.used().len(), 2);
         assert_eq!(ops(&driver.received()), [OP_RST]);
+        // The reset handled, there is nothing to raise again.
+        let _ = driver.interrupts();
+        lock(&vsock).repeat_reset_interrupt();
+        assert_eq!(driver.interrupts(), 0);
         // Activated again after a driver reset: nothing more to announce.
         let mut device = lock(&vsock);
         device.reset();
