@@ -7,13 +7,11 @@
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use event_manager::EventSet;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::QueueT;
 
 use super::muxer::Muxer;
 use super::packet::{self, MAX_PACKET_LEN, MAX_PAYLOAD_LEN};
@@ -28,7 +26,7 @@ pub const QUEUE_SIZES: [u16; 3] = [256; 3];
 pub(super) const RX_QUEUE: usize = 0;
 pub(super) const TX_QUEUE: usize = 1;
 /// Only for VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, which only snapshot restore needs; its
-/// eventfd is watched for the driver giving the event buffer back.
+/// eventfd is never watched.
 pub(super) const EVENT_QUEUE: usize = 2;
 const AVAIL_FEATURES: u64 = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
 
@@ -42,13 +40,9 @@ pub struct Vsock {
     /// Restored from a snapshot: the guest's connections are gone, which it learns at
     /// activation.
     pub(super) announce_reset: bool,
-    /// The event queue's available index right after a TRANSPORT_RESET was posted, until
-    /// the driver has handled it. Linux handles the event in a work item of its own, so
-    /// without this a packet could open a connection that the late reset then kills
-    /// behind the host stream's back (the guest sends nothing for it). The driver
-    /// re-posts the event buffer once it has reset its sockets: until then neither
-    /// queue moves.
-    pub(super) reset_unacked: Option<u16>,
+    /// A TRANSPORT_RESET was posted at this activation (see
+    /// [`Vsock::repeat_reset_interrupt`]).
+    pub(super) reset_posted: bool,
     tx_buf: Vec<u8>,
     rx_buf: Vec<u8>,
     pub(super) uds_path: std::path::PathBuf,
@@ -77,7 +71,7 @@ impl Vsock {
             muxer: Muxer::new(config.guest_cid, path.clone(), listener),
             watched_host: HashMap::new(),
             announce_reset: false,
-            reset_unacked: None,
+            reset_posted: false,
             tx_buf: vec![0; MAX_PACKET_LEN],
             rx_buf: vec![0; MAX_PAYLOAD_LEN],
             uds_path: path.clone(),
@@ -103,33 +97,8 @@ impl Vsock {
         self.core.is_activated()
     }
 
-    /// Whether the guest has handled the last TRANSPORT_RESET (or none is pending): it
-    /// has, once it has made a new event buffer available.
-    fn reset_handled(&mut self) -> bool {
-        let Some(posted) = self.reset_unacked else {
-            return true;
-        };
-        let Some((queues, active)) = self.core.active() else {
-            return false;
-        };
-        match queues[EVENT_QUEUE].avail_idx(&active.mem, Ordering::Acquire) {
-            Ok(idx) if idx.0 != posted => {
-                self.reset_unacked = None;
-                true
-            }
-            Ok(_) => false,
-            Err(e) => {
-                log::warn!("virtio-vsock: cannot read the event queue: {e}");
-                false
-            }
-        }
-    }
-
     /// Hands every TX packet to the muxer, then delivers what it has for the guest.
     pub fn process_tx(&mut self) {
-        if !self.reset_handled() {
-            return;
-        }
         let Some((queues, active)) = self.core.active() else {
             return;
         };
@@ -155,7 +124,7 @@ impl Vsock {
 
     /// Fills RX buffers with what the muxer has for the guest.
     pub fn process_rx(&mut self) {
-        if !self.muxer.has_rx() || !self.reset_handled() {
+        if !self.muxer.has_rx() {
             return;
         }
         let Some((queues, active)) = self.core.active() else {

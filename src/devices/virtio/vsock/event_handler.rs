@@ -1,4 +1,4 @@
-//! The event-loop side of virtio-vsock. The three queue eventfds are watched from
+//! The event-loop side of virtio-vsock. The RX and TX queue eventfds are watched from
 //! `init` for the device's whole life (except while paused); the watch list of host
 //! sockets follows the muxer: the listening socket, and each host stream for reading (when
 //! the guest can take data), writing (when bytes wait), or nothing but hang-up (while a
@@ -9,20 +9,18 @@ use std::collections::HashMap;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use super::device::{Vsock, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use super::device::{Vsock, RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::Pausable;
 
 const TOKEN_RX: u32 = 0;
 const TOKEN_TX: u32 = 1;
 const TOKEN_HOST: u32 = 2;
-/// The event queue: the driver giving back the TRANSPORT_RESET buffer.
-const TOKEN_EVENT: u32 = 3;
 
 impl Vsock {
     /// Brings the epoll watch list in line with the device and the muxer.
     pub(super) fn sync_watches(&mut self, ops: &mut EventOps) {
         self.core
-            .sync_queue_watches(ops, &[TOKEN_RX, TOKEN_TX, TOKEN_EVENT], "virtio-vsock");
+            .sync_queue_watches(ops, &[TOKEN_RX, TOKEN_TX], "virtio-vsock");
         let wanted = if self.core.is_paused() {
             HashMap::new()
         } else {
@@ -76,11 +74,6 @@ impl MutEventSubscriber for Vsock {
             }
             TOKEN_TX => {
                 self.core.read_queue_event(TX_QUEUE);
-                self.process_tx();
-            }
-            TOKEN_EVENT => {
-                // Held back until the guest handled a reset: go on if it now has.
-                self.core.read_queue_event(EVENT_QUEUE);
                 self.process_tx();
             }
             TOKEN_HOST => {
