@@ -437,17 +437,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
 
-    /// Append the metrics (one JSON object per line) to this file or named pipe every
-    /// 60 s, on the API's FlushMetrics and at exit.
-    #[arg(long, value_name = "PATH")]
-    pub metrics_path: Option<PathBuf>,
-
-    /// Run without the seccomp filters (for debugging; prints a warning).
-    #[arg(long)]
-    pub no_seccomp: bool,
-
     #[command(flatten)]
-    pub jail: crate::jail::JailArgs,
+    pub process: VmmProcessArgs,
 }
 
 /// Why `hearth run`'s arguments do not make a VM.
@@ -464,6 +455,23 @@ pub enum CliError {
     NoKernel,
     #[error(transparent)]
     Config(#[from] ConfigError),
+}
+
+/// How the VMM process runs, whatever VM it runs: shared by `hearth run` and
+/// `hearth restore`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct VmmProcessArgs {
+    /// Append the metrics (one JSON object per line) to this file or named pipe every
+    /// 60 s, on the API's FlushMetrics and at exit.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+
+    /// Run without the seccomp filters (for debugging; prints a warning).
+    #[arg(long)]
+    pub no_seccomp: bool,
+
+    #[command(flatten)]
+    pub jail: crate::jail::JailArgs,
 }
 
 impl RunArgs {
@@ -843,7 +851,7 @@ mod tests {
             panic!("expected run");
         };
         assert_eq!(args.api_sock, Some(PathBuf::from("/s")));
-        assert_eq!(args.metrics_path, Some(PathBuf::from("/m")));
+        assert_eq!(args.process.metrics_path, Some(PathBuf::from("/m")));
     }
 
     #[test]

@@ -88,16 +88,16 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             let mut config = args.vm_config()?;
             let mut api_sock = args.api_sock.clone();
             // Opened before the jail, which keeps the descriptor (and not the path).
-            if let Some(path) = &args.metrics_path {
+            if let Some(path) = &args.process.metrics_path {
                 metrics::init(path)?;
             }
-            if let Some(jail) = args.jail.config()? {
+            if let Some(jail) = args.process.jail.config()? {
                 let mut sockets: Vec<&mut std::path::PathBuf> = api_sock.iter_mut().collect();
                 if let jail::Side::Parent(status) = jail::enter(&jail, &mut config, &mut sockets)? {
                     return Ok(status);
                 }
             }
-            choose_seccomp(args.no_seccomp)?;
+            choose_seccomp(args.process.no_seccomp)?;
             match &api_sock {
                 Some(path) => Ok(api::shape::run_with_api(&config, path)?),
                 None => run_vm(&config),
@@ -124,10 +124,10 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Restore(args) => {
-            if let Some(path) = &args.metrics_path {
+            if let Some(path) = &args.process.metrics_path {
                 metrics::init(path)?;
             }
-            choose_seccomp(args.no_seccomp)?;
+            choose_seccomp(args.process.no_seccomp)?;
             Ok(api::restore::run(&args)?)
         }
     }

@@ -62,17 +62,8 @@ pub struct RestoreArgs {
     #[arg(long, conflicts_with = "paused")]
     pub restore_timer: bool,
 
-    /// Append the metrics (one JSON object per line) to this file or named pipe every
-    /// 60 s, on the API's FlushMetrics and at exit.
-    #[arg(long, value_name = "PATH")]
-    pub metrics_path: Option<PathBuf>,
-
-    /// Run without the seccomp filters (for debugging; prints a warning).
-    #[arg(long)]
-    pub no_seccomp: bool,
-
     #[command(flatten)]
-    pub jail: crate::jail::JailArgs,
+    pub process: crate::cli::VmmProcessArgs,
 }
 
 /// What the `--restore-timer` line starts with, after `hearth: ` (`hearth bench snapshot`
@@ -251,7 +242,7 @@ fn absolute(path: impl AsRef<std::path::Path>) -> PathBuf {
 pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
     let mut plan = args.plan()?;
     let mut api_sock = args.api_sock.clone();
-    if let Some(jail) = args.jail.config()? {
+    if let Some(jail) = args.process.jail.config()? {
         crate::jail::check_root()?;
         let (files, sockets, taps) = jail_needs(&mut plan, &mut api_sock)?;
         let jail_plan =
