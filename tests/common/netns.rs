@@ -6,12 +6,13 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 
 use super::{announce_skip, describe, kvm_available, Need};
 
-/// A network namespace `<prefix><pid>` with its loopback up, deleted (with its taps and
-/// everything else in it) on drop, also when the test panics.
+/// A network namespace `<prefix><pid>-<n>` with its loopback up, deleted (with its taps
+/// and everything else in it) on drop, also when the test panics.
 pub struct NetNs {
     name: String,
     /// Taps made by [`NetNs::add_tap`], deleted explicitly on drop.
@@ -19,10 +20,13 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// Creates the namespace `<prefix><pid>`, e.g. `hearth-nettest-1234`, replacing a stale
-    /// one of the same name.
+    /// Creates the namespace `<prefix><pid>-<n>`, e.g. `hearth-nettest-1234-0`, replacing
+    /// a stale one of the same name. `n` counts the namespaces of this process, so tests
+    /// that run at the same time never share (or delete) one another's.
     pub fn new(prefix: &str) -> Self {
-        let name = format!("{prefix}{}", std::process::id());
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{prefix}{}-{n}", std::process::id());
         // A leftover from an earlier process with the same pid is stale.
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
