@@ -178,6 +178,31 @@ fn connect_nonblocking_short(path: &Path) -> Result<UnixStream> {
     Ok(UnixStream::from(socket))
 }
 
+/// Waits up to `timeout_ms` (-1: forever) for any of `fds` to be readable or hung up;
+/// returns whether one is. Retried on `EINTR`.
+pub fn poll_readable(fds: &[std::os::fd::RawFd], timeout_ms: i32) -> Result<bool> {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `polls` is a valid array of pollfd of the given length.
+        let ret =
+            unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
+        if ret >= 0 {
+            return Ok(ret > 0);
+        }
+        let err = Error::last_os_error();
+        if err.kind() != ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -340,7 +340,7 @@ fn serve_until_start(
     signals: &OwnedFd,
 ) -> Result<Started, ShapeError> {
     loop {
-        wait_readable(&[endpoint.eventfd.as_raw_fd(), signals.as_raw_fd()])
+        crate::uds::poll_readable(&[endpoint.eventfd.as_raw_fd(), signals.as_raw_fd()], -1)
             .map_err(ShapeError::Signals)?;
         if let Some(signo) = read_signal(signals) {
             return Ok(Started::Signal(signo));
@@ -402,29 +402,6 @@ fn serve_until_start(
 fn start(controller: &PrebootController) -> Result<Vmm, ApiError> {
     let config = controller.resources.to_vm_config()?;
     build_vm(&config, crate::process_start()).map_err(|e| ApiError::Start(crate::error_chain(&e)))
-}
-
-/// Blocks until one of `fds` is readable.
-fn wait_readable(fds: &[i32]) -> std::io::Result<()> {
-    let mut polls: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: `polls` is a valid array of pollfd of the given length.
-        let ret = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, -1) };
-        if ret >= 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! frames never interleave.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -257,7 +257,7 @@ pub fn accept_agent<E: From<SessionError>>(
                 Err(e) => return Err(SessionError::Accept(e).into()),
             }
         }
-        if let Some(stream) = candidate.as_ref().filter(|s| poll_in(&[s.as_fd()], 0)) {
+        if let Some(stream) = candidate.as_ref().filter(|s| ready(&[s.as_raw_fd()], 0)) {
             stream
                 .set_read_timeout(Some(HELLO_TIMEOUT))
                 .map_err(SessionError::Accept)?;
@@ -277,29 +277,19 @@ pub fn accept_agent<E: From<SessionError>>(
             }
         }
         check()?;
-        let mut fds = vec![listener.as_fd()];
-        fds.extend(candidate.as_ref().map(|s| s.as_fd()));
-        poll_in(&fds, ACCEPT_POLL_MS);
+        let mut fds = vec![listener.as_raw_fd()];
+        fds.extend(candidate.as_ref().map(|s| s.as_raw_fd()));
+        ready(&fds, ACCEPT_POLL_MS);
     }
 }
 
 /// How long one wait of [`accept_agent`] lasts before it checks on the VM again.
 const ACCEPT_POLL_MS: i32 = 20;
 
-/// Waits up to `timeout_ms` for any of `fds` to be readable (or hung up); true if one is.
-fn poll_in(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> bool {
-    let mut polls: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|fd| libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: `polls` is a valid array of pollfd of the given length, and its
-    // descriptors are borrowed for the call.
-    let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
-    n > 0
+/// Whether one of `fds` is readable within `timeout_ms`; a failed poll counts as not yet
+/// (the caller polls again).
+fn ready(fds: &[std::os::fd::RawFd], timeout_ms: i32) -> bool {
+    crate::uds::poll_readable(fds, timeout_ms).unwrap_or(false)
 }
 
 /// Sends a request that the agent answers with one message.
