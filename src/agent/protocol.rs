@@ -35,6 +35,11 @@
 //!    with [`Message::Exit`] after the process has exited and its output was sent.
 //! 6. For `Shutdown` (machine): the agent stops every container, answers `Exit { status: 0 }`,
 //!    syncs and powers the VM off.
+//! 7. Machine only, instead of `Run`: [`Message::Forward`] (a published port: one session
+//!    per TCP connection or per UDP peer) → [`Message::Forwarding`] (or `Error`), and
+//!    from then on the stream is the connection itself: raw bytes both ways for TCP, a
+//!    half-close passed on as one; for UDP each datagram is a 2-byte big-endian length
+//!    and its bytes ([`write_datagram`], [`read_datagram`]).
 
 use std::io::{self, Read, Write};
 
@@ -95,6 +100,35 @@ pub enum Network {
     Vm,
     /// A network namespace of its own with only lo.
     None,
+    /// A network namespace of its own with lo and eth0 on the machine's bridge
+    /// (containers in a machine; see `agent::init::bridge`).
+    Bridge,
+}
+
+/// The transport of a published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        })
+    }
+}
+
+/// A request to reach a port of a machine's container (see [`Message::Forward`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardSpec {
+    /// The container's name in the machine.
+    pub container: String,
+    pub port: u16,
+    pub transport: Transport,
 }
 
 /// A host directory or image shared into the container as a virtio-blk disk.
@@ -186,6 +220,11 @@ pub enum Message {
         realtime_ns: u64,
     },
     Refreshed,
+    /// Connect this session to a port of a running container of the machine; after the
+    /// agent's [`Message::Forwarding`] the stream carries no more frames but the
+    /// connection's bytes (TCP) or datagrams (UDP; see [`write_datagram`]).
+    Forward(ForwardSpec),
+    Forwarding,
     Started {
         pid: i32,
     },
@@ -212,12 +251,14 @@ mod kind {
     pub const IMAGE_END: u8 = 11;
     pub const IMAGE_STATUS: u8 = 12;
     pub const REFRESH: u8 = 13;
+    pub const FORWARD: u8 = 14;
     pub const STARTED: u8 = 32;
     pub const STDOUT: u8 = 33;
     pub const STDERR: u8 = 34;
     pub const EXIT: u8 = 35;
     pub const ERROR: u8 = 36;
     pub const REFRESHED: u8 = 37;
+    pub const FORWARDING: u8 = 38;
 }
 
 /// Why a frame could not be read or written.
@@ -352,6 +393,8 @@ impl Message {
                 (kind::REFRESH, body)
             }
             Message::Refreshed => (kind::REFRESHED, Vec::new()),
+            Message::Forward(spec) => (kind::FORWARD, json(spec)),
+            Message::Forwarding => (kind::FORWARDING, Vec::new()),
             Message::Started { pid } => (kind::STARTED, pid.to_le_bytes().to_vec()),
             Message::Stdout(data) => (kind::STDOUT, data.clone()),
             Message::Stderr(data) => (kind::STDERR, data.clone()),
@@ -422,6 +465,8 @@ impl Message {
                 }
             }
             kind::REFRESHED => Message::Refreshed,
+            kind::FORWARD => Message::Forward(from_json_bounded("forward", payload)?),
+            kind::FORWARDING => Message::Forwarding,
             kind::STARTED => Message::Started {
                 pid: i32::from_le_bytes(fixed("started", payload)?),
             },
@@ -493,6 +538,37 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Option<Message>, ProtocolError
         }
     })?;
     Message::decode(header[4], &payload).map(Some)
+}
+
+/// Writes one datagram of a UDP forward: its length (u16, big endian), then its bytes.
+pub fn write_datagram<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
+    let len = u16::try_from(data.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "datagram over 65535 bytes"))?;
+    let mut frame = Vec::with_capacity(2 + data.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(data);
+    w.write_all(&frame)
+}
+
+/// Reads one datagram of a UDP forward into `buf` (at least 65535 bytes); `Ok(None)` is
+/// a clean end of stream between datagrams.
+pub fn read_datagram<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let mut len = [0u8; 2];
+    loop {
+        match r.read(&mut len[..1]) {
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    r.read_exact(&mut len[1..])?;
+    let len = usize::from(u16::from_be_bytes(len));
+    let dst = buf
+        .get_mut(..len)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "datagram buffer too small"))?;
+    r.read_exact(dst)?;
+    Ok(Some(len))
 }
 
 /// Incremental frame parser for non-blocking readers: feed bytes, take whole messages.
@@ -595,6 +671,12 @@ mod tests {
                 realtime_ns: 1_796_000_000_000_000_000,
             },
             Message::Refreshed,
+            Message::Forward(ForwardSpec {
+                container: "web".into(),
+                port: 80,
+                transport: Transport::Udp,
+            }),
+            Message::Forwarding,
             Message::Started { pid: 42 },
             Message::Stdout(b"out".to_vec()),
             Message::Stderr(Vec::new()),
@@ -728,6 +810,25 @@ mod tests {
         assert!(
             matches!(max, Message::Refresh { entropy, .. } if entropy.len() == MAX_REFRESH_ENTROPY)
         );
+    }
+
+    #[test]
+    fn datagrams_round_trip_with_their_boundaries() {
+        let mut wire = Vec::new();
+        write_datagram(&mut wire, b"ping").unwrap();
+        write_datagram(&mut wire, b"").unwrap();
+        write_datagram(&mut wire, &[9; 1000]).unwrap();
+        assert_eq!(&wire[..6], &[0, 4, b'p', b'i', b'n', b'g']);
+        assert!(write_datagram(&mut Vec::new(), &vec![0; 70_000]).is_err());
+        let mut reader = &wire[..];
+        let mut buf = vec![0u8; 65535];
+        assert_eq!(read_datagram(&mut reader, &mut buf).unwrap(), Some(4));
+        assert_eq!(&buf[..4], b"ping");
+        assert_eq!(read_datagram(&mut reader, &mut buf).unwrap(), Some(0));
+        assert_eq!(read_datagram(&mut reader, &mut buf).unwrap(), Some(1000));
+        assert_eq!(read_datagram(&mut reader, &mut buf).unwrap(), None);
+        // Cut in the middle of a datagram: an error, not a short datagram.
+        assert!(read_datagram(&mut &wire[..3], &mut buf).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use super::bridge::Bridge;
 use super::launch::Launcher;
 use super::net;
 use super::reaper::{ReapMode, Reaper};
@@ -543,6 +544,16 @@ pub fn pid1() -> ! {
             power_off();
         }
     };
+    // A machine's containers get their own network on a bridge, made once at boot (so
+    // a template carries it); a container VM's one container shares the VM's.
+    let bridge = match mode {
+        AgentMode::Machine => Bridge::setup().map_err(|e| {
+            let text = error_chain(&e);
+            log::warn!("containers will have no network of their own: {text}");
+            text
+        }),
+        AgentMode::Container => Err("a container VM's container shares the VM's network".into()),
+    };
     let launcher = Launcher::current();
     if mode == AgentMode::Container && fatal.is_none() {
         // The container's sandbox process, started before a template snapshot is taken,
@@ -559,6 +570,8 @@ pub fn pid1() -> ! {
             state_root: PathBuf::from("/run/hearth/c"),
             cgroup_root,
             host_path: MACHINE_PATH.to_string(),
+            bridge,
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
         },
         reaper,
     );

@@ -43,10 +43,14 @@
 //! [`AGENT_PORT`]: crate::agent::protocol::AGENT_PORT
 
 pub mod boot;
+pub mod bridge;
+mod forward;
 pub mod handoff;
 pub mod image;
 pub mod launch;
 pub mod net;
+pub mod netlink;
+pub mod nft;
 pub mod reaper;
 pub mod refresh;
 pub mod resolve;

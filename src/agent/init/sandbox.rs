@@ -8,7 +8,8 @@
 //! * [`Target::Host`]: apply user, environment and cwd, then exec in place.
 //! * [`Target::Sandbox`]: join a new cgroup (if the plan names one), `unshare` mount,
 //!   PID, UTS and IPC (the last two not for a container alone in its VM) and network
-//!   namespaces (for `Network::None`) and fork. The child, PID 1 of the new PID namespace, builds the overlay
+//!   namespaces (a new one for `Network::None`, the agent's prepared one for
+//!   `Network::Bridge`) and fork. The child, PID 1 of the new PID namespace, builds the overlay
 //!   root, pivots into it and execs; this process stays as its supervisor: it forwards
 //!   signals and exits with the child's status.
 //! * [`Target::Join`]: enter a running container's namespaces and cgroup, fork, exec.
@@ -29,6 +30,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use super::bridge::ContainerNet;
 use super::handoff;
 use super::net;
 use super::resolve::{self, Candidate, Identity, LookupError, ResolveError};
@@ -72,6 +74,9 @@ pub enum Target {
         /// which only keep sibling containers apart, are the VM's own.
         #[serde(default)]
         alone: bool,
+        /// The network namespace the agent prepared (`Network::Bridge`).
+        #[serde(default)]
+        net: Option<ContainerNet>,
     },
     /// Inside the running container whose PID-namespace init is `pid` (VM pid).
     Join { pid: i32, cgroup: Option<PathBuf> },
@@ -240,14 +245,16 @@ fn run(plan: Plan, mut sync: SyncPipe) -> i32 {
             state_dir,
             cgroup,
             alone,
-        } => match start_sandbox(spec, cgroup.as_deref(), *alone) {
+            net,
+        } => match start_sandbox(spec, cgroup.as_deref(), *alone, net.as_ref()) {
             Err(e) => {
                 sync.error(&e);
                 SETUP_FAILED
             }
             Ok(0) => {
                 forked_child();
-                if let Err(e) = setup_container(spec, lower, state_dir, cgroup.is_some()) {
+                let setup = setup_container(spec, lower, state_dir, cgroup.is_some(), net.as_ref());
+                if let Err(e) = setup {
                     sync.error(&e);
                     std::process::exit(SETUP_FAILED);
                 }
@@ -288,7 +295,12 @@ fn forked_child() {
 }
 
 /// Joins the cgroup, unshares the namespaces and forks; returns 0 in the child.
-fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>, alone: bool) -> Result<i32, SandboxError> {
+fn start_sandbox(
+    spec: &RunSpec,
+    cgroup: Option<&Path>,
+    alone: bool,
+    net: Option<&ContainerNet>,
+) -> Result<i32, SandboxError> {
     if let Some(dir) = cgroup {
         enter_new_cgroup(dir, spec)?;
         mark(|| format!("cgroup {} created and joined", dir.display()));
@@ -301,6 +313,10 @@ fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>, alone: bool) -> Result<i
     }
     if spec.network == Network::None {
         flags |= libc::CLONE_NEWNET;
+    }
+    if let Some(net) = net {
+        enter_netns(&net.netns)?;
+        mark(|| "entered the prepared network namespace".into());
     }
     if cgroup.is_some() {
         // Rooted at the cgroup just joined: the container sees itself at "/".
@@ -315,6 +331,18 @@ fn start_sandbox(spec: &RunSpec, cgroup: Option<&Path>, alone: bool) -> Result<i
     ctx(unsafe { sys::fork() }, || {
         "cannot fork the container".into()
     })
+}
+
+/// Enters the network namespace the agent made for the container (with its veth).
+fn enter_netns(path: &Path) -> Result<(), SandboxError> {
+    let file = ctx(File::open(path), || {
+        format!("cannot open the network namespace {}", path.display())
+    })?;
+    // SAFETY: the descriptor is an open file; setns checks it is a network namespace.
+    if unsafe { libc::setns(sys::raw(&file), libc::CLONE_NEWNET) } < 0 {
+        return Err(sys_err("cannot enter the container's network namespace"));
+    }
+    Ok(())
 }
 
 /// The namespaces in `flags`, for the marks.
@@ -413,6 +441,7 @@ fn setup_container(
     lower: &Lower,
     state: &Path,
     own_cgroup: bool,
+    net: Option<&ContainerNet>,
 ) -> Result<(), SandboxError> {
     mount_ctx(
         None,
@@ -487,8 +516,17 @@ fn setup_container(
         )?;
     }
     if let Some(name) = &spec.hostname {
-        write_host_files(name, spec)?;
+        write_host_files(name, spec, net.map(|n| n.address))?;
         mark(|| "/etc/hostname and /etc/hosts written".into());
+    }
+    if let Some(text) = net.and_then(|n| n.resolv_conf.as_deref()) {
+        mkdir(Path::new("/etc"))?;
+        // A link (often into /run) would send the write outside the container's files.
+        let _ = std::fs::remove_file("/etc/resolv.conf");
+        ctx(std::fs::write("/etc/resolv.conf", text), || {
+            "cannot write /etc/resolv.conf".into()
+        })?;
+        mark(|| "/etc/resolv.conf written".into());
     }
     ctx(sys::umount_detach(old), || {
         "cannot detach the old root".into()
@@ -599,13 +637,19 @@ fn mount_special(own_cgroup: bool) -> Result<(), SandboxError> {
     Ok(())
 }
 
-fn write_host_files(hostname: &str, spec: &RunSpec) -> Result<(), SandboxError> {
+fn write_host_files(
+    hostname: &str,
+    spec: &RunSpec,
+    address: Option<std::net::Ipv4Addr>,
+) -> Result<(), SandboxError> {
     mkdir(Path::new("/etc"))?;
     let ip = spec
         .net
         .as_ref()
         .and_then(|n| net::parse_cidr(&n.address).ok())
-        .map(|(addr, _)| addr.to_string())
+        .map(|(addr, _)| addr)
+        .or(address)
+        .map(|addr| addr.to_string())
         .unwrap_or_else(|| "127.0.1.1".to_string());
     let hosts = format!(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{hostname}\n"
@@ -899,6 +943,7 @@ mod tests {
                 state_dir: "/run/hearth/c/1".into(),
                 cgroup: Some("/sys/fs/cgroup/hearth-1".into()),
                 alone: false,
+                net: None,
             },
             marks: false,
         };

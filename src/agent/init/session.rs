@@ -18,6 +18,8 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::bridge::{self, Attachment, Bridge};
+use super::forward;
 use super::image::ImageStore;
 use super::launch::{self, Launch, Launcher, ParentIo};
 use super::net;
@@ -27,7 +29,7 @@ use super::sandbox::{Lower, Plan, Target};
 use super::sys;
 use super::timing::Marks;
 use crate::agent::protocol::{
-    read_message, write_message, Message, ProtocolError, Rootfs, RunSpec, VERSION,
+    read_message, write_message, Message, Network, ProtocolError, Rootfs, RunSpec, VERSION,
 };
 use crate::error_chain;
 
@@ -76,12 +78,18 @@ pub struct AgentConfig {
     pub cgroup_root: Option<PathBuf>,
     /// `PATH` for `Rootfs::Host` processes whose environment has none.
     pub host_path: String,
+    /// The bridge of `Network::Bridge` containers, or why there is none.
+    pub bridge: Result<Bridge, String>,
+    /// Where the VM's resolvers are listed (`/etc/resolv.conf`), for its containers.
+    pub resolv_conf: PathBuf,
 }
 
 struct Container {
     /// VM pid of the container's PID-namespace init; 0 while it starts.
     target: i32,
     cgroup: Option<PathBuf>,
+    /// Its place on the bridge; dropped (veth deleted, address freed) with the entry.
+    net: Option<Attachment>,
 }
 
 /// State shared by all sessions of one agent.
@@ -155,7 +163,7 @@ impl Agent {
     /// Serves one session to its end.
     pub fn serve<S>(self: &Arc<Self>, stream: S) -> Result<Outcome, SessionError>
     where
-        S: Send + Sync + 'static,
+        S: std::os::fd::AsRawFd + Send + Sync + 'static,
         for<'a> &'a S: Read + Write,
     {
         let link = Arc::new(Link {
@@ -229,6 +237,11 @@ impl Agent {
                     self.run(&link, *spec)?;
                     return Ok(Outcome::Done);
                 }
+                Message::Forward(spec) if self.config.mode == AgentMode::Machine => {
+                    let address = self.container_address(&spec.container);
+                    forward::serve(&*link.stream, &link.write, address, &spec)?;
+                    return Ok(Outcome::Done);
+                }
                 Message::Shutdown => {
                     self.stop_all_containers();
                     link.send(&Message::Exit { status: 0 })?;
@@ -238,6 +251,10 @@ impl Agent {
                     let text = match other {
                         Message::ImageQuery { .. } | Message::ImageLoad { .. } => {
                             "images can only be loaded into a machine".to_string()
+                        }
+                        Message::Forward(_) => {
+                            "ports are forwarded by vsock only to a machine's containers"
+                                .to_string()
                         }
                         other => format!("unexpected message (kind {})", other.encode().0),
                     };
@@ -288,6 +305,39 @@ impl Agent {
         }
     }
 
+    /// The bridge address of the running container `name`.
+    fn container_address(&self, name: &str) -> Result<std::net::Ipv4Addr, String> {
+        let registry = self.registry();
+        let container = registry
+            .get(name)
+            .ok_or_else(|| format!("no running container named {name:?}"))?;
+        container
+            .net
+            .as_ref()
+            .map(|n| n.address)
+            .ok_or_else(|| format!("container {name:?} is not on the machine's bridge"))
+    }
+
+    /// A network namespace on the bridge for the container `id` (registered already).
+    fn attach(&self, id: &str) -> Result<Option<bridge::ContainerNet>, String> {
+        let bridge =
+            self.config.bridge.as_ref().map_err(|why| {
+                format!("the container cannot have a network of its own here: {why}")
+            })?;
+        let attachment = bridge.attach().map_err(|e| {
+            format!(
+                "cannot connect the container to the bridge: {}",
+                error_chain(&e)
+            )
+        })?;
+        let resolv = std::fs::read_to_string(&self.config.resolv_conf).unwrap_or_default();
+        let plan = attachment.plan(bridge::container_resolv_conf(&resolv));
+        if let Some(c) = self.registry().get_mut(id) {
+            c.net = Some(attachment);
+        }
+        Ok(plan)
+    }
+
     fn plan(&self, spec: &RunSpec) -> Result<(Plan, Option<String>), String> {
         let target = match &spec.rootfs {
             Rootfs::Host => Target::Host {
@@ -334,6 +384,17 @@ impl Agent {
                 if let Some(c) = self.registry().get_mut(&id) {
                     c.cgroup = cgroup.clone();
                 }
+                let net = if spec.network == Network::Bridge {
+                    match self.attach(&id) {
+                        Ok(net) => net,
+                        Err(text) => {
+                            self.registry().remove(&id);
+                            return Err(text);
+                        }
+                    }
+                } else {
+                    None
+                };
                 let plan = Plan {
                     spec: spec.clone(),
                     target: Target::Sandbox {
@@ -341,6 +402,7 @@ impl Agent {
                         state_dir: self.config.state_root.join(&id),
                         cgroup,
                         alone,
+                        net,
                     },
                     marks: false,
                 };
@@ -375,6 +437,7 @@ impl Agent {
                 Container {
                     target: 0,
                     cgroup: None,
+                    net: None,
                 },
             );
             return Ok(name.to_string());
@@ -388,6 +451,7 @@ impl Agent {
                     Container {
                         target: 0,
                         cgroup: None,
+                        net: None,
                     },
                 );
                 return Ok(id);

@@ -38,6 +38,8 @@ fn harness_with(prestart: bool) -> Harness {
             state_root: dir.path().join("state"),
             cgroup_root: None,
             host_path: "/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            bridge: Err("no bridge in unit tests".into()),
+            resolv_conf: dir.path().join("resolv.conf"),
         },
         reaper,
     );
