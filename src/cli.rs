@@ -213,9 +213,20 @@ pub struct ContainerRunArgs {
     #[arg(long, value_name = "N")]
     pub cpus: Option<f64>,
 
-    /// none, or tap=NAME[,ip=A.B.C.D/N][,gw=A.B.C.D] (fresh microVM only).
-    #[arg(long, value_name = "MODE", default_value = "none")]
-    pub network: String,
+    /// none, or tap=NAME[,ip=A.B.C.D/N][,gw=A.B.C.D] (fresh microVM only). In a
+    /// machine: bridge (the default: its own address on the machine's bridge, NAT to the
+    /// machine's network) or none.
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
+
+    /// Publish a container port on the host (docker's syntax; repeatable). In a
+    /// machine, forwarded over vsock by this process while the container runs.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]"
+    )]
+    pub publish: Vec<String>,
 
     /// Override the image's entrypoint ("" clears it).
     #[arg(long, value_name = "CMD")]
@@ -782,7 +793,29 @@ mod tests {
         assert_eq!(args.process.workdir.as_deref(), Some("/tmp"));
         assert_eq!(args.image, PathBuf::from("img"));
         assert_eq!(args.command, ["sh", "-c", "exit 7", "-e"]);
-        assert_eq!(args.network, "none");
+        assert_eq!(args.network, None);
+        assert!(args.publish.is_empty());
+    }
+
+    #[test]
+    fn container_run_publishes_ports() {
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "container",
+            "run",
+            "--machine",
+            "dev",
+            "-p",
+            "8080:80",
+            "--publish",
+            "127.0.0.1:5353:53/udp",
+            "img",
+        ])
+        .unwrap();
+        let Some(Command::Container(ContainerCommand::Run(args))) = cli.command else {
+            panic!("expected container run");
+        };
+        assert_eq!(args.publish, ["8080:80", "127.0.0.1:5353:53/udp"]);
     }
 
     #[test]

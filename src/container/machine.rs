@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::ports::{HostSocket, PortMapping};
+use super::publish::{self, Destination};
 use super::session::{self, Signals};
 use super::template::TemplateStore;
 use super::vm::{self, VmJail, VmSpec};
@@ -380,15 +382,25 @@ fn run_in_machine(
     Ok((status & 0xff) as u8)
 }
 
-/// Runs a container in a machine, sending it the image first if the machine lacks it.
+/// Runs a container in a machine, sending it the image first if the machine lacks it,
+/// and forwards its published ports (`bound`: host sockets already bound) while it runs.
 pub fn run_container(
     name: &str,
     image: &PreparedImage,
     spec: RunSpec,
+    bound: Vec<(PortMapping, HostSocket)>,
     signals: &Signals,
 ) -> Result<i32, ContainerError> {
     let machine = Machine::new(name)?;
     let mut stream = machine.connect()?;
+    if !bound.is_empty() {
+        let destination = Destination {
+            socket: machine.socket(),
+            container: spec.name.clone().unwrap_or_default(),
+        };
+        publish::start(bound, &destination)
+            .map_err(ContainerError::io("starting the port forwarders"))?;
+    }
     let rootfs = image.rootfs.clone();
     session::ensure_image(&mut stream, &image.digest, move |w| {
         let mut tar = tar::Builder::new(w);

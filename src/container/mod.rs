@@ -16,6 +16,8 @@
 
 pub mod initramfs;
 pub mod machine;
+pub mod ports;
+pub mod publish;
 pub mod run;
 pub mod session;
 pub mod template;

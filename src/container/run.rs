@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use super::ports;
 use super::session::{self, Signals};
 use super::template::TemplateStore;
 use super::vm::{self, VmJail, VmSpec};
@@ -127,6 +128,18 @@ pub fn parse_network(spec: &str) -> Result<NetworkArg, ContainerError> {
     })
 }
 
+/// `--network` of a container in a machine: its own place on the machine's bridge (the
+/// default), or only loopback.
+fn machine_network(arg: Option<&str>) -> Result<Network, ContainerError> {
+    match arg {
+        None | Some("bridge") | Some("user") => Ok(Network::Bridge),
+        Some("none") => Ok(Network::None),
+        Some(other) => Err(ContainerError::Usage(format!(
+            "--network {other}: a container in a machine takes bridge (the default) or none"
+        ))),
+    }
+}
+
 /// How many volumes a container VM has room for: every virtio device but the image's
 /// disk, the NIC, the vsock and the entropy device.
 fn max_volumes(nic: bool) -> usize {
@@ -166,7 +179,11 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
         .iter()
         .map(|v| parse_volume(v))
         .collect::<Result<Vec<_>, _>>()?;
-    let network = parse_network(&args.network)?;
+    let network = match &args.machine {
+        Some(_) => NetworkArg::default(),
+        None => parse_network(args.network.as_deref().unwrap_or("none"))?,
+    };
+    let publish = ports::parse_all(&args.publish)?;
     let most = max_volumes(network.tap.is_some());
     if args.machine.is_none() && volumes.len() > most {
         return Err(ContainerError::Usage(format!(
@@ -180,6 +197,14 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
             "-t needs a terminal on stdin or stdout".into(),
         ));
     }
+    // Bound before anything starts: a port in use stops the run here, in one line.
+    let bound = match &args.machine {
+        Some(_) => publish
+            .iter()
+            .map(|m| ports::bind(m).map(|s| (*m, s)))
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
     let cache = ImageCache::default_location()?;
     let prepared = image::prepare(&args.image, &cache)?;
     let process = super::process_spec(
@@ -192,9 +217,15 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
 
     let status = match &args.machine {
         Some(machine) => {
-            if network.tap.is_some() || !volumes.is_empty() {
+            let machine_network = machine_network(args.network.as_deref())?;
+            if !volumes.is_empty() {
                 return Err(ContainerError::Usage(
-                    "--network tap= and -v need a fresh microVM (drop --machine)".into(),
+                    "-v needs a fresh microVM (drop --machine)".into(),
+                ));
+            }
+            if machine_network == Network::None && !publish.is_empty() {
+                return Err(ContainerError::Usage(
+                    "-p needs a network: drop --network none".into(),
                 ));
             }
             let mut spec = base_spec(
@@ -205,13 +236,18 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
                 },
             );
             spec.memory_limit = memory_limit;
-            spec.network = Network::None;
+            spec.network = machine_network;
             if spec.name.is_none() {
                 spec.name = Some(super::random_id());
             }
-            super::machine::run_container(machine, &prepared, spec, &signals)?
+            super::machine::run_container(machine, &prepared, spec, bound, &signals)?
         }
         None => {
+            if !publish.is_empty() {
+                return Err(ContainerError::Usage(
+                    "-p is supported for containers in a machine (--machine NAME)".into(),
+                ));
+            }
             let mut spec = base_spec(
                 args,
                 process,
@@ -539,6 +575,14 @@ mod tests {
     fn the_volume_limit_leaves_room_for_the_other_devices() {
         assert_eq!(max_volumes(false), 13);
         assert_eq!(max_volumes(true), 12);
+    }
+
+    #[test]
+    fn machine_networks_parse() {
+        assert_eq!(machine_network(None).unwrap(), Network::Bridge);
+        assert_eq!(machine_network(Some("user")).unwrap(), Network::Bridge);
+        assert_eq!(machine_network(Some("none")).unwrap(), Network::None);
+        assert!(machine_network(Some("tap=t0")).is_err());
     }
 
     #[test]
