@@ -620,3 +620,32 @@ fn shutdown_kills_running_containers() {
     drop(first);
     first_session.join().unwrap().unwrap();
 }
+
+#[test]
+fn forwards_need_a_running_container_on_the_bridge() {
+    let h = harness();
+    let (mut host, session) = connect(&h.agent);
+    let forward = Message::Forward(crate::agent::protocol::ForwardSpec {
+        container: "web".into(),
+        port: 80,
+        transport: crate::agent::protocol::Transport::Tcp,
+    });
+    write_message(&mut host, &forward).unwrap();
+    match read_message(&mut host).unwrap() {
+        Some(Message::Error(text)) => assert!(text.contains("no running container"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(session.join().unwrap(), Ok(Outcome::Done)));
+
+    // A container registered without a place on the bridge cannot be forwarded to.
+    h.agent.reserve(Some("web")).unwrap();
+    let (mut host, session) = connect(&h.agent);
+    write_message(&mut host, &forward).unwrap();
+    match read_message(&mut host).unwrap() {
+        Some(Message::Error(text)) => {
+            assert!(text.contains("not on the machine's bridge"), "{text}")
+        }
+        other => panic!("{other:?}"),
+    }
+    session.join().unwrap().unwrap();
+}

@@ -1,0 +1,263 @@
+//! A machine's container network end to end, in one machine: containers on the
+//! machine's bridge reach each other by address, `--network none` leaves only loopback,
+//! `-p` publishes a container's TCP and UDP ports on the host's loopback through
+//! hearth's vsock forwarder, a host port in use is refused before the container starts,
+//! and a container's veth is gone once it ends. Test traffic goes only to loopback.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::linux::{minimal_kernel, MINIMAL_TIMEOUT};
+use common::{describe, stderr_of, stdout_of, Running};
+use hearth::image::sample::{self, SampleLayer};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("machine-net-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn state_dir(scratch: &Path) -> PathBuf {
+    scratch.join("state")
+}
+
+fn hearth(scratch: &Path) -> Command {
+    let mut cmd = common::hearth();
+    cmd.env("HEARTH_CACHE", scratch.join("cache"))
+        .env("HEARTH_TEMPLATES", scratch.join("templates"))
+        .env("HEARTH_STATE", state_dir(scratch))
+        .env("HEARTH_GUEST_KERNEL", minimal_kernel())
+        .env("HEARTH_INIT", env!("CARGO_BIN_EXE_hearth-init"));
+    cmd
+}
+
+fn run(cmd: Command) -> Output {
+    common::run_with_timeout(cmd, MINIMAL_TIMEOUT)
+}
+
+#[track_caller]
+fn assert_status(out: &Output, code: i32) {
+    assert_eq!(out.status.code(), Some(code), "{}", describe(out));
+}
+
+/// Kills the machine's VMM if the test fails before stopping it, showing its console.
+struct MachineGuard {
+    dir: PathBuf,
+}
+
+impl Drop for MachineGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- machine console (last 60 lines) ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        let pid = std::fs::read_to_string(self.dir.join("machine.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["pid"].as_i64());
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) on the pid hearth recorded for this test's own machine.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// busybox plus `/bin/udp_echo` (tests/programs/udp_echo.c, built static here).
+fn image(scratch: &Path) -> PathBuf {
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/udp_echo.c");
+    let binary = scratch.join("udp_echo");
+    let out = Command::new("cc")
+        .args(["-O2", "-static", "-o"])
+        .arg(&binary)
+        .arg(source)
+        .output()
+        .expect("run cc (build-essential)");
+    assert!(out.status.success(), "cc {source}: {}", describe(&out));
+    let layer =
+        SampleLayer::new().file_with("bin/udp_echo", std::fs::read(&binary).unwrap(), 0o755, 0, 0);
+    let image = scratch.join("busybox-oci");
+    sample::busybox_oci_layout(&image, &[layer]).expect("build the busybox OCI layout");
+    image
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET / from the host's loopback port, retried while the server is not up yet.
+fn http_get(port: u16, deadline: Instant) -> String {
+    loop {
+        let answer = TcpStream::connect(("127.0.0.1", port)).and_then(|mut conn| {
+            conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+            conn.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut answer = String::new();
+            conn.read_to_string(&mut answer)?;
+            Ok(answer)
+        });
+        match answer {
+            Ok(text) if !text.is_empty() => return text,
+            _ if Instant::now() > deadline => panic!("no HTTP answer on port {port}"),
+            _ => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// A datagram to the host's loopback port and its echo, retried while nobody answers.
+fn udp_echo(port: u16, text: &str, deadline: Instant) -> String {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    loop {
+        socket
+            .send_to(text.as_bytes(), ("127.0.0.1", port))
+            .unwrap();
+        match socket.recv(&mut buf) {
+            Ok(n) => return String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(_) if Instant::now() > deadline => panic!("no UDP echo on port {port}"),
+            Err(_) => {}
+        }
+    }
+}
+
+#[test]
+fn a_machines_containers_have_their_own_network_and_published_ports() {
+    let dir = scratch("bridge");
+    let image = image(&dir);
+    let name = format!("n{}", std::process::id());
+    let guard = MachineGuard {
+        dir: state_dir(&dir).join("machines").join(&name),
+    };
+    let mut start = hearth(&dir);
+    start.args(["machine", "start", &name, "--memory", "384M"]);
+    let out = run(start);
+    assert_status(&out, 0);
+
+    // The server: an HTTP server and a UDP echo published on the host's loopback, and a
+    // one-shot nc listener for its sibling.
+    let (http_port, udp_port) = (free_port(), free_port());
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run", "--machine", &name, "--name", "srv"])
+        .arg("-p")
+        .arg(format!("127.0.0.1:{http_port}:80"))
+        .arg("-p")
+        .arg(format!("127.0.0.1:{udp_port}:7/udp"))
+        .arg(&image)
+        .args([
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; mkdir -p /www; echo hello-from-httpd > /www/index.html; \
+             httpd -f -p 80 -h /www & udp_echo 7 & \
+             echo links: $(ls /sys/class/net); ip -4 -o addr show eth0; echo ready; \
+             nc -l -p 9000; echo nc-done; sleep 600 & wait",
+        ]);
+    let srv = Running::start(cmd, Stdio::null());
+    srv.expect_stdout_within(b"ready\n", Duration::from_secs(180));
+    let early = String::from_utf8_lossy(&srv.stdout_so_far()).into_owned();
+    assert!(early.contains("links: eth0 lo\n"), "{early}");
+    let address = early
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split_once('/'))
+        .map(|(a, _)| a.to_string())
+        .unwrap_or_else(|| panic!("no address in {early:?}"));
+    assert!(address.starts_with("172.30."), "{address}");
+
+    // A sibling reaches it by address over the bridge: nc and HTTP.
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run", "--machine", &name])
+        .arg(&image)
+        .args([
+            "sh",
+            "-c",
+            &format!(
+                "echo hello-over-bridge | nc {address} 9000; wget -qO- http://{address}/; \
+                 ip -4 -o addr show eth0"
+            ),
+        ]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    assert!(
+        stdout_of(&out).contains("hello-from-httpd\n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        !stdout_of(&out).contains(&format!("inet {address}/")),
+        "two containers share an address\n{}",
+        describe(&out)
+    );
+    srv.expect_stdout_within(b"hello-over-bridge\nnc-done\n", Duration::from_secs(60));
+
+    // The host reaches its published ports on loopback.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let answer = http_get(http_port, deadline);
+    assert!(answer.contains("hello-from-httpd"), "{answer}");
+    assert_eq!(
+        udp_echo(udp_port, "ping over udp", deadline),
+        "ping over udp"
+    );
+
+    // A second container asking for the same host port is refused before it starts.
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run", "--machine", &name])
+        .arg("-p")
+        .arg(format!("127.0.0.1:{http_port}:80"))
+        .arg(&image)
+        .args(["echo", "must-not-run"]);
+    let out = run(cmd);
+    assert_status(&out, 125);
+    assert!(
+        stderr_of(&out).contains("is already in use") && stderr_of(&out).lines().count() == 1,
+        "{}",
+        describe(&out)
+    );
+    assert!(!stdout_of(&out).contains("must-not-run"));
+
+    // --network none: loopback only.
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run", "--machine", &name, "--network", "none"])
+        .arg(&image)
+        .args(["ls", "/sys/class/net"]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    assert_eq!(stdout_of(&out), "lo\n", "{}", describe(&out));
+
+    // The server's end: its veth leaves the machine, and the host port is free again.
+    srv.signal(libc::SIGTERM);
+    let srv = srv.finish(Duration::from_secs(60));
+    assert_status(&srv, 0);
+    let mut cmd = hearth(&dir);
+    cmd.args(["machine", "run", &name, "--", "ls", "/sys/class/net"]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    let links = stdout_of(&out);
+    assert!(links.contains("hearth0"), "{}", describe(&out));
+    assert!(
+        !links.contains("hv"),
+        "a veth outlived its container\n{links}"
+    );
+    assert!(TcpListener::bind(("127.0.0.1", http_port)).is_ok());
+
+    let mut cmd = hearth(&dir);
+    cmd.args(["machine", "stop", &name]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    std::mem::forget(guard);
+}
