@@ -213,9 +213,15 @@ pub struct ContainerRunArgs {
     #[arg(long, value_name = "N")]
     pub cpus: Option<f64>,
 
-    /// none, or tap=NAME[,ip=A.B.C.D/N][,gw=A.B.C.D] (fresh microVM only).
-    #[arg(long, value_name = "MODE", default_value = "none")]
-    pub network: String,
+    /// user (the default for a fresh microVM: passt, no root needed), none, or
+    /// tap=NAME[,ip=A.B.C.D/N][,gw=A.B.C.D] (fresh microVM only).
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<String>,
+
+    /// Publish a container port on the host: [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]
+    /// (user networking; HOSTIP defaults to 0.0.0.0, as with docker). Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "PORTS")]
+    pub publish: Vec<String>,
 
     /// Override the image's entrypoint ("" clears it).
     #[arg(long, value_name = "CMD")]
@@ -408,7 +414,9 @@ pub struct RunArgs {
 
     /// A virtio-net interface on an existing tap device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX],
     /// limited with [,rx_bw=BYTES][,tx_bw=BYTES][,rx_ops=N][,tx_ops=N][,burst=BYTES] per
-    /// second. Repeatable.
+    /// second; or on user-mode networking, a passt hearth starts (`user`, publishing
+    /// host ports with ports=[IP:]HOSTPORT:GUESTPORT[/udp][+...]); or on the stream
+    /// socket of a passt already running (stream=PATH). Repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
 
@@ -469,6 +477,10 @@ pub struct VmmProcessArgs {
     /// Run without the seccomp filters (for debugging; prints a warning).
     #[arg(long)]
     pub no_seccomp: bool,
+
+    /// The passt binary for user-mode NICs (default: $HEARTH_PASST, else passt on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub passt: Option<PathBuf>,
 
     #[command(flatten)]
     pub jail: crate::jail::JailArgs,
@@ -782,7 +794,23 @@ mod tests {
         assert_eq!(args.process.workdir.as_deref(), Some("/tmp"));
         assert_eq!(args.image, PathBuf::from("img"));
         assert_eq!(args.command, ["sh", "-c", "exit 7", "-e"]);
-        assert_eq!(args.network, "none");
+        assert_eq!(args.network, None);
+        assert!(args.publish.is_empty());
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "container",
+            "run",
+            "-p",
+            "8080:80",
+            "--publish",
+            "127.0.0.1:53:53/udp",
+            "img",
+        ])
+        .unwrap();
+        let Some(Command::Container(ContainerCommand::Run(args))) = cli.command else {
+            panic!("expected container run");
+        };
+        assert_eq!(args.publish, ["8080:80", "127.0.0.1:53:53/udp"]);
     }
 
     #[test]
