@@ -213,19 +213,17 @@ pub struct ContainerRunArgs {
     #[arg(long, value_name = "N")]
     pub cpus: Option<f64>,
 
-    /// none, or tap=NAME[,ip=A.B.C.D/N][,gw=A.B.C.D] (fresh microVM only). In a
-    /// machine: bridge (the default: its own address on the machine's bridge, NAT to the
-    /// machine's network) or none.
+    /// user (the default for a fresh microVM: passt, no root needed), none, or
+    /// tap=NAME[,ip=A.B.C.D/N][,gw=A.B.C.D] (fresh microVM only). In a machine: bridge
+    /// (the default: an address of its own on the machine's bridge, NAT to the machine's
+    /// network) or none.
     #[arg(long, value_name = "MODE")]
     pub network: Option<String>,
 
-    /// Publish a container port on the host (docker's syntax; repeatable). In a
-    /// machine, forwarded over vsock by this process while the container runs.
-    #[arg(
-        short = 'p',
-        long = "publish",
-        value_name = "[HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]"
-    )]
+    /// Publish a container port on the host: [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]
+    /// (HOSTIP defaults to 0.0.0.0, as with docker). Repeatable. Through passt for a
+    /// fresh microVM; in a machine, over vsock by this process while the container runs.
+    #[arg(short = 'p', long = "publish", value_name = "PORTS")]
     pub publish: Vec<String>,
 
     /// Override the image's entrypoint ("" clears it).
@@ -419,7 +417,9 @@ pub struct RunArgs {
 
     /// A virtio-net interface on an existing tap device: tap=NAME[,mac=XX:XX:XX:XX:XX:XX],
     /// limited with [,rx_bw=BYTES][,tx_bw=BYTES][,rx_ops=N][,tx_ops=N][,burst=BYTES] per
-    /// second. Repeatable.
+    /// second; or on user-mode networking, a passt hearth starts (`user`, publishing
+    /// host ports with ports=[IP:]HOSTPORT:GUESTPORT[/udp][+...]); or on the stream
+    /// socket of a passt already running (stream=PATH). Repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
 
@@ -480,6 +480,10 @@ pub struct VmmProcessArgs {
     /// Run without the seccomp filters (for debugging; prints a warning).
     #[arg(long)]
     pub no_seccomp: bool,
+
+    /// The passt binary for user-mode NICs (default: $HEARTH_PASST, else passt on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub passt: Option<PathBuf>,
 
     #[command(flatten)]
     pub jail: crate::jail::JailArgs,
@@ -795,27 +799,21 @@ mod tests {
         assert_eq!(args.command, ["sh", "-c", "exit 7", "-e"]);
         assert_eq!(args.network, None);
         assert!(args.publish.is_empty());
-    }
-
-    #[test]
-    fn container_run_publishes_ports() {
         let cli = Cli::try_parse_from([
             "hearth",
             "container",
             "run",
-            "--machine",
-            "dev",
             "-p",
             "8080:80",
             "--publish",
-            "127.0.0.1:5353:53/udp",
+            "127.0.0.1:53:53/udp",
             "img",
         ])
         .unwrap();
         let Some(Command::Container(ContainerCommand::Run(args))) = cli.command else {
             panic!("expected container run");
         };
-        assert_eq!(args.publish, ["8080:80", "127.0.0.1:5353:53/udp"]);
+        assert_eq!(args.publish, ["8080:80", "127.0.0.1:53:53/udp"]);
     }
 
     #[test]

@@ -90,8 +90,12 @@ pub enum ConfigError {
     },
     #[error("invalid tap name \"{0}\": expected 1 to 15 printable characters without '/' or ':'")]
     TapName(String),
-    #[error("tap \"{tap}\": MAC address {mac} is multicast; a NIC needs a unicast address")]
-    MulticastMac { tap: String, mac: String },
+    #[error("{nic}: MAC address {mac} is multicast; a NIC needs a unicast address")]
+    MulticastMac { nic: String, mac: String },
+    #[error("the network socket path is empty")]
+    EmptyStreamPath,
+    #[error(transparent)]
+    Port(#[from] crate::net::PortError),
     #[error("invalid vsock guest CID {0}: must be between 3 and 4294967294")]
     VsockCid(u64),
     #[error("two overrides for {kind} {index}")]
@@ -397,14 +401,29 @@ fn validate_disk(disk: &BlockConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Whether the tap exists is checked when the device opens it.
-fn validate_net(nic: &NetConfig) -> Result<(), ConfigError> {
-    if !net::tap::valid_name(&nic.tap) {
-        return Err(ConfigError::TapName(nic.tap.clone()));
+/// Whether the tap or socket exists is checked when the device opens it.
+pub(crate) fn validate_net_backend(backend: &net::NetBackend) -> Result<(), ConfigError> {
+    match backend {
+        net::NetBackend::Tap(name) if !net::tap::valid_name(name) => {
+            Err(ConfigError::TapName(name.clone()))
+        }
+        net::NetBackend::Stream(path) if path.as_os_str().is_empty() => {
+            Err(ConfigError::EmptyStreamPath)
+        }
+        net::NetBackend::User(user) => Ok(crate::net::check_distinct(&user.ports)?),
+        _ => Ok(()),
     }
+}
+
+fn validate_net(nic: &NetConfig) -> Result<(), ConfigError> {
+    validate_net_backend(&nic.backend)?;
     match nic.mac {
         Some(mac) if mac[0] & 0x01 != 0 => Err(ConfigError::MulticastMac {
-            tap: nic.tap.clone(),
+            nic: match &nic.backend {
+                net::NetBackend::Tap(name) => format!("tap \"{name}\""),
+                net::NetBackend::Stream(path) => format!("network socket \"{}\"", path.display()),
+                net::NetBackend::User(_) => "user-mode NIC".to_string(),
+            },
             mac: net::format_mac(&mac),
         }),
         _ => Ok(()),

@@ -19,6 +19,7 @@ pub mod image;
 pub mod jail;
 pub mod logger;
 pub mod metrics;
+pub mod net;
 pub mod random;
 pub mod rate_limiter;
 pub mod seccomp;
@@ -74,6 +75,8 @@ pub enum Error {
     Seccomp(#[from] seccomp::SeccompError),
     #[error(transparent)]
     Jail(#[from] jail::JailError),
+    #[error(transparent)]
+    Passt(#[from] net::passt::PasstError),
 }
 
 /// Runs a parsed command line; returns the process exit status.
@@ -91,10 +94,16 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             if let Some(path) = &args.process.metrics_path {
                 metrics::init(path)?;
             }
+            // passt is started (and stopped when this returns) by the process that stays
+            // outside the jail; the jailed VMM inherits only its socket.
+            let host_networks = net::prepare(&config.nets, args.process.passt.as_deref())?;
             if let Some(jail) = args.process.jail.config()? {
                 let mut sockets: Vec<&mut std::path::PathBuf> = api_sock.iter_mut().collect();
-                if let jail::Side::Parent(status) = jail::enter(&jail, &mut config, &mut sockets)? {
-                    return Ok(status);
+                match jail::enter(&jail, &mut config, &mut sockets)? {
+                    jail::Side::Parent(status) => return Ok(status),
+                    // The supervisor stops passt; this process's copy of the pids (in
+                    // another pid namespace now) means nothing.
+                    jail::Side::Jailed => host_networks.forget(),
                 }
             }
             choose_seccomp(args.process.no_seccomp)?;

@@ -113,15 +113,6 @@ pub enum Transport {
     Udp,
 }
 
-impl std::fmt::Display for Transport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        })
-    }
-}
-
 /// A request to reach a port of a machine's container (see [`Message::Forward`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForwardSpec {
@@ -147,6 +138,12 @@ pub struct NetConfig {
     /// `A.B.C.D/PREFIX`.
     pub address: String,
     pub gateway: Option<String>,
+    /// Name servers for the container's /etc/resolv.conf (none: the file is left alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    /// eth0's MTU (none: the driver's default, 1500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// Everything the agent needs to start a process. Built by the host from the image

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::net::NetBackend;
+
 /// Firecracker's `RateLimiter` and `TokenBucket` objects are hearth's inert limiter
 /// configuration itself.
 pub use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
@@ -173,7 +175,13 @@ pub struct PartialDrive {
 #[serde(deny_unknown_fields)]
 pub struct NetworkInterface {
     pub iface_id: String,
+    /// The tap; empty when `backend` names another back end.
+    #[serde(default)]
     pub host_dev_name: String,
+    /// hearth's extension: a stream socket (`{"stream": PATH}`) or user-mode networking
+    /// through passt (`{"user": {"ports": [...]}}`) instead of a tap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<NetBackend>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -310,7 +318,53 @@ pub struct MemoryBackend {
 #[serde(deny_unknown_fields)]
 pub struct NetworkOverride {
     pub iface_id: String,
+    /// The tap; empty when `backend` names another back end.
+    #[serde(default)]
     pub host_dev_name: String,
+    /// hearth's extension, as in [`NetworkInterface`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<NetBackend>,
+}
+
+/// The back end `host_dev_name` and `backend` name together: exactly one of them.
+pub fn net_backend(
+    host_dev_name: &str,
+    backend: Option<&NetBackend>,
+) -> Result<NetBackend, String> {
+    match (host_dev_name.is_empty(), backend) {
+        (false, None) => Ok(NetBackend::Tap(host_dev_name.to_string())),
+        (true, Some(NetBackend::Tap(_))) => Err("name a tap with host_dev_name".into()),
+        (true, Some(backend)) => Ok(backend.clone()),
+        (true, None) => Err("host_dev_name is empty".into()),
+        (false, Some(_)) => Err("give host_dev_name or backend, not both".into()),
+    }
+}
+
+impl NetworkInterface {
+    /// Where the interface's frames go.
+    pub fn backend_config(&self) -> Result<NetBackend, String> {
+        net_backend(&self.host_dev_name, self.backend.as_ref())
+    }
+}
+
+impl NetworkOverride {
+    /// Where the interface's frames go after the restore.
+    pub fn backend_config(&self) -> Result<NetBackend, String> {
+        net_backend(&self.host_dev_name, self.backend.as_ref())
+    }
+
+    /// The override for `iface_id` onto `backend`.
+    pub fn new(iface_id: impl Into<String>, backend: NetBackend) -> Self {
+        let (host_dev_name, backend) = match backend {
+            NetBackend::Tap(name) => (name, None),
+            other => (String::new(), Some(other)),
+        };
+        Self {
+            iface_id: iface_id.into(),
+            host_dev_name,
+            backend,
+        }
+    }
 }
 
 /// hearth's extension of `PUT /snapshot/load`: another image for a drive, opened instead

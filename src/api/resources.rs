@@ -121,14 +121,16 @@ impl VmResources {
         if iface.mtu.is_some() {
             return Err(unsupported("mtu: hearth's virtio-net does not offer one"));
         }
-        if iface.host_dev_name.is_empty() {
-            return Err(ApiError::invalid("host_dev_name is empty"));
-        }
+        let backend = iface.backend_config().map_err(ApiError::invalid)?;
+        crate::config::validate_net_backend(&backend)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         if let Some(mac) = &iface.guest_mac {
             parse_mac(mac).map_err(ApiError::invalid)?;
         }
         let others = || self.nets.iter().filter(|n| n.iface_id != iface.iface_id);
-        if let Some(other) = others().find(|n| n.host_dev_name == iface.host_dev_name) {
+        if let Some(other) =
+            others().find(|n| !n.host_dev_name.is_empty() && n.host_dev_name == iface.host_dev_name)
+        {
             return Err(ApiError::invalid(format!(
                 "tap \"{}\" is already used by interface \"{}\"",
                 iface.host_dev_name, other.iface_id
@@ -212,7 +214,7 @@ impl VmResources {
             .iter()
             .map(|n| {
                 Ok(NetConfig {
-                    tap: n.host_dev_name.clone(),
+                    backend: n.backend_config().map_err(ApiError::invalid)?,
                     mac: n
                         .guest_mac
                         .as_deref()
@@ -285,7 +287,8 @@ impl VmResources {
             .enumerate()
             .map(|(index, net)| NetworkInterface {
                 iface_id: format!("net{index}"),
-                host_dev_name: net.tap.clone(),
+                host_dev_name: net.tap().unwrap_or_default().to_string(),
+                backend: net.tap().is_none().then(|| net.backend.clone()),
                 guest_mac: net.mac.map(|m| {
                     m.iter()
                         .map(|b| format!("{b:02x}"))
@@ -474,6 +477,7 @@ mod tests {
         res.put_net(NetworkInterface {
             iface_id: "eth0".into(),
             host_dev_name: "tap0".into(),
+            backend: None,
             guest_mac: Some("06:00:ac:10:00:02".into()),
             mtu: None,
             rx_rate_limiter: None,
@@ -598,6 +602,7 @@ mod tests {
         let net = |id: &str, tap: &str| NetworkInterface {
             iface_id: id.into(),
             host_dev_name: tap.into(),
+            backend: None,
             guest_mac: None,
             mtu: None,
             rx_rate_limiter: None,
@@ -647,6 +652,7 @@ mod tests {
         res.put_net(NetworkInterface {
             iface_id: "eth0".into(),
             host_dev_name: "tap0".into(),
+            backend: None,
             guest_mac: None,
             mtu: None,
             rx_rate_limiter: None,

@@ -19,7 +19,7 @@ use super::models::{
 };
 use super::shape::{run_driven, ShapeError};
 use super::ActionSender;
-use crate::devices::virtio::net::tap;
+use crate::devices::virtio::net::{tap, NetBackend, NetConfig};
 
 /// `hearth restore` options.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -80,6 +80,8 @@ pub enum RestoreError {
     },
     #[error("{flag} names \"{id}\" twice")]
     Duplicate { flag: &'static str, id: String },
+    #[error(transparent)]
+    Passt(#[from] crate::net::passt::PasstError),
     #[error("cannot load the snapshot")]
     Load(#[source] ApiError),
     #[error("the restore stopped unexpectedly")]
@@ -128,25 +130,17 @@ impl RestoreArgs {
         let mut ifaces = HashSet::new();
         let mut network_overrides = Vec::with_capacity(self.net_overrides.len());
         for value in &self.net_overrides {
-            let (iface_id, tap_name) = split_override("--net-override", value, "IFACE=TAP")?;
+            let (iface_id, target) = split_override("--net-override", value, "IFACE=TAP")?;
             check_id("--net-override", value, "interface id", iface_id)?;
-            if !tap::valid_name(tap_name) {
-                return Err(bad(
-                    "--net-override",
-                    value,
-                    format!("\"{tap_name}\" is not a tap name (1 to 15 printable characters without '/' or ':')"),
-                ));
-            }
+            let backend =
+                override_backend(target).map_err(|reason| bad("--net-override", value, reason))?;
             if !ifaces.insert(iface_id) {
                 return Err(RestoreError::Duplicate {
                     flag: "--net-override",
                     id: iface_id.to_string(),
                 });
             }
-            network_overrides.push(NetworkOverride {
-                iface_id: iface_id.to_string(),
-                host_dev_name: tap_name.to_string(),
-            });
+            network_overrides.push(NetworkOverride::new(iface_id, backend));
         }
 
         let mut drive_ids = HashSet::new();
@@ -197,6 +191,31 @@ impl RestoreArgs {
     }
 }
 
+/// What `--net-override IFACE=...` puts the NIC on: a tap name as always, or the back
+/// end part of a `--net` spec (`tap=NAME`, `stream=PATH`, `user[,ports=...]`).
+fn override_backend(target: &str) -> Result<NetBackend, String> {
+    let spec_form = target == "user"
+        || ["user,", "tap=", "stream="]
+            .iter()
+            .any(|prefix| target.starts_with(prefix));
+    if !spec_form {
+        if !tap::valid_name(target) {
+            return Err(format!(
+                "\"{target}\" is not a tap name (1 to 15 printable characters without '/' or ':')"
+            ));
+        }
+        return Ok(NetBackend::Tap(target.to_string()));
+    }
+    let nic: crate::devices::virtio::net::NetConfig = target
+        .parse()
+        .map_err(|e: crate::config::SpecError| e.to_string())?;
+    if nic != crate::devices::virtio::net::NetConfig::new(nic.backend.clone()) {
+        return Err("only the back end (tap=, stream= or user) can be changed".into());
+    }
+    crate::config::validate_net_backend(&nic.backend).map_err(|e| e.to_string())?;
+    Ok(nic.backend)
+}
+
 /// `ID=VALUE`, split at the first '='.
 fn split_override<'a>(
     flag: &'static str,
@@ -242,15 +261,22 @@ fn absolute(path: impl AsRef<std::path::Path>) -> PathBuf {
 pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
     let mut plan = args.plan()?;
     let mut api_sock = args.api_sock.clone();
+    // passt for the NICs moved onto user-mode networking, stopped when this returns
+    // (outside the jail, like `hearth run`). A saved user-mode NIC without an override
+    // gets none: the device says so.
+    let overridden: Vec<NetConfig> = (plan.load.network_overrides.iter())
+        .filter_map(|over| over.backend_config().ok())
+        .map(NetConfig::new)
+        .collect();
+    let host_networks = crate::net::prepare(&overridden, args.process.passt.as_deref())?;
     if let Some(jail) = args.process.jail.config()? {
         crate::jail::check_root()?;
         let (files, sockets, taps) = jail_needs(&mut plan, &mut api_sock)?;
         let jail_plan =
             crate::jail::JailPlan::from_parts(&jail.dir, files, sockets)?.with_vm_dirs(&jail)?;
-        if let crate::jail::Side::Parent(status) =
-            crate::jail::enter_plan(&jail, &jail_plan, &taps)?
-        {
-            return Ok(status);
+        match crate::jail::enter_plan(&jail, &jail_plan, &taps)? {
+            crate::jail::Side::Parent(status) => return Ok(status),
+            crate::jail::Side::Jailed => host_networks.forget(),
         }
     }
     let timer = args.restore_timer;
@@ -323,12 +349,15 @@ fn jail_needs(
             files.push((path.clone(), access));
         }
     }
+    // The taps a jailed restore opens before it drops its privileges (the streams are
+    // made ready before the jail, from the overrides).
     let taps = (resources.nets.iter())
         .map(|net| {
             (load.network_overrides.iter())
                 .find(|over| over.iface_id == net.iface_id)
                 .map_or_else(|| net.host_dev_name.clone(), |o| o.host_dev_name.clone())
         })
+        .filter(|name| !name.is_empty())
         .collect();
     let mut sockets = Vec::new();
     match (&mut load.vsock_override, &resources.vsock) {

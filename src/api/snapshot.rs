@@ -85,11 +85,10 @@ pub fn load(params: &SnapshotLoadParams, console: Option<&Serial>) -> Result<Loa
                     over.iface_id
                 ))
             })?;
+        let backend = over.backend_config().map_err(ApiError::invalid)?;
         resources.nets[index].host_dev_name = over.host_dev_name.clone();
-        restore.nets.push(NetOverride {
-            index,
-            tap: over.host_dev_name.clone(),
-        });
+        resources.nets[index].backend = over.backend.clone();
+        restore.nets.push(NetOverride { index, backend });
     }
     for over in &params.drive_overrides {
         let index = resources.drive_index(&over.drive_id).ok_or_else(|| {

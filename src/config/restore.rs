@@ -1,6 +1,6 @@
 //! What restoring a snapshot takes: its two files, the new process's console, new backing
-//! for the devices whose host side may have moved (an image path, a tap, a vsock socket),
-//! and whether the guest runs at once. Inert data, checked by [`RestoreConfig::validate`]
+//! for the devices whose host side may have moved (an image path, a NIC's back end, a
+//! vsock socket), and whether the guest runs at once. Inert data, checked by [`RestoreConfig::validate`]
 //! before anything is opened; the rest of the VM comes from the snapshot.
 
 use std::collections::BTreeSet;
@@ -19,12 +19,64 @@ pub struct DiskOverride {
     pub path: PathBuf,
 }
 
-/// Another tap for the NIC at `index` (0 is the first NIC).
+/// Another back end for the NIC at `index` (0 is the first NIC): a tap, a stream
+/// socket, or a passt of its own. JSON: `{"index": 0, "tap": "tap1"}` (or `"stream":
+/// PATH`, `"user": {...}`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "NetOverrideRepr", into = "NetOverrideRepr")]
 pub struct NetOverride {
     pub index: usize,
-    pub tap: String,
+    pub backend: net::NetBackend,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetOverrideRepr {
+    index: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tap: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stream: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    user: Option<net::UserNetConfig>,
+}
+
+impl TryFrom<NetOverrideRepr> for NetOverride {
+    type Error = String;
+
+    fn try_from(repr: NetOverrideRepr) -> Result<Self, String> {
+        let backend = match (repr.tap, repr.stream, repr.user) {
+            (Some(tap), None, None) => net::NetBackend::Tap(tap),
+            (None, Some(path), None) => net::NetBackend::Stream(path),
+            (None, None, Some(user)) => net::NetBackend::User(user),
+            _ => {
+                return Err(
+                    "a NIC override needs exactly one of \"tap\", \"stream\" or \"user\"".into(),
+                )
+            }
+        };
+        Ok(Self {
+            index: repr.index,
+            backend,
+        })
+    }
+}
+
+impl From<NetOverride> for NetOverrideRepr {
+    fn from(over: NetOverride) -> Self {
+        let mut repr = NetOverrideRepr {
+            index: over.index,
+            tap: None,
+            stream: None,
+            user: None,
+        };
+        match over.backend {
+            net::NetBackend::Tap(name) => repr.tap = Some(name),
+            net::NetBackend::Stream(path) => repr.stream = Some(path),
+            net::NetBackend::User(user) => repr.user = Some(user),
+        }
+        repr
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,9 +140,7 @@ impl RestoreConfig {
                     index: nic.index,
                 });
             }
-            if !net::tap::valid_name(&nic.tap) {
-                return Err(ConfigError::TapName(nic.tap.clone()));
-            }
+            super::validate_net_backend(&nic.backend)?;
         }
         if self
             .vsock_uds_path
@@ -125,7 +175,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.serial, SerialConfig::Stdio);
-        assert_eq!(config.nets[0].tap, "tap7");
+        assert_eq!(config.nets[0].backend, net::NetBackend::Tap("tap7".into()));
+        let user: NetOverride = serde_json::from_str(r#"{"index": 0, "user": {}}"#).unwrap();
+        assert_eq!(
+            user.backend,
+            net::NetBackend::User(net::UserNetConfig::default())
+        );
+        assert_eq!(
+            serde_json::to_string(&user).unwrap(),
+            r#"{"index":0,"user":{"ports":[]}}"#
+        );
+        assert!(serde_json::from_str::<NetOverride>(r#"{"index": 0}"#).is_err());
         assert!(config.resume && config.disks.is_empty());
         assert!(serde_json::from_str::<RestoreConfig>(
             r#"{"state_path": "/s", "mem_path": "/m", "x": 1}"#
@@ -142,11 +202,11 @@ mod tests {
         config.nets = vec![
             NetOverride {
                 index: 0,
-                tap: "tap0".into(),
+                backend: net::NetBackend::Tap("tap0".into()),
             },
             NetOverride {
                 index: 0,
-                tap: "tap1".into(),
+                backend: net::NetBackend::Tap("tap1".into()),
             },
         ];
         assert_eq!(
@@ -155,7 +215,7 @@ mod tests {
         );
         config.nets = vec![NetOverride {
             index: 0,
-            tap: "a/b".into(),
+            backend: net::NetBackend::Tap("a/b".into()),
         }];
         assert!(matches!(config.validate(), Err(ConfigError::TapName(_))));
         config.nets.clear();

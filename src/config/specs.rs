@@ -3,7 +3,9 @@
 //! - disk: `path=FILE[,ro=on][,id=NAME][,bw=BYTES][,iops=N][,burst=BYTES]`
 //!   ([`BlockConfig`])
 //! - NIC: `tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,rx_bw=BYTES][,tx_bw=BYTES][,rx_ops=N]
-//!   [,tx_ops=N][,burst=BYTES]` ([`NetConfig`])
+//!   [,tx_ops=N][,burst=BYTES]` ([`NetConfig`]); instead of `tap=NAME`, `stream=PATH` (a
+//!   passt or other `-netdev stream` peer already listening there) or a leading `user`
+//!   (hearth starts passt) with `ports=[IP:]HOSTPORT:GUESTPORT[/udp]` (`+` between ports)
 //! - entropy device: empty or `[bw=BYTES][,ops=N][,burst=BYTES]` ([`RngConfig`])
 //! - vsock: `cid=N,socket=PATH` ([`VsockConfig`])
 //! - serial console: `stdio`, `none`, `file=PATH` or `unix=PATH` ([`SerialConfig`])
@@ -28,7 +30,9 @@ use std::str::FromStr;
 
 use super::SerialConfig;
 use crate::devices::virtio::block::BlockConfig;
-use crate::devices::virtio::net::{format_mac, parse_mac, NetConfig, NetError};
+use crate::devices::virtio::net::{
+    format_mac, parse_mac, NetBackend, NetConfig, NetError, UserNetConfig,
+};
 use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
@@ -58,6 +62,12 @@ pub enum SpecError {
     AmountTooLarge { key: &'static str, value: String },
     #[error("burst= needs a bandwidth ({0})")]
     BurstWithoutBandwidth(&'static str),
+    #[error("give one of tap=NAME, stream=PATH or user")]
+    NetBackend,
+    #[error("ports= needs user")]
+    PortsWithoutUser,
+    #[error(transparent)]
+    Port(#[from] crate::net::PortError),
 }
 
 /// A rate or size: a positive whole number with an optional K, M or G suffix (either
@@ -254,14 +264,37 @@ impl FromStr for NetConfig {
     type Err = SpecError;
 
     fn from_str(spec: &str) -> Result<Self, SpecError> {
+        // `user` is a word, not key=value: take it off the front.
+        let (user, spec) = match spec.strip_prefix("user") {
+            Some("") => (true, None),
+            Some(rest) if rest.starts_with(',') && !rest.starts_with(",,") => {
+                (true, Some(&rest[1..]))
+            }
+            _ => (false, Some(spec)),
+        };
         let mut tap = None;
+        let mut stream = None;
+        let mut ports = None;
         let mut mac = None;
         let (mut rx_bw, mut tx_bw, mut rx_ops, mut tx_ops, mut burst) =
             (None, None, None, None, None);
-        let keys = ["tap", "mac", "rx_bw", "tx_bw", "rx_ops", "tx_ops", "burst"];
-        for (key, value) in parse_options(spec, &keys)? {
+        let keys = [
+            "tap", "stream", "ports", "mac", "rx_bw", "tx_bw", "rx_ops", "tx_ops", "burst",
+        ];
+        let options = match spec {
+            Some(spec) => parse_options(spec, &keys)?,
+            None => Vec::new(),
+        };
+        for (key, value) in options {
             match key.as_str() {
                 "tap" => tap = Some(value),
+                "stream" => stream = Some(value),
+                "ports" => {
+                    let list = (value.split('+'))
+                        .map(str::parse)
+                        .collect::<Result<Vec<crate::net::PortForward>, _>>()?;
+                    ports = Some(list);
+                }
                 "rx_bw" => rx_bw = Some(parse_amount("rx_bw", &value, 1024)?),
                 "tx_bw" => tx_bw = Some(parse_amount("tx_bw", &value, 1024)?),
                 "rx_ops" => rx_ops = Some(parse_amount("rx_ops", &value, 1000)?),
@@ -273,8 +306,22 @@ impl FromStr for NetConfig {
         if burst.is_some() && rx_bw.is_none() && tx_bw.is_none() {
             return Err(SpecError::BurstWithoutBandwidth("rx_bw= or tx_bw="));
         }
+        if ports.is_some() && !user {
+            return Err(SpecError::PortsWithoutUser);
+        }
+        let backend = match (user, tap, stream) {
+            (true, None, None) => NetBackend::User(UserNetConfig {
+                ports: ports.unwrap_or_default(),
+            }),
+            (false, tap @ Some(_), None) => NetBackend::Tap(non_empty(tap, "tap=NAME")?),
+            (false, None, stream @ Some(_)) => {
+                NetBackend::Stream(non_empty(stream, "stream=PATH")?.into())
+            }
+            (false, None, None) => return Err(SpecError::Missing("tap=NAME")),
+            _ => return Err(SpecError::NetBackend),
+        };
         Ok(NetConfig {
-            tap: non_empty(tap, "tap=NAME")?,
+            backend,
             mac,
             rx_rate_limiter: per_second(rx_bw, rx_ops, burst),
             tx_rate_limiter: per_second(tx_bw, tx_ops, burst),
@@ -284,7 +331,17 @@ impl FromStr for NetConfig {
 
 impl fmt::Display for NetConfig {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "tap={}", escape(&self.tap))?;
+        match &self.backend {
+            NetBackend::Tap(name) => write!(f, "tap={}", escape(name))?,
+            NetBackend::Stream(path) => write!(f, "stream={}", escape(&path.to_string_lossy()))?,
+            NetBackend::User(user) => {
+                f.write_str("user")?;
+                if !user.ports.is_empty() {
+                    let ports: Vec<String> = user.ports.iter().map(|p| p.to_string()).collect();
+                    write!(f, ",ports={}", ports.join("+"))?;
+                }
+            }
+        }
         if let Some(mac) = &self.mac {
             write!(f, ",mac={}", format_mac(mac))?;
         }
@@ -511,8 +568,14 @@ mod tests {
             }
             mac[0] &= !0x01;
             let burst = words.maybe(|w| 1 + w.next());
+            let text = words.text();
+            let backend = match words.next() % 3 {
+                0 => NetBackend::Tap(text),
+                1 => NetBackend::Stream(text.into()),
+                _ => NetBackend::User(UserNetConfig::default()),
+            };
             let nic = NetConfig {
-                tap: words.text(),
+                backend,
                 mac: words.maybe(|_| mac),
                 rx_rate_limiter: words.limiter(burst),
                 tx_rate_limiter: words.limiter(burst),
@@ -527,6 +590,51 @@ mod tests {
         }
         let nic: NetConfig = "mac=52:54:00:AB:cd:01,tap=tap0".parse().unwrap();
         assert_eq!(nic.to_string(), "tap=tap0,mac=52:54:00:ab:cd:01");
+    }
+
+    #[test]
+    fn user_and_stream_nics() {
+        let nic: NetConfig = "user".parse().unwrap();
+        assert_eq!(nic.backend, NetBackend::User(UserNetConfig::default()));
+        let nic: NetConfig = "user,mac=52:54:00:00:00:01,ports=127.0.0.1:8080:80+5353:53/udp"
+            .parse()
+            .unwrap();
+        let NetBackend::User(user) = &nic.backend else {
+            panic!("{nic:?}");
+        };
+        assert_eq!(user.ports.len(), 2);
+        assert_eq!(
+            nic.to_string(),
+            "user,ports=127.0.0.1:8080:80/tcp+5353:53/udp,mac=52:54:00:00:00:01"
+        );
+        assert_round_trip(&nic);
+        let nic: NetConfig = "stream=/run/p,,1.sock".parse().unwrap();
+        assert_eq!(nic.backend, NetBackend::Stream("/run/p,1.sock".into()));
+        // A tap named "user" is still a tap.
+        let nic: NetConfig = "tap=user".parse().unwrap();
+        assert_eq!(nic.backend, NetBackend::Tap("user".into()));
+        assert_round_trip(&nic);
+        for (bad, error) in [
+            ("user,tap=t", "give one of tap=NAME, stream=PATH or user"),
+            (
+                "tap=t,stream=/s",
+                "give one of tap=NAME, stream=PATH or user",
+            ),
+            ("tap=t,ports=80:80", "ports= needs user"),
+            ("mac=52:54:00:00:00:01", "tap=NAME is required"),
+            ("stream=", "stream=PATH is required"),
+            ("users", "\"users\" is not key=value"),
+            (
+                "user,ports=80",
+                "\"80\" is not [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]",
+            ),
+        ] {
+            assert_eq!(
+                bad.parse::<NetConfig>().unwrap_err().to_string(),
+                error,
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -589,7 +697,7 @@ mod tests {
             ("tap=", "tap=NAME is required"),
             (
                 "tap=t,queues=2",
-                "unknown option \"queues\" (expected tap, mac, rx_bw, tx_bw, rx_ops, tx_ops, burst)",
+                "unknown option \"queues\" (expected tap, stream, ports, mac, rx_bw, tx_bw, rx_ops, tx_ops, burst)",
             ),
             ("t0", "\"t0\" is not key=value"),
         ] {

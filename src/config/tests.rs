@@ -1,4 +1,5 @@
 use super::*;
+use crate::devices::virtio::net::NetBackend;
 
 fn temp_file(name: &str, len: u64) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("hearth-config-test-{}", std::process::id()));
@@ -208,10 +209,8 @@ fn bad_configs_are_rejected() {
     );
 
     let nic = |tap: &str, mac| NetConfig {
-        tap: tap.to_string(),
         mac,
-        rx_rate_limiter: Default::default(),
-        tx_rate_limiter: Default::default(),
+        ..NetConfig::new(NetBackend::Tap(tap.to_string()))
     };
     for tap in ["", "a/b", "sixteen-bytes-xx", "with space"] {
         assert!(
@@ -258,7 +257,7 @@ fn devices_that_pass() {
         rate_limiter: Default::default(),
     });
     config.nets.push(NetConfig {
-        tap: "tap0".into(),
+        backend: NetBackend::Tap("tap0".into()),
         mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
         rx_rate_limiter: Default::default(),
         tx_rate_limiter: Default::default(),
@@ -330,7 +329,7 @@ fn json_round_trips() {
         rate_limiter: Default::default(),
     });
     config.nets.push(NetConfig {
-        tap: "tap0".into(),
+        backend: NetBackend::Tap("tap0".into()),
         mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
         rx_rate_limiter: Default::default(),
         tx_rate_limiter: Default::default(),

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::ports::{HostSocket, PortMapping};
-use super::publish::{self, Destination};
+use super::publish::{self, Destination, HostSocket};
 use super::session::{self, Signals};
 use super::template::TemplateStore;
 use super::vm::{self, VmJail, VmSpec};
@@ -29,6 +28,7 @@ use crate::agent::protocol::{Rootfs, RunSpec, MODE_MACHINE};
 use crate::cli::{MachineCommand, MachineStartArgs, ProcessArgs};
 use crate::config::parse_memory_size;
 use crate::image::PreparedImage;
+use crate::net::PortForward;
 
 /// How long `stop` waits for the VM to power off before killing it.
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -388,7 +388,7 @@ pub fn run_container(
     name: &str,
     image: &PreparedImage,
     spec: RunSpec,
-    bound: Vec<(PortMapping, HostSocket)>,
+    bound: Vec<(PortForward, HostSocket)>,
     signals: &Signals,
 ) -> Result<i32, ContainerError> {
     let machine = Machine::new(name)?;

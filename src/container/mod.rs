@@ -16,7 +16,6 @@
 
 pub mod initramfs;
 pub mod machine;
-pub mod ports;
 pub mod publish;
 pub mod run;
 pub mod session;

@@ -20,12 +20,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::ports::{HostSocket, PortMapping, Transport};
 use super::session::{self, SessionError};
+use super::ContainerError;
 use crate::agent::protocol::{
-    read_datagram, read_message, write_datagram, write_message, ForwardSpec, Message,
+    read_datagram, read_message, write_datagram, write_message, ForwardSpec, Message, Transport,
 };
 use crate::agent::relay;
+use crate::net::{PortForward, Protocol};
 
 /// How long a UDP peer's flow lives without a datagram either way.
 pub const UDP_IDLE: Duration = Duration::from_secs(60);
@@ -33,6 +34,29 @@ pub const UDP_IDLE: Duration = Duration::from_secs(60);
 const AGENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the UDP loop looks for idle flows.
 const UDP_SWEEP: Duration = Duration::from_millis(500);
+
+/// A host socket bound for one published port.
+pub enum HostSocket {
+    Tcp(TcpListener),
+    Udp(UdpSocket),
+}
+
+/// Binds the host side of `port` (before the container starts: a port in use is a
+/// one-line error, the same as for a fresh microVM's).
+pub fn bind(port: &PortForward) -> Result<HostSocket, ContainerError> {
+    let address = port.host_socket_address();
+    let bound = match port.protocol {
+        Protocol::Tcp => TcpListener::bind(address).map(HostSocket::Tcp),
+        Protocol::Udp => UdpSocket::bind(address).map(HostSocket::Udp),
+    };
+    bound.map_err(|e| {
+        ContainerError::Usage(format!(
+            "-p {port}: host port {}/{} is not available ({e})",
+            port.host_port,
+            port.protocol.name()
+        ))
+    })
+}
 
 /// Why a forward could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +97,7 @@ impl Destination {
 
 /// Serves every bound host socket on threads of its own, for the rest of the process.
 pub fn start(
-    bound: Vec<(PortMapping, HostSocket)>,
+    bound: Vec<(PortForward, HostSocket)>,
     destination: &Destination,
 ) -> std::io::Result<()> {
     for (mapping, socket) in bound {
@@ -92,7 +116,7 @@ pub fn start(
     Ok(())
 }
 
-fn serve_tcp(listener: TcpListener, mapping: PortMapping, destination: Destination) {
+fn serve_tcp(listener: TcpListener, mapping: PortForward, destination: Destination) {
     for conn in listener.incoming() {
         let client = match conn {
             Ok(c) => c,
@@ -115,8 +139,8 @@ fn serve_tcp(listener: TcpListener, mapping: PortMapping, destination: Destinati
 
 /// One TCP connection: refused (closed at once) when the container cannot be reached,
 /// as docker's proxy does.
-fn forward_tcp(client: TcpStream, mapping: PortMapping, destination: &Destination) {
-    match destination.open(mapping.container_port, Transport::Tcp) {
+fn forward_tcp(client: TcpStream, mapping: PortForward, destination: &Destination) {
+    match destination.open(mapping.guest_port, Transport::Tcp) {
         Ok(stream) => {
             let _ = client.set_nodelay(true);
             relay::splice::<TcpStream, UnixStream>(&client, &stream);
@@ -147,11 +171,11 @@ fn millis_since(start: Instant) -> u64 {
 fn open_flow(
     socket: &Arc<UdpSocket>,
     peer: SocketAddr,
-    mapping: PortMapping,
+    mapping: PortForward,
     destination: &Destination,
     start: Instant,
 ) -> Result<Flow, PublishError> {
-    let stream = destination.open(mapping.container_port, Transport::Udp)?;
+    let stream = destination.open(mapping.guest_port, Transport::Udp)?;
     let mut reader = stream.try_clone().map_err(PublishError::Flow)?;
     let last = Arc::new(AtomicU64::new(millis_since(start)));
     let ended = Arc::new(AtomicBool::new(false));
@@ -174,7 +198,7 @@ fn open_flow(
     })
 }
 
-fn serve_udp(socket: UdpSocket, mapping: PortMapping, destination: Destination, idle: Duration) {
+fn serve_udp(socket: UdpSocket, mapping: PortForward, destination: Destination, idle: Duration) {
     if let Err(e) = socket.set_read_timeout(Some(UDP_SWEEP)) {
         log::warn!("-p {mapping}: {e}");
         return;
@@ -226,7 +250,10 @@ fn serve_udp(socket: UdpSocket, mapping: PortMapping, destination: Destination, 
 mod tests {
     use super::*;
     use crate::agent::protocol::{Transport, VERSION};
-    use crate::container::ports::{bind, parse_publish};
+
+    fn parse_publish(spec: &str) -> Result<PortForward, crate::net::PortError> {
+        spec.parse()
+    }
     use crate::testutil::TempDir;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::Ipv4Addr;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use super::ports;
+use super::publish;
 use super::session::{self, Signals};
 use super::template::TemplateStore;
 use super::vm::{self, VmJail, VmSpec};
@@ -24,8 +24,9 @@ use crate::agent::protocol::{
 use crate::cli::ContainerRunArgs;
 use crate::config::parse_memory_size;
 use crate::devices::virtio::block::BlockConfig;
-use crate::devices::virtio::net;
+use crate::devices::virtio::net::{self, NetBackend, UserNetConfig};
 use crate::image::{self, ImageCache};
+use crate::net::PortForward;
 
 /// Guest RAM on top of the container's memory limit (kernel, agent, tmpfs overlay).
 const VM_OVERHEAD_MIB: u64 = 64;
@@ -74,18 +75,53 @@ pub fn parse_volume(spec: &str) -> Result<VolumeArg, ContainerError> {
     })
 }
 
-/// `--network`: the VM's NIC (tap name) and eth0's address, if any.
+/// `--network`: the VM's NIC and eth0's address, if any.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NetworkArg {
-    pub tap: Option<String>,
+    pub nic: Option<NetBackend>,
     pub net: Option<NetConfig>,
 }
 
-pub fn parse_network(spec: &str) -> Result<NetworkArg, ContainerError> {
+/// eth0 on user-mode networking: passt's fixed addresses, its DNS forwarder and its MTU.
+fn user_net_config() -> NetConfig {
+    NetConfig {
+        address: format!("{}/{}", crate::net::GUEST_ADDRESS, crate::net::GUEST_PREFIX),
+        gateway: Some(crate::net::GATEWAY.to_string()),
+        dns: vec![crate::net::DNS.to_string()],
+        mtu: Some(crate::net::MTU),
+    }
+}
+
+/// Parses `-p` values (docker's syntax, no ranges).
+pub fn parse_ports(specs: &[String]) -> Result<Vec<PortForward>, ContainerError> {
+    let ports = (specs.iter())
+        .map(|spec| {
+            spec.parse::<PortForward>()
+                .map_err(|e| ContainerError::Usage(format!("-p: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    crate::net::check_distinct(&ports).map_err(|e| ContainerError::Usage(format!("-p: {e}")))?;
+    Ok(ports)
+}
+
+/// Parses `--network` (`user`, `none` or `tap=NAME[,ip=..][,gw=..]`); `ports` (from
+/// `-p`) need `user`.
+pub fn parse_network(spec: &str, ports: &[PortForward]) -> Result<NetworkArg, ContainerError> {
+    let bad = |why: String| ContainerError::Usage(format!("--network {spec}: {why}"));
+    if spec == "user" {
+        return Ok(NetworkArg {
+            nic: Some(NetBackend::User(UserNetConfig {
+                ports: ports.to_vec(),
+            })),
+            net: Some(user_net_config()),
+        });
+    }
+    if !ports.is_empty() {
+        return Err(bad("-p needs --network user (the default)".into()));
+    }
     if spec == "none" {
         return Ok(NetworkArg::default());
     }
-    let bad = |why: String| ContainerError::Usage(format!("--network {spec}: {why}"));
     let mut tap = None;
     let mut address = None;
     let mut gateway = None;
@@ -111,7 +147,7 @@ pub fn parse_network(spec: &str) -> Result<NetworkArg, ContainerError> {
             }
             _ => {
                 return Err(bad(format!(
-                    "unknown item {item:?} (none, or tap=NAME[,ip=..][,gw=..])"
+                    "unknown item {item:?} (user, none, or tap=NAME[,ip=..][,gw=..])"
                 )))
             }
         }
@@ -123,8 +159,13 @@ pub fn parse_network(spec: &str) -> Result<NetworkArg, ContainerError> {
         return Err(bad("gw= needs ip=".into()));
     }
     Ok(NetworkArg {
-        tap: Some(tap),
-        net: address.map(|address| NetConfig { address, gateway }),
+        nic: Some(NetBackend::Tap(tap)),
+        net: address.map(|address| NetConfig {
+            address,
+            gateway,
+            dns: Vec::new(),
+            mtu: None,
+        }),
     })
 }
 
@@ -138,6 +179,20 @@ fn machine_network(arg: Option<&str>) -> Result<Network, ContainerError> {
             "--network {other}: a container in a machine takes bridge (the default) or none"
         ))),
     }
+}
+
+/// Refuses a published host port another process holds, before anything starts.
+fn check_ports_free(ports: &[PortForward]) -> Result<(), ContainerError> {
+    for port in ports {
+        port.check_free().map_err(|e| {
+            ContainerError::Usage(format!(
+                "-p {port}: host port {}/{} is not available ({e})",
+                port.host_port,
+                port.protocol.name()
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// How many volumes a container VM has room for: every virtio device but the image's
@@ -179,17 +234,20 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
         .iter()
         .map(|v| parse_volume(v))
         .collect::<Result<Vec<_>, _>>()?;
-    let network = match &args.machine {
-        Some(_) => NetworkArg::default(),
-        None => parse_network(args.network.as_deref().unwrap_or("none"))?,
+    let ports = parse_ports(&args.publish)?;
+    let network = match (&args.network, &args.machine) {
+        // A machine's containers are on its bridge, or have no network (machine_network).
+        (_, Some(_)) => NetworkArg::default(),
+        (Some(spec), None) => parse_network(spec, &ports)?,
+        // A fresh microVM gets user-mode networking unless asked otherwise.
+        (None, None) => parse_network("user", &ports)?,
     };
-    let publish = ports::parse_all(&args.publish)?;
-    let most = max_volumes(network.tap.is_some());
+    let most = max_volumes(network.nic.is_some());
     if args.machine.is_none() && volumes.len() > most {
         return Err(ContainerError::Usage(format!(
             "{} volumes: a container VM takes at most {most} (with{} a NIC)",
             volumes.len(),
-            if network.tap.is_some() { "" } else { "out" }
+            if network.nic.is_some() { "" } else { "out" }
         )));
     }
     if args.process.tty && terminal_is_missing() {
@@ -199,9 +257,9 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
     }
     // Bound before anything starts: a port in use stops the run here, in one line.
     let bound = match &args.machine {
-        Some(_) => publish
+        Some(_) => ports
             .iter()
-            .map(|m| ports::bind(m).map(|s| (*m, s)))
+            .map(|port| publish::bind(port).map(|socket| (*port, socket)))
             .collect::<Result<Vec<_>, _>>()?,
         None => Vec::new(),
     };
@@ -223,7 +281,7 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
                     "-v needs a fresh microVM (drop --machine)".into(),
                 ));
             }
-            if machine_network == Network::None && !publish.is_empty() {
+            if machine_network == Network::None && !ports.is_empty() {
                 return Err(ContainerError::Usage(
                     "-p needs a network: drop --network none".into(),
                 ));
@@ -243,11 +301,7 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
             super::machine::run_container(machine, &prepared, spec, bound, &signals)?
         }
         None => {
-            if !publish.is_empty() {
-                return Err(ContainerError::Usage(
-                    "-p is supported for containers in a machine (--machine NAME)".into(),
-                ));
-            }
+            check_ports_free(&ports)?;
             let mut spec = base_spec(
                 args,
                 process,
@@ -411,13 +465,8 @@ fn fresh_vm(
         cpus: args.cpus.map(|c| c.ceil() as u64).unwrap_or(1).max(1),
         memory_mib,
         disks,
-        nets: (network.tap.iter())
-            .map(|tap| net::NetConfig {
-                tap: tap.clone(),
-                mac: None,
-                rx_rate_limiter: Default::default(),
-                tx_rate_limiter: Default::default(),
-            })
+        nets: (network.nic.iter())
+            .map(|backend| net::NetConfig::new(backend.clone()))
             .collect(),
         vsock_socket: vsock,
         console_log: dir.path.join("console.log"),
@@ -433,7 +482,7 @@ fn fresh_vm(
         Err(ContainerError::Interrupted) => return Ok(128 + signals.pending()),
         other => other?,
     };
-    if template.is_some() && network.tap.is_some() {
+    if template.is_some() && network.nic.is_some() {
         // Every clone of the template would otherwise have the template's MAC address.
         let mac = net::random_mac().map_err(|e| ContainerError::Vm(e.to_string()))?;
         spec.mac = Some(net::format_mac(&mac));
@@ -587,17 +636,37 @@ mod tests {
 
     #[test]
     fn networks_parse() {
-        assert_eq!(parse_network("none").unwrap(), NetworkArg::default());
-        let n = parse_network("tap=t0,ip=10.0.0.2/24,gw=10.0.0.1").unwrap();
-        assert_eq!(n.tap.as_deref(), Some("t0"));
+        assert_eq!(parse_network("none", &[]).unwrap(), NetworkArg::default());
+        let n = parse_network("tap=t0,ip=10.0.0.2/24,gw=10.0.0.1", &[]).unwrap();
+        assert_eq!(n.nic, Some(NetBackend::Tap("t0".into())));
         assert_eq!(
             n.net,
             Some(NetConfig {
                 address: "10.0.0.2/24".into(),
-                gateway: Some("10.0.0.1".into())
+                gateway: Some("10.0.0.1".into()),
+                dns: Vec::new(),
+                mtu: None,
             })
         );
-        assert_eq!(parse_network("tap=t0").unwrap().net, None);
+        assert_eq!(parse_network("tap=t0", &[]).unwrap().net, None);
+        let ports = parse_ports(&["127.0.0.1:8080:80".into(), "53:53/udp".into()]).unwrap();
+        let user = parse_network("user", &ports).unwrap();
+        assert_eq!(
+            user.nic,
+            Some(NetBackend::User(UserNetConfig {
+                ports: ports.clone()
+            }))
+        );
+        let net = user.net.unwrap();
+        assert_eq!(net.address, "10.0.2.15/24");
+        assert_eq!(net.gateway.as_deref(), Some("10.0.2.2"));
+        assert_eq!(net.dns, ["10.0.2.3"]);
+        for spec in ["none", "tap=t0"] {
+            assert_eq!(
+                parse_network(spec, &ports).unwrap_err().to_string(),
+                format!("--network {spec}: -p needs --network user (the default)")
+            );
+        }
         for bad in [
             "bridge",
             "ip=10.0.0.2/24",
@@ -606,8 +675,35 @@ mod tests {
             "tap=t0,ip=10.0.0.2/33",
             "tap=t0,gw=10.0.0.1",
             "tap=",
+            "users",
         ] {
-            assert!(parse_network(bad).is_err(), "{bad}");
+            assert!(parse_network(bad, &[]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn published_ports_parse_and_are_checked() {
+        assert_eq!(
+            parse_ports(&["80:80".into(), "80:81".into()])
+                .unwrap_err()
+                .to_string(),
+            "-p: host port 80/tcp is published twice"
+        );
+        assert_eq!(
+            parse_ports(&["x".into()]).unwrap_err().to_string(),
+            "-p: \"x\" is not [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]"
+        );
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let ports = parse_ports(&[format!("127.0.0.1:{port}:80")]).unwrap();
+        let err = check_ports_free(&ports).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "-p 127.0.0.1:{port}:80/tcp: host port {port}/tcp is not available ("
+            )),
+            "{err}"
+        );
+        drop(busy);
+        check_ports_free(&ports).unwrap();
     }
 }

@@ -91,6 +91,20 @@ pub struct TemplateKey {
     pub disks: Vec<bool>,
     /// NICs; each restore gives every one a tap.
     pub nets: usize,
+    /// Each NIC's kind of back end (`tap`, `user`): a guest that took a tap's offloads
+    /// cannot be restored onto passt, which wants whole frames.
+    pub nic_kinds: Vec<String>,
+}
+
+/// The kind of back end a NIC has, for [`TemplateKey::nic_kinds`].
+fn nic_kind(nic: &crate::devices::virtio::net::NetConfig) -> String {
+    use crate::devices::virtio::net::NetBackend;
+    match nic.backend {
+        NetBackend::Tap(_) => "tap",
+        NetBackend::Stream(_) => "stream",
+        NetBackend::User(_) => "user",
+    }
+    .to_string()
 }
 
 impl TemplateKey {
@@ -119,6 +133,7 @@ impl TemplateKey {
             memory_mib: spec.memory_mib,
             disks: spec.disks.iter().map(|d| d.read_only).collect(),
             nets: spec.nets.len(),
+            nic_kinds: spec.nets.iter().map(nic_kind).collect(),
         })
     }
 
@@ -408,8 +423,22 @@ fn build(
         )))?;
         disk.path = placeholder;
     }
+    // A user-mode NIC is made on a passt of its own that publishes nothing: the ports
+    // are the restores' (each restore gets a fresh passt with its VM's ports).
+    let nets = (spec.nets.iter())
+        .map(|nic| match &nic.backend {
+            crate::devices::virtio::net::NetBackend::User(_) => {
+                crate::devices::virtio::net::NetConfig {
+                    backend: crate::devices::virtio::net::NetBackend::User(Default::default()),
+                    ..nic.clone()
+                }
+            }
+            _ => nic.clone(),
+        })
+        .collect();
     let build_spec = VmSpec {
         disks,
+        nets,
         vsock_socket: dir.join("v.sock"),
         console_log: dir.join("boot.log"),
         state_dir: dir.to_path_buf(),
@@ -629,6 +658,7 @@ mod tests {
             memory_mib: 1,
             disks: vec![true],
             nets: 0,
+            nic_kinds: Vec::new(),
         }
     }
 

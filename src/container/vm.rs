@@ -312,8 +312,11 @@ pub fn spawn_restore(spec: &VmSpec, template: &Template) -> Result<Child, SpawnE
         value.push(&disk.path);
         flag("--disk-override", value);
     }
+    // Each NIC gets a back end of its own: the tap named, or a fresh passt (with this
+    // VM's published ports) that the restoring process starts.
     for (index, nic) in spec.nets.iter().enumerate() {
-        flag("--net-override", format!("net{index}={}", nic.tap).into());
+        let backend = NetConfig::new(nic.backend.clone());
+        flag("--net-override", format!("net{index}={backend}").into());
     }
     let mut reads = vec![template.state.as_path(), template.mem.as_path()];
     reads.extend(spec.read_only_disks());

@@ -325,7 +325,9 @@ pub fn enter(
         crate::config::CpuProfile::Host => crate::config::CpuProfileChoice::Host,
         crate::config::CpuProfile::Compat => crate::config::CpuProfileChoice::Compat,
     };
-    let taps: Vec<String> = config.nets.iter().map(|n| n.tap.clone()).collect();
+    let taps: Vec<String> = (config.nets.iter())
+        .filter_map(|n| n.tap().map(str::to_string))
+        .collect();
     enter_plan(jail, &plan, &taps)
 }
 
@@ -573,8 +575,11 @@ fn exit_status(status: libc::c_int) -> u8 {
 /// The jailed child's half: everything from the namespaces to Landlock.
 fn inside(jail: &JailConfig, plan: &JailPlan, taps: &[String]) -> Result<(), JailError> {
     sys::set_parent_death_signal()?;
-    // The metrics file, if any, was opened by the front end: its descriptor stays.
-    let keep: Vec<_> = crate::metrics::raw_fd().into_iter().collect();
+    // The metrics file, if any, was opened by the front end, and the NICs' stream
+    // sockets (passt's, or connected by path) were made ready by it: their descriptors
+    // stay.
+    let mut keep: Vec<_> = crate::metrics::raw_fd().into_iter().collect();
+    keep.extend(crate::devices::virtio::net::stream::prepared_fds());
     sys::close_inherited_fds(&keep)?;
     let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     match &jail.netns {

@@ -288,6 +288,9 @@ fn vmm(rules: &mut Rules) -> BackendResult<()> {
             libc::SYS_accept4,
             libc::SYS_recvfrom,
             libc::SYS_sendto,
+            // virtio-net over a stream (passt): a frame and its length in one call,
+            // without SIGPIPE when the peer has gone.
+            libc::SYS_sendmsg,
             libc::SYS_shutdown,
             libc::SYS_getsockopt,
             libc::SYS_poll,

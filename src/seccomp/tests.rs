@@ -293,7 +293,7 @@ fn list_sizes_match_the_readme() {
     assert_eq!(
         sizes,
         [
-            (ThreadKind::Vmm, 59),
+            (ThreadKind::Vmm, 60),
             (ThreadKind::Vcpu, 27),
             (ThreadKind::Api, 32),
             (ThreadKind::VmSetup, 26),

@@ -36,8 +36,9 @@ use crate::vstate::memory::MemoryLayout;
 pub const MAGIC: [u8; 8] = *b"HEARTHST";
 /// The version this hearth writes. 2: the devices' state holds the VM generation ID's
 /// address and interrupt. 3: each disk's, NIC's and entropy device's configuration holds
-/// its rate limiters.
-pub const FORMAT_VERSION: u32 = 3;
+/// its rate limiters. 4: a NIC's configuration holds its back end (tap, stream socket or
+/// user-mode networking) instead of a tap name.
+pub const FORMAT_VERSION: u32 = 4;
 /// The versions this hearth reads.
 pub const SUPPORTED_FORMAT_VERSIONS: &[u32] = &[FORMAT_VERSION];
 /// The hearth release, recorded in every header.

@@ -71,7 +71,7 @@ impl DevicesState {
         for attached in &mut self.virtio {
             match &mut attached.device {
                 VirtioDeviceState::Block(block) => disks.push(&mut block.config.path),
-                VirtioDeviceState::Net(net) => nets.push(&mut net.config.tap),
+                VirtioDeviceState::Net(net) => nets.push(&mut net.config.backend),
                 VirtioDeviceState::Vsock(state) => vsock = Some(&mut state.config.uds_path),
                 // Nothing on the host to point elsewhere.
                 VirtioDeviceState::Rng(_) => {}
@@ -88,7 +88,7 @@ impl DevicesState {
             let count = nets.len();
             **nets
                 .get_mut(nic.index)
-                .ok_or_else(|| missing("NIC", nic.index, count))? = nic.tap.clone();
+                .ok_or_else(|| missing("NIC", nic.index, count))? = nic.backend.clone();
         }
         if let Some(path) = &restore.vsock_uds_path {
             *vsock.ok_or(OverrideError::NoVsock)? = path.clone();
@@ -188,10 +188,8 @@ mod tests {
     fn net(tap: &str) -> VirtioDeviceState {
         VirtioDeviceState::Net(NetState {
             config: NetConfig {
-                tap: tap.into(),
                 mac: Some([0x52, 0x54, 0, 0, 0, 1]),
-                rx_rate_limiter: Default::default(),
-                tx_rate_limiter: Default::default(),
+                ..NetConfig::new(crate::devices::virtio::net::NetBackend::Tap(tap.into()))
             },
             core: DeviceCoreState::default(),
         })
@@ -252,7 +250,7 @@ mod tests {
             .iter()
             .map(|d| match &d.device {
                 VirtioDeviceState::Block(b) => b.config.path.display().to_string(),
-                VirtioDeviceState::Net(n) => n.config.tap.clone(),
+                VirtioDeviceState::Net(n) => n.config.tap().unwrap_or_default().to_string(),
                 VirtioDeviceState::Vsock(v) => v.config.uds_path.display().to_string(),
                 VirtioDeviceState::Rng(_) => "rng".to_string(),
             })
@@ -268,7 +266,7 @@ mod tests {
         }];
         restore.nets = vec![NetOverride {
             index: 0,
-            tap: "tap9".into(),
+            backend: crate::devices::virtio::net::NetBackend::Tap("tap9".into()),
         }];
         restore.vsock_uds_path = Some("/run/w.sock".into());
         let mut state = devices(true);
@@ -291,7 +289,7 @@ mod tests {
         let mut restore = RestoreConfig::new("/s", "/m");
         restore.nets = vec![NetOverride {
             index: 2,
-            tap: "tap9".into(),
+            backend: crate::devices::virtio::net::NetBackend::Tap("tap9".into()),
         }];
         let mut state = devices(false);
         assert_eq!(

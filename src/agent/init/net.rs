@@ -106,6 +106,12 @@ impl Ctl {
         Ok(())
     }
 
+    fn set_mtu(&self, ifname: &str, mtu: u32) -> Result<(), NetError> {
+        let mut req = Self::ifreq(ifname)?;
+        req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+        self.ioctl(libc::SIOCSIFMTU, &mut req, "set the MTU", ifname)
+    }
+
     fn up(&self, ifname: &str) -> Result<(), NetError> {
         let mut req = Self::ifreq(ifname)?;
         self.ioctl(libc::SIOCGIFFLAGS, &mut req, "read flags", ifname)?;
@@ -137,7 +143,8 @@ pub fn set_up(ifname: &str) -> Result<(), NetError> {
     Ctl::new()?.up(ifname)
 }
 
-/// Gives `ifname` the address of `config`, brings it up and adds the default route.
+/// Gives `ifname` the address (and MTU) of `config`, brings it up and adds the default
+/// route.
 pub fn configure(ifname: &str, config: &NetConfig) -> Result<(), NetError> {
     let (addr, mask) = parse_cidr(&config.address)?;
     let gateway = config
@@ -155,6 +162,9 @@ pub fn configure(ifname: &str, config: &NetConfig) -> Result<(), NetError> {
     let mut req = Ctl::ifreq(ifname)?;
     req.ifr_ifru.ifru_netmask = sockaddr_in(mask);
     ctl.ioctl(libc::SIOCSIFNETMASK, &mut req, "set the netmask", ifname)?;
+    if let Some(mtu) = config.mtu {
+        ctl.set_mtu(ifname, mtu)?;
+    }
     ctl.up(ifname)?;
     if let Some(gw) = gateway {
         // SAFETY: rtentry is plain data; all-zero is a valid value.

@@ -660,7 +660,31 @@ fn write_host_files(
     )?;
     ctx(std::fs::write("/etc/hosts", hosts), || {
         "cannot write /etc/hosts".into()
-    })
+    })?;
+    // As docker does, the container gets the network's name servers in place of the
+    // image's own.
+    if let Some(resolv) = spec.net.as_ref().and_then(|n| resolv_conf(&n.dns)) {
+        // An image may ship /etc/resolv.conf as a symlink (to systemd-resolved's file):
+        // replace the link, not its target.
+        let _ = std::fs::remove_file("/etc/resolv.conf");
+        ctx(std::fs::write("/etc/resolv.conf", resolv), || {
+            "cannot write /etc/resolv.conf".into()
+        })?;
+    }
+    Ok(())
+}
+
+/// /etc/resolv.conf for `servers`; `None` when there are none.
+fn resolv_conf(servers: &[String]) -> Option<String> {
+    if servers.is_empty() {
+        return None;
+    }
+    Some(
+        servers
+            .iter()
+            .map(|server| format!("nameserver {server}\n"))
+            .collect(),
+    )
 }
 
 /// Enters the namespaces (and cgroup) of the container whose init is `pid`; forks and
@@ -924,6 +948,15 @@ static TEST_SANDBOX_ENTRY: extern "C" fn() = {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolv_conf_lists_the_servers() {
+        assert_eq!(resolv_conf(&[]), None);
+        assert_eq!(
+            resolv_conf(&["10.0.2.3".into(), "1.1.1.1".into()]).unwrap(),
+            "nameserver 10.0.2.3\nnameserver 1.1.1.1\n"
+        );
+    }
 
     #[test]
     fn plan_round_trips_through_json() {

@@ -57,6 +57,12 @@ fn overrides_become_firecrackers_requests() {
         "eth0=tap7",
         "--net-override",
         "net_1=tap=odd",
+        "--net-override",
+        "net2=a=b",
+        "--net-override",
+        "net3=user,ports=127.0.0.1:8080:80",
+        "--net-override",
+        "net4=stream=/run/p.sock",
         "--vsock-override",
         "/run/v.sock",
         "--disk-override",
@@ -68,15 +74,17 @@ fn overrides_become_firecrackers_requests() {
     assert_eq!(
         plan.load.network_overrides,
         [
-            NetworkOverride {
-                iface_id: "eth0".into(),
-                host_dev_name: "tap7".into()
-            },
-            // Split at the first '=': the rest is the tap's name.
-            NetworkOverride {
-                iface_id: "net_1".into(),
-                host_dev_name: "tap=odd".into()
-            }
+            NetworkOverride::new("eth0", NetBackend::Tap("tap7".into())),
+            // Split at the first '=': the rest is the tap's name, or a back end spec.
+            NetworkOverride::new("net_1", NetBackend::Tap("odd".into())),
+            NetworkOverride::new("net2", NetBackend::Tap("a=b".into())),
+            NetworkOverride::new(
+                "net3",
+                NetBackend::User(crate::devices::virtio::net::UserNetConfig {
+                    ports: vec!["127.0.0.1:8080:80".parse().unwrap()]
+                })
+            ),
+            NetworkOverride::new("net4", NetBackend::Stream("/run/p.sock".into()))
         ]
     );
     assert_eq!(
@@ -132,6 +140,15 @@ fn malformed_overrides_are_one_line_naming_the_value() {
             &["--net-override", "eth0=a-very-long-tap-name"],
             "invalid --net-override \"eth0=a-very-long-tap-name\": \"a-very-long-tap-name\" \
              is not a tap name (1 to 15 printable characters without '/' or ':')",
+        ),
+        (
+            &["--net-override", "eth0=user,mac=52:54:00:00:00:01"],
+            "invalid --net-override \"eth0=user,mac=52:54:00:00:00:01\": only the back end \
+             (tap=, stream= or user) can be changed",
+        ),
+        (
+            &["--net-override", "eth0=user,ports=1:2+1:3"],
+            "invalid --net-override \"eth0=user,ports=1:2+1:3\": host port 1/tcp is published twice",
         ),
         (
             &["--net-override", "eth0=t1", "--net-override", "eth0=t2"],

@@ -2,7 +2,9 @@
 //! RX/TX queue processing the event loop drives.
 //!
 //! TX: every chain the driver posts is copied into a bounce buffer, checked, written to the
-//! tap and returned (length 0), valid or not. RX: one frame at a time is read from the tap
+//! back end (tap or stream) and returned (length 0), valid or not. A stream that took
+//! part of a frame only holds the ring until it took the rest. RX: one frame at a time is
+//! read from the back end (called the tap below; a stream behaves the same)
 //! into a bounce buffer and copied into the driver's buffers (several with
 //! VIRTIO_NET_F_MRG_RXBUF). When the driver has not posted room for it, the frame stays
 //! pending, the tap is no longer read and the device waits for the driver's next RX
@@ -22,12 +24,12 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 
+use super::backend::Backend;
 use super::header::{
     bit, finish_rx_header, parse_rx_buffer, prepare_tx_frame, read_tx_frame, FrameError, RxBuffer,
     MAX_BUFFER_LEN, VNET_HDR_LEN,
 };
-use super::tap::Tap;
-use super::{format_mac, random_mac, NetConfig, NetError};
+use super::{format_mac, random_mac, NetBackend, NetConfig, NetError};
 use crate::devices::virtio::{
     drain_queue, ActivateError, DeviceCore, Drained, Interrupt, VirtioDevice,
 };
@@ -37,7 +39,7 @@ use crate::vstate::memory::GuestMemory;
 
 /// Maximum size of the RX and TX queues.
 pub const QUEUE_MAX_SIZE: u16 = 256;
-const QUEUE_MAX_SIZES: [u16; 2] = [QUEUE_MAX_SIZE, QUEUE_MAX_SIZE];
+pub(super) const QUEUE_MAX_SIZES: [u16; 2] = [QUEUE_MAX_SIZE, QUEUE_MAX_SIZE];
 /// The queues, by index.
 pub(super) const RX_QUEUE: usize = 0;
 pub(super) const TX_QUEUE: usize = 1;
@@ -45,11 +47,15 @@ pub(super) const TX_QUEUE: usize = 1;
 /// Frames (or chains) handled per event before yielding to the rest of the event loop.
 const BUDGET: usize = 256;
 
-const AVAIL_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
+/// What every back end offers.
+const BASE_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_RING_F_EVENT_IDX)
     | bit(VIRTIO_NET_F_MAC)
     | bit(VIRTIO_NET_F_STATUS)
-    | bit(VIRTIO_NET_F_MRG_RXBUF)
+    | bit(VIRTIO_NET_F_MRG_RXBUF);
+
+/// A tap passes checksum and segmentation offloads both ways (the vnet header).
+const AVAIL_FEATURES: u64 = BASE_FEATURES
     | bit(VIRTIO_NET_F_CSUM)
     | bit(VIRTIO_NET_F_HOST_TSO4)
     | bit(VIRTIO_NET_F_HOST_TSO6)
@@ -336,17 +342,20 @@ impl RxState {
     }
 }
 
-/// A virtio-net device on a tap interface.
+/// A virtio-net device on a tap interface or a stream socket.
 pub struct Net {
     pub(super) core: DeviceCore,
-    pub(super) tap: Tap,
+    pub(super) backend: Backend,
+    /// What the back end was opened from, for saving.
+    backend_config: NetBackend,
     mac: [u8; 6],
     config: [u8; CONFIG_LEN],
     pub(super) rx: RxState,
     tx_buffer: Vec<u8>,
-    /// Event-loop bookkeeping: whether the tap is in epoll, and whether it broke.
-    pub(super) tap_watched: bool,
-    pub(super) tap_failed: bool,
+    /// Event-loop bookkeeping: what the back end is watched for in epoll (empty: not in
+    /// it), and whether it broke.
+    pub(super) backend_watched: event_manager::EventSet,
+    pub(super) backend_failed: bool,
     tx_failures: u64,
     metrics: Arc<NetMetrics>,
     /// Frames to the guest, and frames from it, wait here when they exceed the rate.
@@ -355,33 +364,40 @@ pub struct Net {
 }
 
 impl Net {
-    /// Opens the tap named in `config` and picks the MAC address.
+    /// Opens the back end named in `config` and picks the MAC address.
     pub fn new(config: &NetConfig) -> Result<Self, NetError> {
-        let tap = Tap::open(&config.tap)?;
+        let backend = Backend::open(&config.backend)?;
         let mac = match config.mac {
             Some(mac) => mac,
             None => random_mac()?,
         };
-        let core = DeviceCore::new(AVAIL_FEATURES, &QUEUE_MAX_SIZES).map_err(NetError::Queues)?;
+        // passt takes and gives whole frames: no offloads to offer the guest.
+        let features = if backend.offloads() {
+            AVAIL_FEATURES
+        } else {
+            BASE_FEATURES
+        };
+        let core = DeviceCore::new(features, &QUEUE_MAX_SIZES).map_err(NetError::Queues)?;
         let metrics = Arc::<NetMetrics>::default();
         let rx_limiter =
             RateLimiter::new(&config.rx_rate_limiter).map_err(NetError::RateLimiter)?;
         let tx_limiter =
             RateLimiter::new(&config.tx_rate_limiter).map_err(NetError::RateLimiter)?;
         log::info!(
-            "virtio-net: tap device \"{}\", guest MAC {}",
-            config.tap,
+            "virtio-net: {}, guest MAC {}",
+            backend.describe(),
             format_mac(&mac)
         );
         Ok(Self {
             core,
-            tap,
+            backend,
+            backend_config: config.backend.clone(),
             mac,
             config: config_space(mac),
             rx: RxState::counted_in(metrics.clone()),
             tx_buffer: vec![0; MAX_BUFFER_LEN],
-            tap_watched: false,
-            tap_failed: false,
+            backend_watched: event_manager::EventSet::empty(),
+            backend_failed: false,
             tx_failures: 0,
             metrics,
             rx_limiter,
@@ -397,7 +413,7 @@ impl Net {
     /// The configuration in force (the limiters as changed since), for saving.
     pub fn config(&self) -> NetConfig {
         NetConfig {
-            tap: self.tap_name().to_string(),
+            backend: self.backend_config.clone(),
             mac: Some(self.mac),
             rx_rate_limiter: self.rx_limiter.config(),
             tx_rate_limiter: self.tx_limiter.config(),
@@ -437,17 +453,46 @@ impl Net {
         self.mac
     }
 
-    /// The host tap interface.
-    pub fn tap_name(&self) -> &str {
-        self.tap.name()
+    /// What the NIC is on the host (as configured).
+    pub fn backend_config(&self) -> &NetBackend {
+        &self.backend_config
     }
 
-    /// Should the event loop watch the tap for frames?
-    pub(super) fn wants_tap(&self) -> bool {
+    /// The back end, for messages.
+    pub fn describe_backend(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Should the event loop watch the back end for frames?
+    pub(super) fn wants_rx(&self) -> bool {
         self.core.is_activated()
             && !self.core.is_paused()
             && !self.rx.has_pending_frame()
-            && !self.tap_failed
+            && !self.backend_failed
+    }
+
+    /// Should the event loop watch the back end for room to finish a frame?
+    pub(super) fn wants_tx_room(&self) -> bool {
+        !self.core.is_paused() && !self.backend_failed && self.backend.tx_blocked()
+    }
+
+    /// The back end has room again: finish the half-sent frame, then send what the
+    /// guest queued meanwhile.
+    pub(super) fn process_tx_room(&mut self) {
+        match self.backend.flush() {
+            Ok(true) => self.process_tx(),
+            Ok(false) => {}
+            Err(e) => {
+                self.metrics.tx_errors.inc();
+                log::error!(
+                    "virtio-net: cannot send to {}, the guest sends no more: {e}",
+                    self.backend.describe()
+                );
+                self.backend_failed = true;
+                // Frames held for it go (dropped) now.
+                self.process_tx();
+            }
+        }
     }
 
     /// Moves frames from the tap to the guest.
@@ -457,12 +502,12 @@ impl Net {
             return;
         };
         let queue = &mut queues[RX_QUEUE];
-        let (tap, limiter, metrics) = (&self.tap, &mut self.rx_limiter, &self.metrics);
+        let (backend, limiter, metrics) = (&mut self.backend, &mut self.rx_limiter, &self.metrics);
         let (used, error) = self.rx.process_limited(
             queue,
             &active.mem,
             features,
-            |buf| tap.read(buf),
+            |buf| backend.read(buf),
             |len| {
                 let admitted = limiter.consume_request(len as u64);
                 if !admitted {
@@ -477,10 +522,16 @@ impl Net {
         if let Some(e) = error {
             self.metrics.rx_errors.inc();
             log::error!(
-                "virtio-net: cannot read from tap device \"{}\", the guest receives no more: {e}",
-                self.tap.name()
+                "virtio-net: cannot read from {}, the guest receives no more: {e}",
+                self.backend.describe()
             );
-            self.tap_failed = true;
+            self.backend_failed = true;
+        } else if !self.rx.has_pending_frame() && self.backend.has_buffered_frame() {
+            // The budget ran out with frames in our own buffer, which epoll does not see:
+            // come back after the rest of the event loop had its turn.
+            if let Err(e) = self.core.queue_events()[RX_QUEUE].write(1) {
+                log::warn!("virtio-net: cannot requeue RX work: {e}");
+            }
         }
     }
 
@@ -490,7 +541,8 @@ impl Net {
         let Some((queues, active)) = self.core.active() else {
             return;
         };
-        let (tap, limiter) = (&self.tap, &mut self.tx_limiter);
+        let (backend, limiter) = (&mut self.backend, &mut self.tx_limiter);
+        let failed = self.backend_failed;
         let failures = &mut self.tx_failures;
         let metrics = &self.metrics;
         let drained = process_tx_queue(
@@ -508,26 +560,28 @@ impl Net {
                         return true;
                     }
                 };
+                if !failed && backend.tx_blocked() {
+                    // Left on the ring until the stream took the half-sent frame.
+                    return false;
+                }
                 let bytes = frame.len().saturating_sub(VNET_HDR_LEN) as u64;
                 if !limiter.consume_request(bytes) {
                     metrics.tx_throttled.inc();
                     return false;
                 }
-                match tap.write(frame) {
+                match backend.write(frame) {
                     Ok(_) => {
                         metrics.tx_packets.inc();
                         metrics.tx_bytes.add(bytes);
                     }
                     Err(e) => {
                         metrics.tx_errors.inc();
-                        // Once loudly; a tap that is down or gone fails every frame.
+                        // Once loudly; a tap that is down or a peer that is gone fails
+                        // every frame.
                         if *failures == 0 {
-                            log::warn!(
-                                "virtio-net: cannot send to tap device \"{}\": {e}",
-                                tap.name()
-                            );
+                            log::warn!("virtio-net: cannot send to {}: {e}", backend.describe());
                         } else {
-                            log::debug!("virtio-net: cannot send to the tap: {e}");
+                            log::debug!("virtio-net: cannot send to {}: {e}", backend.describe());
                         }
                         *failures += 1;
                     }
@@ -568,7 +622,7 @@ impl VirtioDevice for Net {
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
         self.core.check_activation(&mem)?;
-        self.tap
+        self.backend
             .set_offload(tap_offloads(self.core.acked_features()))
             .map_err(|e| ActivateError::Backend(io::Error::other(e)))?;
         self.rx.reset();
@@ -579,7 +633,7 @@ impl VirtioDevice for Net {
         self.core.deactivate();
         // The held buffers belong to the old rings, and the frame goes with them.
         self.rx.reset();
-        if let Err(e) = self.tap.set_offload(0) {
+        if let Err(e) = self.backend.set_offload(0) {
             log::warn!("virtio-net: {e}");
         }
     }

@@ -1,8 +1,10 @@
 //! The event-loop side of virtio-net. The two queue eventfds and the two rate limiters'
 //! timers are watched from `init` for the device's whole life (except while paused); the
-//! tap while a frame can be taken from it: the device is active and no frame waits for RX
-//! buffers or for the RX limiter, so a slow guest costs no busy loop and no frames. A
-//! limiter's timer serves again the direction it held back.
+//! back end (tap or stream) for input while a frame can be taken from it: the device is
+//! active and no frame waits for RX buffers or for the RX limiter, so a slow guest costs
+//! no busy loop and no frames; and for output while a stream holds a half-sent frame. A
+//! limiter's timer serves again the direction it held back. A back end that failed (a
+//! closed peer) is watched no more.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -11,7 +13,7 @@ use crate::devices::virtio::Pausable;
 
 const TOKEN_RX: u32 = 0;
 const TOKEN_TX: u32 = 1;
-const TOKEN_TAP: u32 = 2;
+const TOKEN_BACKEND: u32 = 2;
 const TOKEN_RX_LIMITER: u32 = 3;
 const TOKEN_TX_LIMITER: u32 = 4;
 
@@ -25,22 +27,27 @@ impl Net {
             .sync_watch(ops, TOKEN_RX_LIMITER, running, "virtio-net");
         self.tx_limiter
             .sync_watch(ops, TOKEN_TX_LIMITER, running, "virtio-net");
-        let want_tap = self.wants_tap();
-        if want_tap != self.tap_watched {
-            let events = Events::with_data(&self.tap, TOKEN_TAP, EventSet::IN);
-            let result = if want_tap {
-                ops.add(events)
+        let mut wanted = EventSet::empty();
+        if self.wants_rx() {
+            wanted |= EventSet::IN;
+        }
+        if self.wants_tx_room() {
+            wanted |= EventSet::OUT;
+        }
+        if wanted != self.backend_watched {
+            let watched = self.backend_watched;
+            let result = if watched.is_empty() {
+                ops.add(Events::with_data(&self.backend, TOKEN_BACKEND, wanted))
+            } else if wanted.is_empty() {
+                ops.remove(Events::with_data(&self.backend, TOKEN_BACKEND, watched))
             } else {
-                ops.remove(events)
+                ops.modify(Events::with_data(&self.backend, TOKEN_BACKEND, wanted))
             };
             match result {
-                Ok(()) => self.tap_watched = want_tap,
+                Ok(()) => self.backend_watched = wanted,
                 Err(e) => {
-                    log::error!(
-                        "virtio-net: cannot watch tap device \"{}\": {e}",
-                        self.tap_name()
-                    );
-                    self.tap_failed = true;
+                    log::error!("virtio-net: cannot watch {}: {e}", self.describe_backend());
+                    self.backend_failed = true;
                 }
             }
         }
@@ -58,16 +65,22 @@ impl MutEventSubscriber for Net {
             return;
         }
         match events.data() {
-            TOKEN_TAP => {
+            TOKEN_BACKEND => {
                 let set = events.event_set();
+                if set.contains(EventSet::OUT) {
+                    self.process_tx_room();
+                }
                 if set.contains(EventSet::IN) {
+                    // A closed stream reads as the end (reported there).
                     self.process_rx();
-                } else if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+                } else if set.intersects(EventSet::ERROR | EventSet::HANG_UP)
+                    && !set.contains(EventSet::OUT)
+                {
                     log::error!(
-                        "virtio-net: tap device \"{}\" failed, the guest receives no more",
-                        self.tap_name()
+                        "virtio-net: {} failed, the guest receives no more",
+                        self.describe_backend()
                     );
-                    self.tap_failed = true;
+                    self.backend_failed = true;
                 }
             }
             TOKEN_RX => {
@@ -176,10 +189,8 @@ mod tests {
                 .spawn(|| {
                     netns.enter();
                     let config = NetConfig {
-                        tap: "tapE".into(),
                         mac: Some([2, 0, 0, 0, 0, 1]),
-                        rx_rate_limiter: Default::default(),
-                        tx_rate_limiter: Default::default(),
+                        ..NetConfig::new(super::super::NetBackend::Tap("tapE".into()))
                     };
                     let net = Arc::new(Mutex::new(Net::new(&config).unwrap()));
                     let mut manager = Loop::new().unwrap();
@@ -293,5 +304,126 @@ mod tests {
                 .join()
                 .unwrap();
         });
+    }
+
+    /// Over a stream: frames go out with their length in front and no virtio-net header,
+    /// come in split or whole, a full socket holds the TX ring (nothing dropped, order
+    /// kept) until it drains, and a peer that closes ends the stream without a busy loop.
+    #[test]
+    fn frames_cross_a_stream_and_a_full_socket_holds_the_ring() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixListener;
+        use virtio_bindings::virtio_net::VIRTIO_NET_F_CSUM;
+
+        let dir = std::env::temp_dir().join(format!("hearth-net-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("peer.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let config = NetConfig {
+            mac: Some([2, 0, 0, 0, 0, 2]),
+            ..NetConfig::new(super::super::NetBackend::Stream(path.clone()))
+        };
+        let net = Arc::new(Mutex::new(Net::new(&config).unwrap()));
+        let (mut peer, _) = listener.accept().unwrap();
+        assert_eq!(lock(&net).avail_features() & (1 << VIRTIO_NET_F_CSUM), 0);
+        assert_eq!(lock(&net).config(), config);
+
+        let mut manager = Loop::new().unwrap();
+        manager.add_subscriber(net.clone());
+        let rx_kick = lock(&net).queue_events()[RX_QUEUE].try_clone().unwrap();
+        let tx_kick = lock(&net).queue_events()[TX_QUEUE].try_clone().unwrap();
+        let mem = memory();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 64);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x4000), 64);
+        {
+            let mut device = lock(&net);
+            let queues = device.queues_mut();
+            configure_queue(&mut queues[RX_QUEUE], &rx.create_queue().unwrap());
+            configure_queue(&mut queues[TX_QUEUE], &tx.create_queue().unwrap());
+            let features = device.avail_features();
+            device.set_acked_features(features);
+            device.activate(mem.clone(), interrupt).unwrap();
+        }
+
+        // Host to guest, the frame split in three writes.
+        let frame = test_frame(1);
+        let mut framed = (frame.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&frame);
+        add_chain(&rx, 0, &[(0x30_0000, 2048, WRITE)]);
+        rx_kick.write(1).unwrap();
+        for piece in [&framed[..3], &framed[3..20], &framed[20..]] {
+            peer.write_all(piece).unwrap();
+            manager.run_with_timeout(20).unwrap();
+        }
+        assert!(run_until(&mut manager, || used_entries(&rx).len() == 1));
+        let delivered = received_test_frames(&mem, &rx, 0x30_0000);
+        assert_eq!(
+            delivered[0][..VNET_HDR_LEN],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]
+        );
+        assert_eq!(delivered[0][VNET_HDR_LEN..], frame[..]);
+
+        // Guest to host: 16 frames of 60000 bytes, more than the socket holds.
+        const FRAMES: u16 = 16;
+        const LEN: usize = 60_000;
+        for i in 0..FRAMES {
+            let mut data = vec![0u8; VNET_HDR_LEN];
+            data.extend((0..LEN).map(|b| (b as u8).wrapping_add(i as u8)));
+            let addr = 0x10_0000 + u64::from(i) * 0x1_0000;
+            mem.write_slice(&data, GuestAddress(addr)).unwrap();
+            add_chain(&tx, i, &[(addr, data.len() as u32, 0)]);
+        }
+        tx_kick.write(1).unwrap();
+        for _ in 0..5 {
+            manager.run_with_timeout(20).unwrap();
+        }
+        let sent_before_draining = used_entries(&tx).len();
+        assert!(
+            sent_before_draining < usize::from(FRAMES),
+            "the socket took every frame: the test did not fill it"
+        );
+        // Reading makes room; the device finishes the half-sent frame, then the rest.
+        peer.set_nonblocking(true).unwrap();
+        let mut received = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        let expected_bytes = usize::from(FRAMES) * (4 + LEN);
+        for _ in 0..500 {
+            match peer.read(&mut chunk) {
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    manager.run_with_timeout(10).unwrap();
+                }
+                Err(e) => panic!("{e}"),
+            }
+            if received.len() >= expected_bytes {
+                break;
+            }
+        }
+        assert_eq!(received.len(), expected_bytes);
+        assert_eq!(used_entries(&tx).len(), usize::from(FRAMES));
+        for (i, framed) in received.chunks(4 + LEN).enumerate() {
+            assert_eq!(framed[..4], (LEN as u32).to_be_bytes());
+            assert!(framed[4..]
+                .iter()
+                .enumerate()
+                .all(|(b, &v)| v == (b as u8).wrapping_add(i as u8)));
+        }
+
+        // The peer goes: reported once, and the loop goes quiet (no spinning on EOF).
+        drop(peer);
+        for _ in 0..3 {
+            manager.run_with_timeout(20).unwrap();
+        }
+        assert_eq!(manager.run_with_timeout(50).unwrap(), 0);
+        assert_eq!(lock(&net).metrics().rx_errors.get(), 1);
+        // Frames the guest still sends are returned and dropped.
+        add_chain(&tx, FRAMES, &[(0x10_0000, (VNET_HDR_LEN + 60) as u32, 0)]);
+        tx_kick.write(1).unwrap();
+        assert!(run_until(&mut manager, || used_entries(&tx).len()
+            == usize::from(FRAMES) + 1));
+        assert!(lock(&net).metrics().tx_errors.get() >= 1);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,8 @@
-//! What a snapshot keeps of a virtio-net device: the tap's name and the guest's MAC (the
-//! caller may name another tap before restoring), and the virtio state, negotiated
-//! features included.
+//! What a snapshot keeps of a virtio-net device: its back end (tap name, socket path or
+//! user-mode networking) and the guest's MAC (the caller may name another back end before
+//! restoring), and the virtio state, negotiated features included. A snapshot of a tap
+//! NIC whose guest took offloads cannot go onto a stream (passt wants whole frames): the
+//! restore says so.
 //!
 //! A paused device may hold RX buffers it took from the ring for a frame that did not fit
 //! yet. The frame came from the old tap and is dropped (a network may lose a frame), but
@@ -11,9 +13,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::device::RX_QUEUE;
-use super::{Net, NetConfig};
+use super::device::{QUEUE_MAX_SIZES, RX_QUEUE};
+use super::{Net, NetConfig, NetError};
 use crate::devices::virtio::persist::{DeviceCoreState, RestoreError};
+use crate::devices::virtio::DeviceCore;
 
 const DEVICE: &str = "virtio-net";
 
@@ -50,6 +53,25 @@ impl Net {
             device: DEVICE,
             source: Box::new(e),
         })?;
+        // Another kind of back end (a tap NIC restored onto passt or back) offers other
+        // features; what counts is that it can carry what the guest took.
+        let supported = net.core.avail_features();
+        if state.core.acked_features & !supported != 0 {
+            return Err(RestoreError::Mismatch {
+                device: DEVICE,
+                what: format!(
+                    "the guest uses offloads ({:#x}) that {} cannot carry",
+                    state.core.acked_features & !supported,
+                    net.describe_backend()
+                ),
+            });
+        }
+        net.core = DeviceCore::new(state.core.avail_features, &QUEUE_MAX_SIZES).map_err(|e| {
+            RestoreError::Device {
+                device: DEVICE,
+                source: Box::new(NetError::Queues(e)),
+            }
+        })?;
         net.core.restore(&state.core)?;
         Ok(net)
     }
@@ -84,10 +106,8 @@ mod tests {
                 .spawn(|| {
                     netns.enter();
                     let config = NetConfig {
-                        tap: "tapS".into(),
                         mac: Some([2, 0, 0, 0, 0, 7]),
-                        rx_rate_limiter: Default::default(),
-                        tx_rate_limiter: Default::default(),
+                        ..NetConfig::new(super::super::NetBackend::Tap("tapS".into()))
                     };
                     let mem = memory();
                     let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
@@ -109,7 +129,7 @@ mod tests {
                     net.activate(mem.clone(), interrupt).unwrap();
                     let socket = packet_socket(ifindex("tapS"));
                     packet_send(&socket, &test_frame(1));
-                    assert!(wait_readable(std::os::fd::AsRawFd::as_raw_fd(&net.tap)));
+                    assert!(wait_readable(std::os::fd::AsRawFd::as_raw_fd(&net.backend)));
                     net.process_rx();
                     assert!(net.rx.has_pending_frame());
                     assert!(used_entries(&rx).is_empty());
