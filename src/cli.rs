@@ -348,6 +348,17 @@ pub struct MachineStartArgs {
     /// (README "Security: the jail").
     #[arg(long)]
     pub no_jail: bool,
+
+    /// The machine's own network: user (the default: passt, no root needed; its
+    /// containers reach it through the machine's NAT) or none.
+    #[arg(long, value_name = "MODE", default_value = "user")]
+    pub network: String,
+
+    /// Publish a port of the machine itself on the host, through passt:
+    /// [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/udp] (declared at start: passt cannot add
+    /// forwards later). Repeatable. Containers publish theirs with `container run -p`.
+    #[arg(short = 'p', long = "publish", value_name = "PORTS")]
+    pub publish: Vec<String>,
 }
 
 /// `hearth template ...`: the snapshots container VMs and machines are restored from.

@@ -1,8 +1,11 @@
-//! A machine's container network end to end, in one machine: containers on the
-//! machine's bridge reach each other by address, `--network none` leaves only loopback,
-//! `-p` publishes a container's TCP and UDP ports on the host's loopback through
-//! hearth's vsock forwarder, a host port in use is refused before the container starts,
-//! and a container's veth is gone once it ends. Test traffic goes only to loopback.
+//! A machine's network end to end, in one machine: the machine has user-mode networking
+//! (passt) with a port of its own published at start, its containers on the machine's
+//! bridge reach each other by address and the host's loopback through the NAT, get the
+//! machine's resolver, `--network none` leaves only loopback, `-p` publishes a
+//! container's TCP and UDP ports on the host's loopback through hearth's vsock
+//! forwarder, a host port in use is refused before the container starts, a container's
+//! veth is gone once it ends, and no passt outlives the machine. Test traffic goes only
+//! to loopback.
 
 mod common;
 
@@ -98,6 +101,57 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The passt processes (`passt` or `passt.avx2`, which it execs) among the descendants of `pid` (a jailed VMM forks; passt is
+/// the child of whichever process started it).
+fn passt_descendants(pid: i32) -> Vec<i32> {
+    let mut procs = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // "pid (comm) state ppid ..."
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let ppid: Option<i32> = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        procs.push((child, ppid.unwrap_or(0), head.contains("(passt")));
+    }
+    let mut family = vec![pid];
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for (child, ppid, _) in &procs {
+            if family.contains(ppid) && !family.contains(child) {
+                family.push(*child);
+                grew = true;
+            }
+        }
+    }
+    (procs.iter())
+        .filter(|(child, _, passt)| *passt && family.contains(child))
+        .map(|(child, _, _)| *child)
+        .collect()
+}
+
+/// A one-shot HTTP server on the host's loopback; returns its port.
+fn host_http_server(body: &'static str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                request.push(byte[0]);
+            }
+            let _ = conn.write_all(format!("HTTP/1.0 200 OK\r\n\r\n{body}").as_bytes());
+        }
+    });
+    port
+}
+
 /// GET / from the host's loopback port, retried while the server is not up yet.
 fn http_get(port: u16, deadline: Instant) -> String {
     loop {
@@ -143,10 +197,39 @@ fn a_machines_containers_have_their_own_network_and_published_ports() {
     let guard = MachineGuard {
         dir: state_dir(&dir).join("machines").join(&name),
     };
+    let machine_port = free_port();
     let mut start = hearth(&dir);
-    start.args(["machine", "start", &name, "--memory", "384M"]);
+    start
+        .args(["machine", "start", &name, "--memory", "384M", "-p"])
+        .arg(format!("127.0.0.1:{machine_port}:8081"));
     let out = run(start);
     assert_status(&out, 0);
+    let info = std::fs::read_to_string(guard.dir.join("machine.json")).unwrap();
+    let vmm: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let vmm = vmm["pid"].as_i64().unwrap() as i32;
+    let passts = passt_descendants(vmm);
+    assert_eq!(
+        passts.len(),
+        1,
+        "the machine's VMM has no passt: {passts:?}"
+    );
+
+    // A port of the machine itself, published at start through passt.
+    let mut cmd = hearth(&dir);
+    cmd.args([
+        "machine",
+        "run",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /tmp/www && echo hello-from-the-machine > /tmp/www/index.html && \
+         httpd -p 8081 -h /tmp/www",
+    ]);
+    let out = run(cmd);
+    assert_status(&out, 0);
+    let answer = http_get(machine_port, Instant::now() + Duration::from_secs(120));
+    assert!(answer.contains("hello-from-the-machine"), "{answer}");
 
     // The server: an HTTP server and a UDP echo published on the host's loopback, and a
     // one-shot nc listener for its sibling.
@@ -163,7 +246,8 @@ fn a_machines_containers_have_their_own_network_and_published_ports() {
             "-c",
             "trap 'exit 0' TERM; mkdir -p /www; echo hello-from-httpd > /www/index.html; \
              httpd -f -p 80 -h /www & udp_echo 7 & \
-             echo links: $(ls /sys/class/net); ip -4 -o addr show eth0; echo ready; \
+             echo links: $(ls /sys/class/net); ip -4 -o addr show eth0; cat /etc/resolv.conf; \
+             echo ready; \
              nc -l -p 9000; echo nc-done; sleep 600 & wait",
         ]);
     let srv = Running::start(cmd, Stdio::null());
@@ -178,8 +262,11 @@ fn a_machines_containers_have_their_own_network_and_published_ports() {
         .map(|(a, _)| a.to_string())
         .unwrap_or_else(|| panic!("no address in {early:?}"));
     assert!(address.starts_with("172.30."), "{address}");
+    assert!(early.contains("nameserver 10.0.2.3\n"), "{early}");
 
-    // A sibling reaches it by address over the bridge: nc and HTTP.
+    // A sibling reaches it by address over the bridge (nc and HTTP), and a server on the
+    // host's loopback through the machine's NAT and passt (whose gateway is the host).
+    let host_port = host_http_server("hello-from-the-host\n");
     let mut cmd = hearth(&dir);
     cmd.args(["container", "run", "--machine", &name])
         .arg(&image)
@@ -188,13 +275,13 @@ fn a_machines_containers_have_their_own_network_and_published_ports() {
             "-c",
             &format!(
                 "echo hello-over-bridge | nc {address} 9000; wget -qO- http://{address}/; \
-                 ip -4 -o addr show eth0"
+                 wget -qO- http://10.0.2.2:{host_port}/; ip -4 -o addr show eth0"
             ),
         ]);
     let out = run(cmd);
     assert_status(&out, 0);
     assert!(
-        stdout_of(&out).contains("hello-from-httpd\n"),
+        stdout_of(&out).contains("hello-from-httpd\nhello-from-the-host\n"),
         "{}",
         describe(&out)
     );
@@ -260,4 +347,14 @@ fn a_machines_containers_have_their_own_network_and_published_ports() {
     let out = run(cmd);
     assert_status(&out, 0);
     std::mem::forget(guard);
+    // passt ends with the machine's VMM.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let alive = |pid: &i32| Path::new(&format!("/proc/{pid}")).exists();
+    while passts.iter().any(alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !passts.iter().any(alive),
+        "passt outlived the machine: {passts:?}"
+    );
 }

@@ -27,7 +27,9 @@
 //! 3. Optional, first after `Hello`: [`Message::Refresh`] (fresh entropy and the host's
 //!    wall-clock time, for a VM restored from a template that shares both with every
 //!    other clone), answered by [`Message::Refreshed`] once the guest RNG is reseeded
-//!    and its clock set.
+//!    and its clock set. Then, machine only and optional: [`Message::Network`] (eth0's
+//!    MAC, address, route and MTU, and the VM's resolvers), answered by
+//!    [`Message::NetworkReady`].
 //! 4. The host sends one request: [`Message::Run`] or [`Message::Shutdown`].
 //! 5. For `Run`: the agent answers [`Message::Started`] (or `Error`), then streams
 //!    [`Message::Stdout`] / [`Message::Stderr`] while the host streams [`Message::Stdin`],
@@ -111,6 +113,14 @@ pub enum Network {
 pub enum Transport {
     Tcp,
     Udp,
+}
+
+/// The machine VM's own network (eth0 on user-mode networking), sent once at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSetup {
+    /// eth0's MAC address (a clone of a template would keep the template's).
+    pub mac: Option<String>,
+    pub net: NetConfig,
 }
 
 /// A request to reach a port of a machine's container (see [`Message::Forward`]).
@@ -222,6 +232,9 @@ pub enum Message {
     /// connection's bytes (TCP) or datagrams (UDP; see [`write_datagram`]).
     Forward(ForwardSpec),
     Forwarding,
+    /// Configure the machine's eth0 and resolvers.
+    Network(Box<NetSetup>),
+    NetworkReady,
     Started {
         pid: i32,
     },
@@ -249,6 +262,7 @@ mod kind {
     pub const IMAGE_STATUS: u8 = 12;
     pub const REFRESH: u8 = 13;
     pub const FORWARD: u8 = 14;
+    pub const NETWORK: u8 = 15;
     pub const STARTED: u8 = 32;
     pub const STDOUT: u8 = 33;
     pub const STDERR: u8 = 34;
@@ -256,6 +270,7 @@ mod kind {
     pub const ERROR: u8 = 36;
     pub const REFRESHED: u8 = 37;
     pub const FORWARDING: u8 = 38;
+    pub const NETWORK_READY: u8 = 39;
 }
 
 /// Why a frame could not be read or written.
@@ -392,6 +407,8 @@ impl Message {
             Message::Refreshed => (kind::REFRESHED, Vec::new()),
             Message::Forward(spec) => (kind::FORWARD, json(spec)),
             Message::Forwarding => (kind::FORWARDING, Vec::new()),
+            Message::Network(setup) => (kind::NETWORK, json(setup)),
+            Message::NetworkReady => (kind::NETWORK_READY, Vec::new()),
             Message::Started { pid } => (kind::STARTED, pid.to_le_bytes().to_vec()),
             Message::Stdout(data) => (kind::STDOUT, data.clone()),
             Message::Stderr(data) => (kind::STDERR, data.clone()),
@@ -464,6 +481,8 @@ impl Message {
             kind::REFRESHED => Message::Refreshed,
             kind::FORWARD => Message::Forward(from_json_bounded("forward", payload)?),
             kind::FORWARDING => Message::Forwarding,
+            kind::NETWORK => Message::Network(Box::new(from_json_bounded("network", payload)?)),
+            kind::NETWORK_READY => Message::NetworkReady,
             kind::STARTED => Message::Started {
                 pid: i32::from_le_bytes(fixed("started", payload)?),
             },
@@ -674,6 +693,16 @@ mod tests {
                 transport: Transport::Udp,
             }),
             Message::Forwarding,
+            Message::Network(Box::new(NetSetup {
+                mac: Some("52:54:00:12:34:56".into()),
+                net: NetConfig {
+                    address: "10.0.2.15/24".into(),
+                    gateway: Some("10.0.2.2".into()),
+                    dns: vec!["10.0.2.3".into()],
+                    mtu: Some(65520),
+                },
+            })),
+            Message::NetworkReady,
             Message::Started { pid: 42 },
             Message::Stdout(b"out".to_vec()),
             Message::Stderr(Vec::new()),

@@ -24,9 +24,10 @@ use super::session::{self, Signals};
 use super::template::TemplateStore;
 use super::vm::{self, VmJail, VmSpec};
 use super::ContainerError;
-use crate::agent::protocol::{Rootfs, RunSpec, MODE_MACHINE};
+use crate::agent::protocol::{NetSetup, Rootfs, RunSpec, MODE_MACHINE};
 use crate::cli::{MachineCommand, MachineStartArgs, ProcessArgs};
 use crate::config::parse_memory_size;
+use crate::devices::virtio::net::{NetBackend, NetConfig, UserNetConfig};
 use crate::image::PreparedImage;
 use crate::net::PortForward;
 
@@ -192,6 +193,30 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
     }
     let memory = parse_memory_size(&args.memory)
         .map_err(|e| ContainerError::Usage(format!("--memory: {e}")))?;
+    let ports = super::run::parse_ports(&args.publish)?;
+    let user = match args.network.as_str() {
+        "user" => true,
+        "none" if ports.is_empty() => false,
+        "none" => {
+            return Err(ContainerError::Usage(
+                "-p needs --network user (the default)".into(),
+            ))
+        }
+        other => {
+            return Err(ContainerError::Usage(format!(
+                "--network {other}: a machine takes user (the default) or none"
+            )))
+        }
+    };
+    for port in &ports {
+        port.check_free().map_err(|e| {
+            ContainerError::Usage(format!(
+                "-p {port}: host port {}/{} is not available ({e})",
+                port.host_port,
+                port.protocol.name()
+            ))
+        })?;
+    }
     let kernel = super::guest_kernel(args.kernel.as_deref())?;
     let initrd = super::run::agent_initramfs(true)?;
     let _ = fs::remove_dir_all(&machine.dir);
@@ -210,7 +235,11 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
         cpus: args.cpus,
         memory_mib: memory >> 20,
         disks: Vec::new(),
-        nets: Vec::new(),
+        nets: if user {
+            vec![NetConfig::new(NetBackend::User(UserNetConfig { ports }))]
+        } else {
+            Vec::new()
+        },
         vsock_socket: machine.socket(),
         console_log: machine.console_log(),
         state_dir: machine.dir.clone(),
@@ -264,6 +293,22 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
                 // A clone of a template shares its RNG state and clock with the others.
                 if template.is_some() {
                     session::refresh(&mut stream)?;
+                }
+                if user {
+                    // ... and its MAC address.
+                    let mac = match template {
+                        Some(_) => {
+                            Some(crate::devices::virtio::net::random_mac().map_err(|e| {
+                                ContainerError::Vm(format!("cannot make a MAC address: {e}"))
+                            })?)
+                        }
+                        None => None,
+                    };
+                    let setup = NetSetup {
+                        mac: mac.map(|m| crate::devices::virtio::net::format_mac(&m)),
+                        net: super::run::user_net_config(),
+                    };
+                    session::configure_network(&mut stream, setup)?;
                 }
                 break;
             }

@@ -83,7 +83,7 @@ pub struct NetworkArg {
 }
 
 /// eth0 on user-mode networking: passt's fixed addresses, its DNS forwarder and its MTU.
-fn user_net_config() -> NetConfig {
+pub(super) fn user_net_config() -> NetConfig {
     NetConfig {
         address: format!("{}/{}", crate::net::GUEST_ADDRESS, crate::net::GUEST_PREFIX),
         gateway: Some(crate::net::GATEWAY.to_string()),

@@ -475,6 +475,18 @@ pub fn refresh(stream: &mut UnixStream) -> Result<(), SessionError> {
     }
 }
 
+/// Gives a machine's VM its network: eth0's MAC (for a clone of a template), address,
+/// route and MTU, and its resolvers.
+pub fn configure_network(
+    stream: &mut UnixStream,
+    setup: crate::agent::protocol::NetSetup,
+) -> Result<(), SessionError> {
+    match request(stream, &Message::Network(Box::new(setup)))? {
+        Message::NetworkReady => Ok(()),
+        _ => Err(SessionError::Unexpected("reply to network")),
+    }
+}
+
 /// Asks a machine's agent to stop its containers and power off.
 pub fn shutdown(stream: &mut UnixStream) -> Result<(), SessionError> {
     match request(stream, &Message::Shutdown)? {

@@ -224,6 +224,15 @@ impl Agent {
                         }
                     }
                 }
+                Message::Network(setup) if self.config.mode == AgentMode::Machine => {
+                    match configure_vm_network(&setup, &self.config.resolv_conf) {
+                        Ok(()) => link.send(&Message::NetworkReady)?,
+                        Err(text) => {
+                            link.send(&Message::Error(text))?;
+                            return Ok(Outcome::Done);
+                        }
+                    }
+                }
                 Message::ImageQuery { digest } if self.config.mode == AgentMode::Machine => {
                     link.send(&match self.images.present(&digest) {
                         Ok(present) => Message::ImageStatus { digest, present },
@@ -664,6 +673,30 @@ impl Agent {
             }
         }
     }
+}
+
+/// The machine's own eth0 (MAC, address, route, MTU) and its resolvers, which its
+/// containers' `/etc/resolv.conf` copy.
+fn configure_vm_network(
+    setup: &crate::agent::protocol::NetSetup,
+    resolv_conf: &std::path::Path,
+) -> Result<(), String> {
+    if let Some(mac) = &setup.mac {
+        net::set_mac("eth0", mac).map_err(|e| error_chain(&e))?;
+    }
+    net::configure("eth0", &setup.net).map_err(|e| error_chain(&e))?;
+    if !setup.net.dns.is_empty() {
+        let text: String = (setup.net.dns.iter())
+            .map(|server| format!("nameserver {server}\n"))
+            .collect();
+        // The machine's root (the initramfs's contents) may have no /etc.
+        if let Some(dir) = resolv_conf.parent() {
+            let _ = sys::mkdir_all(dir);
+        }
+        std::fs::write(resolv_conf, text)
+            .map_err(|e| format!("cannot write {}: {e}", resolv_conf.display()))?;
+    }
+    Ok(())
 }
 
 /// Where a started process's exit status comes from.
