@@ -224,11 +224,22 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
     let ports = parse_ports(&args.publish)?;
     let network = match (&args.network, &args.machine) {
         (Some(spec), _) => parse_network(spec, &ports)?,
-        // A fresh microVM gets user-mode networking unless asked otherwise.
-        (None, None) => parse_network("user", &ports)?,
+        // A fresh microVM gets user-mode networking unless asked otherwise (or, when
+        // passt is missing and no port is published, none: said once on stderr).
+        (None, None) => match crate::net::passt::find_binary(None) {
+            Err(e) if ports.is_empty() => {
+                eprintln!("hearth: warning: {e}; the container has no network");
+                NetworkArg::default()
+            }
+            _ => parse_network("user", &ports)?,
+        },
         // A machine's containers are on the machine's network.
         (None, Some(_)) => NetworkArg::default(),
     };
+    if matches!(network.nic, Some(NetBackend::User(_))) {
+        crate::net::passt::find_binary(None)
+            .map_err(|e| ContainerError::Usage(format!("--network user: {e}")))?;
+    }
     let most = max_volumes(network.nic.is_some());
     if args.machine.is_none() && volumes.len() > most {
         return Err(ContainerError::Usage(format!(
