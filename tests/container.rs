@@ -179,8 +179,25 @@ fn bad_container_arguments_fail_cleanly() {
         ),
         (vec!["machine", "start", "bad/name"], "invalid"),
         (
+            vec![
+                "container",
+                "run",
+                "--network",
+                "none",
+                "-p",
+                "8080:80",
+                "/tmp",
+                "true",
+            ],
+            "--network none: -p needs --network user (the default)",
+        ),
+        (
+            vec!["container", "run", "-p", "80", "/tmp", "true"],
+            "-p: \"80\" is not [HOSTIP:]HOSTPORT:CONTAINERPORT[/tcp|/udp]",
+        ),
+        (
             [
-                &["container", "run"][..],
+                &["container", "run", "--network", "none"][..],
                 &["-v", "/tmp:/data"].repeat(14),
                 &["/tmp", "true"],
             ]

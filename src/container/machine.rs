@@ -195,7 +195,16 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
         .map_err(|e| ContainerError::Usage(format!("--memory: {e}")))?;
     let ports = super::run::parse_ports(&args.publish)?;
     let user = match args.network.as_str() {
-        "user" => true,
+        // Without passt, a machine that publishes nothing starts without a network, as a
+        // fresh container VM does (said once on stderr).
+        "user" => match crate::net::passt::find_binary(None) {
+            Ok(_) => true,
+            Err(e) if ports.is_empty() => {
+                eprintln!("hearth: warning: {e}; the machine has no network");
+                false
+            }
+            Err(e) => return Err(ContainerError::Usage(format!("--network user: {e}"))),
+        },
         "none" if ports.is_empty() => false,
         "none" => {
             return Err(ContainerError::Usage(

@@ -239,9 +239,20 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
         // A machine's containers are on its bridge, or have no network (machine_network).
         (_, Some(_)) => NetworkArg::default(),
         (Some(spec), None) => parse_network(spec, &ports)?,
-        // A fresh microVM gets user-mode networking unless asked otherwise.
-        (None, None) => parse_network("user", &ports)?,
+        // A fresh microVM gets user-mode networking unless asked otherwise (or, when
+        // passt is missing and no port is published, none: said once on stderr).
+        (None, None) => match crate::net::passt::find_binary(None) {
+            Err(e) if ports.is_empty() => {
+                eprintln!("hearth: warning: {e}; the container has no network");
+                NetworkArg::default()
+            }
+            _ => parse_network("user", &ports)?,
+        },
     };
+    if matches!(network.nic, Some(NetBackend::User(_))) {
+        crate::net::passt::find_binary(None)
+            .map_err(|e| ContainerError::Usage(format!("--network user: {e}")))?;
+    }
     let most = max_volumes(network.nic.is_some());
     if args.machine.is_none() && volumes.len() > most {
         return Err(ContainerError::Usage(format!(

@@ -391,6 +391,8 @@ pub enum Need {
     Tools,
     /// A nested-PVM host (tests of the compat layer's PVM-only paths).
     Pvm,
+    /// passt (user-mode networking).
+    Passt,
 }
 
 impl Need {
@@ -401,6 +403,7 @@ impl Need {
             Need::Netns => "netns",
             Need::Tools => "tools",
             Need::Pvm => "pvm",
+            Need::Passt => "passt",
         }
     }
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
@@ -679,8 +679,14 @@ impl Agent {
 /// containers' `/etc/resolv.conf` copy.
 fn configure_vm_network(
     setup: &crate::agent::protocol::NetSetup,
-    resolv_conf: &std::path::Path,
+    resolv_conf: &Path,
 ) -> Result<(), String> {
+    // A gratuitous ARP when eth0 comes up: passt learns the guest's MAC address from the
+    // guest's frames, and a machine that has sent none could not be reached through its
+    // published ports.
+    if let Err(e) = sys::write_text(Path::new("/proc/sys/net/ipv4/conf/eth0/arp_notify"), "1") {
+        log::warn!("cannot turn on arp_notify for eth0: {e}");
+    }
     if let Some(mac) = &setup.mac {
         net::set_mac("eth0", mac).map_err(|e| error_chain(&e))?;
     }
