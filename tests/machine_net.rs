@@ -311,7 +311,8 @@ fn a_machines_containers_have_their_own_network_and_published_ports() {
     let out = run(cmd);
     assert_status(&out, 125);
     assert!(
-        stderr_of(&out).contains("is already in use") && stderr_of(&out).lines().count() == 1,
+        stderr_of(&out).contains("is not available (Address already in use")
+            && stderr_of(&out).lines().count() == 1,
         "{}",
         describe(&out)
     );
