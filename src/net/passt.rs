@@ -5,8 +5,9 @@
 //! the virtio-net device. passt runs in the foreground (`-f`) as our child, with `-1`:
 //! it exits as soon as the VMM's end is closed, which the kernel does however the VMM
 //! ends (exit, crash, SIGKILL of a jailed VMM whose supervisor died). [`Passt`]'s drop
-//! also stops it outright and reaps it, for the ordinary exits. A pid file is not needed:
-//! the process is our child.
+//! also stops it outright and reaps it, for the ordinary exits, on a thread that seccomp
+//! lets do so (a jail's supervisor; not the filtered thread of an unjailed VMM, which
+//! leaves it to `--one-off`). A pid file is not needed: the process is our child.
 //!
 //! Started as root, passt drops to `nobody` on its own (its default for `--runas`).
 
@@ -197,10 +198,17 @@ impl Passt {
 
 impl Drop for Passt {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if crate::seccomp::thread_is_filtered() {
+            // The unjailed VMM's own thread may not signal or reap: passt ends by itself
+            // (`--one-off`) when this process's end of the socket closes, at its exit at
+            // the latest, and init reaps it.
+            return;
         }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

@@ -102,6 +102,17 @@ impl ThreadKind {
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
+thread_local! {
+    /// This thread runs under a filter (installed by itself or inherited at its start).
+    static FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread installed a filter: code that runs on any thread (a
+/// destructor) asks before a syscall that only unfiltered threads may make.
+pub fn thread_is_filtered() -> bool {
+    FILTERED.with(std::cell::Cell::get)
+}
+
 /// Makes [`install`] filter the threads of this process from now on. Called once by the
 /// commands that run a VMM, before they start any thread. Fails, before any thread
 /// depends on it, where the kernel has no seccomp filters or cannot trap.
@@ -156,6 +167,7 @@ pub fn install_now(kind: ThreadKind) -> Result<(), SeccompError> {
     trap::install_handler().map_err(SeccompError::Handler)?;
     trap::set_thread_kind(kind.name());
     seccompiler::apply_filter(&program).map_err(|e| SeccompError::Apply(kind.name(), e))?;
+    FILTERED.with(|filtered| filtered.set(true));
     log::debug!("seccomp: {} thread filtered", kind.name());
     Ok(())
 }

@@ -69,7 +69,7 @@ pub enum StreamError {
         #[source]
         source: io::Error,
     },
-    #[error("no passt was started for a user-mode NIC (hearth starts passt only for `hearth run` and `hearth restore`)")]
+    #[error("no passt was started for this user-mode NIC (hearth starts passt for `hearth run --net user` and for `hearth restore --net-override IFACE=user`)")]
     NoPasst,
     #[error("cannot make the network socket non-blocking")]
     NonBlocking(#[source] io::Error),
