@@ -19,6 +19,7 @@ pub mod machine;
 pub mod run;
 pub mod session;
 pub mod template;
+pub mod virtiofsd;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
