@@ -19,6 +19,7 @@ use super::models::{
 };
 use super::shape::{run_driven, ShapeError};
 use super::ActionSender;
+use crate::config::FsOverride;
 use crate::devices::virtio::net::tap;
 
 /// `hearth restore` options.
@@ -48,6 +49,11 @@ pub struct RestoreArgs {
     /// Back drive ID with the image PATH instead of the snapshot's. Repeatable.
     #[arg(long = "disk-override", value_name = "ID=PATH")]
     pub disk_overrides: Vec<String>,
+
+    /// Connect the virtio-fs device TAG to the vhost-user back end (virtiofsd) listening
+    /// on PATH. Every fs device of the snapshot needs one. Repeatable.
+    #[arg(long = "fs-override", value_name = "TAG=PATH")]
+    pub fs_overrides: Vec<String>,
 
     /// Append the guest's console to this file instead of where the snapshot's went
     /// (a clone's console is its own).
@@ -169,6 +175,26 @@ impl RestoreArgs {
             });
         }
 
+        let mut fs_overrides: Vec<FsOverride> = Vec::with_capacity(self.fs_overrides.len());
+        for value in &self.fs_overrides {
+            let (tag, path) = split_override("--fs-override", value, "TAG=PATH")?;
+            crate::devices::virtio::fs::validate_tag(tag)
+                .map_err(|e| bad("--fs-override", value, e.to_string()))?;
+            if path.is_empty() {
+                return Err(bad("--fs-override", value, "the socket path is empty"));
+            }
+            if fs_overrides.iter().any(|over| over.tag == tag) {
+                return Err(RestoreError::Duplicate {
+                    flag: "--fs-override",
+                    id: tag.to_string(),
+                });
+            }
+            fs_overrides.push(FsOverride {
+                tag: tag.to_string(),
+                socket: absolute(path),
+            });
+        }
+
         let vsock_override = self.vsock_override.as_ref().map(|path| VsockOverride {
             uds_path: absolute(path),
         });
@@ -190,6 +216,7 @@ impl RestoreArgs {
                 network_overrides,
                 vsock_override,
                 drive_overrides,
+                fs_overrides,
                 clock_realtime: false,
                 huge_pages: None,
             },
@@ -338,6 +365,10 @@ fn jail_needs(
         }
         (None, Some(saved)) => sockets.push(saved.uds_path.clone()),
         (None, None) => {}
+    }
+    for over in &mut load.fs_overrides {
+        over.socket = absolute_socket_path(&over.socket)?;
+        sockets.push(over.socket.clone());
     }
     if let Some(path) = plan
         .serial

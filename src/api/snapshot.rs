@@ -109,6 +109,7 @@ pub fn load(params: &SnapshotLoadParams, console: Option<&Serial>) -> Result<Loa
         vsock.uds_path = over.uds_path.clone();
         restore.vsock_uds_path = Some(over.uds_path.clone());
     }
+    restore.fs = params.fs_overrides.clone();
     if let Some(console) = console {
         resources.serial = Some(console.clone());
     }
