@@ -200,10 +200,17 @@ pub struct ContainerRunArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
 
-    /// Share a host directory (or an ext4 image file): HOSTPATH:GUESTDIR[:ro]. A directory
-    /// is copied into a disk image for this run; writes to it are not copied back.
-    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    /// Share a host directory (or an ext4 image file): HOSTPATH:GUESTDIR[:ro][:copy]. A
+    /// directory is shared over virtio-fs (writes land on the host at once); with `copy`
+    /// it is copied into a disk image for this run instead (writes are not copied
+    /// back). With --machine, HOSTPATH must lie under one of the machine's --share folders.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:OPTS]")]
     pub volumes: Vec<String>,
+
+    /// The virtio-fs back end (default: virtiofsd on PATH, /usr/lib/qemu/virtiofsd or
+    /// /usr/libexec/virtiofsd).
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
 
     /// Memory limit of the container; a fresh microVM gets this much plus 64 MiB.
     #[arg(long, value_name = "SIZE")]
@@ -321,6 +328,17 @@ pub struct MachineStartArgs {
     /// Guest RAM (containers' overlays and loaded images live in it).
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory: String,
+
+    /// Share a host folder with the machine over virtio-fs: HOST[:GUEST][:ro], mounted at
+    /// GUEST (default: the same path as on the host). Repeatable; `container run
+    /// --machine -v` takes folders under these.
+    #[arg(long = "share", value_name = "HOST[:GUEST][:ro]")]
+    pub shares: Vec<String>,
+
+    /// The virtio-fs back end (default: virtiofsd on PATH, /usr/lib/qemu/virtiofsd or
+    /// /usr/libexec/virtiofsd).
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
 
     /// Guest kernel (default: resources' minimal kernel from the cache).
     #[arg(long, value_name = "PATH")]

@@ -40,6 +40,8 @@ pub enum ContainerError {
     Session(#[from] session::SessionError),
     #[error(transparent)]
     Spawn(#[from] vm::SpawnError),
+    #[error(transparent)]
+    Virtiofsd(#[from] virtiofsd::VirtiofsdError),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::agent::protocol::{
-    read_message, write_message, Message, ProtocolError, RunSpec, AGENT_PORT, FORWARDED_SIGNALS,
-    MAX_PAYLOAD, VERSION,
+    read_message, write_message, Message, MountSpec, ProtocolError, RunSpec, AGENT_PORT,
+    FORWARDED_SIGNALS, MAX_PAYLOAD, VERSION,
 };
 
 /// Why a session failed.
@@ -472,6 +472,14 @@ pub fn refresh(stream: &mut UnixStream) -> Result<(), SessionError> {
     )? {
         Message::Refreshed => Ok(()),
         _ => Err(SessionError::Unexpected("reply to refresh")),
+    }
+}
+
+/// Asks a machine's agent to mount a shared folder.
+pub fn mount(stream: &mut UnixStream, spec: MountSpec) -> Result<(), SessionError> {
+    match request(stream, &Message::Mount(spec))? {
+        Message::Mounted => Ok(()),
+        _ => Err(SessionError::Unexpected("reply to mount")),
     }
 }
 

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::session;
+use super::virtiofsd::{ShareSpec, Virtiofsd};
 use super::vm::{self, VmSpec};
 use super::ContainerError;
 use crate::agent::protocol::{AGENT_PORT, MODE_CONTAINER};
@@ -91,6 +92,10 @@ pub struct TemplateKey {
     pub disks: Vec<bool>,
     /// NICs; each restore gives every one a tap.
     pub nets: usize,
+    /// virtio-fs devices (tags `hearthfs0`, ...); each restore gives every one a fresh
+    /// back end. Absent from keys of before virtio-fs, which had none.
+    #[serde(default)]
+    pub fs: usize,
 }
 
 impl TemplateKey {
@@ -119,6 +124,7 @@ impl TemplateKey {
             memory_mib: spec.memory_mib,
             disks: spec.disks.iter().map(|d| d.read_only).collect(),
             nets: spec.nets.len(),
+            fs: spec.fs.len(),
         })
     }
 
@@ -408,8 +414,35 @@ fn build(
         )))?;
         disk.path = placeholder;
     }
+    // A throwaway back end per fs slot, sharing an empty folder: the guest's driver
+    // probes the device at boot, nothing is mounted before the snapshot, and each
+    // restore connects the device to the run's own back end.
+    let mut backends = Vec::new();
+    let mut fs = spec.fs.clone();
+    if !fs.is_empty() {
+        let program = spec
+            .virtiofsd
+            .as_deref()
+            .ok_or_else(|| ContainerError::Vm("a VM with shared folders needs virtiofsd".into()))?;
+        let empty = dir.join("empty");
+        fs::create_dir(&empty)
+            .map_err(ContainerError::io(format!("creating {}", empty.display())))?;
+        for (index, device) in fs.iter_mut().enumerate() {
+            device.socket = dir.join(format!("fs{index}.sock"));
+            let share = ShareSpec {
+                folder: empty.clone(),
+                read_only: true,
+                socket: device.socket.clone(),
+                log: dir.join("boot.log"),
+                socket_owner: None,
+                detached: false,
+            };
+            backends.push(Virtiofsd::start(program, &share)?);
+        }
+    }
     let build_spec = VmSpec {
         disks,
+        fs,
         vsock_socket: dir.join("v.sock"),
         console_log: dir.join("boot.log"),
         state_dir: dir.to_path_buf(),
@@ -488,9 +521,11 @@ fn build(
     })
     .map_err(api_err("snapshotting"))?;
     drop(child);
+    drop(backends);
     for (index, _) in spec.disks.iter().enumerate() {
         let _ = fs::remove_file(dir.join(format!("slot{index}.img")));
     }
+    let _ = fs::remove_dir(dir.join("empty"));
     write_info(dir, key, started.elapsed())?;
     progress.done();
     Ok(())
@@ -629,6 +664,7 @@ mod tests {
             memory_mib: 1,
             disks: vec![true],
             nets: 0,
+            fs: 0,
         }
     }
 
@@ -650,6 +686,9 @@ mod tests {
         variants.push(k);
         let mut k = base.clone();
         k.nets = 1;
+        variants.push(k);
+        let mut k = base.clone();
+        k.fs = 1;
         variants.push(k);
         let mut k = base.clone();
         k.cmdline.push_str(" quiet");

@@ -225,6 +225,11 @@ impl Virtiofsd {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
 
+    /// The pid and start time to record for a later [`BackendPid::stop`].
+    pub fn backend_pid(&self) -> BackendPid {
+        BackendPid::of(self.pid())
+    }
+
     /// Fails if the back end has already exited (a bad option, a folder it cannot open).
     pub fn check_alive(&mut self, folder: &Path, log: &Path) -> Result<(), VirtiofsdError> {
         if let Some(child) = self.child.as_mut() {
