@@ -4,8 +4,26 @@
 //!
 //! - this file: [`FsConfig`], the inert configuration (`hearth run --fs`, the config
 //!   file's `"fs"`), and its checks.
+//! - `backend.rs`: the vhost-user protocol with the back end, through rust-vmm's `vhost`
+//!   crate (handshake, memory table, rings).
+//! - `device.rs`: [`Fs`], configuration space, features, activation and reset.
+//! - `event_handler.rs`: the event-loop side: call eventfds to interrupts, the back end's
+//!   hang-up, pausing (which takes the rings back from the back end).
+//! - `persist.rs`: [`FsState`], what a snapshot keeps.
+//!
+//! Guest RAM must be shared memory for the back end to map it: the builder gives a VM
+//! with any fs device memfd-backed RAM (`vstate::memory`).
+
+mod backend;
+mod device;
+mod event_handler;
+mod persist;
 
 use std::path::PathBuf;
+
+pub use backend::{Backend, BackendError, GUEST_FEATURES, REPLY_TIMEOUT};
+pub use device::{config_space, Fs, CONFIG_SPACE_BYTES};
+pub use persist::FsState;
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +68,18 @@ fn default_request_queues() -> u16 {
 
 fn default_queue_size() -> u16 {
     DEFAULT_QUEUE_SIZE
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error(transparent)]
+    Config(FsConfigError),
+    #[error(transparent)]
+    Backend(BackendError),
+    #[error("cannot set up the virtio-fs device's queues")]
+    Queues(#[source] crate::devices::virtio::QueueSetupError),
+    #[error("cannot create a call eventfd")]
+    EventFd(#[source] std::io::Error),
 }
 
 /// Why an [`FsConfig`] cannot make a device.
