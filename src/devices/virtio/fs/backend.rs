@@ -190,7 +190,7 @@ impl Backend {
             .map_err(protocol("SET_FEATURES"))?;
         let regions = mem
             .iter()
-            .map(|region| VhostUserMemoryRegionInfo::from_guest_region(region))
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
             .map_err(BackendError::Memory)?;
         self.frontend
