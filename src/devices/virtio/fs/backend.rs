@@ -62,6 +62,8 @@ pub enum BackendError {
         ring: &'static str,
         address: u64,
     },
+    #[error("the back end is gone (it failed earlier)")]
+    Gone,
     #[error("guest memory is not shareable (no memfd behind it)")]
     Memory(#[source] vhost::Error),
 }
