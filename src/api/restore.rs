@@ -271,9 +271,10 @@ pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
     let mut api_sock = args.api_sock.clone();
     if let Some(jail) = args.process.jail.config()? {
         crate::jail::check_root()?;
-        let (files, sockets, taps) = jail_needs(&mut plan, &mut api_sock)?;
-        let jail_plan =
-            crate::jail::JailPlan::from_parts(&jail.dir, files, sockets)?.with_vm_dirs(&jail)?;
+        let (files, sockets, backends, taps) = jail_needs(&mut plan, &mut api_sock)?;
+        let jail_plan = crate::jail::JailPlan::from_parts(&jail.dir, files, sockets)?
+            .with_backend_sockets(backends)?
+            .with_vm_dirs(&jail)?;
         if let crate::jail::Side::Parent(status) =
             crate::jail::enter_plan(&jail, &jail_plan, &taps)?
         {
@@ -299,11 +300,12 @@ pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
     }
 }
 
-/// The host files (with the access each needs), sockets and taps a restore of `plan`
-/// uses, read from the snapshot's state file as the load will read it, with the paths in
+/// The host files (with the access each needs), sockets the VMM makes, back-end sockets
+/// it connects to (virtio-fs) and taps a restore of `plan` uses, read from the snapshot's state file as the load will read it, with the paths in
 /// `plan` and `api_sock` made canonical (the jail mirrors each at its own path).
 type JailNeeds = (
     Vec<(PathBuf, crate::jail::Access)>,
+    Vec<PathBuf>,
     Vec<PathBuf>,
     Vec<String>,
 );
@@ -366,9 +368,10 @@ fn jail_needs(
         (None, Some(saved)) => sockets.push(saved.uds_path.clone()),
         (None, None) => {}
     }
+    let mut backends = Vec::new();
     for over in &mut load.fs_overrides {
-        over.socket = absolute_socket_path(&over.socket)?;
-        sockets.push(over.socket.clone());
+        over.socket = canonical_file(&over.socket, "virtio-fs back end socket")?;
+        backends.push(over.socket.clone());
     }
     if let Some(path) = plan
         .serial
@@ -388,7 +391,7 @@ fn jail_needs(
         *path = absolute_socket_path(path)?;
         sockets.push(path.clone());
     }
-    Ok((files, sockets, taps))
+    Ok((files, sockets, backends, taps))
 }
 
 /// Sends the plan's requests in order. When one is refused, the VMM is shut down (the

@@ -462,14 +462,8 @@ mod tests {
             .collect();
         assert_eq!(offsets, [0, 4096], "packed in the memfd, in guest order");
         mem.write_obj(b'c', GuestAddress(0)).unwrap();
-        let memfd = mem
-            .iter()
-            .next()
-            .unwrap()
-            .file_offset()
-            .unwrap()
-            .file()
-            .clone();
+        let first = mem.iter().next().unwrap();
+        let memfd = first.file_offset().unwrap().file();
         let mut byte = [0u8];
         std::os::unix::fs::FileExt::read_exact_at(memfd, &mut byte, 0).unwrap();
         assert_eq!(byte, [b'c']);

@@ -62,6 +62,8 @@ pub enum BackendError {
         ring: &'static str,
         address: u64,
     },
+    #[error("the back end is gone (it failed earlier)")]
+    Gone,
     #[error("guest memory is not shareable (no memfd behind it)")]
     Memory(#[source] vhost::Error),
 }
@@ -190,7 +192,7 @@ impl Backend {
             .map_err(protocol("SET_FEATURES"))?;
         let regions = mem
             .iter()
-            .map(|region| VhostUserMemoryRegionInfo::from_guest_region(region))
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
             .map_err(BackendError::Memory)?;
         self.frontend

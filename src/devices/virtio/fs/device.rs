@@ -10,7 +10,8 @@
 //!
 //! A back end that fails or hangs up marks the device broken: the transport shows
 //! DEVICE_NEEDS_RESET, the driver is told through a configuration interrupt, and the VM
-//! runs on. The next activation (after the driver resets the device) connects again.
+//! runs on with the device unusable (activating it again fails: hearth does not connect
+//! again at run time, which keeps `connect` out of the vCPU threads' seccomp filter).
 
 use std::io;
 use std::sync::Arc;
@@ -33,17 +34,17 @@ pub struct Fs {
     pub(super) core: DeviceCore,
     config: FsConfig,
     config_space: [u8; CONFIG_SPACE_BYTES],
-    /// `None` once the back end failed, until an activation connects again.
+    /// `None` once the back end failed.
     pub(super) backend: Option<Backend>,
+    /// A failed back end whose socket the event loop has yet to stop watching: it stays
+    /// open until then, so its fd number cannot be reused under the watch.
+    pub(super) failed_backend: Option<Backend>,
     /// The back end's used-buffer notifications, one per queue, for the device's life.
     pub(super) call_events: Vec<EventFd>,
     /// The back end failed: the driver must reset the device.
     broken: bool,
     /// The rings are the back end's: activated and not paused or stopped since.
     pub(super) rings_running: bool,
-    /// Counts the connections to a back end, so the event loop tells a new socket from
-    /// an old one that had the same fd number.
-    pub(super) connection: u64,
     pub(super) watches: Watches,
 }
 
@@ -71,10 +72,10 @@ impl Fs {
             config: config.clone(),
             config_space: config_space(config),
             backend: Some(backend),
+            failed_backend: None,
             call_events,
             broken: false,
             rings_running: false,
-            connection: 0,
             watches: Watches::default(),
         })
     }
@@ -95,7 +96,14 @@ impl Fs {
             self.config.tag,
             crate::error_chain(why)
         );
-        self.backend = None;
+        if let Some(backend) = self.backend.take() {
+            self.failed_backend = Some(backend);
+            // Wakes the event loop to stop watching the socket (a spurious used-ring
+            // interrupt at worst).
+            if let Err(e) = self.call_events[0].write(1) {
+                log::warn!("virtio-fs: cannot wake the event loop: {e}");
+            }
+        }
         self.rings_running = false;
         if !self.broken {
             self.broken = true;
@@ -180,29 +188,10 @@ impl Fs {
         }
     }
 
-    /// Connects again when the back end was lost; its features must be those the driver
-    /// was offered.
-    fn reconnect(&mut self) -> Result<(), BackendError> {
-        if self.backend.is_some() {
-            return Ok(());
-        }
-        let backend = Backend::connect(&self.config.socket, self.core.queues().len())?;
-        if backend.features() & GUEST_FEATURES != self.core.avail_features() {
-            return Err(BackendError::Missing("the features the driver was offered"));
-        }
-        log::info!(
-            "virtio-fs \"{}\": connected to a new back end",
-            self.config.tag
-        );
-        self.backend = Some(backend);
-        self.connection += 1;
-        Ok(())
-    }
-
+    /// Hands the back end the driver's features, guest memory and the rings.
     fn start_backend(&mut self, mem: &GuestMemory) -> Result<(), BackendError> {
-        self.reconnect()?;
         let driver_features = self.core.acked_features();
-        let mut backend = self.backend.take().expect("reconnect() left a back end");
+        let mut backend = self.backend.take().ok_or(BackendError::Gone)?;
         let result = backend.start(
             driver_features,
             mem,
@@ -250,22 +239,16 @@ impl VirtioDevice for Fs {
     ) -> Result<(), ActivateError> {
         self.core.check_activation(&mem)?;
         if let Err(e) = self.start_backend(&mem) {
-            self.backend = None;
-            self.broken = true;
+            // The transport reports it and sets DEVICE_NEEDS_RESET.
+            self.mark_broken(&e);
             return Err(ActivateError::Backend(io::Error::other(
                 crate::error_chain(&e),
             )));
         }
-        self.broken = false;
         self.rings_running = true;
         // Also writes each queue eventfd once, which the back end takes as a kick: it
         // looks at the rings, which is harmless and serves what the driver queued early.
-        self.core.activate(mem, interrupt)?;
-        // The event loop may have to watch a new socket.
-        if let Err(e) = self.call_events[0].write(1) {
-            log::warn!("virtio-fs: cannot wake the event loop: {e}");
-        }
-        Ok(())
+        self.core.activate(mem, interrupt)
     }
 
     /// The driver reset the device: the back end gives the rings back (they start from 0

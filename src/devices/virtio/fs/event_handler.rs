@@ -17,8 +17,8 @@ const TOKEN_SOCKET: u32 = u32::MAX;
 #[derive(Default)]
 pub(super) struct Watches {
     calls: bool,
-    /// The raw fd of the watched socket and the connection it belongs to.
-    socket: Option<(i32, u64)>,
+    /// The watched socket's fd: the back end's, or the failed one's until it is dropped.
+    socket: Option<i32>,
 }
 
 impl Fs {
@@ -40,25 +40,31 @@ impl Fs {
             self.watches.calls = want_calls;
         }
         let want_socket = match (&self.backend, paused) {
-            (Some(backend), false) => Some((backend.socket().as_raw_fd(), self.connection)),
+            (Some(backend), false) => Some(backend.socket().as_raw_fd()),
             _ => None,
         };
         if want_socket != self.watches.socket {
-            if let Some((fd, _)) = self.watches.socket.take() {
-                // A socket already closed left the epoll set by itself.
-                let _ = ops.remove(Events::with_data_raw(fd, TOKEN_SOCKET, EventSet::empty()));
+            // The failed back end's socket is still open: its fd cannot name another file.
+            if let Some(fd) = self.watches.socket.take() {
+                if let Err(e) =
+                    ops.remove(Events::with_data_raw(fd, TOKEN_SOCKET, EventSet::empty()))
+                {
+                    log::debug!("virtio-fs: the back end's socket was not watched: {e}");
+                }
             }
-            if let (Some((fd, _)), Some(backend)) = (want_socket, &self.backend) {
-                let events =
-                    Events::with_data(backend.socket(), TOKEN_SOCKET, EventSet::READ_HANG_UP);
-                match ops.add(events) {
-                    Ok(()) => self.watches.socket = want_socket,
-                    Err(e) => {
-                        log::error!("virtio-fs: cannot watch the back end's socket {fd}: {e}")
+            if let Some(backend) = &self.backend {
+                if want_socket.is_some() {
+                    let events =
+                        Events::with_data(backend.socket(), TOKEN_SOCKET, EventSet::READ_HANG_UP);
+                    match ops.add(events) {
+                        Ok(()) => self.watches.socket = want_socket,
+                        Err(e) => log::error!("virtio-fs: cannot watch the back end's socket: {e}"),
                     }
                 }
             }
         }
+        // Unwatched now, so closing it cannot disturb another watch.
+        self.failed_backend = None;
     }
 
     /// The back end used buffers of queue `index`: raise the interrupt (the back end

@@ -172,7 +172,10 @@ pub fn validate_all(devices: &[FsConfig]) -> Result<(), FsConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod config_tests {
     use super::*;
 
     #[test]
