@@ -10,6 +10,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use common::linux::{minimal_kernel, MINIMAL_TIMEOUT};
 use common::{describe, stderr_of, stdout_of, Need};
@@ -181,6 +182,27 @@ fn a_container_shares_host_folders() {
     assert!(!ro.join("new").exists());
     assert!(!copy.join("new").exists(), "a :copy volume wrote back");
     assert_eq!(backends_under(&dir), Vec::<String>::new());
+
+    // A front end killed outright takes its back end (and VMM) with it.
+    let mut cmd = hearth(&dir);
+    cmd.args(["container", "run", "-v"])
+        .arg(format!("{}:/data", data.display()))
+        .arg(&image)
+        .args(["sh", "-c", "echo up > /data/up; exec sleep 600"]);
+    let running = common::Running::start(cmd, std::process::Stdio::null());
+    let deadline = Instant::now() + MINIMAL_TIMEOUT;
+    while !data.join("up").exists() {
+        assert!(Instant::now() < deadline, "{}", running.describe_so_far());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!backends_under(&dir).is_empty());
+    running.signal(libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !backends_under(&dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(backends_under(&dir), Vec::<String>::new());
+    let _ = running.finish(Duration::from_secs(10));
 }
 
 /// A machine shares a folder; two containers bind places under it and see each
@@ -255,7 +277,7 @@ fn a_machine_shares_a_folder_with_its_containers() {
     let out = run(cmd);
     assert!(stdout_of(&out).contains(&home_text), "{}", describe(&out));
 
-    assert_eq!(backends_under(&dir).len(), 1, "one back end per share");
+    assert!(!backends_under(&dir).is_empty());
     let mut cmd = hearth(&dir);
     cmd.args(["machine", "stop", &name]);
     assert_status(&run(cmd), 0);

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::run::VolumeArg;
 use super::session::{self, Signals};
 use super::template::TemplateStore;
-use super::virtiofsd::{self, BackendPid, ShareSpec, Virtiofsd};
+use super::virtiofsd::{self, BackendPid, ShareSpec, SocketDir, Virtiofsd};
 use super::vm::{self, VmJail, VmSpec};
 use super::ContainerError;
 use crate::agent::protocol::{MountSpec, Rootfs, RunSpec, Volume, VolumeSource, MODE_MACHINE};
@@ -52,6 +52,9 @@ pub struct MachineInfo {
     /// Host folders shared with it (`--share`), each served by its own virtiofsd.
     #[serde(default)]
     pub shares: Vec<MachineShare>,
+    /// Where the back ends' sockets are (removed by `machine stop`).
+    #[serde(default)]
+    pub socket_dir: Option<PathBuf>,
 }
 
 /// A folder a machine shares, as `machine.json` records it.
@@ -335,19 +338,18 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
             "creating {}",
             machine.dir.display()
         )))?;
-    // The back ends' sockets get a directory of their own, which a jailed VMM sees at
-    // its own path (the VM's directory of the jail).
-    let fs_dir = machine.dir.join("fs");
-    let mut jail = VmJail::wanted(args.no_jail).then(|| machine.jail());
+    // The back ends' sockets get a short directory of their own (the state directory
+    // may be too deep for a socket address); the jail binds each into a jailed VMM's
+    // view at its own path.
+    let jail = VmJail::wanted(args.no_jail).then(|| machine.jail());
     let mut shares = Vec::new();
-    if !share_args.is_empty() {
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&fs_dir)
-            .map_err(ContainerError::io(format!("creating {}", fs_dir.display())))?;
-        if let Some(jail) = &mut jail {
-            jail.vm_dir = Some(fs_dir.clone());
-        }
+    let socket_dir = match share_args.is_empty() {
+        true => None,
+        false => Some(SocketDir::create().map_err(ContainerError::io(
+            "creating a directory for virtio-fs sockets",
+        ))?),
+    };
+    if let Some(fs_dir) = socket_dir.as_ref().map(SocketDir::path) {
         for (slot, share) in share_args.iter().enumerate() {
             shares.push(ShareSpec {
                 folder: share.host.clone(),
@@ -431,6 +433,7 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
                 backend: Some(backend.backend_pid()),
             })
             .collect(),
+        socket_dir: socket_dir.as_ref().map(|d| d.path().to_path_buf()),
     };
     let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
     fs::write(machine.info_path(), json).map_err(ContainerError::io("writing machine.json"))?;
@@ -485,6 +488,9 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
     for backend in backends {
         backend.release();
     }
+    if let Some(dir) = socket_dir {
+        dir.keep();
+    }
     println!("machine {} is running (pid {})", machine.name, info.pid);
     Ok(())
 }
@@ -492,13 +498,20 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
 /// Powers the machine off through its agent, or kills the VMM if the agent is gone.
 pub fn stop(name: &str) -> Result<(), ContainerError> {
     let machine = Machine::new(name)?;
-    let backends: Vec<BackendPid> = (machine.info().into_iter())
-        .flat_map(|info| info.shares)
+    let info = machine.info();
+    let backends: Vec<BackendPid> = (info.iter())
+        .flat_map(|info| &info.shares)
         .filter_map(|share| share.backend)
         .collect();
+    let socket_dir = info.and_then(|info| info.socket_dir);
     // Each back end exits when the VMM's connection closes; one whose VMM never
     // connected (or any left for another reason) is stopped here.
-    let stop_backends = || backends.iter().for_each(BackendPid::stop);
+    let stop_backends = || {
+        backends.iter().for_each(BackendPid::stop);
+        if let Some(dir) = &socket_dir {
+            let _ = fs::remove_dir_all(dir);
+        }
+    };
     let Some(pid) = machine.running_pid() else {
         stop_backends();
         let _ = fs::remove_dir_all(&machine.dir);

@@ -400,7 +400,9 @@ fn fresh_vm(vm: &FreshVm, mut spec: RunSpec, signals: &Signals) -> Result<i32, C
             shares.push(ShareSpec {
                 folder: virtiofsd::check_folder(&volume.host)?,
                 read_only: volume.readonly,
-                socket: dir.vm_dir().join(format!("fs{slot}.sock")),
+                // Beside vm/, not in it: the jail binds each back end's socket in at
+                // its own path.
+                socket: dir.path.join(format!("fs{slot}.sock")),
                 log: dir.path.join("console.log"),
                 socket_owner: jail.as_ref().map(|j| (j.uid, j.gid)),
                 detached: false,

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::session;
-use super::virtiofsd::{ShareSpec, Virtiofsd};
+use super::virtiofsd::{ShareSpec, SocketDir, Virtiofsd};
 use super::vm::{self, VmSpec};
 use super::ContainerError;
 use crate::agent::protocol::{AGENT_PORT, MODE_CONTAINER};
@@ -419,6 +419,9 @@ fn build(
     // restore connects the device to the run's own back end.
     let mut backends = Vec::new();
     let mut fs = spec.fs.clone();
+    let sockets = SocketDir::create().map_err(ContainerError::io(
+        "creating a directory for virtio-fs sockets",
+    ))?;
     if !fs.is_empty() {
         let program = spec
             .virtiofsd
@@ -428,7 +431,7 @@ fn build(
         fs::create_dir(&empty)
             .map_err(ContainerError::io(format!("creating {}", empty.display())))?;
         for (index, device) in fs.iter_mut().enumerate() {
-            device.socket = dir.join(format!("fs{index}.sock"));
+            device.socket = sockets.path().join(format!("fs{index}.sock"));
             let share = ShareSpec {
                 folder: empty.clone(),
                 read_only: true,

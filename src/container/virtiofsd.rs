@@ -144,6 +144,47 @@ pub fn preflight(explicit: Option<&Path>) -> Result<PathBuf, VirtiofsdError> {
     find(explicit)
 }
 
+/// A directory for back ends' sockets at a short path (`hearth-fs-<random>` in
+/// `$XDG_RUNTIME_DIR` or the temporary directory): a socket address holds at most 107
+/// path bytes, and a machine's state directory or the template store can be deeper.
+/// Removed on drop unless [`SocketDir::keep`] is called.
+#[derive(Debug)]
+pub struct SocketDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl SocketDir {
+    pub fn create() -> io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let path = base.join(format!("hearth-fs-{}", super::random_id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self { path, keep: false })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Leaves the directory in place (a machine's: `machine stop` removes it).
+    pub fn keep(mut self) -> PathBuf {
+        self.keep = true;
+        self.path.clone()
+    }
+}
+
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
 /// One back end to start.
 #[derive(Debug, Clone)]
 pub struct ShareSpec {
@@ -367,8 +408,13 @@ impl ChildSetup {
         // SAFETY: plain system calls on descriptors and strings this process owns; see
         // each call's comment for why the arguments are valid.
         unsafe {
-            // dup2 clears close-on-exec on the copy: virtiofsd inherits the listener.
-            check(libc::dup2(self.listen_fd, SOCKET_FD))?;
+            // virtiofsd inherits the listener as descriptor 3: dup2 makes a copy without
+            // close-on-exec, but leaves the flag alone when the listener is 3 already.
+            if self.listen_fd == SOCKET_FD {
+                check(libc::fcntl(SOCKET_FD, libc::F_SETFD, 0))?;
+            } else {
+                check(libc::dup2(self.listen_fd, SOCKET_FD))?;
+            }
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
