@@ -278,7 +278,7 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
                 network: &network,
                 virtiofsd,
             };
-            fresh.run(spec, &signals)?
+            fresh_vm(&fresh, spec, &signals)?
         }
     };
     Ok((status & 0xff) as u8)
@@ -366,12 +366,6 @@ struct FreshVm<'a> {
     network: &'a NetworkArg,
     /// The virtiofsd program, when a volume is a shared folder.
     virtiofsd: Option<PathBuf>,
-}
-
-impl FreshVm<'_> {
-    fn run(&self, spec: RunSpec, signals: &Signals) -> Result<i32, ContainerError> {
-        fresh_vm(self, spec, signals)
-    }
 }
 
 fn fresh_vm(vm: &FreshVm, mut spec: RunSpec, signals: &Signals) -> Result<i32, ContainerError> {
