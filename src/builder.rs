@@ -32,6 +32,7 @@ use crate::devices::legacy::serial::{
     InputSpace, SerialDevice, SerialState, SocketSink, StdoutSink,
 };
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
@@ -42,7 +43,9 @@ use crate::snapshot::{Snapshot, SnapshotError, StateFile};
 use crate::vmm::persist::{OverrideError, VmmState};
 use crate::vmm::{ConsoleSetup, RuntimeDevices, Vmm};
 use crate::vstate::kvm::{KvmContext, KvmError};
-use crate::vstate::memory::{create_guest_memory, GuestMemory, MemoryError};
+use crate::vstate::memory::{
+    create_guest_memory, create_shared_guest_memory, GuestMemory, MemoryError,
+};
 use crate::vstate::vcpu::{BootEntry, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -154,7 +157,12 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     );
 
     let vm = Vm::new(&kvm)?;
-    let mem = create_guest_memory(config.mem_size)?;
+    // A vhost-user back end maps guest RAM itself: only memory in a memfd can be shared.
+    let mem = if config.fs.is_empty() {
+        create_guest_memory(config.mem_size)?
+    } else {
+        create_shared_guest_memory(config.mem_size)?
+    };
     // KVM takes its time over the PIT and the memory slots: they are set up on a thread
     // of their own while the rest of the VM is built, and waited for at the end.
     let platform = vm.set_up_platform(&mem)?;
@@ -188,6 +196,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let nets = attach_nets(&mut virtio, config)?;
     attach_vsock(&mut virtio, config)?;
     attach_rng(&mut virtio, config)?;
+    attach_fs(&mut virtio, config)?;
     let vmgenid = VmGenId::new(
         &mem,
         VmGenIdState {
@@ -273,7 +282,9 @@ pub struct LoadedSnapshot {
 pub fn load_snapshot(state_path: &Path, mem_path: &Path) -> Result<LoadedSnapshot, BuildError> {
     let file = StateFile::read(state_path).map_err(SnapshotError::from)?;
     let kvm = KvmContext::open()?;
-    let (snapshot, mem) = crate::snapshot::load_file::<VmmState>(&kvm, file, mem_path)?;
+    let (snapshot, mem) = crate::snapshot::load_file::<VmmState>(&kvm, file, mem_path, |state| {
+        state.devices.needs_shared_memory()
+    })?;
     Ok(LoadedSnapshot { kvm, snapshot, mem })
 }
 
@@ -756,6 +767,19 @@ fn attach_rng(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildE
         })?;
         METRICS.register_rng(device.metrics());
         virtio.attach("rng0", device)?;
+    }
+    Ok(())
+}
+
+/// The virtio-fs devices, `fs0`, `fs1`, ..., each connected to its back end now: one that
+/// is not listening fails the build.
+fn attach_fs(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildError> {
+    for (index, fs) in config.fs.iter().enumerate() {
+        let device = Fs::new(fs).map_err(|e| BuildError::Device {
+            name: "virtio-fs",
+            source: Box::new(e),
+        })?;
+        virtio.attach(&format!("fs{index}"), device)?;
     }
     Ok(())
 }

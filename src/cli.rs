@@ -200,10 +200,17 @@ pub struct ContainerRunArgs {
     #[command(flatten)]
     pub process: ProcessArgs,
 
-    /// Share a host directory (or an ext4 image file): HOSTPATH:GUESTDIR[:ro]. A directory
-    /// is copied into a disk image for this run; writes to it are not copied back.
-    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
+    /// Share a host directory (or an ext4 image file): HOSTPATH:GUESTDIR[:ro][:copy]. A
+    /// directory is shared over virtio-fs (writes land on the host at once); with `copy`
+    /// it is copied into a disk image for this run instead (writes are not copied
+    /// back). With --machine, HOSTPATH must lie under one of the machine's --share folders.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:OPTS]")]
     pub volumes: Vec<String>,
+
+    /// The virtio-fs back end (default: virtiofsd on PATH, /usr/lib/qemu/virtiofsd or
+    /// /usr/libexec/virtiofsd).
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
 
     /// Memory limit of the container; a fresh microVM gets this much plus 64 MiB.
     #[arg(long, value_name = "SIZE")]
@@ -331,6 +338,17 @@ pub struct MachineStartArgs {
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory: String,
 
+    /// Share a host folder with the machine over virtio-fs: HOST[:GUEST][:ro], mounted at
+    /// GUEST (default: the same path as on the host). Repeatable; `container run
+    /// --machine -v` takes folders under these.
+    #[arg(long = "share", value_name = "HOST[:GUEST][:ro]")]
+    pub shares: Vec<String>,
+
+    /// The virtio-fs back end (default: virtiofsd on PATH, /usr/lib/qemu/virtiofsd or
+    /// /usr/libexec/virtiofsd).
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
+
     /// Guest kernel (default: resources' minimal kernel from the cache).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -391,7 +409,7 @@ pub struct RunArgs {
         value_name = "FILE",
         conflicts_with_all = [
             "kernel", "initrd", "cmdline", "cpus", "memory", "serial", "disks", "nets",
-            "vsock", "rng", "boot_timer", "cpu_profile",
+            "vsock", "fs", "rng", "boot_timer", "cpu_profile",
         ]
     )]
     pub config: Option<PathBuf>,
@@ -439,6 +457,12 @@ pub struct RunArgs {
     /// to the Unix socket PATH_P.
     #[arg(long, value_name = "SPEC")]
     pub vsock: Option<String>,
+
+    /// A virtio-fs shared folder served by a vhost-user back end (virtiofsd) listening on
+    /// PATH: tag=NAME,socket=PATH[,num_queues=N][,queue_size=N]. The guest mounts it with
+    /// `mount -t virtiofs NAME DIR`. Repeatable; guest RAM is then a shareable memfd.
+    #[arg(long = "fs", value_name = "SPEC")]
+    pub fs: Vec<String>,
 
     /// A virtio-rng entropy device, filled from the host's getrandom, so the guest never
     /// waits for entropy. An optional SPEC limits it: [bw=BYTES][,ops=N][,burst=BYTES]
@@ -543,6 +567,9 @@ impl RunArgs {
             vsock: (self.vsock.as_deref())
                 .map(|spec| parse("--vsock", spec))
                 .transpose()?,
+            fs: (self.fs.iter())
+                .map(|spec| parse("--fs", spec))
+                .collect::<Result<_, _>>()?,
             rng: (self.rng.as_deref())
                 .map(|spec| parse("--rng", spec))
                 .transpose()?,
@@ -652,6 +679,10 @@ mod tests {
             "tap=tap0,rx_bw=1M,tx_ops=50",
             "--vsock",
             "cid=3,socket=/run/v.sock",
+            "--fs",
+            "tag=hostshare,socket=/run/fs.sock",
+            "--fs",
+            "tag=b,socket=/run/b.sock,num_queues=2,queue_size=256",
             "--rng",
             "--cpu-profile",
             "host",
@@ -678,6 +709,13 @@ mod tests {
         nic.tx_rate_limiter.ops = Some(TokenBucketConfig::per_second(50, None));
         expected.nets = vec![nic];
         expected.vsock = Some("cid=3,socket=/run/v.sock".parse().unwrap());
+        let mut second = crate::devices::virtio::fs::FsConfig::new("b", "/run/b.sock");
+        second.num_request_queues = 2;
+        second.queue_size = 256;
+        expected.fs = vec![
+            crate::devices::virtio::fs::FsConfig::new("hostshare", "/run/fs.sock"),
+            second,
+        ];
         expected.rng = Some(RngConfig::default());
         expected.cpu_profile = CpuProfileChoice::Host;
         assert_eq!(config, expected);
@@ -743,6 +781,21 @@ mod tests {
                 "invalid --rng \"ops=0\": ops \"0\" is not a positive whole number with an optional K, M or G suffix",
             ),
             (
+                "--fs",
+                "socket=/s",
+                "invalid --fs \"socket=/s\": tag=NAME is required",
+            ),
+            (
+                "--fs",
+                "tag=0123456789012345678901234567890123456,socket=/s",
+                "virtio-fs tag \"0123456789012345678901234567890123456\" is 37 bytes, longer than 36",
+            ),
+            (
+                "--fs",
+                "tag=t,socket=/s,queue_size=100",
+                "virtio-fs \"t\": queue size 100 is not a power of two between 2 and 1024",
+            ),
+            (
                 "--cpus",
                 "100000",
                 "invalid number of vCPUs 100000: must be between 1 and 254",
@@ -763,6 +816,7 @@ mod tests {
             &["--disk", "path=d"],
             &["--boot-timer"],
             &["--rng"],
+            &["--fs", "tag=t,socket=/s"],
             &["--cpu-profile", "host"],
         ] {
             let argv: Vec<&str> = ["--config", "vm.json"]

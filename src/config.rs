@@ -18,11 +18,12 @@ use serde::{Deserialize, Serialize};
 use crate::arch::layout;
 use crate::arch::pvm;
 use crate::devices::virtio::block::{self, BlockConfig};
+use crate::devices::virtio::fs::{self as virtio_fs, FsConfig, FsConfigError};
 use crate::devices::virtio::net::{self, NetConfig};
 use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::{self, VsockConfig};
 
-pub use restore::{DiskOverride, NetOverride, RestoreConfig};
+pub use restore::{DiskOverride, FsOverride, NetOverride, RestoreConfig};
 pub use specs::SpecError;
 
 /// Command line used when the user gives none.
@@ -96,6 +97,8 @@ pub enum ConfigError {
     EmptyStreamPath,
     #[error(transparent)]
     Port(#[from] crate::net::PortError),
+    #[error(transparent)]
+    Fs(#[from] FsConfigError),
     #[error("invalid vsock guest CID {0}: must be between 3 and 4294967294")]
     VsockCid(u64),
     #[error("two overrides for {kind} {index}")]
@@ -197,6 +200,10 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shared folders, each served by a vhost-user back end (virtiofsd). With
+    /// any, guest RAM is a shareable memfd (see `vstate::memory`).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// A virtio-rng entropy device (JSON `"rng": {}`), served from the host's getrandom.
     #[serde(default)]
     pub rng: Option<RngConfig>,
@@ -255,6 +262,7 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            fs: Vec::new(),
             rng: None,
             boot_timer: false,
             cpu_profile: CpuProfileChoice::default(),
@@ -333,6 +341,7 @@ impl VmConfig {
                 return Err(ConfigError::EmptyPath("vsock socket"));
             }
         }
+        virtio_fs::validate_all(&self.fs)?;
         // Otherwise the compat profile's options would land among the init arguments.
         if self.boot_args.split(' ').any(|word| word == "--") {
             return Err(ConfigError::InitArgsInBootArgs(self.boot_args.clone()));

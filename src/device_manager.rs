@@ -18,6 +18,7 @@ use crate::arch::acpi::AcpiMmioDevice;
 use crate::arch::layout;
 use crate::devices::bus::{lock, Bus, BusError};
 use crate::devices::virtio::block::{Block, BlockState};
+use crate::devices::virtio::fs::{Fs, FsState};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, NetState};
 use crate::devices::virtio::persist::{MmioTransportState, RestoreError};
@@ -76,6 +77,8 @@ pub enum VirtioDeviceState {
     Net(NetState),
     Vsock(VsockState),
     Rng(RngState),
+    /// Last, so snapshots written before it existed read the same.
+    Fs(FsState),
 }
 
 /// One attached device, saved: where it was, its transport's registers, its own state.
@@ -103,6 +106,7 @@ pub enum VirtioHandle {
     Net(Arc<Mutex<Net>>),
     Vsock(Arc<Mutex<Vsock>>),
     Rng(Arc<Mutex<Rng>>),
+    Fs(Arc<Mutex<Fs>>),
 }
 
 impl VirtioHandle {
@@ -112,6 +116,7 @@ impl VirtioHandle {
             Self::Net(device) => VirtioDeviceState::Net(lock(device).save()),
             Self::Vsock(device) => VirtioDeviceState::Vsock(lock(device).save()),
             Self::Rng(device) => VirtioDeviceState::Rng(lock(device).save()),
+            Self::Fs(device) => VirtioDeviceState::Fs(lock(device).save()),
         }
     }
 
@@ -122,6 +127,7 @@ impl VirtioHandle {
             VirtioDeviceState::Net(state) => Net::restore(state)?.into(),
             VirtioDeviceState::Vsock(state) => Vsock::restore(state)?.into(),
             VirtioDeviceState::Rng(state) => Rng::restore(state)?.into(),
+            VirtioDeviceState::Fs(state) => Fs::restore(state)?.into(),
         })
     }
 
@@ -131,6 +137,7 @@ impl VirtioHandle {
             Self::Net(device) => device.clone(),
             Self::Vsock(device) => device.clone(),
             Self::Rng(device) => device.clone(),
+            Self::Fs(device) => device.clone(),
         }
     }
 
@@ -140,6 +147,7 @@ impl VirtioHandle {
             Self::Net(device) => Box::new(device.clone()),
             Self::Vsock(device) => Box::new(device.clone()),
             Self::Rng(device) => Box::new(device.clone()),
+            Self::Fs(device) => Box::new(device.clone()),
         }
     }
 
@@ -150,6 +158,7 @@ impl VirtioHandle {
             Self::Net(device) => &**device,
             Self::Vsock(device) => &**device,
             Self::Rng(device) => &**device,
+            Self::Fs(device) => &**device,
         }
     }
 }
@@ -169,6 +178,12 @@ impl From<Net> for VirtioHandle {
 impl From<Vsock> for VirtioHandle {
     fn from(device: Vsock) -> Self {
         Self::Vsock(Arc::new(Mutex::new(device)))
+    }
+}
+
+impl From<Fs> for VirtioHandle {
+    fn from(device: Fs) -> Self {
+        Self::Fs(Arc::new(Mutex::new(device)))
     }
 }
 

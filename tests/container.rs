@@ -388,7 +388,8 @@ fn a_machine_hosts_isolated_containers() {
     assert!(!stdout_of(&out).contains(&name), "{}", describe(&out));
 }
 
-/// Volumes (a directory copied into a writable disk, an ext4 image read-only) and a NIC
+/// Volumes (a directory copied into a writable disk with `:copy`, an ext4 image
+/// read-only) and a NIC
 /// on a tap in a network namespace this test creates, with the address given on the
 /// command line: the container sees and uses each, restored or booted alike.
 fn volumes_and_network(path: &[&str]) -> Option<String> {
@@ -419,7 +420,7 @@ fn volumes_and_network(path: &[&str]) -> Option<String> {
         .args(path)
         .args(["--network", "tap=tap0,ip=10.77.0.2/24"])
         .arg("-v")
-        .arg(format!("{}:/data", data.display()))
+        .arg(format!("{}:/data:copy", data.display()))
         .arg("-v")
         .arg(format!("{}:/ro:ro", ro_image.display()))
         .arg(&image)

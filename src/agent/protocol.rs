@@ -29,7 +29,8 @@
 //!    other clone), answered by [`Message::Refreshed`] once the guest RNG is reseeded
 //!    and its clock set. Then, machine only and optional: [`Message::Network`] (eth0's
 //!    MAC, address, route and MTU, and the VM's resolvers), answered by
-//!    [`Message::NetworkReady`].
+//!    [`Message::NetworkReady`]. Machine only, optional: [`Message::Mount`] (a shared folder), answered by
+//!    [`Message::Mounted`] or [`Message::Error`].
 //! 4. The host sends one request: [`Message::Run`] or [`Message::Shutdown`].
 //! 5. For `Run`: the agent answers [`Message::Started`] (or `Error`), then streams
 //!    [`Message::Stdout`] / [`Message::Stderr`] while the host streams [`Message::Stdin`],
@@ -132,12 +133,55 @@ pub struct ForwardSpec {
     pub transport: Transport,
 }
 
-/// A host directory or image shared into the container as a virtio-blk disk.
+/// A host directory or image shared into the container: a virtio-blk disk (`device`),
+/// or, when `source` is set, files that are not on a disk of their own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
-    /// Guest block device, e.g. `/dev/vdb`.
+    /// Guest block device, e.g. `/dev/vdb`; empty when `source` is set.
+    #[serde(default)]
     pub device: String,
     /// Absolute path inside the container.
+    pub target: String,
+    pub readonly: bool,
+    /// Where the files are when they are not on `device` (absent from the JSON of a
+    /// disk volume, so older peers read it as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<VolumeSource>,
+}
+
+/// A volume that is not a disk of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum VolumeSource {
+    /// A host folder shared over virtio-fs: the agent mounts the device with this tag
+    /// (`mount -t virtiofs TAG`) and binds it into the container.
+    Virtiofs { tag: String },
+    /// A directory of the VM, bound into the container: in a machine, a place under
+    /// one of its shared folders (see [`Message::Mount`]).
+    Path { path: String },
+}
+
+/// The directory of a container VM where the agent mounts the virtio-fs device `tag`
+/// before binding it into the container.
+pub fn virtiofs_mount_point(tag: &str) -> String {
+    format!("/run/hearth/fs/{tag}")
+}
+
+/// A virtio-fs tag the agent accepts: what hearth gives its devices (`hearthfs0`, ...),
+/// safe as a path component.
+pub fn valid_fs_tag(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= 36
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A machine's shared folder: mount the virtio-fs device `tag` at `target` in the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub tag: String,
+    /// Absolute path in the machine; made if missing.
     pub target: String,
     pub readonly: bool,
 }
@@ -201,6 +245,10 @@ pub enum Message {
     },
     Run(Box<RunSpec>),
     Shutdown,
+    /// Machine only: mount a shared folder, answered by [`Message::Mounted`] or
+    /// [`Message::Error`]; the session goes on.
+    Mount(MountSpec),
+    Mounted,
     Stdin(Vec<u8>),
     StdinEof,
     Signal(i32),
@@ -263,6 +311,7 @@ mod kind {
     pub const REFRESH: u8 = 13;
     pub const FORWARD: u8 = 14;
     pub const NETWORK: u8 = 15;
+    pub const MOUNT: u8 = 16;
     pub const STARTED: u8 = 32;
     pub const STDOUT: u8 = 33;
     pub const STDERR: u8 = 34;
@@ -271,6 +320,7 @@ mod kind {
     pub const REFRESHED: u8 = 37;
     pub const FORWARDING: u8 = 38;
     pub const NETWORK_READY: u8 = 39;
+    pub const MOUNTED: u8 = 40;
 }
 
 /// Why a frame could not be read or written.
@@ -367,6 +417,8 @@ impl Message {
             Message::Hello { version } => (kind::HELLO, json(&HelloBody { version: *version })),
             Message::Run(spec) => (kind::RUN, json(spec)),
             Message::Shutdown => (kind::SHUTDOWN, Vec::new()),
+            Message::Mount(spec) => (kind::MOUNT, json(spec)),
+            Message::Mounted => (kind::MOUNTED, Vec::new()),
             Message::Stdin(data) => (kind::STDIN, data.clone()),
             Message::StdinEof => (kind::STDIN_EOF, Vec::new()),
             Message::Signal(sig) => (kind::SIGNAL, sig.to_le_bytes().to_vec()),
@@ -437,6 +489,8 @@ impl Message {
                 Message::Run(Box::new(spec))
             }
             kind::SHUTDOWN => Message::Shutdown,
+            kind::MOUNT => Message::Mount(from_json_bounded("mount", payload)?),
+            kind::MOUNTED => Message::Mounted,
             kind::STDIN => Message::Stdin(payload.to_vec()),
             kind::STDIN_EOF => Message::StdinEof,
             kind::SIGNAL => Message::Signal(i32::from_le_bytes(fixed("signal", payload)?)),
@@ -646,11 +700,30 @@ mod tests {
                 path: "/dev/vda".into(),
                 fstype: "ext4".into(),
             },
-            volumes: vec![Volume {
-                device: "/dev/vdb".into(),
-                target: "/data".into(),
-                readonly: true,
-            }],
+            volumes: vec![
+                Volume {
+                    device: "/dev/vdb".into(),
+                    target: "/data".into(),
+                    readonly: true,
+                    source: None,
+                },
+                Volume {
+                    device: String::new(),
+                    target: "/src".into(),
+                    readonly: false,
+                    source: Some(VolumeSource::Virtiofs {
+                        tag: "hearthfs0".into(),
+                    }),
+                },
+                Volume {
+                    device: String::new(),
+                    target: "/p".into(),
+                    readonly: true,
+                    source: Some(VolumeSource::Path {
+                        path: "/home/u/proj".into(),
+                    }),
+                },
+            ],
             memory_limit: Some(64 << 20),
             cpus: Some(0.5),
             network: Network::None,
@@ -666,6 +739,12 @@ mod tests {
             Message::Hello { version: VERSION },
             Message::Run(Box::new(spec())),
             Message::Shutdown,
+            Message::Mount(MountSpec {
+                tag: "hearthfs1".into(),
+                target: "/home/u".into(),
+                readonly: false,
+            }),
+            Message::Mounted,
             Message::Stdin(b"abc".to_vec()),
             Message::StdinEof,
             Message::Signal(15),
@@ -709,6 +788,28 @@ mod tests {
             Message::Exit { status: 137 },
             Message::Error("no such file".into()),
         ]
+    }
+
+    #[test]
+    fn disk_volumes_keep_their_old_json() {
+        // What a host of before virtio-fs sends, and what one now sends for a disk.
+        let old = r#"{"device":"/dev/vdb","target":"/data","readonly":true}"#;
+        let volume: Volume = serde_json::from_str(old).unwrap();
+        assert_eq!(volume.source, None);
+        assert_eq!(serde_json::to_string(&volume).unwrap(), old);
+    }
+
+    #[test]
+    fn fs_tags_are_plain_names() {
+        assert!(valid_fs_tag("hearthfs0"));
+        assert!(valid_fs_tag("a-b_c"));
+        for bad in ["", "a/b", "..", "a b", &"x".repeat(37)] {
+            assert!(!valid_fs_tag(bad), "{bad}");
+        }
+        assert_eq!(
+            virtiofs_mount_point("hearthfs2"),
+            "/run/hearth/fs/hearthfs2"
+        );
     }
 
     #[test]

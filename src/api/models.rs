@@ -410,6 +410,14 @@ pub struct SnapshotLoadParams {
         skip_serializing_if = "Vec::is_empty"
     )]
     pub drive_overrides: Vec<DriveOverride>,
+    /// hearth's extension: the fresh vhost-user back end of each virtio-fs device, by tag
+    /// (every fs device of the snapshot needs one).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub fs_overrides: Vec<crate::config::FsOverride>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub clock_realtime: bool,
     /// "Snapshot", "None", "Transparent" or "2M".

@@ -243,6 +243,7 @@ impl VmResources {
                 guest_cid: u64::from(v.guest_cid),
                 uds_path: v.uds_path.clone(),
             }),
+            fs: Vec::new(),
             rng: self.entropy.as_ref().map(|e| RngConfig {
                 rate_limiter: limiter(&e.rate_limiter),
             }),

@@ -19,6 +19,7 @@ use super::models::{
 };
 use super::shape::{run_driven, ShapeError};
 use super::ActionSender;
+use crate::config::FsOverride;
 use crate::devices::virtio::net::{tap, NetBackend, NetConfig};
 
 /// `hearth restore` options.
@@ -48,6 +49,11 @@ pub struct RestoreArgs {
     /// Back drive ID with the image PATH instead of the snapshot's. Repeatable.
     #[arg(long = "disk-override", value_name = "ID=PATH")]
     pub disk_overrides: Vec<String>,
+
+    /// Connect the virtio-fs device TAG to the vhost-user back end (virtiofsd) listening
+    /// on PATH. Every fs device of the snapshot needs one. Repeatable.
+    #[arg(long = "fs-override", value_name = "TAG=PATH")]
+    pub fs_overrides: Vec<String>,
 
     /// Append the guest's console to this file instead of where the snapshot's went
     /// (a clone's console is its own).
@@ -163,6 +169,26 @@ impl RestoreArgs {
             });
         }
 
+        let mut fs_overrides: Vec<FsOverride> = Vec::with_capacity(self.fs_overrides.len());
+        for value in &self.fs_overrides {
+            let (tag, path) = split_override("--fs-override", value, "TAG=PATH")?;
+            crate::devices::virtio::fs::validate_tag(tag)
+                .map_err(|e| bad("--fs-override", value, e.to_string()))?;
+            if path.is_empty() {
+                return Err(bad("--fs-override", value, "the socket path is empty"));
+            }
+            if fs_overrides.iter().any(|over| over.tag == tag) {
+                return Err(RestoreError::Duplicate {
+                    flag: "--fs-override",
+                    id: tag.to_string(),
+                });
+            }
+            fs_overrides.push(FsOverride {
+                tag: tag.to_string(),
+                socket: absolute(path),
+            });
+        }
+
         let vsock_override = self.vsock_override.as_ref().map(|path| VsockOverride {
             uds_path: absolute(path),
         });
@@ -184,6 +210,7 @@ impl RestoreArgs {
                 network_overrides,
                 vsock_override,
                 drive_overrides,
+                fs_overrides,
                 clock_realtime: false,
                 huge_pages: None,
             },
@@ -271,9 +298,10 @@ pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
     let host_networks = crate::net::prepare(&overridden, args.process.passt.as_deref())?;
     if let Some(jail) = args.process.jail.config()? {
         crate::jail::check_root()?;
-        let (files, sockets, taps) = jail_needs(&mut plan, &mut api_sock)?;
-        let jail_plan =
-            crate::jail::JailPlan::from_parts(&jail.dir, files, sockets)?.with_vm_dirs(&jail)?;
+        let (files, sockets, backends, taps) = jail_needs(&mut plan, &mut api_sock)?;
+        let jail_plan = crate::jail::JailPlan::from_parts(&jail.dir, files, sockets)?
+            .with_backend_sockets(backends)?
+            .with_vm_dirs(&jail)?;
         match crate::jail::enter_plan(&jail, &jail_plan, &taps)? {
             crate::jail::Side::Parent(status) => return Ok(status),
             crate::jail::Side::Jailed => host_networks.forget(),
@@ -298,11 +326,12 @@ pub fn run(args: &RestoreArgs) -> Result<u8, RestoreError> {
     }
 }
 
-/// The host files (with the access each needs), sockets and taps a restore of `plan`
-/// uses, read from the snapshot's state file as the load will read it, with the paths in
+/// The host files (with the access each needs), sockets the VMM makes, back-end sockets
+/// it connects to (virtio-fs) and taps a restore of `plan` uses, read from the snapshot's state file as the load will read it, with the paths in
 /// `plan` and `api_sock` made canonical (the jail mirrors each at its own path).
 type JailNeeds = (
     Vec<(PathBuf, crate::jail::Access)>,
+    Vec<PathBuf>,
     Vec<PathBuf>,
     Vec<String>,
 );
@@ -368,6 +397,11 @@ fn jail_needs(
         (None, Some(saved)) => sockets.push(saved.uds_path.clone()),
         (None, None) => {}
     }
+    let mut backends = Vec::new();
+    for over in &mut load.fs_overrides {
+        over.socket = canonical_file(&over.socket, "virtio-fs back end socket")?;
+        backends.push(over.socket.clone());
+    }
     if let Some(path) = plan
         .serial
         .as_mut()
@@ -386,7 +420,7 @@ fn jail_needs(
         *path = absolute_socket_path(path)?;
         sockets.push(path.clone());
     }
-    Ok((files, sockets, taps))
+    Ok((files, sockets, backends, taps))
 }
 
 /// Sends the plan's requests in order. When one is refused, the VMM is shut down (the

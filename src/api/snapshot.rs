@@ -108,6 +108,7 @@ pub fn load(params: &SnapshotLoadParams, console: Option<&Serial>) -> Result<Loa
         vsock.uds_path = over.uds_path.clone();
         restore.vsock_uds_path = Some(over.uds_path.clone());
     }
+    restore.fs = params.fs_overrides.clone();
     if let Some(console) = console {
         resources.serial = Some(console.clone());
     }
@@ -169,6 +170,7 @@ pub(crate) fn saved_resources_of(
             VirtioDeviceState::Net(net) => config.nets.push(net.config.clone()),
             VirtioDeviceState::Vsock(vsock) => config.vsock = Some(vsock.config.clone()),
             VirtioDeviceState::Rng(rng) => config.rng = Some(rng.config.clone()),
+            VirtioDeviceState::Fs(fs) => config.fs.push(fs.config.clone()),
         }
     }
     let mut resources = VmResources::from_vm_config(&config);

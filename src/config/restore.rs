@@ -1,7 +1,8 @@
 //! What restoring a snapshot takes: its two files, the new process's console, new backing
 //! for the devices whose host side may have moved (an image path, a NIC's back end, a
-//! vsock socket), and whether the guest runs at once. Inert data, checked by [`RestoreConfig::validate`]
-//! before anything is opened; the rest of the VM comes from the snapshot.
+//! vsock socket, a virtio-fs back end), and whether the guest runs at once. Inert data,
+//! checked by [`RestoreConfig::validate`] before anything is opened; the rest of the VM
+//! comes from the snapshot.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{check_readable_file, ConfigError, SerialConfig};
+use crate::devices::virtio::fs::FsConfigError;
 use crate::devices::virtio::net;
 
 /// A new image file for the disk at `index` (0 is the first disk, the guest's vda).
@@ -79,6 +81,15 @@ impl From<NetOverride> for NetOverrideRepr {
     }
 }
 
+/// The vhost-user back end for the virtio-fs device with `tag`. A back end does not
+/// outlive its front end's connection, so every fs device of a snapshot needs one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsOverride {
+    pub tag: String,
+    pub socket: PathBuf,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreConfig {
@@ -93,6 +104,9 @@ pub struct RestoreConfig {
     /// Where the vsock device listens instead of its saved socket path.
     #[serde(default)]
     pub vsock_uds_path: Option<PathBuf>,
+    /// A fresh back end for each virtio-fs device, by tag.
+    #[serde(default)]
+    pub fs: Vec<FsOverride>,
     /// Run the guest at once; otherwise it stays paused until resumed.
     #[serde(default)]
     pub resume: bool,
@@ -109,6 +123,7 @@ impl RestoreConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             vsock_uds_path: None,
+            fs: Vec::new(),
             resume: false,
         }
     }
@@ -149,6 +164,16 @@ impl RestoreConfig {
         {
             return Err(ConfigError::EmptyPath("vsock socket"));
         }
+        let mut tags = BTreeSet::new();
+        for over in &self.fs {
+            crate::devices::virtio::fs::validate_tag(&over.tag)?;
+            if !tags.insert(over.tag.as_str()) {
+                return Err(FsConfigError::DuplicateTag(over.tag.clone()).into());
+            }
+            if over.socket.as_os_str().is_empty() {
+                return Err(FsConfigError::EmptySocket(over.tag.clone()).into());
+            }
+        }
         Ok(())
     }
 }
@@ -171,7 +196,7 @@ mod tests {
     fn json_form_and_defaults() {
         let config: RestoreConfig = serde_json::from_str(
             r#"{"state_path": "/s", "mem_path": "/m", "nets": [{"index": 1, "tap": "tap7"}],
-                "resume": true}"#,
+                "fs": [{"tag": "share", "socket": "/run/fs.sock"}], "resume": true}"#,
         )
         .unwrap();
         assert_eq!(config.serial, SerialConfig::Stdio);
@@ -186,6 +211,7 @@ mod tests {
             r#"{"index":0,"user":{"ports":[]}}"#
         );
         assert!(serde_json::from_str::<NetOverride>(r#"{"index": 0}"#).is_err());
+        assert_eq!(config.fs[0].socket, PathBuf::from("/run/fs.sock"));
         assert!(config.resume && config.disks.is_empty());
         assert!(serde_json::from_str::<RestoreConfig>(
             r#"{"state_path": "/s", "mem_path": "/m", "x": 1}"#
@@ -236,6 +262,30 @@ mod tests {
             config.validate().unwrap_err().to_string(),
             "the vsock socket path is empty"
         );
+        config.vsock_uds_path = None;
+
+        let over = |tag: &str, socket: &str| FsOverride {
+            tag: tag.into(),
+            socket: socket.into(),
+        };
+        config.fs = vec![over("a", "/a.sock"), over("b", "/b.sock")];
+        config.validate().unwrap();
+        config.fs = vec![over("a", "/a.sock"), over("a", "/b.sock")];
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "virtio-fs tag \"a\" is given twice"
+        );
+        config.fs = vec![over("a", "")];
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "virtio-fs \"a\": the back end's socket path is empty"
+        );
+        config.fs = vec![over("", "/s")];
+        assert_eq!(
+            config.validate().unwrap_err().to_string(),
+            "virtio-fs tag is empty"
+        );
+        config.fs.clear();
 
         let missing = RestoreConfig::new(state.with_file_name("nothing"), &mem);
         assert!(missing

@@ -8,6 +8,7 @@
 //!   (hearth starts passt) with `ports=[IP:]HOSTPORT:GUESTPORT[/udp]` (`+` between ports)
 //! - entropy device: empty or `[bw=BYTES][,ops=N][,burst=BYTES]` ([`RngConfig`])
 //! - vsock: `cid=N,socket=PATH` ([`VsockConfig`])
+//! - shared folder: `tag=NAME,socket=PATH[,num_queues=N][,queue_size=N]` ([`FsConfig`])
 //! - serial console: `stdio`, `none`, `file=PATH` or `unix=PATH` ([`SerialConfig`])
 //!
 //! Rates are per second: `bw` in bytes (K, M, G suffixes are powers of 1024), `iops` and
@@ -30,6 +31,7 @@ use std::str::FromStr;
 
 use super::SerialConfig;
 use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::net::{
     format_mac, parse_mac, NetBackend, NetConfig, NetError, UserNetConfig,
 };
@@ -430,6 +432,52 @@ impl fmt::Display for VsockConfig {
     }
 }
 
+impl FromStr for FsConfig {
+    type Err = SpecError;
+
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let number = |key: &'static str, value: String| {
+            value
+                .parse::<u16>()
+                .map_err(|_| SpecError::Number { key, value })
+        };
+        let mut tag = None;
+        let mut socket = None;
+        let mut config = FsConfig::new("", "");
+        let keys = ["tag", "socket", "num_queues", "queue_size"];
+        for (key, value) in parse_options(spec, &keys)? {
+            match key.as_str() {
+                "tag" => tag = Some(value),
+                "socket" => socket = Some(value),
+                "num_queues" => config.num_request_queues = number("num_queues", value)?,
+                _ => config.queue_size = number("queue_size", value)?,
+            }
+        }
+        config.tag = non_empty(tag, "tag=NAME")?;
+        config.socket = non_empty(socket, "socket=PATH")?.into();
+        Ok(config)
+    }
+}
+
+impl fmt::Display for FsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "tag={},socket={}",
+            escape(&self.tag),
+            escape(&self.socket.to_string_lossy())
+        )?;
+        let defaults = FsConfig::new("", "");
+        if self.num_request_queues != defaults.num_request_queues {
+            write!(f, ",num_queues={}", self.num_request_queues)?;
+        }
+        if self.queue_size != defaults.queue_size {
+            write!(f, ",queue_size={}", self.queue_size)?;
+        }
+        Ok(())
+    }
+}
+
 /// The path is everything after `file=` or `unix=`, commas included: there are no other
 /// options to separate.
 impl FromStr for SerialConfig {
@@ -651,6 +699,64 @@ mod tests {
         assert_eq!(vsock.guest_cid, 7);
         assert_eq!(vsock.uds_path, PathBuf::from("/run/v,1.sock"));
         assert_eq!(vsock.to_string(), "cid=7,socket=/run/v,,1.sock");
+    }
+
+    #[test]
+    fn fs_specs_round_trip() {
+        let mut words = Words(26);
+        for _ in 0..200 {
+            let mut config = FsConfig::new(words.text(), words.text());
+            if let Some(n) = words.maybe(|w| (w.next() % 64 + 1) as u16) {
+                config.num_request_queues = n;
+            }
+            if let Some(shift) = words.maybe(|w| w.next() % 10 + 1) {
+                config.queue_size = 1 << shift;
+            }
+            assert_round_trip(&config);
+        }
+        assert_eq!(
+            "tag=hostshare,socket=/run/fs.sock"
+                .parse::<FsConfig>()
+                .unwrap(),
+            FsConfig::new("hostshare", "/run/fs.sock")
+        );
+        let config: FsConfig = "queue_size=256,socket=/s,num_queues=2,tag=t"
+            .parse()
+            .unwrap();
+        assert_eq!((config.num_request_queues, config.queue_size), (2, 256));
+        assert_eq!(
+            config.to_string(),
+            "tag=t,socket=/s,num_queues=2,queue_size=256"
+        );
+    }
+
+    #[test]
+    fn bad_fs_specs() {
+        for (spec, message) in [
+            ("socket=/s", "tag=NAME is required"),
+            ("tag=,socket=/s", "tag=NAME is required"),
+            ("tag=t", "socket=PATH is required"),
+            (
+                "tag=t,socket=/s,num_queues=x",
+                "num_queues \"x\" is not a number",
+            ),
+            (
+                "tag=t,socket=/s,queue_size=70000",
+                "queue_size \"70000\" is not a number",
+            ),
+            (
+                "tag=t,socket=/s,cache=auto",
+                "unknown option \"cache\" (expected tag, socket, num_queues, queue_size)",
+            ),
+            ("tag=t,tag=u,socket=/s", "option \"tag\" given twice"),
+            ("hostshare", "\"hostshare\" is not key=value"),
+        ] {
+            assert_eq!(
+                spec.parse::<FsConfig>().unwrap_err().to_string(),
+                message,
+                "{spec}"
+            );
+        }
     }
 
     #[test]

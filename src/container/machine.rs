@@ -20,13 +20,18 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::publish::{self, Destination, HostSocket};
+use super::run::VolumeArg;
 use super::session::{self, Signals};
 use super::template::TemplateStore;
+use super::virtiofsd::{self, BackendPid, ShareSpec, SocketDir, Virtiofsd};
 use super::vm::{self, VmJail, VmSpec};
 use super::ContainerError;
-use crate::agent::protocol::{NetSetup, Rootfs, RunSpec, MODE_MACHINE};
+use crate::agent::protocol::{
+    MountSpec, NetSetup, Rootfs, RunSpec, Volume, VolumeSource, MODE_MACHINE,
+};
 use crate::cli::{MachineCommand, MachineStartArgs, ProcessArgs};
 use crate::config::parse_memory_size;
+use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::net::{NetBackend, NetConfig, UserNetConfig};
 use crate::image::PreparedImage;
 use crate::net::PortForward;
@@ -49,6 +54,132 @@ pub struct MachineInfo {
     /// The template it was restored from (`None`: booted).
     #[serde(default)]
     pub template: Option<String>,
+    /// Host folders shared with it (`--share`), each served by its own virtiofsd.
+    #[serde(default)]
+    pub shares: Vec<MachineShare>,
+    /// Where the back ends' sockets are (removed by `machine stop`).
+    #[serde(default)]
+    pub socket_dir: Option<PathBuf>,
+}
+
+/// A folder a machine shares, as `machine.json` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineShare {
+    /// The host folder, resolved.
+    pub host: PathBuf,
+    /// Where it is mounted in the machine.
+    pub guest: String,
+    pub readonly: bool,
+    /// The virtio-fs tag of its device.
+    pub tag: String,
+    /// Its back end, which `machine stop` stops if the VMM's end did not already.
+    pub backend: Option<BackendPid>,
+}
+
+/// `--share HOST[:GUEST][:ro]`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareArg {
+    pub host: PathBuf,
+    pub guest: String,
+    pub readonly: bool,
+}
+
+/// Parses `HOST[:GUEST][:ro|:rw]`; GUEST defaults to HOST (resolved), as Docker Desktop
+/// and Lima mount shared folders at the host's path.
+pub fn parse_share(spec: &str) -> Result<ShareArg, ContainerError> {
+    let bad = |why: &str| ContainerError::Usage(format!("--share {spec}: {why}"));
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (host, guest, readonly) = match parts.as_slice() {
+        [h] => (*h, None, false),
+        [h, "ro"] => (*h, None, true),
+        [h, "rw"] => (*h, None, false),
+        [h, g] => (*h, Some(*g), false),
+        [h, g, "ro"] => (*h, Some(*g), true),
+        [h, g, "rw"] => (*h, Some(*g), false),
+        _ => return Err(bad("expected HOST[:GUEST][:ro]")),
+    };
+    if host.is_empty() {
+        return Err(bad("the host folder is empty"));
+    }
+    let host = virtiofsd::check_folder(Path::new(host))?;
+    let guest = match guest {
+        Some(g) => g.to_string(),
+        None => host
+            .to_str()
+            .ok_or_else(|| bad("the host path is not UTF-8: give GUEST"))?
+            .to_string(),
+    };
+    if !guest.starts_with('/') || guest == "/" || guest.split('/').any(|c| c == "..") {
+        return Err(bad("the machine path must be absolute, not /, without .."));
+    }
+    Ok(ShareArg {
+        host,
+        guest,
+        readonly,
+    })
+}
+
+/// The volumes of a container run in machine `name`: each host folder must lie under
+/// one of the machine's shared folders, and is bound from the machine's view of it.
+pub fn container_volumes(name: &str, volumes: &[VolumeArg]) -> Result<Vec<Volume>, ContainerError> {
+    if volumes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let machine = Machine::new(name)?;
+    let info = machine
+        .info()
+        .ok_or_else(|| machine.err("is not running (start it with `hearth machine start`)"))?;
+    volumes_under_shares(name, &info.shares, volumes)
+}
+
+/// [`container_volumes`] for a machine that shares `shares`.
+fn volumes_under_shares(
+    name: &str,
+    shares: &[MachineShare],
+    volumes: &[VolumeArg],
+) -> Result<Vec<Volume>, ContainerError> {
+    volumes
+        .iter()
+        .map(|volume| {
+            let host = volume.host.display();
+            if volume.copy || !volume.host.is_dir() {
+                return Err(ContainerError::Usage(format!(
+                    "-v {host}: a machine's containers take folders it shares (no :copy, no image files)"
+                )));
+            }
+            let resolved = fs::canonicalize(&volume.host)
+                .map_err(ContainerError::io(format!("resolving {host}")))?;
+            let share = (shares.iter())
+                .filter(|s| resolved.starts_with(&s.host))
+                .max_by_key(|s| s.host.components().count())
+                .ok_or_else(|| {
+                    let shared: Vec<String> = (shares.iter())
+                        .map(|s| s.host.display().to_string())
+                        .collect();
+                    ContainerError::Usage(format!(
+                        "-v {host}: machine {name} does not share it ({}); start the machine with --share",
+                        if shared.is_empty() {
+                            "it shares no folder".to_string()
+                        } else {
+                            format!("it shares {}", shared.join(", "))
+                        }
+                    ))
+                })?;
+            let below = resolved.strip_prefix(&share.host).unwrap_or(Path::new(""));
+            let path = match below.as_os_str().is_empty() {
+                true => PathBuf::from(&share.guest),
+                false => Path::new(&share.guest).join(below),
+            };
+            Ok(Volume {
+                device: String::new(),
+                target: volume.guest.clone(),
+                readonly: volume.readonly || share.readonly,
+                source: Some(VolumeSource::Path {
+                    path: path.to_string_lossy().into_owned(),
+                }),
+            })
+        })
+        .collect()
 }
 
 /// A machine's state directory and files.
@@ -226,6 +357,14 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
             ))
         })?;
     }
+    let share_args = (args.shares.iter())
+        .map(|s| parse_share(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let program = if share_args.is_empty() {
+        None
+    } else {
+        Some(virtiofsd::preflight(args.virtiofsd.as_deref())?)
+    };
     let kernel = super::guest_kernel(args.kernel.as_deref())?;
     let initrd = super::run::agent_initramfs(true)?;
     let _ = fs::remove_dir_all(&machine.dir);
@@ -237,6 +376,29 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
             "creating {}",
             machine.dir.display()
         )))?;
+    // The back ends' sockets get a short directory of their own (the state directory
+    // may be too deep for a socket address); the jail binds each into a jailed VMM's
+    // view at its own path.
+    let jail = VmJail::wanted(args.no_jail).then(|| machine.jail());
+    let mut shares = Vec::new();
+    let socket_dir = match share_args.is_empty() {
+        true => None,
+        false => Some(SocketDir::create().map_err(ContainerError::io(
+            "creating a directory for virtio-fs sockets",
+        ))?),
+    };
+    if let Some(fs_dir) = socket_dir.as_ref().map(SocketDir::path) {
+        for (slot, share) in share_args.iter().enumerate() {
+            shares.push(ShareSpec {
+                folder: share.host.clone(),
+                read_only: share.readonly,
+                socket: fs_dir.join(format!("fs{slot}.sock")),
+                log: machine.console_log(),
+                socket_owner: jail.as_ref().map(|j| (j.uid, j.gid)),
+                detached: true,
+            });
+        }
+    }
     let spec = VmSpec {
         kernel: kernel.clone(),
         initrd,
@@ -249,11 +411,15 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
         } else {
             Vec::new()
         },
+        fs: (shares.iter().enumerate())
+            .map(|(slot, share)| FsConfig::new(vm::fs_tag(slot), &share.socket))
+            .collect(),
+        virtiofsd: program.clone(),
         vsock_socket: machine.socket(),
         console_log: machine.console_log(),
         state_dir: machine.dir.clone(),
         detached: true,
-        jail: VmJail::wanted(args.no_jail).then(|| machine.jail()),
+        jail,
     };
     // A jail left behind by a VMM of this machine killed outright.
     machine.jail().remove_leftovers();
@@ -265,12 +431,29 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
             detached: true,
             ..spec.clone()
         };
-        Some(TemplateStore::default_location().obtain(
-            &template_spec,
-            args.boot_timeout,
-            &|| false,
-        )?)
+        match TemplateStore::default_location().obtain(&template_spec, args.boot_timeout, &|| false)
+        {
+            Ok(template) => Some(template),
+            // Shared folders add a device whose back end is another process; a
+            // template that cannot be made with them is no reason not to start.
+            Err(err) if !spec.fs.is_empty() => {
+                eprintln!(
+                    "hearth: cannot make a template for machines with shared folders ({}); booting instead",
+                    crate::error_chain(&err)
+                );
+                None
+            }
+            Err(err) => return Err(err),
+        }
     };
+    // Until the machine is up, these handles own the back ends (a failed start stops
+    // them); then they are released to live as long as the VMM.
+    let mut backends = Vec::new();
+    for share in &shares {
+        if let Some(program) = &program {
+            backends.push(Virtiofsd::start(program, share)?);
+        }
+    }
     let mut child = match &template {
         Some(template) => vm::spawn_restore(&spec, template)?,
         None => vm::spawn(&spec)?,
@@ -283,12 +466,22 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
         kernel,
         started: now_secs(),
         template: template.as_ref().map(|t| t.id.clone()),
+        shares: (share_args.iter().zip(&backends).enumerate())
+            .map(|(slot, (share, backend))| MachineShare {
+                host: share.host.clone(),
+                guest: share.guest.clone(),
+                readonly: share.readonly,
+                tag: vm::fs_tag(slot),
+                backend: Some(backend.backend_pid()),
+            })
+            .collect(),
+        socket_dir: socket_dir.as_ref().map(|d| d.path().to_path_buf()),
     };
     let json = serde_json::to_vec_pretty(&info).unwrap_or_default();
     fs::write(machine.info_path(), json).map_err(ContainerError::io("writing machine.json"))?;
 
     let deadline = Instant::now() + Duration::from_secs(args.boot_timeout);
-    loop {
+    let mut stream = loop {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(machine.err(format!(
                 "the VM stopped ({status}) while booting; console: {}",
@@ -319,7 +512,7 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
                     };
                     session::configure_network(&mut stream, setup)?;
                 }
-                break;
+                break stream;
             }
         }
         if Instant::now() >= deadline {
@@ -332,6 +525,29 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
             )));
         }
         std::thread::sleep(Duration::from_millis(250));
+    };
+    for share in &info.shares {
+        let mount = MountSpec {
+            tag: share.tag.clone(),
+            target: share.guest.clone(),
+            readonly: share.readonly,
+        };
+        if let Err(e) = session::mount(&mut stream, mount) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(machine.err(format!(
+                "cannot mount {} at {}: {}",
+                share.host.display(),
+                share.guest,
+                crate::error_chain(&e)
+            )));
+        }
+    }
+    for backend in backends {
+        backend.release();
+    }
+    if let Some(dir) = socket_dir {
+        dir.keep();
     }
     println!("machine {} is running (pid {})", machine.name, info.pid);
     Ok(())
@@ -340,7 +556,22 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
 /// Powers the machine off through its agent, or kills the VMM if the agent is gone.
 pub fn stop(name: &str) -> Result<(), ContainerError> {
     let machine = Machine::new(name)?;
+    let info = machine.info();
+    let backends: Vec<BackendPid> = (info.iter())
+        .flat_map(|info| &info.shares)
+        .filter_map(|share| share.backend)
+        .collect();
+    let socket_dir = info.and_then(|info| info.socket_dir);
+    // Each back end exits when the VMM's connection closes; one whose VMM never
+    // connected (or any left for another reason) is stopped here.
+    let stop_backends = || {
+        backends.iter().for_each(BackendPid::stop);
+        if let Some(dir) = &socket_dir {
+            let _ = fs::remove_dir_all(dir);
+        }
+    };
     let Some(pid) = machine.running_pid() else {
+        stop_backends();
         let _ = fs::remove_dir_all(&machine.dir);
         return Err(machine.err("is not running"));
     };
@@ -360,12 +591,14 @@ pub fn stop(name: &str) -> Result<(), ContainerError> {
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             std::thread::sleep(Duration::from_millis(200));
+            stop_backends();
             let _ = fs::remove_dir_all(&machine.dir);
             machine.jail().remove_leftovers();
             return Err(machine.err("did not power off; killed it"));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    stop_backends();
     let _ = fs::remove_dir_all(&machine.dir);
     println!("machine {name} stopped");
     Ok(())
@@ -385,7 +618,7 @@ pub fn list() -> Result<(), ContainerError> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{:<20} {:<8} {:>4} {:>8} {:>8}",
+        "{:<20} {:<8} {:>4} {:>8} {:>8}  SHARES",
         "NAME", "STATUS", "CPUS", "MEMORY", "PID"
     );
     for name in names {
@@ -401,11 +634,34 @@ pub fn list() -> Result<(), ContainerError> {
         };
         let _ = writeln!(
             out,
-            "{:<20} {:<8} {:>4} {:>7}M {:>8}",
-            name, status, info.cpus, info.memory_mib, pid
+            "{:<20} {:<8} {:>4} {:>7}M {:>8}  {}",
+            name,
+            status,
+            info.cpus,
+            info.memory_mib,
+            pid,
+            shares_column(&info.shares)
         );
     }
     Ok(())
+}
+
+/// `HOST:GUEST[:ro]` of each share, `-` for none.
+fn shares_column(shares: &[MachineShare]) -> String {
+    if shares.is_empty() {
+        return "-".into();
+    }
+    (shares.iter())
+        .map(|s| {
+            let ro = if s.readonly { ":ro" } else { "" };
+            if s.host.as_os_str() == s.guest.as_str() {
+                format!("{}{ro}", s.guest)
+            } else {
+                format!("{}:{}{ro}", s.host.display(), s.guest)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The run spec of a command run directly in a machine or in one of its containers.
@@ -504,6 +760,82 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!pid_is_vmm(pid, config));
+    }
+
+    #[test]
+    fn shares_parse_with_the_host_path_as_default() {
+        let dir = crate::testutil::TempDir::new("machine-share");
+        let host = fs::canonicalize(dir.path()).unwrap();
+        let h = host.to_str().unwrap();
+        let share = parse_share(h).unwrap();
+        assert_eq!(
+            (share.host.as_path(), share.guest.as_str()),
+            (host.as_path(), h)
+        );
+        assert!(!share.readonly);
+        assert!(parse_share(&format!("{h}:ro")).unwrap().readonly);
+        let share = parse_share(&format!("{h}:/work:ro")).unwrap();
+        assert_eq!((share.guest.as_str(), share.readonly), ("/work", true));
+        let file = host.join("file");
+        fs::write(&file, b"x").unwrap();
+        for (bad, why) in [
+            (format!("{h}/missing"), "does not exist"),
+            (file.display().to_string(), "is not a directory"),
+            (format!("{h}:work"), "must be absolute"),
+            (format!("{h}:/"), "must be absolute"),
+            (format!("{h}:/a:ro:x"), "expected HOST"),
+            (format!("{h}:/a:rx"), "expected HOST"),
+        ] {
+            let err = crate::error_chain(&parse_share(&bad).unwrap_err());
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn container_volumes_must_lie_under_a_share() {
+        let dir = crate::testutil::TempDir::new("machine-volumes");
+        let home = fs::canonicalize(dir.path()).unwrap();
+        let proj = home.join("proj");
+        fs::create_dir_all(proj.join("sub")).unwrap();
+        let share = |host: &Path, guest: &str, readonly| MachineShare {
+            host: host.to_path_buf(),
+            guest: guest.into(),
+            readonly,
+            tag: "hearthfs0".into(),
+            backend: None,
+        };
+        let shares = [share(&home, "/h", false), share(&proj, "/p", true)];
+        let volume = |host: &Path, copy| VolumeArg {
+            host: host.to_path_buf(),
+            guest: "/src".into(),
+            readonly: false,
+            copy,
+        };
+        // The closest share wins, and its read-only flag carries over.
+        let got =
+            volumes_under_shares("dev", &shares, &[volume(&proj.join("sub"), false)]).unwrap();
+        assert_eq!(
+            got[0].source,
+            Some(VolumeSource::Path {
+                path: "/p/sub".into()
+            })
+        );
+        assert!(got[0].readonly);
+        let got = volumes_under_shares("dev", &shares, &[volume(&home, false)]).unwrap();
+        assert_eq!(
+            got[0].source,
+            Some(VolumeSource::Path { path: "/h".into() })
+        );
+        assert!(!got[0].readonly);
+        let err = volumes_under_shares("dev", &shares[1..], &[volume(&home, false)])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("machine dev does not share it") && err.contains("--share"),
+            "{err}"
+        );
+        let err = volumes_under_shares("dev", &shares, &[volume(&home, true)]).unwrap_err();
+        assert!(err.to_string().contains("no :copy"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod publish;
 pub mod run;
 pub mod session;
 pub mod template;
+pub mod virtiofsd;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +41,8 @@ pub enum ContainerError {
     Session(#[from] session::SessionError),
     #[error(transparent)]
     Spawn(#[from] vm::SpawnError),
+    #[error(transparent)]
+    Virtiofsd(#[from] virtiofsd::VirtiofsdError),
     #[error("{what}: {source}")]
     Io {
         what: String,

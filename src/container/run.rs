@@ -16,14 +16,16 @@ use std::time::{Duration, Instant};
 use super::publish;
 use super::session::{self, Signals};
 use super::template::TemplateStore;
+use super::virtiofsd::{self, ShareSpec, Virtiofsd};
 use super::vm::{self, VmJail, VmSpec};
 use super::{ContainerError, ProcessSpec};
 use crate::agent::protocol::{
-    NetConfig, Network, Rootfs, RunSpec, Volume, AGENT_PORT, MODE_CONTAINER,
+    NetConfig, Network, Rootfs, RunSpec, Volume, VolumeSource, AGENT_PORT, MODE_CONTAINER,
 };
 use crate::cli::ContainerRunArgs;
 use crate::config::parse_memory_size;
 use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::net::{self, NetBackend, UserNetConfig};
 use crate::image::{self, ImageCache};
 use crate::net::PortForward;
@@ -47,21 +49,55 @@ pub struct VolumeArg {
     pub host: PathBuf,
     pub guest: String,
     pub readonly: bool,
+    /// `copy`: a directory copied into a disk image for this run instead of shared.
+    pub copy: bool,
 }
 
-/// Parses `HOST:GUEST[:ro|:rw]`.
+impl VolumeArg {
+    /// Shared over virtio-fs: a directory without `copy` (an image file is a disk).
+    pub fn is_share(&self) -> bool {
+        !self.copy && self.host.is_dir()
+    }
+}
+
+/// Parses `HOST:GUEST[:OPTS]`, OPTS being `ro`, `rw` and `copy` joined by `,` or `:`
+/// (`:ro`, `:copy`, `:copy,ro`, `:ro:copy`).
 pub fn parse_volume(spec: &str) -> Result<VolumeArg, ContainerError> {
     let bad = |why: &str| ContainerError::Usage(format!("-v {spec}: {why}"));
     let parts: Vec<&str> = spec.split(':').collect();
-    let (host, guest, readonly) = match parts.as_slice() {
-        [h, g] => (*h, *g, false),
-        [h, g, "ro"] => (*h, *g, true),
-        [h, g, "rw"] => (*h, *g, false),
-        [_, _, mode] => return Err(bad(&format!("unknown mode {mode:?} (use ro or rw)"))),
-        _ => return Err(bad("expected HOSTPATH:GUESTDIR[:ro]")),
+    let (host, guest, options) = match parts.as_slice() {
+        [h, g, options @ ..] => (*h, *g, options),
+        _ => return Err(bad("expected HOSTPATH:GUESTDIR[:ro][:copy]")),
     };
+    let (mut readonly, mut writable, mut copy) = (false, false, false);
+    for option in options.iter().flat_map(|o| o.split(',')) {
+        match option {
+            "ro" => readonly = true,
+            "rw" => writable = true,
+            "copy" => copy = true,
+            other => {
+                return Err(bad(&format!(
+                    "unknown option {other:?} (use ro, rw or copy)"
+                )))
+            }
+        }
+    }
+    if readonly && writable {
+        return Err(bad("ro and rw contradict each other"));
+    }
     if host.is_empty() || !Path::new(host).exists() {
         return Err(bad(&format!("host path {host:?} does not exist")));
+    }
+    let meta = fs::metadata(host).map_err(|e| bad(&format!("host path {host:?}: {e}")))?;
+    if !meta.is_dir() && !meta.is_file() {
+        return Err(bad(&format!(
+            "host path {host:?} is neither a directory nor an ext4 image file"
+        )));
+    }
+    if copy && !meta.is_dir() {
+        return Err(bad(
+            "copy applies to a directory (an image file is a disk as it is)",
+        ));
     }
     if !guest.starts_with('/') || guest == "/" || guest.split('/').any(|c| c == "..") {
         return Err(bad(
@@ -72,6 +108,7 @@ pub fn parse_volume(spec: &str) -> Result<VolumeArg, ContainerError> {
         host: PathBuf::from(host),
         guest: guest.to_string(),
         readonly,
+        copy,
     })
 }
 
@@ -266,6 +303,13 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
             "-t needs a terminal on stdin or stdout".into(),
         ));
     }
+    // Before the image is prepared: what a shared folder needs is known now.
+    let virtiofsd = match &args.machine {
+        None if volumes.iter().any(VolumeArg::is_share) => {
+            Some(virtiofsd::preflight(args.virtiofsd.as_deref())?)
+        }
+        _ => None,
+    };
     // Bound before anything starts: a port in use stops the run here, in one line.
     let bound = match &args.machine {
         Some(_) => ports
@@ -287,16 +331,12 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
     let status = match &args.machine {
         Some(machine) => {
             let machine_network = machine_network(args.network.as_deref())?;
-            if !volumes.is_empty() {
-                return Err(ContainerError::Usage(
-                    "-v needs a fresh microVM (drop --machine)".into(),
-                ));
-            }
             if machine_network == Network::None && !ports.is_empty() {
                 return Err(ContainerError::Usage(
                     "-p needs a network: drop --network none".into(),
                 ));
             }
+            let machine_volumes = super::machine::container_volumes(machine, &volumes)?;
             let mut spec = base_spec(
                 args,
                 process,
@@ -305,6 +345,7 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
                 },
             );
             spec.memory_limit = memory_limit;
+            spec.volumes = machine_volumes;
             spec.network = machine_network;
             if spec.name.is_none() {
                 spec.name = Some(super::random_id());
@@ -326,7 +367,14 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
             if spec.hostname.is_none() {
                 spec.hostname = Some(args.hostname.clone().unwrap_or_else(super::random_id));
             }
-            fresh_vm(args, &prepared.ext4, &volumes, &network, spec, &signals)?
+            let fresh = FreshVm {
+                args,
+                image_ext4: &prepared.ext4,
+                volumes: &volumes,
+                network: &network,
+                virtiofsd,
+            };
+            fresh_vm(&fresh, spec, &signals)?
         }
     };
     Ok((status & 0xff) as u8)
@@ -406,14 +454,24 @@ pub fn agent_initramfs(busybox: bool) -> Result<PathBuf, ContainerError> {
     )?)
 }
 
-fn fresh_vm(
-    args: &ContainerRunArgs,
-    image_ext4: &Path,
-    volumes: &[VolumeArg],
-    network: &NetworkArg,
-    mut spec: RunSpec,
-    signals: &Signals,
-) -> Result<i32, ContainerError> {
+/// What a container in a fresh microVM is made of.
+struct FreshVm<'a> {
+    args: &'a ContainerRunArgs,
+    image_ext4: &'a Path,
+    volumes: &'a [VolumeArg],
+    network: &'a NetworkArg,
+    /// The virtiofsd program, when a volume is a shared folder.
+    virtiofsd: Option<PathBuf>,
+}
+
+fn fresh_vm(vm: &FreshVm, mut spec: RunSpec, signals: &Signals) -> Result<i32, ContainerError> {
+    let FreshVm {
+        args,
+        image_ext4,
+        volumes,
+        network,
+        ..
+    } = *vm;
     let kernel = super::guest_kernel(args.kernel.as_deref())?;
     let initrd = agent_initramfs(false)?;
     let mut dir = RunDir::create()?;
@@ -424,7 +482,29 @@ fn fresh_vm(
         id: None,
         rate_limiter: Default::default(),
     }];
+    let mut shares = Vec::new();
     for (i, volume) in volumes.iter().enumerate() {
+        if volume.is_share() {
+            let slot = shares.len();
+            let tag = vm::fs_tag(slot);
+            shares.push(ShareSpec {
+                folder: virtiofsd::check_folder(&volume.host)?,
+                read_only: volume.readonly,
+                // Beside vm/, not in it: the jail binds each back end's socket in at
+                // its own path.
+                socket: dir.path.join(format!("fs{slot}.sock")),
+                log: dir.path.join("console.log"),
+                socket_owner: jail.as_ref().map(|j| (j.uid, j.gid)),
+                detached: false,
+            });
+            spec.volumes.push(Volume {
+                device: String::new(),
+                target: volume.guest.clone(),
+                readonly: volume.readonly,
+                source: Some(VolumeSource::Virtiofs { tag }),
+            });
+            continue;
+        }
         let disk = if volume.host.is_dir() {
             let out = dir.path.join(format!("volume{i}.ext4"));
             let free = if volume.readonly {
@@ -440,16 +520,17 @@ fn fresh_vm(
         } else {
             volume.host.clone()
         };
+        spec.volumes.push(Volume {
+            device: format!("/dev/vd{}", (b'a' + disks.len() as u8) as char),
+            target: volume.guest.clone(),
+            readonly: volume.readonly,
+            source: None,
+        });
         disks.push(BlockConfig {
             path: disk,
             read_only: volume.readonly,
             id: None,
             rate_limiter: Default::default(),
-        });
-        spec.volumes.push(Volume {
-            device: format!("/dev/vd{}", (b'b' + i as u8) as char),
-            target: volume.guest.clone(),
-            readonly: volume.readonly,
         });
     }
     let vsock = dir.vm_dir().join("v.sock");
@@ -476,6 +557,10 @@ fn fresh_vm(
         cpus: args.cpus.map(|c| c.ceil() as u64).unwrap_or(1).max(1),
         memory_mib,
         disks,
+        fs: (shares.iter().enumerate())
+            .map(|(slot, share)| FsConfig::new(vm::fs_tag(slot), &share.socket))
+            .collect(),
+        virtiofsd: vm.virtiofsd.clone(),
         nets: (network.nic.iter())
             .map(|backend| net::NetConfig::new(backend.clone()))
             .collect(),
@@ -491,12 +576,29 @@ fn fresh_vm(
     });
     let template = match template.transpose() {
         Err(ContainerError::Interrupted) => return Ok(128 + signals.pending()),
+        // Shared folders add a device whose back end is another process; a template
+        // that cannot be made with them is no reason not to run the container.
+        Err(err) if !vm_spec.fs.is_empty() => {
+            eprintln!(
+                "hearth: cannot make a template for VMs with shared folders ({}); booting instead",
+                crate::error_chain(&err)
+            );
+            None
+        }
         other => other?,
     };
     if template.is_some() && network.nic.is_some() {
         // Every clone of the template would otherwise have the template's MAC address.
         let mac = net::random_mac().map_err(|e| ContainerError::Vm(e.to_string()))?;
         spec.mac = Some(net::format_mac(&mac));
+    }
+    // The back ends listen before the VMM starts; they go when this function returns,
+    // however it returns (and with this process if it is killed).
+    let mut backends = Vec::new();
+    for share in &shares {
+        if let Some(program) = &vm.virtiofsd {
+            backends.push(Virtiofsd::start(program, share)?);
+        }
     }
     let mut child = match &template {
         Some(template) => vm::spawn_restore(&vm_spec, template)?,
@@ -532,6 +634,9 @@ fn fresh_vm(
         }
     };
     let stopped = wait_for_poweroff(&mut child, poweroff_timeout);
+    for backend in &mut backends {
+        backend.stop();
+    }
     if let Some(jail) = &vm_spec.jail {
         jail.remove_leftovers();
     }
@@ -612,11 +717,26 @@ mod tests {
             VolumeArg {
                 host: "/tmp".into(),
                 guest: "/data".into(),
-                readonly: true
+                readonly: true,
+                copy: false,
             }
         );
+        assert!(v.is_share());
         assert!(!parse_volume("/tmp:/data").unwrap().readonly);
         assert!(!parse_volume("/tmp:/data:rw").unwrap().readonly);
+        for copy_ro in ["/tmp:/d:copy,ro", "/tmp:/d:ro,copy", "/tmp:/d:ro:copy"] {
+            let v = parse_volume(copy_ro).unwrap();
+            assert!(v.copy && v.readonly && !v.is_share(), "{copy_ro}");
+        }
+        let v = parse_volume("/tmp:/d:copy").unwrap();
+        assert!(v.copy && !v.readonly);
+        // An image file is a disk, never a share.
+        let dir = crate::testutil::TempDir::new("volume-file");
+        let image = dir.path().join("data.ext4");
+        fs::write(&image, b"").unwrap();
+        let v = parse_volume(&format!("{}:/d", image.display())).unwrap();
+        assert!(!v.is_share());
+        let image_copy = format!("{}:/d:copy", image.display());
         for bad in [
             "/tmp",
             "/tmp:data",
@@ -625,6 +745,9 @@ mod tests {
             "/tmp:/d:rx",
             "/nonexistent-hearth:/d",
             "/tmp:/d:ro:x",
+            "/tmp:/d:ro,rw",
+            "/dev/null:/d",
+            &image_copy,
         ] {
             let err = parse_volume(bad).unwrap_err().to_string();
             assert!(err.starts_with(&format!("-v {bad}: ")), "{err}");

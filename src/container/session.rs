@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::agent::protocol::{
-    read_message, write_message, Message, ProtocolError, RunSpec, AGENT_PORT, FORWARDED_SIGNALS,
-    MAX_PAYLOAD, VERSION,
+    read_message, write_message, Message, MountSpec, ProtocolError, RunSpec, AGENT_PORT,
+    FORWARDED_SIGNALS, MAX_PAYLOAD, VERSION,
 };
 
 /// Why a session failed.
@@ -484,6 +484,14 @@ pub fn configure_network(
     match request(stream, &Message::Network(Box::new(setup)))? {
         Message::NetworkReady => Ok(()),
         _ => Err(SessionError::Unexpected("reply to network")),
+    }
+}
+
+/// Asks a machine's agent to mount a shared folder.
+pub fn mount(stream: &mut UnixStream, spec: MountSpec) -> Result<(), SessionError> {
+    match request(stream, &Message::Mount(spec))? {
+        Message::Mounted => Ok(()),
+        _ => Err(SessionError::Unexpected("reply to mount")),
     }
 }
 

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::session;
+use super::virtiofsd::{ShareSpec, SocketDir, Virtiofsd};
 use super::vm::{self, VmSpec};
 use super::ContainerError;
 use crate::agent::protocol::{AGENT_PORT, MODE_CONTAINER};
@@ -91,6 +92,10 @@ pub struct TemplateKey {
     pub disks: Vec<bool>,
     /// NICs; each restore gives every one a tap.
     pub nets: usize,
+    /// virtio-fs devices (tags `hearthfs0`, ...); each restore gives every one a fresh
+    /// back end. Absent from keys of before virtio-fs, which had none.
+    #[serde(default)]
+    pub fs: usize,
     /// Each NIC's kind of back end (`tap`, `user`): a guest that took a tap's offloads
     /// cannot be restored onto passt, which wants whole frames.
     pub nic_kinds: Vec<String>,
@@ -134,6 +139,7 @@ impl TemplateKey {
             disks: spec.disks.iter().map(|d| d.read_only).collect(),
             nets: spec.nets.len(),
             nic_kinds: spec.nets.iter().map(nic_kind).collect(),
+            fs: spec.fs.len(),
         })
     }
 
@@ -423,6 +429,35 @@ fn build(
         )))?;
         disk.path = placeholder;
     }
+    // A throwaway back end per fs slot, sharing an empty folder: the guest's driver
+    // probes the device at boot, nothing is mounted before the snapshot, and each
+    // restore connects the device to the run's own back end.
+    let mut backends = Vec::new();
+    let mut fs = spec.fs.clone();
+    let sockets = SocketDir::create().map_err(ContainerError::io(
+        "creating a directory for virtio-fs sockets",
+    ))?;
+    if !fs.is_empty() {
+        let program = spec
+            .virtiofsd
+            .as_deref()
+            .ok_or_else(|| ContainerError::Vm("a VM with shared folders needs virtiofsd".into()))?;
+        let empty = dir.join("empty");
+        fs::create_dir(&empty)
+            .map_err(ContainerError::io(format!("creating {}", empty.display())))?;
+        for (index, device) in fs.iter_mut().enumerate() {
+            device.socket = sockets.path().join(format!("fs{index}.sock"));
+            let share = ShareSpec {
+                folder: empty.clone(),
+                read_only: true,
+                socket: device.socket.clone(),
+                log: dir.join("boot.log"),
+                socket_owner: None,
+                detached: false,
+            };
+            backends.push(Virtiofsd::start(program, &share)?);
+        }
+    }
     // A user-mode NIC is made on a passt of its own that publishes nothing: the ports
     // are the restores' (each restore gets a fresh passt with its VM's ports).
     let nets = (spec.nets.iter())
@@ -439,6 +474,7 @@ fn build(
     let build_spec = VmSpec {
         disks,
         nets,
+        fs,
         vsock_socket: dir.join("v.sock"),
         console_log: dir.join("boot.log"),
         state_dir: dir.to_path_buf(),
@@ -517,9 +553,11 @@ fn build(
     })
     .map_err(api_err("snapshotting"))?;
     drop(child);
+    drop(backends);
     for (index, _) in spec.disks.iter().enumerate() {
         let _ = fs::remove_file(dir.join(format!("slot{index}.img")));
     }
+    let _ = fs::remove_dir(dir.join("empty"));
     write_info(dir, key, started.elapsed())?;
     progress.done();
     Ok(())
@@ -659,6 +697,7 @@ mod tests {
             disks: vec![true],
             nets: 0,
             nic_kinds: Vec::new(),
+            fs: 0,
         }
     }
 
@@ -680,6 +719,9 @@ mod tests {
         variants.push(k);
         let mut k = base.clone();
         k.nets = 1;
+        variants.push(k);
+        let mut k = base.clone();
+        k.fs = 1;
         variants.push(k);
         let mut k = base.clone();
         k.cmdline.push_str(" quiet");

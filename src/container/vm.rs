@@ -26,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use super::template::Template;
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
@@ -57,6 +58,12 @@ pub fn boot_args(mode: &str, agent_log: Option<&str>) -> String {
     args
 }
 
+/// The virtio-fs tag of fs slot `index`: fixed per slot, so that a template made with
+/// N fs devices serves every VM with N shared folders.
+pub fn fs_tag(index: usize) -> String {
+    format!("hearthfs{index}")
+}
+
 /// The guest CID of agent VMs (each VM has its own vsock device, so one value suffices).
 pub const GUEST_CID: u32 = 3;
 
@@ -78,6 +85,12 @@ pub struct VmSpec {
     /// Attached in order as /dev/vda, /dev/vdb, ...
     pub disks: Vec<BlockConfig>,
     pub nets: Vec<NetConfig>,
+    /// virtio-fs devices: tag `hearthfsN` in slot N, the socket of a back end started
+    /// for this VM (see `virtiofsd`).
+    pub fs: Vec<FsConfig>,
+    /// The virtiofsd program, when `fs` is not empty (a template of this shape is made
+    /// with throwaway back ends of its own).
+    pub virtiofsd: Option<PathBuf>,
     pub vsock_socket: PathBuf,
     /// Serial console and VMM diagnostics go here.
     pub console_log: PathBuf,
@@ -248,6 +261,7 @@ impl VmSpec {
         config.serial = SerialConfig::File(self.console_log.clone());
         config.disks = self.disks.clone();
         config.nets = self.nets.clone();
+        config.fs = self.fs.clone();
         config.vsock = Some(VsockConfig {
             guest_cid: GUEST_CID.into(),
             uds_path: self.vsock_socket.clone(),
@@ -317,6 +331,12 @@ pub fn spawn_restore(spec: &VmSpec, template: &Template) -> Result<Child, SpawnE
     for (index, nic) in spec.nets.iter().enumerate() {
         let backend = NetConfig::new(nic.backend.clone());
         flag("--net-override", format!("net{index}={backend}").into());
+    }
+    // Every back end is new: the template's went with the VM it was made from.
+    for fs in &spec.fs {
+        let mut value = OsString::from(format!("{}=", fs.tag));
+        value.push(&fs.socket);
+        flag("--fs-override", value);
     }
     let mut reads = vec![template.state.as_path(), template.mem.as_path()];
     reads.extend(spec.read_only_disks());
@@ -415,6 +435,8 @@ mod tests {
                 },
             ],
             nets: vec!["tap=t0".parse().unwrap()],
+            fs: vec![FsConfig::new(fs_tag(0), dir.join("fs0.sock"))],
+            virtiofsd: None,
             vsock_socket: dir.join("v.sock"),
             console_log: dir.join("console.log"),
             state_dir: dir.to_path_buf(),
@@ -444,6 +466,7 @@ mod tests {
         assert_eq!(config.serial, SerialConfig::File(dir.join("console.log")));
         assert_eq!(config.disks, spec.disks);
         assert_eq!(config.nets, spec.nets);
+        assert_eq!(config.fs, spec.fs);
         assert_eq!(
             config.vsock.unwrap().to_string(),
             format!("cid=3,socket={}", dir.join("v.sock").display())

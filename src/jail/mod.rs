@@ -719,6 +719,12 @@ fn build_tree(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
         }
         sys::bind(&file.path, &target, flags)?;
     }
+    // A back end's socket: connecting needs the inode, which a bind mount brings along.
+    for socket in &plan.backend_sockets {
+        let target = plan.host_path(socket);
+        sys::make_mount_point(&target)?;
+        sys::bind(socket, &target, NO_SUID_DEV_EXEC)?;
+    }
     Ok(())
 }
 
@@ -780,6 +786,23 @@ fn check_access(jail: &JailConfig, plan: &JailPlan) -> Result<(), JailError> {
                 path: file.path.clone(),
                 source,
             })?;
+    }
+    // Connecting to a Unix socket takes write permission on it; a test connection would
+    // use up the one a virtiofsd accepts.
+    for socket in &plan.backend_sockets {
+        let no_access = |source| JailError::NoAccess {
+            uid: jail.uid,
+            gid: jail.gid,
+            verb: "connect to",
+            path: socket.clone(),
+            source,
+        };
+        let path = std::ffi::CString::new(socket.as_os_str().as_encoded_bytes())
+            .map_err(|_| no_access(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        // SAFETY: `path` is a NUL-terminated string that outlives the call.
+        if unsafe { libc::access(path.as_ptr(), libc::W_OK) } != 0 {
+            return Err(no_access(io::Error::last_os_error()));
+        }
     }
     Ok(())
 }
@@ -901,6 +924,7 @@ mod tests {
     #[test]
     fn landlock_rules_cover_the_plan() {
         let plan = JailPlan {
+            backend_sockets: Vec::new(),
             root: "/j".into(),
             files: vec![
                 JailFile {

@@ -38,6 +38,9 @@ pub struct JailPlan {
     /// Directories of the VM's own, bind-mounted read-write at their own paths and given
     /// to the jail's uid: sockets in them are made there, without a link.
     pub vm_dirs: Vec<PathBuf>,
+    /// Host listeners the VMM connects to (virtio-fs back ends), bind-mounted at their
+    /// own paths: the socket inode itself, nothing else of its directory.
+    pub backend_sockets: Vec<PathBuf>,
 }
 
 /// Directories inside the jail that hearth itself fills; no VM file may live there.
@@ -89,7 +92,19 @@ impl JailPlan {
             **socket = absolute_socket_path(socket)?;
             sockets.push(socket.to_path_buf());
         }
-        Self::from_parts(root, files, sockets)
+        let mut backends = Vec::new();
+        for fs in &mut config.fs {
+            fs.socket = canonical_file(&fs.socket, "virtio-fs back end socket")?;
+            backends.push(fs.socket.clone());
+        }
+        Self::from_parts(root, files, sockets)?.with_backend_sockets(backends)
+    }
+
+    /// Adds host listeners the VMM connects to (absolute, existing sockets).
+    pub fn with_backend_sockets(mut self, sockets: Vec<PathBuf>) -> Result<Self, JailError> {
+        self.backend_sockets.extend(sockets);
+        self.check()?;
+        Ok(self)
     }
 
     /// The plan for these files (absolute; one named twice gets the widest access asked
@@ -118,6 +133,7 @@ impl JailPlan {
                 .collect(),
             sockets,
             vm_dirs: Vec::new(),
+            backend_sockets: Vec::new(),
         };
         plan.check()?;
         Ok(plan)
@@ -172,7 +188,8 @@ impl JailPlan {
     fn check(&self) -> Result<(), JailError> {
         let paths = (self.files.iter().map(|f| &f.path))
             .chain(&self.sockets)
-            .chain(&self.vm_dirs);
+            .chain(&self.vm_dirs)
+            .chain(&self.backend_sockets);
         if let Some(socket) = (self.sockets.iter()).find(|s| s.parent() == Some(Path::new("/"))) {
             return Err(JailError::File {
                 what: "socket".into(),
@@ -343,6 +360,30 @@ mod tests {
         assert_eq!(
             plan.host_path(&kernel),
             Path::new("/jail/x").join(kernel.strip_prefix("/").unwrap())
+        );
+    }
+
+    #[test]
+    fn fs_back_end_sockets_are_bound_in_not_made() {
+        let dir = scratch("fs");
+        let kernel = touch(&dir.0, "vmlinux");
+        let socket = dir.0.join("vfs.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let mut config = VmConfig::new(&kernel);
+        config.fs = vec![crate::devices::virtio::fs::FsConfig::new(
+            "share",
+            dir.0.join(".").join("vfs.sock"),
+        )];
+        let plan = JailPlan::new(Path::new("/j"), &mut config, &mut []).unwrap();
+        assert_eq!(plan.backend_sockets, std::slice::from_ref(&socket));
+        assert_eq!(config.fs[0].socket, socket);
+        assert!(plan.sockets.is_empty() && plan.socket_dirs().is_empty());
+
+        config.fs[0].socket = dir.0.join("no-back-end.sock");
+        let err = JailPlan::new(Path::new("/j"), &mut config, &mut []).unwrap_err();
+        assert!(
+            crate::error_chain(&err).starts_with("cannot use virtio-fs back end socket"),
+            "{err}"
         );
     }
 

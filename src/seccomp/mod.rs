@@ -306,6 +306,9 @@ fn vmm(rules: &mut Rules) -> BackendResult<()> {
             libc::SYS_shutdown,
             libc::SYS_getsockopt,
             libc::SYS_poll,
+            // virtio-fs: the vhost-user back end gets the rings back and forth (pause,
+            // resume); its messages carry eventfds (SCM_RIGHTS) (sendmsg: above).
+            libc::SYS_recvmsg,
             // Rate limiters resume throttled queues from a timerfd in the event loop.
             libc::SYS_timerfd_create,
             libc::SYS_timerfd_settime,
@@ -348,7 +351,16 @@ fn vmm(rules: &mut Rules) -> BackendResult<()> {
 /// compat layer's register and event fix-ups included), pause and state saving, and
 /// the device registers it writes (console output, device activation).
 fn vcpu(rules: &mut Rules) -> BackendResult<()> {
-    allow(rules, &[libc::SYS_sendto]); // console output to a `--serial unix=` client
+    allow(
+        rules,
+        &[
+            libc::SYS_sendto, // console output to a `--serial unix=` client
+            // virtio-fs activated or reset by a register write: vhost-user messages to
+            // the back end, the memory table and eventfds among them (SCM_RIGHTS).
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+        ],
+    );
     rules.insert(
         libc::SYS_ioctl,
         ioctl_rules(&[

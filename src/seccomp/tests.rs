@@ -293,8 +293,8 @@ fn list_sizes_match_the_readme() {
     assert_eq!(
         sizes,
         [
-            (ThreadKind::Vmm, 60),
-            (ThreadKind::Vcpu, 27),
+            (ThreadKind::Vmm, 61),
+            (ThreadKind::Vcpu, 29),
             (ThreadKind::Api, 32),
             (ThreadKind::VmSetup, 26),
             (ThreadKind::Driver, 25),

@@ -37,10 +37,11 @@ pub const MAGIC: [u8; 8] = *b"HEARTHST";
 /// The version this hearth writes. 2: the devices' state holds the VM generation ID's
 /// address and interrupt. 3: each disk's, NIC's and entropy device's configuration holds
 /// its rate limiters. 4: a NIC's configuration holds its back end (tap, stream socket or
-/// user-mode networking) instead of a tap name.
+/// user-mode networking) instead of a tap name, and a virtio-fs device's state (a new last
+/// variant of the virtio device states).
 pub const FORMAT_VERSION: u32 = 4;
 /// The versions this hearth reads.
-pub const SUPPORTED_FORMAT_VERSIONS: &[u32] = &[FORMAT_VERSION];
+pub const SUPPORTED_FORMAT_VERSIONS: &[u32] = &[3, FORMAT_VERSION];
 /// The hearth release, recorded in every header.
 pub const HEARTH_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -503,7 +504,7 @@ mod tests {
             decode(&bytes).unwrap_err().to_string(),
             format!(
                 "format version 7 (written by hearth {HEARTH_VERSION}) is not supported; this \
-                 hearth ({HEARTH_VERSION}) reads version {FORMAT_VERSION}"
+                 hearth ({HEARTH_VERSION}) reads version 3, {FORMAT_VERSION}"
             )
         );
         // A header that does not start with a version string is not quoted.
@@ -512,9 +513,18 @@ mod tests {
             decode(&bytes).unwrap_err().to_string(),
             format!(
                 "format version 7 is not supported; this hearth ({HEARTH_VERSION}) reads version \
-                 {FORMAT_VERSION}"
+                 3, {FORMAT_VERSION}"
             )
         );
+    }
+
+    /// Version 4 only added a last variant to the virtio device states: a version-3 file
+    /// reads as it did.
+    #[test]
+    fn version_3_snapshots_still_read() {
+        let mut bytes = sample().to_bytes().unwrap();
+        bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+        assert!(decode(&bytes).is_ok());
     }
 
     #[test]

@@ -22,7 +22,9 @@ pub use host::{HostError, HostFacts, KvmFlavour};
 pub use memory::{write_memory_file, MemoryFileError, WrittenMemory};
 
 use crate::vstate::kvm::KvmContext;
-use crate::vstate::memory::{restore_guest_memory, GuestMemory, MemoryError};
+use crate::vstate::memory::{
+    restore_guest_memory, restore_shared_guest_memory, GuestMemory, MemoryError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -83,14 +85,17 @@ pub fn load<T: DeserializeOwned>(
     state_path: &Path,
     mem_path: &Path,
 ) -> Result<(Snapshot<T>, GuestMemory), SnapshotError> {
-    load_file(kvm, StateFile::read(state_path)?, mem_path)
+    load_file(kvm, StateFile::read(state_path)?, mem_path, |_: &T| false)
 }
 
-/// [`load`], for a state file already read (and checked for damage).
+/// [`load`], for a state file already read (and checked for damage). Guest RAM is mapped
+/// privately from the memory file unless `shared` says the saved VM needs shareable memory
+/// (a vhost-user device): then it is copied into a memfd.
 pub fn load_file<T: DeserializeOwned>(
     kvm: &KvmContext,
     file: StateFile,
     mem_path: &Path,
+    shared: impl FnOnce(&T) -> bool,
 ) -> Result<(Snapshot<T>, GuestMemory), SnapshotError> {
     let current =
         HostFacts::probe(kvm, file.header().host.cpu_profile).map_err(SnapshotError::Host)?;
@@ -99,11 +104,14 @@ pub fn load_file<T: DeserializeOwned>(
         path: mem_path.to_path_buf(),
         source,
     })?;
-    let mem = restore_guest_memory(memory, &snapshot.layout).map_err(|source| {
-        SnapshotError::MapMemory {
-            path: mem_path.to_path_buf(),
-            source,
-        }
+    let mem = if shared(&snapshot.payload) {
+        restore_shared_guest_memory(memory, &snapshot.layout)
+    } else {
+        restore_guest_memory(memory, &snapshot.layout)
+    }
+    .map_err(|source| SnapshotError::MapMemory {
+        path: mem_path.to_path_buf(),
+        source,
     })?;
     Ok((snapshot, mem))
 }

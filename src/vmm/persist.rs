@@ -30,6 +30,13 @@ pub enum OverrideError {
     },
     #[error("the snapshot has no vsock device for the new socket path")]
     NoVsock,
+    #[error("the snapshot has no virtio-fs device with tag \"{0}\"")]
+    NoFsDevice(String),
+    #[error(
+        "virtio-fs \"{0}\" needs a fresh back end: give its socket (hearth restore \
+         --fs-override {0}=PATH)"
+    )]
+    NoFsBackend(String),
 }
 
 /// Everything of a paused VM but its memory: the payload of a snapshot's state file. The
@@ -62,17 +69,25 @@ pub struct DevicesState {
 }
 
 impl DevicesState {
+    /// Whether the saved VM had a vhost-user device, whose back end maps guest RAM: then
+    /// it is restored into shareable memory.
+    pub fn needs_shared_memory(&self) -> bool {
+        (self.virtio.iter()).any(|attached| matches!(attached.device, VirtioDeviceState::Fs(_)))
+    }
+
     /// Points the saved devices at the new backing `restore` names: image paths, taps,
     /// the vsock socket. Disks and NICs are counted among their kind, in attach order.
     pub fn apply_overrides(&mut self, restore: &RestoreConfig) -> Result<(), OverrideError> {
         let mut disks = Vec::new();
         let mut nets = Vec::new();
         let mut vsock = None;
+        let mut fs = Vec::new();
         for attached in &mut self.virtio {
             match &mut attached.device {
                 VirtioDeviceState::Block(block) => disks.push(&mut block.config.path),
                 VirtioDeviceState::Net(net) => nets.push(&mut net.config.backend),
                 VirtioDeviceState::Vsock(state) => vsock = Some(&mut state.config.uds_path),
+                VirtioDeviceState::Fs(state) => fs.push(&mut state.config),
                 // Nothing on the host to point elsewhere.
                 VirtioDeviceState::Rng(_) => {}
             }
@@ -92,6 +107,16 @@ impl DevicesState {
         }
         if let Some(path) = &restore.vsock_uds_path {
             *vsock.ok_or(OverrideError::NoVsock)? = path.clone();
+        }
+        if let Some(over) = (restore.fs.iter()).find(|o| !fs.iter().any(|c| c.tag == o.tag)) {
+            return Err(OverrideError::NoFsDevice(over.tag.clone()));
+        }
+        // The saved back end went away with the saved VM's connection.
+        for config in fs {
+            let over = (restore.fs.iter())
+                .find(|o| o.tag == config.tag)
+                .ok_or_else(|| OverrideError::NoFsBackend(config.tag.clone()))?;
+            config.socket = over.socket.clone();
         }
         Ok(())
     }
@@ -253,6 +278,9 @@ mod tests {
                 VirtioDeviceState::Net(n) => n.config.tap().unwrap_or_default().to_string(),
                 VirtioDeviceState::Vsock(v) => v.config.uds_path.display().to_string(),
                 VirtioDeviceState::Rng(_) => "rng".to_string(),
+                VirtioDeviceState::Fs(f) => {
+                    format!("{}:{}", f.config.tag, f.config.socket.display())
+                }
             })
             .collect()
     }
@@ -303,6 +331,41 @@ mod tests {
             Err(OverrideError::NoVsock)
         ));
         assert_eq!(backing(&state), ["/a.img", "tap0", "/b.img", "tap1", "rng"]);
+    }
+
+    #[test]
+    fn every_fs_device_needs_a_fresh_back_end() {
+        use crate::config::FsOverride;
+        use crate::devices::virtio::fs::{FsConfig, FsState};
+        let mut state = devices(false);
+        for (slot, tag) in [(5, "a"), (6, "b")] {
+            state.virtio.push(attached(
+                slot,
+                VirtioDeviceState::Fs(FsState {
+                    config: FsConfig::new(tag, format!("/old/{tag}.sock")),
+                    core: DeviceCoreState::default(),
+                }),
+            ));
+        }
+        let over = |tag: &str| FsOverride {
+            tag: tag.into(),
+            socket: format!("/new/{tag}.sock").into(),
+        };
+        let mut restore = RestoreConfig::new("/s", "/m");
+        restore.fs = vec![over("b")];
+        assert_eq!(
+            state.apply_overrides(&restore).unwrap_err().to_string(),
+            "virtio-fs \"a\" needs a fresh back end: give its socket (hearth restore \
+             --fs-override a=PATH)"
+        );
+        restore.fs = vec![over("b"), over("a"), over("c")];
+        assert_eq!(
+            state.apply_overrides(&restore).unwrap_err().to_string(),
+            "the snapshot has no virtio-fs device with tag \"c\""
+        );
+        restore.fs.pop();
+        state.apply_overrides(&restore).unwrap();
+        assert_eq!(backing(&state)[5..], ["a:/new/a.sock", "b:/new/b.sock"]);
     }
 
     /// The encoding of a `VmmState` whose vCPU list announces `count` and holds `vcpus`

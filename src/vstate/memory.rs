@@ -1,14 +1,21 @@
 //! Guest RAM: anonymous mappings laid out by the architecture code, or private mappings of a
-//! snapshot's memory file.
+//! snapshot's memory file. A VM with a vhost-user device (virtio-fs) instead gets RAM in a
+//! memfd mapped shared ([`create_shared_guest_memory`], [`restore_shared_guest_memory`]):
+//! the back end process maps the same pages from the fd hearth hands it, which anonymous
+//! or private memory cannot give. Anonymous memory stays the rule otherwise: it is what
+//! the snapshot writer's residency scan and the copy-on-write template restore rely on.
 
 use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::fd::FromRawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Address, FileOffset, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
+    Address, Bytes as _, FileOffset, GuestAddress, GuestMemoryBackend as _, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
 };
 
 use crate::arch;
@@ -41,6 +48,18 @@ pub enum MemoryError {
     },
     #[error("cannot assemble the guest memory regions")]
     Regions(#[source] vm_memory::GuestRegionCollectionError),
+    #[error("cannot create a memfd of {size_mib} MiB for shared guest memory")]
+    Memfd {
+        size_mib: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot copy the memory file into shared guest memory at guest {address:#x}")]
+    CopyIn {
+        address: u64,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Maps `size` bytes of guest RAM, split around the 32-bit MMIO hole.
@@ -50,6 +69,105 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
         size_mib: size >> 20,
         source,
     })
+}
+
+/// Maps `size` bytes of guest RAM as [`create_guest_memory`] lays them out, in one memfd
+/// mapped shared, regions one after another in it (as [`MemoryLayout::packed`] places
+/// them): every region carries its [`FileOffset`], which is what a vhost-user back end is
+/// sent to map the same pages.
+pub fn create_shared_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+    let mut file_offset = 0;
+    let regions = arch::arch_memory_regions(size)
+        .into_iter()
+        .map(|(address, len)| {
+            let region = RegionLayout {
+                guest_address: address.raw_value(),
+                size: len as u64,
+                file_offset,
+            };
+            file_offset += len as u64;
+            region
+        })
+        .collect();
+    let layout = MemoryLayout { regions };
+    layout.validate()?;
+    map_shared(&new_memfd(layout.ram_size())?, &layout)
+}
+
+/// A snapshot's guest RAM in a new memfd mapped shared, for a restored VM with a
+/// vhost-user device: the memory file's contents are copied in at once (the back end
+/// needs the pages in the memfd, and a private copy-on-write mapping of the file would
+/// keep them out of it). That costs a read of the whole file and the memory of every
+/// page it holds, where a private mapping costs nothing until the guest touches a page.
+pub fn restore_shared_guest_memory(
+    mut file: File,
+    layout: &MemoryLayout,
+) -> Result<GuestMemory, MemoryError> {
+    layout.validate()?;
+    let len = file.metadata().map_err(MemoryError::FileSize)?.len();
+    let needed = layout.file_size();
+    if len < needed {
+        return Err(MemoryError::FileTooShort { len, needed });
+    }
+    let started = Instant::now();
+    let packed = MemoryLayout {
+        regions: (layout.regions.iter())
+            .scan(0, |offset, r| {
+                let place = RegionLayout {
+                    file_offset: *offset,
+                    ..*r
+                };
+                *offset += r.size;
+                Some(place)
+            })
+            .collect(),
+    };
+    let mem = map_shared(&new_memfd(layout.ram_size())?, &packed)?;
+    for r in &layout.regions {
+        let copy_err = |source| MemoryError::CopyIn {
+            address: r.guest_address,
+            source,
+        };
+        file.seek(SeekFrom::Start(r.file_offset))
+            .map_err(copy_err)?;
+        // validate() checked that the size fits usize.
+        mem.read_exact_volatile_from(GuestAddress(r.guest_address), &mut file, r.size as usize)
+            .map_err(|e| copy_err(std::io::Error::other(e)))?;
+    }
+    log::info!(
+        "restore: copied {} MiB of the memory file into shared guest memory in {} ms",
+        layout.ram_size() >> 20,
+        started.elapsed().as_millis()
+    );
+    Ok(mem)
+}
+
+/// An anonymous memfd of `size` bytes, closed on exec (the back end gets it over the
+/// vhost-user socket, never by inheritance).
+fn new_memfd(size: u64) -> Result<File, MemoryError> {
+    let failed = |source| MemoryError::Memfd {
+        size_mib: size >> 20,
+        source,
+    };
+    // SAFETY: the name is a NUL-terminated string that outlives the call; the kernel
+    // copies it.
+    let fd = unsafe { libc::memfd_create(c"hearth-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(failed(std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).map_err(failed)?;
+    Ok(file)
+}
+
+/// Maps each region of `layout` from `file`, shared and writable.
+fn map_shared(file: &File, layout: &MemoryLayout) -> Result<GuestMemory, MemoryError> {
+    let file = Arc::new(file.try_clone().map_err(|source| MemoryError::Memfd {
+        size_mib: layout.ram_size() >> 20,
+        source,
+    })?);
+    map_file(file, layout, libc::MAP_SHARED | libc::MAP_NORESERVE)
 }
 
 /// Where one guest RAM region lives in a memory file.
@@ -158,7 +276,19 @@ pub fn restore_guest_memory(file: File, layout: &MemoryLayout) -> Result<GuestMe
     if len < needed {
         return Err(MemoryError::FileTooShort { len, needed });
     }
-    let file = Arc::new(file);
+    map_file(
+        Arc::new(file),
+        layout,
+        libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+    )
+}
+
+/// Maps every region of a validated `layout` from `file` with `flags`.
+fn map_file(
+    file: Arc<File>,
+    layout: &MemoryLayout,
+    flags: libc::c_int,
+) -> Result<GuestMemory, MemoryError> {
     let regions = layout
         .regions
         .iter()
@@ -168,7 +298,7 @@ pub fn restore_guest_memory(file: File, layout: &MemoryLayout) -> Result<GuestMe
             let mapping = MmapRegionBuilder::new(size)
                 .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_mmap_flags(flags)
                 .build()
                 .map_err(|source| MemoryError::MapFile {
                     size_mib: r.size >> 20,
@@ -285,6 +415,60 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), b'b');
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10fff)).unwrap(), b'a');
         assert!(mem.read_obj::<u8>(GuestAddress(0x1000)).is_err());
+    }
+
+    #[test]
+    fn shared_memory_is_one_memfd_the_regions_carry() {
+        let mem = create_shared_guest_memory(4 << 30).unwrap();
+        let regions: Vec<_> = mem.iter().collect();
+        assert_eq!(regions.len(), 2);
+        let (low, high) = (
+            regions[0].file_offset().unwrap(),
+            regions[1].file_offset().unwrap(),
+        );
+        assert_eq!(low.start(), 0);
+        assert_eq!(high.start(), arch::layout::MMIO32_START);
+        assert_eq!(
+            low.file().metadata().unwrap().len(),
+            4 << 30,
+            "one memfd holds all of guest RAM"
+        );
+        // A write through the mapping is in the memfd, where a back end would see it.
+        mem.write_obj(0x5a_u8, GuestAddress(arch::layout::RAM_ABOVE_4G_START + 7))
+            .unwrap();
+        let mut byte = [0u8];
+        std::os::unix::fs::FileExt::read_exact_at(
+            high.file(),
+            &mut byte,
+            arch::layout::MMIO32_START + 7,
+        )
+        .unwrap();
+        assert_eq!(byte, [0x5a]);
+    }
+
+    #[test]
+    fn restored_shared_memory_is_a_copy_in_a_memfd() {
+        let mut bytes = vec![b'a'; 4096];
+        bytes.extend([b'b'; 4096]);
+        let layout = MemoryLayout {
+            regions: vec![region(0, 4096, 4096), region(0x10000, 4096, 0)],
+        };
+        let mem = restore_shared_guest_memory(memory_file(&bytes), &layout).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), b'b');
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10fff)).unwrap(), b'a');
+        let offsets: Vec<u64> = mem
+            .iter()
+            .map(|r| r.file_offset().unwrap().start())
+            .collect();
+        assert_eq!(offsets, [0, 4096], "packed in the memfd, in guest order");
+        mem.write_obj(b'c', GuestAddress(0)).unwrap();
+        let first = mem.iter().next().unwrap();
+        let memfd = first.file_offset().unwrap().file();
+        let mut byte = [0u8];
+        std::os::unix::fs::FileExt::read_exact_at(memfd, &mut byte, 0).unwrap();
+        assert_eq!(byte, [b'c']);
+        let err = restore_shared_guest_memory(memory_file(&bytes[..4096]), &layout).unwrap_err();
+        assert!(matches!(err, MemoryError::FileTooShort { .. }));
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub mod resolve;
 pub mod sandbox;
 mod serve;
 pub mod session;
+pub mod shares;
 pub mod sys;
 pub mod timing;
 mod vsock;

@@ -36,7 +36,7 @@ use super::net;
 use super::resolve::{self, Candidate, Identity, LookupError, ResolveError};
 use super::sys;
 use super::timing;
-use crate::agent::protocol::{Network, RunSpec};
+use crate::agent::protocol::{Network, RunSpec, Volume, VolumeSource};
 
 /// First argument that selects the sandbox role of the binary.
 pub const SANDBOX_ARG: &str = "sandbox";
@@ -502,18 +502,7 @@ fn setup_container(
 
     mount_special(own_cgroup)?;
     for volume in &spec.volumes {
-        let target = check_abs("volume target", &volume.target)?;
-        let device = check_abs("volume device", &volume.device)?;
-        let source = old.join(device.strip_prefix("/").unwrap_or(&device));
-        mkdir(&target)?;
-        let flags = if volume.readonly { libc::MS_RDONLY } else { 0 };
-        mount_ctx(
-            Some(&source.to_string_lossy()),
-            &target,
-            Some("ext4"),
-            flags,
-            None,
-        )?;
+        mount_volume(volume, old)?;
     }
     if let Some(name) = &spec.hostname {
         write_host_files(name, spec, net.map(|n| n.address))?;
@@ -550,6 +539,55 @@ fn setup_container(
         mark(|| "lo up".into());
     }
     Ok(())
+}
+
+/// Mounts one volume at its target in the new root, from the old root at `old`: an
+/// ext4 disk, or a directory of the VM (a shared folder) bound in.
+fn mount_volume(volume: &Volume, old: &Path) -> Result<(), SandboxError> {
+    let target = check_abs("volume target", &volume.target)?;
+    let in_old = |path: &Path| old.join(path.strip_prefix("/").unwrap_or(path));
+    match &volume.source {
+        None => {
+            let device = check_abs("volume device", &volume.device)?;
+            mkdir(&target)?;
+            let flags = if volume.readonly { libc::MS_RDONLY } else { 0 };
+            mount_ctx(
+                Some(&in_old(&device).to_string_lossy()),
+                &target,
+                Some("ext4"),
+                flags,
+                None,
+            )
+        }
+        Some(VolumeSource::Path { path }) => {
+            let source = in_old(&check_abs("volume source", path)?);
+            mkdir(&target)?;
+            let source = source.to_string_lossy();
+            mount_ctx(
+                Some(&source),
+                &target,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            )?;
+            if volume.readonly {
+                // A bind mount takes MS_RDONLY only on a remount.
+                mount_ctx(
+                    None,
+                    &target,
+                    None,
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    None,
+                )?;
+            }
+            Ok(())
+        }
+        // The agent mounts these in the VM and passes them on as paths.
+        Some(VolumeSource::Virtiofs { tag }) => Err(SandboxError::BadPath {
+            what: "unmounted virtio-fs volume",
+            path: tag.clone(),
+        }),
+    }
 }
 
 /// The character devices of a container's /dev: name, major, minor, mode (as docker's).
@@ -990,5 +1028,33 @@ mod tests {
         assert!(check_abs("t", "/data").is_ok());
         assert!(check_abs("t", "data").is_err());
         assert!(check_abs("t", "/a/../b").is_err());
+    }
+
+    #[test]
+    fn volumes_that_are_not_clean_paths_are_refused_before_mounting() {
+        let volume = |target: &str, source| Volume {
+            device: String::new(),
+            target: target.into(),
+            readonly: true,
+            source,
+        };
+        let old = Path::new("/nonexistent-old-root");
+        let path = |p: &str| Some(VolumeSource::Path { path: p.into() });
+        for bad in [
+            volume("data", path("/x")),
+            volume("/data", path("x")),
+            volume("/data", path("/a/../../etc")),
+            volume(
+                "/data",
+                Some(VolumeSource::Virtiofs {
+                    tag: "hearthfs0".into(),
+                }),
+            ),
+        ] {
+            assert!(
+                matches!(mount_volume(&bad, old), Err(SandboxError::BadPath { .. })),
+                "{bad:?}"
+            );
+        }
     }
 }

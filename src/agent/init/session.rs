@@ -26,6 +26,7 @@ use super::net;
 use super::reaper::Reaper;
 use super::refresh;
 use super::sandbox::{Lower, Plan, Target};
+use super::shares;
 use super::sys;
 use super::timing::Marks;
 use crate::agent::protocol::{
@@ -250,6 +251,12 @@ impl Agent {
                     let address = self.container_address(&spec.container);
                     forward::serve(&*link.stream, &link.write, address, &spec)?;
                     return Ok(Outcome::Done);
+                }
+                Message::Mount(share) if self.config.mode == AgentMode::Machine => {
+                    link.send(&match shares::mount_share(&share) {
+                        Ok(()) => Message::Mounted,
+                        Err(e) => Message::Error(error_chain(&e)),
+                    })?;
                 }
                 Message::Shutdown => {
                     self.stop_all_containers();
@@ -482,7 +489,7 @@ impl Agent {
     fn run_marked<S>(
         self: &Arc<Self>,
         link: &Arc<Link<S>>,
-        spec: RunSpec,
+        mut spec: RunSpec,
         marks: &Marks,
     ) -> Result<(), SessionError>
     where
@@ -498,15 +505,22 @@ impl Agent {
             Rootfs::Device { path, .. } => Some(path.as_str()),
             _ => None,
         };
-        let disks = disks
-            .into_iter()
-            .chain(spec.volumes.iter().map(|v| v.device.as_str()));
+        let disks = disks.into_iter().chain(
+            (spec.volumes.iter())
+                .filter(|v| v.source.is_none())
+                .map(|v| v.device.as_str()),
+        );
         for disk in disks {
             if let Err(e) = refresh::wait_for_disk(disk) {
                 link.send(&Message::Error(format!("disk {disk}: {e}")))?;
                 return Ok(());
             }
             refresh::tune_disk(disk);
+        }
+        let machine = self.config.mode == AgentMode::Machine;
+        if let Err(e) = shares::mount_volumes(&mut spec, machine) {
+            link.send(&Message::Error(error_chain(&e)))?;
+            return Ok(());
         }
         if let Some(mac) = &spec.mac {
             if let Err(e) = net::set_mac("eth0", mac) {

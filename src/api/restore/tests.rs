@@ -69,6 +69,8 @@ fn overrides_become_firecrackers_requests() {
         "rootfs=/images/a=b.img",
         "--disk-override",
         "data=relative.img",
+        "--fs-override",
+        "hostshare=/run/fs.sock",
     ])
     .unwrap();
     assert_eq!(
@@ -101,6 +103,13 @@ fn overrides_become_firecrackers_requests() {
     assert_eq!(drives[1].drive_id, "data");
     assert!(drives[1].path_on_host.is_absolute());
     assert!(drives[1].path_on_host.ends_with("relative.img"));
+    assert_eq!(
+        plan.load.fs_overrides,
+        [FsOverride {
+            tag: "hostshare".into(),
+            socket: "/run/fs.sock".into()
+        }]
+    );
     let actions = plan.actions();
     assert_eq!(actions.len(), 1);
     assert!(matches!(&actions[0], VmmAction::LoadSnapshot(_)));
@@ -170,6 +179,22 @@ fn malformed_overrides_are_one_line_naming_the_value() {
         (
             &["--disk-override", "d=/a", "--disk-override", "d=/b"],
             "--disk-override names \"d\" twice",
+        ),
+        (
+            &["--fs-override", "share"],
+            "invalid --fs-override \"share\": expected TAG=PATH",
+        ),
+        (
+            &["--fs-override", "=/s"],
+            "invalid --fs-override \"=/s\": virtio-fs tag is empty",
+        ),
+        (
+            &["--fs-override", "share="],
+            "invalid --fs-override \"share=\": the socket path is empty",
+        ),
+        (
+            &["--fs-override", "s=/a", "--fs-override", "s=/b"],
+            "--fs-override names \"s\" twice",
         ),
     ] {
         let err = plan(argv).unwrap_err();

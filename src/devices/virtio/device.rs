@@ -336,6 +336,12 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool {
         self.core().is_activated()
     }
+
+    /// The device failed on its own (a vhost-user back end went away): the transport
+    /// shows DEVICE_NEEDS_RESET until the driver resets it.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }
 
 /// What [`drain_queue`] did.

@@ -171,6 +171,9 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => self.selected_queue(|q| u32::from(q.max_size())),
             REG_QUEUE_READY => self.selected_queue(|q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS if lock(&self.device).needs_reset() => {
+                self.status | VIRTIO_CONFIG_S_NEEDS_RESET
+            }
             REG_STATUS => self.status,
             // No shared memory regions: length -1 means "none".
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,

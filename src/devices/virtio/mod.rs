@@ -25,6 +25,7 @@ use crate::vstate::memory::GuestMemory;
 pub mod block;
 pub mod buffer;
 pub mod device;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod persist;
