@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::layout;
 use crate::arch::pvm;
+use crate::devices::virtio::balloon::{BalloonConfig, BalloonError};
 use crate::devices::virtio::block::{self, BlockConfig};
 use crate::devices::virtio::net::{self, NetConfig};
 use crate::devices::virtio::rng::RngConfig;
@@ -108,6 +109,8 @@ pub enum ConfigError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
     #[error("cannot write the configuration as JSON")]
     Serialize(#[source] serde_json::Error),
 }
@@ -196,6 +199,10 @@ pub struct VmConfig {
     /// A virtio-rng entropy device (JSON `"rng": {}`), served from the host's getrandom.
     #[serde(default)]
     pub rng: Option<RngConfig>,
+    /// A virtio-balloon (JSON `"balloon": {"amount_mib": 0}`): memory the guest gives
+    /// back, on request and (free page reporting) unasked.
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
     /// Print the time to the guest's boot-complete signal on stderr.
     #[serde(default)]
     pub boot_timer: bool,
@@ -252,6 +259,7 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
             rng: None,
+            balloon: None,
             boot_timer: false,
             cpu_profile: CpuProfileChoice::default(),
         }
@@ -328,6 +336,9 @@ impl VmConfig {
             if vsock.uds_path.as_os_str().is_empty() {
                 return Err(ConfigError::EmptyPath("vsock socket"));
             }
+        }
+        if let Some(balloon) = &self.balloon {
+            BalloonConfig::check_amount(balloon.amount_mib, self.mem_size >> 20)?;
         }
         // Otherwise the compat profile's options would land among the init arguments.
         if self.boot_args.split(' ').any(|word| word == "--") {

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::acpi::AcpiMmioDevice;
 use crate::arch::layout;
 use crate::devices::bus::{lock, Bus, BusError};
+use crate::devices::virtio::balloon::{Balloon, BalloonState};
 use crate::devices::virtio::block::{Block, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::net::{Net, NetState};
@@ -76,6 +77,7 @@ pub enum VirtioDeviceState {
     Net(NetState),
     Vsock(VsockState),
     Rng(RngState),
+    Balloon(BalloonState),
 }
 
 /// One attached device, saved: where it was, its transport's registers, its own state.
@@ -103,6 +105,7 @@ pub enum VirtioHandle {
     Net(Arc<Mutex<Net>>),
     Vsock(Arc<Mutex<Vsock>>),
     Rng(Arc<Mutex<Rng>>),
+    Balloon(Arc<Mutex<Balloon>>),
 }
 
 impl VirtioHandle {
@@ -112,6 +115,7 @@ impl VirtioHandle {
             Self::Net(device) => VirtioDeviceState::Net(lock(device).save()),
             Self::Vsock(device) => VirtioDeviceState::Vsock(lock(device).save()),
             Self::Rng(device) => VirtioDeviceState::Rng(lock(device).save()),
+            Self::Balloon(device) => VirtioDeviceState::Balloon(lock(device).save()),
         }
     }
 
@@ -122,6 +126,7 @@ impl VirtioHandle {
             VirtioDeviceState::Net(state) => Net::restore(state)?.into(),
             VirtioDeviceState::Vsock(state) => Vsock::restore(state)?.into(),
             VirtioDeviceState::Rng(state) => Rng::restore(state)?.into(),
+            VirtioDeviceState::Balloon(state) => Balloon::restore(state)?.into(),
         })
     }
 
@@ -131,6 +136,7 @@ impl VirtioHandle {
             Self::Net(device) => device.clone(),
             Self::Vsock(device) => device.clone(),
             Self::Rng(device) => device.clone(),
+            Self::Balloon(device) => device.clone(),
         }
     }
 
@@ -140,6 +146,7 @@ impl VirtioHandle {
             Self::Net(device) => Box::new(device.clone()),
             Self::Vsock(device) => Box::new(device.clone()),
             Self::Rng(device) => Box::new(device.clone()),
+            Self::Balloon(device) => Box::new(device.clone()),
         }
     }
 
@@ -150,6 +157,7 @@ impl VirtioHandle {
             Self::Net(device) => &**device,
             Self::Vsock(device) => &**device,
             Self::Rng(device) => &**device,
+            Self::Balloon(device) => &**device,
         }
     }
 }
@@ -175,6 +183,12 @@ impl From<Vsock> for VirtioHandle {
 impl From<Rng> for VirtioHandle {
     fn from(device: Rng) -> Self {
         Self::Rng(Arc::new(Mutex::new(device)))
+    }
+}
+
+impl From<Balloon> for VirtioHandle {
+    fn from(device: Balloon) -> Self {
+        Self::Balloon(Arc::new(Mutex::new(device)))
     }
 }
 

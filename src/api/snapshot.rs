@@ -170,6 +170,7 @@ pub(crate) fn saved_resources_of(
             VirtioDeviceState::Net(net) => config.nets.push(net.config.clone()),
             VirtioDeviceState::Vsock(vsock) => config.vsock = Some(vsock.config.clone()),
             VirtioDeviceState::Rng(rng) => config.rng = Some(rng.config.clone()),
+            VirtioDeviceState::Balloon(balloon) => config.balloon = Some(balloon.config.clone()),
         }
     }
     let mut resources = VmResources::from_vm_config(&config);

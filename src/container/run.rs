@@ -383,6 +383,8 @@ fn fresh_vm(
                 tx_rate_limiter: Default::default(),
             })
             .collect(),
+        // Container VMs live as long as one container: nothing to give back.
+        balloon: None,
         vsock_socket: vsock,
         console_log: dir.path.join("console.log"),
         state_dir: dir.vm_dir(),

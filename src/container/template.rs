@@ -35,6 +35,7 @@ use crate::agent::protocol::{AGENT_PORT, MODE_CONTAINER};
 use crate::api::client::ApiClient;
 use crate::api::models::{SnapshotCreateParams, SnapshotType, VmState};
 use crate::config::CpuProfile;
+use crate::devices::virtio::balloon::BalloonConfig;
 use crate::snapshot::{StateFile, FORMAT_VERSION, HEARTH_VERSION};
 
 /// How long the API of a template being made may take to answer (the snapshot writes
@@ -91,6 +92,10 @@ pub struct TemplateKey {
     pub disks: Vec<bool>,
     /// NICs; each restore gives every one a tap.
     pub nets: usize,
+    /// The balloon (machines): part of the device slots, and its configuration decides
+    /// the features the saved driver negotiated.
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
 }
 
 impl TemplateKey {
@@ -119,6 +124,7 @@ impl TemplateKey {
             memory_mib: spec.memory_mib,
             disks: spec.disks.iter().map(|d| d.read_only).collect(),
             nets: spec.nets.len(),
+            balloon: spec.balloon.clone(),
         })
     }
 
@@ -629,6 +635,7 @@ mod tests {
             memory_mib: 1,
             disks: vec![true],
             nets: 0,
+            balloon: None,
         }
     }
 
@@ -641,6 +648,9 @@ mod tests {
         let mut variants = Vec::new();
         let mut k = base.clone();
         k.vcpus = 2;
+        variants.push(k);
+        let mut k = base.clone();
+        k.balloon = Some(crate::container::machine::machine_balloon());
         variants.push(k);
         let mut k = base.clone();
         k.memory_mib = 2;

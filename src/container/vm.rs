@@ -25,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 
 use super::template::Template;
 use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::devices::virtio::balloon::BalloonConfig;
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::rng::RngConfig;
@@ -78,6 +79,8 @@ pub struct VmSpec {
     /// Attached in order as /dev/vda, /dev/vdb, ...
     pub disks: Vec<BlockConfig>,
     pub nets: Vec<NetConfig>,
+    /// A virtio-balloon (machines have one: see `machine::machine_balloon`).
+    pub balloon: Option<BalloonConfig>,
     pub vsock_socket: PathBuf,
     /// Serial console and VMM diagnostics go here.
     pub console_log: PathBuf,
@@ -254,6 +257,7 @@ impl VmSpec {
         });
         // Guests never wait for entropy (clones of a template least of all).
         config.rng = Some(RngConfig::default());
+        config.balloon = self.balloon.clone();
         config.validate()?;
         Ok(config)
     }
@@ -412,6 +416,7 @@ mod tests {
                 },
             ],
             nets: vec!["tap=t0".parse().unwrap()],
+            balloon: None,
             vsock_socket: dir.join("v.sock"),
             console_log: dir.join("console.log"),
             state_dir: dir.to_path_buf(),
@@ -446,6 +451,12 @@ mod tests {
             format!("cid=3,socket={}", dir.join("v.sock").display())
         );
         assert_eq!(spec.config_path(), dir.join(CONFIG_FILE));
+        assert_eq!(config.balloon, None);
+        spec.balloon = Some(super::super::machine::machine_balloon());
+        assert_eq!(spec.vm_config().unwrap().balloon, spec.balloon);
+        // A target larger than the VM is refused before the VMM starts.
+        spec.balloon = Some("amount_mib=321".parse().unwrap());
+        assert!(matches!(spec.vm_config(), Err(ConfigError::Balloon(_))));
 
         spec.cpus = 300;
         assert!(matches!(spec.vm_config(), Err(ConfigError::VcpuCount(300))));

@@ -74,7 +74,7 @@ impl DevicesState {
                 VirtioDeviceState::Net(net) => nets.push(&mut net.config.tap),
                 VirtioDeviceState::Vsock(state) => vsock = Some(&mut state.config.uds_path),
                 // Nothing on the host to point elsewhere.
-                VirtioDeviceState::Rng(_) => {}
+                VirtioDeviceState::Rng(_) | VirtioDeviceState::Balloon(_) => {}
             }
         }
         let missing = |kind, index, count| OverrideError::NoSuchDevice { kind, index, count };
@@ -255,6 +255,7 @@ mod tests {
                 VirtioDeviceState::Net(n) => n.config.tap.clone(),
                 VirtioDeviceState::Vsock(v) => v.config.uds_path.display().to_string(),
                 VirtioDeviceState::Rng(_) => "rng".to_string(),
+                VirtioDeviceState::Balloon(_) => "balloon".to_string(),
             })
             .collect()
     }
