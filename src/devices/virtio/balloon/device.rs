@@ -94,6 +94,10 @@ pub struct Balloon {
     /// Fires every `stats_polling_interval_s` while the driver uses the stats queue.
     pub(super) stats_timer: TimerFd,
     pub(super) timer_watched: bool,
+    /// The period the timer runs with (`None`: stopped). Only the event-loop thread
+    /// changes the timer: activation and reset run on vCPU threads, whose seccomp filter
+    /// has no timerfd_settime, and the wake-up they send brings the timer in line.
+    timer_period: Option<u16>,
     /// The statistics buffer the driver posted, held until the device wants fresh ones.
     pub(super) stats_desc: Option<u16>,
     stats: BalloonStats,
@@ -127,6 +131,7 @@ impl Balloon {
             roles: Vec::new(),
             stats_timer,
             timer_watched: false,
+            timer_period: None,
             stats_desc: None,
             stats: BalloonStats::default(),
             metrics: Arc::default(),
@@ -182,7 +187,7 @@ impl Balloon {
             _ => {}
         }
         self.config.stats_polling_interval_s = seconds;
-        self.arm_stats_timer();
+        self.sync_stats_timer();
         Ok(())
     }
 
@@ -210,21 +215,27 @@ impl Balloon {
     }
 
     /// Runs the statistics timer while the driver uses the stats queue and the device
-    /// is not paused; stops it otherwise.
-    pub(super) fn arm_stats_timer(&mut self) {
+    /// is not paused; stops it otherwise. On the event-loop thread only.
+    pub(super) fn sync_stats_timer(&mut self) {
         let interval = self.config.stats_polling_interval_s;
-        let result = if self.core.is_activated()
+        let wanted = (self.core.is_activated()
             && !self.core.is_paused()
             && self.uses_stats()
-            && interval > 0
-        {
-            let period = Duration::from_secs(u64::from(interval));
-            self.stats_timer.reset(period, Some(period))
-        } else {
-            self.stats_timer.clear()
+            && interval > 0)
+            .then_some(interval);
+        if wanted == self.timer_period {
+            return;
+        }
+        let result = match wanted {
+            Some(interval) => {
+                let period = Duration::from_secs(u64::from(interval));
+                self.stats_timer.reset(period, Some(period))
+            }
+            None => self.stats_timer.clear(),
         };
-        if let Err(e) = result {
-            log::error!("virtio-balloon: cannot set the statistics timer: {e}");
+        match result {
+            Ok(()) => self.timer_period = wanted,
+            Err(e) => log::error!("virtio-balloon: cannot set the statistics timer: {e}"),
         }
     }
 
@@ -430,7 +441,6 @@ impl VirtioDevice for Balloon {
         let roles = queue_roles(self.core.acked_features());
         self.core.activate_first(mem, interrupt, roles.len())?;
         self.roles = roles;
-        self.arm_stats_timer();
         Ok(())
     }
 
@@ -438,7 +448,6 @@ impl VirtioDevice for Balloon {
         self.core.deactivate();
         self.roles.clear();
         self.stats_desc = None;
-        self.arm_stats_timer();
     }
 }
 
