@@ -88,6 +88,13 @@ impl Guest {
         String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
     }
 
+    /// The console's complete lines (the guest may be halfway through one).
+    fn complete_lines(&self) -> Vec<String> {
+        let text = self.console_text();
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        complete.lines().map(|l| l.trim_end().to_string()).collect()
+    }
+
     fn describe(&self) -> String {
         let console = self.console_text();
         let tail: Vec<&str> = console.lines().rev().take(40).collect();
@@ -126,15 +133,15 @@ impl Guest {
     }
 
     fn has_line(&self, line: &str) -> bool {
-        self.console_text().lines().any(|l| l.trim_end() == line)
+        self.complete_lines().iter().any(|l| l == line)
     }
 
     /// The last MemTotal the guest printed, in KiB.
     fn mem_total_kib(&self) -> Option<u64> {
-        self.console_text()
-            .lines()
+        self.complete_lines()
+            .iter()
             .rev()
-            .find_map(|l| l.trim_end().strip_prefix("MEMTOTAL ")?.parse().ok())
+            .find_map(|l| l.strip_prefix("MEMTOTAL ")?.parse().ok())
     }
 
     fn api(&self, method: &str, path: &str, body: &str) -> (u16, Value) {

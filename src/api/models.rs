@@ -409,7 +409,7 @@ impl SnapshotLoadParams {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FullVmConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub balloon: Option<Balloon>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub drives: Vec<Drive>,
