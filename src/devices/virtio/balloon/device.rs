@@ -85,6 +85,9 @@ pub struct BalloonStatistics {
     pub stats: BalloonStats,
 }
 
+/// A virtio-balloon. Shared as `Arc<Mutex<Balloon>>` between the transport (vCPU
+/// threads: configuration space, activation, reset), the event loop (queues, the
+/// statistics timer) and the API (new target, statistics).
 pub struct Balloon {
     pub(super) core: DeviceCore,
     config: BalloonConfig,
@@ -451,6 +454,6 @@ impl VirtioDevice for Balloon {
     }
 }
 
-/// Queue setup shared by the tests of this folder.
+/// The device's tests, and the driver stand-in the folder's other tests use.
 #[cfg(test)]
 pub(super) mod tests;
