@@ -31,6 +31,7 @@ use crate::devices::legacy::i8042::{I8042State, I8042};
 use crate::devices::legacy::serial::{
     InputSpace, SerialDevice, SerialState, SocketSink, StdoutSink,
 };
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::net::Net;
@@ -197,6 +198,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     attach_vsock(&mut virtio, config)?;
     attach_rng(&mut virtio, config)?;
     attach_fs(&mut virtio, config)?;
+    let balloon = attach_balloon(&mut virtio, config)?;
     let vmgenid = VmGenId::new(
         &mem,
         VmGenIdState {
@@ -261,6 +263,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
             i8042,
             disks,
             nets,
+            balloon,
             cmos,
             vmgenid,
         },
@@ -349,7 +352,7 @@ pub fn build_from_loaded(
         event_loop: &mut event_loop,
         manager: &mut mmio_devices,
     };
-    let (disks, nets, vsocks) = restore_virtio_devices(&mut virtio, &devices.virtio)?;
+    let (disks, nets, vsocks, balloon) = restore_virtio_devices(&mut virtio, &devices.virtio)?;
 
     let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio_bus);
@@ -396,6 +399,7 @@ pub fn build_from_loaded(
             i8042,
             disks,
             nets,
+            balloon,
             cmos,
             vmgenid,
         },
@@ -784,8 +788,28 @@ fn attach_fs(virtio: &mut VirtioAttach, config: &VmConfig) -> Result<(), BuildEr
     Ok(())
 }
 
+/// The virtio-balloon, when `--balloon` is given. It goes after every other device, so
+/// adding it moves none of theirs.
+fn attach_balloon(
+    virtio: &mut VirtioAttach,
+    config: &VmConfig,
+) -> Result<Option<Arc<Mutex<Balloon>>>, BuildError> {
+    let Some(balloon) = &config.balloon else {
+        return Ok(None);
+    };
+    let device = Balloon::new(balloon).map_err(|e| BuildError::Device {
+        name: "virtio-balloon",
+        source: Box::new(e),
+    })?;
+    METRICS.register_balloon(device.metrics());
+    let device = Arc::new(Mutex::new(device));
+    virtio.attach("balloon0", VirtioHandle::Balloon(device.clone()))?;
+    Ok(Some(device))
+}
+
 /// Every saved virtio device, back in its window and IRQ, in the order it was saved.
-/// Returns the disks, the NICs and the vsock devices, each in that order.
+/// Returns the disks, the NICs and the vsock devices, each in that order, and the
+/// balloon.
 #[allow(clippy::type_complexity)]
 fn restore_virtio_devices(
     virtio: &mut VirtioAttach,
@@ -795,9 +819,11 @@ fn restore_virtio_devices(
         Vec<Arc<Mutex<Block>>>,
         Vec<Arc<Mutex<Net>>>,
         Vec<Arc<Mutex<Vsock>>>,
+        Option<Arc<Mutex<Balloon>>>,
     ),
     BuildError,
 > {
+    let mut balloon = None;
     let mut disks = Vec::new();
     let mut nets = Vec::new();
     let mut vsocks = Vec::new();
@@ -820,16 +846,18 @@ fn restore_virtio_devices(
             (VirtioHandle::Net(net), _) => METRICS.register_net(&state.name, lock(net).metrics()),
             (VirtioHandle::Vsock(vsock), _) => METRICS.register_vsock(lock(vsock).metrics()),
             (VirtioHandle::Rng(rng), _) => METRICS.register_rng(lock(rng).metrics()),
+            (VirtioHandle::Balloon(device), _) => METRICS.register_balloon(lock(device).metrics()),
             _ => {}
         }
         match device {
             VirtioHandle::Block(block) => disks.push(block),
             VirtioHandle::Net(net) => nets.push(net),
             VirtioHandle::Vsock(vsock) => vsocks.push(vsock),
+            VirtioHandle::Balloon(device) => balloon = Some(device),
             _ => {}
         }
     }
-    Ok((disks, nets, vsocks))
+    Ok((disks, nets, vsocks, balloon))
 }
 
 /// Disks restored on an image of another size than the saved one (a template's empty

@@ -470,6 +470,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
     pub rng: Option<String>,
 
+    /// A virtio-balloon: the guest gives back the memory it frees (free page reporting)
+    /// and what the API's PATCH /balloon asks for. An optional SPEC:
+    /// [amount_mib=N][,deflate_on_oom=on][,stats_polling_interval_s=S][,free_page_reporting=off]
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
+    pub balloon: Option<String>,
+
     /// Print the time from process start to the guest's boot-complete signal on stderr.
     #[arg(long)]
     pub boot_timer: bool,
@@ -572,6 +578,9 @@ impl RunArgs {
                 .collect::<Result<_, _>>()?,
             rng: (self.rng.as_deref())
                 .map(|spec| parse("--rng", spec))
+                .transpose()?,
+            balloon: (self.balloon.as_deref())
+                .map(|spec| parse("--balloon", spec))
                 .transpose()?,
             boot_timer: self.boot_timer,
             cpu_profile: self.cpu_profile,

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::layout;
 use crate::arch::pvm;
+use crate::devices::virtio::balloon::{BalloonConfig, BalloonError};
 use crate::devices::virtio::block::{self, BlockConfig};
 use crate::devices::virtio::fs::{self as virtio_fs, FsConfig, FsConfigError};
 use crate::devices::virtio::net::{self, NetConfig};
@@ -115,6 +116,8 @@ pub enum ConfigError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
     #[error("cannot write the configuration as JSON")]
     Serialize(#[source] serde_json::Error),
 }
@@ -207,6 +210,10 @@ pub struct VmConfig {
     /// A virtio-rng entropy device (JSON `"rng": {}`), served from the host's getrandom.
     #[serde(default)]
     pub rng: Option<RngConfig>,
+    /// A virtio-balloon (JSON `"balloon": {"amount_mib": 0}`): memory the guest gives
+    /// back, on request and (free page reporting) unasked.
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
     /// Print the time to the guest's boot-complete signal on stderr.
     #[serde(default)]
     pub boot_timer: bool,
@@ -264,6 +271,7 @@ impl VmConfig {
             vsock: None,
             fs: Vec::new(),
             rng: None,
+            balloon: None,
             boot_timer: false,
             cpu_profile: CpuProfileChoice::default(),
         }
@@ -342,6 +350,9 @@ impl VmConfig {
             }
         }
         virtio_fs::validate_all(&self.fs)?;
+        if let Some(balloon) = &self.balloon {
+            BalloonConfig::check_amount(balloon.amount_mib, self.mem_size >> 20)?;
+        }
         // Otherwise the compat profile's options would land among the init arguments.
         if self.boot_args.split(' ').any(|word| word == "--") {
             return Err(ConfigError::InitArgsInBootArgs(self.boot_args.clone()));

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::acpi::AcpiMmioDevice;
 use crate::arch::layout;
 use crate::devices::bus::{lock, Bus, BusError};
+use crate::devices::virtio::balloon::{Balloon, BalloonState};
 use crate::devices::virtio::block::{Block, BlockState};
 use crate::devices::virtio::fs::{Fs, FsState};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, REG_QUEUE_NOTIFY};
@@ -77,8 +78,9 @@ pub enum VirtioDeviceState {
     Net(NetState),
     Vsock(VsockState),
     Rng(RngState),
-    /// Last, so snapshots written before it existed read the same.
+    /// These two last, so snapshots written before they existed read the same.
     Fs(FsState),
+    Balloon(BalloonState),
 }
 
 /// One attached device, saved: where it was, its transport's registers, its own state.
@@ -107,6 +109,7 @@ pub enum VirtioHandle {
     Vsock(Arc<Mutex<Vsock>>),
     Rng(Arc<Mutex<Rng>>),
     Fs(Arc<Mutex<Fs>>),
+    Balloon(Arc<Mutex<Balloon>>),
 }
 
 impl VirtioHandle {
@@ -117,6 +120,7 @@ impl VirtioHandle {
             Self::Vsock(device) => VirtioDeviceState::Vsock(lock(device).save()),
             Self::Rng(device) => VirtioDeviceState::Rng(lock(device).save()),
             Self::Fs(device) => VirtioDeviceState::Fs(lock(device).save()),
+            Self::Balloon(device) => VirtioDeviceState::Balloon(lock(device).save()),
         }
     }
 
@@ -128,6 +132,7 @@ impl VirtioHandle {
             VirtioDeviceState::Vsock(state) => Vsock::restore(state)?.into(),
             VirtioDeviceState::Rng(state) => Rng::restore(state)?.into(),
             VirtioDeviceState::Fs(state) => Fs::restore(state)?.into(),
+            VirtioDeviceState::Balloon(state) => Balloon::restore(state)?.into(),
         })
     }
 
@@ -138,6 +143,7 @@ impl VirtioHandle {
             Self::Vsock(device) => device.clone(),
             Self::Rng(device) => device.clone(),
             Self::Fs(device) => device.clone(),
+            Self::Balloon(device) => device.clone(),
         }
     }
 
@@ -148,6 +154,7 @@ impl VirtioHandle {
             Self::Vsock(device) => Box::new(device.clone()),
             Self::Rng(device) => Box::new(device.clone()),
             Self::Fs(device) => Box::new(device.clone()),
+            Self::Balloon(device) => Box::new(device.clone()),
         }
     }
 
@@ -159,6 +166,7 @@ impl VirtioHandle {
             Self::Vsock(device) => &**device,
             Self::Rng(device) => &**device,
             Self::Fs(device) => &**device,
+            Self::Balloon(device) => &**device,
         }
     }
 }
@@ -190,6 +198,12 @@ impl From<Fs> for VirtioHandle {
 impl From<Rng> for VirtioHandle {
     fn from(device: Rng) -> Self {
         Self::Rng(Arc::new(Mutex::new(device)))
+    }
+}
+
+impl From<Balloon> for VirtioHandle {
+    fn from(device: Balloon) -> Self {
+        Self::Balloon(Arc::new(Mutex::new(device)))
     }
 }
 

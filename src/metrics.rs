@@ -231,6 +231,25 @@ pub struct RngMetrics {
     pub throttled: Counter,
 }
 
+/// The virtio-balloon device.
+#[derive(Debug, Default, Serialize)]
+pub struct BalloonMetrics {
+    /// 4 KiB pages the guest put in the balloon (given back to the host).
+    pub inflated_pages: Counter,
+    /// 4 KiB pages the guest took back out of the balloon.
+    pub deflated_pages: Counter,
+    /// Free page reports served.
+    pub reports: Counter,
+    /// 4 KiB pages the guest reported free (given back to the host).
+    pub reported_pages: Counter,
+    /// Statistics buffers read.
+    pub stats_updates: Counter,
+    /// Requests refused: a malformed buffer, or memory that is not guest RAM.
+    pub invalid_requests: Counter,
+    /// Ranges the host could not drop (madvise failed).
+    pub discard_failures: Counter,
+}
+
 /// API requests, by outcome.
 #[derive(Debug, Default, Serialize)]
 pub struct ApiMetrics {
@@ -288,6 +307,7 @@ struct Devices {
     net: BTreeMap<String, Arc<NetMetrics>>,
     vsock: Option<Arc<VsockMetrics>>,
     rng: Option<Arc<RngMetrics>>,
+    balloon: Option<Arc<BalloonMetrics>>,
 }
 
 /// What one flush writes; see the README's metrics reference.
@@ -304,6 +324,8 @@ struct Report<'a> {
     vsock: Option<&'a VsockMetrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
     rng: Option<&'a RngMetrics>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    balloon: Option<&'a BalloonMetrics>,
 }
 
 impl Metrics {
@@ -331,6 +353,11 @@ impl Metrics {
         self.devices().rng = Some(metrics);
     }
 
+    /// Reports `metrics` as the balloon's.
+    pub fn register_balloon(&self, metrics: Arc<BalloonMetrics>) {
+        self.devices().balloon = Some(metrics);
+    }
+
     /// Every counter as one JSON object (one line).
     pub fn to_json(&self) -> Result<String, MetricsError> {
         let devices = self.devices();
@@ -354,6 +381,7 @@ impl Metrics {
                 .collect(),
             vsock: devices.vsock.as_deref(),
             rng: devices.rng.as_deref(),
+            balloon: devices.balloon.as_deref(),
         };
         serde_json::to_string(&report).map_err(MetricsError::Encode)
     }

@@ -22,6 +22,7 @@ use crate::devices::control::Control;
 use crate::devices::legacy::cmos::Cmos;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{InputSpace, SerialDevice};
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::net::Net;
 use crate::devices::vmgenid::VmGenId;
@@ -83,6 +84,8 @@ pub struct RuntimeDevices {
     pub disks: Vec<Arc<Mutex<Block>>>,
     /// The virtio-net devices, in the order of `VmConfig::nets`.
     pub nets: Vec<Arc<Mutex<Net>>>,
+    /// The balloon, which `PATCH /balloon` inflates and `GET /balloon/statistics` reads.
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub cmos: Arc<Mutex<Cmos>>,
     /// Where the guest finds the VM generation ID, for snapshots.
     pub vmgenid: VmGenId,

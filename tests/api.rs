@@ -569,11 +569,18 @@ fn bad_requests_get_a_fault_and_the_vmm_keeps_serving() {
             "needs a JSON body",
         ),
         bad(
-            "balloon",
+            "balloon larger than the guest",
             "PUT",
             "/balloon",
-            Some(r#"{"amount_mib": 1}"#),
-            "does not implement the balloon device",
+            Some(r#"{"amount_mib": 100000}"#),
+            "larger than the guest's memory",
+        ),
+        bad(
+            "balloon statistics before start",
+            "GET",
+            "/balloon/statistics",
+            None,
+            "send InstanceStart first",
         ),
         bad(
             "entropy rate limiter with an unknown bucket",

@@ -5,9 +5,10 @@
 use std::fmt;
 
 use super::models::{
-    BootSource, Drive, Entropy, FullVmConfig, InstanceInfo, Logger, MachineConfig,
-    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
-    SnapshotCreateParams, SnapshotLoadParams, Vsock,
+    Balloon, BalloonStatistics, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, Entropy,
+    FullVmConfig, InstanceInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, Serial, SnapshotCreateParams,
+    SnapshotLoadParams, Vsock,
 };
 
 /// One request to the VMM.
@@ -41,6 +42,16 @@ pub enum VmmAction {
     PutEntropy(Entropy),
     /// `PUT /serial`
     PutSerial(Serial),
+    /// `PUT /balloon`
+    PutBalloon(Balloon),
+    /// `PATCH /balloon`
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon`
+    GetBalloon,
+    /// `GET /balloon/statistics`
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`
+    PatchBalloonStats(BalloonStatsUpdate),
     /// `PUT /logger`
     PutLogger(Logger),
     /// `PUT /metrics`
@@ -84,6 +95,11 @@ impl VmmAction {
             Self::PutVsock(_) => "PUT /vsock",
             Self::PutEntropy(_) => "PUT /entropy",
             Self::PutSerial(_) => "PUT /serial",
+            Self::PutBalloon(_) => "PUT /balloon",
+            Self::PatchBalloon(_) => "PATCH /balloon",
+            Self::GetBalloon => "GET /balloon",
+            Self::GetBalloonStats => "GET /balloon/statistics",
+            Self::PatchBalloonStats(_) => "PATCH /balloon/statistics",
             Self::PutLogger(_) => "PUT /logger",
             Self::PutMetrics(_) => "PUT /metrics",
             Self::GetMetrics => "GET /metrics",
@@ -110,6 +126,8 @@ pub enum VmmData {
     FullVmConfig(Box<FullVmConfig>),
     /// The metrics, already JSON.
     Metrics(String),
+    Balloon(Balloon),
+    BalloonStats(BalloonStatistics),
 }
 
 /// Why a request was refused. Each is answered 400 with its text as `fault_message`, as

@@ -10,6 +10,7 @@ use super::models::{InstanceInfo, InstanceState, Logger, Metrics};
 use super::resources::VmResources;
 use super::{ApiEndpoint, EventfdWaker};
 use crate::devices::bus::lock;
+use crate::devices::virtio::balloon::Balloon;
 use crate::exit::ExitReason;
 use crate::snapshot::Saved;
 use crate::vmm::{ControlHook, RuntimeDevices, Vmm, VmmError};
@@ -101,6 +102,12 @@ impl PrebootController {
             VmmAction::PutNetworkInterface(iface) => empty(res.put_net(iface)),
             VmmAction::PutVsock(vsock) => empty(res.set_vsock(vsock)),
             VmmAction::PutEntropy(entropy) => empty(res.set_entropy(entropy)),
+            VmmAction::PutBalloon(balloon) => empty(res.set_balloon(balloon)),
+            VmmAction::GetBalloon => res
+                .balloon
+                .clone()
+                .map(VmmData::Balloon)
+                .ok_or_else(no_balloon),
             VmmAction::PutSerial(serial) => empty(res.set_serial(serial)),
             VmmAction::PutLogger(logger) => empty(apply_logger(&logger)),
             VmmAction::PutMetrics(metrics) => empty(apply_metrics(&metrics)),
@@ -112,7 +119,8 @@ impl PrebootController {
                     || !res.drives.is_empty()
                     || !res.nets.is_empty()
                     || res.vsock.is_some()
-                    || res.entropy.is_some() =>
+                    || res.entropy.is_some()
+                    || res.balloon.is_some() =>
             {
                 Err(ApiError::invalid(
                     "loading a snapshot is not allowed after configuring boot-specific resources",
@@ -121,6 +129,9 @@ impl PrebootController {
             VmmAction::LoadSnapshot(params) => return Preboot::Load(params),
             action @ (VmmAction::PatchDrive(_)
             | VmmAction::PatchNetworkInterface(_)
+            | VmmAction::PatchBalloon(_)
+            | VmmAction::GetBalloonStats
+            | VmmAction::PatchBalloonStats(_)
             | VmmAction::SendCtrlAltDel
             | VmmAction::Pause
             | VmmAction::Resume
@@ -249,6 +260,38 @@ impl RuntimeController {
                     .set_net_rate_limiters(&patch.iface_id, rx, tx);
                 Ok(VmmData::Empty)
             }
+            VmmAction::GetBalloon => {
+                let balloon = self.balloon()?;
+                let config = lock(&balloon).config();
+                Ok(VmmData::Balloon(config))
+            }
+            VmmAction::PatchBalloon(update) => {
+                let mem_size_mib = self.resources.machine.mem_size_mib;
+                let balloon = self.balloon()?;
+                crate::devices::virtio::balloon::BalloonConfig::check_amount(
+                    update.amount_mib,
+                    mem_size_mib,
+                )
+                .map_err(ApiError::invalid)?;
+                let mut balloon = lock(&balloon);
+                balloon.update_target(update.amount_mib);
+                self.resources.balloon = Some(balloon.config());
+                Ok(VmmData::Empty)
+            }
+            VmmAction::GetBalloonStats => {
+                let balloon = self.balloon()?;
+                let stats = lock(&balloon).statistics().map_err(ApiError::invalid)?;
+                Ok(VmmData::BalloonStats(stats))
+            }
+            VmmAction::PatchBalloonStats(update) => {
+                let balloon = self.balloon()?;
+                let mut balloon = lock(&balloon);
+                balloon
+                    .update_stats_interval(update.stats_polling_interval_s)
+                    .map_err(ApiError::invalid)?;
+                self.resources.balloon = Some(balloon.config());
+                Ok(VmmData::Empty)
+            }
             // As with Firecracker, asking for the state the VM is in succeeds.
             VmmAction::Pause if self.state == InstanceState::Paused => Ok(VmmData::Empty),
             VmmAction::Resume if self.state == InstanceState::Running => Ok(VmmData::Empty),
@@ -276,11 +319,16 @@ impl RuntimeController {
             | VmmAction::PutNetworkInterface(_)
             | VmmAction::PutVsock(_)
             | VmmAction::PutEntropy(_)
+            | VmmAction::PutBalloon(_)
             | VmmAction::PutSerial(_)
             | VmmAction::PutLogger(_)
             | VmmAction::PutMetrics(_)
             | VmmAction::LoadSnapshot(_)) => Err(ApiError::AfterStart(action.describe())),
         }
+    }
+
+    fn balloon(&self) -> Result<std::sync::Arc<std::sync::Mutex<Balloon>>, ApiError> {
+        self.devices.balloon.clone().ok_or_else(no_balloon)
     }
 
     /// Records the outcome of a pause or resume: `GET /` reports the new state only once
@@ -309,6 +357,10 @@ impl ControlHook for RuntimeController {
     fn after_events(&mut self, vmm: &mut Vmm) {
         self.serve(vmm);
     }
+}
+
+fn no_balloon() -> ApiError {
+    ApiError::invalid("the microVM has no balloon device (PUT /balloon before InstanceStart)")
 }
 
 fn instance_info(id: &str, state: InstanceState) -> InstanceInfo {
@@ -455,6 +507,42 @@ mod tests {
             "loading a snapshot is not allowed after configuring boot-specific resources"
         );
         controller.resources.entropy = None;
+
+        // The balloon before boot: no statistics or new target yet, a target that fits.
+        let Preboot::Answer(Err(err)) = controller.handle(VmmAction::GetBalloon) else {
+            panic!("a balloon nobody configured");
+        };
+        assert!(err.to_string().contains("no balloon device"), "{err}");
+        let too_big = VmmAction::PutBalloon("amount_mib=1000000".parse().unwrap());
+        assert!(matches!(
+            controller.handle(too_big),
+            Preboot::Answer(Err(_))
+        ));
+        let put = VmmAction::PutBalloon("amount_mib=8".parse().unwrap());
+        assert!(matches!(controller.handle(put), Preboot::Answer(Ok(_))));
+        let Preboot::Answer(Ok(VmmData::Balloon(balloon))) =
+            controller.handle(VmmAction::GetBalloon)
+        else {
+            panic!("no balloon after PUT /balloon");
+        };
+        assert_eq!(balloon.amount_mib, 8);
+        for action in [
+            VmmAction::GetBalloonStats,
+            VmmAction::PatchBalloon(super::super::models::BalloonUpdate { amount_mib: 1 }),
+        ] {
+            let Preboot::Answer(Err(err)) = controller.handle(action) else {
+                panic!("a runtime balloon request before start");
+            };
+            assert!(
+                err.to_string().contains("send InstanceStart first"),
+                "{err}"
+            );
+        }
+        assert!(matches!(
+            controller.handle(VmmAction::LoadSnapshot(load.clone())),
+            Preboot::Answer(Err(_))
+        ));
+        controller.resources.balloon = None;
         controller.resources.vsock = Some(super::super::models::Vsock {
             guest_cid: 3,
             uds_path: "/v.sock".into(),
@@ -479,6 +567,9 @@ mod tests {
             i8042: Arc::new(Mutex::new(I8042::new(exit.clone(), None))),
             disks: Vec::new(),
             nets: Vec::new(),
+            balloon: Some(Arc::new(Mutex::new(
+                Balloon::new(&"stats_polling_interval_s=1".parse().unwrap()).unwrap(),
+            ))),
             cmos: Arc::new(Mutex::new(crate::devices::legacy::cmos::Cmos::new())),
             vmgenid: crate::devices::vmgenid::VmGenId::new(
                 &crate::vstate::memory::create_guest_memory(2 << 20).unwrap(),
@@ -566,6 +657,35 @@ mod tests {
         );
         let patch = serde_json::from_str(r#"{"drive_id": "nope"}"#).unwrap();
         assert!(handle(VmmAction::PatchDrive(patch)).is_err());
+
+        // The balloon: a new target within the guest's memory, statistics that stay on.
+        use super::super::models::{BalloonStatsUpdate, BalloonUpdate};
+        let inflate = |amount_mib| VmmAction::PatchBalloon(BalloonUpdate { amount_mib });
+        assert!(matches!(handle(inflate(16)), Ok(VmmData::Empty)));
+        let Ok(VmmData::Balloon(balloon)) = handle(VmmAction::GetBalloon) else {
+            panic!("no balloon");
+        };
+        assert_eq!(balloon.amount_mib, 16);
+        let err = handle(inflate(100_000)).unwrap_err().to_string();
+        assert!(err.contains("larger than the guest's memory"), "{err}");
+        let Ok(VmmData::BalloonStats(stats)) = handle(VmmAction::GetBalloonStats) else {
+            panic!("no statistics");
+        };
+        assert_eq!(
+            (stats.target_mib, stats.target_pages, stats.actual_pages),
+            (16, 4096, 0)
+        );
+        let interval = |stats_polling_interval_s| {
+            VmmAction::PatchBalloonStats(BalloonStatsUpdate {
+                stats_polling_interval_s,
+            })
+        };
+        assert!(handle(interval(3)).is_ok());
+        let err = handle(interval(0)).unwrap_err().to_string();
+        assert!(err.contains("cannot be turned off"), "{err}");
+        let put = VmmAction::PutBalloon("".parse().unwrap());
+        let err = handle(put).unwrap_err().to_string();
+        assert!(err.contains("only possible before InstanceStart"), "{err}");
         let Ok(VmmData::Metrics(json)) = handle(VmmAction::GetMetrics) else {
             panic!("no metrics");
         };

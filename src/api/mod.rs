@@ -480,6 +480,8 @@ fn success_response(data: &VmmData, close: bool) -> Vec<u8> {
         VmmData::MachineConfig(config) => serde_json::to_string(config),
         VmmData::FullVmConfig(config) => serde_json::to_string(config),
         VmmData::Metrics(json) => Ok(json.clone()),
+        VmmData::Balloon(balloon) => serde_json::to_string(balloon),
+        VmmData::BalloonStats(stats) => serde_json::to_string(stats),
     };
     match json {
         Ok(body) => http::render_response(200, Some(&body), close),

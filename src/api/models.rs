@@ -223,6 +223,26 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// `PUT /balloon`, `GET /balloon` and the configuration document's `balloon` section.
+pub type Balloon = crate::devices::virtio::balloon::BalloonConfig;
+
+/// `GET /balloon/statistics`.
+pub type BalloonStatistics = crate::devices::virtio::balloon::BalloonStatistics;
+
+/// `PATCH /balloon`: a new target, once the microVM runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    pub amount_mib: u32,
+}
+
+/// `PATCH /balloon/statistics`: a new polling interval, once the microVM runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    pub stats_polling_interval_s: u16,
+}
+
 /// `PUT /serial`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -452,7 +472,7 @@ impl SnapshotLoadParams {
 #[serde(deny_unknown_fields)]
 pub struct FullVmConfig {
     #[serde(default)]
-    pub balloon: Option<serde_json::Value>,
+    pub balloon: Option<Balloon>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub drives: Vec<Drive>,
     #[serde(rename = "boot-source", default)]

@@ -6,14 +6,14 @@ use serde::de::DeserializeOwned;
 
 use super::action::{ApiError, VmmAction};
 use super::models::{
-    ActionType, BootSource, Drive, Entropy, InstanceActionInfo, Logger, MachineConfig,
-    MachineConfigUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface, Serial,
-    SnapshotCreateParams, SnapshotLoadParams, Vm, VmState, Vsock,
+    ActionType, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, Entropy,
+    InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics, NetworkInterface,
+    PartialDrive, PartialNetworkInterface, Serial, SnapshotCreateParams, SnapshotLoadParams, Vm,
+    VmState, Vsock,
 };
 
 /// Firecracker endpoints hearth has no device or feature for, and what they are.
 const NOT_IMPLEMENTED: &[(&str, &str)] = &[
-    ("balloon", "the balloon device (/balloon)"),
     ("cpu-config", "custom CPU templates (/cpu-config)"),
     ("hotplug", "memory hot-plugging (/hotplug)"),
     ("mmds", "the microVM metadata service (/mmds)"),
@@ -74,6 +74,8 @@ pub fn parse_request(method: &str, path: &str, body: Option<&[u8]>) -> Result<Vm
                 ("machine-config", None) => Ok(VmmAction::GetMachineConfig),
                 ("metrics", None) => Ok(VmmAction::GetMetrics),
                 ("vm", Some("config")) => Ok(VmmAction::GetFullVmConfig),
+                ("balloon", None) => Ok(VmmAction::GetBalloon),
+                ("balloon", Some("statistics")) => Ok(VmmAction::GetBalloonStats),
                 _ => Err(invalid()),
             }
         }
@@ -94,6 +96,8 @@ pub fn parse_request(method: &str, path: &str, body: Option<&[u8]>) -> Result<Vm
                     | ("PUT" | "PATCH", "machine-config", None)
                     | ("PUT" | "PATCH", "drives" | "network-interfaces", _)
                     | ("PATCH", "vm", None)
+                    | ("PUT", "balloon", None)
+                    | ("PATCH", "balloon", None | Some("statistics"))
             );
             if !known {
                 return Err(invalid());
@@ -124,6 +128,9 @@ fn parse_with_body(
         ("serial", _) => VmmAction::PutSerial(json::<Serial>(body)?),
         ("vsock", _) => VmmAction::PutVsock(json::<Vsock>(body)?),
         ("entropy", _) => VmmAction::PutEntropy(json::<Entropy>(body)?),
+        ("balloon", None) if put => VmmAction::PutBalloon(json::<Balloon>(body)?),
+        ("balloon", None) => VmmAction::PatchBalloon(json::<BalloonUpdate>(body)?),
+        ("balloon", _) => VmmAction::PatchBalloonStats(json::<BalloonStatsUpdate>(body)?),
         ("snapshot", Some("create")) => {
             VmmAction::CreateSnapshot(json::<SnapshotCreateParams>(body)?)
         }
@@ -282,6 +289,32 @@ mod tests {
             ("PUT", "/entropy", "{}", |a| {
                 *a == VmmAction::PutEntropy(Entropy::default())
             }),
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#,
+                |a| {
+                    matches!(a, VmmAction::PutBalloon(b)
+                        if b.amount_mib == 64 && b.deflate_on_oom && b.free_page_reporting)
+                },
+            ),
+            ("PATCH", "/balloon", r#"{"amount_mib": 32}"#, |a| {
+                *a == VmmAction::PatchBalloon(BalloonUpdate { amount_mib: 32 })
+            }),
+            ("GET", "/balloon", "", |a| *a == VmmAction::GetBalloon),
+            ("GET", "/balloon/statistics", "", |a| {
+                *a == VmmAction::GetBalloonStats
+            }),
+            (
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 2}"#,
+                |a| {
+                    *a == VmmAction::PatchBalloonStats(BalloonStatsUpdate {
+                        stats_polling_interval_s: 2,
+                    })
+                },
+            ),
             (
                 "PUT",
                 "/entropy",
@@ -460,12 +493,28 @@ mod tests {
             ("PATCH", "/entropy", "{}", "invalid request method"),
             ("PUT", "/entropy/x", "{}", "invalid request method"),
             ("PUT", "/entropy", r#"{"rate": 1}"#, "unknown field `rate`"),
+            ("PUT", "/balloon", "{}", "missing field `amount_mib`"),
+            ("PUT", "/balloon/statistics", "{}", "invalid request method"),
             (
-                "PUT",
+                "PATCH",
                 "/balloon",
-                "{}",
-                "hearth does not implement the balloon device",
+                r#"{"amount_mib": -1}"#,
+                "invalid value",
             ),
+            (
+                "PATCH",
+                "/balloon",
+                r#"{"amount_mib": 1, "deflate_on_oom": true}"#,
+                "unknown field `deflate_on_oom`",
+            ),
+            (
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 70000}"#,
+                "invalid value",
+            ),
+            ("GET", "/balloon/other", "", "invalid request method"),
+            ("DELETE", "/balloon", "", "invalid request method"),
             (
                 "GET",
                 "/mmds",

@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use super::client::{ApiClient, ClientError};
 use super::models::{
-    ActionType, FullVmConfig, InstanceInfo, SnapshotCreateParams, SnapshotType, VmState,
+    ActionType, Balloon, BalloonStatistics, BalloonUpdate, FullVmConfig, InstanceInfo,
+    SnapshotCreateParams, SnapshotType, VmState,
 };
 
 /// How often `shutdown` looks whether the VMM has removed its socket.
@@ -54,6 +55,16 @@ pub enum RemoteCommand {
         /// Where the guest memory goes.
         #[arg(long, value_name = "PATH")]
         mem: PathBuf,
+    },
+    /// The balloon: print its configuration (GET /balloon), or with --stats the guest's
+    /// memory statistics (GET /balloon/statistics), or set a new target (PATCH /balloon).
+    Balloon {
+        /// Inflate or deflate the balloon to this many MiB.
+        #[arg(long, value_name = "MIB", conflicts_with = "stats")]
+        amount_mib: Option<u32>,
+        /// Print the statistics instead of the configuration.
+        #[arg(long)]
+        stats: bool,
     },
     /// Press Ctrl+Alt+Del on the guest's keyboard (PUT /actions SendCtrlAltDel).
     CtrlAltDel,
@@ -110,6 +121,24 @@ pub fn run(args: &RemoteArgs, out: &mut dyn Write) -> Result<(), RemoteError> {
                 mem_file_path: absolute("--mem", mem)?,
             })?;
         }
+        RemoteCommand::Balloon {
+            amount_mib: Some(amount_mib),
+            ..
+        } => client.patch(
+            "/balloon",
+            &BalloonUpdate {
+                amount_mib: *amount_mib,
+            },
+        )?,
+        RemoteCommand::Balloon { stats, .. } => {
+            let text = if *stats {
+                pretty(&client.get::<BalloonStatistics>("/balloon/statistics")?)
+            } else {
+                pretty(&client.get::<Balloon>("/balloon")?)
+            }
+            .map_err(|e| RemoteError::Output(e.into()))?;
+            writeln!(out, "{text}").map_err(RemoteError::Output)?;
+        }
         RemoteCommand::CtrlAltDel => client.action(ActionType::SendCtrlAltDel)?,
         RemoteCommand::Shutdown => {
             client.shutdown()?;
@@ -119,6 +148,10 @@ pub fn run(args: &RemoteArgs, out: &mut dyn Write) -> Result<(), RemoteError> {
         }
     }
     Ok(())
+}
+
+fn pretty<T: Serialize>(value: &T) -> serde_json::Result<String> {
+    serde_json::to_string_pretty(value)
 }
 
 fn absolute(flag: &'static str, path: &Path) -> Result<PathBuf, RemoteError> {
@@ -169,6 +202,13 @@ mod tests {
             ("resume", RemoteCommand::Resume),
             ("ctrl-alt-del", RemoteCommand::CtrlAltDel),
             ("shutdown", RemoteCommand::Shutdown),
+            (
+                "balloon",
+                RemoteCommand::Balloon {
+                    amount_mib: None,
+                    stats: false,
+                },
+            ),
         ] {
             assert_eq!(parse(&["--api-sock", "s", word]).unwrap().command, command);
         }
@@ -185,6 +225,24 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(args.timeout, 5);
+        let balloon = |argv: &[&str]| {
+            let mut full = vec!["--api-sock", "s", "balloon"];
+            full.extend(argv);
+            parse(&full).map(|a| a.command)
+        };
+        assert_eq!(
+            balloon(&["--amount-mib", "64"]).unwrap(),
+            RemoteCommand::Balloon {
+                amount_mib: Some(64),
+                stats: false
+            }
+        );
+        assert!(matches!(
+            balloon(&["--stats"]).unwrap(),
+            RemoteCommand::Balloon { stats: true, .. }
+        ));
+        assert!(balloon(&["--stats", "--amount-mib", "1"]).is_err());
+        assert!(balloon(&["--amount-mib", "-1"]).is_err());
         assert_eq!(
             args.command,
             RemoteCommand::Snapshot {

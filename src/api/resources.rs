@@ -1,6 +1,6 @@
 //! The microVM's configuration as the API builds it up: Firecracker's documents
 //! (boot source, machine configuration, drives, network interfaces, vsock, entropy,
-//! serial),
+//! balloon, serial),
 //! checked as each arrives, and turned into hearth's [`VmConfig`] at `InstanceStart` by
 //! [`VmResources::to_vm_config`], the one place where the two shapes meet (with
 //! [`VmResources::from_vm_config`] for the other direction, for `hearth run --api-sock`).
@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::action::ApiError;
 use super::models::{
-    BootSource, Drive, Entropy, FullVmConfig, HugePages, IoEngine, MachineConfig,
+    Balloon, BootSource, Drive, Entropy, FullVmConfig, HugePages, IoEngine, MachineConfig,
     MachineConfigUpdate, NetworkInterface, RateLimiterConfig, Serial, Vsock,
 };
 use crate::config::{
@@ -31,6 +31,8 @@ pub struct VmResources {
     pub nets: Vec<NetworkInterface>,
     pub vsock: Option<Vsock>,
     pub entropy: Option<Entropy>,
+    /// Once the microVM runs, the target and polling interval in force.
+    pub balloon: Option<Balloon>,
     pub serial: Option<Serial>,
     /// `--boot-timer`.
     pub boot_timer: bool,
@@ -168,6 +170,15 @@ impl VmResources {
         Ok(())
     }
 
+    /// `PUT /balloon`: the target must fit in the guest's memory as configured now (and
+    /// again at `InstanceStart`, in case the memory shrinks meanwhile).
+    pub fn set_balloon(&mut self, balloon: Balloon) -> Result<(), ApiError> {
+        Balloon::check_amount(balloon.amount_mib, self.machine.mem_size_mib)
+            .map_err(ApiError::invalid)?;
+        self.balloon = Some(balloon);
+        Ok(())
+    }
+
     pub fn set_serial(&mut self, serial: Serial) -> Result<(), ApiError> {
         if serial.rate_limiter.is_some() {
             return Err(unsupported("a rate limiter on the serial console"));
@@ -247,6 +258,7 @@ impl VmResources {
             rng: self.entropy.as_ref().map(|e| RngConfig {
                 rate_limiter: limiter(&e.rate_limiter),
             }),
+            balloon: self.balloon.clone(),
             boot_timer: self.boot_timer,
             cpu_profile: CpuProfileChoice::Auto,
         };
@@ -322,6 +334,7 @@ impl VmResources {
             entropy: config.rng.as_ref().map(|rng| Entropy {
                 rate_limiter: document(&rng.rate_limiter),
             }),
+            balloon: config.balloon.clone(),
             serial: match &config.serial {
                 SerialConfig::File(path) => Some(Serial {
                     serial_out_path: Some(path.clone()),
@@ -344,6 +357,7 @@ impl VmResources {
             nets: doc.network_interfaces,
             vsock: doc.vsock,
             entropy: doc.entropy,
+            balloon: doc.balloon,
             serial: doc.serial,
             boot_timer: false,
         }
@@ -358,6 +372,7 @@ impl VmResources {
             network_interfaces: self.nets.clone(),
             vsock: self.vsock.clone(),
             entropy: self.entropy.clone(),
+            balloon: self.balloon.clone(),
             serial: self.serial.clone(),
             metrics: crate::metrics::destination()
                 .map(|metrics_path| super::models::Metrics { metrics_path }),

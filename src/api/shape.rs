@@ -277,7 +277,6 @@ fn config_error(path: &Path, err: ApiError) -> ShapeError {
 
 fn apply_config(doc: FullVmConfig, resources: &mut VmResources) -> Result<(), ApiError> {
     let unsupported = [
-        ("balloon", doc.balloon.is_some()),
         ("cpu-config", doc.cpu_config.is_some()),
         ("memory-hotplug", doc.memory_hotplug.is_some()),
         ("mmds-config", doc.mmds_config.is_some()),
@@ -318,6 +317,9 @@ fn apply_config(doc: FullVmConfig, resources: &mut VmResources) -> Result<(), Ap
     }
     if let Some(entropy) = doc.entropy {
         resources.set_entropy(entropy)?;
+    }
+    if let Some(balloon) = doc.balloon {
+        resources.set_balloon(balloon)?;
     }
     if let Some(serial) = doc.serial {
         resources.set_serial(serial)?;
@@ -473,8 +475,9 @@ mod tests {
         for (name, json, expected) in [
             (
                 "balloon.json",
-                serde_json::json!({"boot-source": boot, "balloon": {"amount_mib": 1}}),
-                "\"balloon\" section",
+                serde_json::json!({"boot-source": boot, "machine-config":
+                    {"vcpu_count": 1, "mem_size_mib": 64}, "balloon": {"amount_mib": 65}}),
+                "larger than the guest's memory (64 MiB)",
             ),
             (
                 "entropy.json",

@@ -171,6 +171,7 @@ pub(crate) fn saved_resources_of(
             VirtioDeviceState::Vsock(vsock) => config.vsock = Some(vsock.config.clone()),
             VirtioDeviceState::Rng(rng) => config.rng = Some(rng.config.clone()),
             VirtioDeviceState::Fs(fs) => config.fs.push(fs.config.clone()),
+            VirtioDeviceState::Balloon(balloon) => config.balloon = Some(balloon.config.clone()),
         }
     }
     let mut resources = VmResources::from_vm_config(&config);

@@ -9,6 +9,8 @@
 //! - entropy device: empty or `[bw=BYTES][,ops=N][,burst=BYTES]` ([`RngConfig`])
 //! - vsock: `cid=N,socket=PATH` ([`VsockConfig`])
 //! - shared folder: `tag=NAME,socket=PATH[,num_queues=N][,queue_size=N]` ([`FsConfig`])
+//! - balloon: empty or `[amount_mib=N][,deflate_on_oom=on][,stats_polling_interval_s=S]
+//!   [,free_page_reporting=off]` ([`BalloonConfig`]; empty is `amount_mib=0`, reporting on)
 //! - serial console: `stdio`, `none`, `file=PATH` or `unix=PATH` ([`SerialConfig`])
 //!
 //! Rates are per second: `bw` in bytes (K, M, G suffixes are powers of 1024), `iops` and
@@ -30,6 +32,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use super::SerialConfig;
+use crate::devices::virtio::balloon::BalloonConfig;
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::net::{
@@ -383,6 +386,68 @@ impl fmt::Display for RngConfig {
         // Written as the other specs write their options (`,key=value`), minus the comma.
         let text = LimiterText(&self.rate_limiter).to_string();
         f.write_str(text.strip_prefix(',').unwrap_or(&text))
+    }
+}
+
+/// `--balloon`: every option has a default, so an empty spec is a balloon that holds
+/// nothing and gives back what the guest frees.
+impl FromStr for BalloonConfig {
+    type Err = SpecError;
+
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let mut config = BalloonConfig {
+            amount_mib: 0,
+            deflate_on_oom: false,
+            stats_polling_interval_s: 0,
+            free_page_reporting: true,
+        };
+        if spec.is_empty() {
+            return Ok(config);
+        }
+        let keys = [
+            "amount_mib",
+            "deflate_on_oom",
+            "stats_polling_interval_s",
+            "free_page_reporting",
+        ];
+        for (key, value) in parse_options(spec, &keys)? {
+            let number = |key: &'static str| SpecError::Number {
+                key,
+                value: value.clone(),
+            };
+            match key.as_str() {
+                "amount_mib" => {
+                    config.amount_mib = value.parse().map_err(|_| number("amount_mib"))?
+                }
+                "deflate_on_oom" => config.deflate_on_oom = parse_switch("deflate_on_oom", &value)?,
+                "stats_polling_interval_s" => {
+                    config.stats_polling_interval_s =
+                        (value.parse()).map_err(|_| number("stats_polling_interval_s"))?
+                }
+                _ => config.free_page_reporting = parse_switch("free_page_reporting", &value)?,
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl fmt::Display for BalloonConfig {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "amount_mib={}", self.amount_mib)?;
+        if self.deflate_on_oom {
+            f.write_str(",deflate_on_oom=on")?;
+        }
+        if self.stats_polling_interval_s > 0 {
+            write!(
+                f,
+                ",stats_polling_interval_s={}",
+                self.stats_polling_interval_s
+            )?;
+        }
+        if !self.free_page_reporting {
+            f.write_str(",free_page_reporting=off")?;
+        }
+        Ok(())
     }
 }
 
@@ -953,5 +1018,45 @@ mod tests {
             parse_amount("bw", "16777215G", 1024).unwrap(),
             16777215 << 30
         );
+    }
+
+    #[test]
+    fn balloon_specs() {
+        let empty: BalloonConfig = "".parse().unwrap();
+        assert_eq!(empty.amount_mib, 0);
+        assert!(empty.free_page_reporting && !empty.deflate_on_oom);
+        assert_eq!(empty.stats_polling_interval_s, 0);
+        assert_eq!(empty.to_string(), "amount_mib=0");
+
+        let full: BalloonConfig =
+            "amount_mib=128,deflate_on_oom=on,stats_polling_interval_s=5,free_page_reporting=off"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            full,
+            BalloonConfig {
+                amount_mib: 128,
+                deflate_on_oom: true,
+                stats_polling_interval_s: 5,
+                free_page_reporting: false,
+            }
+        );
+        assert_eq!(full.to_string().parse::<BalloonConfig>().unwrap(), full);
+        let stats: BalloonConfig = "stats_polling_interval_s=1".parse().unwrap();
+        assert_eq!(stats.to_string(), "amount_mib=0,stats_polling_interval_s=1");
+
+        for (bad, why) in [
+            ("amount_mib=-1", "amount_mib \"-1\" is not a number"),
+            ("amount_mib=1G", "amount_mib \"1G\" is not a number"),
+            ("amount_mib=4294967296", "is not a number"),
+            ("stats_polling_interval_s=65536", "is not a number"),
+            ("deflate_on_oom=maybe", "deflate_on_oom must be on or off"),
+            ("size=3", "unknown option \"size\""),
+            ("amount_mib=1,amount_mib=2", "given twice"),
+            ("128", "is not key=value"),
+        ] {
+            let err = bad.parse::<BalloonConfig>().unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 }

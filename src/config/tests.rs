@@ -395,3 +395,34 @@ fn config_files_name_themselves_in_errors() {
     let err = VmConfig::from_file(Path::new("/nonexistent/vm.json")).unwrap_err();
     assert!(matches!(err, ConfigError::ReadFile { .. }), "{err}");
 }
+
+/// `"balloon"` in hearth's config file: Firecracker's fields, reporting on unless turned
+/// off, a target that must fit in the guest.
+#[test]
+fn the_balloon_in_json() {
+    let kernel = temp_file("kernel-balloon", 4096);
+    let json = |balloon: &str| {
+        format!(
+            r#"{{"kernel": "{}", "mem_size": "128M", "cpu_profile": "host"{balloon}}}"#,
+            kernel.display()
+        )
+    };
+    let config: VmConfig =
+        serde_json::from_str(&json(r#", "balloon": {"amount_mib": 16}"#)).unwrap();
+    let balloon = config.balloon.clone().unwrap();
+    assert_eq!(balloon.amount_mib, 16);
+    assert!(balloon.free_page_reporting);
+    config.validate().unwrap();
+    let back: VmConfig = serde_json::from_str(&config.to_json().unwrap()).unwrap();
+    assert_eq!(back.balloon, config.balloon);
+    let config: VmConfig = serde_json::from_str(&json("")).unwrap();
+    assert_eq!(config.balloon, None);
+    let too_big: VmConfig =
+        serde_json::from_str(&json(r#", "balloon": {"amount_mib": 129}"#)).unwrap();
+    let err = too_big.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("larger than the guest's memory (128 MiB)"),
+        "{err}"
+    );
+    assert!(serde_json::from_str::<VmConfig>(&json(r#", "balloon": {"size": 1}"#)).is_err());
+}

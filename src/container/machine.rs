@@ -31,6 +31,7 @@ use crate::agent::protocol::{
 };
 use crate::cli::{MachineCommand, MachineStartArgs, ProcessArgs};
 use crate::config::parse_memory_size;
+use crate::devices::virtio::balloon::BalloonConfig;
 use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::net::{NetBackend, NetConfig, UserNetConfig};
 use crate::image::PreparedImage;
@@ -40,6 +41,41 @@ use crate::net::PortForward;
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a client waits for a running machine's agent to answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often a machine's guest refreshes its memory statistics.
+pub const MACHINE_STATS_INTERVAL_S: u16 = 5;
+
+/// Every machine's balloon: it holds nothing (the guest keeps all its memory) but the
+/// guest reports the memory it frees, so an idle machine gives back what a finished
+/// build or container used; its statistics refresh every few seconds
+/// (`hearth remote`'s `GET /balloon/statistics` on the machine's API socket).
+pub fn machine_balloon() -> BalloonConfig {
+    BalloonConfig {
+        amount_mib: 0,
+        deflate_on_oom: false,
+        stats_polling_interval_s: MACHINE_STATS_INTERVAL_S,
+        free_page_reporting: true,
+    }
+}
+
+/// The resident memory of process `pid` in MiB (`VmRSS` of /proc/PID/status): what the
+/// host pays for the VM, guest RAM it touched and did not give back included.
+pub fn resident_mib(pid: i32) -> Option<u64> {
+    parse_vm_rss(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// `VmRSS:  123456 kB` in MiB, rounded to the nearest.
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmRSS:")
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kib + 512) / 1024)
+}
 
 /// What `machine.json` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -415,6 +451,7 @@ pub fn start(args: &MachineStartArgs) -> Result<(), ContainerError> {
             .map(|(slot, share)| FsConfig::new(vm::fs_tag(slot), &share.socket))
             .collect(),
         virtiofsd: program.clone(),
+        balloon: Some(machine_balloon()),
         vsock_socket: machine.socket(),
         console_log: machine.console_log(),
         state_dir: machine.dir.clone(),
@@ -618,8 +655,8 @@ pub fn list() -> Result<(), ContainerError> {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{:<20} {:<8} {:>4} {:>8} {:>8}  SHARES",
-        "NAME", "STATUS", "CPUS", "MEMORY", "PID"
+        "{:<20} {:<8} {:>4} {:>8} {:>8} {:>8}  SHARES",
+        "NAME", "STATUS", "CPUS", "MEMORY", "RSS", "PID"
     );
     for name in names {
         let Ok(machine) = Machine::new(&name) else {
@@ -628,17 +665,22 @@ pub fn list() -> Result<(), ContainerError> {
         let Some(info) = machine.info() else {
             continue;
         };
-        let (status, pid) = match machine.running_pid() {
-            Some(pid) => ("running", pid.to_string()),
-            None => ("stopped", "-".to_string()),
+        let (status, pid, rss) = match machine.running_pid() {
+            Some(pid) => (
+                "running",
+                pid.to_string(),
+                resident_mib(pid).map_or("-".to_string(), |mib| format!("{mib}M")),
+            ),
+            None => ("stopped", "-".to_string(), "-".to_string()),
         };
         let _ = writeln!(
             out,
-            "{:<20} {:<8} {:>4} {:>7}M {:>8}  {}",
+            "{:<20} {:<8} {:>4} {:>7}M {:>8} {:>8}  {}",
             name,
             status,
             info.cpus,
             info.memory_mib,
+            rss,
             pid,
             shares_column(&info.shares)
         );
@@ -725,6 +767,27 @@ pub fn run_container(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resident_memory_comes_from_vm_rss() {
+        let status = "Name:\thearth\nVmPeak:\t  900000 kB\nVmRSS:\t  52736 kB\nThreads:\t3\n";
+        assert_eq!(parse_vm_rss(status), Some(52));
+        assert_eq!(parse_vm_rss("VmRSS:\t 1536 kB"), Some(2));
+        assert_eq!(parse_vm_rss("VmRSS:\t lots"), None);
+        assert_eq!(parse_vm_rss("Name: x"), None);
+        // This process has some.
+        assert!(resident_mib(std::process::id() as i32).is_some_and(|mib| mib > 0));
+        assert_eq!(resident_mib(-1), None);
+    }
+
+    /// Machines give memory back by default, with statistics; the template key carries
+    /// the balloon, so a machine restored from a template has the same device.
+    #[test]
+    fn machines_have_a_balloon_that_reports_free_pages() {
+        let balloon = machine_balloon();
+        assert_eq!(balloon.amount_mib, 0);
+        assert!(balloon.free_page_reporting && balloon.stats_polling_interval_s > 0);
+    }
 
     #[test]
     fn machine_paths_live_under_the_state_dir() {

@@ -564,6 +564,8 @@ fn fresh_vm(vm: &FreshVm, mut spec: RunSpec, signals: &Signals) -> Result<i32, C
         nets: (network.nic.iter())
             .map(|backend| net::NetConfig::new(backend.clone()))
             .collect(),
+        // Container VMs live as long as one container: nothing to give back.
+        balloon: None,
         vsock_socket: vsock,
         console_log: dir.path.join("console.log"),
         state_dir: dir.vm_dir(),

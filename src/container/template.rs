@@ -36,6 +36,7 @@ use crate::agent::protocol::{AGENT_PORT, MODE_CONTAINER};
 use crate::api::client::ApiClient;
 use crate::api::models::{SnapshotCreateParams, SnapshotType, VmState};
 use crate::config::CpuProfile;
+use crate::devices::virtio::balloon::BalloonConfig;
 use crate::snapshot::{StateFile, FORMAT_VERSION, HEARTH_VERSION};
 
 /// How long the API of a template being made may take to answer (the snapshot writes
@@ -99,6 +100,10 @@ pub struct TemplateKey {
     /// Each NIC's kind of back end (`tap`, `user`): a guest that took a tap's offloads
     /// cannot be restored onto passt, which wants whole frames.
     pub nic_kinds: Vec<String>,
+    /// The balloon (machines): part of the device slots, and its configuration decides
+    /// the features the saved driver negotiated.
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// The kind of back end a NIC has, for [`TemplateKey::nic_kinds`].
@@ -140,6 +145,7 @@ impl TemplateKey {
             nets: spec.nets.len(),
             nic_kinds: spec.nets.iter().map(nic_kind).collect(),
             fs: spec.fs.len(),
+            balloon: spec.balloon.clone(),
         })
     }
 
@@ -698,6 +704,7 @@ mod tests {
             nets: 0,
             nic_kinds: Vec::new(),
             fs: 0,
+            balloon: None,
         }
     }
 
@@ -710,6 +717,9 @@ mod tests {
         let mut variants = Vec::new();
         let mut k = base.clone();
         k.vcpus = 2;
+        variants.push(k);
+        let mut k = base.clone();
+        k.balloon = Some(crate::container::machine::machine_balloon());
         variants.push(k);
         let mut k = base.clone();
         k.memory_mib = 2;

@@ -25,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 
 use super::template::Template;
 use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::devices::virtio::balloon::BalloonConfig;
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::fs::FsConfig;
 use crate::devices::virtio::net::NetConfig;
@@ -91,6 +92,8 @@ pub struct VmSpec {
     /// The virtiofsd program, when `fs` is not empty (a template of this shape is made
     /// with throwaway back ends of its own).
     pub virtiofsd: Option<PathBuf>,
+    /// A virtio-balloon (machines have one: see `machine::machine_balloon`).
+    pub balloon: Option<BalloonConfig>,
     pub vsock_socket: PathBuf,
     /// Serial console and VMM diagnostics go here.
     pub console_log: PathBuf,
@@ -268,6 +271,7 @@ impl VmSpec {
         });
         // Guests never wait for entropy (clones of a template least of all).
         config.rng = Some(RngConfig::default());
+        config.balloon = self.balloon.clone();
         config.validate()?;
         Ok(config)
     }
@@ -437,6 +441,7 @@ mod tests {
             nets: vec!["tap=t0".parse().unwrap()],
             fs: vec![FsConfig::new(fs_tag(0), dir.join("fs0.sock"))],
             virtiofsd: None,
+            balloon: None,
             vsock_socket: dir.join("v.sock"),
             console_log: dir.join("console.log"),
             state_dir: dir.to_path_buf(),
@@ -472,6 +477,12 @@ mod tests {
             format!("cid=3,socket={}", dir.join("v.sock").display())
         );
         assert_eq!(spec.config_path(), dir.join(CONFIG_FILE));
+        assert_eq!(config.balloon, None);
+        spec.balloon = Some(super::super::machine::machine_balloon());
+        assert_eq!(spec.vm_config().unwrap().balloon, spec.balloon);
+        // A target larger than the VM is refused before the VMM starts.
+        spec.balloon = Some("amount_mib=321".parse().unwrap());
+        assert!(matches!(spec.vm_config(), Err(ConfigError::Balloon(_))));
 
         spec.cpus = 300;
         assert!(matches!(spec.vm_config(), Err(ConfigError::VcpuCount(300))));

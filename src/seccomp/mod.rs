@@ -214,7 +214,9 @@ fn runtime(rules: &mut Rules, pid: u32) -> BackendResult<()> {
         rules,
         &[
             libc::SYS_brk,
-            libc::SYS_madvise, // glibc's malloc trims, a thread's exit frees its stack
+            // glibc's malloc trims, a thread's exit frees its stack, the balloon drops guest
+            // pages (MADV_DONTNEED, MADV_REMOVE on shared memory).
+            libc::SYS_madvise,
             libc::SYS_munmap,
             libc::SYS_mremap, // realloc of large buffers
             libc::SYS_futex,  // std's Mutex, Condvar, mpsc and thread join

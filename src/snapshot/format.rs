@@ -37,8 +37,8 @@ pub const MAGIC: [u8; 8] = *b"HEARTHST";
 /// The version this hearth writes. 2: the devices' state holds the VM generation ID's
 /// address and interrupt. 3: each disk's, NIC's and entropy device's configuration holds
 /// its rate limiters. 4: a NIC's configuration holds its back end (tap, stream socket or
-/// user-mode networking) instead of a tap name, and a virtio-fs device's state (a new last
-/// variant of the virtio device states).
+/// user-mode networking) instead of a tap name; virtio-fs and virtio-balloon device states
+/// (new last variants of the virtio device states).
 pub const FORMAT_VERSION: u32 = 4;
 /// The versions this hearth reads.
 pub const SUPPORTED_FORMAT_VERSIONS: &[u32] = &[3, FORMAT_VERSION];

@@ -89,7 +89,7 @@ impl DevicesState {
                 VirtioDeviceState::Vsock(state) => vsock = Some(&mut state.config.uds_path),
                 VirtioDeviceState::Fs(state) => fs.push(&mut state.config),
                 // Nothing on the host to point elsewhere.
-                VirtioDeviceState::Rng(_) => {}
+                VirtioDeviceState::Rng(_) | VirtioDeviceState::Balloon(_) => {}
             }
         }
         let missing = |kind, index, count| OverrideError::NoSuchDevice { kind, index, count };
@@ -281,6 +281,7 @@ mod tests {
                 VirtioDeviceState::Fs(f) => {
                     format!("{}:{}", f.config.tag, f.config.socket.display())
                 }
+                VirtioDeviceState::Balloon(_) => "balloon".to_string(),
             })
             .collect()
     }

@@ -76,6 +76,11 @@ impl WritableChain {
         self.capacity
     }
 
+    /// The non-empty segments, (guest address, length), in chain order.
+    pub fn segments(&self) -> &[(GuestAddress, u32)] {
+        &self.segments
+    }
+
     /// Writes the concatenation of `sources` to the start of the chain, as far as it
     /// fits. Returns the bytes written, as `Err` if a segment is no longer in guest memory
     /// (the write stops there).

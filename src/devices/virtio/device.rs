@@ -154,10 +154,16 @@ impl DeviceCore {
     /// What activation requires of the driver's setup: every queue ready, of a valid size,
     /// its rings inside guest memory.
     pub fn check_activation(&self, mem: &GuestMemory) -> Result<(), ActivateError> {
+        self.check_queues(mem, self.queues.len())
+    }
+
+    /// [`Self::check_activation`] for a device whose driver sets up only its first
+    /// `in_use` queues, the others belonging to features it declined (virtio-balloon).
+    fn check_queues(&self, mem: &GuestMemory, in_use: usize) -> Result<(), ActivateError> {
         if self.is_activated() {
             return Err(ActivateError::AlreadyActive);
         }
-        for (index, queue) in self.queues.iter().enumerate() {
+        for (index, queue) in self.queues.iter().take(in_use).enumerate() {
             if !queue.ready() {
                 return Err(ActivateError::BadQueues(format!(
                     "queue {index} is not ready"
@@ -178,7 +184,19 @@ impl DeviceCore {
         mem: GuestMemory,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
-        self.check_activation(&mem)?;
+        let all = self.queues.len();
+        self.activate_first(mem, interrupt, all)
+    }
+
+    /// [`Self::activate`] when the driver uses only the first `in_use` queues: the rest
+    /// are neither checked nor served.
+    pub fn activate_first(
+        &mut self,
+        mem: GuestMemory,
+        interrupt: Arc<Interrupt>,
+        in_use: usize,
+    ) -> Result<(), ActivateError> {
+        self.check_queues(&mem, in_use)?;
         let event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX);
         for queue in &mut self.queues {
             queue.set_event_idx(event_idx);

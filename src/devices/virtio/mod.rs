@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemory;
 
+pub mod balloon;
 pub mod block;
 pub mod buffer;
 pub mod device;
