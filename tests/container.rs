@@ -13,9 +13,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::container::{assert_status, run};
 use common::linux::{minimal_kernel, MINIMAL_TIMEOUT};
 use common::{describe, stderr_of, stdout_of, Running};
 use hearth::image::sample::{self, SampleLayer};
@@ -45,22 +46,11 @@ fn shared_templates() -> PathBuf {
 
 /// `hearth ARGS` with the cache, state and artifacts of this test run.
 fn hearth(scratch: &Path) -> Command {
-    let mut cmd = common::hearth();
-    cmd.env("HEARTH_CACHE", scratch.join("cache"))
-        .env("HEARTH_TEMPLATES", shared_templates())
-        .env("HEARTH_STATE", state_dir(scratch))
-        .env("HEARTH_GUEST_KERNEL", minimal_kernel())
-        .env("HEARTH_INIT", env!("CARGO_BIN_EXE_hearth-init"));
-    cmd
-}
-
-fn run(cmd: Command) -> Output {
-    common::run_with_timeout(cmd, MINIMAL_TIMEOUT)
-}
-
-#[track_caller]
-fn assert_status(out: &Output, code: i32) {
-    assert_eq!(out.status.code(), Some(code), "{}", describe(out));
+    common::container::hearth_in(
+        &scratch.join("cache"),
+        &shared_templates(),
+        &state_dir(scratch),
+    )
 }
 
 fn oci_image(dir: &Path, layers: &[SampleLayer]) -> PathBuf {

@@ -12,10 +12,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::linux::{minimal_kernel, MINIMAL_TIMEOUT};
+use common::container::{assert_status, run};
 use common::{describe, stderr_of, stdout_of, Running};
 use hearth::image::sample::{self, SampleLayer};
 
@@ -31,22 +31,11 @@ fn state_dir(scratch: &Path) -> PathBuf {
 }
 
 fn hearth(scratch: &Path) -> Command {
-    let mut cmd = common::hearth();
-    cmd.env("HEARTH_CACHE", scratch.join("cache"))
-        .env("HEARTH_TEMPLATES", scratch.join("templates"))
-        .env("HEARTH_STATE", state_dir(scratch))
-        .env("HEARTH_GUEST_KERNEL", minimal_kernel())
-        .env("HEARTH_INIT", env!("CARGO_BIN_EXE_hearth-init"));
-    cmd
-}
-
-fn run(cmd: Command) -> Output {
-    common::run_with_timeout(cmd, MINIMAL_TIMEOUT)
-}
-
-#[track_caller]
-fn assert_status(out: &Output, code: i32) {
-    assert_eq!(out.status.code(), Some(code), "{}", describe(out));
+    common::container::hearth_in(
+        &scratch.join("cache"),
+        &scratch.join("templates"),
+        &state_dir(scratch),
+    )
 }
 
 /// Kills the machine's VMM if the test fails before stopping it, showing its console.

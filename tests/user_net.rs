@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::linux::{minimal_kernel, MINIMAL_TIMEOUT};
+use common::linux::MINIMAL_TIMEOUT;
 use common::{announce_skip, describe, kvm_available, stderr_of, Need, Running};
 use hearth::image::sample::{self, SampleLayer};
 
@@ -26,13 +26,11 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn hearth(scratch: &Path) -> Command {
-    let mut cmd = common::hearth();
-    cmd.env("HEARTH_CACHE", scratch.join("cache"))
-        .env("HEARTH_TEMPLATES", scratch.join("templates"))
-        .env("HEARTH_STATE", scratch.join("state"))
-        .env("HEARTH_GUEST_KERNEL", minimal_kernel())
-        .env("HEARTH_INIT", env!("CARGO_BIN_EXE_hearth-init"));
-    cmd
+    common::container::hearth_in(
+        &scratch.join("cache"),
+        &scratch.join("templates"),
+        &scratch.join("state"),
+    )
 }
 
 fn passt_installed() -> bool {

@@ -9,10 +9,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::linux::{minimal_kernel, MINIMAL_TIMEOUT};
+use common::container::{assert_status, run};
+use common::linux::MINIMAL_TIMEOUT;
 use common::{describe, stderr_of, stdout_of, Need};
 use hearth::image::sample;
 
@@ -27,26 +28,12 @@ fn scratch(name: &str) -> PathBuf {
 
 /// `hearth ARGS` with the cache, templates and state of this test.
 fn hearth(scratch: &Path) -> Command {
-    let mut cmd = common::hearth();
-    cmd.env("HEARTH_CACHE", scratch.join("cache"))
-        .env(
-            "HEARTH_TEMPLATES",
-            Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("volumes-templates-{}", std::process::id())),
-        )
-        .env("HEARTH_STATE", scratch.join("state"))
-        .env("HEARTH_GUEST_KERNEL", minimal_kernel())
-        .env("HEARTH_INIT", env!("CARGO_BIN_EXE_hearth-init"));
-    cmd
-}
-
-fn run(cmd: Command) -> Output {
-    common::run_with_timeout(cmd, MINIMAL_TIMEOUT)
-}
-
-#[track_caller]
-fn assert_status(out: &Output, code: i32) {
-    assert_eq!(out.status.code(), Some(code), "{}", describe(out));
+    common::container::hearth_in(
+        &scratch.join("cache"),
+        &Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("volumes-templates-{}", std::process::id())),
+        &scratch.join("state"),
+    )
 }
 
 /// Whether shared folders can work here: KVM, root, and a virtiofsd.

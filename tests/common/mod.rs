@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod api_client;
+pub mod container;
 pub mod linux;
 pub mod netns;
 
