@@ -660,10 +660,14 @@ fn container_vmm(front_end: u32, jailed: bool) -> u32 {
             .collect()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // The VMM's passt (user-mode networking) is its sibling under the jail's supervisor.
+    let is_hearth = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "hearth")
+    };
     loop {
         for child in children(front_end) {
             let candidates = if jailed { children(child) } else { vec![child] };
-            if let Some(&vmm) = candidates.first() {
+            if let Some(vmm) = candidates.into_iter().find(is_hearth) {
                 if !jailed || status_field(vmm, "Uid:") != "0\t0\t0\t0" {
                     return vmm;
                 }
