@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -123,23 +123,65 @@ pub fn restore_shared_guest_memory(
             .collect(),
     };
     let mem = map_shared(&new_memfd(layout.ram_size())?, &packed)?;
+    let mut copied = 0u64;
     for r in &layout.regions {
         let copy_err = |source| MemoryError::CopyIn {
             address: r.guest_address,
             source,
         };
-        file.seek(SeekFrom::Start(r.file_offset))
-            .map_err(copy_err)?;
-        // validate() checked that the size fits usize.
-        mem.read_exact_volatile_from(GuestAddress(r.guest_address), &mut file, r.size as usize)
-            .map_err(|e| copy_err(std::io::Error::other(e)))?;
+        // The file's holes (pages the guest never wrote, or wrote zeros to) stay holes of
+        // the memfd: they read as zeros without costing memory or a copy.
+        let end = r.file_offset + r.size;
+        let mut at = r.file_offset;
+        while let Some((start, stop)) = next_data(&file, at, end).map_err(copy_err)? {
+            file.seek(SeekFrom::Start(start)).map_err(copy_err)?;
+            let address = GuestAddress(r.guest_address + (start - r.file_offset));
+            // Within the region, whose size validate() checked fits usize.
+            mem.read_exact_volatile_from(address, &mut file, (stop - start) as usize)
+                .map_err(|e| copy_err(std::io::Error::other(e)))?;
+            copied += stop - start;
+            at = stop;
+        }
     }
     log::info!(
-        "restore: copied {} MiB of the memory file into shared guest memory in {} ms",
+        "restore: copied {} MiB of data ({} MiB of guest RAM) from the memory file into \
+         shared guest memory in {} ms",
+        copied >> 20,
         layout.ram_size() >> 20,
         started.elapsed().as_millis()
     );
     Ok(mem)
+}
+
+/// The next range of `file` between `from` and `end` that holds data (`SEEK_DATA`,
+/// `SEEK_HOLE`); a file system without hole reporting answers with all of it.
+fn next_data(file: &File, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
+    if from >= end {
+        return Ok(None);
+    }
+    let seek = |offset: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let offset = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
+        // SAFETY: lseek on a descriptor `file` owns; it only moves the file position.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        let err = std::io::Error::last_os_error();
+        // ENXIO: no data (or hole) at or after the offset.
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(err)
+        }
+    };
+    let Some(start) = seek(from, libc::SEEK_DATA)? else {
+        return Ok(None);
+    };
+    if start >= end {
+        return Ok(None);
+    }
+    let stop = seek(start, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+    Ok(Some((start, stop)))
 }
 
 /// An anonymous memfd of `size` bytes, closed on exec (the back end gets it over the
@@ -389,10 +431,12 @@ mod tests {
     }
 
     fn memory_file(bytes: &[u8]) -> File {
+        // Tests run in parallel: each file gets a name of its own.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
             "hearth-memory-test-{}-{}",
             std::process::id(),
-            bytes.len()
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let mut file = File::create(&path).unwrap();
         file.write_all(bytes).unwrap();
@@ -468,6 +512,31 @@ mod tests {
         std::os::unix::fs::FileExt::read_exact_at(memfd, &mut byte, 0).unwrap();
         assert_eq!(byte, [b'c']);
         let err = restore_shared_guest_memory(memory_file(&bytes[..4096]), &layout).unwrap_err();
+        assert!(matches!(err, MemoryError::FileTooShort { .. }));
+
+        // A sparse file: data, a hole, data; the hole reads as zeros.
+        let path = std::env::temp_dir().join(format!("hearth-sparse-{}", std::process::id()));
+        let sparse = File::create(&path).unwrap();
+        sparse.set_len(3 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&sparse, &[7; 4096], 0).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&sparse, &[9; 4096], (2 << 20) + 4096).unwrap();
+        drop(sparse);
+        let layout = MemoryLayout {
+            regions: vec![region(0, 3 << 20, 0)],
+        };
+        let mem = restore_shared_guest_memory(File::open(&path).unwrap(), &layout).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(4095)).unwrap(), 7);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(4096)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(1 << 20)).unwrap(), 0);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress((2 << 20) + 4096)).unwrap(),
+            9
+        );
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress((2 << 20) + 8192)).unwrap(),
+            0
+        );
         assert!(matches!(err, MemoryError::FileTooShort { .. }));
     }
 

@@ -17,13 +17,13 @@ use std::io;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{Backend, BackendError, Vring, GUEST_FEATURES};
 use super::event_handler::Watches;
 use super::{FsConfig, FsError, TAG_BYTES};
-use crate::devices::virtio::{ActivateError, DeviceCore, Interrupt, VirtioDevice};
+use crate::devices::virtio::{ActivateError, DeviceCore, DeviceState, Interrupt, VirtioDevice};
 use crate::vstate::memory::GuestMemory;
 
 /// The configuration space: the tag, NUL-padded, and the number of request queues.
@@ -84,12 +84,13 @@ impl Fs {
         &self.config
     }
 
-    /// Whether the back end failed since the last activation.
+    /// Whether the back end failed: the device stays unusable for this VM's life.
     pub fn is_broken(&self) -> bool {
         self.broken
     }
 
-    /// The back end failed: drop it (closing the socket), and tell the driver.
+    /// The back end failed: set it aside for the event loop to stop watching and close,
+    /// and tell the driver.
     pub(super) fn mark_broken(&mut self, why: &dyn std::error::Error) {
         log::error!(
             "virtio-fs \"{}\": the back end failed, the device needs a reset: {}",
@@ -107,14 +108,14 @@ impl Fs {
         self.rings_running = false;
         if !self.broken {
             self.broken = true;
-            if let crate::devices::virtio::DeviceState::Activated(active) = self.core.state() {
+            if let DeviceState::Activated(active) = self.core.state() {
                 active.interrupt.signal_config_change();
             }
         }
     }
 
-    /// The rings as the driver configured them, from `bases`.
-    fn vrings<'a>(&'a self, bases: impl Fn(usize, &Queue) -> u16) -> Vec<Vring<'a>> {
+    /// The rings as the driver configured them, from where each queue is.
+    fn vrings(&self) -> Vec<Vring<'_>> {
         self.core
             .queues()
             .iter()
@@ -126,7 +127,7 @@ impl Fs {
                 desc_table: queue.desc_table(),
                 avail_ring: queue.avail_ring(),
                 used_ring: queue.used_ring(),
-                base: bases(index, queue),
+                base: queue.next_avail(),
                 kick,
                 call,
             })
@@ -147,10 +148,8 @@ impl Fs {
         match backend.stop(self.core.queues().len()) {
             Ok(bases) => {
                 let mem = match self.core.state() {
-                    crate::devices::virtio::DeviceState::Activated(active) => {
-                        Some(active.mem.clone())
-                    }
-                    crate::devices::virtio::DeviceState::Inactive => None,
+                    DeviceState::Activated(active) => Some(active.mem.clone()),
+                    DeviceState::Inactive => None,
                 };
                 for (queue, base) in self.core.queues_mut().iter_mut().zip(bases) {
                     queue.set_next_avail(base);
@@ -173,14 +172,14 @@ impl Fs {
         if self.rings_running || self.broken {
             return;
         }
-        let crate::devices::virtio::DeviceState::Activated(active) = self.core.state() else {
+        let DeviceState::Activated(active) = self.core.state() else {
             return;
         };
         let mem = active.mem.clone();
         let Some(mut backend) = self.backend.take() else {
             return;
         };
-        let result = backend.start_vrings(&mem, &self.vrings(|_, q| q.next_avail()));
+        let result = backend.start_vrings(&mem, &self.vrings());
         self.backend = Some(backend);
         match result {
             Ok(()) => self.rings_running = true,
@@ -192,11 +191,7 @@ impl Fs {
     fn start_backend(&mut self, mem: &GuestMemory) -> Result<(), BackendError> {
         let driver_features = self.core.acked_features();
         let mut backend = self.backend.take().ok_or(BackendError::Gone)?;
-        let result = backend.start(
-            driver_features,
-            mem,
-            &self.vrings(|_, queue| queue.next_avail()),
-        );
+        let result = backend.start(driver_features, mem, &self.vrings());
         self.backend = Some(backend);
         result
     }
