@@ -461,9 +461,22 @@ fn a_snapshot_restores_into_a_jail() {
         assert!(Instant::now() < deadline, "no API socket");
         thread::sleep(Duration::from_millis(20));
     }
-    let (code, info) = common::api_client::call(&api_sock, "GET", "/", "");
-    assert_eq!(code, 200, "{info}");
-    assert_eq!(info["state"], "Running");
+    // The API answers from the moment its socket exists, the load of the snapshot may
+    // still be under way ("Not started").
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, info) = common::api_client::call(&api_sock, "GET", "/", "");
+        assert_eq!(code, 200, "{info}");
+        if info["state"] == "Running" {
+            break;
+        }
+        assert_eq!(info["state"], "Not started", "{info}");
+        assert!(
+            Instant::now() < deadline,
+            "the restored VM never ran: {info}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
     restored.signal(libc::SIGTERM);
     let out = restored.finish(Duration::from_secs(30));
     assert_exit_code(&out, 143);
