@@ -13,60 +13,16 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Sender};
+use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 use hearth::config::{RestoreConfig, SerialConfig};
 use hearth::exit::ExitReason;
-use hearth::vmm::{ControlChannel, ControlHook, RunState, Vmm};
 
 use common::linux::{linux_args, make_ext4_image, minimal_guest, read_from_ext4_image};
 use common::{kvm_available, TempDir};
-
-/// Takes one snapshot once the VM is paused.
-struct SnapshotWhenPaused {
-    channel: ControlChannel,
-    files: (PathBuf, PathBuf),
-    saved: Sender<Result<hearth::snapshot::Saved, String>>,
-    done: bool,
-}
-
-impl ControlHook for SnapshotWhenPaused {
-    fn start(&mut self, vmm: &mut Vmm) {
-        self.channel.start(vmm);
-    }
-
-    fn after_events(&mut self, vmm: &mut Vmm) {
-        self.channel.after_events(vmm);
-        if !self.done && vmm.state() == RunState::Paused {
-            self.done = true;
-            let saved = vmm
-                .snapshot(&self.files.0, &self.files.1, None)
-                .map_err(|e| hearth::error_chain(&e));
-            let _ = self.saved.send(saved);
-        }
-    }
-}
-
-/// Waits until `log` holds `marker`, or the VM thread ended, or the time is up.
-fn wait_for_marker(log: &Path, marker: &str, running: &thread::JoinHandle<impl Send>) {
-    let deadline = Instant::now() + minimal_guest().timeout;
-    loop {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        if text.contains(marker) {
-            return;
-        }
-        assert!(
-            !running.is_finished(),
-            "the VM ended before {marker}:\n{text}"
-        );
-        assert!(Instant::now() < deadline, "no {marker} in time:\n{text}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn a_restored_linux_guest_finishes_its_disk_io() {
@@ -110,29 +66,7 @@ fn a_restored_linux_guest_finishes_its_disk_io() {
     };
     let config = run.vm_config().expect("a valid config");
 
-    let (controller, channel) = hearth::vmm::control_channel().expect("control channel");
-    let (saved_tx, saved_rx) = mpsc::channel();
-    let mut hook = SnapshotWhenPaused {
-        channel,
-        files: (state.clone(), mem.clone()),
-        saved: saved_tx,
-        done: false,
-    };
-    let (exit_tx, exit_rx) = mpsc::channel();
-    let original = thread::spawn(move || {
-        let vmm = hearth::builder::build_vm(&config, Instant::now()).expect("build the VM");
-        exit_tx.send(vmm.exit_signal().clone()).unwrap();
-        vmm.run_with(&mut hook)
-    });
-    let exit = exit_rx.recv().expect("the VM was built");
-    wait_for_marker(&log, "READY-42", &original);
-    controller.pause().expect("pause");
-    let saved = saved_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the hook took the snapshot")
-        .expect("the snapshot");
-    exit.request(ExitReason::Signal(libc::SIGTERM));
-    original.join().unwrap().expect("the original VM ran");
+    let saved = common::snapshot::snapshot_at_marker(config, &log, "READY-42", &state, &mem);
     let before = fs::read_to_string(&log).unwrap();
     assert!(!before.contains("DONE-55"), "{before}");
     assert!(

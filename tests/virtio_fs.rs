@@ -11,14 +11,12 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 use hearth::config::{FsOverride, RestoreConfig, SerialConfig};
 use hearth::exit::ExitReason;
-use hearth::vmm::{ControlChannel, ControlHook, RunState, Vmm};
 
 use common::linux::{assert_booted, assert_powered_off, boot_linux, linux_args, minimal_guest};
 use common::{announce_skip, assert_exit_code, describe, kvm_available, stdout_of, Need, TempDir};
@@ -147,48 +145,6 @@ fn a_linux_guest_reads_and_writes_a_host_folder() {
     );
 }
 
-/// Takes one snapshot once the VM is paused.
-struct SnapshotWhenPaused {
-    channel: ControlChannel,
-    files: (PathBuf, PathBuf),
-    saved: mpsc::Sender<Result<(), String>>,
-    done: bool,
-}
-
-impl ControlHook for SnapshotWhenPaused {
-    fn start(&mut self, vmm: &mut Vmm) {
-        self.channel.start(vmm);
-    }
-
-    fn after_events(&mut self, vmm: &mut Vmm) {
-        self.channel.after_events(vmm);
-        if !self.done && vmm.state() == RunState::Paused {
-            self.done = true;
-            let saved = vmm
-                .snapshot(&self.files.0, &self.files.1, None)
-                .map(|_| ())
-                .map_err(|e| hearth::error_chain(&e));
-            let _ = self.saved.send(saved);
-        }
-    }
-}
-
-fn wait_for_marker(log: &Path, marker: &str, running: &thread::JoinHandle<impl Send>) {
-    let deadline = Instant::now() + minimal_guest().timeout;
-    loop {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        if text.contains(marker) {
-            return;
-        }
-        assert!(
-            !running.is_finished(),
-            "the VM ended before {marker}:\n{text}"
-        );
-        assert!(Instant::now() < deadline, "no {marker} in time:\n{text}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A guest whose virtio-fs driver probed the device but mounted nothing is paused and
 /// snapshotted; its back end is killed; the VM restored against a fresh virtiofsd (the
 /// restore must name it) mounts the folder and uses it.
@@ -228,29 +184,7 @@ fn a_restored_guest_mounts_through_a_fresh_back_end() {
     };
     let config = run.vm_config().expect("a valid config");
 
-    let (controller, channel) = hearth::vmm::control_channel().expect("control channel");
-    let (saved_tx, saved_rx) = mpsc::channel();
-    let mut hook = SnapshotWhenPaused {
-        channel,
-        files: (state.clone(), mem.clone()),
-        saved: saved_tx,
-        done: false,
-    };
-    let (exit_tx, exit_rx) = mpsc::channel();
-    let original = thread::spawn(move || {
-        let vmm = hearth::builder::build_vm(&config, Instant::now()).expect("build the VM");
-        exit_tx.send(vmm.exit_signal().clone()).unwrap();
-        vmm.run_with(&mut hook)
-    });
-    let exit = exit_rx.recv().expect("the VM was built");
-    wait_for_marker(&log, "READY-42", &original);
-    controller.pause().expect("pause");
-    saved_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the hook took the snapshot")
-        .expect("the snapshot");
-    exit.request(ExitReason::Signal(libc::SIGTERM));
-    original.join().unwrap().expect("the original VM ran");
+    common::snapshot::snapshot_at_marker(config, &log, "READY-42", &state, &mem);
     drop(first);
     let before = fs::read_to_string(&log).unwrap();
     assert!(!before.contains("DONE-55"), "{before}");

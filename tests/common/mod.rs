@@ -9,6 +9,7 @@ pub mod api_client;
 pub mod container;
 pub mod linux;
 pub mod netns;
+pub mod snapshot;
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
