@@ -248,14 +248,7 @@ impl Drop for MachineGuard {
 fn avx_state_rootfs(scratch: &Path) -> PathBuf {
     let root = scratch.join("avx-root");
     std::fs::create_dir_all(&root).unwrap();
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/avx_state.c");
-    let out = Command::new("cc")
-        .args(["-O2", "-static", "-o"])
-        .arg(root.join("avx_state"))
-        .arg(source)
-        .output()
-        .expect("run cc (build-essential)");
-    assert!(out.status.success(), "cc {source}: {}", describe(&out));
+    common::build_static_program("avx_state", &root.join("avx_state"));
     root
 }
 

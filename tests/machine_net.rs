@@ -66,15 +66,8 @@ impl Drop for MachineGuard {
 
 /// busybox plus `/bin/udp_echo` (tests/programs/udp_echo.c, built static here).
 fn image(scratch: &Path) -> PathBuf {
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/udp_echo.c");
     let binary = scratch.join("udp_echo");
-    let out = Command::new("cc")
-        .args(["-O2", "-static", "-o"])
-        .arg(&binary)
-        .arg(source)
-        .output()
-        .expect("run cc (build-essential)");
-    assert!(out.status.success(), "cc {source}: {}", describe(&out));
+    common::build_static_program("udp_echo", &binary);
     let layer =
         SampleLayer::new().file_with("bin/udp_echo", std::fs::read(&binary).unwrap(), 0o755, 0, 0);
     let image = scratch.join("busybox-oci");

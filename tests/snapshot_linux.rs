@@ -122,15 +122,8 @@ fn ged_interrupts(console: &str) -> Option<u64> {
 
 /// tests/programs/vsock_exec.c, built static into `dir`; its bytes.
 fn vsock_exec_binary(dir: &Path) -> Vec<u8> {
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/vsock_exec.c");
     let binary = dir.join("vsock_exec");
-    let status = std::process::Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&binary)
-        .arg(source)
-        .status()
-        .expect("run cc (build-essential)");
-    assert!(status.success(), "cannot build {source}");
+    common::build_static_program("vsock_exec", &binary);
     fs::read(&binary).expect("read vsock_exec")
 }
 

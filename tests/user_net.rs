@@ -81,15 +81,8 @@ fn passts_with(needle: &str) -> Vec<u32> {
 /// The busybox image with /udp_echo (tests/programs/udp_echo.c, static) and a page for
 /// httpd.
 fn image(dir: &Path) -> PathBuf {
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/programs/udp_echo.c");
     let binary = dir.join("udp_echo");
-    let out = Command::new("cc")
-        .args(["-O2", "-static", "-o"])
-        .arg(&binary)
-        .arg(source)
-        .output()
-        .expect("run cc (build-essential)");
-    assert!(out.status.success(), "cc {source}: {}", describe(&out));
+    common::build_static_program("udp_echo", &binary);
     let layer = SampleLayer::new()
         .file_with("udp_echo", std::fs::read(&binary).unwrap(), 0o755, 0, 0)
         .dir("www")

@@ -540,3 +540,23 @@ pub fn wait_for_seccomp(
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Builds `tests/programs/NAME.c` into a static executable at `out` (guest programs run
+/// in an initramfs or an image with no C library).
+pub fn build_static_program(name: &str, out: &Path) {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/programs")
+        .join(format!("{name}.c"));
+    let built = Command::new("cc")
+        .args(["-O2", "-static", "-o"])
+        .arg(out)
+        .arg(&source)
+        .output()
+        .expect("run cc (build-essential)");
+    assert!(
+        built.status.success(),
+        "cc {}: {}",
+        source.display(),
+        describe(&built)
+    );
+}
