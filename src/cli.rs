@@ -161,6 +161,73 @@ pub enum Command {
     Remote(crate::api::remote::RemoteArgs),
     /// Restore a microVM from a snapshot and run it.
     Restore(crate::api::restore::RestoreArgs),
+    /// Pull an image from a registry into hearth's cache (docker's `pull`).
+    Pull(PullArgs),
+}
+
+/// Where and for which platform images are pulled (`hearth pull`, `container run REF`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RegistryArgs {
+    /// Speak plain HTTP to this registry (HOST or HOST:PORT). Repeatable. Loopback
+    /// registries (localhost, 127.0.0.0/8, ::1) always are.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+
+    /// The platform to pick from a multi-platform image.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]", default_value = "linux/amd64")]
+    pub platform: String,
+}
+
+impl RegistryArgs {
+    /// The pull options these arguments ask for.
+    pub fn options(
+        &self,
+        quiet: bool,
+    ) -> Result<crate::image::pull::PullOptions, crate::image::pull::PullError> {
+        Ok(crate::image::pull::PullOptions {
+            platform: self.platform.parse()?,
+            insecure_registries: self.insecure_registries.clone(),
+            quiet,
+        })
+    }
+}
+
+/// `hearth pull` options.
+#[derive(Debug, clap::Args)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+
+    /// Print only the image's full name.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// The image: NAME[:TAG][@DIGEST], with docker's defaults (`alpine` is
+    /// docker.io/library/alpine:latest).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+}
+
+/// When `container run` contacts the registry (docker's `--pull`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum PullPolicyArg {
+    /// Pull every time (blobs already cached are not downloaded again).
+    Always,
+    /// Pull only when the reference has not been pulled before.
+    #[default]
+    Missing,
+    /// Never pull: the image must be in the cache.
+    Never,
+}
+
+impl From<PullPolicyArg> for crate::image::pull::PullPolicy {
+    fn from(arg: PullPolicyArg) -> Self {
+        match arg {
+            PullPolicyArg::Always => Self::Always,
+            PullPolicyArg::Missing => Self::Missing,
+            PullPolicyArg::Never => Self::Never,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -267,8 +334,16 @@ pub struct ContainerRunArgs {
     #[arg(long)]
     pub no_jail: bool,
 
+    /// When to pull IMAGE from its registry, if it is a reference.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = PullPolicyArg::Missing)]
+    pub pull: PullPolicyArg,
+
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+
     /// The image: an OCI layout directory, an OCI archive, a `docker save` tarball, or a
-    /// root filesystem directory or tarball.
+    /// root filesystem directory or tarball; anything that is not an existing file or
+    /// directory is a registry reference (`busybox`, `localhost:5000/x:y`).
     #[arg(value_name = "IMAGE")]
     pub image: PathBuf,
 

@@ -77,6 +77,8 @@ pub enum Error {
     Jail(#[from] jail::JailError),
     #[error(transparent)]
     Passt(#[from] net::passt::PasstError),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
 }
 
 /// Runs a parsed command line; returns the process exit status.
@@ -127,6 +129,14 @@ pub fn run_cli(cli: Cli) -> Result<u8, Error> {
             eprintln!("hearth: {}", error_chain(&err));
             1
         })),
+        Command::Pull(args) => {
+            let options = args
+                .registry
+                .options(args.quiet)
+                .map_err(image::ImageError::from)?;
+            image::pull::command(&args.reference, &options).map_err(image::ImageError::from)?;
+            Ok(0)
+        }
         Command::Bench(args) => Ok(bench::run(args)?),
         Command::Remote(args) => {
             api::remote::run(&args, &mut std::io::stdout().lock())?;

@@ -319,7 +319,11 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
         None => Vec::new(),
     };
     let cache = ImageCache::default_location()?;
-    let prepared = image::prepare(&args.image, &cache)?;
+    let pull_options = args
+        .registry
+        .options(false)
+        .map_err(image::ImageError::from)?;
+    let prepared = image::prepare_image_arg(&args.image, &pull_options, args.pull.into(), &cache)?;
     let process = super::process_spec(
         &prepared.config,
         &args.process,

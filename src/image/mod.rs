@@ -32,6 +32,7 @@ mod ext4;
 pub mod layer;
 mod oci;
 mod plain;
+pub mod pull;
 pub mod sample;
 mod store;
 
@@ -135,6 +136,8 @@ pub enum ImageError {
     NoCacheDir,
     #[error("sample image: {0}")]
     Sample(String),
+    #[error(transparent)]
+    Pull(#[from] pull::PullError),
 }
 
 impl ImageError {
@@ -526,6 +529,54 @@ fn prepare_gzip_archive(
         ArchiveKind::Oci => prepare_oci(&store, reference, cache).map_err(label),
         _ => prepare_docker(&store, reference, &shown, cache).map_err(label),
     }
+}
+
+/// Prepares `image` as `hearth container run` takes it: an existing file or directory
+/// (or `DIR:REF` of an existing `DIR`) is a local image for [`prepare`]; anything else is a
+/// registry reference, pulled into the pull cache as `policy` says.
+pub fn prepare_image_arg(
+    image: &Path,
+    options: &pull::PullOptions,
+    policy: pull::PullPolicy,
+    cache: &ImageCache,
+) -> Result<PreparedImage, ImageError> {
+    let (_, local_reference) = split_reference(image);
+    let text = match image.to_str() {
+        Some(text) if image.symlink_metadata().is_err() && local_reference.is_none() => text,
+        _ => return prepare(image, cache),
+    };
+    let layout = pull::Layout::default_location()?;
+    let pulled = pull::resolve(text, options, policy, &layout).map_err(|e| {
+        // `missing.tar` is a valid reference too; say why a registry was asked.
+        let looks_like_file = [".tar", ".tgz", ".gz", ".zst"]
+            .iter()
+            .any(|ext| text.ends_with(ext));
+        let e = ImageError::from(e);
+        if looks_like_file {
+            e.context(format!("no file {text}, and as an image reference"))
+        } else {
+            e
+        }
+    })?;
+    prepare_pulled(&pulled, cache)
+}
+
+/// Prepares an image of the pull cache: the same root filesystem, config and digest as
+/// the image loaded from an OCI archive with the same manifest.
+pub fn prepare_pulled(
+    pulled: &pull::Pulled,
+    cache: &ImageCache,
+) -> Result<PreparedImage, ImageError> {
+    let store = store::DirStore::new(&pulled.layout);
+    let hex = store::digest_hex(&pulled.manifest_digest, "pulled manifest")?.to_string();
+    if let Some(found) = cache.lookup(&hex)? {
+        return Ok(found);
+    }
+    let manifest = oci::manifest_by_digest(&store, &hex)
+        .map_err(|e| e.context(format!("pulled image {}", pulled.name)))?;
+    cache
+        .build(&hex, |rootfs| oci::unpack(&store, &manifest, rootfs))
+        .map_err(|e| e.context(format!("pulled image {}", pulled.name)))
 }
 
 fn prepare_oci(

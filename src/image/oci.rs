@@ -119,6 +119,17 @@ pub(crate) fn resolve(
     descend(store, chosen, 0)
 }
 
+/// Reads the image manifest `sha256:<hex>` of the store (the pull cache names its
+/// manifests by digest, not through `index.json`).
+pub(crate) fn manifest_by_digest(
+    store: &dyn Store,
+    hex: &str,
+) -> Result<ImageManifest, ImageError> {
+    let what = format!("manifest {}", short_digest(hex));
+    let bytes = store.read_blob(hex, None, &what)?;
+    parse_json(&bytes, &what)
+}
+
 /// Reads the manifest or index `desc` points to; an index is followed to its
 /// linux/amd64 manifest.
 fn descend(
