@@ -402,12 +402,17 @@ impl Drop for Progress {
     }
 }
 
-/// Splits `DIR:REF` when `source` does not exist but `DIR` does.
+/// Splits `DIR:REF` when `source` does not exist but `DIR` does. `REF` may hold colons
+/// itself (a full name such as `127.0.0.1:5000/x:y` in the pull cache): the longest
+/// existing `DIR` wins.
 fn split_reference(source: &Path) -> (PathBuf, Option<String>) {
     if source.symlink_metadata().is_err() {
-        if let Some((dir, reference)) = source.to_str().and_then(|s| s.rsplit_once(':')) {
-            if !dir.is_empty() && !reference.is_empty() && Path::new(dir).exists() {
-                return (PathBuf::from(dir), Some(reference.to_string()));
+        if let Some(text) = source.to_str() {
+            for (at, _) in text.rmatch_indices(':') {
+                let (dir, reference) = (&text[..at], &text[at + 1..]);
+                if !dir.is_empty() && !reference.is_empty() && Path::new(dir).exists() {
+                    return (PathBuf::from(dir), Some(reference.to_string()));
+                }
             }
         }
     }

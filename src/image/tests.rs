@@ -561,3 +561,25 @@ fn non_archives_are_refused() {
         "{text}"
     );
 }
+
+#[test]
+fn dir_ref_split_lets_the_reference_hold_colons() {
+    let dir = temp_dir("split-ref");
+    let layout = dir.join("lay:out");
+    fs::create_dir_all(&layout).unwrap();
+    let shown = layout.display().to_string();
+    let split = |s: String| split_reference(Path::new(&s));
+    assert_eq!(
+        split(format!("{shown}:127.0.0.1:5000/x:y")),
+        (layout.clone(), Some("127.0.0.1:5000/x:y".to_string()))
+    );
+    assert_eq!(
+        split(format!("{shown}:latest")),
+        (layout.clone(), Some("latest".to_string()))
+    );
+    // An existing path is never split; a missing DIR is no reference.
+    assert_eq!(split(shown.clone()), (layout.clone(), None));
+    let missing = format!("{}/nope:tag", dir.display());
+    assert_eq!(split(missing.clone()), (PathBuf::from(missing), None));
+    fs::remove_dir_all(&dir).unwrap();
+}

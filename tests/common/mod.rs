@@ -395,6 +395,8 @@ pub enum Need {
     Pvm,
     /// passt (user-mode networking).
     Passt,
+    /// A local image registry and tools to fill it (docker-registry, skopeo, htpasswd).
+    Registry,
 }
 
 impl Need {
@@ -406,6 +408,7 @@ impl Need {
             Need::Tools => "tools",
             Need::Pvm => "pvm",
             Need::Passt => "passt",
+            Need::Registry => "registry",
         }
     }
 }
