@@ -1040,4 +1040,57 @@ mod tests {
             .unwrap();
         assert_eq!(cli.log_level, LogLevel::Debug);
     }
+
+    #[test]
+    fn pull_and_the_pull_policy() {
+        let cli = Cli::try_parse_from([
+            "hearth",
+            "pull",
+            "-q",
+            "--platform",
+            "linux/arm64",
+            "--insecure-registry",
+            "reg.lan",
+            "busybox",
+        ])
+        .unwrap();
+        let Some(Command::Pull(args)) = cli.command else {
+            panic!("expected pull");
+        };
+        assert_eq!(args.reference, "busybox");
+        let options = args.registry.options(args.quiet).unwrap();
+        assert!(options.quiet);
+        assert_eq!(options.platform.to_string(), "linux/arm64");
+        assert_eq!(options.insecure_registries, ["reg.lan"]);
+
+        let run = |extra: &[&str]| {
+            let mut argv = vec!["hearth", "container", "run"];
+            argv.extend_from_slice(extra);
+            argv.push("busybox");
+            match Cli::try_parse_from(argv).unwrap().command {
+                Some(Command::Container(ContainerCommand::Run(args))) => args,
+                _ => panic!("expected container run"),
+            }
+        };
+        let args = run(&[]);
+        assert_eq!(args.pull, PullPolicyArg::Missing);
+        assert_eq!(
+            args.registry.options(false).unwrap().platform.to_string(),
+            "linux/amd64"
+        );
+        assert_eq!(run(&["--pull", "never"]).pull, PullPolicyArg::Never);
+        assert_eq!(run(&["--pull", "always"]).pull, PullPolicyArg::Always);
+        let err = run(&["--platform", "amd64"])
+            .registry
+            .options(false)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid platform \"amd64\": expected OS/ARCH[/VARIANT], e.g. linux/amd64"
+        );
+        assert!(
+            Cli::try_parse_from(["hearth", "container", "run", "--pull", "sometimes", "x"])
+                .is_err()
+        );
+    }
 }

@@ -325,6 +325,19 @@ fn pull_by_tag_and_digest_and_again_downloads_nothing() {
     assert_eq!(stderr_of(&out), "");
     assert_eq!(scratch.blob_times(), before);
 
+    // Another name of the same image (docker's loopback rule holds for `localhost`
+    // too) shares every blob.
+    let local_name = format!("localhost:{}/x:y", registry.port);
+    let out = scratch.pull(&[&local_name]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(
+        count(&stderr_of(&out), ": Already exists"),
+        2,
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(scratch.blob_times(), before);
+
     // The pulled image is the archive's image: same digest, same config, same files.
     let pulled = pull::resolve(
         &name,

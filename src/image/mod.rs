@@ -538,7 +538,8 @@ fn prepare_gzip_archive(
 
 /// Prepares `image` as `hearth container run` takes it: an existing file or directory
 /// (or `DIR:REF` of an existing `DIR`) is a local image for [`prepare`]; anything else is a
-/// registry reference, pulled into the pull cache as `policy` says.
+/// registry reference, pulled into the pull cache as `policy` says. What is neither (a
+/// missing `/path`) fails as [`prepare`] does.
 pub fn prepare_image_arg(
     image: &Path,
     options: &pull::PullOptions,
@@ -547,7 +548,13 @@ pub fn prepare_image_arg(
 ) -> Result<PreparedImage, ImageError> {
     let (_, local_reference) = split_reference(image);
     let text = match image.to_str() {
-        Some(text) if image.symlink_metadata().is_err() && local_reference.is_none() => text,
+        Some(text)
+            if image.symlink_metadata().is_err()
+                && local_reference.is_none()
+                && pull::is_reference(text) =>
+        {
+            text
+        }
         _ => return prepare(image, cache),
     };
     let layout = pull::Layout::default_location()?;

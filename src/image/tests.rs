@@ -583,3 +583,21 @@ fn dir_ref_split_lets_the_reference_hold_colons() {
     assert_eq!(split(missing.clone()), (PathBuf::from(missing), None));
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn image_arg_that_is_no_reference_fails_as_a_path() {
+    let dir = temp_dir("image-arg");
+    let cache = ImageCache::new(dir.join("cache"));
+    let err = prepare_image_arg(
+        Path::new("/nonexistent/busybox.tar"),
+        &pull::PullOptions::default(),
+        pull::PullPolicy::Never,
+        &cache,
+    )
+    .unwrap_err();
+    assert_eq!(
+        error_chain(&err),
+        "cannot open image /nonexistent/busybox.tar: No such file or directory (os error 2)"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}

@@ -136,7 +136,8 @@ pub struct Pulled {
     /// The full reference (`docker.io/library/busybox:latest`).
     pub name: String,
     /// What the reference points to in the registry: the index digest of a multi-platform
-    /// image, else the manifest digest (docker's "Digest:").
+    /// image, else the manifest digest (docker's "Digest:"). An image found in the cache
+    /// without asking the registry has only its manifest digest here.
     pub digest: String,
     /// The image manifest for the platform.
     pub manifest_digest: String,
@@ -144,6 +145,11 @@ pub struct Pulled {
     pub downloaded: usize,
     /// The pull cache (an OCI image layout).
     pub layout: PathBuf,
+}
+
+/// Whether `text` is a well-formed image reference.
+pub fn is_reference(text: &str) -> bool {
+    reference::parse(text).is_ok()
 }
 
 /// Returns the image `text` names for `options.platform`, pulling it as `policy` says.
@@ -295,9 +301,6 @@ impl Job<'_> {
             (top, top_digest.clone(), media_type)
         };
         let manifest: ImageManifest = self.parse(&manifest_bytes, &manifest_digest)?;
-        if let Some(config_platform) = manifest.config().platform() {
-            log::debug!("manifest platform {config_platform:?}");
-        }
         self.layout
             .put_blob(&manifest_digest, &manifest_bytes, &self.registry)?;
 
