@@ -8,6 +8,7 @@
 //! would give. The crate's async client runs on a current-thread tokio runtime created
 //! for the pull and gone when it returns; nothing else in hearth is async.
 
+mod args;
 mod auth;
 mod layout;
 mod platform;
@@ -29,6 +30,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use oci_spec::image::{ImageIndex, ImageManifest};
 
+pub use args::{PullArgs, PullPolicyArg, RegistryArgs};
 pub use layout::Layout;
 pub use platform::Platform;
 pub use reference::plain_http;
