@@ -233,7 +233,19 @@ fn lifecycle_stdio_exec_and_sigterm() {
                   trap 'echo got-term; exit 3' TERM; echo ready; \
                   while true; do sleep 1; done";
     let bundle = bundle(rt.dir.path(), process(&["sh", "-c", script], false));
+    std::fs::write(bundle.join("rootfs/marker"), "bundle").unwrap();
     let pid = rt.create("c1", &bundle, &[]);
+    // The pid engines get is the anchor: what they do through /proc/PID (podman cp, the
+    // network hook) reaches the bundle and an empty network namespace, not the host.
+    let through = |what: &str| PathBuf::from(format!("/proc/{pid}/{what}"));
+    assert_eq!(
+        std::fs::read_to_string(through("root/marker")).unwrap(),
+        "bundle"
+    );
+    assert_ne!(
+        std::fs::read_link(through("ns/net")).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap()
+    );
     let state = rt.state("c1");
     assert_eq!(state["status"], "created", "{state}");
     assert_eq!(state["pid"], pid);

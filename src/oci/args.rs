@@ -95,6 +95,11 @@ pub enum Command {
     Monitor {
         id: String,
     },
+    /// The hidden process whose pid engines get (see `anchor`).
+    Anchor {
+        id: String,
+        rootfs: PathBuf,
+    },
     /// The hidden process that waits on a detached `exec`.
     ExecWaiter {
         id: String,
@@ -302,6 +307,13 @@ fn parse_command(command: &str, args: &[String]) -> Result<Command, OciError> {
                 _ => Command::Monitor { id },
             })
         }
+        "__anchor" => match args {
+            [id, rootfs] => Ok(Command::Anchor {
+                id: id.clone(),
+                rootfs: PathBuf::from(rootfs),
+            }),
+            _ => Err(OciError::Usage(format!("{ctx}: expected ID ROOTFS"))),
+        },
         "__exec-waiter" => match args {
             [id, process] => Ok(Command::ExecWaiter {
                 id: id.clone(),

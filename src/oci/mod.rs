@@ -4,11 +4,12 @@
 //! A front end over the container engine (`crate::container`), not a new engine:
 //! `create` checks the bundle ([`bundle`]), makes the state directory ([`state`]) and
 //! starts the [`monitor`], a re-exec of this binary that restores a container VM from
-//! its template and waits for `start`; the engine waits on the monitor, which exits
-//! with the container's status. The other commands talk to the monitor over its
-//! control socket, or read the state. `exec` ([`exec`]) runs a further process in the
+//! its template and waits for `start`, and the [`anchor`], the process engines wait on,
+//! which exits with the container's status. The other commands talk to the monitor over
+//! its control socket, or read the state. `exec` ([`exec`]) runs a further process in the
 //! VM through the agent's vsock listener.
 
+pub mod anchor;
 pub mod args;
 pub mod bundle;
 pub mod console;
@@ -33,7 +34,7 @@ pub const SPEC_VERSION: &str = "1.2.0";
 pub const CONTAINER_NAME: &str = "oci";
 /// The program name that means `hearth oci` (a symlink to the hearth binary).
 pub const PROGRAM_NAME: &str = "hearth-oci";
-/// How long `delete` waits for a killed container's monitor to end.
+/// How long `delete` waits for a killed container's anchor to end.
 const STOP_WAIT: Duration = Duration::from_secs(20);
 
 /// Everything `hearth oci` reports as a failure (one line, exit status 1).
@@ -183,6 +184,7 @@ fn command(invocation: &Invocation) -> Result<u8, OciError> {
         OciCommand::Exec(exec_args) => exec::exec(globals, exec_args),
         OciCommand::Monitor { id } => Ok(monitor::run(globals, id)),
         OciCommand::ExecWaiter { id, process } => Ok(exec::waiter(globals, id, process)),
+        OciCommand::Anchor { id, rootfs } => Ok(anchor::run(globals, id, rootfs)),
     }
 }
 
@@ -236,7 +238,8 @@ impl Drop for Cleanup<'_> {
     }
 }
 
-/// `create`: returns once the monitor holds a created container.
+/// `create`: returns once the monitor holds a created container; the child returned is
+/// the anchor, whose pid is the container's.
 fn create(globals: &Globals, args: &CreateArgs) -> Result<Child, OciError> {
     let dir = StateDir::new(&globals.root, &args.id)?;
     if dir.exists() {
@@ -295,9 +298,18 @@ fn create(globals: &Globals, args: &CreateArgs) -> Result<Child, OciError> {
             set(&mut command, Stdio::from(fd));
         }
     }
-    let child = spawn_notified(&mut command, tty)?;
-    let (child, outcome) = child;
-    cleanup.monitor = Some(child);
+    let (monitor, outcome) = spawn_notified(&mut command, tty)?;
+    cleanup.monitor = Some(monitor);
+    outcome?;
+    let mut command = self_command(globals)?;
+    command
+        .arg("__anchor")
+        .arg(&args.id)
+        .arg(&bundle.rootfs)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let (anchor, outcome) = spawn_notified(&mut command, false)?;
     outcome?;
     record = dir.load()?;
     if let (Some((master, _, name)), Some(socket)) = (&pty, &args.console_socket) {
@@ -320,7 +332,7 @@ fn create(globals: &Globals, args: &CreateArgs) -> Result<Child, OciError> {
         )?;
     }
     cleanup.armed = false;
-    Ok(cleanup.monitor.take().expect("the monitor was just stored"))
+    Ok(anchor)
 }
 
 /// This binary as `hearth oci` with the same globals.
@@ -477,14 +489,13 @@ fn delete(dir: &StateDir, force: bool) -> Result<(), OciError> {
         }
     }
     let deadline = Instant::now() + STOP_WAIT;
-    while record.monitor_alive() {
+    while record.anchor_alive() {
         if Instant::now() >= deadline {
             if !force {
-                return Err(OciError::State(
-                    "the container's monitor does not stop".into(),
-                ));
+                return Err(OciError::State("the container does not stop".into()));
             }
-            // SAFETY: kill(2) of the monitor, whose pid and start time were just checked.
+            // SAFETY: kill(2) of the anchor, whose pid and start time were just checked;
+            // its monitor stops the VM when the anchor's connection ends.
             unsafe { libc::kill(record.pid, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -1,11 +1,12 @@
-//! The monitor: the process `create` leaves behind and engines wait on. It holds the
-//! container VM (restored from the template, the agent connected), answers the control
-//! socket, runs the container's process on `start`, relays its stdio (its own fds 0/1/2,
-//! which `create` inherited from the engine), and exits with the process's status (dying
-//! of the same signal when the process died of one).
+//! The monitor: the process `create` leaves behind to hold the container VM (restored
+//! from the template, the agent connected). It answers the control socket, runs the
+//! container's process on `start`, relays its stdio (its own fds 0/1/2, which `create`
+//! inherited from the engine), and tells the anchor (see `anchor`), the process engines
+//! wait on, the process's exit status.
 //!
 //! Control protocol (`ROOT/ID/ctl.sock`, one request per connection, one line each way):
-//! `start` and `kill SIGNAL` (a number); the answer is `ok` or `error MESSAGE`.
+//! `start` and `kill SIGNAL` (a number); the answer is `ok` or `error MESSAGE`. The
+//! anchor sends `anchor PID`, gets `ok`, and keeps the connection to read `exit STATUS`.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::args::Globals;
-use super::state::{self, StateDir, Status};
+use super::state::{self, Record, StateDir, Status};
 use super::{bundle, OciError};
 use crate::container::run::{self as container_run, FreshVm, NetworkArg, VmOptions};
 use crate::container::session::{self, Signals};
@@ -135,9 +136,9 @@ fn fail(
 }
 
 fn monitor(dir: &StateDir, signals: &Signals, notify: &mut Option<File>) -> Result<i32, OciError> {
-    let mut record = dir.load()?;
+    let record = Arc::new(Mutex::new(dir.load()?));
     let mut quiet = Some(StderrToLog::redirect(&dir.monitor_log()));
-    let bundle = bundle::load(&record.bundle)?;
+    let bundle = bundle::load(&lock(&record).bundle)?;
     let log = |text: &str| {
         super::log::append(
             &dir.monitor_log(),
@@ -163,14 +164,20 @@ fn monitor(dir: &StateDir, signals: &Signals, notify: &mut Option<File>) -> Resu
         .map_err(|e| OciError::State(format!("control socket: {e}")))?;
     let phase = Arc::new(Mutex::new(Phase::Stopped));
     let killed = Arc::new(AtomicBool::new(false));
+    let anchor = Arc::new(Mutex::new(None));
     let (to_main, from_control) = mpsc::channel();
     {
-        let control = ControlState {
+        let control = Arc::new(ControlState {
             phase: phase.clone(),
             killed: killed.clone(),
             to_main,
             signals: signals.clone(),
-        };
+            record: record.clone(),
+            state_dir: StateDir {
+                path: dir.path.clone(),
+            },
+            anchor: anchor.clone(),
+        });
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 serve_control(stream, &control);
@@ -194,12 +201,13 @@ fn monitor(dir: &StateDir, signals: &Signals, notify: &mut Option<File>) -> Resu
     let me = std::process::id() as i32;
     let status =
         container_run::fresh_vm(&fresh, bundle.run.clone(), signals, |stream, spec, vm| {
-            record.pid = me;
-            record.pid_start = state::process_start(me).unwrap_or(0);
-            record.status = Status::Created;
-            record.vsock = Some(vm.vsock.clone());
-            dir.save(&record)
-                .map_err(|e| ContainerError::Vm(e.to_string()))?;
+            update(dir, &record, |r| {
+                r.pid = me;
+                r.pid_start = state::process_start(me).unwrap_or(0);
+                r.status = Status::Created;
+                r.vsock = Some(vm.vsock.clone());
+            })
+            .map_err(|e| ContainerError::Vm(e.to_string()))?;
             *lock(&phase) = Phase::Created(vm.pid);
             drop(quiet.take());
             if let Some(mut pipe) = notify.take() {
@@ -207,8 +215,7 @@ fn monitor(dir: &StateDir, signals: &Signals, notify: &mut Option<File>) -> Resu
             }
             match from_control.recv() {
                 Ok(Control::Start(started)) => {
-                    record.status = Status::Running;
-                    let saved = dir.save(&record);
+                    let saved = update(dir, &record, |r| r.status = Status::Running);
                     let _ = started.send(());
                     saved.map_err(|e| ContainerError::Vm(e.to_string()))?;
                     let status = session::run_process(stream, spec, signals);
@@ -236,14 +243,30 @@ fn monitor(dir: &StateDir, signals: &Signals, notify: &mut Option<File>) -> Resu
             128 + libc::SIGKILL
         }
     };
-    record.status = Status::Stopped;
-    record.exit_status = Some(status);
-    dir.save(&record)?;
+    update(dir, &record, |r| {
+        r.status = Status::Stopped;
+        r.exit_status = Some(status);
+    })?;
+    // The anchor, the process the engine waits on, ends as the container did.
+    if let Some(stream) = lock(&anchor).take() {
+        let _ = writeln!(&stream, "exit {status}");
+    }
     Ok(status)
 }
 
-fn lock(phase: &Mutex<Phase>) -> std::sync::MutexGuard<'_, Phase> {
-    phase.lock().unwrap_or_else(|p| p.into_inner())
+/// Changes the shared record and saves it.
+fn update(
+    dir: &StateDir,
+    record: &Mutex<Record>,
+    change: impl FnOnce(&mut Record),
+) -> Result<(), OciError> {
+    let mut record = lock(record);
+    change(&mut record);
+    dir.save(&record)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Signals whose default action does not end a process: sent to a created container
@@ -270,12 +293,24 @@ struct ControlState {
     killed: Arc<AtomicBool>,
     to_main: mpsc::Sender<Control>,
     signals: Signals,
+    record: Arc<Mutex<Record>>,
+    state_dir: StateDir,
+    /// The connection of the anchor (see `anchor`), which is told the exit status.
+    anchor: Arc<Mutex<Option<UnixStream>>>,
 }
 
-fn serve_control(stream: UnixStream, control: &ControlState) {
+fn serve_control(stream: UnixStream, control: &Arc<ControlState>) {
     let mut line = String::new();
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     if BufReader::new(&stream).read_line(&mut line).is_err() {
+        return;
+    }
+    if let Some(pid) = line.trim().strip_prefix("anchor ") {
+        let answer = match attach_anchor(pid, &stream, control) {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("error {e}"),
+        };
+        let _ = writeln!(&stream, "{answer}");
         return;
     }
     let answer = match handle(line.trim(), control) {
@@ -325,6 +360,36 @@ fn handle(request: &str, control: &ControlState) -> Result<(), String> {
         (_, Phase::Stopped) => Err("container not running".into()),
         _ => Err(format!("unknown request {request:?}")),
     }
+}
+
+/// Records the anchor `pid` as the container's pid and keeps its connection. An anchor
+/// that goes away (killed by the engine, say) takes the container with it: nothing
+/// would report its end.
+fn attach_anchor(
+    pid: &str,
+    stream: &UnixStream,
+    control: &Arc<ControlState>,
+) -> Result<(), String> {
+    let pid: i32 = pid.parse().map_err(|_| format!("bad pid {pid:?}"))?;
+    let start = state::process_start(pid).ok_or_else(|| format!("no process {pid}"))?;
+    let keep = stream.try_clone().map_err(|e| e.to_string())?;
+    let watch = stream.try_clone().map_err(|e| e.to_string())?;
+    update(&control.state_dir, &control.record, |r| {
+        r.pid = pid;
+        r.pid_start = start;
+    })
+    .map_err(|e| e.to_string())?;
+    *lock(&control.anchor) = Some(keep);
+    let control = control.clone();
+    std::thread::spawn(move || {
+        let _ = watch.set_read_timeout(None);
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut &watch, &mut rest);
+        if *lock(&control.phase) != Phase::Stopped {
+            let _ = handle(&format!("kill {}", libc::SIGKILL), &control);
+        }
+    });
+    Ok(())
 }
 
 /// A guest that does not end after SIGKILL (a hung kernel) has its VM killed, as a
@@ -396,6 +461,21 @@ mod tests {
             killed: Arc::new(AtomicBool::new(false)),
             to_main,
             signals: Signals::default(),
+            record: Arc::new(Mutex::new(Record {
+                id: "c".into(),
+                pid: 0,
+                pid_start: 0,
+                bundle: "/b".into(),
+                created: String::new(),
+                status: Status::Created,
+                annotations: Default::default(),
+                exit_status: None,
+                vsock: None,
+            })),
+            state_dir: StateDir {
+                path: "/nonexistent".into(),
+            },
+            anchor: Arc::new(Mutex::new(None)),
         };
         // The main thread's side: acknowledge a start.
         let main = std::thread::spawn(move || {

@@ -37,9 +37,10 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub id: String,
-    /// The monitor's pid (the process engines wait on).
+    /// The anchor's pid (the process engines wait on; the monitor's until the anchor
+    /// registered).
     pub pid: i32,
-    /// The monitor's start time (clock ticks since boot), so that a reused pid is not
+    /// That process's start time (clock ticks since boot), so that a reused pid is not
     /// taken for it.
     pub pid_start: u64,
     pub bundle: PathBuf,
@@ -56,16 +57,16 @@ pub struct Record {
 }
 
 impl Record {
-    /// The status as callers see it: a monitor that is gone (or a zombie, waiting to be
+    /// The status as callers see it: an anchor that is gone (or a zombie, waiting to be
     /// reaped by the engine) means the container stopped, whatever the file says.
     pub fn current_status(&self) -> Status {
-        if self.status != Status::Stopped && !self.monitor_alive() {
+        if self.status != Status::Stopped && !self.anchor_alive() {
             return Status::Stopped;
         }
         self.status
     }
 
-    pub fn monitor_alive(&self) -> bool {
+    pub fn anchor_alive(&self) -> bool {
         process_start(self.pid) == Some(self.pid_start)
     }
 
@@ -321,7 +322,7 @@ mod tests {
             record(me, start, Status::Created).current_status(),
             Status::Created
         );
-        // A reused pid, or none at all: the monitor is gone.
+        // A reused pid, or none at all: the anchor is gone.
         assert_eq!(
             record(me, start + 1, Status::Running).current_status(),
             Status::Stopped
