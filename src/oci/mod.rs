@@ -359,7 +359,7 @@ fn spawn_notified(
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let write_fd = write_end.as_raw_fd();
     // SAFETY: between fork and exec only async-signal-safe calls (setsid, ioctl, dup2,
-    // fcntl) are made, on descriptors the child owns.
+    // fcntl, close_range) are made, on descriptors the child owns.
     unsafe {
         command.pre_exec(move || {
             if libc::setsid() < 0 {
@@ -373,6 +373,14 @@ fn spawn_notified(
             } else if libc::dup2(write_fd, monitor::NOTIFY_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // Engines leak descriptors into the runtime (conmon's sync pipe, the shim's
+            // socket) and may wait for their EOF: the long-lived helper keeps none.
+            libc::syscall(
+                libc::SYS_close_range,
+                monitor::NOTIFY_FD as libc::c_uint + 1,
+                libc::c_uint::MAX,
+                0 as libc::c_uint,
+            );
             Ok(())
         });
     }
