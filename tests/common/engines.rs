@@ -96,10 +96,34 @@ pub fn one_at_a_time() -> MutexGuard<'static, ()> {
 }
 
 /// Where this test process keeps the runtime's templates, cache and state: one template
-/// directory for all engines, so the VM shape boots once per run.
+/// directory for all engines, so the VM shape boots once per run. Those of earlier test
+/// processes (tens of MB each) are removed on first use.
 fn shared_dir(what: &str) -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("oci-engines-{what}-{}", std::process::id()))
+    static SWEPT: OnceLock<()> = OnceLock::new();
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    SWEPT.get_or_init(|| remove_stale_shared_dirs(base));
+    base.join(format!("oci-engines-{what}-{}", std::process::id()))
+}
+
+/// Removes the `oci-engines-*-PID` entries of test processes that have ended.
+fn remove_stale_shared_dirs(base: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("oci-engines-")
+            .and_then(|rest| rest.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let path = entry.path();
+            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+        }
+    }
 }
 
 /// The variables that point `hearth oci` at the guest kernel, this build's agent and the
