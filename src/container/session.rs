@@ -399,9 +399,10 @@ pub fn run_process(
         None => return Err(SessionError::Closed),
     }
     // With -t and a terminal, keys go to the container's pty unprocessed (Ctrl-C becomes
-    // the pty's SIGINT), as with `docker run -it`.
+    // the pty's SIGINT), as with `docker run -it`, and its output comes back as the
+    // guest's pty made it.
     let _raw = if tty && forward_stdin {
-        crate::terminal::RawTerminal::enable(0)
+        crate::terminal::RawTerminal::enable_passthrough(0)
     } else {
         None
     };

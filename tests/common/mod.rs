@@ -7,6 +7,7 @@
 
 pub mod api_client;
 pub mod container;
+pub mod engines;
 pub mod linux;
 pub mod netns;
 pub mod snapshot;
@@ -395,6 +396,9 @@ pub enum Need {
     Pvm,
     /// passt (user-mode networking).
     Passt,
+    /// The container engines that drive `hearth oci`: podman with conmon, dockerd,
+    /// containerd with ctr.
+    Engines,
 }
 
 impl Need {
@@ -406,6 +410,7 @@ impl Need {
             Need::Tools => "tools",
             Need::Pvm => "pvm",
             Need::Passt => "passt",
+            Need::Engines => "engines",
         }
     }
 }
