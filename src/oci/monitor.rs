@@ -453,8 +453,9 @@ pub fn request(dir: &StateDir, line: &str) -> Result<(), OciError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
-    fn answer(request: &str, start: Phase) -> (Result<(), String>, Phase, Option<i32>) {
+    fn control_state(start: Phase, state_dir: &Path) -> (ControlState, mpsc::Receiver<Control>) {
         let (to_main, rx) = mpsc::channel();
         let control = ControlState {
             phase: Arc::new(Mutex::new(start)),
@@ -473,10 +474,15 @@ mod tests {
                 vsock: None,
             })),
             state_dir: StateDir {
-                path: "/nonexistent".into(),
+                path: state_dir.to_path_buf(),
             },
             anchor: Arc::new(Mutex::new(None)),
         };
+        (control, rx)
+    }
+
+    fn answer(request: &str, start: Phase) -> (Result<(), String>, Phase, Option<i32>) {
+        let (control, rx) = control_state(start, Path::new("/nonexistent"));
         // The main thread's side: acknowledge a start.
         let main = std::thread::spawn(move || {
             rx.recv_timeout(Duration::from_secs(1))
@@ -532,5 +538,30 @@ mod tests {
             .0
             .unwrap_err()
             .contains("unknown request"));
+    }
+
+    #[test]
+    fn an_anchor_becomes_the_pid_and_its_end_stops_the_container() {
+        let dir = crate::testutil::TempDir::new("oci-anchor");
+        let (control, rx) = control_state(Phase::Created(1), dir.path());
+        let control = Arc::new(control);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let me = std::process::id().to_string();
+        assert!(attach_anchor("x", &ours, &control).is_err());
+        attach_anchor(&me, &ours, &control).unwrap();
+        let saved = StateDir {
+            path: dir.path().to_path_buf(),
+        }
+        .load()
+        .unwrap();
+        assert_eq!(saved.pid.to_string(), me);
+        assert_eq!(saved.pid_start, state::process_start(saved.pid).unwrap());
+        assert!(lock(&control.anchor).is_some());
+        // The anchor goes away: the created container is stopped with SIGKILL.
+        drop(theirs);
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Control::Stop(sig)) => assert_eq!(sig, libc::SIGKILL),
+            _ => panic!("the container was not stopped"),
+        }
     }
 }
