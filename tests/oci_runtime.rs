@@ -178,6 +178,8 @@ fn bundle(dir: &Path, process: serde_json::Value) -> PathBuf {
 }
 
 fn write_config(bundle: &Path, process: serde_json::Value) {
+    let host_file = bundle.join("host-file");
+    std::fs::write(&host_file, "from the host\n").unwrap();
     let config = serde_json::json!({
         "ociVersion": "1.0.2",
         "root": {"path": "rootfs"},
@@ -187,6 +189,8 @@ fn write_config(bundle: &Path, process: serde_json::Value) {
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts",
              "options": ["rbind", "ro"]},
+            {"destination": "/run/new/host-file", "type": "bind", "source": host_file,
+             "options": ["rbind", "rprivate"]},
         ],
         "linux": {"namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "mount"}]},
         "annotations": {"org.example": "x"},
@@ -285,6 +289,25 @@ fn lifecycle_stdio_exec_and_sigterm() {
     let cat = rt.run(&["exec", "c1", "cat", "/tmp/f"]);
     assert!(cat.status.success(), "{}", describe(&cat));
     assert_eq!(stdout_of(&cat), "data\n");
+    // Bind-mounted host files were copied in (read-only when the mount says ro), at
+    // targets made for them when the image has none.
+    let files = rt.run(&[
+        "exec",
+        "c1",
+        "sh",
+        "-c",
+        "cat /run/new/host-file; echo x >> /run/new/host-file && echo rw; \
+         echo x >> /etc/hosts || echo hosts-ro; cat /etc/hosts",
+    ]);
+    assert_eq!(
+        stdout_of(&files),
+        format!(
+            "from the host\nrw\nhosts-ro\n{}",
+            std::fs::read_to_string("/etc/hosts").unwrap()
+        ),
+        "{}",
+        describe(&files)
+    );
     let status = rt.run(&["exec", "--env", "X=4", "c1", "sh", "-c", "exit $X"]);
     assert_eq!(status.status.code(), Some(4), "{}", describe(&status));
     // exec --detach, as engines call it: the waiter in the pid file ends as the process.

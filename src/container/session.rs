@@ -612,6 +612,7 @@ mod tests {
             name: None,
             term_size: None,
             mac: None,
+            files: Vec::new(),
         }
     }
 

@@ -9,7 +9,12 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::{Hooks, Mount, Process, Spec};
 
 use super::OciError;
-use crate::agent::protocol::{Network, Rootfs, RunSpec};
+use crate::agent::protocol::{FileCopy, Network, Rootfs, RunSpec};
+
+/// The largest host file a bind mount copies into the container, and the most all of
+/// them may hold (they travel in the agent's run request, one 64 KiB frame).
+const MAX_FILE_BYTES: u64 = 8 << 10;
+const MAX_FILES_BYTES: usize = 24 << 10;
 
 /// Mount destinations the agent gives every container itself (proc, sysfs, devpts, ...).
 const PROVIDED_MOUNTS: &[&str] = &[
@@ -108,8 +113,20 @@ pub fn from_spec(spec: &Spec, dir: &Path) -> Result<Bundle, OciError> {
     }
     let mut skipped_mounts = Vec::new();
     for mount in spec.mounts().iter().flatten() {
-        if let Some(why) = mount_not_provided(mount)? {
-            skipped_mounts.push(why);
+        match classify_mount(mount)? {
+            MountUse::Provided => {}
+            MountUse::File(file) => {
+                let total: usize = run.files.iter().map(|f| f.content.len()).sum();
+                if total + file.content.len() > MAX_FILES_BYTES {
+                    skipped_mounts.push(format!(
+                        "{} (bind): the host files bound in exceed {MAX_FILES_BYTES} bytes",
+                        file.target
+                    ));
+                } else {
+                    run.files.push(file);
+                }
+            }
+            MountUse::Skipped(why) => skipped_mounts.push(why),
         }
     }
     Ok(Bundle {
@@ -176,12 +193,23 @@ pub fn process_spec(process: &Process) -> Result<RunSpec, OciError> {
             )
         }),
         mac: None,
+        files: Vec::new(),
     })
 }
 
-/// `None` for a mount the VM provides (the standard filesystems); otherwise a line that
-/// says what the VM does instead. A mount that makes no sense is an error.
-fn mount_not_provided(mount: &Mount) -> Result<Option<String>, OciError> {
+/// What becomes of one of the config's mounts.
+#[derive(Debug)]
+enum MountUse {
+    /// One of the standard filesystems, which the agent mounts itself.
+    Provided,
+    /// A small host file, copied in now (later edits on the host are not seen).
+    File(FileCopy),
+    /// Not provided in the VM, and why (for the monitor's log).
+    Skipped(String),
+}
+
+/// Sorts a mount; one that makes no sense is an error.
+fn classify_mount(mount: &Mount) -> Result<MountUse, OciError> {
     let destination = mount.destination().to_string_lossy().into_owned();
     if !destination.starts_with('/') {
         return Err(OciError::Bundle(format!(
@@ -190,23 +218,34 @@ fn mount_not_provided(mount: &Mount) -> Result<Option<String>, OciError> {
     }
     let typ = mount.typ().clone().unwrap_or_default();
     if PROVIDED_MOUNTS.contains(&destination.as_str()) {
-        return Ok(None);
+        return Ok(MountUse::Provided);
     }
     let options = mount.options().clone().unwrap_or_default();
     let bind = typ == "bind" || options.iter().any(|o| o == "bind" || o == "rbind");
     let why = if bind {
         let source = mount.source().clone().unwrap_or_default();
-        if source.is_file() {
-            "a host file: the VM's own is used"
-        } else {
-            "a host directory: not shared into the VM"
+        match std::fs::metadata(&source) {
+            Ok(meta) if meta.is_file() && meta.len() <= MAX_FILE_BYTES => {
+                match std::fs::read_to_string(&source) {
+                    Ok(content) => {
+                        return Ok(MountUse::File(FileCopy {
+                            target: destination,
+                            content,
+                            readonly: options.iter().any(|o| o == "ro"),
+                        }))
+                    }
+                    Err(_) => "a host file that is not text: not copied in",
+                }
+            }
+            Ok(meta) if meta.is_file() => "a host file larger than 8 KiB: not copied in",
+            _ => "a host directory: not shared into the VM",
         }
     } else if typ == "tmpfs" {
         "a tmpfs: the container's root overlay is in memory already"
     } else {
         "a filesystem the VM does not mount"
     };
-    Ok(Some(format!("{destination} ({typ}): {why}")))
+    Ok(MountUse::Skipped(format!("{destination} ({typ}): {why}")))
 }
 
 #[cfg(test)]
@@ -246,6 +285,8 @@ mod tests {
             "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
                        {"destination": "/etc/hosts", "type": "bind", "source": "/etc/hosts",
                         "options": ["rbind", "ro"]},
+                       {"destination": "/dev/shm", "type": "bind", "source": "/tmp"},
+                       {"destination": "/srv", "type": "bind", "source": "/tmp"},
                        {"destination": "/data", "type": "tmpfs", "source": "tmpfs"}]"#;
         let dir = bundle_dir(&config(PROCESS, extra));
         let b = load(dir.path()).unwrap();
@@ -263,8 +304,16 @@ mod tests {
         assert!(b.run.stdin);
         assert_eq!(b.annotations.get("a").map(String::as_str), Some("b"));
         assert_eq!(b.hooks.unwrap().prestart().as_ref().unwrap().len(), 1);
+        // A host file is copied in; a host directory and a tmpfs elsewhere are not there.
+        assert_eq!(b.run.files.len(), 1);
+        assert_eq!(b.run.files[0].target, "/etc/hosts");
+        assert!(b.run.files[0].readonly);
+        assert_eq!(
+            b.run.files[0].content,
+            std::fs::read_to_string("/etc/hosts").unwrap()
+        );
         assert_eq!(b.skipped_mounts.len(), 2, "{:?}", b.skipped_mounts);
-        assert!(b.skipped_mounts[0].starts_with("/etc/hosts (bind): a host file"));
+        assert!(b.skipped_mounts[0].starts_with("/srv (bind): a host directory"));
         assert!(b.skipped_mounts[1].starts_with("/data (tmpfs)"));
     }
 

@@ -61,7 +61,7 @@ pub fn run(globals: &Globals, id: &str) -> u8 {
         Ok(dir) => dir,
         Err(e) => return fail(&mut notify, globals, None, &e),
     };
-    match monitor(&dir, &signals, &mut notify) {
+    match monitor(globals, &dir, &signals, &mut notify) {
         Ok(status) => exit_with(status),
         Err(e) => fail(&mut notify, globals, Some(&dir), &e),
     }
@@ -135,7 +135,12 @@ fn fail(
     137
 }
 
-fn monitor(dir: &StateDir, signals: &Signals, notify: &mut Option<File>) -> Result<i32, OciError> {
+fn monitor(
+    globals: &Globals,
+    dir: &StateDir,
+    signals: &Signals,
+    notify: &mut Option<File>,
+) -> Result<i32, OciError> {
     let record = Arc::new(Mutex::new(dir.load()?));
     let mut quiet = Some(StderrToLog::redirect(&dir.monitor_log()));
     let bundle = bundle::load(&lock(&record).bundle)?;
@@ -236,10 +241,14 @@ fn monitor(dir: &StateDir, signals: &Signals, notify: &mut Option<File>) -> Resu
             if notify.is_some() {
                 return Err(OciError::Vm(crate::error_chain(&e)));
             }
-            log(&format!(
-                "the container VM failed: {}",
-                crate::error_chain(&e)
-            ));
+            // After `start` returned, the container's stderr and the engine's log are
+            // where a user looks for why it ended.
+            let text = format!("the container failed: {}", crate::error_chain(&e));
+            log(&text);
+            eprintln!("hearth oci: {text}");
+            if let Some(path) = &globals.log {
+                super::log::append(path, globals.log_format, "error", &text);
+            }
             128 + libc::SIGKILL
         }
     };
