@@ -20,6 +20,7 @@ pub mod jail;
 pub mod logger;
 pub mod metrics;
 pub mod net;
+pub mod oci;
 pub mod random;
 pub mod rate_limiter;
 pub mod seccomp;

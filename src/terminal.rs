@@ -13,8 +13,20 @@ pub struct RawTerminal {
 }
 
 impl RawTerminal {
-    /// Switches `fd` to raw mode if it is a terminal; `None` when it is not.
+    /// Switches `fd` to raw mode if it is a terminal; `None` when it is not. Output
+    /// post-processing stays on, so hearth's own stderr lines stay readable.
     pub fn enable(fd: i32) -> Option<Self> {
+        Self::enable_with(fd, true)
+    }
+
+    /// Raw mode without output post-processing either, for a terminal that relays
+    /// another terminal's output: a container's pty in the guest has already turned each
+    /// `\n` into `\r\n`, and a second `ONLCR` here would make it `\r\r\n`.
+    pub fn enable_passthrough(fd: i32) -> Option<Self> {
+        Self::enable_with(fd, false)
+    }
+
+    fn enable_with(fd: i32, output_processing: bool) -> Option<Self> {
         // SAFETY: isatty only inspects the descriptor.
         if unsafe { libc::isatty(fd) } != 1 {
             return None;
@@ -28,8 +40,9 @@ impl RawTerminal {
         let mut raw = original;
         // SAFETY: cfmakeraw only edits the struct it is given.
         unsafe { libc::cfmakeraw(&mut raw) };
-        // Keep output post-processing so hearth's own stderr lines stay readable.
-        raw.c_oflag |= libc::OPOST | libc::ONLCR;
+        if output_processing {
+            raw.c_oflag |= libc::OPOST | libc::ONLCR;
+        }
         // SAFETY: `raw` is a fully initialised termios derived from the current one.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             return None;

@@ -235,6 +235,18 @@ pub struct RunSpec {
     /// restored from a template would otherwise have the template's.
     #[serde(default)]
     pub mac: Option<String>,
+    /// Small files bound over paths of the container (an OCI runtime's bind mounts of
+    /// host files such as /etc/hosts): written in the VM, then bound like a volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileCopy>,
+}
+
+/// A file the agent writes in the VM and binds over `target` in the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileCopy {
+    pub target: String,
+    pub content: String,
+    pub readonly: bool,
 }
 
 /// One protocol message.
@@ -731,6 +743,7 @@ mod tests {
             name: Some("c1".into()),
             term_size: None,
             mac: None,
+            files: Vec::new(),
         }
     }
 

@@ -224,6 +224,7 @@ impl ProcessSpec {
                 None
             },
             mac: None,
+            files: Vec::new(),
         }
     }
 }

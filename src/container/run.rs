@@ -8,7 +8,7 @@
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -372,13 +372,15 @@ pub fn run(args: &ContainerRunArgs) -> Result<u8, ContainerError> {
                 spec.hostname = Some(args.hostname.clone().unwrap_or_else(super::random_id));
             }
             let fresh = FreshVm {
-                args,
+                options: VmOptions::of(args),
                 image_ext4: &prepared.ext4,
                 volumes: &volumes,
                 network: &network,
                 virtiofsd,
             };
-            fresh_vm(&fresh, spec, &signals)?
+            fresh_vm(&fresh, spec, &signals, |stream, spec, _vmm| {
+                Ok(session::run_process(stream, spec, &signals)?)
+            })?
         }
     };
     Ok((status & 0xff) as u8)
@@ -458,19 +460,59 @@ pub fn agent_initramfs(busybox: bool) -> Result<PathBuf, ContainerError> {
     )?)
 }
 
-/// What a container in a fresh microVM is made of.
-struct FreshVm<'a> {
-    args: &'a ContainerRunArgs,
-    image_ext4: &'a Path,
-    volumes: &'a [VolumeArg],
-    network: &'a NetworkArg,
-    /// The virtiofsd program, when a volume is a shared folder.
-    virtiofsd: Option<PathBuf>,
+/// How a fresh container VM is made, whoever asks for it (`container run`, `oci`).
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    pub kernel: Option<PathBuf>,
+    pub no_jail: bool,
+    /// The container's CPU limit; the VM gets that many vCPUs, rounded up.
+    pub cpus: Option<f64>,
+    pub boot_timeout: u64,
+    pub no_template: bool,
 }
 
-fn fresh_vm(vm: &FreshVm, mut spec: RunSpec, signals: &Signals) -> Result<i32, ContainerError> {
+impl VmOptions {
+    fn of(args: &ContainerRunArgs) -> Self {
+        VmOptions {
+            kernel: args.kernel.clone(),
+            no_jail: args.no_jail,
+            cpus: args.cpus,
+            boot_timeout: args.boot_timeout,
+            no_template: args.no_template,
+        }
+    }
+}
+
+/// What a container in a fresh microVM is made of.
+pub struct FreshVm<'a> {
+    pub options: VmOptions,
+    pub image_ext4: &'a Path,
+    pub volumes: &'a [VolumeArg],
+    pub network: &'a NetworkArg,
+    /// The virtiofsd program, when a volume is a shared folder.
+    pub virtiofsd: Option<PathBuf>,
+}
+
+/// A container VM whose agent is connected, as the session sees it.
+pub struct RunningVm {
+    /// The VMM's pid (a child of this process).
+    pub pid: u32,
+    /// The vsock device's socket, through which host programs reach guest listeners.
+    pub vsock: PathBuf,
+}
+
+/// Makes the VM, waits for its agent, and hands the connected (and refreshed) agent
+/// stream to `session`, which runs the container and returns its status; then stops the
+/// VM and everything started for it. `session` also gets the VM (to kill one whose
+/// guest does not end, or to reach its agent again).
+pub fn fresh_vm(
+    vm: &FreshVm,
+    mut spec: RunSpec,
+    signals: &Signals,
+    session: impl FnOnce(UnixStream, RunSpec, &RunningVm) -> Result<i32, ContainerError>,
+) -> Result<i32, ContainerError> {
     let FreshVm {
-        args,
+        options: ref args,
         image_ext4,
         volumes,
         network,
@@ -616,7 +658,11 @@ fn fresh_vm(vm: &FreshVm, mut spec: RunSpec, signals: &Signals) -> Result<i32, C
         if template.is_some() {
             session::refresh(&mut stream)?;
         }
-        Ok(session::run_process(stream, spec, signals)?)
+        let running = RunningVm {
+            pid: child.id(),
+            vsock: vm_spec.vsock_socket.clone(),
+        };
+        session(stream, spec, &running)
     })();
     let poweroff_timeout = match &outcome {
         // The agent has the container's data on the disks (it syncs writable volumes

@@ -138,6 +138,21 @@ impl Signals {
         }
     }
 
+    /// Sends `sig` to the attached session's process (a `Signal` frame), or, with none
+    /// attached yet, keeps it for the session to send once its process started, as a
+    /// signal to this process would be. For callers that get signals another way
+    /// (`hearth oci kill` reaches its monitor over a socket).
+    pub fn forward(&self, sig: i32) {
+        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        match &*session {
+            Some((stream, _)) => {
+                let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = write_message(&mut *s, &Message::Signal(sig));
+            }
+            None => self.pending.store(sig, Ordering::SeqCst),
+        }
+    }
+
     /// A terminating signal received while no session was attached (0 if none).
     pub fn pending(&self) -> i32 {
         self.pending.load(Ordering::SeqCst)
@@ -384,9 +399,10 @@ pub fn run_process(
         None => return Err(SessionError::Closed),
     }
     // With -t and a terminal, keys go to the container's pty unprocessed (Ctrl-C becomes
-    // the pty's SIGINT), as with `docker run -it`.
+    // the pty's SIGINT), as with `docker run -it`, and its output comes back as the
+    // guest's pty made it.
     let _raw = if tty && forward_stdin {
-        crate::terminal::RawTerminal::enable(0)
+        crate::terminal::RawTerminal::enable_passthrough(0)
     } else {
         None
     };
@@ -596,6 +612,7 @@ mod tests {
             name: None,
             term_size: None,
             mac: None,
+            files: Vec::new(),
         }
     }
 

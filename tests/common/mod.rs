@@ -7,6 +7,7 @@
 
 pub mod api_client;
 pub mod container;
+pub mod engines;
 pub mod linux;
 pub mod netns;
 pub mod snapshot;
@@ -397,6 +398,9 @@ pub enum Need {
     Passt,
     /// A local image registry and tools to fill it (docker-registry, skopeo, htpasswd).
     Registry,
+    /// The container engines that drive `hearth oci`: podman with conmon, dockerd,
+    /// containerd with ctr.
+    Engines,
 }
 
 impl Need {
@@ -409,6 +413,7 @@ impl Need {
             Need::Pvm => "pvm",
             Need::Passt => "passt",
             Need::Registry => "registry",
+            Need::Engines => "engines",
         }
     }
 }

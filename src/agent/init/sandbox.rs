@@ -501,7 +501,11 @@ fn setup_container(
     mark(|| "pivot_root".into());
 
     mount_special(own_cgroup)?;
-    for volume in &spec.volumes {
+    // Files bound in (an OCI runtime's /etc/hosts, /etc/hostname, ...) go over what the
+    // agent writes below, as they would over the image's; folders go first.
+    let (files, folders): (Vec<&Volume>, Vec<&Volume>) =
+        spec.volumes.iter().partition(|v| binds_a_file(v, old));
+    for volume in folders {
         mount_volume(volume, old)?;
     }
     if let Some(name) = &spec.hostname {
@@ -516,6 +520,9 @@ fn setup_container(
             "cannot write /etc/resolv.conf".into()
         })?;
         mark(|| "/etc/resolv.conf written".into());
+    }
+    for volume in files {
+        mount_volume(volume, old)?;
     }
     ctx(sys::umount_detach(old), || {
         "cannot detach the old root".into()
@@ -541,6 +548,17 @@ fn setup_container(
     Ok(())
 }
 
+/// Whether `volume` binds a file of the VM (see `RunSpec::files`), seen from the old
+/// root at `old`.
+fn binds_a_file(volume: &Volume, old: &Path) -> bool {
+    match &volume.source {
+        Some(VolumeSource::Path { path }) => {
+            old.join(path.strip_prefix('/').unwrap_or(path)).is_file()
+        }
+        _ => false,
+    }
+}
+
 /// Mounts one volume at its target in the new root, from the old root at `old`: an
 /// ext4 disk, or a directory of the VM (a shared folder) bound in.
 fn mount_volume(volume: &Volume, old: &Path) -> Result<(), SandboxError> {
@@ -561,7 +579,22 @@ fn mount_volume(volume: &Volume, old: &Path) -> Result<(), SandboxError> {
         }
         Some(VolumeSource::Path { path }) => {
             let source = in_old(&check_abs("volume source", path)?);
-            mkdir(&target)?;
+            if source.is_file() {
+                // A file is bound over a file: make one if the image has none.
+                if let Some(parent) = target.parent() {
+                    mkdir(parent)?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&target)
+                    .map_err(|source| SandboxError::Sys {
+                        what: format!("cannot create {}", target.display()),
+                        source,
+                    })?;
+            } else {
+                mkdir(&target)?;
+            }
             let source = source.to_string_lossy();
             mount_ctx(
                 Some(&source),

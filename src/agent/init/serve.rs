@@ -1,6 +1,7 @@
 //! Serving the host once PID 1 has booted: one session over a connection to the host
 //! (container VMs), or a vsock listener with a thread per session (machines).
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,26 @@ use crate::error_chain;
 /// before the host asked for anything is the mark of a restore from a template (the
 /// template's builder connected, the VM was saved, and the restore reset every vsock
 /// connection): the agent connects again and serves the new host.
+///
+/// Meanwhile the agent also listens on vsock, as a machine's does, for further sessions
+/// (`hearth oci exec` joins the container there); only the first session's end powers
+/// the VM off.
 pub(super) fn container_main(agent: &Arc<Agent>, fatal: Option<String>) -> ! {
+    if fatal.is_none() {
+        match vsock::listen(AGENT_PORT) {
+            Ok(listener) => {
+                let agent = agent.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("listener".into())
+                    .spawn(move || accept_sessions(&agent, &listener, None));
+                if let Err(e) = spawned {
+                    log::warn!("cannot start the vsock listener thread: {e}");
+                }
+            }
+            // The container's own session does not need it.
+            Err(e) => log::warn!("cannot listen on vsock port {AGENT_PORT}: {e}"),
+        }
+    }
     loop {
         let stream = match vsock::connect_host(AGENT_PORT) {
             Ok(s) => s,
@@ -61,8 +81,14 @@ pub(super) fn machine_main(agent: &Arc<Agent>, fatal: Option<String>) -> ! {
             power_off();
         }
     };
+    accept_sessions(agent, &listener, fatal)
+}
+
+/// Serves every connection to `listener` on a thread of its own; a session that asks
+/// for a shutdown powers the VM off.
+fn accept_sessions(agent: &Arc<Agent>, listener: &OwnedFd, fatal: Option<String>) -> ! {
     loop {
-        let stream = match vsock::accept(&listener) {
+        let stream = match vsock::accept(listener) {
             Ok(s) => s,
             Err(e) => {
                 log::warn!("accept: {e}");

@@ -518,7 +518,9 @@ impl Agent {
             refresh::tune_disk(disk);
         }
         let machine = self.config.mode == AgentMode::Machine;
-        if let Err(e) = shares::mount_volumes(&mut spec, machine) {
+        if let Err(e) =
+            shares::write_files(&mut spec).and_then(|()| shares::mount_volumes(&mut spec, machine))
+        {
             link.send(&Message::Error(error_chain(&e)))?;
             return Ok(());
         }

@@ -80,6 +80,7 @@ fn spec(argv: &[&str]) -> RunSpec {
         name: None,
         term_size: None,
         mac: None,
+        files: Vec::new(),
     }
 }
 

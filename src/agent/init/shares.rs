@@ -14,7 +14,7 @@ use std::path::{Component, Path};
 
 use super::sys;
 use crate::agent::protocol::{
-    valid_fs_tag, virtiofs_mount_point, MountSpec, RunSpec, VolumeSource,
+    valid_fs_tag, virtiofs_mount_point, MountSpec, RunSpec, Volume, VolumeSource,
 };
 
 /// Why a shared folder could not be mounted.
@@ -28,6 +28,12 @@ pub enum ShareError {
     NotInMachine,
     #[error("cannot create {path}")]
     Mkdir {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
         path: String,
         #[source]
         source: io::Error,
@@ -94,10 +100,38 @@ pub fn mount_volumes(spec: &mut RunSpec, machine: bool) -> Result<(), ShareError
     Ok(())
 }
 
+/// Where the files of [`RunSpec::files`] are written in the VM.
+const FILES_DIR: &str = "/run/hearth/files";
+
+/// Writes the spec's files in the VM and turns each into a volume the sandbox binds
+/// over its target (read-only if asked).
+pub fn write_files(spec: &mut RunSpec) -> Result<(), ShareError> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    for file in std::mem::take(&mut spec.files) {
+        check_target(&file.target)?;
+        sys::mkdir_all(Path::new(FILES_DIR)).map_err(|source| ShareError::Mkdir {
+            path: FILES_DIR.to_string(),
+            source,
+        })?;
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = format!("{FILES_DIR}/{n}");
+        std::fs::write(&path, file.content.as_bytes()).map_err(|source| ShareError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        spec.volumes.push(Volume {
+            device: String::new(),
+            target: file.target,
+            readonly: file.readonly,
+            source: Some(VolumeSource::Path { path }),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::protocol::Volume;
 
     #[test]
     fn bad_tags_and_targets_are_refused_before_any_mount() {
