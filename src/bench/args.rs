@@ -37,8 +37,8 @@ pub struct StartupArgs {
 
     /// Comma-separated cases, or `all`: hearth-tiny, hearth-linux, hearth-container,
     /// hearth-container-template, hearth-machine, hearth-machine-start,
-    /// hearth-machine-start-template, crun, runc, unshare, qemu-tiny, qemu-linux,
-    /// firecracker-tiny, firecracker-linux.
+    /// hearth-machine-start-template, crun, runc, podman-hearth, podman-crun, unshare,
+    /// qemu-tiny, qemu-linux, firecracker-tiny, firecracker-linux.
     #[arg(long, value_name = "LIST", default_value = "all")]
     pub include: String,
 

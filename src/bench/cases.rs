@@ -43,6 +43,8 @@ const TINY_TIMEOUT: Duration = Duration::from_secs(60);
 const LINUX_TIMEOUT: Duration = Duration::from_secs(600);
 const CONTAINER_TIMEOUT: Duration = Duration::from_secs(600);
 const RUNTIME_TIMEOUT: Duration = Duration::from_secs(60);
+/// The name `image::sample::busybox_docker_save` tags its image with.
+const PODMAN_IMAGE: &str = "hearth-sample/busybox:latest";
 /// QEMU booting Linux on a nested-PVM host may hang rather than fail; the minimal kernel
 /// takes about a minute there when it works.
 const QEMU_LINUX_TIMEOUT: Duration = Duration::from_secs(300);
@@ -62,6 +64,8 @@ pub enum CaseId {
     HearthMachineStartTemplate,
     Crun,
     Runc,
+    PodmanHearth,
+    PodmanCrun,
     Unshare,
     QemuTiny,
     QemuLinux,
@@ -71,7 +75,7 @@ pub enum CaseId {
 
 impl CaseId {
     /// Every case, in report order.
-    pub const ALL: [CaseId; 14] = [
+    pub const ALL: [CaseId; 16] = [
         CaseId::HearthTiny,
         CaseId::HearthLinux,
         CaseId::HearthContainer,
@@ -81,6 +85,8 @@ impl CaseId {
         CaseId::HearthMachineStartTemplate,
         CaseId::Crun,
         CaseId::Runc,
+        CaseId::PodmanHearth,
+        CaseId::PodmanCrun,
         CaseId::Unshare,
         CaseId::QemuTiny,
         CaseId::QemuLinux,
@@ -99,6 +105,8 @@ impl CaseId {
             CaseId::HearthMachineStartTemplate => "hearth-machine-start-template",
             CaseId::Crun => "crun",
             CaseId::Runc => "runc",
+            CaseId::PodmanHearth => "podman-hearth",
+            CaseId::PodmanCrun => "podman-crun",
             CaseId::Unshare => "unshare",
             CaseId::QemuTiny => "qemu-tiny",
             CaseId::QemuLinux => "qemu-linux",
@@ -128,6 +136,10 @@ impl CaseId {
             }
             CaseId::Crun => "crun run, OCI bundle of the rootfs",
             CaseId::Runc => "runc run, OCI bundle of the rootfs",
+            CaseId::PodmanHearth => {
+                "podman run --rm with hearth as its OCI runtime (a microVM per container)"
+            }
+            CaseId::PodmanCrun => "podman run --rm with crun, podman's own runtime",
             CaseId::Unshare => "unshare --fork --pid --mount --root (namespace-only floor)",
             CaseId::QemuTiny => "QEMU microvm, tiny payload",
             CaseId::QemuLinux => "QEMU microvm, minimal Linux kernel + busybox initramfs",
@@ -151,6 +163,8 @@ impl CaseId {
             | CaseId::HearthMachine
             | CaseId::Crun
             | CaseId::Runc
+            | CaseId::PodmanHearth
+            | CaseId::PodmanCrun
             | CaseId::Unshare => CaseId::HearthContainer,
         }
     }
@@ -294,6 +308,17 @@ impl CaseEnv<'_> {
 
     fn hearth(&self) -> Invocation {
         Invocation::new(self.hearth)
+    }
+
+    /// hearth as an OCI runtime: a `hearth-oci` symlink to the hearth binary in the work
+    /// directory (engines take a runtime's path; the name selects `hearth oci`).
+    fn hearth_oci(&self) -> Result<PathBuf, NotRun> {
+        let link = self.fixtures.dir.join(crate::oci::PROGRAM_NAME);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(self.hearth, &link).map_err(|e| {
+            NotRun::Failed(format!("cannot create the runtime link {}: {e}", link.display()))
+        })?;
+        Ok(link)
     }
 
     /// `hearth run` with the `--hearth-flag`s.
@@ -442,6 +467,11 @@ pub fn runner(case: CaseId, env: &CaseEnv) -> Result<Runner, NotRun> {
                 )
             }
         }
+        CaseId::PodmanHearth => Runner {
+            makes_template: true,
+            ..podman(env, &env.hearth_oci()?)?
+        },
+        CaseId::PodmanCrun => podman(env, &required_tool("crun", "crun")?)?,
         CaseId::Unshare => Runner::new(
             Invocation::new(required_tool("unshare", "util-linux")?)
                 .args(["--fork", "--pid", "--mount"])
@@ -489,6 +519,44 @@ pub fn runner(case: CaseId, env: &CaseEnv) -> Result<Runner, NotRun> {
             let (kernel, initrd) = env.kernel_and_initrd()?;
             firecracker(env, kernel, Some(initrd), LINUX_TIMEOUT)?
         }
+    })
+}
+
+/// `podman run --rm --network none IMAGE CMD` with `runtime`, podman's storage and state
+/// in the work directory; the busybox image is loaded once, before the first sample.
+/// podman's options are the ones a host without systemd, journald or kernel overlayfs in
+/// its sandbox needs (README, "Using hearth with podman, docker and containerd").
+fn podman(env: &CaseEnv, runtime: &Path) -> Result<Runner, NotRun> {
+    let tool = optional_tool(
+        "podman",
+        "apt-get install podman conmon to compare with a container engine",
+    )?;
+    let dir = env.fixtures.dir.join("podman");
+    let archive = env.fixtures.dir.join("busybox-docker-save.tar");
+    if !archive.exists() {
+        crate::image::sample::busybox_docker_save(&archive, &[])
+            .map_err(|e| NotRun::Failed(format!("building the podman image archive: {e}")))?;
+    }
+    let podman = Invocation::new(tool)
+        .arg("--root")
+        .arg(dir.join("root"))
+        .arg("--runroot")
+        .arg(dir.join("run"))
+        .arg("--tmpdir")
+        .arg(dir.join("tmp"))
+        .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"])
+        .args(["--storage-driver", "vfs"]);
+    Ok(Runner {
+        setup: Some(podman.clone().args(["load", "--quiet", "--input"]).arg(&archive)),
+        ..Runner::new(
+            podman
+                .arg("--runtime")
+                .arg(runtime)
+                .args(["run", "--rm", "--network", "none", PODMAN_IMAGE])
+                .args(env.command),
+            0,
+            RUNTIME_TIMEOUT,
+        )
     })
 }
 
@@ -666,6 +734,53 @@ mod tests {
                 CaseId::Crun
             ]
         );
+    }
+
+    #[test]
+    fn podman_runs_hearth_through_a_runtime_link() {
+        let dir = crate::testutil::TempDir::new("bench-podman");
+        let fixtures = Fixtures {
+            tiny: dir.path().join("tiny"),
+            idle: dir.path().join("idle"),
+            rootfs: dir.path().join("rootfs"),
+            bundle: dir.path().join("bundle"),
+            kernel: Err("no kernel in unit tests".into()),
+            initramfs: Err("no initramfs in unit tests".into()),
+            dir: dir.path().to_owned(),
+        };
+        let env = CaseEnv {
+            hearth: Path::new("/usr/bin/hearth"),
+            fixtures: &fixtures,
+            command: &["/bin/true".to_owned()],
+            hearth_flags: &[],
+        };
+        match runner(CaseId::PodmanHearth, &env) {
+            Ok(runner) => {
+                let link = dir.path().join(crate::oci::PROGRAM_NAME);
+                assert_eq!(std::fs::read_link(&link).unwrap(), env.hearth);
+                let args = args_of(&runner.invocation);
+                let at = args.iter().position(|a| a == "--runtime").unwrap();
+                assert_eq!(args[at + 1], link.to_string_lossy());
+                assert_eq!(
+                    args[at + 2..],
+                    ["run", "--rm", "--network", "none", PODMAN_IMAGE, "/bin/true"]
+                );
+                assert!(runner.makes_template);
+                let setup = args_of(runner.setup.as_ref().unwrap());
+                assert!(setup.ends_with(&[
+                    "load".into(),
+                    "--quiet".into(),
+                    "--input".into(),
+                    dir.path()
+                        .join("busybox-docker-save.tar")
+                        .to_string_lossy()
+                        .into_owned()
+                ]));
+                assert!(dir.path().join("busybox-docker-save.tar").is_file());
+            }
+            Err(NotRun::Skipped(e)) => assert!(e.contains("podman is not on PATH"), "{e}"),
+            Err(other) => panic!("{other:?}"),
+        }
     }
 
     fn test_env_runner(case: CaseId) -> Runner {
