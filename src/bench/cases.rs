@@ -316,7 +316,10 @@ impl CaseEnv<'_> {
         let link = self.fixtures.dir.join(crate::oci::PROGRAM_NAME);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(self.hearth, &link).map_err(|e| {
-            NotRun::Failed(format!("cannot create the runtime link {}: {e}", link.display()))
+            NotRun::Failed(format!(
+                "cannot create the runtime link {}: {e}",
+                link.display()
+            ))
         })?;
         Ok(link)
     }
@@ -547,7 +550,12 @@ fn podman(env: &CaseEnv, runtime: &Path) -> Result<Runner, NotRun> {
         .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"])
         .args(["--storage-driver", "vfs"]);
     Ok(Runner {
-        setup: Some(podman.clone().args(["load", "--quiet", "--input"]).arg(&archive)),
+        setup: Some(
+            podman
+                .clone()
+                .args(["load", "--quiet", "--input"])
+                .arg(&archive),
+        ),
         ..Runner::new(
             podman
                 .arg("--runtime")
@@ -763,7 +771,14 @@ mod tests {
                 assert_eq!(args[at + 1], link.to_string_lossy());
                 assert_eq!(
                     args[at + 2..],
-                    ["run", "--rm", "--network", "none", PODMAN_IMAGE, "/bin/true"]
+                    [
+                        "run",
+                        "--rm",
+                        "--network",
+                        "none",
+                        PODMAN_IMAGE,
+                        "/bin/true"
+                    ]
                 );
                 assert!(runner.makes_template);
                 let setup = args_of(runner.setup.as_ref().unwrap());
