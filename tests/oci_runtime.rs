@@ -250,6 +250,19 @@ fn lifecycle_stdio_exec_and_sigterm() {
         std::fs::read_link(through("ns/net")).unwrap(),
         std::fs::read_link("/proc/self/ns/net").unwrap()
     );
+    // Joining its mount namespace (podman cp into a running container) lands in the
+    // bundle too: the namespace's own root is the rootfs, not just the anchor's chroot.
+    let joined = Command::new("nsenter")
+        .arg(format!("--mount=/proc/{pid}/ns/mnt"))
+        .args(["/bin/busybox", "cat", "/marker"])
+        .output()
+        .expect("run nsenter (util-linux)");
+    assert_eq!(
+        String::from_utf8_lossy(&joined.stdout),
+        "bundle",
+        "{}",
+        String::from_utf8_lossy(&joined.stderr)
+    );
     let state = rt.state("c1");
     assert_eq!(state["status"], "created", "{state}");
     assert_eq!(state["pid"], pid);

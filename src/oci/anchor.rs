@@ -80,8 +80,8 @@ fn isolate(rootfs: &Path) -> Result<(), OciError> {
     let root = CString::new(rootfs.as_os_str().as_bytes())
         .map_err(|_| OciError::State("the rootfs path holds a NUL byte".into()))?;
     let flags = libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-    // SAFETY: unshare, mount with constant C strings or null pointers, chroot and chdir
-    // with NUL-terminated paths that outlive the calls; none touches our memory.
+    // SAFETY: unshare, mount, chdir, pivot_root and umount2 with NUL-terminated paths
+    // that outlive the calls or null pointers; none touches our memory.
     unsafe {
         if libc::unshare(flags) != 0 {
             return Err(fail("unshare"));
@@ -97,8 +97,29 @@ fn isolate(rootfs: &Path) -> Result<(), OciError> {
         {
             return Err(fail("making mounts private"));
         }
-        if libc::chroot(root.as_ptr()) != 0 {
-            return Err(fail(&format!("chroot {}", rootfs.display())));
+        // The namespace's root itself must be the rootfs, not just this process's
+        // (a chroot): engines that join the mount namespace through /proc/PID/ns/mnt
+        // (podman cp into a running container) get the namespace's root, and with a
+        // chroot that root is the host's. pivot_root needs the new root to be a mount
+        // point: bind it onto itself first, then stack the old root under it and detach.
+        if libc::mount(
+            root.as_ptr(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REC,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(fail(&format!("bind-mounting {}", rootfs.display())));
+        }
+        if libc::chdir(root.as_ptr()) != 0 {
+            return Err(fail(&format!("chdir {}", rootfs.display())));
+        }
+        if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0 {
+            return Err(fail(&format!("pivot_root to {}", rootfs.display())));
+        }
+        if libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0 {
+            return Err(fail("detaching the host's root"));
         }
         if libc::chdir(c"/".as_ptr()) != 0 {
             return Err(fail("chdir /"));
