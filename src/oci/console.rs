@@ -43,6 +43,19 @@ pub fn open_pty() -> Result<(OwnedFd, OwnedFd, String), OciError> {
     Ok((master, slave, name))
 }
 
+/// Makes the pty's slave side the stdin, stdout and stderr of a helper about to be
+/// spawned (the monitor, an exec waiter): its terminal is the container's.
+pub fn stdio_to(command: &mut std::process::Command, slave: &OwnedFd) -> Result<(), OciError> {
+    use std::process::{Command, Stdio};
+    for set in [Command::stdin, Command::stdout, Command::stderr] {
+        let fd = slave
+            .try_clone()
+            .map_err(|e| OciError::Console(e.to_string()))?;
+        set(command, Stdio::from(fd));
+    }
+    Ok(())
+}
+
 /// Sets a terminal's window size (`consoleSize`).
 pub fn set_size(fd: RawFd, rows: u16, cols: u16) {
     let size = libc::winsize {

@@ -8,7 +8,6 @@
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use oci_spec::runtime::{Process, Spec};
@@ -71,12 +70,7 @@ pub fn exec(globals: &Globals, args: &ExecArgs) -> Result<u8, OciError> {
     let mut command = super::self_command(globals)?;
     command.arg("__exec-waiter").arg(&args.id).arg(&spec_file);
     if let Some((_, slave, _)) = &pty {
-        for set in [Command::stdin, Command::stdout, Command::stderr] {
-            let fd = slave
-                .try_clone()
-                .map_err(|e| OciError::Console(e.to_string()))?;
-            set(&mut command, Stdio::from(fd));
-        }
+        super::console::stdio_to(&mut command, slave)?;
     }
     let (mut child, outcome) = super::spawn_notified(&mut command, spec.tty)?;
     if let Err(e) = outcome {
@@ -194,17 +188,7 @@ pub fn waiter(globals: &Globals, id: &str, spec_file: &Path) -> u8 {
     match result {
         Ok(status) => monitor::exit_with(status),
         Err(e) => {
-            let text = crate::error_chain(&e);
-            match notify.take() {
-                Some(mut pipe) => {
-                    let _ = writeln!(pipe, "error {text}");
-                }
-                None => {
-                    if let Some(path) = &globals.log {
-                        super::log::append(path, globals.log_format, "error", &text);
-                    }
-                }
-            }
+            monitor::report_failure(&mut notify, globals, &crate::error_chain(&e));
             1
         }
     }

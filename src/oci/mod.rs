@@ -291,12 +291,7 @@ fn create(globals: &Globals, args: &CreateArgs) -> Result<Child, OciError> {
     let mut command = self_command(globals)?;
     command.args(["__monitor", &args.id]);
     if let Some((_, slave, _)) = &pty {
-        for set in [Command::stdin, Command::stdout, Command::stderr] {
-            let fd = slave
-                .try_clone()
-                .map_err(|e| OciError::Console(e.to_string()))?;
-            set(&mut command, Stdio::from(fd));
-        }
+        console::stdio_to(&mut command, slave)?;
     }
     let (monitor, outcome) = spawn_notified(&mut command, tty)?;
     cleanup.monitor = Some(monitor);

@@ -101,6 +101,21 @@ impl Drop for StderrToLog {
     }
 }
 
+/// Tells the command that started a helper (if it still waits on the notify pipe) why
+/// the helper gives up; once that command has returned, the engine's `--log` is told.
+pub(super) fn report_failure(notify: &mut Option<File>, globals: &Globals, text: &str) {
+    match notify.take() {
+        Some(mut pipe) => {
+            let _ = writeln!(pipe, "error {text}");
+        }
+        None => {
+            if let Some(path) = &globals.log {
+                super::log::append(path, globals.log_format, "error", text);
+            }
+        }
+    }
+}
+
 /// Tells `create` (if it still waits) or the logs why the monitor gives up.
 fn fail(
     notify: &mut Option<File>,
@@ -109,16 +124,7 @@ fn fail(
     err: &OciError,
 ) -> u8 {
     let text = crate::error_chain(err);
-    match notify.take() {
-        Some(mut pipe) => {
-            let _ = writeln!(pipe, "error {text}");
-        }
-        None => {
-            if let Some(path) = &globals.log {
-                super::log::append(path, globals.log_format, "error", &text);
-            }
-        }
-    }
+    report_failure(notify, globals, &text);
     if let Some(dir) = dir {
         super::log::append(
             &dir.monitor_log(),

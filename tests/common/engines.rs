@@ -184,6 +184,33 @@ where
 }
 
 /// Polls `ready` every 200 ms until it says yes; panics with `context()` after `timeout`.
+/// Waits until `client version` succeeds against a daemon the harness started
+/// (`NAME.log` in `dir` holds its output); a daemon that exits or never answers fails
+/// the test with its log.
+fn wait_for_daemon(name: &str, daemon: &mut Child, dir: &Path, mut client: Command) {
+    let log = dir.join(format!("{name}.log"));
+    let context = || {
+        format!(
+            "{name} did not answer on its socket:\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    client
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    wait_until(
+        DAEMON_START,
+        || {
+            if let Ok(Some(status)) = daemon.try_wait() {
+                panic!("{name} exited with {status}: {}", context());
+            }
+            client.status().is_ok_and(|s| s.success())
+        },
+        context,
+    );
+}
+
 fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool, context: impl Fn() -> String) {
     let deadline = Instant::now() + timeout;
     while !ready() {
@@ -357,28 +384,8 @@ impl Dockerd {
     }
 
     fn wait_ready(&mut self) {
-        let log = self.dir.join("dockerd.log");
-        let context = || {
-            format!(
-                "dockerd did not answer on its socket:\n{}",
-                fs::read_to_string(&log).unwrap_or_default()
-            )
-        };
-        wait_until(
-            DAEMON_START,
-            || {
-                if let Ok(Some(status)) = self.daemon.try_wait() {
-                    panic!("dockerd exited with {status}: {}", context());
-                }
-                let mut version = self.docker();
-                version
-                    .arg("version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-                version.status().is_ok_and(|s| s.success())
-            },
-            context,
-        );
+        let version = self.docker();
+        wait_for_daemon("dockerd", &mut self.daemon, self.dir.path(), version);
     }
 
     /// Debian's `docker` client on this daemon's socket.
@@ -481,28 +488,8 @@ impl Containerd {
     }
 
     fn wait_ready(&mut self) {
-        let log = self.dir.join("containerd.log");
-        let context = || {
-            format!(
-                "containerd did not answer on its socket:\n{}",
-                fs::read_to_string(&log).unwrap_or_default()
-            )
-        };
-        wait_until(
-            DAEMON_START,
-            || {
-                if let Ok(Some(status)) = self.daemon.try_wait() {
-                    panic!("containerd exited with {status}: {}", context());
-                }
-                let mut version = self.ctr();
-                version
-                    .arg("version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-                version.status().is_ok_and(|s| s.success())
-            },
-            context,
-        );
+        let version = self.ctr();
+        wait_for_daemon("containerd", &mut self.daemon, self.dir.path(), version);
     }
 
     fn socket(&self) -> PathBuf {
