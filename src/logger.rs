@@ -194,7 +194,7 @@ fn rfc3339(time: SystemTime) -> String {
 /// The proleptic Gregorian date `days` after 1970-01-01 (Howard Hinnant's algorithm:
 /// shift to years starting in March, so the leap day ends a year, then count 400-year
 /// eras).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
