@@ -15,6 +15,7 @@ pub mod container;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;
+pub mod fsutil;
 pub mod image;
 pub mod jail;
 pub mod logger;

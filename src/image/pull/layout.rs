@@ -55,16 +55,8 @@ pub fn sha256_hex(digest: &str) -> Result<&str, PullError> {
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PullError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let temp = temp_name(dir, "file");
-    let result = (|| {
-        let mut file = File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temp);
-    }
-    result.map_err(io(format!("cannot write {}", path.display())))
+    crate::fsutil::write_atomically(path, &temp, bytes)
+        .map_err(io(format!("cannot write {}", path.display())))
 }
 
 /// `.tmp-<pid>-<n>-<label>` in `dir`: [`ImageCache`]'s naming, so its sweep of files left
