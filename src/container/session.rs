@@ -107,35 +107,30 @@ impl Signals {
     }
 
     fn deliver(&self, sig: i32) {
-        let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
-        match &*session {
-            Some((stream, tty)) => {
-                let msg = if sig == libc::SIGWINCH {
-                    if !*tty {
-                        return;
-                    }
-                    match terminal_size() {
-                        Some((rows, cols)) => Message::Resize { rows, cols },
-                        None => return,
-                    }
-                } else {
-                    if [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT].contains(&sig)
-                        && self.forwarded.fetch_add(1, Ordering::SeqCst) + 1 >= GIVE_UP_AFTER
-                    {
-                        crate::terminal::restore();
-                        eprintln!("hearth: the container ignored {GIVE_UP_AFTER} signals; giving up on it");
-                        std::process::exit(128 + sig);
-                    }
-                    Message::Signal(sig)
-                };
-                let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = write_message(&mut *s, &msg);
+        if sig == libc::SIGWINCH {
+            let session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((stream, true)) = &*session {
+                if let Some((rows, cols)) = terminal_size() {
+                    let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = write_message(&mut *s, &Message::Resize { rows, cols });
+                }
             }
-            None if sig != libc::SIGWINCH => {
-                self.pending.store(sig, Ordering::SeqCst);
-            }
-            None => {}
+            return;
         }
+        let attached = self
+            .session
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if attached
+            && [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT].contains(&sig)
+            && self.forwarded.fetch_add(1, Ordering::SeqCst) + 1 >= GIVE_UP_AFTER
+        {
+            crate::terminal::restore();
+            eprintln!("hearth: the container ignored {GIVE_UP_AFTER} signals; giving up on it");
+            std::process::exit(128 + sig);
+        }
+        self.forward(sig);
     }
 
     /// Sends `sig` to the attached session's process (a `Signal` frame), or, with none
