@@ -107,12 +107,15 @@ const FILES_DIR: &str = "/run/hearth/files";
 /// over its target (read-only if asked).
 pub fn write_files(spec: &mut RunSpec) -> Result<(), ShareError> {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if spec.files.is_empty() {
+        return Ok(());
+    }
+    sys::mkdir_all(Path::new(FILES_DIR)).map_err(|source| ShareError::Mkdir {
+        path: FILES_DIR.to_string(),
+        source,
+    })?;
     for file in std::mem::take(&mut spec.files) {
         check_target(&file.target)?;
-        sys::mkdir_all(Path::new(FILES_DIR)).map_err(|source| ShareError::Mkdir {
-            path: FILES_DIR.to_string(),
-            source,
-        })?;
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = format!("{FILES_DIR}/{n}");
         std::fs::write(&path, file.content.as_bytes()).map_err(|source| ShareError::Write {
