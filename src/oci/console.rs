@@ -7,6 +7,8 @@ use std::ffi::CStr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
 use super::OciError;
 
 /// A new pty pair: (master, slave, the slave's path).
@@ -77,33 +79,11 @@ pub fn send_fd(socket: &Path, fd: RawFd, name: &str) -> Result<(), OciError> {
     if payload.is_empty() {
         payload.push(0);
     }
-    let mut iov = libc::iovec {
-        iov_base: payload.as_mut_ptr().cast(),
-        iov_len: payload.len(),
-    };
-    // Room for one descriptor's control message, aligned for cmsghdr.
-    let mut control = [0u64; 4];
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    assert!(space <= std::mem::size_of_val(&control));
-    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the sendmsg
-    // call, the control buffer holds `space` bytes, and CMSG_FIRSTHDR points into it.
-    let sent = unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        let hdr = libc::CMSG_FIRSTHDR(&msg);
-        (*hdr).cmsg_level = libc::SOL_SOCKET;
-        (*hdr).cmsg_type = libc::SCM_RIGHTS;
-        (*hdr).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(hdr).cast::<RawFd>(), fd);
-        libc::sendmsg(stream.as_raw_fd(), &msg, 0)
-    };
-    if sent < 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
+    // rust-vmm's SCM_RIGHTS sender (vmm-sys-util, already a dependency); MSG_NOSIGNAL
+    // spares us a SIGPIPE from an engine that closed its end.
+    stream
+        .send_with_fd(payload.as_slice(), fd)
+        .map_err(|e| err(std::io::Error::from_raw_os_error(e.errno())))?;
     Ok(())
 }
 
