@@ -6,8 +6,8 @@
 //! SYSCALL from guest user mode is left half done (RIP = LSTAR but still at CPL 3, so the
 //! fetch page-faults). hearth completes these in the VMM, exactly as the CPU would have:
 //!
-//! * `int3`, `int n`, `fwait`, `sysretq` (`emulate.rs`): the instruction is finished by
-//!   hand and the guest goes on.
+//! * `int3`, `int n`, `fwait`, `sysretq`, `verw` (`emulate.rs`): the instruction is
+//!   finished by hand and the guest goes on.
 //! * user-mode SYSCALL (`syscall.rs`): a hardware breakpoint on the guest's #PF entry
 //!   catches the fault at LSTAR, and hearth switches to CPL 0 with `swapgs` done, as SYSCALL
 //!   and the first instruction at LSTAR would have.
@@ -18,6 +18,7 @@
 //! this host ignores most of KVM_SET_CPUID2 (see [`GUEST_CMDLINE`]).
 
 mod emulate;
+mod operand;
 mod paging;
 mod syscall;
 pub mod xstate;
@@ -62,6 +63,7 @@ pub struct FixupStats {
     pub softint: u64,
     pub fwait: u64,
     pub sysret: u64,
+    pub verw: u64,
     pub syscall: u64,
     pub page_faults_passed: u64,
     pub xstate_saves: u64,
