@@ -196,6 +196,54 @@ fn fwait_completes() {
     assert_stdout_contains(&out, "fwait ok\n");
 }
 
+/// VERW at CPL 0 (completed by hearth on the nested PVM host, whose emulator fails it) and
+/// at CPL 3 (native everywhere): ZF is the architecture's answer for each selector.
+#[test]
+fn verw_sets_zf_as_the_architecture_does() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("verw", Format::Elf64, &[]);
+    assert_exit_code(&out, 0);
+    assert_eq!(
+        stdout_of(&out),
+        "verw cpl0 memory kernel data: zf 1\n\
+         verw cpl0 register null: zf 0\n\
+         verw cpl0 register kernel code: zf 0\n\
+         verw cpl0 register kernel data rpl 3: zf 0\n\
+         verw cpl0 register user data: zf 1\n\
+         verw cpl0 gs sib read-only data: zf 0\n\
+         verw cpl0 register beyond gdt limit: zf 0\n\
+         verw cpl3 memory user data: zf 1\n\
+         verw cpl3 register kernel data: zf 0\n\
+         verw done\n",
+        "{}",
+        describe(&out)
+    );
+}
+
+/// Without the compat layer (`--cpu-profile host`) the nested PVM host stops at the first
+/// VERW at CPL 0, so it is hearth that makes `verw_sets_zf_as_the_architecture_does`
+/// pass there. Elsewhere the CPU runs VERW, so the test only runs on a PVM host.
+#[test]
+fn verw_needs_compat_on_pvm() {
+    if !kvm_available() {
+        return;
+    }
+    if !Path::new("/sys/module/kvm_pvm").exists() {
+        announce_skip(Need::Pvm, "not a nested PVM host (no /sys/module/kvm_pvm)");
+        return;
+    }
+    let out = boot("verw", Format::Elf64, &["--cpu-profile", "host"]);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0)
+            && stderr_of(&out).contains("could not emulate")
+            && !stdout_of(&out).contains("verw cpl0"),
+        "expected KVM to fail the first VERW without the compat layer\n{}",
+        describe(&out)
+    );
+}
+
 /// The BSP starts the second vCPU with INIT-SIPI-SIPI; the AP runs a real-mode trampoline
 /// that bumps a counter (tests/payloads/smp.S). hearth must create the AP in the
 /// wait-for-SIPI state and keep running it (KVM_RUN on an AP may return EAGAIN once).
