@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    parse_memory_size, split_cmdline, ConfigError, CpuProfileChoice, SpecError, VmConfig,
-    DEFAULT_CMDLINE,
+    parse_memory_size, split_cmdline, ConfigError, CpuProfileChoice, RipSamplingConfig, SpecError,
+    VmConfig, DEFAULT_CMDLINE,
 };
 
 /// hearth: a lightweight KVM microVM monitor.
@@ -419,7 +419,7 @@ pub struct RunArgs {
         value_name = "FILE",
         conflicts_with_all = [
             "kernel", "initrd", "cmdline", "cpus", "memory", "serial", "disks", "nets",
-            "vsock", "fs", "rng", "boot_timer", "cpu_profile",
+            "vsock", "fs", "rng", "boot_timer", "cpu_profile", "sample_rip",
         ]
     )]
     pub config: Option<PathBuf>,
@@ -494,6 +494,16 @@ pub struct RunArgs {
     /// `host` passes the host CPU through, `auto` picks by looking at the host.
     #[arg(long, value_enum, default_value_t = CpuProfileChoice::Auto)]
     pub cpu_profile: CpuProfileChoice,
+
+    /// Diagnostic: sample each vCPU's instruction pointer every MS milliseconds and log
+    /// the most sampled kernel functions every 10 s (each sample at --log-level debug).
+    #[arg(long, value_name = "MS")]
+    pub sample_rip: Option<u32>,
+
+    /// Symbols for --sample-rip: a System.map or an ELF with a symbol table (default: the
+    /// kernel's own symbols, else System.map in the kernel's directory, else raw addresses).
+    #[arg(long, value_name = "PATH", requires = "sample_rip")]
+    pub kernel_symbols: Option<PathBuf>,
 
     /// Serve Firecracker's HTTP API on this Unix socket while the VM runs.
     #[arg(long, value_name = "PATH")]
@@ -594,6 +604,10 @@ impl RunArgs {
                 .transpose()?,
             boot_timer: self.boot_timer,
             cpu_profile: self.cpu_profile,
+            sample_rip: self.sample_rip.map(|interval_ms| RipSamplingConfig {
+                interval_ms,
+                kernel_symbols: self.kernel_symbols.clone(),
+            }),
         })
     }
 }

@@ -261,6 +261,8 @@ impl VmResources {
             balloon: self.balloon.clone(),
             boot_timer: self.boot_timer,
             cpu_profile: CpuProfileChoice::Auto,
+            // The Firecracker API has no such setting; `hearth run --sample-rip` has.
+            sample_rip: None,
         };
         config.validate().map_err(ApiError::invalid)?;
         Ok(config)
