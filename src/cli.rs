@@ -753,6 +753,26 @@ mod tests {
         expected.cpu_profile = CpuProfileChoice::Host;
         assert_eq!(config, expected);
 
+        let args = run_args(&[
+            "--kernel",
+            "k",
+            "--sample-rip",
+            "5",
+            "--kernel-symbols",
+            "m",
+        ]);
+        let sampling = args
+            .unwrap()
+            .config_from_flags()
+            .unwrap()
+            .sample_rip
+            .unwrap();
+        assert_eq!(
+            (sampling.interval_ms, sampling.kernel_symbols),
+            (5, Some("m".into()))
+        );
+        assert!(run_args(&["--kernel", "k", "--kernel-symbols", "m"]).is_err());
+
         let args = run_args(&["--kernel", kernel.to_str().unwrap(), "--rng", "bw=4K"]).unwrap();
         let rng = args.vm_config().unwrap().rng.unwrap();
         assert_eq!(
