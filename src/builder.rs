@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::bzimage::BzImage;
@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::boot::{BootProtocol, InitrdRegion};
 use crate::arch::{self, layout};
-use crate::config::{ConfigError, RestoreConfig, RipSamplingConfig, SerialConfig, VmConfig};
+use crate::config::{ConfigError, RestoreConfig, SerialConfig, VmConfig};
 use crate::console::InputSource;
 use crate::device_manager::{
     AttachedDeviceState, EventLoop, MmioDeviceManager, VirtioDeviceState, VirtioHandle,
@@ -38,7 +38,7 @@ use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::vmgenid::{VmGenId, VmGenIdError, VmGenIdState};
-use crate::diag::{RipSampler, Symbols, SymbolsError};
+use crate::diag::{self, RipSampler, SymbolsError};
 use crate::exit::ExitSignal;
 use crate::metrics::METRICS;
 use crate::snapshot::{Snapshot, SnapshotError, StateFile};
@@ -161,7 +161,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     );
     // Before any guest memory is set up: a bad symbols file fails the run at once.
     let sampling = (config.sample_rip.as_ref())
-        .map(|sampling| load_sampling(sampling, &config.kernel))
+        .map(|sampling| diag::sampling_setup(sampling, &config.kernel))
         .transpose()?;
 
     let vm = Vm::new(&kvm)?;
@@ -282,30 +282,6 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
         vmm.kick_every(interval);
     }
     Ok(vmm)
-}
-
-/// The RIP sampler's interval and symbols (see [`RipSamplingConfig::kernel_symbols`]).
-fn load_sampling(
-    sampling: &RipSamplingConfig,
-    kernel: &Path,
-) -> Result<(Duration, Option<Arc<Symbols>>), SymbolsError> {
-    let symbols = match &sampling.kernel_symbols {
-        Some(path) => Some(Symbols::load(path)?),
-        None => Symbols::for_kernel(kernel),
-    };
-    match &symbols {
-        Some(symbols) => log::info!(
-            "sampling vCPU RIPs every {} ms, {} code symbols from \"{}\"",
-            sampling.interval_ms,
-            symbols.len(),
-            symbols.source().display()
-        ),
-        None => log::info!("sampling vCPU RIPs every {} ms", sampling.interval_ms),
-    }
-    Ok((
-        Duration::from_millis(u64::from(sampling.interval_ms)),
-        symbols.map(Arc::new),
-    ))
 }
 
 /// A snapshot whose state file was read and checked against this host, with its guest
