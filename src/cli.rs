@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    parse_memory_size, split_cmdline, ConfigError, CpuProfileChoice, RipSamplingConfig, SpecError,
-    VmConfig, DEFAULT_CMDLINE,
+    parse_memory_size, split_cmdline, ConfigError, CpuProfileChoice, SpecError, VmConfig,
+    DEFAULT_CMDLINE,
 };
 
 /// hearth: a lightweight KVM microVM monitor.
@@ -419,7 +419,7 @@ pub struct RunArgs {
         value_name = "FILE",
         conflicts_with_all = [
             "kernel", "initrd", "cmdline", "cpus", "memory", "serial", "disks", "nets",
-            "vsock", "fs", "rng", "boot_timer", "cpu_profile", "sample_rip",
+            "vsock", "fs", "rng", "boot_timer", "cpu_profile",
         ]
     )]
     pub config: Option<PathBuf>,
@@ -490,20 +490,21 @@ pub struct RunArgs {
     #[arg(long)]
     pub boot_timer: bool,
 
-    /// CPU compatibility profile: `compat` completes what a nested-PVM KVM gets wrong,
-    /// `host` passes the host CPU through, `auto` picks by looking at the host.
-    #[arg(long, value_enum, default_value_t = CpuProfileChoice::Auto)]
-    pub cpu_profile: CpuProfileChoice,
-
     /// Diagnostic: sample each vCPU's instruction pointer every MS milliseconds and log
     /// the most sampled kernel functions every 10 s (each sample at --log-level debug).
-    #[arg(long, value_name = "MS")]
+    /// A config file sets it as `sample_rip` instead.
+    #[arg(long, value_name = "MS", conflicts_with = "config")]
     pub sample_rip: Option<u32>,
 
     /// Symbols for --sample-rip: a System.map or an ELF with a symbol table (default: the
     /// kernel's own symbols, else System.map in the kernel's directory, else raw addresses).
     #[arg(long, value_name = "PATH", requires = "sample_rip")]
     pub kernel_symbols: Option<PathBuf>,
+
+    /// CPU compatibility profile: `compat` completes what a nested-PVM KVM gets wrong,
+    /// `host` passes the host CPU through, `auto` picks by looking at the host.
+    #[arg(long, value_enum, default_value_t = CpuProfileChoice::Auto)]
+    pub cpu_profile: CpuProfileChoice,
 
     /// Serve Firecracker's HTTP API on this Unix socket while the VM runs.
     #[arg(long, value_name = "PATH")]
@@ -603,11 +604,11 @@ impl RunArgs {
                 .map(|spec| parse("--balloon", spec))
                 .transpose()?,
             boot_timer: self.boot_timer,
-            cpu_profile: self.cpu_profile,
-            sample_rip: self.sample_rip.map(|interval_ms| RipSamplingConfig {
+            sample_rip: (self.sample_rip).map(|interval_ms| crate::config::RipSamplingConfig {
                 interval_ms,
                 kernel_symbols: self.kernel_symbols.clone(),
             }),
+            cpu_profile: self.cpu_profile,
         })
     }
 }
@@ -772,6 +773,7 @@ mod tests {
             (5, Some("m".into()))
         );
         assert!(run_args(&["--kernel", "k", "--kernel-symbols", "m"]).is_err());
+        assert!(run_args(&["--config", "c", "--sample-rip", "5"]).is_err());
 
         let args = run_args(&["--kernel", kernel.to_str().unwrap(), "--rng", "bw=4K"]).unwrap();
         let rng = args.vm_config().unwrap().rng.unwrap();

@@ -237,11 +237,11 @@ pub struct VmConfig {
     /// Print the time to the guest's boot-complete signal on stderr.
     #[serde(default)]
     pub boot_timer: bool,
-    #[serde(default)]
-    pub cpu_profile: CpuProfileChoice,
     /// Absent from the JSON when off, so configs written before it read back the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_rip: Option<RipSamplingConfig>,
+    #[serde(default)]
+    pub cpu_profile: CpuProfileChoice,
 }
 
 fn default_boot_args() -> String {
@@ -296,8 +296,8 @@ impl VmConfig {
             rng: None,
             balloon: None,
             boot_timer: false,
-            cpu_profile: CpuProfileChoice::default(),
             sample_rip: None,
+            cpu_profile: CpuProfileChoice::default(),
         }
     }
 
