@@ -5,6 +5,8 @@
 # Usage:
 #   resources/fetch-stock-kernel.sh          fetch (or reuse); last stdout line = vmlinux path
 #   resources/fetch-stock-kernel.sh --print-dir   print the cache dir of the current pick
+#   resources/fetch-stock-kernel.sh --symbols     also write the kernel's real System.map
+#                                                 beside vmlinux (for hearth run --sample-rip)
 #
 # What it does:
 #   1. Resolves the image package that the metapackage linux-image-cloud-amd64
@@ -20,6 +22,10 @@
 #      x86-64.
 #   4. Runs depmod (the .deb ships no modules.dep) so the modules tree is usable by
 #      build-initramfs.sh --modules.
+#   5. With --symbols: Debian's /boot/System.map is a stub; the real one is in the
+#      linux-image-<release>-dbg package (~280 MB, same version). Downloads it (or takes
+#      the .deb at $HEARTH_STOCK_DBG_DEB) and keeps only usr/lib/debug/boot/System.map-<release>,
+#      as System.map beside vmlinux, where `hearth run --sample-rip` looks by default.
 #
 # Cache layout (HEARTH_CACHE defaults to $HOME/.cache/hearth):
 #   $HEARTH_CACHE/stock/<release>/vmlinux        ELF vmlinux (has the PVH note)
@@ -28,6 +34,7 @@
 #   $HEARTH_CACHE/stock/<release>/lib/modules/<release>/   modules tree (+ modules.dep)
 #   $HEARTH_CACHE/stock/<release>/modules -> lib/modules/<release>
 #   $HEARTH_CACHE/stock/<release>/deb-version    Debian package version
+#   $HEARTH_CACHE/stock/<release>/System.map     the real symbols (--symbols only)
 #   $HEARTH_CACHE/stock/current -> <release>
 # Work happens in $HEARTH_CACHE/stock/.tmp-*, renamed into place when complete,
 # so an interrupted run is never taken as done. If apt cannot resolve the package
@@ -169,7 +176,7 @@ fetch() {
       mkdir -p "$tmp/out/lib/modules"
       mv "$tmp/root/lib/modules/$release" "$tmp/out/lib/modules/$release"
       ln -s "lib/modules/$release" "$tmp/out/modules"
-      # (Debian's System.map is a stub pointing to the -dbg package; not needed.)
+      # (Debian's System.map is a stub pointing to the -dbg package: see --symbols.)
       depmod -b "$tmp/out" "$release"
       extract_vmlinux "$tmp/out/bzImage" "$tmp/out/vmlinux"
       if ! readelf -n "$tmp/out/vmlinux" |
@@ -187,8 +194,43 @@ fetch() {
   echo "$dir/vmlinux"
 }
 
+fetch_symbols() { # DIR: the real System.map from the -dbg package, as DIR/System.map
+  local dir="$1" release version tmp deb map
+  if [[ -s "$dir/System.map" ]]; then
+    log "cached: $dir/System.map"; return 0
+  fi
+  release=$(basename "$(readlink -f "$dir")")
+  version=$(cat "$dir/deb-version")
+  tmp=$(mktemp -d "$SCACHE/.tmp-dbg.XXXXXX")
+  # shellcheck disable=SC2064
+  trap "rm -rf '$tmp'" EXIT
+  if [[ -n "${HEARTH_STOCK_DBG_DEB:-}" ]]; then
+    deb="$HEARTH_STOCK_DBG_DEB"
+  else
+    log "downloading linux-image-$release-dbg $version (~280 MB) for its System.map"
+    chmod 777 "$tmp"
+    (cd "$tmp" && apt-get download -q "linux-image-$release-dbg=$version" >&2) || {
+      apt_update_once
+      (cd "$tmp" && apt-get download -q "linux-image-$release-dbg=$version" >&2)
+    } || die "apt-get download linux-image-$release-dbg=$version failed"
+    deb=$(find "$tmp" -maxdepth 1 -name '*.deb' | head -n1)
+    [[ -n "$deb" ]] || die "no -dbg .deb downloaded"
+  fi
+  [[ "$(dpkg-deb -f "$deb" Version)" == "$version" ]] ||
+    die "$deb is version $(dpkg-deb -f "$deb" Version), the kernel is $version"
+  map="./usr/lib/debug/boot/System.map-$release"
+  dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" "$map" ||
+    die "no $map in $deb"
+  grep -Eq '^[0-9a-f]+ T _text$' "$tmp/$map" || die "$map has no _text symbol"
+  mv "$tmp/$map" "$dir/System.map"
+  rm -rf "$tmp"
+  trap - EXIT
+  log "done: $dir/System.map ($(grep -c ' [tTwW] ' "$dir/System.map") code symbols)"
+}
+
 case "${1:-}" in
   "") fetch ;;
+  --symbols) vmlinux=$(fetch); fetch_symbols "$(dirname "$vmlinux")"; echo "$vmlinux" ;;
   --print-dir) pkg=$(resolve_package); [[ -n "$pkg" ]] || die "cannot resolve"; echo "$SCACHE/${pkg#linux-image-}" ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
   *) die "unknown argument: $1 (try --help)" ;;

@@ -38,6 +38,7 @@ use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::vmgenid::{VmGenId, VmGenIdError, VmGenIdState};
+use crate::diag::{self, RipSampler, SymbolsError};
 use crate::exit::ExitSignal;
 use crate::metrics::METRICS;
 use crate::snapshot::{Snapshot, SnapshotError, StateFile};
@@ -63,6 +64,8 @@ const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
 pub enum BuildError {
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Symbols(#[from] SymbolsError),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -156,6 +159,10 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
             ""
         }
     );
+    // Before any guest memory is set up: a bad symbols file fails the run at once.
+    let sampling = (config.sample_rip.as_ref())
+        .map(|sampling| diag::sampling_setup(sampling, &config.kernel))
+        .transpose()?;
 
     let vm = Vm::new(&kvm)?;
     // A vhost-user back end maps guest RAM itself: only memory in a memfd can be shared.
@@ -234,7 +241,7 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     let mmio_bus = Arc::new(mmio_bus);
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpu_count));
     for index in 0..config.vcpu_count {
-        let vcpu = Vcpu::new(
+        let mut vcpu = Vcpu::new(
             &vm,
             index,
             io_bus.clone(),
@@ -244,11 +251,14 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
             cpu_profile,
         )?;
         vcpu.configure(&kvm, config.vcpu_count, (index == 0).then_some(kernel.boot))?;
+        if let Some((interval, symbols)) = &sampling {
+            vcpu.sample_rip(RipSampler::new(index, *interval, symbols.clone()));
+        }
         vcpus.push(vcpu);
     }
     platform.wait()?;
 
-    Ok(Vmm::new(
+    let mut vmm = Vmm::new(
         kvm,
         vm,
         mem,
@@ -267,7 +277,11 @@ pub fn build_vm(config: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
             cmos,
             vmgenid,
         },
-    ))
+    );
+    if let Some((interval, _)) = sampling {
+        vmm.kick_every(interval);
+    }
+    Ok(vmm)
 }
 
 /// A snapshot whose state file was read and checked against this host, with its guest

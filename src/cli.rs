@@ -490,6 +490,17 @@ pub struct RunArgs {
     #[arg(long)]
     pub boot_timer: bool,
 
+    /// Diagnostic: sample each vCPU's instruction pointer every MS milliseconds and log
+    /// the most sampled kernel functions every 10 s (each sample at --log-level debug).
+    /// A config file sets it as `sample_rip` instead.
+    #[arg(long, value_name = "MS", conflicts_with = "config")]
+    pub sample_rip: Option<u32>,
+
+    /// Symbols for --sample-rip: a System.map or an ELF with a symbol table (default: the
+    /// kernel's own symbols, else System.map in the kernel's directory, else raw addresses).
+    #[arg(long, value_name = "PATH", requires = "sample_rip")]
+    pub kernel_symbols: Option<PathBuf>,
+
     /// CPU compatibility profile: `compat` completes what a nested-PVM KVM gets wrong,
     /// `host` passes the host CPU through, `auto` picks by looking at the host.
     #[arg(long, value_enum, default_value_t = CpuProfileChoice::Auto)]
@@ -593,6 +604,10 @@ impl RunArgs {
                 .map(|spec| parse("--balloon", spec))
                 .transpose()?,
             boot_timer: self.boot_timer,
+            sample_rip: (self.sample_rip).map(|interval_ms| crate::config::RipSamplingConfig {
+                interval_ms,
+                kernel_symbols: self.kernel_symbols.clone(),
+            }),
             cpu_profile: self.cpu_profile,
         })
     }
@@ -738,6 +753,27 @@ mod tests {
         expected.rng = Some(RngConfig::default());
         expected.cpu_profile = CpuProfileChoice::Host;
         assert_eq!(config, expected);
+
+        let args = run_args(&[
+            "--kernel",
+            "k",
+            "--sample-rip",
+            "5",
+            "--kernel-symbols",
+            "m",
+        ]);
+        let sampling = args
+            .unwrap()
+            .config_from_flags()
+            .unwrap()
+            .sample_rip
+            .unwrap();
+        assert_eq!(
+            (sampling.interval_ms, sampling.kernel_symbols),
+            (5, Some("m".into()))
+        );
+        assert!(run_args(&["--kernel", "k", "--kernel-symbols", "m"]).is_err());
+        assert!(run_args(&["--config", "c", "--sample-rip", "5"]).is_err());
 
         let args = run_args(&["--kernel", kernel.to_str().unwrap(), "--rng", "bw=4K"]).unwrap();
         let rng = args.vm_config().unwrap().rng.unwrap();

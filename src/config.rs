@@ -118,6 +118,10 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     Balloon(#[from] BalloonError),
+    #[error(
+        "invalid RIP sampling interval {0} ms: must be between 1 and {MAX_SAMPLE_INTERVAL_MS}"
+    )]
+    SampleInterval(u32),
     #[error("cannot write the configuration as JSON")]
     Serialize(#[source] serde_json::Error),
 }
@@ -171,6 +175,22 @@ pub enum CpuProfile {
     Compat,
 }
 
+/// Longest RIP sampling interval: a minute between samples tells nothing in a report.
+pub const MAX_SAMPLE_INTERVAL_MS: u32 = 60_000;
+
+/// Sample each vCPU's RIP and log where the guest spends its time (`--sample-rip`; see
+/// `diag::sampler`). A diagnostic: off unless asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RipSamplingConfig {
+    /// Milliseconds between samples of each vCPU.
+    pub interval_ms: u32,
+    /// A System.map or an ELF with a symbol table; without one, the kernel's own symbols
+    /// or a System.map beside it, else raw addresses.
+    #[serde(default)]
+    pub kernel_symbols: Option<PathBuf>,
+}
+
 /// Everything needed to build a VM. Producers fill it in (start from [`VmConfig::new`]),
 /// then call [`VmConfig::validate`]; hearth's JSON config file is this struct serialised.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +237,9 @@ pub struct VmConfig {
     /// Print the time to the guest's boot-complete signal on stderr.
     #[serde(default)]
     pub boot_timer: bool,
+    /// Absent from the JSON when off, so configs written before it read back the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_rip: Option<RipSamplingConfig>,
     #[serde(default)]
     pub cpu_profile: CpuProfileChoice,
 }
@@ -273,6 +296,7 @@ impl VmConfig {
             rng: None,
             balloon: None,
             boot_timer: false,
+            sample_rip: None,
             cpu_profile: CpuProfileChoice::default(),
         }
     }
@@ -352,6 +376,14 @@ impl VmConfig {
         virtio_fs::validate_all(&self.fs)?;
         if let Some(balloon) = &self.balloon {
             BalloonConfig::check_amount(balloon.amount_mib, self.mem_size >> 20)?;
+        }
+        if let Some(sampling) = &self.sample_rip {
+            if !(1..=MAX_SAMPLE_INTERVAL_MS).contains(&sampling.interval_ms) {
+                return Err(ConfigError::SampleInterval(sampling.interval_ms));
+            }
+            if let Some(symbols) = &sampling.kernel_symbols {
+                check_readable_file("kernel symbols", symbols)?;
+            }
         }
         // Otherwise the compat profile's options would land among the init arguments.
         if self.boot_args.split(' ').any(|word| word == "--") {

@@ -14,6 +14,7 @@ pub mod console;
 pub mod container;
 pub mod device_manager;
 pub mod devices;
+pub mod diag;
 pub mod exit;
 pub mod fsutil;
 pub mod image;

@@ -27,6 +27,10 @@ const BURST: u32 = 20;
 const WINDOW: Duration = Duration::from_secs(1);
 /// Crates whose messages are about what the guest did: demoted to debug.
 const GUEST_DRIVEN_TARGETS: &[&str] = &["virtio_queue"];
+/// Modules whose volume the user chose, not the guest: never limited. The RIP sampler
+/// logs at the rate it was asked to sample (`--sample-rip`), and a report of 15 lines
+/// per vCPU would otherwise lose its tail.
+const UNLIMITED_TARGETS: &[&str] = &["hearth::diag::sampler"];
 
 /// How each record is written.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +71,9 @@ enum Verdict {
 
 impl RateLimiter {
     fn check(&mut self, target: &str, now: Instant) -> Verdict {
+        if UNLIMITED_TARGETS.contains(&target) {
+            return Verdict::Print { suppressed: 0 };
+        }
         let window = self
             .windows
             .entry(target.to_string())
@@ -257,6 +264,16 @@ mod tests {
             limiter.check("a", t0 + WINDOW),
             Verdict::Print { suppressed: 0 }
         );
+    }
+
+    #[test]
+    fn the_rip_sampler_is_not_limited() {
+        let mut limiter = RateLimiter::default();
+        let t0 = Instant::now();
+        for _ in 0..BURST * 5 {
+            let verdict = limiter.check("hearth::diag::sampler", t0);
+            assert_eq!(verdict, Verdict::Print { suppressed: 0 });
+        }
     }
 
     #[test]

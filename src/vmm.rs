@@ -160,6 +160,8 @@ pub struct Vmm {
     /// Start the vCPUs parked and the devices paused (a VM restored from a snapshot and
     /// not resumed yet).
     start_paused: bool,
+    /// How often running vCPUs are kicked for the RIP sampler, when it is on.
+    sample_interval: Option<Duration>,
 }
 
 impl Vmm {
@@ -195,7 +197,14 @@ impl Vmm {
             paused_clock: None,
             msr_index: None,
             start_paused: false,
+            sample_interval: None,
         }
+    }
+
+    /// Kicks the running vCPUs every `interval` for their RIP samplers (see
+    /// `diag::sampler`), in either CPU profile; the compat layer's poll is never slowed.
+    pub fn kick_every(&mut self, interval: Duration) {
+        self.sample_interval = Some(interval);
     }
 
     /// Makes the VM start paused, as if paused with the guest's kvmclock at `clock`:
@@ -436,26 +445,32 @@ impl Vmm {
         Ok(())
     }
 
-    /// Dispatches events until an exit is requested. In the compat profile running vCPUs
-    /// are kicked periodically so the PVM layer can arm its SYSCALL trap in quiet guests;
-    /// parked ones are left alone.
+    /// Dispatches events until an exit is requested. Running vCPUs are kicked
+    /// periodically, parked ones left alone: in the compat profile so the PVM layer can arm
+    /// its SYSCALL trap in quiet guests, and for the RIP sampler when it is on.
     fn dispatch_until_exit(&mut self, control: &mut dyn ControlHook) -> Result<(), VmmError> {
-        let compat = self.profile == CpuProfile::Compat;
-        let timeout_ms = if compat {
-            COMPAT_POLL_INTERVAL.as_millis() as i32
-        } else {
-            -1
+        let compat = (self.profile == CpuProfile::Compat).then_some(COMPAT_POLL_INTERVAL);
+        let kick_interval = match (self.sample_interval, compat) {
+            (Some(sample), Some(poll)) => Some(sample.min(poll)),
+            (sample, poll) => sample.or(poll),
         };
-        let mut last_poll = Instant::now();
+        let mut last_kick = Instant::now();
         while !self.exit.is_requested() {
+            // Until the next kick is due, so an early wake-up does not push it back.
+            let timeout_ms = kick_interval.map_or(-1, |interval| {
+                let left = interval.saturating_sub(last_kick.elapsed());
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            });
             self.event_loop
                 .run_with_timeout(timeout_ms)
                 .map_err(VmmError::EventLoop)?;
             control.after_events(self);
-            if compat && last_poll.elapsed() >= COMPAT_POLL_INTERVAL {
-                last_poll = Instant::now();
-                if self.state == RunState::Running {
-                    self.handles.iter().for_each(VcpuHandle::kick);
+            if let Some(interval) = kick_interval {
+                if last_kick.elapsed() >= interval {
+                    last_kick = Instant::now();
+                    if self.state == RunState::Running {
+                        self.handles.iter().for_each(VcpuHandle::kick);
+                    }
                 }
             }
         }

@@ -152,6 +152,35 @@ fn elf_for_another_machine() {
     assert_input_error(&out, &[text(&kernel)]);
 }
 
+/// `--kernel-symbols` that is not a System.map (a text file), a stub System.map naming no
+/// code, or no file at all, and a zero interval: one line naming the problem, before the
+/// guest runs.
+#[test]
+fn kernel_symbols_unusable() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = TempDir::new("bad-symbols");
+    let prose = dir.join("notes.txt");
+    fs::write(&prose, "not a symbol map\n").expect("write notes");
+    let stub = dir.join("System.map");
+    fs::write(
+        &stub,
+        "ffffffffffffffff B The real System.map is in the linux-image-6.1.0-57-cloud-amd64-dbg package\n",
+    )
+    .expect("write stub");
+    let missing = dir.join("no-such-System.map");
+    for symbols in [&prose, &stub, &missing] {
+        let out = run_payload(
+            &hello_elf(),
+            &["--sample-rip", "5", "--kernel-symbols", text(symbols)],
+        );
+        assert_input_error(&out, &[text(symbols)]);
+    }
+    let out = run_payload(&hello_elf(), &["--sample-rip", "0"]);
+    assert_input_error(&out, &["sampling interval"]);
+}
+
 #[test]
 fn missing_initrd() {
     if !kvm_available() {

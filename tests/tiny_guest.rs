@@ -410,6 +410,49 @@ fn config_file_boots_like_the_flags() {
     assert_stdout_contains(&out, HELLO);
 }
 
+/// `--sample-rip` samples the vCPU's RIP after the VMM's kicks and names the payload's
+/// functions from its own symbol table: the counter spends nearly all its time spinning in
+/// its `delay` loop, so each sample is logged at debug and `delay` leads the report at exit.
+#[test]
+fn rip_samples_name_the_payload_functions() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot(
+        "counter_short",
+        Format::Elf64,
+        &[
+            "--sample-rip",
+            "5",
+            "--log-level",
+            "debug",
+            "--serial",
+            "none",
+        ],
+    );
+    assert_exit_code(&out, 0);
+    let stderr = stderr_of(&out);
+    let samples: Vec<&str> = (stderr.lines())
+        .filter(|line| line.contains("hearth::diag::sampler] vCPU 0 rip "))
+        .collect();
+    assert!(
+        samples.len() >= 10,
+        "expected a sample every 5 ms of a run of ~0.5 s:\n{stderr}"
+    );
+    assert!(
+        samples.iter().any(|line| line.contains(" rip delay+0x")),
+        "no sample names the payload's delay loop:\n{stderr}"
+    );
+    let leader = (stderr.lines())
+        .skip_while(|line| !line.contains("vCPU 0: ") || !line.contains(" RIP samples in "))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        leader.ends_with(" delay"),
+        "delay does not lead the report:\n{stderr}"
+    );
+}
+
 /// The numbers the `counter` payload has printed so far, in order (a line still being
 /// written is left out).
 fn counts(log: &Path) -> Vec<u32> {

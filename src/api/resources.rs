@@ -260,6 +260,8 @@ impl VmResources {
             }),
             balloon: self.balloon.clone(),
             boot_timer: self.boot_timer,
+            // The Firecracker API has no such setting; `hearth run --sample-rip` has.
+            sample_rip: None,
             cpu_profile: CpuProfileChoice::Auto,
         };
         config.validate().map_err(ApiError::invalid)?;

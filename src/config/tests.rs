@@ -351,6 +351,37 @@ fn json_round_trips() {
 }
 
 #[test]
+fn rip_sampling_is_optional_in_json_and_checked() {
+    let kernel = temp_file("kernel-sampling", 4096);
+    let mut config = config(&kernel);
+    // Off: the key is left out, so configs written before it read back the same.
+    assert!(!config.to_json().unwrap().contains("sample_rip"));
+    let json = r#"{"kernel": "/k", "sample_rip": {"interval_ms": 5, "kernel_symbols": "/m"}}"#;
+    let parsed: VmConfig = serde_json::from_str(json).unwrap();
+    let sampling = parsed.sample_rip.unwrap();
+    assert_eq!(sampling.interval_ms, 5);
+    assert_eq!(sampling.kernel_symbols, Some(PathBuf::from("/m")));
+    assert!(serde_json::from_str::<VmConfig>(
+        r#"{"kernel": "/k", "sample_rip": {"interval_ms": 5, "every": 1}}"#
+    )
+    .is_err());
+
+    for (interval_ms, ok) in [(0, false), (1, true), (MAX_SAMPLE_INTERVAL_MS + 1, false)] {
+        config.sample_rip = Some(RipSamplingConfig {
+            interval_ms,
+            kernel_symbols: None,
+        });
+        assert_eq!(config.validate().is_ok(), ok, "{interval_ms} ms");
+    }
+    config.sample_rip = Some(RipSamplingConfig {
+        interval_ms: 5,
+        kernel_symbols: Some(kernel.with_file_name("no-such-System.map")),
+    });
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.starts_with("cannot read kernel symbols"), "{err}");
+}
+
+#[test]
 fn json_memory_takes_bytes_or_a_size() {
     let parse = |mem: &str| {
         serde_json::from_str::<VmConfig>(&format!(r#"{{"kernel": "/k", "mem_size": {mem}}}"#))

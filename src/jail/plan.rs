@@ -64,6 +64,11 @@ impl JailPlan {
         if let Some(initrd) = &mut config.initrd {
             add(initrd, Access::Read, "initrd")?;
         }
+        // Read while the VM is built, inside the jail (`--sample-rip`).
+        if let Some(symbols) = (config.sample_rip.as_mut()).and_then(|s| s.kernel_symbols.as_mut())
+        {
+            add(symbols, Access::Read, "kernel symbols")?;
+        }
         for disk in &mut config.disks {
             let access = if disk.read_only {
                 Access::Read
@@ -361,6 +366,22 @@ mod tests {
             plan.host_path(&kernel),
             Path::new("/jail/x").join(kernel.strip_prefix("/").unwrap())
         );
+    }
+
+    #[test]
+    fn kernel_symbols_are_mirrored_read_only() {
+        let dir = scratch("symbols");
+        let kernel = touch(&dir.0, "vmlinux");
+        let map = touch(&dir.0, "System.map");
+        let mut config = VmConfig::new(&kernel);
+        config.sample_rip = Some(crate::config::RipSamplingConfig {
+            interval_ms: 5,
+            kernel_symbols: Some(dir.0.join(".").join("System.map")),
+        });
+        let plan = JailPlan::new(Path::new("/jail/x"), &mut config, &mut []).unwrap();
+        let access = |p: &Path| plan.files.iter().find(|f| f.path == p).map(|f| f.access);
+        assert_eq!(access(&map), Some(Access::Read));
+        assert_eq!(config.sample_rip.unwrap().kernel_symbols, Some(map));
     }
 
     #[test]

@@ -34,6 +34,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::arch::{self, boot::BootProtocol};
 use crate::config::CpuProfile;
 use crate::devices::bus::Bus;
+use crate::diag::RipSampler;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vstate::kvm::KvmContext;
 use crate::vstate::memory::GuestMemory;
@@ -201,6 +202,8 @@ pub struct Vcpu {
     held_tsc: Option<u64>,
     /// The thread that will run this vCPU, until it is handed over.
     thread: Option<VcpuThread>,
+    /// Samples RIP after the VMM's kicks (`--sample-rip`).
+    sampler: Option<RipSampler>,
 }
 
 /// A vCPU thread waiting for its vCPU (see the module documentation), and the channels
@@ -275,7 +278,14 @@ impl Vcpu {
             compat: (profile == CpuProfile::Compat).then(|| arch::compat_hook(index)),
             held_tsc: None,
             thread: Some(VcpuThread::spawn(index)?),
+            sampler: None,
         })
+    }
+
+    /// Samples this vCPU's RIP with `sampler` while it runs; the VMM must kick it at the
+    /// sampling interval ([`crate::vmm::Vmm::kick_every`]).
+    pub fn sample_rip(&mut self, sampler: RipSampler) {
+        self.sampler = Some(sampler);
     }
 
     /// CPUID, MSRs, FPU and LAPIC for every vCPU; registers and segments for the boot vCPU
@@ -409,9 +419,16 @@ impl Vcpu {
                         if self.exit.is_requested() {
                             break;
                         }
-                        if let Err(reason) = self.run_once() {
-                            self.exit.request(reason);
-                            break;
+                        match self.run_once() {
+                            Ok(ran) => {
+                                if let Some(sampler) = self.sampler.as_mut() {
+                                    sampler.after_run(&self.fd, ran == Ran::Interrupted);
+                                }
+                            }
+                            Err(reason) => {
+                                self.exit.request(reason);
+                                break;
+                            }
                         }
                         continue;
                     }
@@ -457,6 +474,9 @@ impl Vcpu {
         }
         if let Some(hook) = &self.compat {
             log::info!("vCPU {}: {}", self.index, hook.summary());
+        }
+        if let Some(sampler) = self.sampler.as_mut() {
+            sampler.finish();
         }
     }
 
