@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{
-    parse_memory_size, split_cmdline, ConfigError, CpuProfileChoice, SpecError, VmConfig,
-    DEFAULT_CMDLINE,
+    parse_memory_size, split_cmdline, BootSpeedups, ConfigError, CpuProfileChoice, SpecError,
+    VmConfig, DEFAULT_CMDLINE,
 };
 
 /// hearth: a lightweight KVM microVM monitor.
@@ -419,7 +419,7 @@ pub struct RunArgs {
         value_name = "FILE",
         conflicts_with_all = [
             "kernel", "initrd", "cmdline", "cpus", "memory", "serial", "disks", "nets",
-            "vsock", "fs", "rng", "boot_timer", "cpu_profile",
+            "vsock", "fs", "rng", "boot_timer", "cpu_profile", "boot_speedups",
         ]
     )]
     pub config: Option<PathBuf>,
@@ -505,6 +505,11 @@ pub struct RunArgs {
     /// `host` passes the host CPU through, `auto` picks by looking at the host.
     #[arg(long, value_enum, default_value_t = CpuProfileChoice::Auto)]
     pub cpu_profile: CpuProfileChoice,
+
+    /// With the compat profile, append boot parameters that spare the guest minutes of
+    /// emulated work (never one the command line already sets); `off` appends none.
+    #[arg(long, value_enum, default_value_t = BootSpeedups::On)]
+    pub boot_speedups: BootSpeedups,
 
     /// Serve Firecracker's HTTP API on this Unix socket while the VM runs.
     #[arg(long, value_name = "PATH")]
@@ -609,6 +614,7 @@ impl RunArgs {
                 kernel_symbols: self.kernel_symbols.clone(),
             }),
             cpu_profile: self.cpu_profile,
+            boot_speedups: self.boot_speedups,
         })
     }
 }
@@ -669,6 +675,7 @@ mod tests {
         assert_eq!(args.serial, "stdio");
         assert_eq!(args.cmdline, DEFAULT_CMDLINE);
         assert_eq!(args.cpu_profile, CpuProfileChoice::Auto);
+        assert_eq!(args.boot_speedups, BootSpeedups::On);
         assert_eq!(parse_memory_size(&args.memory).unwrap(), DEFAULT_MEM_SIZE);
         assert_eq!(cli.log_level, LogLevel::Warn);
     }
@@ -720,6 +727,8 @@ mod tests {
             "--rng",
             "--cpu-profile",
             "host",
+            "--boot-speedups",
+            "off",
         ])
         .unwrap();
         let config = args.vm_config().unwrap();
@@ -752,6 +761,7 @@ mod tests {
         ];
         expected.rng = Some(RngConfig::default());
         expected.cpu_profile = CpuProfileChoice::Host;
+        expected.boot_speedups = BootSpeedups::Off;
         assert_eq!(config, expected);
 
         let args = run_args(&[

@@ -6,7 +6,10 @@
 //!   JSON config file format (serde).
 //! - `specs.rs`: the `key=value,...` text syntax of disks, NICs, vsock and the serial
 //!   console (`FromStr` and `Display` that round-trip).
+//! - `cmdline.rs`: the kernel command line read as Linux reads it (parameter names, quotes,
+//!   the `--` before init's arguments).
 
+pub mod cmdline;
 mod restore;
 pub mod specs;
 
@@ -165,6 +168,16 @@ impl CpuProfileChoice {
     }
 }
 
+/// Whether the compat profile appends its boot speed-ups (`arch::pvm::BOOT_SPEEDUPS`) to the
+/// guest command line. In JSON and on the command line: `"on"` or `"off"`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BootSpeedups {
+    #[default]
+    On,
+    Off,
+}
+
 /// The CPU model the guest gets, after `auto` has been resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -242,6 +255,9 @@ pub struct VmConfig {
     pub sample_rip: Option<RipSamplingConfig>,
     #[serde(default)]
     pub cpu_profile: CpuProfileChoice,
+    /// With the compat profile, append the boot speed-ups the user did not decide on.
+    #[serde(default)]
+    pub boot_speedups: BootSpeedups,
 }
 
 fn default_boot_args() -> String {
@@ -298,6 +314,7 @@ impl VmConfig {
             boot_timer: false,
             sample_rip: None,
             cpu_profile: CpuProfileChoice::default(),
+            boot_speedups: BootSpeedups::default(),
         }
     }
 
@@ -386,7 +403,10 @@ impl VmConfig {
             }
         }
         // Otherwise the compat profile's options would land among the init arguments.
-        if self.boot_args.split(' ').any(|word| word == "--") {
+        if cmdline::params(&self.boot_args)
+            .iter()
+            .any(cmdline::Param::is_separator)
+        {
             return Err(ConfigError::InitArgsInBootArgs(self.boot_args.clone()));
         }
         // Building the command line checks its length and characters.
@@ -404,9 +424,10 @@ impl VmConfig {
     pub fn kernel_cmdline(&self) -> Result<linux_loader::cmdline::Cmdline, ConfigError> {
         use linux_loader::cmdline::{Cmdline, Error as CmdlineError};
         let extra = match self.resolved_cpu_profile() {
-            CpuProfile::Compat => pvm::GUEST_CMDLINE,
-            CpuProfile::Host => "",
+            CpuProfile::Compat => compat_boot_args(&self.boot_args, self.boot_speedups),
+            CpuProfile::Host => String::new(),
         };
+        let extra = extra.as_str();
         let too_long = || {
             let len = self.boot_args.len()
                 + self.init_args.as_ref().map_or(0, |a| a.len() + 4)
@@ -414,10 +435,12 @@ impl VmConfig {
             ConfigError::CmdlineTooLong {
                 len,
                 max: layout::CMDLINE_MAX_SIZE - 1,
-                extra: if extra.is_empty() {
-                    ""
-                } else {
-                    " with the compat profile's options"
+                extra: match (extra.is_empty(), self.boot_speedups) {
+                    (true, _) => "",
+                    (false, BootSpeedups::On) => {
+                        " with the compat profile's options (--boot-speedups off leaves some out)"
+                    }
+                    (false, BootSpeedups::Off) => " with the compat profile's options",
                 },
             }
         };
@@ -482,21 +505,34 @@ fn validate_net(nic: &NetConfig) -> Result<(), ConfigError> {
     }
 }
 
-/// Splits a command line "boot args -- init args" at the first standalone `--`, into
-/// [`VmConfig::boot_args`] and [`VmConfig::init_args`].
-pub fn split_cmdline(cmdline: &str) -> (String, Option<String>) {
-    let mut boot = Vec::new();
-    let mut words = cmdline.split(' ');
-    for word in words.by_ref() {
-        if word == "--" {
-            let rest: Vec<&str> = words.collect();
-            let init = rest.join(" ");
-            let init = (!init.trim().is_empty()).then(|| init.trim().to_string());
-            return (boot.join(" ").trim().to_string(), init);
-        }
-        boot.push(word);
+/// Splits a command line "boot args -- init args" at the first `--` the kernel would stop
+/// at (not one inside quotes), into [`VmConfig::boot_args`] and [`VmConfig::init_args`].
+pub fn split_cmdline(line: &str) -> (String, Option<String>) {
+    let (boot, init) = cmdline::split_at_separator(line);
+    (boot.to_string(), init.map(str::to_string))
+}
+
+/// What the compat profile appends after `boot_args` (the user's, without init's): what
+/// the guest must not use ([`pvm::GUEST_CMDLINE`]), then, with `speedups` on, each of
+/// [`pvm::BOOT_SPEEDUPS`] the user has not decided on. A speed-up is left out when the user
+/// set a parameter of the same name (whatever its value) or one of its `decided_by`, except
+/// the ones the kernel accumulates (`initcall_blacklist`), which add to the user's.
+pub fn compat_boot_args(boot_args: &str, speedups: BootSpeedups) -> String {
+    let mut args = pvm::GUEST_CMDLINE.to_string();
+    if speedups == BootSpeedups::Off {
+        return args;
     }
-    (cmdline.trim().to_string(), None)
+    let user = cmdline::kernel_param_names(boot_args);
+    let set_by_user = |name: &str| user.contains(&cmdline::normalized_name(name));
+    for speedup in pvm::BOOT_SPEEDUPS {
+        let decided = !speedup.accumulates && set_by_user(speedup.name())
+            || speedup.decided_by.iter().any(|name| set_by_user(name));
+        if !decided {
+            args.push(' ');
+            args.push_str(speedup.param);
+        }
+    }
+    args
 }
 
 /// Parses sizes like `256M`, `1G`, `65536`, `512k`, and checks them as guest RAM.

@@ -7,7 +7,7 @@ mod common;
 
 use common::linux::{
     assert_booted, assert_powered_off, boot_linux, line_after, make_ext4_image, minimal_guest,
-    read_from_ext4_image, stock_guest,
+    read_from_ext4_image, stock_guest, stock_user_guest, BASE_CMDLINE, STOCK_USER_BOOT_ARGS,
 };
 use common::{assert_exit_code, describe, kvm_available, stdout_of, TempDir};
 
@@ -100,4 +100,44 @@ fn stock_debian_kernel_boots_and_finds_a_disk_through_acpi() {
         "the guest's file is not in the image\n{}",
         describe(&out)
     );
+}
+
+/// Issue 14's case: the stock kernel with only the command line a user gives it, mitigations
+/// on, 2 vCPUs, 512 MiB. On a nested-PVM host it needs hearth's own boot speed-ups and its
+/// completion of what the mitigations run (VERW) to reach the end of /init.
+#[test]
+fn stock_debian_kernel_boots_as_a_user_boots_it() {
+    if !kvm_available() {
+        return;
+    }
+    let command = r#"sh -c "echo CMDLINE; cat /proc/cmdline; uname -a""#;
+    let out = boot_linux(
+        &stock_user_guest(),
+        command,
+        &["--cpus", "2", "--memory", "512M"],
+    );
+    assert_exit_code(&out, 0);
+    assert_booted(&out);
+    let stdout = stdout_of(&out);
+    assert!(
+        stdout.lines().any(|l| l.trim_end() == "HEARTH-EXIT 0"),
+        "/init did not run to its end\n{}",
+        describe(&out)
+    );
+    let cmdline = line_after(&stdout, "CMDLINE")
+        .unwrap_or_else(|| panic!("no /proc/cmdline\n{}", describe(&out)));
+    let user = format!("{BASE_CMDLINE} {STOCK_USER_BOOT_ARGS}");
+    assert!(
+        cmdline.starts_with(&format!("{user} ")) && !cmdline.contains("mitigations="),
+        "the guest got more than the user's line and hearth's options: {cmdline}"
+    );
+    if hearth::arch::pvm::host_is_pvm() {
+        for speedup in hearth::arch::pvm::BOOT_SPEEDUPS {
+            assert!(
+                cmdline.split(' ').any(|p| p == speedup.param),
+                "{} was not appended: {cmdline}",
+                speedup.param
+            );
+        }
+    }
 }

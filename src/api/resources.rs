@@ -13,8 +13,8 @@ use super::models::{
     MachineConfigUpdate, NetworkInterface, RateLimiterConfig, Serial, Vsock,
 };
 use crate::config::{
-    check_readable_file, parse_memory_size, split_cmdline, CpuProfileChoice, SerialConfig,
-    VmConfig, DEFAULT_CMDLINE, MAX_VCPUS,
+    check_readable_file, parse_memory_size, split_cmdline, BootSpeedups, CpuProfileChoice,
+    SerialConfig, VmConfig, DEFAULT_CMDLINE, MAX_VCPUS,
 };
 use crate::devices::virtio::block::{BlockConfig, ID_BYTES};
 use crate::devices::virtio::net::{parse_mac, NetConfig};
@@ -263,6 +263,7 @@ impl VmResources {
             // The Firecracker API has no such setting; `hearth run --sample-rip` has.
             sample_rip: None,
             cpu_profile: CpuProfileChoice::Auto,
+            boot_speedups: BootSpeedups::On,
         };
         config.validate().map_err(ApiError::invalid)?;
         Ok(config)

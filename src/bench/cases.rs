@@ -24,7 +24,8 @@ use serde::Serialize;
 
 use super::fixtures::Fixtures;
 use super::process::Invocation;
-use crate::arch::pvm::{host_is_pvm, GUEST_CMDLINE as PVM_GUEST_CMDLINE};
+use crate::arch::pvm::host_is_pvm;
+use crate::config::{compat_boot_args, BootSpeedups};
 
 /// What hearth's `--boot-timer` prints on stderr when the guest signals boot complete.
 pub const BOOT_MARKER: &str = "boot-timer:";
@@ -495,11 +496,13 @@ pub fn runner(case: CaseId, env: &CaseEnv) -> Result<Runner, NotRun> {
             let (kernel, initrd) = env.kernel_and_initrd()?;
             // The guest powers off (ACPI) after the command; isa-debug-exit stays unused.
             // On a nested-PVM host the guest gets the boot options hearth's compat profile
-            // adds, so both VMMs boot the same kernel the same way.
+            // adds (its speed-ups included, as hearth's own case boots with them), computed
+            // by the same function, so both VMMs boot the same kernel the same way.
             let mut cmdline = env.cmdline();
             if host_is_pvm() {
-                cmdline =
-                    super::fixtures::linux::cmdline(PVM_GUEST_CMDLINE, &env.command.join(" "));
+                let compat =
+                    compat_boot_args(super::fixtures::linux::BASE_CMDLINE, BootSpeedups::On);
+                cmdline = super::fixtures::linux::cmdline(&compat, &env.command.join(" "));
             }
             Runner {
                 note: qemu_pvm_note(true),

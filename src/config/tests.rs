@@ -79,6 +79,11 @@ fn cmdline_split() {
         split_cmdline("a --x -- b -- c"),
         ("a --x".to_string(), Some("b -- c".to_string()))
     );
+    // The kernel does not stop at a `--` inside quotes, so neither does hearth.
+    assert_eq!(
+        split_cmdline(r#"a x="1 -- 2" -- init"#),
+        (r#"a x="1 -- 2""#.to_string(), Some("init".to_string()))
+    );
 }
 
 #[test]
@@ -169,6 +174,10 @@ fn bad_configs_are_rejected() {
     ));
     assert!(matches!(
         rejected(&kernel, |c| c.boot_args = "a -- b".into()),
+        ConfigError::InitArgsInBootArgs(_)
+    ));
+    assert!(matches!(
+        rejected(&kernel, |c| c.boot_args = r#"a "--" b"#.into()),
         ConfigError::InitArgsInBootArgs(_)
     ));
     let err = rejected(&kernel, |c| c.kernel = "/nonexistent/vmlinux".into());
@@ -404,6 +413,7 @@ fn json_refuses_unknown_fields_at_every_level() {
         r#"{"kernel": "/k", "serial": {"tcp": "1"}}"#,
         r#"{"kernel": "/k", "serial": "pty"}"#,
         r#"{"kernel": "/k", "cpu_profile": "fast"}"#,
+        r#"{"kernel": "/k", "boot_speedups": true}"#,
         r#"{"initrd": "/i"}"#,
     ] {
         assert!(serde_json::from_str::<VmConfig>(bad).is_err(), "{bad}");
@@ -456,4 +466,142 @@ fn the_balloon_in_json() {
         "{err}"
     );
     assert!(serde_json::from_str::<VmConfig>(&json(r#", "balloon": {"size": 1}"#)).is_err());
+}
+
+/// The compat profile's command line for `boot_args` (and `init_args`) with `speedups`.
+fn compat_line(boot_args: &str, init_args: Option<&str>, speedups: BootSpeedups) -> String {
+    let kernel = temp_file("kernel-speedups", 4096);
+    let mut config = config(&kernel);
+    config.cpu_profile = CpuProfileChoice::Compat;
+    config.boot_args = boot_args.into();
+    config.init_args = init_args.map(str::to_string);
+    config.boot_speedups = speedups;
+    config.validate().unwrap();
+    let line = config.kernel_cmdline().unwrap().as_cstring().unwrap();
+    line.into_string().unwrap()
+}
+
+fn speedup(name: &str) -> &'static str {
+    pvm::BOOT_SPEEDUPS
+        .iter()
+        .find(|s| s.name() == name)
+        .unwrap()
+        .param
+}
+
+#[test]
+fn speedups_follow_the_users_line_and_the_compat_options_before_init_args() {
+    let line = compat_line(
+        "console=ttyS0 quiet",
+        Some("/bin/sh -c true"),
+        BootSpeedups::On,
+    );
+    let all: Vec<&str> = pvm::BOOT_SPEEDUPS.iter().map(|s| s.param).collect();
+    assert_eq!(
+        line,
+        format!(
+            "console=ttyS0 quiet {} {} -- /bin/sh -c true",
+            pvm::GUEST_CMDLINE,
+            all.join(" ")
+        )
+    );
+    // Init's words are not the kernel's: a speed-up's name there does not count.
+    let line = compat_line("console=ttyS0", Some("nowatchdog tsc=x"), BootSpeedups::On);
+    let (kernel_part, init_part) = line.split_once(" -- ").unwrap();
+    assert!(kernel_part.ends_with(&all.join(" ")), "{line}");
+    assert_eq!(init_part, "nowatchdog tsc=x");
+}
+
+#[test]
+fn speedups_never_override_what_the_user_set() {
+    // A value, a bare flag, a value given to a flag, dashes for underscores, quotes.
+    for (user, left_out) in [
+        ("tsc=unstable", "tsc"),
+        ("tsc", "tsc"),
+        ("nowatchdog", "nowatchdog"),
+        ("nowatchdog=0", "nowatchdog"),
+        ("no-timer-check", "no_timer_check"),
+        ("cryptomgr.notests=0", "cryptomgr.notests"),
+        (r#""tsc=unstable""#, "tsc"),
+        ("nmi_watchdog=1", "nowatchdog"),
+        ("watchdog_thresh=30", "nowatchdog"),
+    ] {
+        let line = compat_line(&format!("console=ttyS0 {user}"), None, BootSpeedups::On);
+        let appended = line
+            .strip_prefix(&format!("console=ttyS0 {user} "))
+            .unwrap();
+        assert!(!appended.contains(speedup(left_out)), "{user}: {line}");
+        let others = pvm::BOOT_SPEEDUPS.iter().filter(|s| s.name() != left_out);
+        for other in others {
+            assert!(appended.contains(other.param), "{user}: {line}");
+        }
+    }
+    // A name inside another parameter's quoted value is not set.
+    let line = compat_line(r#"dyndbg="tsc=unstable""#, None, BootSpeedups::On);
+    assert!(line.contains(speedup("tsc")), "{line}");
+}
+
+#[test]
+fn the_initcall_blacklist_adds_to_the_users() {
+    // The kernel blacklists what every occurrence names, so hearth's adds to the user's.
+    let user = "initcall_blacklist=cubictcp_register";
+    let line = compat_line(&format!("console=ttyS0 {user}"), None, BootSpeedups::On);
+    assert!(
+        line.starts_with(&format!("console=ttyS0 {user} ")),
+        "{line}"
+    );
+    assert!(line.ends_with(speedup("initcall_blacklist")), "{line}");
+}
+
+#[test]
+fn the_off_switch_keeps_only_what_the_guest_must_not_use() {
+    let line = compat_line("console=ttyS0", Some("init"), BootSpeedups::Off);
+    assert_eq!(
+        line,
+        format!("console=ttyS0 {} -- init", pvm::GUEST_CMDLINE)
+    );
+    assert_eq!(
+        compat_boot_args("anything", BootSpeedups::Off),
+        pvm::GUEST_CMDLINE
+    );
+}
+
+#[test]
+fn the_host_profile_appends_nothing() {
+    let kernel = temp_file("kernel-host-speedups", 4096);
+    let mut config = config(&kernel);
+    config.boot_args = "console=ttyS0".into();
+    config.init_args = Some("init".into());
+    assert_eq!(config.boot_speedups, BootSpeedups::On);
+    let line = config.kernel_cmdline().unwrap().as_cstring().unwrap();
+    assert_eq!(line.to_str().unwrap(), "console=ttyS0 -- init");
+}
+
+#[test]
+fn a_line_too_long_with_the_speedups_says_how_to_shorten_it() {
+    let kernel = temp_file("kernel-long-speedups", 4096);
+    let mut config = config(&kernel);
+    config.cpu_profile = CpuProfileChoice::Compat;
+    // Fits with what the guest must not use, not with the speed-ups as well.
+    config.boot_args = "x".repeat(layout::CMDLINE_MAX_SIZE - 2 - pvm::GUEST_CMDLINE.len());
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("--boot-speedups off"), "{err}");
+    config.boot_speedups = BootSpeedups::Off;
+    config.validate().unwrap();
+}
+
+#[test]
+fn json_boot_speedups_default_on() {
+    let parse = |extra: &str| {
+        serde_json::from_str::<VmConfig>(&format!(r#"{{"kernel": "/k"{extra}}}"#)).unwrap()
+    };
+    assert_eq!(parse("").boot_speedups, BootSpeedups::On);
+    assert_eq!(
+        parse(r#", "boot_speedups": "off""#).boot_speedups,
+        BootSpeedups::Off
+    );
+    let mut config = VmConfig::new("/k");
+    config.boot_speedups = BootSpeedups::Off;
+    let json = config.to_json().unwrap();
+    assert!(json.contains(r#""boot_speedups": "off""#), "{json}");
 }

@@ -15,11 +15,13 @@
 //!   has hearth save and restore its tasks' AVX/AVX-512 state.
 //!
 //! The features the emulator cannot run are hidden through the guest command line, because
-//! this host ignores most of KVM_SET_CPUID2 (see [`GUEST_CMDLINE`]).
+//! this host ignores most of KVM_SET_CPUID2 (see [`GUEST_CMDLINE`]); boot parameters that
+//! spare any guest minutes of emulated work follow them (`speedups.rs`, [`BOOT_SPEEDUPS`]).
 
 mod emulate;
 mod operand;
 mod paging;
+mod speedups;
 mod syscall;
 pub mod xstate;
 
@@ -33,6 +35,7 @@ use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{CompatHook, Completion};
 
 pub use paging::{read_virt, translate};
+pub use speedups::{BootSpeedup, BLACKLISTED_INITCALLS, BOOT_SPEEDUPS};
 
 /// What a PVM guest must be told not to use, in Linux 6.1 syntax.
 pub const GUEST_CMDLINE: &str = "noxsave nofsgsbase \
