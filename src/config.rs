@@ -85,6 +85,12 @@ pub enum ConfigError {
     },
     #[error("kernel command line is invalid: {0}")]
     CmdlineInvalid(String),
+    #[error(
+        "clearcpuid={0} (yours merged with the compat profile's) is longer than the {max} \
+         bytes Linux reads",
+        max = CLEARCPUID_MAX - 1
+    )]
+    ClearCpuidTooLong(String),
     #[error("boot arguments \"{0}\" contain \" -- \": init arguments go in init_args")]
     InitArgsInBootArgs(String),
     #[error("disk \"{path}\": id \"{id}\" is {len} bytes, longer than {max}", max = block::ID_BYTES)]
@@ -409,6 +415,11 @@ impl VmConfig {
         {
             return Err(ConfigError::InitArgsInBootArgs(self.boot_args.clone()));
         }
+        if self.resolved_cpu_profile() == CpuProfile::Compat {
+            if let Some(value) = clearcpuid_too_long(&self.boot_args) {
+                return Err(ConfigError::ClearCpuidTooLong(value));
+            }
+        }
         // Building the command line checks its length and characters.
         self.kernel_cmdline()?;
         Ok(())
@@ -518,7 +529,7 @@ pub fn split_cmdline(line: &str) -> (String, Option<String>) {
 /// set a parameter of the same name (whatever its value) or one of its `decided_by`, except
 /// the ones the kernel accumulates (`initcall_blacklist`), which add to the user's.
 pub fn compat_boot_args(boot_args: &str, speedups: BootSpeedups) -> String {
-    let mut args = pvm::GUEST_CMDLINE.to_string();
+    let mut args = guest_restrictions(boot_args);
     if speedups == BootSpeedups::Off {
         return args;
     }
@@ -533,6 +544,56 @@ pub fn compat_boot_args(boot_args: &str, speedups: BootSpeedups) -> String {
         }
     }
     args
+}
+
+/// [`pvm::GUEST_CMDLINE`] with the user's own `clearcpuid=` kept: x86 reads that option's
+/// last occurrence only (`cmdline_find_option`), so hearth's would replace the user's.
+/// The appended one lists the user's features first, then hearth's.
+fn guest_restrictions(boot_args: &str) -> String {
+    let Some(user) = user_clearcpuid(boot_args) else {
+        return pvm::GUEST_CMDLINE.to_string();
+    };
+    pvm::GUEST_CMDLINE
+        .split(' ')
+        .map(|word| match word.strip_prefix(CLEARCPUID) {
+            Some(ours) => {
+                let mut features: Vec<&str> = user.split(',').filter(|f| !f.is_empty()).collect();
+                for feature in ours.split(',') {
+                    if !features.contains(&feature) {
+                        features.push(feature);
+                    }
+                }
+                format!("{CLEARCPUID}{}", features.join(","))
+            }
+            None => word.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+const CLEARCPUID: &str = "clearcpuid=";
+/// The buffer x86 reads `clearcpuid=`'s value into (`cpu_parse_early_param`), NUL included;
+/// a longer value is cut short there.
+const CLEARCPUID_MAX: usize = 128;
+
+/// The value of the user's last `clearcpuid=`, the one the kernel would read.
+fn user_clearcpuid(boot_args: &str) -> Option<&str> {
+    cmdline::params(boot_args)
+        .into_iter()
+        .take_while(|p| !p.is_separator())
+        .filter(|p| cmdline::normalized_name(p.name) == "clearcpuid")
+        .filter_map(|p| p.value)
+        .last()
+}
+
+/// The compat profile's `clearcpuid=` value for `boot_args`, when it is too long for the
+/// kernel to read whole.
+fn clearcpuid_too_long(boot_args: &str) -> Option<String> {
+    let restrictions = guest_restrictions(boot_args);
+    let value = restrictions
+        .split(' ')
+        .find_map(|word| word.strip_prefix(CLEARCPUID))?;
+    (value.len() >= CLEARCPUID_MAX).then(|| value.to_string())
 }
 
 /// Parses sizes like `256M`, `1G`, `65536`, `512k`, and checks them as guest RAM.

@@ -605,3 +605,46 @@ fn json_boot_speedups_default_on() {
     let json = config.to_json().unwrap();
     assert!(json.contains(r#""boot_speedups": "off""#), "{json}");
 }
+
+/// x86 reads only the last `clearcpuid=`, so the compat profile's list carries the user's
+/// features too instead of replacing them.
+#[test]
+fn the_users_clearcpuid_is_merged_into_the_compat_one() {
+    let line = compat_line(
+        "console=ttyS0 clearcpuid=arch_capabilities,smap",
+        None,
+        BootSpeedups::Off,
+    );
+    let last = line
+        .split(' ')
+        .rfind(|w| w.starts_with("clearcpuid="))
+        .unwrap();
+    let features: Vec<&str> = last["clearcpuid=".len()..].split(',').collect();
+    assert_eq!(&features[..2], ["arch_capabilities", "smap"], "{line}");
+    for ours in ["cx16", "popcnt", "sse4_2"] {
+        assert!(features.contains(&ours), "{line}");
+    }
+    assert_eq!(
+        features.iter().filter(|f| **f == "smap").count(),
+        1,
+        "{line}"
+    );
+    // Without one of the user's, the compat options are appended as they are.
+    let plain = compat_line("console=ttyS0", None, BootSpeedups::Off);
+    assert!(plain.contains(pvm::GUEST_CMDLINE), "{plain}");
+}
+
+#[test]
+fn a_merged_clearcpuid_the_kernel_would_cut_short_is_refused() {
+    let kernel = temp_file("kernel-clearcpuid", 4096);
+    let mut config = config(&kernel);
+    config.cpu_profile = CpuProfileChoice::Compat;
+    config.boot_args = format!("clearcpuid={}", ["avx512f"; 10].join(","));
+    let err = config.validate().unwrap_err().to_string();
+    assert!(
+        err.contains("longer than the 127 bytes Linux reads"),
+        "{err}"
+    );
+    config.cpu_profile = CpuProfileChoice::Host;
+    config.validate().unwrap();
+}
