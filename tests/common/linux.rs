@@ -31,6 +31,11 @@ pub const BASE_CMDLINE: &str = linux::BASE_CMDLINE;
 pub const STOCK_SPEEDUPS: &str = "nokaslr mitigations=off init_on_alloc=0";
 /// What the user typed besides the test init's command: nothing hearth's tests add.
 pub const STOCK_USER_BOOT_ARGS: &str = "rdinit=/init";
+/// The stock kernel with its mitigations on and told that its CPU may have MDS (no
+/// ARCH_CAPABILITIES, so no MDS_NO): it then clears CPU buffers with VERW on every return to
+/// user space, whatever the host's CPU reports. (`clearcpuid=` is merged with the compat
+/// profile's own list.)
+pub const STOCK_MDS_BOOT_ARGS: &str = "nokaslr init_on_alloc=0 clearcpuid=arch_capabilities";
 
 /// A kernel found by the library's discovery (the one `hearth bench` uses); a missing
 /// one fails the test with the command that builds it.
@@ -117,6 +122,14 @@ pub fn stock_guest() -> Guest {
 /// Debian's stock kernel booted the way a user would: [`BASE_CMDLINE`] and `rdinit=/init`
 /// only (the command still goes to the test init after ` -- `), so the guest gets no more
 /// than what hearth appends itself, mitigations on.
+/// Debian's stock cloud kernel on its VERW path ([`STOCK_MDS_BOOT_ARGS`]).
+pub fn stock_mds_guest() -> Guest {
+    Guest {
+        boot_args: STOCK_MDS_BOOT_ARGS,
+        ..stock_guest()
+    }
+}
+
 pub fn stock_user_guest() -> Guest {
     Guest {
         boot_args: STOCK_USER_BOOT_ARGS,
