@@ -133,12 +133,23 @@ impl PvmCompat {
             )));
         };
         let Some((known, len)) = decode(&code) else {
+            if self.unknown.retry(regs.rip) {
+                log::debug!(
+                    "vCPU {}: emulation failed at {:#x}, now bytes {}: running it again",
+                    self.vcpu,
+                    regs.rip,
+                    hex(&code)
+                );
+                self.stats.retries += 1;
+                return Ok(Completion::Completed);
+            }
             return Ok(Completion::NotHandled(format!(
                 "rip {:#x}, bytes {}",
                 regs.rip,
                 hex(&code)
             )));
         };
+        self.unknown.reset();
         match known {
             Known::Int3 => {
                 regs.rip += 1;
@@ -190,6 +201,35 @@ impl PvmCompat {
 
     fn note(&self, what: &str, rip: u64) {
         log::trace!("vCPU {}: completed {what} at {rip:#x}", self.vcpu);
+    }
+}
+
+/// When the code at a failed instruction is none this layer completes, the guest runs it
+/// once more before hearth gives up. Another vCPU may have rewritten it since KVM failed
+/// it: Linux patches live code by putting an `int3` on the instruction's first byte, then
+/// the rest, then the new first byte, and only then waits for the other CPUs. A vCPU that
+/// failed on that `int3` can find the new instruction by the time its exit is handled; run
+/// again, it executes the new one. A second failure at the same RIP with no instruction
+/// completed in between is a real one.
+#[derive(Debug, Default)]
+pub(super) struct RetryOnce {
+    at: Option<u64>,
+}
+
+impl RetryOnce {
+    /// Whether the failure at `rip` gets its one retry.
+    fn retry(&mut self, rip: u64) -> bool {
+        if self.at == Some(rip) {
+            self.at = None;
+            return false;
+        }
+        self.at = Some(rip);
+        true
+    }
+
+    /// An instruction was completed: the next unknown failure starts afresh.
+    fn reset(&mut self) {
+        self.at = None;
     }
 }
 
@@ -254,6 +294,24 @@ fn emulate_verw(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Code patched by another vCPU between KVM's failure and hearth's look gets one more
+    /// run; the same failure twice in a row is reported.
+    #[test]
+    fn an_unknown_failure_is_retried_once_per_rip() {
+        let mut unknown = RetryOnce::default();
+        assert!(unknown.retry(0x1000));
+        assert!(!unknown.retry(0x1000), "the same failure twice is real");
+        assert!(unknown.retry(0x1000), "and a later one is new again");
+        assert!(unknown.retry(0x2000), "another rip is another failure");
+        assert!(!unknown.retry(0x2000));
+        assert!(unknown.retry(0x3000));
+        unknown.reset();
+        assert!(
+            unknown.retry(0x3000),
+            "a completed instruction in between resets it"
+        );
+    }
 
     #[test]
     fn decodes_the_instructions_it_completes() {

@@ -72,6 +72,8 @@ pub struct FixupStats {
     pub xstate_saves: u64,
     pub xstate_restores: u64,
     pub xstate_errors: u64,
+    /// Failed instructions run again because the code at RIP had changed (`RetryOnce`).
+    pub retries: u64,
 }
 
 /// What the layer keeps for one vCPU, saved with the vCPU's state. KVM keeps no trace of
@@ -96,6 +98,7 @@ pub struct SyscallTrapState {
 pub struct PvmCompat {
     vcpu: u8,
     syscall: syscall::SyscallCompletion,
+    unknown: emulate::RetryOnce,
     stats: FixupStats,
 }
 
@@ -104,6 +107,7 @@ impl PvmCompat {
         Self {
             vcpu,
             syscall: syscall::SyscallCompletion::default(),
+            unknown: emulate::RetryOnce::default(),
             stats: FixupStats::default(),
         }
     }
