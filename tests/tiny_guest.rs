@@ -263,6 +263,26 @@ fn smp_second_cpu_starts() {
     );
 }
 
+/// Linux patches live code on SMP by writing int3 on an instruction's first byte and,
+/// later, a byte of the new instruction, with no wait for the CPUs running it
+/// (text_poke_bp). Here the AP flips a nop to int3 and back while the BSP calls it
+/// (tests/payloads/textpoke.S). On the nested PVM host the int3 fails in KVM's emulator and
+/// hearth completes it from the code at RIP, where the AP may have put the nop back by then:
+/// hearth must run the instruction again instead of stopping the VM. Elsewhere the CPU runs
+/// the int3 itself and the output is the same.
+#[test]
+fn code_another_vcpu_is_patching_keeps_running() {
+    if !kvm_available() {
+        return;
+    }
+    let out = boot("textpoke", Format::Elf64, &["--cpus", "2"]);
+    assert_exit_code(&out, 0);
+    assert_stdout_contains(
+        &out,
+        "textpoke: 200000 calls through a site being patched\n",
+    );
+}
+
 /// Many vCPUs are created and run; the APs wait for a SIPI that never comes while the BSP
 /// prints and exits.
 #[test]
