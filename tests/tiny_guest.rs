@@ -267,9 +267,10 @@ fn smp_second_cpu_starts() {
 /// later, a byte of the new instruction, with no wait for the CPUs running it
 /// (text_poke_bp). Here the AP flips a nop to int3 and back while the BSP calls it
 /// (tests/payloads/textpoke.S). On the nested PVM host the int3 fails in KVM's emulator and
-/// hearth completes it from the code at RIP, where the AP may have put the nop back by then:
-/// hearth must run the instruction again instead of stopping the VM. Elsewhere the CPU runs
-/// the int3 itself and the output is the same.
+/// hearth completes it, although the AP has often put the nop back by then: hearth must
+/// complete the int3 KVM fetched (the emulator keeps fetching it for a while, so running
+/// the code again fails again) instead of stopping the VM. Elsewhere the CPU runs the int3
+/// itself and the output is the same.
 #[test]
 fn code_another_vcpu_is_patching_keeps_running() {
     if !kvm_available() {

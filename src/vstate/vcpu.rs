@@ -635,8 +635,9 @@ impl Vcpu {
         let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
         let ndata = (internal.ndata as usize).min(internal.data.len());
         let data = &internal.data[..ndata];
+        let fetched = exit::fetched_instruction(internal.suberror, data);
         let detail = match self.compat.as_mut() {
-            Some(hook) => match hook.emulation_failure(&self.fd, &self.mem) {
+            Some(hook) => match hook.emulation_failure(&self.fd, &self.mem, fetched.as_deref()) {
                 Completion::Completed => return Ok(()),
                 Completion::NotHandled(detail) => detail,
             },

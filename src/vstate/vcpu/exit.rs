@@ -147,6 +147,35 @@ pub fn classify(vcpu: u8, exit: &KvmExit, hook: Option<&dyn CompatHook>) -> Vcpu
     }
 }
 
+/// Most bytes KVM reports of the instruction its emulator failed on.
+const MAX_FETCHED: usize = 15;
+
+/// The instruction bytes KVM's emulator had fetched when it gave up, from a
+/// KVM_EXIT_INTERNAL_ERROR's suberror and data: with KVM_INTERNAL_ERROR_EMULATION and the
+/// flag KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES in `data[0]`, `data[1..3]`
+/// hold (little-endian) a byte count and up to 15 bytes. None when KVM gave none.
+pub fn fetched_instruction(suberror: u32, data: &[u64]) -> Option<Vec<u8>> {
+    use kvm_bindings::{
+        KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    };
+    if suberror != KVM_INTERNAL_ERROR_EMULATION {
+        return None;
+    }
+    let [flags, low, high, ..] = *data else {
+        return None;
+    };
+    if flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) == 0 {
+        return None;
+    }
+    let mut packed = [0u8; 1 + MAX_FETCHED];
+    packed[..8].copy_from_slice(&low.to_le_bytes());
+    packed[8..].copy_from_slice(&high.to_le_bytes());
+    let len = usize::from(packed[0]);
+    (1..=MAX_FETCHED)
+        .contains(&len)
+        .then(|| packed[1..=len].to_vec())
+}
+
 /// What a hook did with an exit offered to it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Completion {
@@ -174,7 +203,14 @@ pub trait CompatHook: Send {
     fn debug_exit(&mut self, vcpu: &VcpuFd, mem: &GuestMemory, pc: u64) -> Completion;
 
     /// KVM_EXIT_INTERNAL_ERROR: complete the instruction at RIP if the hook knows how.
-    fn emulation_failure(&mut self, vcpu: &VcpuFd, mem: &GuestMemory) -> Completion;
+    /// `fetched` is what KVM's emulator read at RIP, when KVM says
+    /// ([`fetched_instruction`]).
+    fn emulation_failure(
+        &mut self,
+        vcpu: &VcpuFd,
+        mem: &GuestMemory,
+        fetched: Option<&[u8]>,
+    ) -> Completion;
 
     /// After every exit that does not stop the VM, kicks included.
     fn after_exit(&mut self, vcpu: &VcpuFd, mem: &GuestMemory);
@@ -194,6 +230,41 @@ pub trait CompatHook: Send {
 mod tests {
     use super::*;
 
+    /// What the nested PVM host reported for an int3 another vCPU had already patched back
+    /// to a nop: 15 bytes, `cc c3 00 00 01 ...`.
+    #[test]
+    fn reads_the_bytes_kvm_fetched() {
+        let data = [1, 0x0100_00c3_cc0f, 0, 0x1000, 0, 0, 0, 0];
+        let mut expected = vec![0xcc, 0xc3, 0, 0, 1];
+        expected.resize(15, 0);
+        assert_eq!(fetched_instruction(1, &data), Some(expected));
+        let short = [1, 0x0605_0403_0290_cc02, 0x0f0e_0d0c_0b0a_0907];
+        assert_eq!(fetched_instruction(1, &short), Some(vec![0xcc, 0x90]));
+        let full = [1, 0x0706_0504_0302_010f, 0x0f0e_0d0c_0b0a_0908];
+        assert_eq!(
+            fetched_instruction(1, &full),
+            Some((1..=15).collect::<Vec<u8>>())
+        );
+    }
+
+    #[test]
+    fn no_fetched_bytes_unless_kvm_says_so() {
+        let bytes = 0x0100_00c3_cc0f;
+        assert_eq!(fetched_instruction(1, &[0, bytes, 0]), None, "flag clear");
+        assert_eq!(
+            fetched_instruction(2, &[1, bytes, 0]),
+            None,
+            "not emulation"
+        );
+        assert_eq!(fetched_instruction(1, &[1, bytes]), None, "data too short");
+        assert_eq!(fetched_instruction(1, &[1, 0xcc00, 0]), None, "no bytes");
+        assert_eq!(
+            fetched_instruction(1, &[1, 0xcc10, 0]),
+            None,
+            "more than 15"
+        );
+    }
+
     /// A hook that claims 4-byte accesses to one port and does nothing.
     struct ClaimsPort(u16);
 
@@ -206,7 +277,12 @@ mod tests {
         fn debug_exit(&mut self, _: &VcpuFd, _: &GuestMemory, _: u64) -> Completion {
             Completion::Completed
         }
-        fn emulation_failure(&mut self, _: &VcpuFd, _: &GuestMemory) -> Completion {
+        fn emulation_failure(
+            &mut self,
+            _: &VcpuFd,
+            _: &GuestMemory,
+            _: Option<&[u8]>,
+        ) -> Completion {
             Completion::Completed
         }
         fn after_exit(&mut self, _: &VcpuFd, _: &GuestMemory) {}
@@ -295,7 +371,12 @@ mod tests {
             fn debug_exit(&mut self, _: &VcpuFd, _: &GuestMemory, _: u64) -> Completion {
                 Completion::Completed
             }
-            fn emulation_failure(&mut self, _: &VcpuFd, _: &GuestMemory) -> Completion {
+            fn emulation_failure(
+                &mut self,
+                _: &VcpuFd,
+                _: &GuestMemory,
+                _: Option<&[u8]>,
+            ) -> Completion {
                 Completion::Completed
             }
             fn after_exit(&mut self, _: &VcpuFd, _: &GuestMemory) {}

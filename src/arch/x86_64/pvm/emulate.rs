@@ -118,36 +118,54 @@ fn read_code(mem: &GuestMemory, sregs: &kvm_sregs, rip: u64) -> Result<Vec<u8>, 
 
 impl PvmCompat {
     /// KVM_EXIT_INTERNAL_ERROR: complete the instruction at RIP if it is one KVM's emulator
-    /// is known to miss here.
+    /// is known to miss here. `fetched` is what the emulator read at RIP, when KVM says.
+    ///
+    /// The instruction the vCPU ran is the one KVM fetched: memory may hold another by now,
+    /// written by another vCPU (Linux's int3-based text poking restores the first byte
+    /// without waiting). Going by memory then finds, say, the nop back where an int3
+    /// failed, and running it again does not help on the nested PVM host: its emulator was
+    /// measured to go on fetching the int3 for tens of milliseconds, long after memory
+    /// changed (tests/payloads/textpoke.S). Memory is read only when KVM gave no bytes or
+    /// none this layer completes.
     pub(super) fn on_emulation_failure(
         &mut self,
         fd: &VcpuFd,
         mem: &GuestMemory,
+        fetched: Option<&[u8]>,
     ) -> Result<Completion, PvmError> {
         let mut regs = fd.get_regs().map_err(PvmError::VcpuState)?;
         let sregs = fd.get_sregs().map_err(PvmError::VcpuState)?;
-        let Ok(code) = read_code(mem, &sregs, regs.rip) else {
-            return Ok(Completion::NotHandled(format!(
-                "rip {:#x} is not readable guest memory",
-                regs.rip
-            )));
-        };
-        let Some((known, len)) = decode(&code) else {
-            if self.unknown.retry(regs.rip) {
-                log::debug!(
-                    "vCPU {}: emulation failed at {:#x}, now bytes {}: running it again",
-                    self.vcpu,
-                    regs.rip,
-                    hex(&code)
-                );
-                self.stats.retries += 1;
-                return Ok(Completion::Completed);
+        let (known, len) = match fetched.and_then(decode) {
+            Some(decoded) => decoded,
+            None => {
+                let Ok(code) = read_code(mem, &sregs, regs.rip) else {
+                    return Ok(Completion::NotHandled(format!(
+                        "rip {:#x} is not readable guest memory",
+                        regs.rip
+                    )));
+                };
+                let Some(decoded) = decode(&code) else {
+                    if self.unknown.retry(regs.rip) {
+                        log::debug!(
+                            "vCPU {}: emulation failed at {:#x}, now bytes {}: running it again",
+                            self.vcpu,
+                            regs.rip,
+                            hex(&code)
+                        );
+                        self.stats.retries += 1;
+                        return Ok(Completion::Completed);
+                    }
+                    let fetched = fetched
+                        .map(|bytes| format!(" (KVM fetched {})", hex(bytes)))
+                        .unwrap_or_default();
+                    return Ok(Completion::NotHandled(format!(
+                        "rip {:#x}, bytes {}{fetched}",
+                        regs.rip,
+                        hex(&code)
+                    )));
+                };
+                decoded
             }
-            return Ok(Completion::NotHandled(format!(
-                "rip {:#x}, bytes {}",
-                regs.rip,
-                hex(&code)
-            )));
         };
         self.unknown.reset();
         match known {
@@ -204,8 +222,8 @@ impl PvmCompat {
     }
 }
 
-/// When the code at a failed instruction is none this layer completes, the guest runs it
-/// once more before hearth gives up. Another vCPU may have rewritten it since KVM failed
+/// When the code at a failed instruction (KVM's bytes, else memory's) is none this layer
+/// completes, the guest runs it once more before hearth gives up. Another vCPU may have rewritten it since KVM failed
 /// it: Linux patches live code by putting an `int3` on the instruction's first byte, then
 /// the rest, then the new first byte, and only then waits for the other CPUs. A vCPU that
 /// failed on that `int3` can find the new instruction by the time its exit is handled; run

@@ -135,8 +135,13 @@ impl CompatHook for PvmCompat {
             .unwrap_or_else(|e| Completion::NotHandled(format!("debug exit at {pc:#x}: {e}")))
     }
 
-    fn emulation_failure(&mut self, vcpu: &VcpuFd, mem: &GuestMemory) -> Completion {
-        self.on_emulation_failure(vcpu, mem)
+    fn emulation_failure(
+        &mut self,
+        vcpu: &VcpuFd,
+        mem: &GuestMemory,
+        fetched: Option<&[u8]>,
+    ) -> Completion {
+        self.on_emulation_failure(vcpu, mem, fetched)
             .unwrap_or_else(|e| Completion::NotHandled(e.to_string()))
     }
 
