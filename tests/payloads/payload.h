@@ -42,4 +42,29 @@
 #define XEN_HVM_START_MAGIC     0x336ec578
 #define XEN_ELFNOTE_PHYS32_ENTRY 18
 
+/* A present, DPL 0, available 64-bit TSS. */
+#define TSS_DESC_TYPE           0x89
+
+#ifdef __ASSEMBLER__
+/* Stores the 16-byte descriptor of an available 64-bit TSS of `size` bytes at the address
+ * in %rax into the GDT slot `sel` of `gdt`. Clobbers %rax, %rcx, %rdx and %rdi. */
+.macro  set_tss_descriptor gdt, sel, size
+        mov     %rax, %rdx
+        shl     $16, %rdx
+        movabs  $0xffffff0000, %rcx
+        and     %rcx, %rdx                      /* base 23:0 -> bits 39:16 */
+        mov     %rax, %rcx
+        shr     $24, %rcx
+        and     $0xff, %ecx
+        shl     $56, %rcx                       /* base 31:24 -> bits 63:56 */
+        or      %rcx, %rdx
+        movabs  $((TSS_DESC_TYPE << 40) | (\size - 1)), %rcx
+        or      %rcx, %rdx
+        lea     \gdt(%rip), %rdi
+        mov     %rdx, \sel(%rdi)
+        shr     $32, %rax
+        mov     %rax, \sel + 8(%rdi)
+.endm
+#endif
+
 #endif

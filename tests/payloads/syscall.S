@@ -101,7 +101,6 @@
 #define TSS_SIZE                104
 #define TSS_RSP0                4
 #define TSS_IOMAP_BASE          102
-#define TSS_DESC_TYPE           0x89    /* present, DPL 0, available 64-bit TSS */
 
 /* The user-mode stack frame at a #PF handler's entry, after PF_SAVED pushes. */
 #define PF_SAVED                5
@@ -183,21 +182,7 @@ payload_main:
 
         /* TSS descriptor for the upper-half TSS. */
         kaddr   tss, %rax
-        mov     %rax, %rdx
-        shl     $16, %rdx
-        movabs  $0xffffff0000, %rcx
-        and     %rcx, %rdx                      /* base 23:0 -> bits 39:16 */
-        mov     %rax, %rcx
-        shr     $24, %rcx
-        and     $0xff, %ecx
-        shl     $56, %rcx                       /* base 31:24 -> bits 63:56 */
-        or      %rcx, %rdx
-        movabs  $((TSS_DESC_TYPE << 40) | (TSS_SIZE - 1)), %rcx
-        or      %rcx, %rdx
-        lea     gdt(%rip), %rdi
-        mov     %rdx, TSS_SEL(%rdi)
-        shr     $32, %rax
-        mov     %rax, TSS_SEL + 8(%rdi)
+        set_tss_descriptor gdt, TSS_SEL, TSS_SIZE
 
         /* GDT and IDT through their upper-half aliases, as a kernel would. */
         lea     gdtr(%rip), %rdi

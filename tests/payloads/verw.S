@@ -50,7 +50,6 @@
 #define TSS_SIZE                104
 #define TSS_RSP0                4
 #define TSS_IOMAP_BASE          102
-#define TSS_DESC_TYPE           0x89    /* present, DPL 0, available 64-bit TSS */
 
 /* Make ZF the opposite of \expected (0 or 1); clobbers %r10. */
 .macro  zf_not expected
@@ -102,21 +101,7 @@ payload_main:
         mov     %rax, TSS_RSP0(%rdi)
         movw    $TSS_SIZE, TSS_IOMAP_BASE(%rdi)
         mov     %rdi, %rax
-        mov     %rax, %rdx
-        shl     $16, %rdx
-        movabs  $0xffffff0000, %rcx
-        and     %rcx, %rdx                      /* base 23:0 -> bits 39:16 */
-        mov     %rax, %rcx
-        shr     $24, %rcx
-        and     $0xff, %ecx
-        shl     $56, %rcx                       /* base 31:24 -> bits 63:56 */
-        or      %rcx, %rdx
-        movabs  $((TSS_DESC_TYPE << 40) | (TSS_SIZE - 1)), %rcx
-        or      %rcx, %rdx
-        lea     gdt(%rip), %rdi
-        mov     %rdx, TSS_SEL(%rdi)
-        shr     $32, %rax
-        mov     %rax, TSS_SEL + 8(%rdi)
+        set_tss_descriptor gdt, TSS_SEL, TSS_SIZE
 
         lea     gdtr(%rip), %rdi
         lea     gdt(%rip), %rax
