@@ -1,11 +1,15 @@
 /*
- * 64-bit runtime shared by the payloads: the entry point and serial/exit helpers.
+ * 64-bit runtime shared by the payloads: the entry point, serial/exit helpers, and the
+ * start-up of the other CPUs.
  *
  * hearth enters _start in 64-bit long mode (ELF e_entry, or bzImage load address + 0x200).
  * _start sets up its own stack rather than trusting the boot one, calls payload_main and
  * exits with payload_main's return value (%eax) through the exit port.
  */
 #include "payload.h"
+
+#define ICR_POLL_LIMIT  100000
+#define IPI_DELAY_TSC   0x100000        /* pause between INIT and each SIPI */
 
         .section .text.entry, "ax"
         .code64
@@ -83,6 +87,58 @@ exit_mmio:
         jmp     exit_ignored
 
 /* The VMM should have stopped the VM already: say so, and park the vCPU. */
+/*
+ * start_aps: INIT-SIPI-SIPI to every other CPU through the local APIC; each starts in real
+ * mode at CS = %edi << 8, IP = 0 (%edi: the SIPI vector, the trampoline's page number).
+ * Clobbers %rax, %rcx, %rdx, %rsi, %rdi.
+ */
+        .globl start_aps
+start_aps:
+        push    %rbx
+        mov     %edi, %edi
+        or      $LAPIC_ICR_SIPI_OTHERS, %edi
+        mov     $LAPIC_BASE, %ebx
+        movl    $0x1ff, LAPIC_SVR(%rbx)         /* software-enable, spurious vector 0xff */
+        movl    $0, LAPIC_ICR_HIGH(%rbx)
+        movl    $LAPIC_ICR_INIT_OTHERS, LAPIC_ICR_LOW(%rbx)
+        call    icr_wait
+        call    ipi_delay
+        movl    %edi, LAPIC_ICR_LOW(%rbx)
+        call    icr_wait
+        call    ipi_delay
+        movl    %edi, LAPIC_ICR_LOW(%rbx)
+        call    icr_wait
+        pop     %rbx
+        ret
+
+/* icr_wait: wait (bounded) for the ICR's delivery-status bit to clear. %rbx = LAPIC base. */
+icr_wait:
+        mov     $ICR_POLL_LIMIT, %ecx
+1:      testl   $LAPIC_ICR_BUSY, LAPIC_ICR_LOW(%rbx)
+        jz      2f
+        pause
+        dec     %ecx
+        jnz     1b
+2:      ret
+
+/* read_tsc: %rax = the 64-bit TSC. Clobbers %rdx. */
+        .globl read_tsc
+read_tsc:
+        rdtsc
+        shl     $32, %rdx
+        or      %rdx, %rax
+        ret
+
+/* ipi_delay: spin for IPI_DELAY_TSC cycles. Clobbers %rax, %rdx, %rsi. */
+ipi_delay:
+        call    read_tsc
+        lea     IPI_DELAY_TSC(%rax), %rsi
+1:      pause
+        call    read_tsc
+        cmp     %rsi, %rax
+        jb      1b
+        ret
+
 exit_ignored:
         lea     exit_ignored_msg(%rip), %rdi
         call    serial_puts

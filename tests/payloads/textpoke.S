@@ -42,8 +42,6 @@
 #define INT3_OPCODE     0xcc
 #define NOP_OPCODE      0x90
 
-#define ICR_POLL_LIMIT  100000
-#define IPI_DELAY_TSC   0x100000        /* pause between INIT and each SIPI */
 #define WAIT_TSC        10000000000     /* give the AP ~3-5 s of TSC time to start or stop */
 
         .text
@@ -71,17 +69,8 @@ payload_main:
         mov     $(ap_trampoline_end - ap_trampoline), %ecx
         rep movsb
 
-        mov     $LAPIC_BASE, %ebx
-        movl    $0x1ff, LAPIC_SVR(%rbx)         /* software-enable, spurious vector 0xff */
-        movl    $0, LAPIC_ICR_HIGH(%rbx)
-        movl    $LAPIC_ICR_INIT_OTHERS, LAPIC_ICR_LOW(%rbx)
-        call    icr_wait
-        call    ipi_delay
-        movl    $(LAPIC_ICR_SIPI_OTHERS | SIPI_VECTOR), LAPIC_ICR_LOW(%rbx)
-        call    icr_wait
-        call    ipi_delay
-        movl    $(LAPIC_ICR_SIPI_OTHERS | SIPI_VECTOR), LAPIC_ICR_LOW(%rbx)
-        call    icr_wait
+        mov     $SIPI_VECTOR, %edi
+        call    start_aps
 
         mov     $AP_ADDR(ap_started), %edi
         call    wait_for_flag
@@ -166,33 +155,6 @@ wait_for_flag:
         stc
         ret
 2:      clc
-        ret
-
-/* icr_wait: wait (bounded) for the ICR's delivery-status bit to clear. %rbx = LAPIC base. */
-icr_wait:
-        mov     $ICR_POLL_LIMIT, %ecx
-1:      testl   $LAPIC_ICR_BUSY, LAPIC_ICR_LOW(%rbx)
-        jz      2f
-        pause
-        dec     %ecx
-        jnz     1b
-2:      ret
-
-/* read_tsc: %rax = the 64-bit TSC. Clobbers %rdx. */
-read_tsc:
-        rdtsc
-        shl     $32, %rdx
-        or      %rdx, %rax
-        ret
-
-/* ipi_delay: spin for IPI_DELAY_TSC cycles. Clobbers %rax, %rdx, %rsi. */
-ipi_delay:
-        call    read_tsc
-        lea     IPI_DELAY_TSC(%rax), %rsi
-1:      pause
-        call    read_tsc
-        cmp     %rsi, %rax
-        jb      1b
         ret
 
         .section .rodata
