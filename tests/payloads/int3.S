@@ -8,25 +8,12 @@
 
 #define BP_VECTOR       3
 #define IDT_ENTRIES     256
-#define GATE_SIZE       16
-/* Present, DPL 0, 64-bit interrupt gate, IST 0. */
-#define GATE_ATTRS      0x8e00
 
         .text
         .code64
         .globl payload_main
 payload_main:
-        lea     idt + BP_VECTOR * GATE_SIZE(%rip), %rdi
-        lea     bp_handler(%rip), %rax
-        mov     %ax, (%rdi)             /* offset 15:0 */
-        mov     %cs, %dx
-        mov     %dx, 2(%rdi)            /* selector: whatever code segment hearth booted us in */
-        movw    $GATE_ATTRS, 4(%rdi)
-        shr     $16, %rax
-        mov     %ax, 6(%rdi)            /* offset 31:16 */
-        shr     $16, %rax
-        mov     %eax, 8(%rdi)           /* offset 63:32 */
-        movl    $0, 12(%rdi)
+        set_interrupt_gate idt, BP_VECTOR, bp_handler
         lidt    idtr(%rip)
 
         int3

@@ -44,6 +44,9 @@
 
 /* A present, DPL 0, available 64-bit TSS. */
 #define TSS_DESC_TYPE           0x89
+/* 64-bit IDT gates: 16 bytes; present, DPL 0, interrupt gate, IST 0. */
+#define GATE_SIZE               16
+#define GATE_ATTRS              0x8e00
 
 #ifdef __ASSEMBLER__
 /* Stores the 16-byte descriptor of an available 64-bit TSS of `size` bytes at the address
@@ -64,6 +67,22 @@
         mov     %rdx, \sel(%rdi)
         shr     $32, %rax
         mov     %rax, \sel + 8(%rdi)
+.endm
+
+/* Points gate `vector` of the IDT at `idt` to `handler`, in the code segment the payload
+ * runs in. Clobbers %rax, %rdx and %rdi. */
+.macro  set_interrupt_gate idt, vector, handler
+        lea     \idt + \vector * GATE_SIZE(%rip), %rdi
+        lea     \handler(%rip), %rax
+        mov     %ax, (%rdi)             /* offset 15:0 */
+        mov     %cs, %dx
+        mov     %dx, 2(%rdi)
+        movw    $GATE_ATTRS, 4(%rdi)
+        shr     $16, %rax
+        mov     %ax, 6(%rdi)            /* offset 31:16 */
+        shr     $16, %rax
+        mov     %eax, 8(%rdi)           /* offset 63:32 */
+        movl    $0, 12(%rdi)
 .endm
 #endif
 

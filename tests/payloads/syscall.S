@@ -91,8 +91,6 @@
 #define EXPECTED_SYSCALLS       (1 + SYSCALL_LOOPS + 2)   /* SYS_COUNT counts itself */
 
 #define IDT_ENTRIES             256
-#define GATE_SIZE               16
-#define GATE_ATTRS              0x8e00  /* present, DPL 0, 64-bit interrupt gate, IST 0 */
 #define EXCEPTIONS              32
 #define VEC_UD                  6
 #define VEC_GP                  13

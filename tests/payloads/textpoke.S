@@ -35,9 +35,6 @@
 
 #define BP_VECTOR       3
 #define IDT_ENTRIES     256
-#define GATE_SIZE       16
-/* Present, DPL 0, 64-bit interrupt gate, IST 0. */
-#define GATE_ATTRS      0x8e00
 
 #define INT3_OPCODE     0xcc
 #define NOP_OPCODE      0x90
@@ -51,17 +48,7 @@ payload_main:
         push    %rbx
         push    %r12
 
-        lea     idt + BP_VECTOR * GATE_SIZE(%rip), %rdi
-        lea     bp_handler(%rip), %rax
-        mov     %ax, (%rdi)             /* offset 15:0 */
-        mov     %cs, %dx
-        mov     %dx, 2(%rdi)            /* selector: whatever code segment hearth booted us in */
-        movw    $GATE_ATTRS, 4(%rdi)
-        shr     $16, %rax
-        mov     %ax, 6(%rdi)            /* offset 31:16 */
-        shr     $16, %rax
-        mov     %eax, 8(%rdi)           /* offset 63:32 */
-        movl    $0, 12(%rdi)
+        set_interrupt_gate idt, BP_VECTOR, bp_handler
         lidt    idtr(%rip)
 
         lea     ap_trampoline(%rip), %rsi

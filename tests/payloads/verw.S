@@ -41,8 +41,6 @@
 
 #define RFLAGS_FIXED            0x2
 #define IDT_ENTRIES             32
-#define GATE_SIZE               16
-#define GATE_ATTRS              0x8e00  /* present, DPL 0, 64-bit interrupt gate, IST 0 */
 #define VEC_UD                  6
 #define VEC_GP                  13
 #define VEC_PF                  14
