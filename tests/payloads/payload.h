@@ -69,20 +69,25 @@
         mov     %rax, \sel + 8(%rdi)
 .endm
 
-/* Points gate `vector` of the IDT at `idt` to `handler`, in the code segment the payload
- * runs in. Clobbers %rax, %rdx and %rdi. */
-.macro  set_interrupt_gate idt, vector, handler
-        lea     \idt + \vector * GATE_SIZE(%rip), %rdi
-        lea     \handler(%rip), %rax
+/* Fills the IDT gate at %rdi with the handler at %rax in code segment `selector` (an
+ * immediate or %cs). Clobbers %rax. */
+.macro  fill_gate selector
         mov     %ax, (%rdi)             /* offset 15:0 */
-        mov     %cs, %dx
-        mov     %dx, 2(%rdi)
+        movw    \selector, 2(%rdi)
         movw    $GATE_ATTRS, 4(%rdi)
         shr     $16, %rax
         mov     %ax, 6(%rdi)            /* offset 31:16 */
         shr     $16, %rax
         mov     %eax, 8(%rdi)           /* offset 63:32 */
         movl    $0, 12(%rdi)
+.endm
+
+/* Points gate `vector` of the IDT at `idt` to `handler`, in the code segment the payload
+ * runs in. Clobbers %rax and %rdi. */
+.macro  set_interrupt_gate idt, vector, handler
+        lea     \idt + \vector * GATE_SIZE(%rip), %rdi
+        lea     \handler(%rip), %rax
+        fill_gate %cs
 .endm
 #endif
 

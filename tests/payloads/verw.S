@@ -274,14 +274,7 @@ set_gate:
         lea     idt(%rip), %rax
         add     %rax, %rdi
         mov     %rsi, %rax
-        mov     %ax, (%rdi)
-        movw    $KERNEL_CS, 2(%rdi)
-        movw    $GATE_ATTRS, 4(%rdi)
-        shr     $16, %rax
-        mov     %ax, 6(%rdi)
-        shr     $16, %rax
-        mov     %eax, 8(%rdi)
-        movl    $0, 12(%rdi)
+        fill_gate $KERNEL_CS
         ret
 
 /* puthex: write %rdi as 0x and 16 hex digits. Clobbers %rax, %rcx, %rdx, %rdi, %rsi. */
