@@ -119,9 +119,6 @@ pub fn stock_guest() -> Guest {
     }
 }
 
-/// Debian's stock kernel booted the way a user would: [`BASE_CMDLINE`] and `rdinit=/init`
-/// only (the command still goes to the test init after ` -- `), so the guest gets no more
-/// than what hearth appends itself, mitigations on.
 /// Debian's stock cloud kernel on its VERW path ([`STOCK_MDS_BOOT_ARGS`]).
 pub fn stock_mds_guest() -> Guest {
     Guest {
@@ -130,6 +127,9 @@ pub fn stock_mds_guest() -> Guest {
     }
 }
 
+/// Debian's stock kernel booted the way a user would: [`BASE_CMDLINE`] and `rdinit=/init`
+/// only (the command still goes to the test init after ` -- `), so the guest gets no more
+/// than what hearth appends itself, mitigations on.
 pub fn stock_user_guest() -> Guest {
     Guest {
         boot_args: STOCK_USER_BOOT_ARGS,
