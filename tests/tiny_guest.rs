@@ -17,8 +17,8 @@ use clap::Parser as _;
 use hearth::exit::ExitReason;
 
 use common::{
-    announce_skip, assert_exit_code, assert_stdout_contains, describe, kvm_available, payload,
-    run_hearth, run_payload, stderr_of, stdout_of, Format, Need, TempDir, HELLO, MEMTOUCH_MEMORY,
+    assert_exit_code, assert_stdout_contains, describe, kvm_available, payload, pvm_host,
+    run_hearth, run_payload, stderr_of, stdout_of, Format, TempDir, HELLO, MEMTOUCH_MEMORY,
     RUN_TIMEOUT,
 };
 
@@ -230,8 +230,7 @@ fn verw_needs_compat_on_pvm() {
     if !kvm_available() {
         return;
     }
-    if !Path::new("/sys/module/kvm_pvm").exists() {
-        announce_skip(Need::Pvm, "not a nested PVM host (no /sys/module/kvm_pvm)");
+    if !pvm_host() {
         return;
     }
     let out = boot("verw", Format::Elf64, &["--cpu-profile", "host"]);
@@ -388,8 +387,7 @@ fn syscall_from_user_mode_needs_compat_on_pvm() {
     if !kvm_available() {
         return;
     }
-    if !Path::new("/sys/module/kvm_pvm").exists() {
-        announce_skip(Need::Pvm, "not a nested PVM host (no /sys/module/kvm_pvm)");
+    if !pvm_host() {
         return;
     }
     let out = boot("syscall", Format::Elf64, &["--cpu-profile", "host"]);

@@ -381,6 +381,16 @@ pub fn kvm_available() -> bool {
     }
 }
 
+/// Whether /dev/kvm is the nested PVM module; announces the skip of a PVM-only test when not.
+#[track_caller]
+pub fn pvm_host() -> bool {
+    let pvm = hearth::arch::pvm::host_is_pvm();
+    if !pvm {
+        announce_skip(Need::Pvm, "not a nested PVM host (no /sys/module/kvm_pvm)");
+    }
+    pvm
+}
+
 /// What a test may find missing and skip for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Need {
