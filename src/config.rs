@@ -548,23 +548,14 @@ pub fn compat_boot_args(boot_args: &str, speedups: BootSpeedups) -> String {
 
 /// [`pvm::GUEST_CMDLINE`] with the user's own `clearcpuid=` kept: x86 reads that option's
 /// last occurrence only (`cmdline_find_option`), so hearth's would replace the user's.
-/// The appended one lists the user's features first, then hearth's.
 fn guest_restrictions(boot_args: &str) -> String {
-    let Some(user) = user_clearcpuid(boot_args) else {
+    let Some(merged) = merged_clearcpuid(boot_args) else {
         return pvm::GUEST_CMDLINE.to_string();
     };
     pvm::GUEST_CMDLINE
         .split(' ')
         .map(|word| match word.strip_prefix(CLEARCPUID) {
-            Some(ours) => {
-                let mut features: Vec<&str> = user.split(',').filter(|f| !f.is_empty()).collect();
-                for feature in ours.split(',') {
-                    if !features.contains(&feature) {
-                        features.push(feature);
-                    }
-                }
-                format!("{CLEARCPUID}{}", features.join(","))
-            }
+            Some(_) => format!("{CLEARCPUID}{merged}"),
             None => word.to_string(),
         })
         .collect::<Vec<_>>()
@@ -576,24 +567,31 @@ const CLEARCPUID: &str = "clearcpuid=";
 /// a longer value is cut short there.
 const CLEARCPUID_MAX: usize = 128;
 
-/// The value of the user's last `clearcpuid=`, the one the kernel would read.
-fn user_clearcpuid(boot_args: &str) -> Option<&str> {
-    cmdline::params(boot_args)
-        .into_iter()
-        .take_while(|p| !p.is_separator())
+/// The features of the user's last `clearcpuid=` (the one the kernel would read) followed
+/// by those of [`pvm::GUEST_CMDLINE`]'s the user did not list; None without one of the
+/// user's.
+fn merged_clearcpuid(boot_args: &str) -> Option<String> {
+    let user = cmdline::kernel_params(boot_args)
         .filter(|p| cmdline::normalized_name(p.name) == "clearcpuid")
         .filter_map(|p| p.value)
-        .last()
+        .last()?;
+    let ours = pvm::GUEST_CMDLINE
+        .split(' ')
+        .find_map(|word| word.strip_prefix(CLEARCPUID))
+        .unwrap_or_default();
+    let mut features: Vec<&str> = user.split(',').filter(|f| !f.is_empty()).collect();
+    for feature in ours.split(',') {
+        if !features.contains(&feature) {
+            features.push(feature);
+        }
+    }
+    Some(features.join(","))
 }
 
-/// The compat profile's `clearcpuid=` value for `boot_args`, when it is too long for the
-/// kernel to read whole.
+/// The merged `clearcpuid=` value for `boot_args`, when it is too long for the kernel to
+/// read whole (hearth's own list alone is short enough).
 fn clearcpuid_too_long(boot_args: &str) -> Option<String> {
-    let restrictions = guest_restrictions(boot_args);
-    let value = restrictions
-        .split(' ')
-        .find_map(|word| word.strip_prefix(CLEARCPUID))?;
-    (value.len() >= CLEARCPUID_MAX).then(|| value.to_string())
+    merged_clearcpuid(boot_args).filter(|value| value.len() >= CLEARCPUID_MAX)
 }
 
 /// Parses sizes like `256M`, `1G`, `65536`, `512k`, and checks them as guest RAM.

@@ -90,11 +90,14 @@ pub fn normalized_name(name: &str) -> String {
     name.replace('-', "_")
 }
 
+/// The kernel's parameters in `line`: those before a `--`.
+pub fn kernel_params(line: &str) -> impl Iterator<Item = Param<'_>> {
+    params(line).into_iter().take_while(|p| !p.is_separator())
+}
+
 /// The names of the kernel's parameters in `line` (those before a `--`), normalized.
 pub fn kernel_param_names(line: &str) -> Vec<String> {
-    params(line)
-        .iter()
-        .take_while(|p| !p.is_separator())
+    kernel_params(line)
         .map(|p| normalized_name(p.name))
         .collect()
 }

@@ -648,3 +648,14 @@ fn a_merged_clearcpuid_the_kernel_would_cut_short_is_refused() {
     config.cpu_profile = CpuProfileChoice::Host;
     config.validate().unwrap();
 }
+
+/// Without a user's list, hearth's own `clearcpuid=` goes in as it is: Linux must read it
+/// whole.
+#[test]
+fn the_compat_clearcpuid_alone_fits_what_linux_reads() {
+    let ours = pvm::GUEST_CMDLINE
+        .split(' ')
+        .find_map(|word| word.strip_prefix(CLEARCPUID))
+        .unwrap();
+    assert!(ours.len() < CLEARCPUID_MAX, "{ours}");
+}
