@@ -21,10 +21,8 @@ pub(super) enum Segment {
 /// The prefixes in front of an opcode.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Prefixes {
-    /// Bytes taken by the prefixes, REX included.
+    /// Bytes taken by the prefixes (0x66 among them), REX included.
     pub len: usize,
-    /// 0x66.
-    pub operand16: bool,
     /// 0x67: 32-bit addressing.
     pub address32: bool,
     pub segment: Option<Segment>,
@@ -42,7 +40,8 @@ pub(super) fn prefixes(code: &[u8]) -> Prefixes {
     let mut p = Prefixes::default();
     for &byte in code {
         match byte {
-            0x66 => p.operand16 = true,
+            // The operand size does not change what the instructions completed here do.
+            0x66 => {}
             0x67 => p.address32 = true,
             0x26 | 0x2e | 0x36 | 0x3e => {}
             0x64 => p.segment = Some(Segment::Fs),
@@ -233,7 +232,7 @@ mod tests {
         assert_eq!(prefixes(&[0x0f, 0x00]), Prefixes::default());
         let p = prefixes(&[0x66, 0x65, 0x67, 0x41, 0x0f]);
         assert_eq!(p.len, 4);
-        assert!(p.operand16 && p.address32);
+        assert!(p.address32);
         assert_eq!((p.segment, p.rex), (Some(Segment::Gs), 0x41));
         // A REX byte followed by a legacy prefix is ignored.
         let p = prefixes(&[0x41, 0x66, 0x0f]);
