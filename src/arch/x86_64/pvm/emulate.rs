@@ -222,13 +222,11 @@ impl PvmCompat {
     }
 }
 
-/// When the code at a failed instruction (KVM's bytes, else memory's) is none this layer
-/// completes, the guest runs it once more before hearth gives up. Another vCPU may have rewritten it since KVM failed
-/// it: Linux patches live code by putting an `int3` on the instruction's first byte, then
-/// the rest, then the new first byte, and only then waits for the other CPUs. A vCPU that
-/// failed on that `int3` can find the new instruction by the time its exit is handled; run
-/// again, it executes the new one. A second failure at the same RIP with no instruction
-/// completed in between is a real one.
+/// The fallback when KVM gives no instruction bytes (or none this layer completes) and
+/// memory at RIP holds none either: the guest runs the instruction once more before hearth
+/// gives up, since another vCPU may have rewritten the code since KVM failed it (Linux
+/// patches live code through an `int3` on its first byte). A second failure at the same RIP
+/// with no instruction completed in between is a real one.
 #[derive(Debug, Default)]
 pub(super) struct RetryOnce {
     at: Option<u64>,
