@@ -228,14 +228,10 @@ impl RipSampler {
         // Most samples first; equal counts in name order, so a report reads the same
         // every time.
         ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| named(&a.0).cmp(&named(&b.0))));
-        let running: Vec<&(Place, u32)> = ranked
-            .iter()
-            .filter(|(place, _)| !matches!(place, Place::NotStarted))
-            .collect();
         let stuck = window.halted == 0
             && window.user == 0
             && window.samples >= STUCK_MIN_SAMPLES
-            && running.len() == ranked.len()
+            && !ranked.iter().any(|(place, _)| *place == Place::NotStarted)
             && ranked.len() <= STUCK_PLACES;
         Report {
             elapsed: now.duration_since(window.started),
