@@ -399,19 +399,10 @@ mod tests {
         use vm_memory::{Bytes, GuestAddress};
 
         let mem = create_guest_memory(1 << 20).unwrap();
-        // One 4 KiB page at virtual 0x40_0000 -> physical 0x8000; tables at 0x1000..
-        let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
-        mem.write_obj(pdpt | 3, GuestAddress(pml4)).unwrap();
-        mem.write_obj(pd | 3, GuestAddress(pdpt)).unwrap();
-        mem.write_obj(pt | 3, GuestAddress(pd + 2 * 8)).unwrap();
-        mem.write_obj(0x8000u64 | 3, GuestAddress(pt)).unwrap();
+        // One 4 KiB page at virtual 0x40_0000 -> physical 0x8000.
+        let sregs = super::super::paging::map_page(&mem, 0x40_0000, 0x8000);
         mem.write_slice(&[0x0f, 0x00, 0xe8], GuestAddress(0x8ffd))
             .unwrap();
-        let sregs = kvm_sregs {
-            cr0: 1 << 31,
-            cr3: pml4,
-            ..Default::default()
-        };
         let code = read_code(&mem, &sregs, 0x40_0ffd).unwrap();
         assert_eq!(code, [0x0f, 0x00, 0xe8]);
         assert_eq!(decode(&code), Some((Known::Verw(Operand::Register(0)), 3)));

@@ -56,29 +56,31 @@ pub fn read_virt(
     Ok(())
 }
 
+/// Builds a 4-level mapping of `vaddr` to `paddr` (4 KiB page) with tables at 0x1000..,
+/// for the compat layer's tests.
+#[cfg(test)]
+pub(super) fn map_page(mem: &GuestMemory, vaddr: u64, paddr: u64) -> kvm_sregs {
+    let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
+    let idx = |shift: u32| (vaddr >> shift) & 0x1ff;
+    mem.write_obj(pdpt | 3, GuestAddress(pml4 + idx(39) * 8))
+        .unwrap();
+    mem.write_obj(pd | 3, GuestAddress(pdpt + idx(30) * 8))
+        .unwrap();
+    mem.write_obj(pt | 3, GuestAddress(pd + idx(21) * 8))
+        .unwrap();
+    mem.write_obj(paddr | 3, GuestAddress(pt + idx(12) * 8))
+        .unwrap();
+    kvm_sregs {
+        cr0: CR0_PG | 1,
+        cr3: pml4,
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::vstate::memory::create_guest_memory;
-
-    /// Builds a 4-level mapping of `vaddr` to `paddr` (4 KiB page) with tables at 0x1000..
-    fn map_page(mem: &GuestMemory, vaddr: u64, paddr: u64) -> kvm_sregs {
-        let (pml4, pdpt, pd, pt) = (0x1000u64, 0x2000u64, 0x3000u64, 0x4000u64);
-        let idx = |shift: u32| (vaddr >> shift) & 0x1ff;
-        mem.write_obj(pdpt | 3, GuestAddress(pml4 + idx(39) * 8))
-            .unwrap();
-        mem.write_obj(pd | 3, GuestAddress(pdpt + idx(30) * 8))
-            .unwrap();
-        mem.write_obj(pt | 3, GuestAddress(pd + idx(21) * 8))
-            .unwrap();
-        mem.write_obj(paddr | 3, GuestAddress(pt + idx(12) * 8))
-            .unwrap();
-        kvm_sregs {
-            cr0: CR0_PG | 1,
-            cr3: pml4,
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn page_walk_and_virtual_reads() {
