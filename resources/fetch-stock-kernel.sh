@@ -58,6 +58,19 @@ apt_update_once() {
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || log "apt-get update failed"
 }
 
+download_deb() { # PKG[=VERSION] DIR: download the package into DIR; prints the .deb's path
+  local pkg="$1" dir="$2" deb
+  # apt-get download drops privileges to _apt; it needs a writable cwd.
+  chmod 777 "$dir"
+  (cd "$dir" && apt-get download -q "$pkg" >&2) || {
+    apt_update_once
+    (cd "$dir" && apt-get download -q "$pkg" >&2)
+  } || die "apt-get download $pkg failed"
+  deb=$(find "$dir" -maxdepth 1 -name '*.deb' | head -n1)
+  [[ -n "$deb" ]] || die "no .deb downloaded for $pkg"
+  echo "$deb"
+}
+
 ensure_tools() {
   local missing=() p
   # package:command pairs
@@ -158,15 +171,8 @@ fetch() {
       trap 'exit 130' INT
       trap 'exit 143' TERM
       log "downloading $pkg"
-      # apt-get download drops privileges to _apt; it needs a writable cwd.
-      chmod 777 "$tmp/deb"
-      (cd "$tmp/deb" && apt-get download -q "$pkg" >&2) || {
-        apt_update_once
-        (cd "$tmp/deb" && apt-get download -q "$pkg" >&2)
-      } || die "apt-get download $pkg failed"
       local deb
-      deb=$(find "$tmp/deb" -maxdepth 1 -name '*.deb' | head -n1)
-      [[ -n "$deb" ]] || die "no .deb downloaded"
+      deb=$(download_deb "$pkg" "$tmp/deb") || exit 1
       dpkg-deb -f "$deb" Version > "$tmp/out/deb-version"
       log "unpacking $(basename "$deb")"
       dpkg-deb -x "$deb" "$tmp/root"
@@ -208,13 +214,7 @@ fetch_symbols() { # DIR: the real System.map from the -dbg package, as DIR/Syste
     deb="$HEARTH_STOCK_DBG_DEB"
   else
     log "downloading linux-image-$release-dbg $version (~280 MB) for its System.map"
-    chmod 777 "$tmp"
-    (cd "$tmp" && apt-get download -q "linux-image-$release-dbg=$version" >&2) || {
-      apt_update_once
-      (cd "$tmp" && apt-get download -q "linux-image-$release-dbg=$version" >&2)
-    } || die "apt-get download linux-image-$release-dbg=$version failed"
-    deb=$(find "$tmp" -maxdepth 1 -name '*.deb' | head -n1)
-    [[ -n "$deb" ]] || die "no -dbg .deb downloaded"
+    deb=$(download_deb "linux-image-$release-dbg=$version" "$tmp") || exit 1
   fi
   [[ "$(dpkg-deb -f "$deb" Version)" == "$version" ]] ||
     die "$deb is version $(dpkg-deb -f "$deb" Version), the kernel is $version"
