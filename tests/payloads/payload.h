@@ -69,6 +69,29 @@
         mov     %rax, \sel + 8(%rdi)
 .endm
 
+/* Loads the GDT whose linear address is in %rax through the 10-byte pseudo-descriptor at
+ * `gdtr` (its limit already set), reloads CS with `cs` (a far return), DS, ES and SS with
+ * `ds`, FS and GS with null, and TR with `tss`. Clobbers %rax and %rdi. */
+.macro  load_gdt_and_tss gdtr, cs, ds, tss
+        lea     \gdtr(%rip), %rdi
+        mov     %rax, 2(%rdi)
+        lgdt    (%rdi)
+        pushq   $\cs
+        lea     .Lreloaded\@(%rip), %rax
+        push    %rax
+        lretq
+.Lreloaded\@:
+        mov     $\ds, %eax
+        mov     %ax, %ds
+        mov     %ax, %es
+        mov     %ax, %ss
+        xor     %eax, %eax
+        mov     %ax, %fs
+        mov     %ax, %gs
+        mov     $\tss, %eax
+        ltr     %ax
+.endm
+
 /* Fills the IDT gate at %rdi with the handler at %rax in code segment `selector` (an
  * immediate or %cs). Clobbers %rax. */
 .macro  fill_gate selector

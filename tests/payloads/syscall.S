@@ -183,23 +183,8 @@ payload_main:
         set_tss_descriptor gdt, TSS_SEL, TSS_SIZE
 
         /* GDT and IDT through their upper-half aliases, as a kernel would. */
-        lea     gdtr(%rip), %rdi
         kaddr   gdt, %rax
-        mov     %rax, 2(%rdi)
-        lgdt    (%rdi)
-        pushq   $KERNEL_CS
-        lea     2f(%rip), %rax
-        push    %rax
-        lretq
-2:      mov     $KERNEL_DS, %eax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        xor     %eax, %eax
-        mov     %ax, %fs
-        mov     %ax, %gs
-        mov     $TSS_SEL, %eax
-        ltr     %ax
+        load_gdt_and_tss gdtr, KERNEL_CS, KERNEL_DS, TSS_SEL
 
         xor     %ebx, %ebx
 3:      mov     %ebx, %edi

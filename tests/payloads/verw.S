@@ -101,23 +101,8 @@ payload_main:
         mov     %rdi, %rax
         set_tss_descriptor gdt, TSS_SEL, TSS_SIZE
 
-        lea     gdtr(%rip), %rdi
         lea     gdt(%rip), %rax
-        mov     %rax, 2(%rdi)
-        lgdt    (%rdi)
-        pushq   $KERNEL_CS
-        lea     1f(%rip), %rax
-        push    %rax
-        lretq
-1:      mov     $KERNEL_DS, %eax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        xor     %eax, %eax
-        mov     %ax, %fs
-        mov     %ax, %gs
-        mov     $TSS_SEL, %eax
-        ltr     %ax
+        load_gdt_and_tss gdtr, KERNEL_CS, KERNEL_DS, TSS_SEL
 
         xor     %ebx, %ebx
 2:      mov     %ebx, %edi
